@@ -1,0 +1,51 @@
+"""What a `mesh server` process runs beside its HTTP API, started and stopped with it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from django.conf import settings
+
+from registry.changes import hub, listen_redis
+
+log = logging.getLogger("meshweb.server")
+
+
+async def _start() -> list[asyncio.Task]:
+    hub.bind(asyncio.get_running_loop())
+    tasks: list[asyncio.Task] = []
+    if settings.REDIS_URL:
+        tasks.append(asyncio.create_task(listen_redis(settings.REDIS_URL), name="redis-changes"))
+    if settings.MESH_DNS_ADDR:
+        from registry.dns import start_dns
+
+        tasks.append(asyncio.create_task(start_dns(*settings.MESH_DNS_ADDR), name="dns"))
+    if settings.MESH_TASKS == "inprocess":
+        from registry.tasks import run_inprocess
+
+        tasks.append(asyncio.create_task(run_inprocess(), name="tasks"))
+    return tasks
+
+
+async def lifespan(scope, receive, send) -> None:
+    tasks: list[asyncio.Task] = []
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            try:
+                tasks = await _start()
+            except Exception as exc:
+                log.exception("startup failed")
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,80 @@
+"""`mesh server`: prepare the database, then serve the ASGI app with uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from django.conf import settings
+from django.core.management import call_command
+
+log = logging.getLogger("meshweb.server")
+
+
+def prepare() -> str | None:
+    """Migrate, create the server's node and, with ACLs on, the first management token.
+
+    Returns a newly bootstrapped management secret (to print once), or None.
+    """
+    call_command("migrate", interactive=False, verbosity=0)
+    from registry.domain import acl, catalog
+
+    catalog.ensure_local_node()
+    if not settings.MESH_ACL_ENABLED:
+        return None
+    if settings.MESH_ACL_INITIAL_MANAGEMENT_TOKEN:
+        acl.ensure_initial_management(settings.MESH_ACL_INITIAL_MANAGEMENT_TOKEN)
+        return None
+    if settings.MESH_ACL_BOOTSTRAP_ON_START and not acl.bootstrapped():
+        _token, secret = acl.bootstrap()
+        secret_file = settings.DATA_DIR / "bootstrap-token"
+        secret_file.write_text(secret + "\n")
+        secret_file.chmod(0o600)
+        return secret
+    return None
+
+
+def serve(quiet: bool = False) -> int:
+    import uvicorn
+
+    secret = prepare()
+    host, port = settings.MESH_HTTP_ADDR
+    if not quiet:
+        url = f"http://{host}:{port}"
+        lines = [
+            "meshweb control plane",
+            f"  UI:        {url}/ui/",
+            f"  REST API:  {url}/api/  (schema: {url}/api/schema/)",
+            f"  Consul API: {url}/v1/  (export CONSUL_HTTP_ADDR={host}:{port})",
+        ]
+        if settings.MESH_DNS_ADDR:
+            dhost, dport = settings.MESH_DNS_ADDR
+            lines.append(f"  DNS:       {dhost}:{dport}  (dig @{dhost} -p {dport} <service>.service.{settings.MESH_DNS_DOMAIN})")
+        lines.append(f"  data:      {settings.DATABASES['default']['ENGINE'].rsplit('.', 1)[-1]}, tasks {settings.MESH_TASKS}")
+        if settings.MESH_ACL_ENABLED:
+            if secret:
+                lines.append(f"  ACL bootstrap token (shown once, also in {settings.DATA_DIR / 'bootstrap-token'}):")
+                lines.append(f"    {secret}")
+                lines.append(f"    export CONSUL_HTTP_TOKEN={secret} MESH_HTTP_TOKEN={secret}")
+            else:
+                token_file = settings.DATA_DIR / "bootstrap-token"
+                hint = f" (bootstrap token in {token_file})" if token_file.exists() else ""
+                lines.append(f"  ACLs:      enabled, default policy {settings.MESH_ACL_DEFAULT_POLICY}{hint}")
+        else:
+            lines.append("  ACLs:      disabled")
+        print("\n".join(lines), flush=True)
+    config = uvicorn.Config(
+        "meshweb.asgi:application",
+        host=host,
+        port=port,
+        lifespan="on",
+        loop="uvloop" if sys.platform != "win32" else "asyncio",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+        timeout_keep_alive=65,
+        backlog=4096,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0

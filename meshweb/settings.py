@@ -1,0 +1,158 @@
+"""meshweb settings, all from the environment (see the README's configuration table).
+
+With nothing set, meshweb runs embedded: SQLite in `MESH_DATA_DIR` (default
+`./.data`), in-process change notification and background tasks, no Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import dj_database_url
+
+from meshweb.env import env_addr, env_bool, env_choice, env_int, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(env_str("MESH_DATA_DIR", str(BASE_DIR / ".data"))).resolve()
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _secret_key() -> str:
+    """The key from the environment, else one generated once and kept in the data dir."""
+    key = env_str("MESH_SECRET_KEY")
+    if key:
+        return key
+    path = DATA_DIR / "secret-key"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(48))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env_bool("MESH_DEBUG", False)
+ALLOWED_HOSTS = [h for h in env_str("MESH_ALLOWED_HOSTS", "*").split(",") if h]
+
+MESH_DC = env_str("MESH_DC", "dc1")
+MESH_NODE_NAME = env_str("MESH_NODE_NAME", "mesh-server")
+MESH_HTTP_ADDR = env_addr("MESH_HTTP_ADDR", "127.0.0.1:8500")
+MESH_DNS_ADDR = env_addr("MESH_DNS_ADDR", "127.0.0.1:8600") if env_str("MESH_DNS_ADDR", "x") else None
+MESH_DNS_DOMAIN = env_str("MESH_DNS_DOMAIN", "consul").strip(".")
+MESH_ACL_ENABLED = env_bool("MESH_ACL_ENABLED", True)
+MESH_ACL_DEFAULT_POLICY = env_choice("MESH_ACL_DEFAULT_POLICY", "deny", ("allow", "deny"))
+MESH_ACL_INITIAL_MANAGEMENT_TOKEN = env_str("MESH_ACL_INITIAL_MANAGEMENT_TOKEN")
+MESH_ACL_BOOTSTRAP_ON_START = env_bool("MESH_ACL_BOOTSTRAP_ON_START", True)
+MESH_MAX_WAIT_SECONDS = env_int("MESH_MAX_WAIT_SECONDS", 600, minimum=1)
+MESH_KV_MAX_VALUE_SIZE = env_int("MESH_KV_MAX_VALUE_SIZE", 512 * 1024, minimum=1)
+MESH_MAX_BODY_SIZE = env_int("MESH_MAX_BODY_SIZE", 4 * 1024 * 1024, minimum=1024)
+MESH_DB_THREADS = env_int("MESH_DB_THREADS", 8, minimum=1)
+MESH_TASK_TICK_SECONDS = float(env_str("MESH_TASK_TICK_SECONDS", "1") or "1")
+
+REDIS_URL = env_str("REDIS_URL")
+# Tasks run in-process unless a broker is configured (or asked for explicitly).
+MESH_TASKS = env_choice("MESH_TASKS", "celery" if REDIS_URL else "inprocess", ("celery", "inprocess"))
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "django_filters",
+    "drf_spectacular",
+    "registry",
+    "frontend",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "meshweb.urls"
+ASGI_APPLICATION = "meshweb.asgi.application"
+APPEND_SLASH = False
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+_default_db = f"sqlite:///{DATA_DIR / 'mesh.sqlite3'}"
+DATABASES = {
+    "default": dj_database_url.parse(
+        env_str("DATABASE_URL", _default_db), conn_max_age=None, conn_health_checks=True
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL lets readers run beside the single writer; IMMEDIATE takes the write
+    # lock at BEGIN so two writers queue instead of failing mid-transaction.
+    DATABASES["default"]["OPTIONS"] = {
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS: list[dict] = []
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "registry.api.auth.MeshTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["registry.api.auth.MeshPermission"],
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 100,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "registry.api.errors.exception_handler",
+    "UNAUTHENTICATED_USER": None,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "meshweb API",
+    "DESCRIPTION": "The product REST API of the meshweb control plane.",
+    "VERSION": "0.1.0",
+}
+
+CELERY_BROKER_URL = REDIS_URL or "memory://"
+CELERY_RESULT_BACKEND = REDIS_URL or None
+CELERY_TASK_ALWAYS_EAGER = not REDIS_URL
+CELERY_TASK_IGNORE_RESULT = False
+CELERY_BEAT_SCHEDULE = {
+    "tick": {"task": "registry.tasks.tick", "schedule": MESH_TASK_TICK_SECONDS},
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("MESH_LOG_LEVEL", "INFO").upper()},
+    "loggers": {"django.request": {"level": "ERROR"}},
+}

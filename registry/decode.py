@@ -1,0 +1,332 @@
+"""Decode request bodies as Consul's HTTP API does.
+
+Struct field names are matched case-insensitively and with underscores
+ignored (`service_id`, `ServiceID` and `serviceid` are one field), while the
+keys of user maps (`Meta`, `Header`, ...) are kept exactly. Values are
+type-checked against a small spec, so a wrong type is a 400 naming the field
+instead of a 500 deep in the ORM. Unknown struct fields are ignored, as Go's
+JSON decoder does.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+from registry.errors import BadRequest
+
+Decoder = Callable[[Any, str], Any]
+
+
+def _fail(path: str, expected: str, value: Any) -> BadRequest:
+    got = type(value).__name__ if value is not None else "null"
+    return BadRequest(f"Request decode failed: {path or 'body'}: expected {expected}, got {got}")
+
+
+def Str(value: Any, path: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _fail(path, "string", value)
+    return value
+
+
+def Int(value: Any, path: str) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(path, "integer", value)
+    if isinstance(value, float) and not value.is_integer():
+        raise _fail(path, "integer", value)
+    return int(value)
+
+
+def Bool(value: Any, path: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _fail(path, "boolean", value)
+    return value
+
+
+def Anything(value: Any, path: str) -> Any:
+    return value
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Go's `time.ParseDuration` ("1m30s", "500ms", "0") in seconds."""
+    s = text.strip()
+    if s in ("", "0"):
+        return 0.0
+    sign = -1.0 if s.startswith("-") else 1.0
+    s = s.lstrip("+-")
+    pos, total = 0, 0.0
+    while pos < len(s):
+        m = _DURATION_PART.match(s, pos)
+        if not m:
+            raise ValueError(f"invalid duration {text!r}")
+        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+        pos = m.end()
+    return sign * total
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as Go prints a `time.Duration` ("10s", "1m30s", "500ms")."""
+    if seconds == 0:
+        return "0s"
+    if seconds < 1:
+        ms = seconds * 1000
+        return f"{ms:g}ms" if ms >= 1 else f"{seconds * 1e6:g}µs"
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    out = ""
+    if h:
+        out += f"{int(h)}h"
+    if h or m:
+        out += f"{int(m)}m"
+    return out + f"{s:g}s"
+
+
+def Duration(value: Any, path: str) -> float:
+    """A duration as a Go string ("10s") or integer nanoseconds; returned in seconds."""
+    if value is None or value == "":
+        return 0.0
+    if isinstance(value, bool):
+        raise _fail(path, "duration", value)
+    if isinstance(value, (int, float)):
+        seconds = value / 1e9
+    elif isinstance(value, str):
+        try:
+            seconds = parse_duration(value)
+        except ValueError:
+            raise BadRequest(
+                f"Request decode failed: {path}: invalid duration {value!r}"
+            ) from None
+    else:
+        raise _fail(path, "duration", value)
+    if seconds < 0 or math.isinf(seconds) or math.isnan(seconds):
+        raise BadRequest(f"Request decode failed: {path}: duration must not be negative")
+    return seconds
+
+
+def ListOf(item: Decoder) -> Decoder:
+    def decode(value: Any, path: str) -> list:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise _fail(path, "list", value)
+        return [item(v, f"{path}[{i}]") for i, v in enumerate(value)]
+
+    return decode
+
+
+def MapOf(item: Decoder) -> Decoder:
+    """A user map: keys kept as sent, values decoded."""
+
+    def decode(value: Any, path: str) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise _fail(path, "object", value)
+        return {str(k): item(v, f"{path}.{k}") for k, v in value.items()}
+
+    return decode
+
+
+def _fold(name: str) -> str:
+    return name.replace("_", "").replace("-", "").lower()
+
+
+class Struct:
+    """A struct with canonical field names; decodes to a dict holding only
+    the fields that were present (so callers can tell absent from empty)."""
+
+    def __init__(self, fields: dict[str, Decoder | Callable[[], Decoder]], **aliases: str) -> None:
+        self.fields = fields
+        self._by_fold = {_fold(k): k for k in fields}
+        for alias, target in aliases.items():
+            self._by_fold[_fold(alias)] = target
+
+    def __call__(self, value: Any, path: str = "") -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise _fail(path, "object", value)
+        out: dict[str, Any] = {}
+        for key, raw in value.items():
+            name = self._by_fold.get(_fold(str(key)))
+            if name is None:
+                continue
+            decoder = self.fields[name]
+            sub = f"{path}.{name}" if path else name
+            out[name] = decoder(raw, sub)
+        return out
+
+
+def Lazy(factory: Callable[[], Decoder]) -> Decoder:
+    """For recursive specs (a sidecar service is a service)."""
+
+    def decode(value: Any, path: str) -> Any:
+        return factory()(value, path)
+
+    return decode
+
+
+def parse_body_json(body: bytes) -> Any:
+    """Parse a JSON body with a clear 400 on bad bytes or syntax."""
+    import json
+
+    if not body or not body.strip():
+        return None
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("Request decode failed: body is not valid UTF-8") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"Request decode failed: invalid JSON: {exc}") from None
+
+
+# --- Consul's structures -----------------------------------------------------
+
+CHECK_DEFINITION_FIELDS: dict[str, Decoder] = {
+    "HTTP": Str,
+    "Method": Str,
+    "Header": MapOf(ListOf(Str)),
+    "Body": Str,
+    "TCP": Str,
+    "GRPC": Str,
+    "GRPCUseTLS": Bool,
+    "TLSServerName": Str,
+    "TLSSkipVerify": Bool,
+    "TTL": Duration,
+    "Interval": Duration,
+    "Timeout": Duration,
+    "DeregisterCriticalServiceAfter": Duration,
+    "SuccessBeforePassing": Int,
+    "FailuresBeforeCritical": Int,
+    "ScriptArgs": ListOf(Str),
+    "AliasService": Str,
+    "AliasNode": Str,
+    "OutputMaxSize": Int,
+}
+
+AGENT_CHECK = Struct(
+    {
+        "CheckID": Str,
+        "Name": Str,
+        "Notes": Str,
+        "Status": Str,
+        "ServiceID": Str,
+        **CHECK_DEFINITION_FIELDS,
+    },
+    ID="CheckID",
+    Args="ScriptArgs",
+)
+
+UPSTREAM = Struct(
+    {
+        "DestinationType": Str,
+        "DestinationNamespace": Str,
+        "DestinationPartition": Str,
+        "DestinationName": Str,
+        "Datacenter": Str,
+        "LocalBindAddress": Str,
+        "LocalBindPort": Int,
+        "LocalBindSocketPath": Str,
+        "Config": Anything,
+        "MeshGateway": Anything,
+    }
+)
+
+PROXY = Struct(
+    {
+        "DestinationServiceName": Str,
+        "DestinationServiceID": Str,
+        "LocalServiceAddress": Str,
+        "LocalServicePort": Int,
+        "LocalServiceSocketPath": Str,
+        "Mode": Str,
+        "Config": Anything,
+        "Upstreams": ListOf(UPSTREAM),
+        "MeshGateway": Anything,
+        "Expose": Anything,
+        "TransparentProxy": Anything,
+    }
+)
+
+SERVICE_ADDRESS = Struct({"Address": Str, "Port": Int})
+WEIGHTS = Struct({"Passing": Int, "Warning": Int})
+
+
+def _service_fields() -> dict[str, Decoder]:
+    return {
+        "ID": Str,
+        "Name": Str,
+        "Kind": Str,
+        "Tags": ListOf(Str),
+        "Address": Str,
+        "TaggedAddresses": MapOf(SERVICE_ADDRESS),
+        "Meta": MapOf(Str),
+        "Port": Int,
+        "SocketPath": Str,
+        "EnableTagOverride": Bool,
+        "Weights": WEIGHTS,
+        "Proxy": PROXY,
+        "Connect": CONNECT,
+        "Check": AGENT_CHECK,
+        "Checks": ListOf(AGENT_CHECK),
+        "Namespace": Str,
+    }
+
+
+CONNECT = Struct(
+    {"Native": Bool, "SidecarService": Lazy(lambda: AGENT_SERVICE)},
+)
+AGENT_SERVICE = Struct(_service_fields(), Service="Name")
+
+CATALOG_CHECK = Struct(
+    {
+        "Node": Str,
+        "CheckID": Str,
+        "Name": Str,
+        "Status": Str,
+        "Notes": Str,
+        "Output": Str,
+        "ServiceID": Str,
+        "ServiceName": Str,
+        "Type": Str,
+        "Definition": Struct(CHECK_DEFINITION_FIELDS),
+    },
+    ID="CheckID",
+)
+
+CATALOG_SERVICE = Struct(_service_fields(), Service="Name")
+
+CATALOG_REGISTER = Struct(
+    {
+        "ID": Str,
+        "Node": Str,
+        "Address": Str,
+        "Datacenter": Str,
+        "TaggedAddresses": MapOf(Str),
+        "NodeMeta": MapOf(Str),
+        "Service": CATALOG_SERVICE,
+        "Check": CATALOG_CHECK,
+        "Checks": ListOf(CATALOG_CHECK),
+        "SkipNodeUpdate": Bool,
+    }
+)
+
+CATALOG_DEREGISTER = Struct(
+    {"Node": Str, "Datacenter": Str, "CheckID": Str, "ServiceID": Str, "Namespace": Str}
+)
+
+CHECK_UPDATE = Struct({"Status": Str, "Output": Str})

@@ -1,0 +1,84 @@
+"""Write transactions: one global index per write, topics announced on commit."""
+
+from __future__ import annotations
+
+from django.db import connection, transaction
+
+from registry import changes
+from registry.models import TopicIndex
+
+
+def next_index() -> int:
+    """Take the next global index. Must run inside the write's transaction."""
+    with connection.cursor() as cur:
+        cur.execute("UPDATE registry_meshindex SET value = value + 1 WHERE id = 1 RETURNING value")
+        row = cur.fetchone()
+    if row is None:  # first write ever on a database migrated without the seed row
+        with connection.cursor() as cur:
+            cur.execute("INSERT INTO registry_meshindex (id, value) VALUES (1, 1)")
+        return 1
+    return int(row[0])
+
+
+class Change:
+    """A write: `with Change() as w:` runs in one transaction, takes `w.index`,
+    and records which topics it touched (`w.touch(...)`).
+
+    On commit, the topics' indexes are stored and the change is announced to
+    waiting readers; on rollback nothing is stored or announced.
+    """
+
+    def __init__(self) -> None:
+        self.index = 0
+        self.topics: set[str] = set()
+        self._atomic = transaction.atomic()
+
+    def __enter__(self) -> Change:
+        self._atomic.__enter__()
+        try:
+            self.index = next_index()
+        except BaseException as exc:
+            self._atomic.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    def touch(self, *topics: str) -> None:
+        self.topics.update(topics)
+
+    def __exit__(self, exc_type, exc, tb) -> bool | None:
+        if exc_type is None and self.topics:
+            try:
+                TopicIndex.objects.bulk_create(
+                    [TopicIndex(topic=t, index=self.index) for t in sorted(self.topics)],
+                    update_conflicts=True,
+                    unique_fields=["topic"],
+                    update_fields=["index"],
+                )
+                index, topics = self.index, sorted(self.topics)
+                transaction.on_commit(lambda: changes.publish(index, topics))
+            except BaseException as err:
+                return self._atomic.__exit__(type(err), err, err.__traceback__)
+        return self._atomic.__exit__(exc_type, exc, tb)
+
+
+def topic_index(*topics: str) -> int:
+    """The max index over `topics` (0 if none was ever written)."""
+    from django.db.models import Max
+
+    if len(topics) == 1:
+        row = TopicIndex.objects.filter(topic=topics[0]).values_list("index", flat=True).first()
+        return row or 0
+    return TopicIndex.objects.filter(topic__in=topics).aggregate(m=Max("index"))["m"] or 0
+
+
+def prefix_index(prefix: str) -> int:
+    """The max index over every topic starting with `prefix`."""
+    from django.db.models import Max
+
+    return TopicIndex.objects.filter(topic__startswith=prefix).aggregate(m=Max("index"))["m"] or 0
+
+
+def current_index() -> int:
+    from registry.models import MeshIndex
+
+    return MeshIndex.objects.filter(id=1).values_list("value", flat=True).first() or 0

@@ -1,0 +1,20 @@
+"""The registry's tables. Every row carries `create_index` / `modify_index`
+taken from the one global index (see `registry.models.index`)."""
+
+from registry.models.acl import ACLPolicy, ACLToken
+from registry.models.catalog import Check, Datacenter, Node, ServiceInstance
+from registry.models.index import MeshIndex, TopicIndex
+from registry.models.kv import KVEntry, Session
+
+__all__ = [
+    "ACLPolicy",
+    "ACLToken",
+    "Check",
+    "Datacenter",
+    "KVEntry",
+    "MeshIndex",
+    "Node",
+    "ServiceInstance",
+    "Session",
+    "TopicIndex",
+]

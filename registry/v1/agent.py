@@ -1,0 +1,222 @@
+"""`/v1/agent/...` as a Consul server agent serves it: for the control plane's own node."""
+
+from __future__ import annotations
+
+from django.conf import settings
+
+from registry import decode
+from registry.domain import catalog, reads
+from registry.errors import BadRequest, NotFound
+from registry.models import Check, ServiceInstance
+from registry.v1.base import Ctx, Reply, endpoint
+
+
+def _local_topics(ctx: Ctx, **_):
+    return [f"node:{settings.MESH_NODE_NAME}"], []
+
+
+@endpoint("GET")
+def self_(ctx: Ctx) -> Reply:
+    node = catalog.local_node()
+    ctx.require(ctx.authz.agent_read(node.name), "agent:read", node.name)
+    host, port = settings.MESH_HTTP_ADDR
+    return Reply(
+        {
+            "Config": {
+                "Datacenter": node.datacenter.name,
+                "PrimaryDatacenter": settings.MESH_DC,
+                "NodeName": node.name,
+                "NodeID": node.node_id,
+                "Server": True,
+                "Revision": "meshweb",
+                "Version": "1.17.0",
+            },
+            "DebugConfig": {},
+            "Coord": None,
+            "Member": _member(node),
+            "Stats": {},
+            "Meta": node.meta,
+            "xDS": None,
+        }
+    )
+
+
+def _member(node) -> dict:
+    return {
+        "Name": node.name,
+        "Addr": node.address,
+        "Port": settings.MESH_HTTP_ADDR[1],
+        "Tags": {"role": "consul", "dc": node.datacenter.name, "build": "1.17.0:meshweb", "id": node.node_id},
+        "Status": 1,
+        "ProtocolMin": 1,
+        "ProtocolMax": 5,
+        "ProtocolCur": 2,
+        "DelegateMin": 2,
+        "DelegateMax": 5,
+        "DelegateCur": 4,
+    }
+
+
+@endpoint("GET")
+def members(ctx: Ctx) -> Reply:
+    from registry.models import Node
+
+    out = []
+    for node in Node.objects.select_related("datacenter").filter(meta__has_key="mesh-role").order_by("name"):
+        if ctx.authz.node_read(node.name):
+            out.append(_member(node))
+    return Reply(out)
+
+
+@endpoint("GET", topics=_local_topics)
+def services(ctx: Ctx) -> Reply:
+    index, data = reads.agent_services(ctx.authz, catalog.local_node())
+    return Reply(data, index, filterable=True)
+
+
+@endpoint("GET", topics=_local_topics)
+def service(ctx: Ctx, service_id: str) -> Reply:
+    index, data = reads.agent_service(ctx.authz, catalog.local_node(), service_id)
+    return Reply(data, index)
+
+
+@endpoint("GET", topics=_local_topics)
+def checks(ctx: Ctx) -> Reply:
+    index, data = reads.agent_checks(ctx.authz, catalog.local_node())
+    return Reply(data, index, filterable=True)
+
+
+@endpoint("PUT")
+def service_register(ctx: Ctx) -> Reply:
+    spec = ctx.json(decode.AGENT_SERVICE)
+    name = spec.get("Name", "")
+    if not name:
+        raise BadRequest("Missing service name")
+    ctx.require(ctx.authz.service_write(name), "service:write", name)
+    sidecar = (spec.get("Connect") or {}).get("SidecarService")
+    dest = (spec.get("Proxy") or {}).get("DestinationServiceName")
+    if spec.get("Kind") == "connect-proxy" and dest:
+        ctx.require(ctx.authz.service_write(dest), "service:write", dest)
+    if sidecar is not None and sidecar.get("Name"):
+        ctx.require(ctx.authz.service_write(sidecar["Name"]), "service:write", sidecar["Name"])
+    catalog.register_agent_service(
+        catalog.local_node(), spec, replace_existing_checks=ctx.flag("replace-existing-checks")
+    )
+    return Reply(None, raw=b"")
+
+
+def _service_for_write(ctx: Ctx, service_id: str) -> ServiceInstance:
+    node = catalog.local_node()
+    svc = ServiceInstance.objects.filter(node=node, service_id=service_id).first()
+    if svc is None:
+        raise NotFound(f'Unknown service ID "{service_id}". Ensure that the service ID is passed, not the service name.')
+    ctx.require(ctx.authz.service_write(svc.name), "service:write", svc.name)
+    return svc
+
+
+@endpoint("PUT")
+def service_deregister(ctx: Ctx, service_id: str) -> Reply:
+    _service_for_write(ctx, service_id)
+    catalog.deregister_agent_service(catalog.local_node(), service_id)
+    return Reply(None, raw=b"")
+
+
+@endpoint("PUT")
+def service_maintenance(ctx: Ctx, service_id: str) -> Reply:
+    if not ctx.has("enable"):
+        raise BadRequest("Missing value for enable")
+    enable = ctx.flag("enable")
+    _service_for_write(ctx, service_id)
+    catalog.set_service_maintenance(catalog.local_node(), service_id, enable, ctx.param("reason"))
+    return Reply(None, raw=b"")
+
+
+@endpoint("PUT")
+def node_maintenance(ctx: Ctx) -> Reply:
+    if not ctx.has("enable"):
+        raise BadRequest("Missing value for enable")
+    node = catalog.local_node()
+    ctx.require(ctx.authz.node_write(node.name), "node:write", node.name)
+    catalog.set_node_maintenance(node, ctx.flag("enable"), ctx.param("reason"))
+    return Reply(None, raw=b"")
+
+
+def _check_for_write(ctx: Ctx, check_id: str) -> Check:
+    node = catalog.local_node()
+    check = Check.objects.select_related("node").filter(node=node, check_id=check_id).first()
+    if check is None:
+        raise NotFound(f'Unknown check ID "{check_id}". Ensure that the check ID is passed, not the check name.')
+    if check.service_name:
+        ctx.require(ctx.authz.service_write(check.service_name), "service:write", check.service_name)
+    else:
+        ctx.require(ctx.authz.node_write(node.name), "node:write", node.name)
+    return check
+
+
+@endpoint("PUT")
+def check_register(ctx: Ctx) -> Reply:
+    spec = ctx.json(decode.AGENT_CHECK)
+    node = catalog.local_node()
+    if spec.get("ServiceID"):
+        svc = ServiceInstance.objects.filter(node=node, service_id=spec["ServiceID"]).first()
+        if svc is None:
+            raise NotFound(f'ServiceID "{spec["ServiceID"]}" does not exist')
+        ctx.require(ctx.authz.service_write(svc.name), "service:write", svc.name)
+    else:
+        ctx.require(ctx.authz.node_write(node.name), "node:write", node.name)
+    catalog.register_agent_check(node, spec)
+    return Reply(None, raw=b"")
+
+
+@endpoint("PUT")
+def check_deregister(ctx: Ctx, check_id: str) -> Reply:
+    _check_for_write(ctx, check_id)
+    catalog.deregister_check(catalog.local_node(), check_id)
+    return Reply(None, raw=b"")
+
+
+def _ttl_update(ctx: Ctx, check_id: str, status: str, output: str | None) -> Reply:
+    check = _check_for_write(ctx, check_id)
+    if check.type != "ttl":
+        raise BadRequest(f'CheckID "{check_id}" does not have associated TTL')
+    catalog.update_check_status(check.node, check_id, status, output)
+    return Reply(None, raw=b"")
+
+
+@endpoint("PUT")
+def check_pass(ctx: Ctx, check_id: str) -> Reply:
+    return _ttl_update(ctx, check_id, Check.PASSING, ctx.param("note"))
+
+
+@endpoint("PUT")
+def check_warn(ctx: Ctx, check_id: str) -> Reply:
+    return _ttl_update(ctx, check_id, Check.WARNING, ctx.param("note"))
+
+
+@endpoint("PUT")
+def check_fail(ctx: Ctx, check_id: str) -> Reply:
+    return _ttl_update(ctx, check_id, Check.CRITICAL, ctx.param("note"))
+
+
+@endpoint("PUT")
+def check_update(ctx: Ctx, check_id: str) -> Reply:
+    body = ctx.json(decode.CHECK_UPDATE)
+    status = body.get("Status") or ""
+    if status not in (Check.PASSING, Check.WARNING, Check.CRITICAL):
+        raise BadRequest(f"Invalid check status: {status!r}")
+    output = body.get("Output")
+    if output is not None and len(output) > 4096:
+        output = output[:4096] + " ... (captured 4096 of %d bytes)" % len(output)
+    return _ttl_update(ctx, check_id, status, output)
+
+
+@endpoint("GET")
+def health_service_by_id(ctx: Ctx, service_id: str) -> Reply:
+    node = catalog.local_node()
+    found = reads.agent_health_by_id(node, service_id)
+    if found is None:
+        return Reply(f"ServiceId {service_id} not found", raw=f"ServiceId {service_id} not found".encode(), status=404, content_type="text/plain")
+    status, data = found
+    ctx.require(ctx.authz.service_read(data["Service"]["Service"]), "service:read", data["Service"]["Service"])
+    code = {"passing": 200, "warning": 429, "critical": 503}.get(status, 503)
+    return Reply(data, status=code)

@@ -1,0 +1,158 @@
+"""`/v1/catalog/...` and `/v1/health/...`."""
+
+from __future__ import annotations
+
+from registry import decode
+from registry.domain import catalog, reads
+from registry.errors import BadRequest
+from registry.v1.base import Ctx, Reply, endpoint
+
+
+def _tags(ctx: Ctx) -> list[str]:
+    return [t for t in ctx.query.getlist("tag") if t]
+
+
+def _dc(ctx: Ctx) -> str:
+    dc = ctx.dc
+    reads.check_datacenter(dc)
+    return dc
+
+
+# -- catalog -----------------------------------------------------------------------
+
+
+@endpoint("PUT", "POST")
+def register(ctx: Ctx) -> Reply:
+    spec = ctx.json(decode.CATALOG_REGISTER)
+    _authorize_catalog_write(ctx, spec)
+    catalog.catalog_register(spec)
+    return Reply(True)
+
+
+@endpoint("PUT", "POST")
+def deregister(ctx: Ctx) -> Reply:
+    spec = ctx.json(decode.CATALOG_DEREGISTER)
+    if not spec.get("Node"):
+        raise BadRequest("Must provide node")
+    if spec.get("ServiceID"):
+        from registry.models import ServiceInstance
+
+        svc = ServiceInstance.objects.filter(node__name=spec["Node"], service_id=spec["ServiceID"]).first()
+        ctx.require(svc is None or ctx.authz.service_write(svc.name), "service:write", svc.name if svc else "")
+    else:
+        ctx.require(ctx.authz.node_write(spec["Node"]), "node:write", spec["Node"])
+    catalog.catalog_deregister(spec)
+    return Reply(True)
+
+
+def _authorize_catalog_write(ctx: Ctx, spec: dict) -> None:
+    authz = ctx.authz
+    node = spec.get("Node", "")
+    if not spec.get("SkipNodeUpdate"):
+        from registry.models import Node
+
+        existing = Node.objects.filter(name=node).first()
+        changes_node = existing is None or spec.get("Address") not in (None, "", existing.address) or "NodeMeta" in spec
+        if changes_node:
+            ctx.require(authz.node_write(node), "node:write", node)
+    service = spec.get("Service") or {}
+    if service:
+        ctx.require(authz.service_write(service.get("Name", "")), "service:write", service.get("Name", ""))
+        dest = (service.get("Proxy") or {}).get("DestinationServiceName")
+        if service.get("Kind") == "connect-proxy" and dest:
+            ctx.require(authz.service_write(dest), "service:write", dest)
+    checks = ([spec["Check"]] if spec.get("Check") else []) + list(spec.get("Checks") or [])
+    for c in checks:
+        if not c.get("ServiceID"):
+            ctx.require(authz.node_write(node), "node:write", node)
+
+
+@endpoint("GET")
+def datacenters(ctx: Ctx) -> Reply:
+    return Reply(reads.datacenters())
+
+
+def _nodes_topics(ctx: Ctx):
+    return ["nodes"], []
+
+
+@endpoint("GET", topics=_nodes_topics)
+def nodes(ctx: Ctx) -> Reply:
+    index, data = reads.catalog_nodes(ctx.authz, _dc(ctx))
+    return Reply(data, index, filterable=True)
+
+
+@endpoint("GET", topics=lambda ctx: (["services"], []))
+def services(ctx: Ctx) -> Reply:
+    index, data = reads.catalog_services(ctx.authz, _dc(ctx))
+    return Reply(data, index, filterable=False)
+
+
+@endpoint("GET", topics=lambda ctx, name: ([f"service:{name}"], []))
+def service(ctx: Ctx, name: str) -> Reply:
+    index, data = reads.catalog_service(ctx.authz, name, _dc(ctx), _tags(ctx))
+    return Reply(data, index, filterable=True)
+
+
+@endpoint("GET", topics=lambda ctx, name: ([f"connect:{name}"], []))
+def connect(ctx: Ctx, name: str) -> Reply:
+    index, data = reads.catalog_service(ctx.authz, name, _dc(ctx), _tags(ctx), connect=True)
+    return Reply(data, index, filterable=True)
+
+
+@endpoint("GET", topics=lambda ctx, name: ([f"node:{name}"], []))
+def node(ctx: Ctx, name: str) -> Reply:
+    index, data = reads.catalog_node(ctx.authz, name)
+    if data is None:
+        return Reply(None, index, status=404)
+    return Reply(data, index)
+
+
+@endpoint("GET", topics=lambda ctx, name: ([f"node:{name}"], []))
+def node_services(ctx: Ctx, name: str) -> Reply:
+    index, data = reads.catalog_node_services(ctx.authz, name)
+    if data is None:
+        return Reply(None, index, status=404)
+    return Reply(data, index)
+
+
+# -- health ---------------------------------------------------------------------------
+
+
+@endpoint("GET", topics=lambda ctx, name: ([f"node:{name}"], []))
+def health_node(ctx: Ctx, name: str) -> Reply:
+    index, data = reads.health_node(ctx.authz, name)
+    return Reply(data, index, filterable=True)
+
+
+@endpoint("GET", topics=lambda ctx, name: ([f"service:{name}"], []))
+def health_checks(ctx: Ctx, name: str) -> Reply:
+    index, data = reads.health_checks(ctx.authz, name, _dc(ctx))
+    return Reply(data, index, filterable=True)
+
+
+@endpoint("GET", topics=lambda ctx, name: ([f"service:{name}"], []))
+def health_service(ctx: Ctx, name: str) -> Reply:
+    index, data = reads.health_service(
+        ctx.authz, name, _dc(ctx), tags=_tags(ctx), passing=ctx.flag("passing")
+    )
+    return Reply(data, index, filterable=True)
+
+
+@endpoint("GET", topics=lambda ctx, name: ([f"connect:{name}"], []))
+def health_connect(ctx: Ctx, name: str) -> Reply:
+    index, data = reads.health_service(
+        ctx.authz, name, _dc(ctx), tags=_tags(ctx), passing=ctx.flag("passing"), connect=True
+    )
+    return Reply(data, index, filterable=True)
+
+
+_STATES = {"any", "passing", "warning", "critical"}
+
+
+@endpoint("GET", topics=lambda ctx, state: (["checks"], []))
+def health_state(ctx: Ctx, state: str) -> Reply:
+    if state not in _STATES:
+        raise BadRequest(f"Invalid state: {state!r} (use any, passing, warning or critical)")
+    index, data = reads.health_state(ctx.authz, state, _dc(ctx))
+    return Reply(data, index, filterable=True)

@@ -1,0 +1,41 @@
+"""Consul's `/v1` paths. Names after `:` may contain slashes where Consul's do."""
+
+from django.urls import path
+
+from registry.v1 import agent, catalog
+
+urlpatterns = [
+    # agent
+    path("agent/self", agent.self_),
+    path("agent/members", agent.members),
+    path("agent/services", agent.services),
+    path("agent/service/register", agent.service_register),
+    path("agent/service/deregister/<path:service_id>", agent.service_deregister),
+    path("agent/service/maintenance/<path:service_id>", agent.service_maintenance),
+    path("agent/service/<path:service_id>", agent.service),
+    path("agent/maintenance", agent.node_maintenance),
+    path("agent/checks", agent.checks),
+    path("agent/check/register", agent.check_register),
+    path("agent/check/deregister/<path:check_id>", agent.check_deregister),
+    path("agent/check/pass/<path:check_id>", agent.check_pass),
+    path("agent/check/warn/<path:check_id>", agent.check_warn),
+    path("agent/check/fail/<path:check_id>", agent.check_fail),
+    path("agent/check/update/<path:check_id>", agent.check_update),
+    path("agent/health/service/id/<path:service_id>", agent.health_service_by_id),
+    # catalog
+    path("catalog/register", catalog.register),
+    path("catalog/deregister", catalog.deregister),
+    path("catalog/datacenters", catalog.datacenters),
+    path("catalog/nodes", catalog.nodes),
+    path("catalog/services", catalog.services),
+    path("catalog/service/<path:name>", catalog.service),
+    path("catalog/connect/<path:name>", catalog.connect),
+    path("catalog/node/<path:name>", catalog.node),
+    path("catalog/node-services/<path:name>", catalog.node_services),
+    # health
+    path("health/node/<path:name>", catalog.health_node),
+    path("health/checks/<path:name>", catalog.health_checks),
+    path("health/service/<path:name>", catalog.health_service),
+    path("health/connect/<path:name>", catalog.health_connect),
+    path("health/state/<str:state>", catalog.health_state),
+]
