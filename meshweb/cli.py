@@ -36,11 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     sub.required = True
 
-    p = sub.add_parser("server", help="run the control plane (HTTP API, DNS, background tasks)",
-                       description=cmd_server.__doc__)
-    p.add_argument("--http-addr", help="HTTP listen address (env MESH_HTTP_ADDR, default 127.0.0.1:8500)")
-    p.add_argument("--dns-addr", help="DNS listen address, '' to disable (env MESH_DNS_ADDR, default 127.0.0.1:8600)")
-    p.add_argument("--data-dir", help="data directory for the embedded SQLite database (env MESH_DATA_DIR)")
+    p = sub.add_parser(
+        "server",
+        help="run the control plane (HTTP API, DNS, background tasks)",
+        description=cmd_server.__doc__,
+    )
+    p.add_argument(
+        "--http-addr", help="HTTP listen address (env MESH_HTTP_ADDR, default 127.0.0.1:8500)"
+    )
+    p.add_argument(
+        "--dns-addr",
+        help="DNS listen address, '' to disable (env MESH_DNS_ADDR, default 127.0.0.1:8600)",
+    )
+    p.add_argument(
+        "--data-dir", help="data directory for the embedded SQLite database (env MESH_DATA_DIR)"
+    )
     p.add_argument("--quiet", action="store_true", help="do not print the start-up banner")
     p.set_defaults(func=cmd_server)
 

@@ -49,17 +49,25 @@ def serve(quiet: bool = False) -> int:
         ]
         if settings.MESH_DNS_ADDR:
             dhost, dport = settings.MESH_DNS_ADDR
-            lines.append(f"  DNS:       {dhost}:{dport}  (dig @{dhost} -p {dport} <service>.service.{settings.MESH_DNS_DOMAIN})")
-        lines.append(f"  data:      {settings.DATABASES['default']['ENGINE'].rsplit('.', 1)[-1]}, tasks {settings.MESH_TASKS}")
+            lines.append(
+                f"  DNS:       {dhost}:{dport}  (dig @{dhost} -p {dport} <service>.service.{settings.MESH_DNS_DOMAIN})"
+            )
+        lines.append(
+            f"  data:      {settings.DATABASES['default']['ENGINE'].rsplit('.', 1)[-1]}, tasks {settings.MESH_TASKS}"
+        )
         if settings.MESH_ACL_ENABLED:
             if secret:
-                lines.append(f"  ACL bootstrap token (shown once, also in {settings.DATA_DIR / 'bootstrap-token'}):")
+                lines.append(
+                    f"  ACL bootstrap token (shown once, also in {settings.DATA_DIR / 'bootstrap-token'}):"
+                )
                 lines.append(f"    {secret}")
                 lines.append(f"    export CONSUL_HTTP_TOKEN={secret} MESH_HTTP_TOKEN={secret}")
             else:
                 token_file = settings.DATA_DIR / "bootstrap-token"
                 hint = f" (bootstrap token in {token_file})" if token_file.exists() else ""
-                lines.append(f"  ACLs:      enabled, default policy {settings.MESH_ACL_DEFAULT_POLICY}{hint}")
+                lines.append(
+                    f"  ACLs:      enabled, default policy {settings.MESH_ACL_DEFAULT_POLICY}{hint}"
+                )
         else:
             lines.append("  ACLs:      disabled")
         print("\n".join(lines), flush=True)

@@ -38,7 +38,9 @@ ALLOWED_HOSTS = [h for h in env_str("MESH_ALLOWED_HOSTS", "*").split(",") if h]
 MESH_DC = env_str("MESH_DC", "dc1")
 MESH_NODE_NAME = env_str("MESH_NODE_NAME", "mesh-server")
 MESH_HTTP_ADDR = env_addr("MESH_HTTP_ADDR", "127.0.0.1:8500")
-MESH_DNS_ADDR = env_addr("MESH_DNS_ADDR", "127.0.0.1:8600") if env_str("MESH_DNS_ADDR", "x") else None
+MESH_DNS_ADDR = (
+    env_addr("MESH_DNS_ADDR", "127.0.0.1:8600") if env_str("MESH_DNS_ADDR", "x") else None
+)
 MESH_DNS_DOMAIN = env_str("MESH_DNS_DOMAIN", "consul").strip(".")
 MESH_ACL_ENABLED = env_bool("MESH_ACL_ENABLED", True)
 MESH_ACL_DEFAULT_POLICY = env_choice("MESH_ACL_DEFAULT_POLICY", "deny", ("allow", "deny"))
@@ -52,7 +54,9 @@ MESH_TASK_TICK_SECONDS = float(env_str("MESH_TASK_TICK_SECONDS", "1") or "1")
 
 REDIS_URL = env_str("REDIS_URL")
 # Tasks run in-process unless a broker is configured (or asked for explicitly).
-MESH_TASKS = env_choice("MESH_TASKS", "celery" if REDIS_URL else "inprocess", ("celery", "inprocess"))
+MESH_TASKS = env_choice(
+    "MESH_TASKS", "celery" if REDIS_URL else "inprocess", ("celery", "inprocess")
+)
 
 INSTALLED_APPS = [
     "django.contrib.admin",

@@ -4,8 +4,8 @@ A write commits, then announces `(index, topics)`. Waiting readers register
 the topics they read with the process's `ChangeHub` *before* they read, so a
 change that lands between the read and the wait cannot be missed.
 
-Across processes the announcement travels over Redis pub/sub (channel
-`meshweb:changes`); in the embedded default there is one process and the hub
+Across processes the announcement travels over Redis pub/sub (a channel
+per database); in the embedded default there is one process and the hub
 is notified directly.
 """
 
@@ -21,7 +21,6 @@ from collections.abc import Iterable
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "meshweb:changes"
 ORIGIN = uuid.uuid4().hex  # this process, so it can skip its own echoes
 
 
@@ -103,7 +102,10 @@ class ChangeHub:
             pass
 
     def waiting(self) -> int:
-        return len({w for b in self._exact.values() for w in b} | {w for b in self._prefix.values() for w in b})
+        return len(
+            {w for b in self._exact.values() for w in b}
+            | {w for b in self._prefix.values() for w in b}
+        )
 
 
 def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
@@ -137,6 +139,17 @@ def _redis():
 _redis_client_pid = -1
 
 
+def channel() -> str:
+    """Changes are only meaningful between servers sharing one database."""
+    import hashlib
+
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    ident = f"{db.get('HOST')}:{db.get('PORT')}/{db.get('NAME')}"
+    return "meshweb:changes:" + hashlib.sha1(ident.encode()).hexdigest()[:12]
+
+
 def publish(index: int, topics: list[str]) -> None:
     """Announce a committed change to this process and, with Redis, to all others."""
     hub.notify_threadsafe(index, topics)
@@ -145,7 +158,7 @@ def publish(index: int, topics: list[str]) -> None:
         return
     message = json.dumps({"o": ORIGIN, "i": index, "t": topics})
     try:
-        client.publish(CHANNEL, message)
+        client.publish(channel(), message)
     except Exception:  # the write is committed; other servers catch up at their wait timeout
         log.exception("could not announce change %s on Redis", index)
 
@@ -159,7 +172,7 @@ async def listen_redis(url: str) -> None:
         try:
             client = aioredis.Redis.from_url(url)
             async with client.pubsub() as pubsub:
-                await pubsub.subscribe(CHANNEL)
+                await pubsub.subscribe(channel())
                 delay = 0.1
                 async for msg in pubsub.listen():
                     if msg.get("type") != "message":

@@ -105,9 +105,7 @@ def Duration(value: Any, path: str) -> float:
         try:
             seconds = parse_duration(value)
         except ValueError:
-            raise BadRequest(
-                f"Request decode failed: {path}: invalid duration {value!r}"
-            ) from None
+            raise BadRequest(f"Request decode failed: {path}: invalid duration {value!r}") from None
     else:
         raise _fail(path, "duration", value)
     if seconds < 0 or math.isinf(seconds) or math.isnan(seconds):

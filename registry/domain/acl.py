@@ -46,7 +46,11 @@ _cache_lock = threading.Lock()
 
 
 def default_authorizer() -> Authorizer:
-    return Authorizer.allow_all() if settings.MESH_ACL_DEFAULT_POLICY == "allow" else Authorizer.deny_all()
+    return (
+        Authorizer.allow_all()
+        if settings.MESH_ACL_DEFAULT_POLICY == "allow"
+        else Authorizer.deny_all()
+    )
 
 
 def resolve_token(secret: str | None) -> Identity:
@@ -124,7 +128,9 @@ def bootstrap(secret: str | None = None) -> tuple[ACLToken, str]:
     with Change() as change:
         # Serialise concurrent bootstraps: the global index row lock is held.
         if bootstrapped():
-            raise PermissionDenied("ACL bootstrap no longer allowed (reset index: %d)" % change.index)
+            raise PermissionDenied(
+                "ACL bootstrap no longer allowed (reset index: %d)" % change.index
+            )
         policy = _ensure_builtins(change)
         secret = secret or str(uuid.uuid4())
         token = ACLToken.objects.create(

@@ -138,16 +138,22 @@ def _check_type(spec: dict[str, Any]) -> str:
         if present
     ]
     if len(kinds) > 1:
-        raise BadRequest(f"Invalid check: only one of HTTP, TCP, GRPC, TTL, alias may be set (got {', '.join(kinds)})")
+        raise BadRequest(
+            f"Invalid check: only one of HTTP, TCP, GRPC, TTL, alias may be set (got {', '.join(kinds)})"
+        )
     if not kinds:
         return ""
     kind = kinds[0]
     if kind == "script":
-        raise BadRequest("Invalid check: script checks are not supported (use HTTP, TCP, GRPC or TTL)")
+        raise BadRequest(
+            "Invalid check: script checks are not supported (use HTTP, TCP, GRPC or TTL)"
+        )
     if kind in ("http", "tcp", "grpc") and not spec.get("Interval"):
         raise BadRequest(f"Invalid check: {kind.upper()} checks must have an Interval")
     if kind == "http" and not str(spec["HTTP"]).startswith(("http://", "https://")):
-        raise BadRequest(f"Invalid check: HTTP must be an http:// or https:// URL, got {spec['HTTP']!r}")
+        raise BadRequest(
+            f"Invalid check: HTTP must be an http:// or https:// URL, got {spec['HTTP']!r}"
+        )
     if kind == "tcp" and ":" not in spec["TCP"]:
         raise BadRequest(f"Invalid check: TCP must be host:port, got {spec['TCP']!r}")
     return kind
@@ -172,7 +178,11 @@ def _upsert_check(
     output: str | None = None,
 ) -> Check:
     kind = _check_type(spec)
-    definition = {k: v for k, v in spec.items() if k not in ("CheckID", "Name", "Notes", "Status", "ServiceID", "Node", "Output", "Type")}
+    definition = {
+        k: v
+        for k, v in spec.items()
+        if k not in ("CheckID", "Name", "Notes", "Status", "ServiceID", "Node", "Output", "Type")
+    }
     existing = Check.objects.filter(node=node, check_id=check_id).first()
     now = timezone.now()
     check = existing or Check(node=node, check_id=check_id, create_index=change.index)
@@ -220,7 +230,9 @@ def _service_check_specs(service_id: str, spec: dict[str, Any]) -> list[_CheckSp
 
 
 def _free_sidecar_port(node: Node, taken: Iterable[int] = ()) -> int:
-    used = set(node.services.filter(kind="connect-proxy").values_list("port", flat=True)) | set(taken)
+    used = set(node.services.filter(kind="connect-proxy").values_list("port", flat=True)) | set(
+        taken
+    )
     for port in SIDECAR_PORT_RANGE:
         if port not in used:
             return port
@@ -316,7 +328,9 @@ def _save_instance(
     svc.connect = {k: v for k, v in (spec.get("Connect") or {}).items() if k != "SidecarService"}
     svc.namespace = spec.get("Namespace") or "default"
     svc.parent_service_id = parent_id
-    svc.destination_name = proxy.get("DestinationServiceName", "") if kind == "connect-proxy" else ""
+    svc.destination_name = (
+        proxy.get("DestinationServiceName", "") if kind == "connect-proxy" else ""
+    )
     svc.agent_local = agent_local
     svc.modify_index = change.index
     svc.save()
@@ -356,9 +370,13 @@ def _register_service_checks(
     keep = {s.check_id for s in specs} | {maintenance_check_id(svc.service_id)}
     for s in specs:
         name = s.fields.get("Name") or f"Service '{svc.name}' check"
-        _upsert_check(change, node, s.fields, check_id=s.check_id, name=name, svc=svc, agent_local=True)
+        _upsert_check(
+            change, node, s.fields, check_id=s.check_id, name=name, svc=svc, agent_local=True
+        )
     if replace:
-        stale = Check.objects.filter(node=node, service_id=svc.service_id).exclude(check_id__in=keep)
+        stale = Check.objects.filter(node=node, service_id=svc.service_id).exclude(
+            check_id__in=keep
+        )
         if stale.exists():
             stale.delete()
             change.touch(*service_topics(svc), "checks")
@@ -376,18 +394,30 @@ def _delete_instance(change: Change, svc: ServiceInstance) -> None:
 def deregister_agent_service(node: Node, service_id: str) -> None:
     """Remove a service, its checks and any sidecar registered with it."""
     with Change() as change:
-        svc = ServiceInstance.objects.select_related("node").filter(node=node, service_id=service_id).first()
+        svc = (
+            ServiceInstance.objects.select_related("node")
+            .filter(node=node, service_id=service_id)
+            .first()
+        )
         if svc is None:
-            raise NotFound(f'Unknown service ID "{service_id}". Ensure that the service ID is passed, not the service name.')
-        for sidecar in ServiceInstance.objects.select_related("node").filter(node=node, parent_service_id=service_id):
+            raise NotFound(
+                f'Unknown service ID "{service_id}". Ensure that the service ID is passed, not the service name.'
+            )
+        for sidecar in ServiceInstance.objects.select_related("node").filter(
+            node=node, parent_service_id=service_id
+        ):
             _delete_instance(change, sidecar)
         _delete_instance(change, svc)
 
 
 def get_instance(node: Node, service_id: str) -> ServiceInstance:
-    svc = ServiceInstance.objects.select_related("node__datacenter").filter(node=node, service_id=service_id).first()
+    svc = (
+        ServiceInstance.objects.select_related("node__datacenter")
+        .filter(node=node, service_id=service_id)
+        .first()
+    )
     if svc is None:
-        raise NotFound(f'unknown service ID: {service_id}')
+        raise NotFound(f"unknown service ID: {service_id}")
     return svc
 
 
@@ -400,14 +430,19 @@ def set_service_maintenance(node: Node, service_id: str, enable: bool, reason: s
             _upsert_check(
                 change,
                 node,
-                {"Notes": reason or "Maintenance mode is enabled for this service, but no reason was provided. This is a default message."},
+                {
+                    "Notes": reason
+                    or "Maintenance mode is enabled for this service, but no reason was provided. This is a default message."
+                },
                 check_id=check_id,
                 name="Service Maintenance Mode",
                 svc=svc,
                 agent_local=True,
                 status=Check.CRITICAL,
             )
-            Check.objects.filter(node=node, check_id=check_id).update(status=Check.CRITICAL, type="maintenance")
+            Check.objects.filter(node=node, check_id=check_id).update(
+                status=Check.CRITICAL, type="maintenance"
+            )
         else:
             if Check.objects.filter(node=node, check_id=check_id).delete()[0]:
                 change.touch(*service_topics(svc), "checks")
@@ -417,10 +452,17 @@ def set_node_maintenance(node: Node, enable: bool, reason: str = "") -> None:
     with Change() as change:
         if enable:
             _upsert_check(
-                change, node,
-                {"Notes": reason or "Maintenance mode is enabled for this node, but no reason was provided. This is a default message."},
-                check_id=NODE_MAINTENANCE_CHECK_ID, name="Node Maintenance Mode", svc=None,
-                agent_local=True, status=Check.CRITICAL,
+                change,
+                node,
+                {
+                    "Notes": reason
+                    or "Maintenance mode is enabled for this node, but no reason was provided. This is a default message."
+                },
+                check_id=NODE_MAINTENANCE_CHECK_ID,
+                name="Node Maintenance Mode",
+                svc=None,
+                agent_local=True,
+                status=Check.CRITICAL,
             )
         elif Check.objects.filter(node=node, check_id=NODE_MAINTENANCE_CHECK_ID).delete()[0]:
             touch_node_services(change, node)
@@ -437,17 +479,25 @@ def register_agent_check(node: Node, spec: dict[str, Any]) -> Check:
     with Change() as change:
         svc = None
         if spec.get("ServiceID"):
-            svc = ServiceInstance.objects.select_related("node").filter(node=node, service_id=spec["ServiceID"]).first()
+            svc = (
+                ServiceInstance.objects.select_related("node")
+                .filter(node=node, service_id=spec["ServiceID"])
+                .first()
+            )
             if svc is None:
                 raise NotFound(f'ServiceID "{spec["ServiceID"]}" does not exist')
-        return _upsert_check(change, node, spec, check_id=check_id, name=spec["Name"], svc=svc, agent_local=True)
+        return _upsert_check(
+            change, node, spec, check_id=check_id, name=spec["Name"], svc=svc, agent_local=True
+        )
 
 
 def deregister_check(node: Node, check_id: str) -> None:
     with Change() as change:
         check = Check.objects.filter(node=node, check_id=check_id).first()
         if check is None:
-            raise NotFound(f'Unknown check ID "{check_id}". Ensure that the check ID is passed, not the check name.')
+            raise NotFound(
+                f'Unknown check ID "{check_id}". Ensure that the check ID is passed, not the check name.'
+            )
         _touch_check(change, check)
         check.delete()
         from registry.domain.sessions import invalidate_sessions_for_checks
@@ -475,9 +525,16 @@ def update_check_status(node: Node, check_id: str, status: str, output: str | No
     if status not in STATUS_ORDER:
         raise BadRequest(f"Invalid check status: {status!r}")
     with Change() as change:
-        check = Check.objects.select_related("node").select_for_update().filter(node=node, check_id=check_id).first()
+        check = (
+            Check.objects.select_related("node")
+            .select_for_update()
+            .filter(node=node, check_id=check_id)
+            .first()
+        )
         if check is None:
-            raise NotFound(f'Unknown check ID "{check_id}". Ensure that the check ID is passed, not the check name.')
+            raise NotFound(
+                f'Unknown check ID "{check_id}". Ensure that the check ID is passed, not the check name.'
+            )
         return apply_check_result(change, check, status, output)
 
 
@@ -543,17 +600,28 @@ def catalog_register(spec: dict[str, Any]) -> None:
                 raise BadRequest("Missing check ID or name")
             check_svc = svc
             if c.get("ServiceID"):
-                check_svc = ServiceInstance.objects.select_related("node").filter(node=node, service_id=c["ServiceID"]).first()
+                check_svc = (
+                    ServiceInstance.objects.select_related("node")
+                    .filter(node=node, service_id=c["ServiceID"])
+                    .first()
+                )
                 if check_svc is None:
-                    raise BadRequest(f'Missing service "{c["ServiceID"]}" for check "{c.get("CheckID") or c.get("Name")}"')
+                    raise BadRequest(
+                        f'Missing service "{c["ServiceID"]}" for check "{c.get("CheckID") or c.get("Name")}"'
+                    )
             elif not c.get("ServiceID"):
                 check_svc = None
             fields = dict(c.get("Definition") or {})
             fields.update({k: v for k, v in c.items() if k in ("Notes", "Status")})
             _upsert_check(
-                change, node, fields,
-                check_id=c.get("CheckID") or c["Name"], name=c.get("Name") or c["CheckID"],
-                svc=check_svc, agent_local=False, output=c.get("Output"),
+                change,
+                node,
+                fields,
+                check_id=c.get("CheckID") or c["Name"],
+                name=c.get("Name") or c["CheckID"],
+                svc=check_svc,
+                agent_local=False,
+                output=c.get("Output"),
             )
 
 
@@ -566,11 +634,19 @@ def catalog_deregister(spec: dict[str, Any]) -> None:
         if node is None:
             return  # Consul answers true: deregistering what is gone is idempotent
         if spec.get("ServiceID"):
-            svc = ServiceInstance.objects.select_related("node").filter(node=node, service_id=spec["ServiceID"]).first()
+            svc = (
+                ServiceInstance.objects.select_related("node")
+                .filter(node=node, service_id=spec["ServiceID"])
+                .first()
+            )
             if svc is not None:
                 _delete_instance(change, svc)
         elif spec.get("CheckID"):
-            check = Check.objects.select_related("node").filter(node=node, check_id=spec["CheckID"]).first()
+            check = (
+                Check.objects.select_related("node")
+                .filter(node=node, check_id=spec["CheckID"])
+                .first()
+            )
             if check is not None:
                 _touch_check(change, check)
                 check.delete()

@@ -48,7 +48,9 @@ def _tag_match(svc: ServiceInstance, tags: list[str]) -> bool:
     return all(t in have for t in tags)
 
 
-def catalog_service(authz, name: str, dc: str, tags: list[str], *, connect: bool = False) -> tuple[int, list[dict]]:
+def catalog_service(
+    authz, name: str, dc: str, tags: list[str], *, connect: bool = False
+) -> tuple[int, list[dict]]:
     index = topic_index(f"connect:{name}" if connect else f"service:{name}")
     rows = [
         s
@@ -120,7 +122,9 @@ def health_node(authz, name: str) -> tuple[int, list[dict]]:
         return index, []
     rows = Check.objects.filter(node__name=name).order_by("check_id")
     return index, [
-        shapes.check_json(c, name) for c in rows if not c.service_name or authz.service_read(c.service_name)
+        shapes.check_json(c, name)
+        for c in rows
+        if not c.service_name or authz.service_read(c.service_name)
     ]
 
 
@@ -128,7 +132,9 @@ def health_checks(authz, name: str, dc: str) -> tuple[int, list[dict]]:
     index = topic_index(f"service:{name}")
     rows = Check.objects.select_related("node").filter(service_name=name, node__datacenter__name=dc)
     return index, [
-        shapes.check_json(c) for c in rows if authz.service_read(name) and authz.node_read(c.node.name)
+        shapes.check_json(c)
+        for c in rows
+        if authz.service_read(name) and authz.node_read(c.node.name)
     ]
 
 
@@ -140,7 +146,8 @@ def health_state(authz, state: str, dc: str) -> tuple[int, list[dict]]:
     return index, [
         shapes.check_json(c)
         for c in rows.order_by("node__name", "check_id")
-        if authz.node_read(c.node.name) and (not c.service_name or authz.service_read(c.service_name))
+        if authz.node_read(c.node.name)
+        and (not c.service_name or authz.service_read(c.service_name))
     ]
 
 

@@ -14,7 +14,12 @@ from registry.models import Check, Node, ServiceInstance
 
 
 def node_json(node: Node) -> dict[str, Any]:
-    tagged = {"lan": node.address, "lan_ipv4": node.address, "wan": node.address, "wan_ipv4": node.address}
+    tagged = {
+        "lan": node.address,
+        "lan_ipv4": node.address,
+        "wan": node.address,
+        "wan_ipv4": node.address,
+    }
     tagged.update(node.tagged_addresses or {})
     return {
         "ID": node.node_id,
@@ -102,7 +107,17 @@ def catalog_service_json(svc: ServiceInstance) -> dict[str, Any]:
 def check_json(check: Check, node_name: str | None = None) -> dict[str, Any]:
     d = check.definition or {}
     definition: dict[str, Any] = {}
-    for key in ("HTTP", "Method", "Header", "Body", "TCP", "GRPC", "GRPCUseTLS", "TLSServerName", "TLSSkipVerify"):
+    for key in (
+        "HTTP",
+        "Method",
+        "Header",
+        "Body",
+        "TCP",
+        "GRPC",
+        "GRPCUseTLS",
+        "TLSServerName",
+        "TLSSkipVerify",
+    ):
         if d.get(key):
             definition[key] = d[key]
     for key in ("Interval", "Timeout", "TTL", "DeregisterCriticalServiceAfter"):

@@ -46,7 +46,12 @@ def _member(node) -> dict:
         "Name": node.name,
         "Addr": node.address,
         "Port": settings.MESH_HTTP_ADDR[1],
-        "Tags": {"role": "consul", "dc": node.datacenter.name, "build": "1.17.0:meshweb", "id": node.node_id},
+        "Tags": {
+            "role": "consul",
+            "dc": node.datacenter.name,
+            "build": "1.17.0:meshweb",
+            "id": node.node_id,
+        },
         "Status": 1,
         "ProtocolMin": 1,
         "ProtocolMax": 5,
@@ -62,7 +67,9 @@ def members(ctx: Ctx) -> Reply:
     from registry.models import Node
 
     out = []
-    for node in Node.objects.select_related("datacenter").filter(meta__has_key="mesh-role").order_by("name"):
+    for node in (
+        Node.objects.select_related("datacenter").filter(meta__has_key="mesh-role").order_by("name")
+    ):
         if ctx.authz.node_read(node.name):
             out.append(_member(node))
     return Reply(out)
@@ -109,7 +116,9 @@ def _service_for_write(ctx: Ctx, service_id: str) -> ServiceInstance:
     node = catalog.local_node()
     svc = ServiceInstance.objects.filter(node=node, service_id=service_id).first()
     if svc is None:
-        raise NotFound(f'Unknown service ID "{service_id}". Ensure that the service ID is passed, not the service name.')
+        raise NotFound(
+            f'Unknown service ID "{service_id}". Ensure that the service ID is passed, not the service name.'
+        )
     ctx.require(ctx.authz.service_write(svc.name), "service:write", svc.name)
     return svc
 
@@ -145,9 +154,13 @@ def _check_for_write(ctx: Ctx, check_id: str) -> Check:
     node = catalog.local_node()
     check = Check.objects.select_related("node").filter(node=node, check_id=check_id).first()
     if check is None:
-        raise NotFound(f'Unknown check ID "{check_id}". Ensure that the check ID is passed, not the check name.')
+        raise NotFound(
+            f'Unknown check ID "{check_id}". Ensure that the check ID is passed, not the check name.'
+        )
     if check.service_name:
-        ctx.require(ctx.authz.service_write(check.service_name), "service:write", check.service_name)
+        ctx.require(
+            ctx.authz.service_write(check.service_name), "service:write", check.service_name
+        )
     else:
         ctx.require(ctx.authz.node_write(node.name), "node:write", node.name)
     return check
@@ -206,7 +219,7 @@ def check_update(ctx: Ctx, check_id: str) -> Reply:
         raise BadRequest(f"Invalid check status: {status!r}")
     output = body.get("Output")
     if output is not None and len(output) > 4096:
-        output = output[:4096] + " ... (captured 4096 of %d bytes)" % len(output)
+        output = output[:4096] + f" ... (captured 4096 of {len(output)} bytes)"
     return _ttl_update(ctx, check_id, status, output)
 
 
@@ -215,8 +228,17 @@ def health_service_by_id(ctx: Ctx, service_id: str) -> Reply:
     node = catalog.local_node()
     found = reads.agent_health_by_id(node, service_id)
     if found is None:
-        return Reply(f"ServiceId {service_id} not found", raw=f"ServiceId {service_id} not found".encode(), status=404, content_type="text/plain")
+        return Reply(
+            f"ServiceId {service_id} not found",
+            raw=f"ServiceId {service_id} not found".encode(),
+            status=404,
+            content_type="text/plain",
+        )
     status, data = found
-    ctx.require(ctx.authz.service_read(data["Service"]["Service"]), "service:read", data["Service"]["Service"])
+    ctx.require(
+        ctx.authz.service_read(data["Service"]["Service"]),
+        "service:read",
+        data["Service"]["Service"],
+    )
     code = {"passing": 200, "warning": 429, "critical": 503}.get(status, 503)
     return Reply(data, status=code)

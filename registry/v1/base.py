@@ -220,8 +220,14 @@ def _render(ctx: Ctx, reply: Reply) -> HttpResponse:
                 else:
                     data = apply_filter(ctx.query["filter"], data)
             except FilterError as exc:
-                return _error(BadRequest(f"Failed to create boolean expression evaluator: {exc}"), reply.index)
-        body = json.dumps(data, separators=(",", ":") if not ctx.has("pretty") else None, indent=4 if ctx.has("pretty") else None).encode()
+                return _error(
+                    BadRequest(f"Failed to create boolean expression evaluator: {exc}"), reply.index
+                )
+        body = json.dumps(
+            data,
+            separators=(",", ":") if not ctx.has("pretty") else None,
+            indent=4 if ctx.has("pretty") else None,
+        ).encode()
     response = HttpResponse(body, status=reply.status, content_type=reply.content_type)
     if reply.index is not None:
         _index_headers(response, reply.index)
@@ -238,7 +244,9 @@ def _index_headers(response: HttpResponse, index: int) -> None:
 
 
 def _error(exc: MeshError, index: int | None = None) -> HttpResponse:
-    response = HttpResponse(exc.message.encode(), status=exc.status, content_type="text/plain; charset=utf-8")
+    response = HttpResponse(
+        exc.message.encode(), status=exc.status, content_type="text/plain; charset=utf-8"
+    )
     if index is not None:
         _index_headers(response, index)
     return response
@@ -260,15 +268,21 @@ def endpoint(
         async def view(request: HttpRequest, **kwargs: Any) -> HttpResponse:
             if request.method not in allowed:
                 return HttpResponse(
-                    f"method {request.method} not allowed".encode(), status=405,
-                    content_type="text/plain; charset=utf-8", headers={"Allow": ", ".join(sorted(allowed))},
+                    f"method {request.method} not allowed".encode(),
+                    status=405,
+                    content_type="text/plain; charset=utf-8",
+                    headers={"Allow": ", ".join(sorted(allowed))},
                 )
             try:
                 length = int(request.headers.get("Content-Length") or 0)
             except ValueError:
                 return _error(BadRequest("Invalid Content-Length"))
             if length > settings.MESH_MAX_BODY_SIZE:
-                return _error(TooLarge(f"Request body({length} bytes) too large, max size: {settings.MESH_MAX_BODY_SIZE} bytes"))
+                return _error(
+                    TooLarge(
+                        f"Request body({length} bytes) too large, max size: {settings.MESH_MAX_BODY_SIZE} bytes"
+                    )
+                )
             ctx = Ctx(request)
             try:
                 if topics is None or request.method != "GET":
@@ -303,7 +317,8 @@ def endpoint(
                     waiter is None
                     or reply.index is None
                     or reply.index > min_index
-                    or reply.index < min_index  # index went backwards (reset): answer now, as Consul
+                    or reply.index
+                    < min_index  # index went backwards (reset): answer now, as Consul
                 ):
                     return _render(ctx, reply)
                 remaining = deadline - time.monotonic()

@@ -37,8 +37,14 @@ def deregister(ctx: Ctx) -> Reply:
     if spec.get("ServiceID"):
         from registry.models import ServiceInstance
 
-        svc = ServiceInstance.objects.filter(node__name=spec["Node"], service_id=spec["ServiceID"]).first()
-        ctx.require(svc is None or ctx.authz.service_write(svc.name), "service:write", svc.name if svc else "")
+        svc = ServiceInstance.objects.filter(
+            node__name=spec["Node"], service_id=spec["ServiceID"]
+        ).first()
+        ctx.require(
+            svc is None or ctx.authz.service_write(svc.name),
+            "service:write",
+            svc.name if svc else "",
+        )
     else:
         ctx.require(ctx.authz.node_write(spec["Node"]), "node:write", spec["Node"])
     catalog.catalog_deregister(spec)
@@ -52,12 +58,18 @@ def _authorize_catalog_write(ctx: Ctx, spec: dict) -> None:
         from registry.models import Node
 
         existing = Node.objects.filter(name=node).first()
-        changes_node = existing is None or spec.get("Address") not in (None, "", existing.address) or "NodeMeta" in spec
+        changes_node = (
+            existing is None
+            or spec.get("Address") not in (None, "", existing.address)
+            or "NodeMeta" in spec
+        )
         if changes_node:
             ctx.require(authz.node_write(node), "node:write", node)
     service = spec.get("Service") or {}
     if service:
-        ctx.require(authz.service_write(service.get("Name", "")), "service:write", service.get("Name", ""))
+        ctx.require(
+            authz.service_write(service.get("Name", "")), "service:write", service.get("Name", "")
+        )
         dest = (service.get("Proxy") or {}).get("DestinationServiceName")
         if service.get("Kind") == "connect-proxy" and dest:
             ctx.require(authz.service_write(dest), "service:write", dest)

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from registry.v1 import agent, catalog
+from registry.v1 import acl, agent, catalog, kv, session, status
 
 urlpatterns = [
     # agent
@@ -38,4 +38,10 @@ urlpatterns = [
     path("health/service/<path:name>", catalog.health_service),
     path("health/connect/<path:name>", catalog.health_connect),
     path("health/state/<str:state>", catalog.health_state),
+    # status
+    path("status/leader", status.leader),
+    path("status/peers", status.peers),
+    *kv.urlpatterns,
+    *session.urlpatterns,
+    *acl.urlpatterns,
 ]

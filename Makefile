@@ -1,0 +1,23 @@
+# The handful of commands a newcomer needs. Each creates .venv on first use.
+.PHONY: run test test-fast lint format bench venv
+
+venv:
+	@scripts/bootstrap
+
+run: venv          ## run the mesh (embedded: SQLite, in-process tasks)
+	.venv/bin/mesh server
+
+test: venv         ## run the whole test suite
+	.venv/bin/pytest $(PYTEST_ARGS)
+
+test-fast: venv    ## unit tests only (no server processes)
+	.venv/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: venv
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+
+format: venv
+	.venv/bin/ruff check --fix . && .venv/bin/ruff format .
+
+bench: venv
+	.venv/bin/python bench/registry.py

@@ -1,0 +1,3 @@
+"""The product REST API (`/api/...`)."""
+
+urlpatterns: list = []

@@ -1,0 +1,3 @@
+"""`/v1/acl/...` (routes listed in `urlpatterns`)."""
+
+urlpatterns: list = []

@@ -1,0 +1,3 @@
+"""`/v1/kv/...` (routes listed in `urlpatterns`)."""
+
+urlpatterns: list = []

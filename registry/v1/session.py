@@ -1,0 +1,3 @@
+"""`/v1/session/...` (routes listed in `urlpatterns`)."""
+
+urlpatterns: list = []

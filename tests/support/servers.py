@@ -1,0 +1,226 @@
+"""Start and stop real `mesh server` processes for end-to-end tests.
+
+Each server gets free loopback ports, its own data dir and its own database:
+a temporary SQLite file by default, or a fresh PostgreSQL database (created
+and dropped here) when the test run's `DATABASE_URL` points at PostgreSQL.
+With `REDIS_URL` set, servers use Redis for change fan-out and Celery.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+MANAGEMENT_TOKEN = "e95b599e-166e-7d80-08ad-aee76e7ddf19"
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port free for both TCP and UDP on 127.0.0.1 (DNS needs both)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                u.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port")
+
+
+def postgres_url() -> str | None:
+    url = os.environ.get("DATABASE_URL", "")
+    return url if url.startswith(("postgres://", "postgresql://")) else None
+
+
+def redis_url() -> str | None:
+    return os.environ.get("REDIS_URL") or None
+
+
+def _admin_conn(url: str):
+    import psycopg
+
+    u = urlparse(url)
+    return psycopg.connect(
+        host=u.hostname or "127.0.0.1",
+        port=u.port or 5432,
+        user=u.username or "postgres",
+        password=u.password or None,
+        dbname="postgres",
+        autocommit=True,
+    )
+
+
+def create_database(base_url: str) -> str:
+    name = "meshweb_e2e_" + uuid.uuid4().hex[:10]
+    with _admin_conn(base_url) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    u = urlparse(base_url)
+    return u._replace(path="/" + name).geturl()
+
+
+def drop_database(url: str) -> None:
+    name = urlparse(url).path.lstrip("/")
+    with contextlib.suppress(Exception), _admin_conn(url) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@dataclass
+class MeshServer:
+    """A running `mesh server` process."""
+
+    data_dir: Path
+    http_port: int
+    dns_port: int
+    env: dict[str, str]
+    token: str | None = None
+    database_url: str | None = None
+    owns_database: bool = False
+    proc: subprocess.Popen | None = None
+    log_path: Path = field(default=None)  # type: ignore[assignment]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    def client(self, token: str | None = None, **kw) -> httpx.Client:
+        headers = {}
+        tok = token if token is not None else self.token
+        if tok:
+            headers["X-Consul-Token"] = tok
+        return httpx.Client(base_url=self.url, headers=headers, timeout=kw.pop("timeout", 30), **kw)
+
+    def consul(self, token: str | None = None):
+        """An unmodified py-consul client pointed at this server."""
+        import consul
+
+        return consul.Consul(
+            host="127.0.0.1", port=self.http_port, token=token if token is not None else self.token
+        )
+
+    def start(self) -> MeshServer:
+        self.log_path = self.data_dir / "server.log"
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child process owns it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "meshweb.cli", "server", "--quiet"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"mesh server exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                r = httpx.get(self.url + "/v1/status/leader", timeout=1)
+                if r.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"mesh server did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-5000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+    def close(self) -> None:
+        self.stop()
+        if self.owns_database and self.database_url:
+            drop_database(self.database_url)
+
+
+def make_server(
+    data_dir: Path,
+    *,
+    acl: bool = False,
+    redis: bool | None = None,
+    database_url: str | None = None,
+    extra_env: dict[str, str] | None = None,
+    start: bool = True,
+) -> MeshServer:
+    """Configure (and start) a server. `database_url` shares an existing database."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    http_port, dns_port = free_port(), free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MESH_", "DATABASE_URL", "REDIS_URL", "CONSUL_"))
+    }
+    owns = False
+    if database_url is None and postgres_url():
+        database_url, owns = create_database(postgres_url()), True
+    if database_url:
+        env["DATABASE_URL"] = database_url
+    use_redis = redis if redis is not None else bool(redis_url())
+    if use_redis:
+        env["REDIS_URL"] = redis_url() or "redis://127.0.0.1:6379/0"
+        # Test servers run their own background work in-process unless a test starts workers.
+        env["MESH_TASKS"] = "inprocess"
+    env.update(
+        {
+            "MESH_DATA_DIR": str(data_dir),
+            "MESH_HTTP_ADDR": f"127.0.0.1:{http_port}",
+            "MESH_DNS_ADDR": f"127.0.0.1:{dns_port}",
+            "MESH_ACL_ENABLED": "true" if acl else "false",
+            "MESH_SECRET_KEY": "test-secret-key-not-for-production",
+            "MESH_TASK_TICK_SECONDS": "0.2",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    token = None
+    if acl:
+        env["MESH_ACL_INITIAL_MANAGEMENT_TOKEN"] = MANAGEMENT_TOKEN
+        token = MANAGEMENT_TOKEN
+    env.update(extra_env or {})
+    server = MeshServer(
+        data_dir=data_dir,
+        http_port=http_port,
+        dns_port=dns_port,
+        env=env,
+        token=token,
+        database_url=database_url,
+        owns_database=owns,
+    )
+    if start:
+        try:
+            server.start()
+        except Exception:
+            server.close()
+            raise
+    return server
