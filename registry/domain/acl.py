@@ -129,7 +129,7 @@ def bootstrap(secret: str | None = None) -> tuple[ACLToken, str]:
         # Serialise concurrent bootstraps: the global index row lock is held.
         if bootstrapped():
             raise PermissionDenied(
-                "ACL bootstrap no longer allowed (reset index: %d)" % change.index
+                f"ACL bootstrap no longer allowed (reset index: {change.index})"
             )
         policy = _ensure_builtins(change)
         secret = secret or str(uuid.uuid4())
