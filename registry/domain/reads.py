@@ -24,10 +24,22 @@ def check_datacenter(dc: str) -> None:
         raise NotFound(f'No path to datacenter "{dc}"')
 
 
-def catalog_nodes(authz, dc: str) -> tuple[int, list[dict]]:
+def meta_match(meta: dict | None, wanted: dict[str, str] | None) -> bool:
+    """Consul's `?node-meta=key:value` filters: every pair must match."""
+    if not wanted:
+        return True
+    meta = meta or {}
+    return all(meta.get(k) == v for k, v in wanted.items())
+
+
+def catalog_nodes(authz, dc: str, node_meta: dict | None = None) -> tuple[int, list[dict]]:
     index = topic_index("nodes")
     nodes = Node.objects.select_related("datacenter").filter(datacenter__name=dc)
-    return index, [shapes.node_json(n) for n in nodes if authz.node_read(n.name)]
+    return index, [
+        shapes.node_json(n)
+        for n in nodes
+        if authz.node_read(n.name) and meta_match(n.meta, node_meta)
+    ]
 
 
 def catalog_services(authz, dc: str) -> tuple[int, dict[str, list[str]]]:
@@ -88,13 +100,14 @@ def health_service(
     tags: list[str] = (),  # type: ignore[assignment]
     passing: bool = False,
     connect: bool = False,
+    node_meta: dict | None = None,
 ) -> tuple[int, list[dict[str, Any]]]:
     """`/v1/health/service/:name`: instances with their node and checks."""
     index = topic_index(f"connect:{name}" if connect else f"service:{name}")
     instances = [
         s
         for s in instances_query(name, connect=connect, dc=dc)
-        if _tag_match(s, list(tags)) and _visible(authz, s)
+        if _tag_match(s, list(tags)) and _visible(authz, s) and meta_match(s.node.meta, node_meta)
     ]
     checks = checks_for(instances)
     out = []

@@ -12,6 +12,16 @@ def _tags(ctx: Ctx) -> list[str]:
     return [t for t in ctx.query.getlist("tag") if t]
 
 
+def _node_meta(ctx: Ctx) -> dict[str, str]:
+    out = {}
+    for pair in ctx.query.getlist("node-meta"):
+        key, sep, value = pair.partition(":")
+        if not sep or not key:
+            raise BadRequest(f"Invalid node-meta filter {pair!r}: use key:value")
+        out[key] = value
+    return out
+
+
 def _dc(ctx: Ctx) -> str:
     dc = ctx.dc
     reads.check_datacenter(dc)
@@ -90,7 +100,7 @@ def _nodes_topics(ctx: Ctx):
 
 @endpoint("GET", topics=_nodes_topics)
 def nodes(ctx: Ctx) -> Reply:
-    index, data = reads.catalog_nodes(ctx.authz, _dc(ctx))
+    index, data = reads.catalog_nodes(ctx.authz, _dc(ctx), _node_meta(ctx))
     return Reply(data, index, filterable=True)
 
 
@@ -102,13 +112,17 @@ def services(ctx: Ctx) -> Reply:
 
 @endpoint("GET", topics=lambda ctx, name: ([f"service:{name}"], []))
 def service(ctx: Ctx, name: str) -> Reply:
-    index, data = reads.catalog_service(ctx.authz, name, _dc(ctx), _tags(ctx))
+    index, data = reads.catalog_service(
+        ctx.authz, name, _dc(ctx), _tags(ctx), node_meta=_node_meta(ctx)
+    )
     return Reply(data, index, filterable=True)
 
 
 @endpoint("GET", topics=lambda ctx, name: ([f"connect:{name}"], []))
 def connect(ctx: Ctx, name: str) -> Reply:
-    index, data = reads.catalog_service(ctx.authz, name, _dc(ctx), _tags(ctx), connect=True)
+    index, data = reads.catalog_service(
+        ctx.authz, name, _dc(ctx), _tags(ctx), connect=True, node_meta=_node_meta(ctx)
+    )
     return Reply(data, index, filterable=True)
 
 
@@ -146,7 +160,12 @@ def health_checks(ctx: Ctx, name: str) -> Reply:
 @endpoint("GET", topics=lambda ctx, name: ([f"service:{name}"], []))
 def health_service(ctx: Ctx, name: str) -> Reply:
     index, data = reads.health_service(
-        ctx.authz, name, _dc(ctx), tags=_tags(ctx), passing=ctx.flag("passing")
+        ctx.authz,
+        name,
+        _dc(ctx),
+        tags=_tags(ctx),
+        passing=ctx.flag("passing"),
+        node_meta=_node_meta(ctx),
     )
     return Reply(data, index, filterable=True)
 
@@ -154,7 +173,13 @@ def health_service(ctx: Ctx, name: str) -> Reply:
 @endpoint("GET", topics=lambda ctx, name: ([f"connect:{name}"], []))
 def health_connect(ctx: Ctx, name: str) -> Reply:
     index, data = reads.health_service(
-        ctx.authz, name, _dc(ctx), tags=_tags(ctx), passing=ctx.flag("passing"), connect=True
+        ctx.authz,
+        name,
+        _dc(ctx),
+        tags=_tags(ctx),
+        passing=ctx.flag("passing"),
+        connect=True,
+        node_meta=_node_meta(ctx),
     )
     return Reply(data, index, filterable=True)
 
