@@ -61,13 +61,19 @@ def _tag_match(svc: ServiceInstance, tags: list[str]) -> bool:
 
 
 def catalog_service(
-    authz, name: str, dc: str, tags: list[str], *, connect: bool = False
+    authz,
+    name: str,
+    dc: str,
+    tags: list[str],
+    *,
+    connect: bool = False,
+    node_meta: dict | None = None,
 ) -> tuple[int, list[dict]]:
     index = topic_index(f"connect:{name}" if connect else f"service:{name}")
     rows = [
         s
         for s in instances_query(name, connect=connect, dc=dc)
-        if _visible(authz, s) and _tag_match(s, tags)
+        if _visible(authz, s) and _tag_match(s, tags) and meta_match(s.node.meta, node_meta)
     ]
     return index, [shapes.catalog_service_json(s) for s in rows]
 

@@ -313,13 +313,9 @@ def endpoint(
                 except MeshError as exc:
                     idx = getattr(exc, "index", None)
                     return _error(exc, idx)
-                if (
-                    waiter is None
-                    or reply.index is None
-                    or reply.index > min_index
-                    or reply.index
-                    < min_index  # index went backwards (reset): answer now, as Consul
-                ):
+                if reply.index is not None:
+                    reply.index = max(reply.index, 1)  # Consul never answers index 0
+                if waiter is None or reply.index is None or reply.index > min_index:
                     return _render(ctx, reply)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

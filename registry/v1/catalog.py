@@ -34,6 +34,9 @@ def _dc(ctx: Ctx) -> str:
 @endpoint("PUT", "POST")
 def register(ctx: Ctx) -> Reply:
     spec = ctx.json(decode.CATALOG_REGISTER)
+    if "NodeMeta" not in spec and ctx.has("node-meta"):
+        # py-consul sends catalog.register(node_meta=...) as ?node-meta=k:v.
+        spec["NodeMeta"] = _node_meta(ctx)
     _authorize_catalog_write(ctx, spec)
     catalog.catalog_register(spec)
     return Reply(True)
