@@ -42,6 +42,7 @@ MESH_DNS_ADDR = (
     env_addr("MESH_DNS_ADDR", "127.0.0.1:8600") if env_str("MESH_DNS_ADDR", "x") else None
 )
 MESH_DNS_DOMAIN = env_str("MESH_DNS_DOMAIN", "consul").strip(".")
+MESH_DNS_SERVICE_TTL = env_int("MESH_DNS_SERVICE_TTL", 0, minimum=0)
 MESH_ACL_ENABLED = env_bool("MESH_ACL_ENABLED", True)
 MESH_ACL_DEFAULT_POLICY = env_choice("MESH_ACL_DEFAULT_POLICY", "deny", ("allow", "deny"))
 MESH_ACL_INITIAL_MANAGEMENT_TOKEN = env_str("MESH_ACL_INITIAL_MANAGEMENT_TOKEN")
@@ -68,12 +69,16 @@ INSTALLED_APPS = [
     "rest_framework",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "registry",
     "frontend",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Static files (the admin's, Swagger UI's and Redoc's) served by the ASGI
+    # app itself: an async-capable wrapper around WhiteNoise (see the module).
+    "meshweb.staticfiles.AsyncWhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -124,6 +129,10 @@ USE_I18N = False
 USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
+# WhiteNoise indexes the apps' static files (finders) at start-up, so `mesh
+# server` needs no collectstatic step; files collected into STATIC_ROOT are
+# served too.
+WHITENOISE_USE_FINDERS = True
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -142,6 +151,12 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "meshweb API",
     "DESCRIPTION": "The product REST API of the meshweb control plane.",
     "VERSION": "0.1.0",
+    # Swagger UI and Redoc from the bundled drf-spectacular-sidecar assets, never a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "SCHEMA_PATH_PREFIX": "/api/",
+    "COMPONENT_SPLIT_REQUEST": True,
 }
 
 CELERY_BROKER_URL = REDIS_URL or "memory://"
