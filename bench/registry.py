@@ -1,0 +1,746 @@
+#!/usr/bin/env python
+"""Registry benchmark: prints figures for the issue's targets, asserts nothing.
+
+Starts a real `mesh server` process (ACLs off) per database, on the embedded
+default (SQLite) and/or a fresh PostgreSQL database, and measures:
+
+1. registrations per second through `PUT /v1/agent/service/register`
+   (one TTL check each, distinct IDs) over N keep-alive connections;
+2. `GET /v1/health/service/:name` latency with 10,000 instances across
+   1,000 services (loaded through `PUT /v1/catalog/register`);
+3. blocking-query fan-out: 1,000 watchers of one service (in a separate
+   process), one write, time from the write's response to each watcher's
+   answer, over several rounds;
+4. server RSS per waiting blocking query.
+
+Run from the repository root: `.venv/bin/python bench/registry.py --help`.
+Progress goes to stderr, the figures to stdout. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Run as `python bench/registry.py`, the script's folder comes first on sys.path
+# and this file would shadow the `registry` package: put the repo root there instead.
+if sys.path and Path(sys.path[0] or ".").resolve() == ROOT / "bench":
+    sys.path.pop(0)
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.support.servers import (  # noqa: E402
+    MeshServer,
+    create_database,
+    drop_database,
+    make_server,
+)
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+    uvloop = None
+
+DEFAULT_POSTGRES = "postgres://postgres@127.0.0.1:5432/postgres"
+TARGETS = {
+    "reg_per_s": 1000.0,  # on PostgreSQL
+    "fanout_p99_ms": 500.0,
+    "health_p99_ms": 20.0,
+    "kb_per_waiter": 50.0,
+}
+
+
+def progress(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_async(coro):
+    """Run `coro` on uvloop when available (the client must not be the bottleneck)."""
+    if uvloop is not None:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
+    return asyncio.run(coro)
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..1) of `values`; NaN when empty."""
+    if not values:
+        return math.nan
+    s = sorted(values)
+    return s[max(0, min(len(s) - 1, math.ceil(q * len(s)) - 1))]
+
+
+# --- a minimal HTTP/1.1 client over asyncio streams ------------------------------------
+
+
+class HttpError(Exception):
+    pass
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class HttpConn:
+    """One keep-alive HTTP/1.1 connection: write a request, read one response.
+
+    Deliberately tiny (content-length and chunked bodies only) so that the
+    client costs microseconds per request next to the server's milliseconds.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self, timeout: float = 10) -> HttpConn:
+        self.reader, self.writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port, limit=1 << 22), timeout
+        )
+        return self
+
+    def send(self, method: str, path: str, body: bytes = b"") -> None:
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            + ("Content-Type: application/json\r\n" if body else "")
+            + "\r\n"
+        )
+        self.writer.write(head.encode() + body)
+
+    async def read_response(self) -> Response:
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/"):
+            raise HttpError(f"bad status line {lines[0]!r}")
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                k, _, v = line.partition(":")
+                headers[k.strip().lower()] = v.strip()
+        if "content-length" in headers:
+            body = await self.reader.readexactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                if size == 0:
+                    await self.reader.readuntil(b"\r\n")
+                    break
+                chunks.append(await self.reader.readexactly(size))
+                await self.reader.readexactly(2)
+            body = b"".join(chunks)
+        else:
+            body = b""
+        return Response(int(parts[1]), headers, body)
+
+    async def request(
+        self, method: str, path: str, body: bytes = b"", timeout: float = 30
+    ) -> Response:
+        self.send(method, path, body)
+        return await asyncio.wait_for(self.read_response(), timeout)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def open_conns(host: str, port: int, n: int, parallel: int = 64) -> list[HttpConn]:
+    """Open `n` connections, `parallel` at a time (no SYN floods on the listen backlog)."""
+    sem = asyncio.Semaphore(parallel)
+
+    async def one() -> HttpConn:
+        async with sem:
+            return await HttpConn(host, port).open()
+
+    return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+# --- server-side probes -----------------------------------------------------------------
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # utime and stime are fields 14 and 15 of the whole line (11 and 12 here).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def wait_quiet(pid: int, *, window: float = 0.6, max_cpu: float = 0.15, limit: float = 20):
+    """Wait until the server's CPU use and RSS level off: it has taken every request in.
+
+    Quiet means under `max_cpu` of one core and RSS within 1% over `window`
+    seconds (the background task loop still ticks). Returns the seconds waited.
+    """
+    t0 = time.monotonic()
+    samples: list[tuple[float, float, int]] = []
+    while time.monotonic() - t0 < limit:
+        samples.append((time.monotonic(), cpu_seconds(pid), rss_kb(pid)))
+        old = [s for s in samples if s[0] <= samples[-1][0] - window]
+        if old:
+            t_a, c_a, r_a = old[-1]
+            t_b, c_b, r_b = samples[-1]
+            if (c_b - c_a) / (t_b - t_a) <= max_cpu and abs(r_b - r_a) <= 0.01 * r_a:
+                return time.monotonic() - t0
+        await asyncio.sleep(0.1)
+    progress(f"  warning: server still busy after {limit:.0f}s")
+    return time.monotonic() - t0
+
+
+# --- figures ------------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    db: str
+    values: dict[str, float | str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+# --- 1. registrations -----------------------------------------------------------------
+
+
+async def bench_registrations(srv: MeshServer, fig: Figures, args) -> None:
+    conns = await open_conns("127.0.0.1", srv.http_port, args.concurrency)
+    latencies: list[float] = []
+    errors: list[str] = []
+    counter = iter(range(10**9))
+
+    def body(i: int) -> bytes:
+        return json.dumps(
+            {
+                "ID": f"bench-reg-{i}",
+                "Name": f"bench-reg-{i % 100}",
+                "Port": 20000 + i % 10000,
+                "Tags": ["bench"],
+                # Long TTL: no check expires (and writes) while the benchmark runs.
+                "Check": {"TTL": "30m"},
+            }
+        ).encode()
+
+    async def worker(c: HttpConn, deadline: float, limit: int, record: bool) -> None:
+        while time.monotonic() < deadline:
+            i = next(counter)
+            if i >= limit:
+                return
+            t = time.perf_counter()
+            r = await c.request("PUT", "/v1/agent/service/register", body(i))
+            if r.status != 200:
+                errors.append(f"{r.status} {r.body[:200]!r}")
+                continue
+            if record:
+                latencies.append(time.perf_counter() - t)
+
+    try:
+        # Warm-up (first requests import and compile lazily on the server).
+        await asyncio.gather(*(worker(c, time.monotonic() + 10, 64, False) for c in conns))
+        start = time.perf_counter()
+        deadline = time.monotonic() + args.reg_seconds
+        await asyncio.gather(*(worker(c, deadline, 64 + args.reg_count, True) for c in conns))
+        elapsed = time.perf_counter() - start
+    finally:
+        for c in conns:
+            c.close()
+    n = len(latencies)
+    fig.values["reg_per_s"] = n / elapsed
+    fig.values["reg_p50_ms"] = pct(latencies, 0.5) * 1000
+    fig.values["reg_p99_ms"] = pct(latencies, 0.99) * 1000
+    fig.values["reg_count"] = n
+    if errors:
+        fig.notes.append(f"registrations: {len(errors)} errors, first: {errors[0]}")
+    progress(
+        f"  {n} registrations in {elapsed:.1f}s: {n / elapsed:.0f}/s, "
+        f"p50 {fig.values['reg_p50_ms']:.1f} ms, p99 {fig.values['reg_p99_ms']:.1f} ms"
+    )
+
+
+# --- 2. health reads over a loaded catalog -------------------------------------------------
+
+
+def catalog_body(service: int, instance: int, nodes: int) -> bytes:
+    node = (service * 7 + instance) % nodes
+    sid = f"svc-{service:04d}-{instance}"
+    return json.dumps(
+        {
+            "Node": f"bench-node-{node:04d}",
+            "Address": f"127.0.{node // 250}.{node % 250 + 1}",
+            "Service": {
+                "ID": sid,
+                "Service": f"svc-{service:04d}",
+                "Port": 8000 + instance,
+                "Tags": ["bench", f"v{instance % 3}"],
+                "Meta": {"version": str(instance % 3)},
+            },
+            "Check": {
+                "CheckID": f"service:{sid}",
+                "Name": "bench check",
+                "Status": "passing",
+                "ServiceID": sid,
+            },
+        }
+    ).encode()
+
+
+async def load_catalog(srv: MeshServer, fig: Figures, args) -> int:
+    per = max(1, args.instances // args.services)
+    work = [(s, i) for i in range(per) for s in range(args.services)]
+    conns = await open_conns("127.0.0.1", srv.http_port, args.concurrency)
+    it = iter(work)
+    errors: list[str] = []
+    done = 0
+    deadline = time.monotonic() + args.load_seconds
+
+    async def worker(c: HttpConn) -> None:
+        nonlocal done
+        for s, i in it:
+            if time.monotonic() > deadline:
+                return
+            r = await c.request("PUT", "/v1/catalog/register", catalog_body(s, i, args.nodes))
+            if r.status != 200:
+                errors.append(f"{r.status} {r.body[:200]!r}")
+            else:
+                done += 1
+
+    start = time.perf_counter()
+    try:
+        await asyncio.gather(*(worker(c) for c in conns))
+    finally:
+        for c in conns:
+            c.close()
+    elapsed = time.perf_counter() - start
+    fig.values["load_per_s"] = done / elapsed
+    fig.values["loaded"] = done
+    if errors:
+        fig.notes.append(f"catalog load: {len(errors)} errors, first: {errors[0]}")
+    if done < len(work):
+        fig.notes.append(
+            f"catalog load stopped at its {args.load_seconds:.0f}s bound: {done}/{len(work)} instances"
+        )
+    progress(f"  loaded {done} instances in {elapsed:.1f}s ({done / elapsed:.0f}/s)")
+    return done
+
+
+async def bench_health(srv: MeshServer, fig: Figures, args) -> None:
+    rng = random.Random(42)
+    per = max(1, args.instances // args.services)
+    conns = await open_conns("127.0.0.1", srv.http_port, args.health_concurrency)
+    try:
+        probe = await conns[0].request("GET", "/v1/health/service/svc-0000")
+        got = len(json.loads(probe.body))
+        if got != per:
+            fig.notes.append(f"health: svc-0000 has {got} instances, expected {per}")
+        # Warm-up.
+        for _ in range(20):
+            await conns[0].request(
+                "GET", f"/v1/health/service/svc-{rng.randrange(args.services):04d}"
+            )
+
+        errors = 0
+
+        async def timed(c: HttpConn, out: list[float], n: int) -> None:
+            nonlocal errors
+            for _ in range(n):
+                path = f"/v1/health/service/svc-{rng.randrange(args.services):04d}"
+                t = time.perf_counter()
+                r = await c.request("GET", path)
+                out.append(time.perf_counter() - t)
+                if r.status != 200:
+                    errors += 1
+
+        conc: list[float] = []
+        each = max(1, args.health_requests // len(conns))
+        start = time.perf_counter()
+        await asyncio.gather(*(timed(c, conc, each) for c in conns))
+        elapsed = time.perf_counter() - start
+        seq: list[float] = []
+        await timed(conns[0], seq, args.health_sequential)
+    finally:
+        for c in conns:
+            c.close()
+    fig.values["health_p50_ms"] = pct(conc, 0.5) * 1000
+    fig.values["health_p99_ms"] = pct(conc, 0.99) * 1000
+    fig.values["health_per_s"] = len(conc) / elapsed
+    fig.values["health_seq_p50_ms"] = pct(seq, 0.5) * 1000
+    fig.values["health_seq_p99_ms"] = pct(seq, 0.99) * 1000
+    if errors:
+        fig.notes.append(f"health: {errors} non-200 answers")
+    progress(
+        f"  health ({len(conns)} conns): p50 {fig.values['health_p50_ms']:.1f} ms, "
+        f"p99 {fig.values['health_p99_ms']:.1f} ms, {fig.values['health_per_s']:.0f}/s; "
+        f"sequential p50 {fig.values['health_seq_p50_ms']:.1f} ms, "
+        f"p99 {fig.values['health_seq_p99_ms']:.1f} ms"
+    )
+
+
+# --- 3 and 4. blocking-query fan-out and memory per waiter -------------------------------
+
+
+def watcher_process(conn, port: int, n: int, path: str) -> None:
+    """Child process: `n` keep-alive connections that each block on `path`.
+
+    Protocol over the pipe: it answers ("open", n) once connected; then for
+    each ("round", index) it sends every request, answers ("sent",), and once
+    every answer is in, ("done", [(monotonic_time, status, x_consul_index)]);
+    ("quit",) ends it.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent cleans up
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        conns = await open_conns("127.0.0.1", port, n)
+        conn.send(("open", len(conns)))
+
+        async def one(c: HttpConn) -> tuple[float, int, int]:
+            try:
+                r = await asyncio.wait_for(c.read_response(), 90)
+            except TimeoutError:  # a watcher that never answers is a result too
+                return time.monotonic(), -2, 0
+            except (OSError, asyncio.IncompleteReadError, HttpError):
+                return time.monotonic(), -1, 0
+            return time.monotonic(), r.status, int(r.headers.get("x-consul-index", 0))
+
+        while True:
+            msg = await loop.run_in_executor(None, conn.recv)
+            if msg[0] != "round":
+                break
+            target = f"{path}?index={msg[1]}&wait=60s"
+            for c in conns:
+                c.send("GET", target)
+            tasks = [asyncio.ensure_future(one(c)) for c in conns]
+            await asyncio.gather(*(c.writer.drain() for c in conns))
+            conn.send(("sent",))
+            conn.send(("done", await asyncio.gather(*tasks)))
+        for c in conns:
+            c.close()
+
+    with contextlib.suppress(EOFError, BrokenPipeError):
+        run_async(main())
+
+
+async def bench_fanout(srv: MeshServer, fig: Figures, args) -> None:
+    pid = srv.proc.pid
+    svc = "bench-fanout"
+    path = f"/v1/health/service/{svc}"
+    writer = await HttpConn("127.0.0.1", srv.http_port).open()
+    ctx = mp.get_context("spawn")
+    parent_end, child_end = ctx.Pipe()
+    child = None
+    loop = asyncio.get_running_loop()
+
+    async def recv(timeout: float):
+        if not await loop.run_in_executor(None, parent_end.poll, timeout):
+            raise RuntimeError(f"watcher process did not answer within {timeout:.0f}s")
+        return parent_end.recv()
+
+    def instance(k: int) -> bytes:
+        return json.dumps(
+            {
+                "Node": "bench-fanout-node",
+                "Address": "127.0.9.1",
+                "Service": {"ID": f"{svc}-{k}", "Service": svc, "Port": 9000 + k},
+            }
+        ).encode()
+
+    try:
+        r = await writer.request("PUT", "/v1/catalog/register", instance(0))
+        assert r.status == 200, r
+        r = await writer.request("GET", path)
+        index = int(r.headers["x-consul-index"])
+        await wait_quiet(pid)
+        rss_before = rss_kb(pid)
+        child = ctx.Process(
+            target=watcher_process,
+            args=(child_end, srv.http_port, args.watchers, path),
+            daemon=True,
+        )
+        child.start()
+        opened = await recv(60)
+        progress(f"  {opened[1]} watcher connections open")
+        rounds = []
+        for rnd in range(1, args.rounds + 1):
+            parent_end.send(("round", index))
+            await recv(60)  # ("sent",)
+            settled = await wait_quiet(pid)
+            await asyncio.sleep(args.settle)
+            rss_waiting = rss_kb(pid)
+            if rnd == 1:
+                fig.values["waiter_total_mb"] = (rss_waiting - rss_before) / 1024
+                fig.values["kb_per_waiter"] = (rss_waiting - rss_before) / args.watchers
+                progress(
+                    f"  {args.watchers} waiting after {settled:.1f}s: RSS {rss_before / 1024:.1f} -> "
+                    f"{rss_waiting / 1024:.1f} MB ({fig.values['kb_per_waiter']:.1f} KB each)"
+                )
+            t_write = time.monotonic()
+            r = await writer.request("PUT", "/v1/catalog/register", instance(rnd))
+            t_acked = time.monotonic()
+            assert r.status == 200, r
+            _, answers = await recv(120)
+            ok = [a for a in answers if a[1] == 200 and a[2] > index]
+            early = sum(1 for a in answers if a[0] < t_write)
+            lat = [(a[0] - t_acked) * 1000 for a in ok]
+            lat_from_write = [(a[0] - t_write) * 1000 for a in ok]
+            rounds.append(
+                {
+                    "p50": pct(lat, 0.5),
+                    "p99": pct(lat, 0.99),
+                    "max": max(lat) if lat else math.nan,
+                    "max_from_write": max(lat_from_write) if lat else math.nan,
+                    "write_ms": (t_acked - t_write) * 1000,
+                    "ok": len(ok),
+                }
+            )
+            if len(ok) != len(answers) or early:
+                fig.notes.append(
+                    f"fan-out round {rnd}: {len(ok)}/{len(answers)} watchers answered 200 with a new "
+                    f"index, {early} returned before the write"
+                )
+            progress(
+                f"  round {rnd}: {len(ok)} woken; from the write's response p50 "
+                f"{rounds[-1]['p50']:.0f} ms, p99 {rounds[-1]['p99']:.0f} ms, max {rounds[-1]['max']:.0f} ms "
+                f"(write took {rounds[-1]['write_ms']:.1f} ms)"
+            )
+            index = max([a[2] for a in ok] or [index + 1])
+        fig.values["fanout_rounds"] = rounds
+        fig.values["fanout_p99_ms"] = max(r["p99"] for r in rounds)
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            parent_end.send(("quit",))
+        if child is not None:
+            child.join(5)
+            if child.is_alive():
+                child.terminate()
+                child.join(5)
+
+
+# --- one database ---------------------------------------------------------------------
+
+
+async def run_phases(srv: MeshServer, fig: Figures, args) -> None:
+    progress(
+        f"[{fig.db}] 1. registrations, {args.concurrency} connections, {args.reg_seconds:.0f}s"
+    )
+    await bench_registrations(srv, fig, args)
+    progress(
+        f"[{fig.db}] 2. loading {args.instances} instances of {args.services} services "
+        f"through /v1/catalog/register"
+    )
+    await load_catalog(srv, fig, args)
+    progress(f"[{fig.db}]    health reads")
+    await bench_health(srv, fig, args)
+    progress(f"[{fig.db}] 3. fan-out to {args.watchers} watchers, {args.rounds} rounds")
+    await bench_fanout(srv, fig, args)
+
+
+def run_db(db: str, args) -> Figures:
+    fig = Figures(db)
+    tmp = Path(tempfile.mkdtemp(prefix=f"meshweb-bench-{db}-"))
+    database_url = None
+    srv = None
+    try:
+        if db == "postgres":
+            database_url = create_database(args.postgres)
+            progress(f"[{db}] created database {database_url.rsplit('/', 1)[-1]}")
+        os.environ.pop("DATABASE_URL", None)  # make_server reads it: choose explicitly
+        srv = make_server(
+            tmp,
+            redis=args.redis,
+            database_url=database_url,
+            extra_env={"MESH_LOG_LEVEL": "WARNING"},
+        )
+        progress(f"[{db}] mesh server pid {srv.proc.pid} on {srv.addr}")
+        run_async(run_phases(srv, fig, args))
+    except Exception as exc:
+        fig.notes.append(f"aborted: {type(exc).__name__}: {exc}")
+        progress(f"[{db}] aborted: {type(exc).__name__}: {exc}")
+        if srv is not None:
+            progress(srv.log()[-2000:])
+    finally:
+        if srv is not None:
+            srv.stop()
+        if database_url:
+            drop_database(database_url)
+            progress(f"[{db}] dropped database")
+        shutil.rmtree(tmp, ignore_errors=True)
+    return fig
+
+
+# --- report -----------------------------------------------------------------------------
+
+
+def _fmt(v, spec: str = ".1f") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec)
+
+
+def report(figs: list[Figures], args) -> None:
+    def row(label: str, cell: Callable[[Figures], str], target: str = "") -> str:
+        cells = "".join(f"{cell(f):>20}" for f in figs)
+        return f"{label:<46}{cells}   {target}"
+
+    def check(f: Figures, key: str, limit: float, higher: bool, spec: str) -> str:
+        v = f.values.get(key)
+        if v is None:
+            return "-"
+        ok = v >= limit if higher else v <= limit
+        return f"{_fmt(v, spec)} {'ok' if ok else 'MISS'}"
+
+    def rnd(f: Figures, i: int) -> str:
+        rounds = f.values.get("fanout_rounds") or []
+        if i >= len(rounds):
+            return "-"
+        r = rounds[i]
+        return f"{r['p50']:.0f}/{r['p99']:.0f}/{r['max']:.0f}"
+
+    out = [
+        f"meshweb registry benchmark - {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
+        f"redis {'on' if args.redis else 'off'}",
+        row("figure", lambda f: f.db, "target"),
+        row(
+            f"registrations/s (agent, {args.concurrency} conns)",
+            lambda f: check(f, "reg_per_s", TARGETS["reg_per_s"], True, ".0f"),
+            ">= 1000/s on PostgreSQL",
+        ),
+        row(
+            "  register latency p50 / p99 ms",
+            lambda f: f"{_fmt(f.values.get('reg_p50_ms'))} / {_fmt(f.values.get('reg_p99_ms'))}",
+        ),
+        row(
+            f"catalog load/s ({args.concurrency} conns)",
+            lambda f: (
+                f"{_fmt(f.values.get('load_per_s'), '.0f')} ({_fmt(f.values.get('loaded'), '.0f')})"
+            ),
+        ),
+        row(
+            f"health p99 ms ({args.health_concurrency} conns)",
+            lambda f: check(f, "health_p99_ms", TARGETS["health_p99_ms"], False, ".1f"),
+            "< 20 ms",
+        ),
+        row(
+            "  health p50 ms / req/s",
+            lambda f: (
+                f"{_fmt(f.values.get('health_p50_ms'))} / {_fmt(f.values.get('health_per_s'), '.0f')}"
+            ),
+        ),
+        row(
+            "  health sequential p50 / p99 ms",
+            lambda f: (
+                f"{_fmt(f.values.get('health_seq_p50_ms'))} / {_fmt(f.values.get('health_seq_p99_ms'))}"
+            ),
+        ),
+        row(
+            f"fan-out to {args.watchers}: worst p99 ms",
+            lambda f: check(f, "fanout_p99_ms", TARGETS["fanout_p99_ms"], False, ".0f"),
+            "< 500 ms",
+        ),
+    ]
+    for i in range(args.rounds):
+        out.append(row(f"  round {i + 1} p50/p99/max ms", lambda f, i=i: rnd(f, i)))
+    out += [
+        row(
+            "memory per waiting query KB",
+            lambda f: check(f, "kb_per_waiter", TARGETS["kb_per_waiter"], False, ".1f"),
+            "< 50 KB",
+        ),
+        row(
+            f"  RSS growth for {args.watchers} waiters MB",
+            lambda f: _fmt(f.values.get("waiter_total_mb")),
+        ),
+    ]
+    for f in figs:
+        for note in f.notes:
+            out.append(f"note [{f.db}]: {note}")
+    print("\n".join(out), flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--db", choices=("sqlite", "postgres", "both"), default="both")
+    p.add_argument(
+        "--redis", action="store_true", help="give the server REDIS_URL (fan-out via Redis)"
+    )
+    p.add_argument(
+        "--postgres",
+        default=os.environ.get("BENCH_POSTGRES_URL", DEFAULT_POSTGRES),
+        help="PostgreSQL server to create the benchmark's database on (default %(default)s)",
+    )
+    p.add_argument("--concurrency", type=int, default=16, help="connections for writes")
+    p.add_argument("--reg-seconds", type=float, default=10, help="registration phase length")
+    p.add_argument("--reg-count", type=int, default=20000, help="registration phase cap")
+    p.add_argument("--instances", type=int, default=10000)
+    p.add_argument("--services", type=int, default=1000)
+    p.add_argument("--nodes", type=int, default=200, help="nodes the instances spread over")
+    p.add_argument("--load-seconds", type=float, default=60, help="catalog load bound")
+    p.add_argument("--health-concurrency", type=int, default=8)
+    p.add_argument("--health-requests", type=int, default=2000)
+    p.add_argument("--health-sequential", type=int, default=500)
+    p.add_argument("--watchers", type=int, default=1000)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--settle", type=float, default=0.5, help="extra sleep once watchers are in")
+    return p.parse_args(argv)
+
+
+def raise_nofile(need: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = need if hard == resource.RLIM_INFINITY else min(max(soft, need), hard)
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    if want < need:
+        progress(f"warning: open-file limit {want} is below the {need} this run wants")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Client sockets, plus the server's (it inherits the limit): watchers, twice, and slack.
+    raise_nofile(2 * args.watchers + 1024)
+
+    def on_term(signum, frame):  # run the cleanup in `finally` blocks on SIGTERM too
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    dbs = ["sqlite", "postgres"] if args.db == "both" else [args.db]
+    figs: list[Figures] = []
+    started = time.monotonic()
+    try:
+        for db in dbs:
+            figs.append(run_db(db, args))
+    except KeyboardInterrupt:
+        progress("interrupted: cleaned up")
+        if not figs:
+            return 130
+    progress(f"done in {time.monotonic() - started:.0f}s")
+    report(figs, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
