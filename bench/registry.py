@@ -215,6 +215,38 @@ async def wait_quiet(pid: int, *, window: float = 0.6, max_cpu: float = 0.15, li
     return time.monotonic() - t0
 
 
+@contextlib.asynccontextmanager
+async def profiled(srv: MeshServer, args, name: str):
+    """With `--profile DIR`, sample the server with py-spy while the block runs.
+
+    Writes DIR/<name>.txt as collapsed stacks (`frame;frame;... count` per
+    line, idle time excluded) for flamegraph.pl or speedscope.
+    """
+    if not args.profile:
+        yield
+        return
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    out = Path(args.profile) / f"{name}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    proc = await asyncio.create_subprocess_exec(
+        spy, "record", "--pid", str(srv.proc.pid), "--rate", "250", "--threads",
+        "--format", "raw", "--output", str(out), "--nonblocking",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    await asyncio.sleep(0.5)  # let it attach
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+        try:
+            await asyncio.wait_for(proc.wait(), 15)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+        progress(f"  profile: {out}")
+
+
 # --- figures ------------------------------------------------------------------------
 
 
@@ -545,19 +577,22 @@ async def bench_fanout(srv: MeshServer, fig: Figures, args) -> None:
 
 
 async def run_phases(srv: MeshServer, fig: Figures, args) -> None:
+    db = fig.db
+    progress(f"[{db}] 1. registrations, {args.concurrency} connections, {args.reg_seconds:.0f}s")
+    async with profiled(srv, args, f"{db}-1-register"):
+        await bench_registrations(srv, fig, args)
     progress(
-        f"[{fig.db}] 1. registrations, {args.concurrency} connections, {args.reg_seconds:.0f}s"
-    )
-    await bench_registrations(srv, fig, args)
-    progress(
-        f"[{fig.db}] 2. loading {args.instances} instances of {args.services} services "
+        f"[{db}] 2. loading {args.instances} instances of {args.services} services "
         f"through /v1/catalog/register"
     )
-    await load_catalog(srv, fig, args)
-    progress(f"[{fig.db}]    health reads")
-    await bench_health(srv, fig, args)
-    progress(f"[{fig.db}] 3. fan-out to {args.watchers} watchers, {args.rounds} rounds")
-    await bench_fanout(srv, fig, args)
+    async with profiled(srv, args, f"{db}-2-catalog-load"):
+        await load_catalog(srv, fig, args)
+    progress(f"[{db}]    health reads")
+    async with profiled(srv, args, f"{db}-2-health"):
+        await bench_health(srv, fig, args)
+    progress(f"[{db}] 3. fan-out to {args.watchers} watchers, {args.rounds} rounds")
+    async with profiled(srv, args, f"{db}-3-fanout"):
+        await bench_fanout(srv, fig, args)
 
 
 def run_db(db: str, args) -> Figures:
@@ -706,6 +741,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--watchers", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--settle", type=float, default=0.5, help="extra sleep once watchers are in")
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="sample the server with py-spy during each phase into DIR/<db>-<phase>.txt",
+    )
     return p.parse_args(argv)
 
 
