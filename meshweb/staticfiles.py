@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.conf import settings
 from whitenoise.middleware import WhiteNoiseMiddleware
 
 CHUNK = 64 * 1024
@@ -27,6 +29,10 @@ class AsyncWhiteNoiseMiddleware(WhiteNoiseMiddleware):
     async_capable = True
 
     def __init__(self, get_response=None, **kwargs) -> None:
+        # WhiteNoise warns when STATIC_ROOT is missing; before any collectstatic
+        # it is simply empty.
+        if settings.STATIC_ROOT:
+            Path(settings.STATIC_ROOT).mkdir(parents=True, exist_ok=True)
         super().__init__(get_response, **kwargs)
         self._async = iscoroutinefunction(get_response)
         if self._async:
