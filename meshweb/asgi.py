@@ -16,11 +16,16 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 
 django_app = get_asgi_application()
 
+from meshweb.fastpath import handle_v1  # noqa: E402  (needs Django set up)
+
 
 async def application(scope, receive, send):
     if scope["type"] == "lifespan":
         from meshweb.lifespan import lifespan
 
         await lifespan(scope, receive, send)
+        return
+    if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        await handle_v1(scope, receive, send)
         return
     await django_app(scope, receive, send)

@@ -82,3 +82,24 @@ def current_index() -> int:
     from registry.models import MeshIndex
 
     return MeshIndex.objects.filter(id=1).values_list("value", flat=True).first() or 0
+
+
+def topics_index(exact: tuple[str, ...], prefixes: tuple[str, ...] = ()) -> int:
+    """Max index over exact topics and topic prefixes in one cheap query.
+
+    Hot path (every cached read validates with it), so it is plain SQL.
+    """
+    clauses, params = [], []
+    if exact:
+        clauses.append(f"topic IN ({', '.join(['%s'] * len(exact))})")
+        params.extend(exact)
+    for p in prefixes:
+        clauses.append("topic LIKE %s ESCAPE '\\'")
+        params.append(p.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+    if not clauses:
+        return 0
+    sql = f'SELECT MAX("index") FROM registry_topicindex WHERE {" OR ".join(clauses)}'
+    with connection.cursor() as cur:
+        cur.execute(sql, params)
+        row = cur.fetchone()
+    return int(row[0] or 0)

@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +34,7 @@ from django.http import HttpRequest, HttpResponse
 from registry import db
 from registry.changes import hub
 from registry.decode import Struct, parse_body_json, parse_duration
+from registry.domain.txn import topics_index
 from registry.errors import BadRequest, MeshError, PermissionDenied, TooLarge
 from registry.filtering import FilterError, apply_filter
 
@@ -52,6 +55,8 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     # Apply `?filter=` to `data` (a list, or the values of a dict).
     filterable: bool = False
+    # The rendered body, kept when the reply is cached and served again.
+    rendered: bytes | None = None
 
 
 class Ctx:
@@ -184,6 +189,42 @@ class _Flight:
 _flights: dict[tuple, _Flight] = {}
 
 
+class _ReadCache:
+    """Answers of blocking-capable reads, reused while their topics are unchanged.
+
+    An entry holds the topics' index read *before* the answer was computed;
+    a later request re-reads that index (one small query) and reuses the
+    answer only if it is unchanged, so a cached read is as fresh as a
+    computed one. `acl` is always among the topics: a policy change must not
+    leave a token looking at what it could see before.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._entries: OrderedDict[tuple, tuple[int, Reply]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def read(
+        self, key: tuple, exact: tuple[str, ...], prefixes: tuple[str, ...], fn: Callable[[], Reply]
+    ) -> Reply:
+        index = topics_index(exact + ("acl",), prefixes)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None and hit[0] == index:
+                self._entries.move_to_end(key)
+                return hit[1]
+        reply = fn()
+        if reply.status == 200:
+            with self._lock:
+                self._entries[key] = (index, reply)
+                if len(self._entries) > self.size:
+                    self._entries.popitem(last=False)
+        return reply
+
+
+read_cache = _ReadCache()
+
+
 async def _compute(key: tuple, wake_seq: int, fn: Callable[[], Reply]) -> Reply:
     """Run `fn` on the DB pool, or share a run that started after `wake_seq`."""
     flight = _flights.get(key)
@@ -207,7 +248,9 @@ async def _compute(key: tuple, wake_seq: int, fn: Callable[[], Reply]) -> Reply:
 
 
 def _render(ctx: Ctx, reply: Reply) -> HttpResponse:
-    if reply.raw is not None:
+    if reply.rendered is not None:
+        body = reply.rendered
+    elif reply.raw is not None:
         body = reply.raw
     elif reply.data is None and reply.status == 404:
         body = b""
@@ -228,6 +271,7 @@ def _render(ctx: Ctx, reply: Reply) -> HttpResponse:
             separators=(",", ":") if not ctx.has("pretty") else None,
             indent=4 if ctx.has("pretty") else None,
         ).encode()
+        reply.rendered = body
     response = HttpResponse(body, status=reply.status, content_type=reply.content_type)
     if reply.index is not None:
         _index_headers(response, reply.index)
@@ -309,7 +353,11 @@ def endpoint(
             waiter = hub.watch(exact, prefixes) if min_index else None
             try:
                 try:
-                    reply = await _compute(key, wake_seq, lambda: fn(ctx, **kwargs))
+                    reply = await _compute(
+                        key,
+                        wake_seq,
+                        lambda: read_cache.read(key, exact, prefixes, lambda: fn(ctx, **kwargs)),
+                    )
                 except MeshError as exc:
                     idx = getattr(exc, "index", None)
                     return _error(exc, idx)
