@@ -56,6 +56,7 @@ MESH_ACL_TOKEN_MAX_EXPIRATION_SECONDS = env_int(
 )
 MESH_MAX_WAIT_SECONDS = env_int("MESH_MAX_WAIT_SECONDS", 600, minimum=1)
 MESH_KV_MAX_VALUE_SIZE = env_int("MESH_KV_MAX_VALUE_SIZE", 512 * 1024, minimum=1)
+MESH_SESSION_TTL_MIN = float(env_str("MESH_SESSION_TTL_MIN", "10s").removesuffix("s") or "10")
 MESH_MAX_BODY_SIZE = env_int("MESH_MAX_BODY_SIZE", 4 * 1024 * 1024, minimum=1024)
 MESH_DB_THREADS = env_int("MESH_DB_THREADS", 8, minimum=1)
 MESH_TASK_TICK_SECONDS = float(env_str("MESH_TASK_TICK_SECONDS", "1") or "1")
