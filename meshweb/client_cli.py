@@ -1,5 +1,7 @@
-"""Client commands of `mesh` (filled in by the CLI module)."""
+"""Client commands of `mesh` (the Consul-style CLI); they live in `meshweb.commands`."""
 
+from __future__ import annotations
 
-def add_commands(sub) -> None:
-    return None
+from meshweb.commands import add_commands
+
+__all__ = ["add_commands"]

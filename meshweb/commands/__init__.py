@@ -1,0 +1,19 @@
+"""The `mesh` client commands (acl, catalog, kv, members, services): HTTP clients of `/v1`.
+
+Nothing here imports Django: the commands talk to a running control plane
+(or any Consul-compatible server) over HTTP, as the `consul` CLI does.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add every client command to `mesh`'s subcommands."""
+    from meshweb.commands import acl, catalog, kv, services
+
+    acl.register(sub)
+    catalog.register(sub)
+    kv.register(sub)
+    services.register(sub)
