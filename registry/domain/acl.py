@@ -1,30 +1,94 @@
 """ACL tokens and policies, and resolving a request's token to an authorizer.
 
 Token secrets are stored as SHA-256 digests: a secret is shown once, when
-its token is created (or bootstrapped), and never again. Resolved tokens are
-cached per process until any ACL write bumps the `acl` topic.
+its token is created, cloned or bootstrapped, and never again (reads answer
+`"SecretID": "<hidden>"`, which is also what Consul shows a caller without
+acl:write). Resolved tokens are cached per process until any ACL write bumps
+the `acl` topic (or the token expires).
+
+The functions below are the one home of the ACL rules that Consul's ACL
+endpoints enforce (names, UUIDs, reserved IDs, expiration bounds, the builtin
+policy and the anonymous token); `/v1/acl/...`, the REST API and the CLI call
+them and shape the rows with `token_json` / `policy_json`. Every write is one
+`Change` touching the `acl` topic.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
+import re
 import secrets as _secrets
 import threading
 import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
 from django.utils import timezone
 
 from registry.acl_rules import Authorizer, RulesError, parse_rules
+from registry.decode import format_duration
 from registry.domain.txn import Change, topic_index
-from registry.errors import BadRequest, NotFound, PermissionDenied
+from registry.errors import BadRequest, MeshError, NotFound, PermissionDenied
 from registry.models import ACLPolicy, ACLToken
 from registry.models.acl import ANONYMOUS_TOKEN_ACCESSOR, GLOBAL_MANAGEMENT_POLICY_ID
 
 ANONYMOUS_SECRET = "anonymous"
 GLOBAL_MANAGEMENT_NAME = "global-management"
+HIDDEN_SECRET = "<hidden>"
+# Consul reserves every UUID that starts like its builtin IDs.
+RESERVED_PREFIX = "00000000-0000-0000-0000-0000000000"
+# What Consul's builtin global-management policy shows; the authorizer grants
+# management by the policy's ID, so this text is informative.
+GLOBAL_MANAGEMENT_RULES = """acl = "write"
+agent_prefix "" {
+  policy = "write"
+}
+event_prefix "" {
+  policy = "write"
+}
+key_prefix "" {
+  policy = "write"
+}
+keyring = "write"
+node_prefix "" {
+  policy = "write"
+}
+operator = "write"
+mesh = "write"
+peering = "write"
+query_prefix "" {
+  policy = "write"
+}
+service_prefix "" {
+  policy = "write"
+  intentions = "write"
+}
+session_prefix "" {
+  policy = "write"
+}
+"""
+_POLICY_NAME = re.compile(r"^[A-Za-z0-9\-_]{1,128}$")
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+class ACLDisabled(MeshError):
+    """ACL endpoints answer 401 while ACLs are off, as Consul does."""
+
+    status = 401
+
+    def __init__(self, message: str = "ACL support disabled") -> None:
+        super().__init__(message)
+
+
+def ensure_enabled() -> None:
+    """Refuse ACL management while ACLs are disabled (Consul: 401 "ACL support disabled")."""
+    if not settings.MESH_ACL_ENABLED:
+        raise ACLDisabled()
 
 
 def hash_secret(secret: str) -> str:
@@ -33,11 +97,12 @@ def hash_secret(secret: str) -> str:
 
 @dataclass(frozen=True)
 class Identity:
-    """Who is calling: a token's accessor and what it may do."""
+    """Who is calling: a token's accessor and what it may do (until `expires_at`)."""
 
     accessor_id: str
     authorizer: Authorizer
     description: str = ""
+    expires_at: datetime | None = None
 
 
 _ALLOW_ALL = Identity("", Authorizer.allow_all(), "ACLs disabled")
@@ -62,7 +127,13 @@ def resolve_token(secret: str | None) -> Identity:
     with _cache_lock:
         hit = _cache.get(secret)
     if hit is not None and hit[0] == acl_index:
-        return hit[1]
+        identity = hit[1]
+        # Expiry is not an ACL write, so the cached entry must check it itself.
+        if identity.expires_at is not None and identity.expires_at <= timezone.now():
+            with _cache_lock:
+                _cache.pop(secret, None)
+            raise PermissionDenied("ACL not found")
+        return identity
     identity = _load_identity(secret)
     with _cache_lock:
         if len(_cache) > 10_000:
@@ -80,9 +151,11 @@ def _load_identity(secret: str) -> Identity:
         token = ACLToken.objects.filter(secret_hash=hash_secret(secret)).first()
         if token is None:
             raise PermissionDenied("ACL not found")
-    if token.expiration_time and token.expiration_time <= timezone.now():
+    if _expired(token):
         raise PermissionDenied("ACL not found")
-    return Identity(token.accessor_id, token_authorizer(token), token.description)
+    return Identity(
+        token.accessor_id, token_authorizer(token), token.description, token.expiration_time
+    )
 
 
 def token_authorizer(token: ACLToken) -> Authorizer:
@@ -91,6 +164,10 @@ def token_authorizer(token: ACLToken) -> Authorizer:
         return Authorizer.management()
     rules = [parse_rules(p.rules) for p in policies]
     return Authorizer.from_rules(rules, default=default_authorizer())
+
+
+def _expired(token: ACLToken, now: datetime | None = None) -> bool:
+    return token.expiration_time is not None and token.expiration_time <= (now or timezone.now())
 
 
 # --- bootstrap ------------------------------------------------------------------------
@@ -102,7 +179,7 @@ def _ensure_builtins(change: Change) -> ACLPolicy:
         defaults={
             "name": GLOBAL_MANAGEMENT_NAME,
             "description": "Builtin Policy that grants unlimited access",
-            "rules": "",
+            "rules": GLOBAL_MANAGEMENT_RULES,
             "create_index": change.index,
             "modify_index": change.index,
         },
@@ -124,13 +201,16 @@ def bootstrapped() -> bool:
 
 
 def bootstrap(secret: str | None = None) -> tuple[ACLToken, str]:
-    """Create the first management token (once). Returns the token and its secret."""
+    """Create the first management token (once). Returns the token and its secret.
+
+    `secret` is Consul's optional `BootstrapSecret` (a UUID).
+    """
+    if secret and not _UUID.match(secret):
+        raise BadRequest("Invalid bootstrap secret: BootstrapSecret must be a UUID")
     with Change() as change:
         # Serialise concurrent bootstraps: the global index row lock is held.
         if bootstrapped():
-            raise PermissionDenied(
-                f"ACL bootstrap no longer allowed (reset index: {change.index})"
-            )
+            raise PermissionDenied(f"ACL bootstrap no longer allowed (reset index: {change.index})")
         policy = _ensure_builtins(change)
         secret = secret or str(uuid.uuid4())
         token = ACLToken.objects.create(
@@ -165,14 +245,452 @@ def new_secret() -> str:
     return str(uuid.UUID(bytes=_secrets.token_bytes(16), version=4))
 
 
+# --- times ---------------------------------------------------------------------------
+
+_RFC3339 = re.compile(
+    r"^(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})$"
+)
+
+
+def parse_time(text: str, field: str = "ExpirationTime") -> datetime:
+    """An RFC 3339 timestamp as Go encodes `time.Time` (nanoseconds truncated to µs)."""
+    m = _RFC3339.match(text.strip())
+    if not m:
+        raise BadRequest(f"Request decode failed: {field}: {text!r} is not an RFC 3339 time")
+    date, clock, frac, zone = m.groups()
+    frac = ((frac or "") + "000000")[:6]
+    zone = "+00:00" if zone in ("Z", "z") else zone
+    try:
+        return datetime.fromisoformat(f"{date}T{clock}.{frac}{zone}")
+    except ValueError:
+        raise BadRequest(
+            f"Request decode failed: {field}: {text!r} is not an RFC 3339 time"
+        ) from None
+
+
+def format_time(value: datetime) -> str:
+    """A time as Go's RFC3339Nano in UTC ("2024-05-01T10:00:00.123Z")."""
+    value = value.astimezone(UTC)
+    out = value.strftime("%Y-%m-%dT%H:%M:%S")
+    if value.microsecond:
+        out += "." + f"{value.microsecond:06d}".rstrip("0")
+    return out + "Z"
+
+
+def _expiration(now: datetime, ttl: float, at: datetime | None) -> datetime | None:
+    """Consul's rules for ExpirationTTL / ExpirationTime on a new token."""
+    if ttl < 0:
+        raise BadRequest(f"Token Expiration TTL '{format_duration(ttl)}' should be > 0")
+    if ttl and at is not None:
+        raise BadRequest("Token Expiration TTL and Expiration Time cannot both be set")
+    if ttl:
+        at = now + timedelta(seconds=ttl)
+    if at is None:
+        return None
+    if at < now:
+        raise BadRequest("ExpirationTime cannot be before CreateTime")
+    expires_in = (at - now).total_seconds()
+    low = float(getattr(settings, "MESH_ACL_TOKEN_MIN_EXPIRATION_SECONDS", 60))
+    high = float(getattr(settings, "MESH_ACL_TOKEN_MAX_EXPIRATION_SECONDS", 24 * 3600))
+    if expires_in > high:
+        raise BadRequest(
+            f"ExpirationTime cannot be more than {format_duration(high)} in the future "
+            f"(was {format_duration(round(expires_in, 3))})"
+        )
+    if expires_in < low:
+        raise BadRequest(
+            f"ExpirationTime cannot be less than {format_duration(low)} in the future "
+            f"(was {format_duration(round(expires_in, 3))})"
+        )
+    return at
+
+
+# --- tokens --------------------------------------------------------------------------
+
+
+def _tokens():
+    return ACLToken.objects.prefetch_related("policies")
+
+
+def _is_uuid(value: str) -> bool:
+    return bool(_UUID.match(value or ""))
+
+
+def _in_use(value: str) -> bool:
+    """Consul refuses an ID already used as any token's accessor or secret."""
+    return (
+        ACLToken.objects.filter(accessor_id=value).exists()
+        or ACLToken.objects.filter(secret_hash=hash_secret(value)).exists()
+    )
+
+
+def _check_new_id(value: str, field: str) -> None:
+    if not _is_uuid(value):
+        raise BadRequest(f"Invalid Token: {field} is not a valid UUID")
+    if value.lower().startswith(RESERVED_PREFIX):
+        raise BadRequest(f'Invalid Token: UUIDs with the prefix "{RESERVED_PREFIX}" are reserved')
+    if _in_use(value):
+        raise BadRequest(f"Invalid Token: {field} is already in use")
+
+
+def _policy_links(links: Iterable[Mapping[str, str]]) -> list[ACLPolicy]:
+    """Resolve `{"ID": ...}` / `{"Name": ...}` links to policies, de-duplicated by ID."""
+    out: dict[str, ACLPolicy] = {}
+    for link in links:
+        policy_id, name = link.get("ID") or "", link.get("Name") or ""
+        if policy_id:
+            policy = ACLPolicy.objects.filter(id=policy_id).first()
+            if policy is None:
+                raise BadRequest(f'No such ACL policy with ID "{policy_id}"')
+        else:
+            policy = ACLPolicy.objects.filter(name=name).first()
+            if policy is None:
+                raise BadRequest(f'No such ACL policy with name "{name}"')
+        out.setdefault(policy.id, policy)
+    return list(out.values())
+
+
+def _reload(accessor_id: str) -> ACLToken:
+    return _tokens().get(accessor_id=accessor_id)
+
+
+def create_token(
+    *,
+    description: str = "",
+    policies: Iterable[Mapping[str, str]] = (),
+    local: bool = False,
+    accessor_id: str = "",
+    secret_id: str = "",
+    expiration_ttl: float = 0.0,
+    expiration_time: datetime | None = None,
+) -> tuple[ACLToken, str]:
+    """Create a token (Consul's `PUT /v1/acl/token`). Returns the row and its secret.
+
+    The caller may choose the AccessorID and SecretID (UUIDs, unused, not in
+    Consul's reserved range); otherwise they are generated.
+    """
+    with Change() as change:
+        if accessor_id:
+            _check_new_id(accessor_id, "AccessorID")
+        else:
+            accessor_id = str(uuid.uuid4())
+        if secret_id:
+            _check_new_id(secret_id, "SecretID")
+            if secret_id == accessor_id:
+                raise BadRequest("Invalid Token: SecretID is already in use")
+        else:
+            secret_id = new_secret()
+        expires = _expiration(timezone.now(), expiration_ttl, expiration_time)
+        linked = _policy_links(policies)
+        token = ACLToken.objects.create(
+            accessor_id=accessor_id,
+            secret_hash=hash_secret(secret_id),
+            description=description,
+            local=local,
+            expiration_time=expires,
+            create_index=change.index,
+            modify_index=change.index,
+        )
+        token.policies.set(linked)
+        change.touch("acl")
+    return _reload(token.accessor_id), secret_id
+
+
+def update_token(
+    accessor_id: str,
+    *,
+    description: str = "",
+    policies: Iterable[Mapping[str, str]] = (),
+    local: bool | None = None,
+    secret_id: str = "",
+    expiration_ttl: float = 0.0,
+    expiration_time: datetime | None = None,
+) -> ACLToken:
+    """Replace a token's description and policies (Consul's `PUT /v1/acl/token/:id`).
+
+    As in Consul the secret, locality and expiry cannot change: giving them is
+    allowed only when they match. `local=None` keeps the token's locality.
+    """
+    if not _is_uuid(accessor_id):
+        raise BadRequest("AccessorID is not a valid UUID")
+    with Change() as change:
+        token = ACLToken.objects.filter(accessor_id=accessor_id).first()
+        if token is None or _expired(token):
+            raise NotFound(f'Cannot find token "{accessor_id}"')
+        if secret_id and hash_secret(secret_id) != token.secret_hash:
+            raise BadRequest("Changing a token's SecretID is not permitted")
+        if local is not None and local != token.local:
+            raise BadRequest(f"Cannot toggle local mode of {accessor_id}")
+        if expiration_ttl:
+            raise BadRequest(f"Cannot change expiration time of {accessor_id}")
+        if expiration_time is not None and expiration_time != token.expiration_time:
+            raise BadRequest(f"Cannot change expiration time of {accessor_id}")
+        linked = _policy_links(policies)
+        token.description = description
+        token.modify_index = change.index
+        token.save(update_fields=["description", "modify_index"])
+        token.policies.set(linked)
+        change.touch("acl")
+    return _reload(accessor_id)
+
+
+def delete_token(accessor_id: str, *, caller_accessor: str = "") -> bool:
+    """Delete a token; deleting one that does not exist succeeds, as in Consul.
+
+    The anonymous token and the caller's own token cannot be deleted.
+    """
+    if not _is_uuid(accessor_id):
+        raise BadRequest("Accessor ID is missing or an invalid UUID")
+    if accessor_id == ANONYMOUS_TOKEN_ACCESSOR:
+        raise BadRequest("Delete operation not permitted on the anonymous token")
+    if caller_accessor and accessor_id == caller_accessor:
+        raise BadRequest("Deletion of the request's authorization token is not permitted")
+    if not ACLToken.objects.filter(accessor_id=accessor_id).exists():
+        return True
+    with Change() as change:
+        ACLToken.objects.filter(accessor_id=accessor_id).delete()
+        change.touch("acl")
+    return True
+
+
+def clone_token(accessor_id: str, *, description: str = "") -> tuple[ACLToken, str]:
+    """A new token (new accessor and secret) with the same policies, locality and expiry."""
+    with Change() as change:
+        source = _tokens().filter(accessor_id=accessor_id).first()
+        if source is None or _expired(source):
+            raise NotFound(f'Cannot find token "{accessor_id}"')
+        secret = new_secret()
+        token = ACLToken.objects.create(
+            accessor_id=str(uuid.uuid4()),
+            secret_hash=hash_secret(secret),
+            description=description or source.description,
+            local=source.local,
+            expiration_time=source.expiration_time,
+            create_index=change.index,
+            modify_index=change.index,
+        )
+        token.policies.set(list(source.policies.all()))
+        change.touch("acl")
+    return _reload(token.accessor_id), secret
+
+
+def get_token(accessor_id: str) -> ACLToken:
+    """A live token by accessor; expired tokens do not exist (404), as in Consul."""
+    token = _tokens().filter(accessor_id=accessor_id).first()
+    if token is None or _expired(token):
+        raise NotFound("ACL not found: requested token does not exist")
+    return token
+
+
+def get_token_by_secret(secret: str | None) -> ACLToken:
+    """The live token a secret belongs to (no secret: the anonymous token)."""
+    secret = secret or ANONYMOUS_SECRET
+    token = _tokens().filter(secret_hash=hash_secret(secret)).first()
+    if token is None or _expired(token):
+        raise NotFound("Supplied token does not exist")
+    return token
+
+
+def list_tokens(policy: str = "") -> list[ACLToken]:
+    """Live tokens by accessor ID (Consul's order), optionally those linking policy ID `policy`."""
+    query = _tokens()
+    if policy:
+        query = query.filter(policies__id=policy)
+    now = timezone.now()
+    return [t for t in query.order_by("accessor_id") if not _expired(t, now)]
+
+
+# --- policies ------------------------------------------------------------------------
+
+
+def _validate_policy(name: str, rules: str, datacenters: Iterable[str]) -> None:
+    if not name:
+        raise BadRequest("Invalid Policy: no Name is set")
+    if not _POLICY_NAME.match(name):
+        raise BadRequest(
+            "Invalid Policy: invalid Name. Only alphanumeric characters, '-' and '_' are allowed"
+        )
+    if any(not dc for dc in datacenters):
+        raise BadRequest("Invalid Policy: Datacenters must not contain an empty name")
+    try:
+        parse_rules(rules)
+    except RulesError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def create_policy(
+    *, name: str, description: str = "", rules: str = "", datacenters: Iterable[str] = ()
+) -> ACLPolicy:
+    """Create a policy (Consul's `PUT /v1/acl/policy`); names are unique."""
+    datacenters = list(datacenters)
+    _validate_policy(name, rules, datacenters)
+    with Change() as change:
+        if ACLPolicy.objects.filter(name=name).exists():
+            raise BadRequest(f'Invalid Policy: A Policy with Name "{name}" already exists')
+        policy = ACLPolicy.objects.create(
+            id=str(uuid.uuid4()),
+            name=name,
+            description=description,
+            rules=rules,
+            datacenters=datacenters,
+            create_index=change.index,
+            modify_index=change.index,
+        )
+        change.touch("acl")
+    return policy
+
+
+def update_policy(
+    policy_id: str,
+    *,
+    name: str,
+    description: str = "",
+    rules: str = "",
+    datacenters: Iterable[str] = (),
+) -> ACLPolicy:
+    """Replace a policy's fields (Consul's `PUT /v1/acl/policy/:id`).
+
+    The builtin global-management policy keeps its rules and datacenters
+    (it may be renamed or described, as in Consul).
+    """
+    datacenters = list(datacenters)
+    if not _is_uuid(policy_id):
+        raise BadRequest("Policy ID invalid UUID")
+    _validate_policy(name, rules, datacenters)
+    with Change() as change:
+        policy = ACLPolicy.objects.filter(id=policy_id).first()
+        if policy is None:
+            raise NotFound(f"Cannot find policy {policy_id}")
+        if name != policy.name and ACLPolicy.objects.filter(name=name).exists():
+            raise BadRequest(f'Invalid Policy: A policy with name "{name}" already exists')
+        if policy.id == GLOBAL_MANAGEMENT_POLICY_ID:
+            if datacenters:
+                raise BadRequest(
+                    "Changing the Datacenters of the builtin global-management policy is not permitted"
+                )
+            if rules != policy.rules:
+                raise BadRequest(
+                    "Changing the Rules for the builtin global-management policy is not permitted"
+                )
+        policy.name = name
+        policy.description = description
+        policy.rules = rules
+        policy.datacenters = datacenters
+        policy.modify_index = change.index
+        policy.save()
+        change.touch("acl")
+    return policy
+
+
+def delete_policy(policy_id: str) -> bool:
+    """Delete a policy (its links from tokens go with it); a missing one succeeds, as in Consul."""
+    if policy_id == GLOBAL_MANAGEMENT_POLICY_ID:
+        raise BadRequest("Delete operation not permitted on the builtin global-management policy")
+    if not ACLPolicy.objects.filter(id=policy_id).exists():
+        return True
+    with Change() as change:
+        ACLPolicy.objects.filter(id=policy_id).delete()
+        change.touch("acl")
+    return True
+
+
+def get_policy(policy_id: str) -> ACLPolicy:
+    policy = ACLPolicy.objects.filter(id=policy_id).first()
+    if policy is None:
+        raise NotFound("ACL not found: requested policy does not exist")
+    return policy
+
+
+def get_policy_by_name(name: str) -> ACLPolicy:
+    policy = ACLPolicy.objects.filter(name=name).first()
+    if policy is None:
+        raise NotFound("ACL not found: requested policy does not exist")
+    return policy
+
+
+def list_policies() -> list[ACLPolicy]:
+    """Every policy, by ID (Consul's order: the builtin one first)."""
+    return list(ACLPolicy.objects.order_by("id"))
+
+
+def acl_index() -> int:
+    """The X-Consul-Index of ACL reads."""
+    return topic_index("acl")
+
+
+# --- Consul's JSON shapes ------------------------------------------------------------
+
+
+def _hash(*parts: Any) -> str:
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).digest()
+    return base64.b64encode(digest).decode()
+
+
+def token_json(token: ACLToken, *, secret: str | None = None) -> dict[str, Any]:
+    """A token as Consul's API shows it; the secret only when the caller has it."""
+    policies = sorted(token.policies.all(), key=lambda p: p.id)
+    out: dict[str, Any] = {
+        "AccessorID": token.accessor_id,
+        "SecretID": secret if secret else HIDDEN_SECRET,
+        "Description": token.description,
+    }
+    if policies:
+        out["Policies"] = [{"ID": p.id, "Name": p.name} for p in policies]
+    out["Local"] = token.local
+    if token.expiration_time is not None:
+        out["ExpirationTime"] = format_time(token.expiration_time)
+    out["CreateTime"] = format_time(token.create_time)
+    out["Hash"] = _hash(
+        token.secret_hash,
+        token.description,
+        [p.id for p in policies],
+        token.local,
+        out.get("ExpirationTime"),
+    )
+    out["CreateIndex"] = token.create_index
+    out["ModifyIndex"] = token.modify_index
+    return out
+
+
+def policy_json(policy: ACLPolicy, *, stub: bool = False) -> dict[str, Any]:
+    """A policy as Consul's API shows it; `stub` leaves out Rules (the list shape)."""
+    out: dict[str, Any] = {
+        "ID": policy.id,
+        "Name": policy.name,
+        "Description": policy.description,
+    }
+    if not stub:
+        out["Rules"] = policy.rules
+    out["Datacenters"] = list(policy.datacenters or []) or None
+    out["Hash"] = _hash(policy.name, policy.description, policy.rules, policy.datacenters)
+    out["CreateIndex"] = policy.create_index
+    out["ModifyIndex"] = policy.modify_index
+    return out
+
+
 __all__ = [
+    "ACLDisabled",
     "Identity",
     "RulesError",
-    "BadRequest",
-    "NotFound",
-    "resolve_token",
     "bootstrap",
+    "bootstrapped",
+    "clone_token",
+    "create_policy",
+    "create_token",
+    "delete_policy",
+    "delete_token",
+    "ensure_enabled",
     "ensure_initial_management",
+    "get_policy",
+    "get_policy_by_name",
+    "get_token",
+    "get_token_by_secret",
     "hash_secret",
-    "Any",
+    "list_policies",
+    "list_tokens",
+    "policy_json",
+    "resolve_token",
+    "token_json",
+    "update_policy",
+    "update_token",
 ]

@@ -1,3 +1,234 @@
-"""`/v1/acl/...` (routes listed in `urlpatterns`)."""
+"""`/v1/acl/...`: bootstrap, tokens and policies, as Consul's ACL HTTP API.
 
-urlpatterns: list = []
+Every endpoint answers 401 "ACL support disabled" while ACLs are off. All but
+bootstrap and token/self need acl:read (reads) or acl:write (writes). Reads
+are blocking-capable on the `acl` topic.
+"""
+
+from __future__ import annotations
+
+from django.urls import path
+
+from registry.decode import Anything, Bool, Duration, ListOf, Str, Struct
+from registry.domain import acl
+from registry.errors import BadRequest, MeshError
+from registry.v1.base import Ctx, Reply, endpoint
+
+POLICY_LINK = Struct({"ID": Str, "Name": Str})
+TOKEN = Struct(
+    {
+        "AccessorID": Str,
+        "SecretID": Str,
+        "Description": Str,
+        "Policies": ListOf(POLICY_LINK),
+        "Local": Bool,
+        "ExpirationTime": Str,
+        "ExpirationTTL": Duration,
+        # Not supported here; refused when non-empty rather than silently dropped.
+        "Roles": ListOf(Anything),
+        "ServiceIdentities": ListOf(Anything),
+        "NodeIdentities": ListOf(Anything),
+        "TemplatedPolicies": ListOf(Anything),
+        "AuthMethod": Str,
+        "Rules": Str,
+        "Type": Str,
+    }
+)
+POLICY = Struct(
+    {"ID": Str, "Name": Str, "Description": Str, "Rules": Str, "Datacenters": ListOf(Str)}
+)
+BOOTSTRAP = Struct({"BootstrapSecret": Str})
+
+
+def _acl_topics(ctx: Ctx, **_):
+    return ["acl"], []
+
+
+def _read(ctx: Ctx) -> int:
+    """Common preamble of ACL reads: enabled, acl:read, and the index to answer with."""
+    acl.ensure_enabled()
+    ctx.require(ctx.authz.acl_read(), "acl:read")
+    return acl.acl_index()
+
+
+def _write(ctx: Ctx) -> None:
+    acl.ensure_enabled()
+    ctx.require(ctx.authz.acl_write(), "acl:write")
+
+
+def _with_index(exc: MeshError, index: int) -> MeshError:
+    exc.index = index  # type: ignore[attr-defined]  # read by base._blocking for X-Consul-Index
+    return exc
+
+
+def _token_args(spec: dict, *, create: bool) -> dict:
+    """Map a decoded token body to `acl.create_token` / `acl.update_token` arguments."""
+    for field, what in (
+        ("Roles", "Roles"),
+        ("ServiceIdentities", "Service identities"),
+        ("NodeIdentities", "Node identities"),
+        ("TemplatedPolicies", "Templated policies"),
+    ):
+        if spec.get(field):
+            raise BadRequest(f"{what} are not supported; link policies to the token instead")
+    if spec.get("Rules"):
+        raise BadRequest("Rules cannot be specified for this token")
+    if spec.get("Type"):
+        raise BadRequest("Type cannot be specified for this token")
+    if spec.get("AuthMethod"):
+        raise BadRequest("AuthMethod field is disallowed outside of login")
+    args = {
+        "description": spec.get("Description", ""),
+        "policies": spec.get("Policies", []),
+        "secret_id": spec.get("SecretID", ""),
+        "expiration_ttl": spec.get("ExpirationTTL", 0.0),
+        "expiration_time": (
+            acl.parse_time(spec["ExpirationTime"]) if spec.get("ExpirationTime") else None
+        ),
+        "local": spec.get("Local", False if create else None),
+    }
+    if create:
+        args["accessor_id"] = spec.get("AccessorID", "")
+    return args
+
+
+# -- bootstrap ------------------------------------------------------------------------
+
+
+@endpoint("PUT")
+def bootstrap(ctx: Ctx) -> Reply:
+    acl.ensure_enabled()
+    body = ctx.json(BOOTSTRAP, required=False)
+    token, secret = acl.bootstrap(body.get("BootstrapSecret") or None)
+    # Consul adds the legacy `ID` (the secret) beside the token's fields.
+    return Reply({"ID": secret, **acl.token_json(token, secret=secret)})
+
+
+# -- tokens ---------------------------------------------------------------------------
+
+
+@endpoint("PUT")
+def token_create(ctx: Ctx) -> Reply:
+    _write(ctx)
+    spec = ctx.json(TOKEN, required=False)
+    token, secret = acl.create_token(**_token_args(spec, create=True))
+    return Reply(acl.token_json(token, secret=secret))
+
+
+@endpoint("GET", "PUT", "DELETE", topics=_acl_topics)
+def token(ctx: Ctx, accessor_id: str) -> Reply:
+    if ctx.method == "GET":
+        index = _read(ctx)
+        try:
+            return Reply(acl.token_json(acl.get_token(accessor_id)), index)
+        except MeshError as exc:
+            raise _with_index(exc, index) from None
+    _write(ctx)
+    if ctx.method == "DELETE":
+        return Reply(acl.delete_token(accessor_id, caller_accessor=ctx.identity.accessor_id))
+    spec = ctx.json(TOKEN, required=False)
+    if spec.get("AccessorID") and spec["AccessorID"] != accessor_id:
+        raise BadRequest("Token Accessor ID in URL and payload do not match")
+    updated = acl.update_token(accessor_id, **_token_args(spec, create=False))
+    # A caller who sent the (matching) secret may see it again.
+    return Reply(acl.token_json(updated, secret=spec.get("SecretID") or None))
+
+
+@endpoint("GET", topics=_acl_topics)
+def token_self(ctx: Ctx) -> Reply:
+    """The caller's own token: no ACL needed beyond holding its secret."""
+    acl.ensure_enabled()
+    ctx.identity  # noqa: B018 - resolves the token: unknown or expired -> 403 "ACL not found"
+    index = acl.acl_index()
+    try:
+        found = acl.get_token_by_secret(ctx.token)
+    except MeshError as exc:
+        raise _with_index(exc, index) from None
+    return Reply(acl.token_json(found, secret=ctx.token or acl.ANONYMOUS_SECRET), index)
+
+
+@endpoint("GET", topics=_acl_topics)
+def tokens(ctx: Ctx) -> Reply:
+    index = _read(ctx)
+    # Roles, auth methods and service identities do not exist here: no token matches them.
+    if ctx.param("role") or ctx.param("authmethod") or ctx.param("servicename"):
+        return Reply([], index, filterable=True)
+    rows = acl.list_tokens(policy=ctx.param("policy"))
+    return Reply([acl.token_json(t) for t in rows], index, filterable=True)
+
+
+@endpoint("PUT")
+def token_clone(ctx: Ctx, accessor_id: str) -> Reply:
+    _write(ctx)
+    spec = ctx.json(TOKEN, required=False)
+    cloned, secret = acl.clone_token(accessor_id, description=spec.get("Description", ""))
+    return Reply(acl.token_json(cloned, secret=secret))
+
+
+# -- policies -------------------------------------------------------------------------
+
+
+def _policy_args(spec: dict) -> dict:
+    return {
+        "name": spec.get("Name", ""),
+        "description": spec.get("Description", ""),
+        "rules": spec.get("Rules", ""),
+        "datacenters": spec.get("Datacenters", []),
+    }
+
+
+@endpoint("PUT")
+def policy_create(ctx: Ctx) -> Reply:
+    _write(ctx)
+    spec = ctx.json(POLICY)
+    if spec.get("ID"):
+        raise BadRequest("Cannot specify the ID when creating a new policy")
+    return Reply(acl.policy_json(acl.create_policy(**_policy_args(spec))))
+
+
+@endpoint("GET", "PUT", "DELETE", topics=_acl_topics)
+def policy(ctx: Ctx, policy_id: str) -> Reply:
+    if ctx.method == "GET":
+        index = _read(ctx)
+        try:
+            return Reply(acl.policy_json(acl.get_policy(policy_id)), index)
+        except MeshError as exc:
+            raise _with_index(exc, index) from None
+    _write(ctx)
+    if ctx.method == "DELETE":
+        return Reply(acl.delete_policy(policy_id))
+    spec = ctx.json(POLICY)
+    if spec.get("ID") and spec["ID"] != policy_id:
+        raise BadRequest("Policy ID in URL and payload do not match")
+    return Reply(acl.policy_json(acl.update_policy(policy_id, **_policy_args(spec))))
+
+
+@endpoint("GET", topics=_acl_topics)
+def policy_by_name(ctx: Ctx, name: str) -> Reply:
+    index = _read(ctx)
+    try:
+        return Reply(acl.policy_json(acl.get_policy_by_name(name)), index)
+    except MeshError as exc:
+        raise _with_index(exc, index) from None
+
+
+@endpoint("GET", topics=_acl_topics)
+def policies(ctx: Ctx) -> Reply:
+    index = _read(ctx)
+    return Reply(
+        [acl.policy_json(p, stub=True) for p in acl.list_policies()], index, filterable=True
+    )
+
+
+urlpatterns = [
+    path("acl/bootstrap", bootstrap),
+    path("acl/token", token_create),
+    path("acl/token/self", token_self),
+    path("acl/token/<str:accessor_id>/clone", token_clone),
+    path("acl/token/<str:accessor_id>", token),
+    path("acl/tokens", tokens),
+    path("acl/policy", policy_create),
+    path("acl/policy/name/<str:name>", policy_by_name),
+    path("acl/policy/<str:policy_id>", policy),
+    path("acl/policies", policies),
+]
