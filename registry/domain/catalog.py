@@ -363,10 +363,18 @@ def register_agent_service(
     return svc
 
 
+def _require_check_type(spec: dict[str, Any]) -> None:
+    """Checks registered through the agent API must say how they are run."""
+    if not _check_type(spec):
+        raise BadRequest("Invalid check: must provide one of HTTP, TCP, GRPC, TTL or AliasService")
+
+
 def _register_service_checks(
     change: Change, node: Node, svc: ServiceInstance, spec: dict[str, Any], replace: bool
 ) -> None:
     specs = _service_check_specs(svc.service_id, spec)
+    for s in specs:
+        _require_check_type(s.fields)
     keep = {s.check_id for s in specs} | {maintenance_check_id(svc.service_id)}
     for s in specs:
         name = s.fields.get("Name") or f"Service '{svc.name}' check"
@@ -475,6 +483,7 @@ def register_agent_check(node: Node, spec: dict[str, Any]) -> Check:
     """`PUT /v1/agent/check/register`."""
     if not spec.get("Name"):
         raise BadRequest("Missing check name")
+    _require_check_type(spec)
     check_id = spec.get("CheckID") or spec["Name"]
     with Change() as change:
         svc = None
