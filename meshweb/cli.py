@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 
@@ -26,6 +27,99 @@ def cmd_server(args: argparse.Namespace) -> int:
     from meshweb.server import serve
 
     return serve(quiet=args.quiet)
+
+
+def _celery_argv(args: argparse.Namespace, command: str) -> list[str] | None:
+    """Celery's argv for `command`, or None (after saying why) when REDIS_URL is unset."""
+    if args.data_dir:
+        os.environ["MESH_DATA_DIR"] = args.data_dir
+    _django()
+    from django.conf import settings
+
+    if not settings.REDIS_URL:
+        print(
+            f"mesh {args.command}: REDIS_URL is not set. Celery needs Redis as its broker, e.g.\n"
+            f"  REDIS_URL=redis://127.0.0.1:6379/0 mesh {args.command}\n"
+            "Without Redis, `mesh server` runs the background tasks itself (MESH_TASKS=inprocess).",
+            file=sys.stderr,
+        )
+        return None
+    argv = [command, f"--loglevel={args.loglevel}"]
+    if command == "beat" or getattr(args, "beat", False):
+        argv.append(f"--schedule={settings.CELERY_BEAT_SCHEDULE_FILENAME}")
+    return argv
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run a Celery worker for the background tasks (health checks, TTL expiry, reaping).
+
+    Needs REDIS_URL (the broker) and the same database settings as the servers
+    (DATABASE_URL, or MESH_DATA_DIR for SQLite). With --beat it also schedules
+    the periodic tick, so one process is a complete background runner.
+    """
+    argv = _celery_argv(args, "worker")
+    if argv is None:
+        return 2
+    if args.beat:
+        argv.append("--beat")
+    if args.concurrency:
+        argv.append(f"--concurrency={args.concurrency}")
+    if args.pool:
+        argv.append(f"--pool={args.pool}")
+    if args.queues:
+        argv.append(f"--queues={args.queues}")
+    from meshweb.celery import app
+
+    return int(app.start(argv) or 0)
+
+
+def cmd_beat(args: argparse.Namespace) -> int:
+    """Run Celery beat: send `registry.tasks.tick` every MESH_TASK_TICK_SECONDS.
+
+    Run exactly one beat per deployment (or one `mesh worker --beat`).
+    """
+    argv = _celery_argv(args, "beat")
+    if argv is None:
+        return 2
+    from meshweb.celery import app
+
+    return int(app.start(argv) or 0)
+
+
+def _add_celery_commands(sub) -> None:
+    p = sub.add_parser(
+        "worker",
+        help="run a Celery worker for background tasks (needs REDIS_URL)",
+        description=inspect.cleandoc(cmd_worker.__doc__ or ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--beat", action="store_true", help="also run the beat scheduler in this process"
+    )
+    p.add_argument("--concurrency", type=int, help="worker processes/threads (default: CPU count)")
+    p.add_argument(
+        "--pool",
+        choices=["prefork", "threads", "solo"],
+        help="Celery execution pool (default prefork)",
+    )
+    p.add_argument(
+        "--queues", help="comma-separated queues to consume (default MESH_CELERY_QUEUE or celery)"
+    )
+    p.add_argument("--data-dir", help="data directory (env MESH_DATA_DIR; SQLite lives there)")
+    p.add_argument("--loglevel", default="info", help="log level (default info)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser(
+        "beat",
+        help="run the Celery beat scheduler for background tasks (needs REDIS_URL)",
+        description=inspect.cleandoc(cmd_beat.__doc__ or ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--data-dir", help="data directory (env MESH_DATA_DIR; the schedule file lives there)"
+    )
+    p.add_argument("--loglevel", default="info", help="log level (default info)")
+    p.set_defaults(func=cmd_beat)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="do not print the start-up banner")
     p.set_defaults(func=cmd_server)
+    _add_celery_commands(sub)
 
     from meshweb import client_cli
 
