@@ -172,8 +172,23 @@ CELERY_RESULT_BACKEND = REDIS_URL or None
 CELERY_TASK_ALWAYS_EAGER = not REDIS_URL
 CELERY_TASK_IGNORE_RESULT = False
 CELERY_BEAT_SCHEDULE = {
-    "tick": {"task": "registry.tasks.tick", "schedule": MESH_TASK_TICK_SECONDS},
+    "tick": {
+        "task": "registry.tasks.tick",
+        "schedule": MESH_TASK_TICK_SECONDS,
+        # A tick that waited longer than a few periods is stale: the next one
+        # does the same work. Beat's ticks need no stored result.
+        "options": {"expires": max(5.0, 5 * MESH_TASK_TICK_SECONDS), "ignore_result": True},
+    },
 }
+# Workers and beat of one deployment share a queue; MESH_CELERY_QUEUE separates
+# deployments (or test runs) that share a Redis.
+CELERY_TASK_DEFAULT_QUEUE = env_str("MESH_CELERY_QUEUE", "celery")
+CELERY_RESULT_EXPIRES = 600
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Probe threads per process for HTTP/TCP/gRPC checks (each may hold a DB connection).
+MESH_CHECK_CONCURRENCY = env_int("MESH_CHECK_CONCURRENCY", 8, minimum=1)
 
 LOGGING = {
     "version": 1,
