@@ -578,21 +578,26 @@ async def bench_fanout(srv: MeshServer, fig: Figures, args) -> None:
 
 async def run_phases(srv: MeshServer, fig: Figures, args) -> None:
     db = fig.db
-    progress(f"[{db}] 1. registrations, {args.concurrency} connections, {args.reg_seconds:.0f}s")
-    async with profiled(srv, args, f"{db}-1-register"):
-        await bench_registrations(srv, fig, args)
-    progress(
-        f"[{db}] 2. loading {args.instances} instances of {args.services} services "
-        f"through /v1/catalog/register"
-    )
-    async with profiled(srv, args, f"{db}-2-catalog-load"):
-        await load_catalog(srv, fig, args)
-    progress(f"[{db}]    health reads")
-    async with profiled(srv, args, f"{db}-2-health"):
-        await bench_health(srv, fig, args)
-    progress(f"[{db}] 3. fan-out to {args.watchers} watchers, {args.rounds} rounds")
-    async with profiled(srv, args, f"{db}-3-fanout"):
-        await bench_fanout(srv, fig, args)
+    if "register" in args.phases:
+        progress(
+            f"[{db}] 1. registrations, {args.concurrency} connections, {args.reg_seconds:.0f}s"
+        )
+        async with profiled(srv, args, f"{db}-1-register"):
+            await bench_registrations(srv, fig, args)
+    if "health" in args.phases:
+        progress(
+            f"[{db}] 2. loading {args.instances} instances of {args.services} services "
+            f"through /v1/catalog/register"
+        )
+        async with profiled(srv, args, f"{db}-2-catalog-load"):
+            await load_catalog(srv, fig, args)
+        progress(f"[{db}]    health reads")
+        async with profiled(srv, args, f"{db}-2-health"):
+            await bench_health(srv, fig, args)
+    if "fanout" in args.phases:
+        progress(f"[{db}] 3. fan-out to {args.watchers} watchers, {args.rounds} rounds")
+        async with profiled(srv, args, f"{db}-3-fanout"):
+            await bench_fanout(srv, fig, args)
 
 
 def run_db(db: str, args) -> Figures:
@@ -728,6 +733,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("BENCH_POSTGRES_URL", DEFAULT_POSTGRES),
         help="PostgreSQL server to create the benchmark's database on (default %(default)s)",
     )
+    p.add_argument(
+        "--phases",
+        type=lambda v: set(v.split(",")),
+        default={"register", "health", "fanout"},
+        help="comma-separated subset of register,health,fanout (health loads the catalog first)",
+    )
     p.add_argument("--concurrency", type=int, default=16, help="connections for writes")
     p.add_argument("--reg-seconds", type=float, default=10, help="registration phase length")
     p.add_argument("--reg-count", type=int, default=20000, help="registration phase cap")
@@ -746,7 +757,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="DIR",
         help="sample the server with py-spy during each phase into DIR/<db>-<phase>.txt",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = args.phases - {"register", "health", "fanout"}
+    if unknown:
+        p.error(f"unknown phase(s): {', '.join(sorted(unknown))}")
+    return args
 
 
 def raise_nofile(need: int) -> None:
