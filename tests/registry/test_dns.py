@@ -311,3 +311,26 @@ def test_dig_reads_srv_answers(server, http, unique):
         check=True,
     ).stdout
     assert out.split() == ["1", "1", "8443", "0a1b0001.addr.dc1.consul."]
+
+
+def test_a_service_lookup_reads_the_catalog_in_two_queries(db, settings, django_assert_num_queries):
+    from registry.dns import data
+    from registry.dns.names import NodeLookup, ServiceLookup
+    from registry.domain.catalog import catalog_register
+
+    settings.MESH_ACL_ENABLED = False
+    for i in range(5):
+        catalog_register(
+            {
+                "Node": f"n{i}",
+                "Address": f"10.30.0.{i}",
+                "Service": {"Name": "Web", "Port": 80, "Tags": ["v1"]},
+                "Check": {"CheckID": f"c{i}", "Name": "c", "ServiceID": "Web", "Status": "passing"},
+            }
+        )
+    with django_assert_num_queries(2):
+        endpoints = data.service_endpoints(ServiceLookup("web", "", settings.MESH_DC))
+    assert sorted(e.node.address for e in endpoints) == [f"10.30.0.{i}" for i in range(5)]
+    assert {(e.status, e.tags, e.port) for e in endpoints} == {("passing", ("v1",), 80)}
+    with django_assert_num_queries(1):
+        assert data.node_info(NodeLookup("N3", settings.MESH_DC)).address == "10.30.0.3"
