@@ -1,3 +1,35 @@
-"""The product REST API (`/api/...`)."""
+"""The product REST API (`/api/...`), its OpenAPI schema and its docs."""
 
-urlpatterns: list = []
+from django.urls import path, re_path
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+from rest_framework.routers import SimpleRouter
+
+from registry.api import views
+from registry.api.errors import not_found
+
+app_name = "api"
+
+router = SimpleRouter()
+router.register("datacenters", views.DatacenterViewSet, basename="datacenter")
+router.register("nodes", views.NodeViewSet, basename="node")
+router.register("services", views.ServiceViewSet, basename="service")
+router.register("instances", views.InstanceViewSet, basename="instance")
+router.register("checks", views.CheckViewSet, basename="check")
+router.register("acl/tokens", views.ACLTokenViewSet, basename="acltoken")
+router.register("acl/policies", views.ACLPolicyViewSet, basename="aclpolicy")
+
+# Keys contain slashes (and may end with one), so a key's URL is `kv/<key>`
+# exactly, with no trailing slash added.
+kv_list = views.KVViewSet.as_view({"get": "list"})
+kv_entry = views.KVViewSet.as_view({"get": "retrieve", "put": "update", "delete": "destroy"})
+
+urlpatterns = [
+    path("", views.RootView.as_view(), name="root"),
+    path("schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="api:schema"), name="swagger-ui"),
+    path("redoc/", SpectacularRedocView.as_view(url_name="api:schema"), name="redoc"),
+    path("kv/", kv_list, name="kv-list"),
+    path("kv/<path:key>", kv_entry, name="kv-detail"),
+    *router.urls,
+    re_path(r"^.*$", not_found),
+]
