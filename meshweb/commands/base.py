@@ -299,11 +299,36 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=32, width=100)
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser: an unknown flag is reported with *this* command's usage.
+
+    (Plain argparse leaves unknown arguments to the top-level parser, whose
+    usage line, `mesh [-h] <command> ...`, does not help.)
+    """
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error("unrecognized arguments: " + " ".join(extras))
+        return namespace, extras
+
+
+def _add_parser(sub: argparse._SubParsersAction, name: str, **kwargs: Any) -> CommandParser:
+    # add_parser() builds its subparsers' class; `mesh`'s own is plain ArgumentParser.
+    saved = sub._parser_class
+    sub._parser_class = CommandParser
+    try:
+        return sub.add_parser(name, **kwargs)
+    finally:
+        sub._parser_class = saved
+
+
 def add_group(
     sub: argparse._SubParsersAction, name: str, synopsis: str, examples: str = ""
 ) -> argparse._SubParsersAction:
     """A command group (`mesh kv`, `mesh acl token`) whose subcommand is required."""
-    p = sub.add_parser(
+    p = _add_parser(
+        sub,
         name,
         help=synopsis,
         description=synopsis,
@@ -331,7 +356,8 @@ def add_command(
     examples: str = "",
 ) -> argparse.ArgumentParser:
     """A leaf command: global options included, errors turned into exit codes."""
-    p = sub.add_parser(
+    p = _add_parser(
+        sub,
         name,
         help=synopsis,
         description=synopsis + ("\n\n" + details.strip("\n") if details else ""),
