@@ -100,6 +100,12 @@ def service_register(ctx: Ctx) -> Reply:
     if not name:
         raise BadRequest("Missing service name")
     ctx.require(ctx.authz.service_write(name), "service:write", name)
+    # Re-using another service's ID replaces it: that needs write on the one replaced too.
+    replaced = ServiceInstance.objects.filter(
+        node=catalog.local_node(), service_id=spec.get("ID") or name
+    ).first()
+    if replaced is not None and replaced.name != name:
+        ctx.require(ctx.authz.service_write(replaced.name), "service:write", replaced.name)
     sidecar = (spec.get("Connect") or {}).get("SidecarService")
     dest = (spec.get("Proxy") or {}).get("DestinationServiceName")
     if spec.get("Kind") == "connect-proxy" and dest:
