@@ -493,3 +493,51 @@ def test_an_expired_token_is_refused(booted_server):
         pytest.fail("the expired token was still accepted")
     assert admin.acl.token.read(token["AccessorID"]) is None
     assert token["AccessorID"] not in {t["AccessorID"] for t in admin.acl.token.list()}
+
+
+def test_a_service_write_token_cannot_overwrite_another_service_by_its_id(
+    acl_server, scoped, unique
+):
+    web, api = unique("web"), unique("api")
+    acl_server.consul().agent.service.register(api, service_id=api, port=1)
+    writer = acl_server.consul(token=scoped(f'service "{web}" {{ policy = "write" }}'))
+    with pytest.raises(consul.ACLPermissionDenied, match=api):
+        writer.agent.service.register(web, service_id=api, port=2)
+    assert acl_server.consul().agent.services()[api]["Service"] == api
+
+
+def test_a_catalog_register_cannot_touch_other_services_or_the_node_without_rights(
+    acl_server, scoped, unique
+):
+    web, api, node = unique("web"), unique("api"), unique("node")
+    admin = acl_server.consul()
+    assert admin.catalog.register(node, "10.1.0.1", service={"Service": api, "ID": api})
+    writer = scoped(f'service "{web}" {{ policy = "write" }}')
+    base = {"Node": node, "Address": "10.1.0.1", "Service": {"Service": web}}
+    with acl_server.client(token=writer) as c:
+        # Its own service on a node it does not change: allowed.
+        assert c.put("/v1/catalog/register", json=base).status_code == 200
+        attempts = [
+            # a check on someone else's service
+            {
+                **base,
+                "Check": {
+                    "CheckID": unique("c"),
+                    "Name": "x",
+                    "ServiceID": api,
+                    "Status": "critical",
+                },
+            },
+            # replacing someone else's service through its ID
+            {**base, "Service": {"Service": web, "ID": api}},
+            # changing the node's tagged addresses
+            {**base, "TaggedAddresses": {"wan": "203.0.113.9"}},
+        ]
+        for body in attempts:
+            r = c.put("/v1/catalog/register", json=body)
+            assert r.status_code == 403 and r.text.startswith("Permission denied"), (body, r.text)
+    _, checks = admin.health.node(node)
+    assert all(ch["ServiceID"] != api or ch["Status"] != "critical" for ch in checks)
+    _, entry = admin.catalog.node(node)
+    assert entry["Services"][api]["Service"] == api
+    assert entry["Node"]["TaggedAddresses"].get("wan") != "203.0.113.9"
