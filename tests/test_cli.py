@@ -528,6 +528,7 @@ def test_services_mistakes_are_clear_errors(server, unique, tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "empty.yaml").write_text("other: 1\n")
     (tmp_path / "noname.json").write_text('{"service": {"port": 80}}')
+    (tmp_path / "latin1.json").write_bytes(b'{"service": {"name": "caf\xe9"}}')
     cases = [
         (["services", "register"], "Service registration requires at least one argument or flags."),
         (
@@ -537,6 +538,10 @@ def test_services_mistakes_are_clear_errors(server, unique, tmp_path):
         (
             ["services", "register", str(tmp_path / "bad.json")],
             f"Error: Failed to decode {tmp_path / 'bad.json'}: ",
+        ),
+        (
+            ["services", "register", str(tmp_path / "latin1.json")],
+            f"Error: Failed to read file {tmp_path / 'latin1.json'}: 'utf-8' codec can't decode",
         ),
         (
             ["services", "register", str(tmp_path / "empty.yaml")],
@@ -650,6 +655,18 @@ def test_catalog_datacenters_lists_the_servers_datacenters(server):
         dcs = c.get("/v1/catalog/datacenters").json()
     assert ok(run_mesh("catalog", "datacenters", server=server)) == "".join(f"{d}\n" for d in dcs)
     assert json.loads(ok(run_mesh("catalog", "datacenters", "-format=json", server=server))) == dcs
+
+
+def test_the_datacenter_option_is_sent_to_the_server(server, local_node):
+    dc = local_node["Datacenter"]
+    assert local_node["Node"] in ok(
+        run_mesh("catalog", "nodes", f"-datacenter={dc}", server=server)
+    )
+    result = run_mesh("catalog", "services", "-datacenter=nowhere", server=server)
+    assert result.returncode == 1
+    assert result.stderr == (
+        'Error listing services: Unexpected response code: 404 (No path to datacenter "nowhere")\n'
+    )
 
 
 def test_catalog_commands_refuse_stray_arguments(server):
@@ -840,6 +857,19 @@ def test_acl_policy_create_mistakes(acl_server, unique, tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.startswith("Error loading rules: Failed to read file: ")
+
+    (tmp_path / "latin1.hcl").write_bytes(b'key_prefix "caf\xe9" { policy = "read" }')
+    result = run_mesh(
+        "acl",
+        "policy",
+        "create",
+        f"-name={unique('p')}",
+        f"-rules=@{tmp_path / 'latin1.hcl'}",
+        token=acl_server.token,
+        server=acl_server,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error loading rules: Failed to read file: 'utf-8' codec")
 
     result = run_mesh(
         "acl",

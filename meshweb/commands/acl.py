@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import re
 
 from meshweb.commands.base import (
@@ -86,9 +88,6 @@ def format_token(token: dict, meta: bool = False, listing: bool = False) -> str:
 
 def _hash_hex(value: str | None) -> str:
     # The API sends the hash base64-encoded (Go []byte); consul prints it as hex.
-    import base64
-    import binascii
-
     if not value:
         return ""
     try:

@@ -391,6 +391,12 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
         except ApiError as exc:  # a command that does not word its own failure
             error(f"Error: {exc}")
             return 1
+        except Exception as exc:
+            # A bug of ours still ends in one line, not a traceback (MESH_CLI_DEBUG=1 shows it).
+            if os.environ.get("MESH_CLI_DEBUG"):
+                raise
+            error(f"Error: unexpected {type(exc).__name__}: {exc}")
+            return 1
         except BrokenPipeError:
             # `mesh kv get -recurse | head`: the reader left; that is not our failure.
             # Point stdout at /dev/null so the interpreter's final flush stays quiet.
@@ -498,10 +504,14 @@ def load_data_source(value: str, what: str) -> str:
         try:
             with open(value[1:], encoding="utf-8") as fh:
                 return fh.read()
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
             raise CommandError(
-                f"Error loading {what}: Failed to read file: {exc.strerror or exc}: {value[1:]}"
+                f"Error loading {what}: Failed to read file: {reason}: {value[1:]}"
             ) from None
     if value == "-":
-        return sys.stdin.read()
+        try:
+            return sys.stdin.read()
+        except UnicodeDecodeError as exc:
+            raise CommandError(f"Error loading {what}: Failed to read stdin: {exc}") from None
     return value

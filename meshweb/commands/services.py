@@ -75,8 +75,9 @@ def load_definition_file(path: str) -> list[dict]:
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CommandError(f"Error: Failed to read file {path}: {exc.strerror or exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise CommandError(f"Error: Failed to read file {path}: {reason}") from None
     suffix = Path(path).suffix.lower()
     try:
         if suffix in (".yaml", ".yml"):
