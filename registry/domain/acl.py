@@ -162,7 +162,9 @@ def token_authorizer(token: ACLToken) -> Authorizer:
     policies = list(token.policies.all())
     if any(p.id == GLOBAL_MANAGEMENT_POLICY_ID for p in policies):
         return Authorizer.management()
-    rules = [parse_rules(p.rules) for p in policies]
+    # A policy listing datacenters applies only in those (Consul's policy `Datacenters`).
+    here = settings.MESH_DC
+    rules = [parse_rules(p.rules) for p in policies if not p.datacenters or here in p.datacenters]
     return Authorizer.from_rules(rules, default=default_authorizer())
 
 

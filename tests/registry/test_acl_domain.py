@@ -104,6 +104,16 @@ def test_a_token_grants_what_its_policies_say_and_nothing_else(booted):
     assert not authz.acl_read()
 
 
+def test_a_policy_limited_to_other_datacenters_grants_nothing_here(booted, settings):
+    settings.MESH_DC = "dc1"
+    acl.create_policy(name="elsewhere", rules=WEB_WRITE, datacenters=["dc2"])
+    acl.create_policy(name="here", rules='node "n1" { policy = "write" }', datacenters=["dc1"])
+    _, secret = acl.create_token(policies=[{"Name": "elsewhere"}, {"Name": "here"}])
+    authz = acl.resolve_token(secret).authorizer
+    assert not authz.service_write("web")
+    assert authz.node_write("n1")
+
+
 def test_a_caller_may_choose_the_accessor_and_secret(booted):
     accessor, secret = str(uuid.uuid4()), str(uuid.uuid4())
     token, shown = acl.create_token(accessor_id=accessor, secret_id=secret)
