@@ -348,9 +348,9 @@ def _acquire(key: str, value: bytes, flags: int, session_id: str) -> bool:
     if not session_id:
         raise BadRequest("Missing session: ?acquire needs a session ID")
     with Change() as change:
-        # Lock the session row: a concurrent invalidation then either ends it
-        # first (and this acquire sees no session) or waits for this lock to
-        # commit and releases it with the session's other keys.
+        # Writers are serialised by the global index row (see txn.next_index),
+        # so the session cannot end between this check and the write below;
+        # the row lock keeps that true should writers ever run side by side.
         if Session.objects.select_for_update().filter(id=session_id).first() is None:
             raise BadRequest(f'Invalid session "{session_id}": no such session')
         if lock_delays.remaining(key) > 0:

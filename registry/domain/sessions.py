@@ -41,10 +41,10 @@ _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4
 
 
 def _end_session(change: Change, session: Session) -> None:
-    # Lock the row first so a concurrent `acquire` either commits before we
-    # read the session's keys (and is released with them) or finds no session.
+    # Re-read under lock: the caller may hold a row loaded before an earlier
+    # writer ended this session, and ending it twice must be a no-op.
     if Session.objects.select_for_update().filter(pk=session.pk).first() is None:
-        return  # already ended by a concurrent writer
+        return
     locked = list(KVEntry.objects.filter(session=session))
     keys = [entry.key for entry in locked]
     change.touch(*(key_topic(k) for k in keys))

@@ -6,7 +6,7 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.urls import path
 
-from registry.domain import kv
+from registry.domain import kv, reads
 from registry.errors import TooLarge
 from registry.v1.base import Ctx, Reply, endpoint
 
@@ -37,6 +37,8 @@ def _filtered(filtered: bool) -> dict[str, str]:
 @endpoint("GET", "PUT", "DELETE", topics=_topics)
 def entry(ctx: Ctx, key: str = "") -> Reply:
     key = _key(ctx, key)
+    if ctx.has("dc"):
+        reads.check_datacenter(ctx.dc)
     if ctx.method == "PUT":
         return _put(ctx, key)
     if ctx.method == "DELETE":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.urls import path
 
 from registry.decode import Anything, ListOf, Str, Struct
-from registry.domain import catalog, sessions
+from registry.domain import catalog, reads, sessions
 from registry.v1.base import Ctx, Reply, endpoint
 
 FILTERED_HEADER = "X-Consul-Results-Filtered-By-ACLs"
@@ -24,6 +24,12 @@ SESSION_CREATE = Struct(
 )
 
 
+def _check_dc(ctx: Ctx) -> None:
+    """Sessions live in this datacenter; an unknown `?dc=` is Consul's 404."""
+    if ctx.has("dc"):
+        reads.check_datacenter(ctx.dc)
+
+
 def _reads(index: int, data: list, filtered: bool) -> Reply:
     headers = {FILTERED_HEADER: "true"} if filtered else {}
     return Reply(data, index, headers=headers)
@@ -31,6 +37,7 @@ def _reads(index: int, data: list, filtered: bool) -> Reply:
 
 @endpoint("PUT")
 def create(ctx: Ctx) -> Reply:
+    _check_dc(ctx)
     spec = ctx.json(SESSION_CREATE, required=False)
     node = spec.get("Node") or catalog.local_node().name
     ctx.require(ctx.authz.session_write(node), "session:write", node)
@@ -46,6 +53,7 @@ def _authorize_write(ctx: Ctx, session_id: str) -> None:
 
 @endpoint("PUT")
 def destroy(ctx: Ctx, session_id: str = "") -> Reply:
+    _check_dc(ctx)
     session_id = sessions.validate_session_id(session_id)
     _authorize_write(ctx, session_id)
     return Reply(sessions.destroy_session(session_id))
@@ -53,6 +61,7 @@ def destroy(ctx: Ctx, session_id: str = "") -> Reply:
 
 @endpoint("PUT")
 def renew(ctx: Ctx, session_id: str = "") -> Reply:
+    _check_dc(ctx)
     session_id = sessions.validate_session_id(session_id)
     _authorize_write(ctx, session_id)
     return Reply([sessions.session_json(sessions.renew_session(session_id))])
@@ -60,17 +69,20 @@ def renew(ctx: Ctx, session_id: str = "") -> Reply:
 
 @endpoint("GET", topics=lambda ctx, session_id="": ([f"session:{session_id.lower()}"], []))
 def info(ctx: Ctx, session_id: str = "") -> Reply:
+    _check_dc(ctx)
     session_id = sessions.validate_session_id(session_id)
     return _reads(*sessions.session_info(ctx.authz, session_id))
 
 
 @endpoint("GET", topics=lambda ctx: (["sessions"], []))
 def list_(ctx: Ctx) -> Reply:
+    _check_dc(ctx)
     return _reads(*sessions.list_sessions(ctx.authz))
 
 
 @endpoint("GET", topics=lambda ctx, node: ([f"node-sessions:{node}"], []))
 def node(ctx: Ctx, node: str) -> Reply:
+    _check_dc(ctx)
     return _reads(*sessions.node_sessions(ctx.authz, node))
 
 

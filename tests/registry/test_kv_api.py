@@ -320,3 +320,9 @@ def test_recursive_delete_needs_write_on_everything_under_the_prefix(acl_server,
     assert len(admin.kv.get(f"{team}/", recurse=True)[1]) == 2
     assert writer.kv.delete(f"{team}/a") is True
     assert writer.kv.put(f"{team}/new", "v") is True
+
+
+def test_an_unknown_datacenter_is_404(http, unique):
+    r = http.put(f"/v1/kv/{unique('dc')}?dc=nowhere", content=b"v")
+    assert r.status_code == 404
+    assert r.text == 'No path to datacenter "nowhere"'

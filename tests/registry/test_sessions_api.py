@@ -281,3 +281,8 @@ def test_sessions_need_session_write_on_the_node_and_reads_are_filtered(acl_serv
     assert stranger.session.info(sid)[1] is None
     assert sid not in [s["ID"] for s in stranger.session.list()[1]]
     assert admin.session.destroy(sid) is True
+
+
+def test_sessions_in_an_unknown_datacenter_are_404(http):
+    assert http.get("/v1/session/list?dc=nowhere").status_code == 404
+    assert http.put("/v1/session/create?dc=nowhere").status_code == 404
