@@ -8,6 +8,7 @@ pool keeps a thousand waiters at a handful of connections.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +53,11 @@ def close_old_connections_if_broken() -> None:
 async def run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Await `fn(*args, **kwargs)` run on the database pool."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(executor(), functools.partial(_call, fn, args, kwargs))
+    # Carry context variables (the audit scope) into the pool thread.
+    context = contextvars.copy_context()
+    return await loop.run_in_executor(
+        executor(), functools.partial(context.run, _call, fn, args, kwargs)
+    )
 
 
 __all__ = ["run", "executor", "close_old_connections"]

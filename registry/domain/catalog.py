@@ -18,6 +18,7 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
+from registry.domain import shapes
 from registry.domain.txn import Change
 from registry.errors import BadRequest, NotFound
 from registry.models import Check, Datacenter, Node, ServiceInstance
@@ -209,6 +210,13 @@ def _upsert_check(
         check.ttl_expires_at = now + timedelta(seconds=check.ttl)
     check.modify_index = change.index
     check.save()
+    change.audit(
+        "check.register",
+        "check",
+        f"{node.name}/{check_id}",
+        None if existing is None else {"Status": existing.status},
+        {"Name": name, "Status": check.status, "Type": kind, "ServiceID": check.service_id},
+    )
     change.touch("checks", f"node:{node.name}")
     if svc is not None:
         change.touch(*service_topics(svc))
@@ -311,6 +319,7 @@ def _save_instance(
     kind = spec.get("Kind") or "typical"
     proxy = spec.get("Proxy") or {}
     svc = ServiceInstance.objects.filter(node=node, service_id=service_id).first()
+    before = shapes.agent_service_json(_with_node(svc, node)) if svc is not None else None
     if svc is not None and svc.name != spec["Name"]:
         # Renaming an instance moves it between services: both lists change.
         change.touch(*service_topics(svc))
@@ -336,6 +345,13 @@ def _save_instance(
     svc.save()
     svc.node = node
     change.touch(*service_topics(svc))
+    change.audit(
+        "service.register",
+        "service",
+        f"{node.name}/{service_id}",
+        before,
+        shapes.agent_service_json(svc),
+    )
     # Checks copy the service's name and tags; keep them current.
     Check.objects.filter(node=node, service_id=service_id).update(
         service_name=svc.name, service_tags=svc.tags, modify_index=change.index
@@ -390,8 +406,20 @@ def _register_service_checks(
             change.touch(*service_topics(svc), "checks")
 
 
+def _with_node(svc: ServiceInstance, node: Node) -> ServiceInstance:
+    svc.node = node
+    return svc
+
+
 def _delete_instance(change: Change, svc: ServiceInstance) -> None:
     change.touch(*service_topics(svc), "checks")
+    change.audit(
+        "service.deregister",
+        "service",
+        f"{svc.node.name}/{svc.service_id}",
+        shapes.agent_service_json(svc),
+        None,
+    )
     Check.objects.filter(node=svc.node, service_id=svc.service_id).delete()
     from registry.domain.sessions import invalidate_sessions_for_checks
 
@@ -508,6 +536,9 @@ def deregister_check(node: Node, check_id: str) -> None:
                 f'Unknown check ID "{check_id}". Ensure that the check ID is passed, not the check name.'
             )
         _touch_check(change, check)
+        change.audit(
+            "check.deregister", "check", f"{node.name}/{check_id}", {"Status": check.status}, None
+        )
         check.delete()
         from registry.domain.sessions import invalidate_sessions_for_checks
 
@@ -557,6 +588,13 @@ def apply_check_result(change: Change, check: Check, status: str, output: str | 
     else:
         check.critical_since = None
     if changed:
+        change.audit(
+            "check.update",
+            "check",
+            f"{check.node.name}/{check.check_id}",
+            {"Status": check.status, "Output": check.output},
+            {"Status": status, "Output": output if output is not None else check.output},
+        )
         check.status = status
         if output is not None:
             check.output = output
@@ -596,6 +634,7 @@ def catalog_register(spec: dict[str, Any]) -> None:
                 node.meta = spec["NodeMeta"]
             node.modify_index = change.index
             node.save()
+            change.audit("node.register", "node", node.name, None, shapes.node_json(node))
             touch_node_services(change, node)
         svc = None
         if spec.get("Service"):
@@ -664,6 +703,7 @@ def catalog_deregister(spec: dict[str, Any]) -> None:
 
 
 def delete_node(change: Change, node: Node) -> None:
+    change.audit("node.deregister", "node", node.name, shapes.node_json(node), None)
     touch_node_services(change, node)
     for svc in ServiceInstance.objects.select_related("node").filter(node=node):
         change.touch(*service_topics(svc))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from django.db import connection, transaction
 
-from registry import changes
-from registry.models import TopicIndex
+from registry import audit, changes
+from registry.models import AuditEntry, TopicIndex
 
 
 def next_index() -> int:
@@ -31,6 +31,7 @@ class Change:
     def __init__(self) -> None:
         self.index = 0
         self.topics: set[str] = set()
+        self._audit: list[tuple[str, str, str, object, object]] = []
         self._atomic = transaction.atomic()
 
     def __enter__(self) -> Change:
@@ -45,9 +46,48 @@ class Change:
     def touch(self, *topics: str) -> None:
         self.topics.update(topics)
 
+    def audit(
+        self, action: str, resource_type: str, resource_id: str, before=None, after=None
+    ) -> None:
+        """Record what this write did to one resource (written only inside an audit scope)."""
+        self._audit.append((action, resource_type, resource_id, before, after))
+
+    def _write_audit(self) -> None:
+        scope = audit.current()
+        if scope is None:
+            return
+        entries = list(self._audit)
+        if not entries and not scope.recorded and self.topics:
+            # No explicit record: note the request itself, so no write goes unseen.
+            kind = scope.action.split(".", 1)[0]
+            entries = [(scope.action, kind, "", None, scope.body)]
+        if not entries:
+            return
+        scope.recorded = True
+        actor = scope.actor
+        AuditEntry.objects.bulk_create(
+            [
+                AuditEntry(
+                    index=self.index,
+                    actor=actor.id,
+                    actor_name=actor.name,
+                    via=actor.via,
+                    action=action,
+                    resource_type=rtype,
+                    resource_id=rid[:1024],
+                    method=scope.method,
+                    path=scope.path[:2048],
+                    before=audit.jsonable(before),
+                    after=audit.jsonable(after),
+                )
+                for action, rtype, rid, before, after in entries
+            ]
+        )
+
     def __exit__(self, exc_type, exc, tb) -> bool | None:
-        if exc_type is None and self.topics:
+        if exc_type is None and (self.topics or self._audit):
             try:
+                self._write_audit()
                 TopicIndex.objects.bulk_create(
                     [TopicIndex(topic=t, index=self.index) for t in sorted(self.topics)],
                     update_conflicts=True,

@@ -2,6 +2,7 @@
 taken from the one global index (see `registry.models.index`)."""
 
 from registry.models.acl import ACLPolicy, ACLToken
+from registry.models.audit import AuditEntry
 from registry.models.catalog import Check, Datacenter, Node, ServiceInstance
 from registry.models.index import MeshIndex, TopicIndex
 from registry.models.kv import KVEntry, Session
@@ -9,6 +10,7 @@ from registry.models.kv import KVEntry, Session
 __all__ = [
     "ACLPolicy",
     "ACLToken",
+    "AuditEntry",
     "Check",
     "Datacenter",
     "KVEntry",

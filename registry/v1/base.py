@@ -31,7 +31,7 @@ from typing import Any
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 
-from registry import db
+from registry import audit, db
 from registry.changes import hub
 from registry.decode import Struct, parse_body_json, parse_duration
 from registry.domain.txn import topics_index
@@ -109,6 +109,7 @@ class Ctx:
 
     def json(self, spec: Struct | None = None, *, required: bool = True) -> Any:
         data = parse_body_json(self.request.body)
+        audit.note_body(data)
         if data is None:
             if required:
                 raise BadRequest("Request decode failed: empty body")
@@ -329,7 +330,10 @@ def endpoint(
                 )
             ctx = Ctx(request)
             try:
-                if topics is None or request.method != "GET":
+                if request.method != "GET":
+                    reply = await db.run(_audited, fn, ctx, kwargs)
+                    return _render(ctx, reply)
+                if topics is None:
                     reply = await db.run(fn, ctx, **kwargs)
                     return _render(ctx, reply)
                 return await _blocking(ctx, fn, kwargs)
@@ -384,6 +388,17 @@ def endpoint(
                 min_index = 0
 
     return decorate
+
+
+def _audited(fn: Callable[..., Reply], ctx: Ctx, kwargs: dict) -> Reply:
+    """Run a write inside an audit scope naming the caller (never its secret)."""
+    identity = ctx.identity
+    actor = audit.Actor(identity.accessor_id or "anonymous", identity.description, "v1")
+    query = "&".join(f"{k}={v}" for k, v in ctx.query.items() if k != "token")
+    path = ctx.request.path + (f"?{query}" if query else "")
+    action = f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
+    with audit.scope(actor, action, ctx.method, path):
+        return fn(ctx, **kwargs)
 
 
 def _query_key(ctx: Ctx) -> tuple:
