@@ -4,10 +4,24 @@ taken from the one global index (see `registry.models.index`)."""
 from registry.models.acl import ACLPolicy, ACLToken
 from registry.models.audit import AuditEntry
 from registry.models.catalog import Check, Datacenter, Node, ServiceInstance
+from registry.models.connect import (
+    CAConfig,
+    CARoot,
+    ClusterIdentity,
+    ConfigEntry,
+    Intention,
+    IssuedCert,
+)
 from registry.models.index import MeshIndex, TopicIndex
 from registry.models.kv import KVEntry, Session
 
 __all__ = [
+    "CAConfig",
+    "CARoot",
+    "ClusterIdentity",
+    "ConfigEntry",
+    "Intention",
+    "IssuedCert",
     "ACLPolicy",
     "ACLToken",
     "AuditEntry",
