@@ -22,9 +22,12 @@ def _flatten(detail: Any, prefix: str = "") -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     if isinstance(detail, dict):
         for key, value in detail.items():
-            name = f"{prefix}.{key}" if prefix else str(key)
-            if key == "non_field_errors" and not prefix:
-                name = "body"
+            if key == "non_field_errors":
+                name = prefix or "body"
+            elif isinstance(key, int) or (prefix and str(key).isdigit()):
+                name = f"{prefix}[{key}]"  # an item of a list field
+            else:
+                name = f"{prefix}.{key}" if prefix else str(key)
             out.update(_flatten(value, name))
     elif isinstance(detail, list):
         if all(not isinstance(v, (dict, list)) for v in detail):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import django_filters as df
 from django.db.models import QuerySet
-from django.db.models.fields.json import KeyTextTransform
+from django.db.models.fields.json import KeyTransform
 from django_filters.widgets import QueryArrayWidget
 from rest_framework.exceptions import ValidationError
 
@@ -25,7 +25,7 @@ def filter_json_map(qs: QuerySet, field: str, pairs: list[tuple[str, str]]) -> Q
     """Rows whose JSON object `field` has every `key` equal to `value`."""
     for i, (key, value) in enumerate(pairs):
         alias = f"_{field}_{i}"
-        qs = qs.alias(**{alias: KeyTextTransform(key, field)}).filter(**{alias: value})
+        qs = qs.alias(**{alias: KeyTransform(key, field)}).filter(**{alias: value})
     return qs
 
 
@@ -110,12 +110,18 @@ class CheckFilterSet(df.FilterSet):
 
 
 class KVEntryFilterSet(df.FilterSet):
-    prefix = df.CharFilter(field_name="key", lookup_expr="startswith", label="key prefix")
+    prefix = df.CharFilter(method="filter_prefix", label="key prefix (case-sensitive)")
     session = df.CharFilter(field_name="session_id")
 
     class Meta:
         model = KVEntry
         fields = ["prefix", "session"]
+
+    def filter_prefix(self, qs: QuerySet, name: str, value: str) -> QuerySet:
+        # `startswith` is a case-insensitive LIKE on SQLite: narrow in SQL,
+        # decide in Python (KV keys are case-sensitive, as in Consul).
+        narrowed = qs.filter(key__startswith=value).values_list("pk", "key")
+        return qs.filter(pk__in=[pk for pk, key in narrowed if key.startswith(value)])
 
 
 class ACLPolicyFilterSet(df.FilterSet):

@@ -1,7 +1,7 @@
 """The product REST API (`/api/...`), its OpenAPI schema and its docs."""
 
 from django.urls import path, re_path
-from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
 from registry.api import views
@@ -27,7 +27,7 @@ urlpatterns = [
     path("", views.RootView.as_view(), name="root"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api:schema"), name="swagger-ui"),
-    path("redoc/", SpectacularRedocView.as_view(url_name="api:schema"), name="redoc"),
+    path("redoc/", views.RedocView.as_view(url_name="api:schema"), name="redoc"),
     path("kv/", kv_list, name="kv-list"),
     path("kv/<path:key>", kv_entry, name="kv-detail"),
     *router.urls,
