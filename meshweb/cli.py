@@ -60,6 +60,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     argv = _celery_argv(args, "worker")
     if argv is None:
         return 2
+    # Mingle and gossip sync revoked-task lists between workers at start-up and
+    # on every heartbeat; our tasks are idempotent ticks, so skip the chatter.
+    argv += ["--without-mingle", "--without-gossip"]
     if args.beat:
         argv.append("--beat")
     if args.concurrency:

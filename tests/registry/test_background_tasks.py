@@ -168,6 +168,15 @@ def celery_stack(tmp_path_factory):
         for p in procs:
             p.stop()
         server.close()
+        _drop_queue(url, queue)
+
+
+def _drop_queue(url: str, queue: str) -> None:
+    """Remove what this run's queue left in the shared Redis (ticks restored at shutdown)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    client.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
 
 
 def _delay_tick(env: dict[str, str]) -> dict:
@@ -245,7 +254,8 @@ def test_a_ttl_check_lapses_through_the_worker(celery_stack, unique):
 @pytest.mark.redis
 def test_without_a_worker_a_celery_server_runs_no_checks(tmp_path, unique):
     url = _redis_or_skip()
-    server = _celery_server(tmp_path, url, f"meshtest-{uuid.uuid4().hex[:10]}")
+    queue = f"meshtest-{uuid.uuid4().hex[:10]}"
+    server = _celery_server(tmp_path, url, queue)
     endpoint = HttpEndpoint()
     try:
         name = unique("idle")
@@ -270,3 +280,4 @@ def test_without_a_worker_a_celery_server_runs_no_checks(tmp_path, unique):
     finally:
         endpoint.close()
         server.close()
+        _drop_queue(url, queue)

@@ -142,11 +142,8 @@ def wait_for(fn: Callable[[], Any], timeout: float = 10.0, interval: float = 0.0
     raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
 
 
-def self_signed_tls(name: str = "health.test") -> tuple[ssl.SSLContext, bytes]:
-    """A server TLS context with a fresh self-signed certificate for `name`."""
-    import ipaddress
-    import tempfile
-
+def self_signed_pems(name: str = "health.test") -> tuple[bytes, bytes]:
+    """A fresh self-signed certificate for `name` and its key, as PEM."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -163,20 +160,22 @@ def self_signed_tls(name: str = "health.test") -> tuple[ssl.SSLContext, bytes]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=1))
         .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.2"))]
-            ),
-            critical=False,
-        )
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
         .sign(key, hashes.SHA256())
     )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def self_signed_tls(name: str = "health.test") -> ssl.SSLContext:
+    """A server TLS context with a fresh self-signed certificate for `name`."""
+    import tempfile
+
+    cert_pem, key_pem = self_signed_pems(name)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     with tempfile.NamedTemporaryFile() as c, tempfile.NamedTemporaryFile() as k:
         c.write(cert_pem)
@@ -184,7 +183,7 @@ def self_signed_tls(name: str = "health.test") -> tuple[ssl.SSLContext, bytes]:
         k.write(key_pem)
         k.flush()
         ctx.load_cert_chain(c.name, k.name)
-    return ctx, cert_pem
+    return ctx
 
 
 # --- probes (no database) -----------------------------------------------------------------
@@ -258,7 +257,7 @@ def test_an_http_probe_times_out_within_its_timeout():
 
 
 def test_an_https_probe_skips_verification_only_when_asked():
-    ctx, _ = self_signed_tls()
+    ctx = self_signed_tls()
     ep = HttpEndpoint(tls=ctx)
     try:
         verified = health.probe_http({"HTTP": ep.url()}, 2)
@@ -272,7 +271,7 @@ def test_an_https_probe_skips_verification_only_when_asked():
 
 
 def test_an_https_probe_sends_tls_server_name_as_sni():
-    ctx, _ = self_signed_tls()
+    ctx = self_signed_tls()
     seen: list[str | None] = []
     ctx.sni_callback = lambda sock, name, c: seen.append(name)
     ep = HttpEndpoint(tls=ctx)
@@ -318,6 +317,27 @@ def test_a_grpc_probe_of_a_closed_port_is_critical():
     result = health.probe_grpc({"GRPC": f"127.0.0.1:{closed_port()}"}, 1)
     assert result.status == "critical"
     assert result.output.startswith("rpc error: code = Unavailable")
+
+
+def test_a_grpc_probe_with_tls_verifies_unless_told_to_skip():
+    import grpc
+    from grpc_health.v1 import health as grpc_health
+    from grpc_health.v1 import health_pb2_grpc
+
+    cert_pem, key_pem = self_signed_pems()
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(grpc_health.HealthServicer(), srv)
+    port = srv.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key_pem, cert_pem)]))
+    srv.start()
+    try:
+        target = f"127.0.0.1:{port}"
+        verified = health.probe_grpc({"GRPC": target, "GRPCUseTLS": True}, 2)
+        assert verified.status == "critical"
+        assert "CERTIFICATE_VERIFY_FAILED" in verified.output
+        skipped = health.probe_grpc({"GRPC": target, "GRPCUseTLS": True, "TLSSkipVerify": True}, 2)
+        assert skipped == health.Result("passing", f"gRPC check {target}: success")
+    finally:
+        srv.stop(0)
 
 
 @pytest.mark.parametrize(
