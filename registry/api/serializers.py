@@ -289,6 +289,18 @@ class InstanceCreateSerializer(serializers.Serializer):
             for name in ("node_address", "datacenter", "node_meta"):
                 if name in attrs:
                     raise serializers.ValidationError({name: "only valid together with node"})
+        elif "node_address" not in attrs:
+            # Without an address the node is left as it is: it must exist, and
+            # node fields would be ignored.
+            for name in ("datacenter", "node_meta"):
+                if name in attrs:
+                    raise serializers.ValidationError(
+                        {name: "only valid together with node_address (it updates the node)"}
+                    )
+            if not Node.objects.filter(name=attrs["node"]).exists():
+                raise serializers.ValidationError(
+                    {"node_address": f'required to create the node "{attrs["node"]}"'}
+                )
         return attrs
 
     def service_spec(self) -> dict[str, Any]:

@@ -16,7 +16,9 @@ def test_a_created_token_shows_its_secret_once_and_that_secret_works(acl_api):
     register("n1", "web")
     register("n1", "db")
     acl_api.credentials(HTTP_X_CONSUL_TOKEN=MANAGEMENT)
-    policy = _policy(acl_api, "web-read", 'service "web" { policy = "read" }\nnode_prefix "" { policy = "read" }')
+    policy = _policy(
+        acl_api, "web-read", 'service "web" { policy = "read" }\nnode_prefix "" { policy = "read" }'
+    )
     r = acl_api.post(
         "/api/acl/tokens/",
         {"description": "web reader", "policies": [{"name": "web-read"}]},
@@ -39,9 +41,7 @@ def test_updating_a_token_changes_its_description_and_policies(acl_api):
     acl_api.credentials(HTTP_X_CONSUL_TOKEN=MANAGEMENT)
     a = _policy(acl_api, "a", 'key_prefix "a/" { policy = "read" }')
     b = _policy(acl_api, "b", 'key_prefix "b/" { policy = "read" }')
-    token = acl_api.post(
-        "/api/acl/tokens/", {"policies": [{"id": a["id"]}]}, format="json"
-    ).json()
+    token = acl_api.post("/api/acl/tokens/", {"policies": [{"id": a["id"]}]}, format="json").json()
     url = f"/api/acl/tokens/{token['accessor_id']}/"
     r = acl_api.patch(url, {"description": "renamed"}, format="json")
     assert r.status_code == 200

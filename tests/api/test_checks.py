@@ -38,7 +38,10 @@ def test_it_lists_checks_with_their_node_service_and_status(api):
 def test_it_filters_checks_by_status_node_and_service(api):
     _setup()
     assert _ids(api, "?status=critical") == [("n2", "web-check")]
-    assert _ids(api, "?status=warning&status=critical") == [("n2", "api-check"), ("n2", "web-check")]
+    assert _ids(api, "?status=warning&status=critical") == [
+        ("n2", "api-check"),
+        ("n2", "web-check"),
+    ]
     assert _ids(api, "?node=n1") == [("n1", "mem"), ("n1", "web-check")]
     assert _ids(api, "?service=web") == [("n1", "web-check"), ("n2", "web-check")]
     assert _ids(api, "?service=web&status=passing") == [("n1", "web-check")]

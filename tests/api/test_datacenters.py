@@ -20,7 +20,9 @@ def test_it_lists_datacenters_with_provider_region_and_node_count(api):
 
 def test_it_creates_a_datacenter_with_its_provider_and_region(api):
     r = api.post(
-        "/api/datacenters/", {"name": "aws-eu", "provider": "aws", "region": "eu-west-1"}, format="json"
+        "/api/datacenters/",
+        {"name": "aws-eu", "provider": "aws", "region": "eu-west-1"},
+        format="json",
     )
     assert r.status_code == 201, r.content
     assert r.json()["name"] == "aws-eu"

@@ -23,9 +23,7 @@ def test_it_writes_and_reads_a_text_value_with_flags(api):
 
 def test_binary_values_go_in_and_out_as_base64(api):
     raw = bytes(range(256))
-    r = api.put(
-        "/api/kv/bin/blob", {"value_base64": base64.b64encode(raw).decode()}, format="json"
-    )
+    r = api.put("/api/kv/bin/blob", {"value_base64": base64.b64encode(raw).decode()}, format="json")
     assert r.status_code == 200
     body = api.get("/api/kv/bin/blob").json()
     assert body["value"] is None

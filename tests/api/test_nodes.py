@@ -78,7 +78,9 @@ def test_a_scoped_token_sees_only_the_nodes_and_services_it_may_read(acl_api):
     register("edge-1", "web")
     register("edge-1", "secret-svc")
     register("core-1", "web")
-    secret = token_with('node_prefix "edge-" { policy = "read" }\nservice "web" { policy = "read" }')
+    secret = token_with(
+        'node_prefix "edge-" { policy = "read" }\nservice "web" { policy = "read" }'
+    )
     acl_api.credentials(HTTP_X_CONSUL_TOKEN=secret)
     assert [r["name"] for r in results(acl_api.get("/api/nodes/"))] == ["edge-1"]
     assert acl_api.get("/api/nodes/core-1/").status_code == 404
