@@ -60,6 +60,12 @@ MESH_SESSION_TTL_MIN = float(env_str("MESH_SESSION_TTL_MIN", "10s").removesuffix
 MESH_MAX_BODY_SIZE = env_int("MESH_MAX_BODY_SIZE", 4 * 1024 * 1024, minimum=1024)
 MESH_DB_THREADS = env_int("MESH_DB_THREADS", 8, minimum=1)
 MESH_TASK_TICK_SECONDS = float(env_str("MESH_TASK_TICK_SECONDS", "1") or "1")
+# Connect CA: key(s) encrypting root private keys at rest (Fernet, comma-separated, first
+# encrypts; unset: derived from SECRET_KEY with HKDF), CSR signing rate limit, leaf TTL override.
+MESH_ENCRYPTION_KEY = env_str("MESH_ENCRYPTION_KEY")
+MESH_CA_CSR_RATE = env_str("MESH_CA_CSR_RATE", "50")  # per second; checked by registry.ca
+MESH_CA_CSR_MAX_CONCURRENT = env_int("MESH_CA_CSR_MAX_CONCURRENT", 50, minimum=0)
+MESH_CA_LEAF_TTL = env_str("MESH_CA_LEAF_TTL")  # a Go duration ("5s"); checked by registry.ca
 
 REDIS_URL = env_str("REDIS_URL")
 # Tasks run in-process unless a broker is configured (or asked for explicitly).
