@@ -109,13 +109,13 @@ class CheckSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-def _duration(value: str, field: str) -> str:
+def _duration(value: str) -> str:
     try:
         if decode.parse_duration(value) < 0:
             raise ValueError
     except ValueError:
         raise serializers.ValidationError(
-            f'{field}: invalid duration {value!r} (use Go durations like "10s", "1m30s")'
+            f'invalid duration {value!r} (use Go durations like "10s", "1m30s")'
         ) from None
     return value
 
@@ -125,7 +125,7 @@ class DurationField(Text):
 
     def to_internal_value(self, data: Any) -> str:
         value = super().to_internal_value(data)
-        return _duration(value, self.field_name) if value else value
+        return _duration(value) if value else value
 
 
 class CheckSpecSerializer(serializers.Serializer):

@@ -70,6 +70,12 @@ class MeshViewSet(viewsets.GenericViewSet):
         super().initial(request, *args, **kwargs)
 
     model: type | None = None
+    # Input shapes by method: the browsable API renders its forms from these.
+    write_serializers: dict[str, type] = {}
+
+    def get_serializer_class(self) -> type:
+        method = self.request.method if getattr(self, "request", None) else "GET"
+        return self.write_serializers.get(method) or super().get_serializer_class()
 
     @property
     def authz(self):
@@ -148,6 +154,11 @@ class DatacenterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, MeshVi
 
     queryset = Datacenter.objects.annotate(node_count=Count("nodes")).order_by("name")
     serializer_class = s.DatacenterSerializer
+    write_serializers = {
+        "POST": s.DatacenterCreateSerializer,
+        "PUT": s.DatacenterUpdateSerializer,
+        "PATCH": s.DatacenterUpdateSerializer,
+    }
     filterset_class = filtersets.DatacenterFilterSet
     ordering_fields = ["name", "provider", "region", "create_index", "modify_index"]
     lookup_field = "name"
@@ -291,6 +302,7 @@ class InstanceViewSet(MeshViewSet):
     `node:write` on a node it creates or updates); deregistering `service:write`."""
 
     serializer_class = s.InstanceSerializer
+    write_serializers = {"POST": s.InstanceCreateSerializer}
     filterset_class = filtersets.ServiceInstanceFilterSet
     ordering_fields = ["name", "service_id", "node__name", "port", "create_index", "modify_index"]
     ordering = ["node__name", "service_id"]
@@ -325,7 +337,7 @@ class InstanceViewSet(MeshViewSet):
         if destination:
             require(request, "service:write", destination)
         if "node" in data:
-            if "node_address" in data or not Node.objects.filter(name=data["node"]).exists():
+            if "node_address" in data:  # creates or updates the node
                 require(request, "node:write", data["node"])
             svc = inventory.register_instance(body.catalog_spec(), node=data["node"])
         else:
@@ -390,6 +402,7 @@ class KVViewSet(MeshViewSet):
     key needs `key:read`, writing or deleting it `key:write`."""
 
     serializer_class = s.KVEntrySerializer
+    write_serializers = {"PUT": s.KVWriteSerializer}
     filterset_class = filtersets.KVEntryFilterSet
     ordering_fields = ["key", "create_index", "modify_index"]
     ordering = ["key"]
@@ -475,6 +488,11 @@ class ACLTokenViewSet(mixins.ListModelMixin, ACLViewSet):
     """ACL tokens (secrets are shown only when a token is created)."""
 
     serializer_class = s.ACLTokenSerializer
+    write_serializers = {
+        "POST": s.ACLTokenWriteSerializer,
+        "PUT": s.ACLTokenWriteSerializer,
+        "PATCH": s.ACLTokenWriteSerializer,
+    }
     filterset_class = filtersets.ACLTokenFilterSet
     ordering_fields = ["accessor_id", "description", "create_time", "create_index", "modify_index"]
     ordering = ["create_index", "accessor_id"]
@@ -528,6 +546,11 @@ class ACLPolicyViewSet(mixins.ListModelMixin, ACLViewSet):
 
     queryset = ACLPolicy.objects.all()
     serializer_class = s.ACLPolicySerializer
+    write_serializers = {
+        "POST": s.ACLPolicyWriteSerializer,
+        "PUT": s.ACLPolicyWriteSerializer,
+        "PATCH": s.ACLPolicyWriteSerializer,
+    }
     filterset_class = filtersets.ACLPolicyFilterSet
     ordering_fields = ["name", "create_index", "modify_index"]
     ordering = ["name"]
