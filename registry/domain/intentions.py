@@ -320,6 +320,11 @@ def list_intentions(
     return Listing(index, _ordered(visible), len(visible) != len(rows))
 
 
+def current_index() -> int:
+    """The index of the last intention write (what the list, match and ID reads answer)."""
+    return topic_index(TOPIC)
+
+
 def get_by_id(intention_id: str) -> Intention:
     row = Intention.objects.filter(id=intention_id).first() if intention_id else None
     if row is None:
