@@ -3,6 +3,7 @@
 from django.urls import path
 
 from registry.v1 import acl, agent, catalog, kv, session, status
+from registry.v1 import intentions as intentions_v1
 
 urlpatterns = [
     # agent
@@ -44,4 +45,5 @@ urlpatterns = [
     *kv.urlpatterns,
     *session.urlpatterns,
     *acl.urlpatterns,
+    *intentions_v1.urlpatterns,
 ]
