@@ -164,7 +164,8 @@ def test_catalog_register_and_deregister_an_external_node(consul_client, unique)
 def test_status_and_datacenters(consul_client, server):
     assert consul_client.status.leader() == server.addr
     assert consul_client.status.peers() == [server.addr]
-    assert consul_client.catalog.datacenters() == ["dc1"]
+    # Other tests on the shared server may add datacenters; ours is always there.
+    assert "dc1" in consul_client.catalog.datacenters()
     assert consul_client.agent.self()["Config"]["Datacenter"] == "dc1"
 
 
