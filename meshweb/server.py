@@ -17,9 +17,11 @@ def prepare() -> str | None:
     Returns a newly bootstrapped management secret (to print once), or None.
     """
     call_command("migrate", interactive=False, verbosity=0)
+    from registry.ca.manager import ensure_initialized as ensure_ca_initialized
     from registry.domain import acl, catalog
 
     catalog.ensure_local_node()
+    ensure_ca_initialized()
     if not settings.MESH_ACL_ENABLED:
         return None
     if settings.MESH_ACL_INITIAL_MANAGEMENT_TOKEN:
