@@ -46,7 +46,7 @@ from django.db import InterfaceError, OperationalError, connections, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from registry.domain import catalog
+from registry.domain import catalog, connect_ca
 from registry.domain.txn import Change, topic_index
 from registry.errors import NotFound
 from registry.models import Check, Node, ServiceInstance
@@ -703,6 +703,7 @@ def tick(*, wait: bool = False) -> dict[str, int]:
     due = [c for c in rows if c.type in PROBED_TYPES and c.next_run_at and c.next_run_at <= now]
     lapsed = [c for c in rows if c.type == "ttl" and c.ttl_expires_at and c.ttl_expires_at <= now]
     dying = [c for c in rows if c.deregister_after > 0 and c.critical_since is not None]
+    connect_ca.retire_expired_roots()  # old CA roots whose last leaf expired (idle: no query)
     return {
         "checks_run": run_due_checks(due, now, wait=wait) if due else 0,
         "ttl_expired": expire_ttl_checks(lapsed) if lapsed else 0,
