@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from registry.v1 import acl, agent, catalog, kv, session, status
+from registry.v1 import acl, agent, catalog, connect_ca, kv, session, status
 from registry.v1 import intentions as intentions_v1
 
 urlpatterns = [
@@ -45,5 +45,6 @@ urlpatterns = [
     *kv.urlpatterns,
     *session.urlpatterns,
     *acl.urlpatterns,
+    *connect_ca.urlpatterns,
     *intentions_v1.urlpatterns,
 ]
