@@ -8,14 +8,15 @@ in tests/test_intentions_pure.py.
 
 from __future__ import annotations
 
+import consul
 import pytest
 
 from registry import audit
 from registry.acl_rules import Authorizer, parse_rules
 from registry.domain import intentions
 from registry.domain.txn import Change, topic_index
-from registry.errors import BadRequest
-from registry.models import ConfigEntry, Intention
+from registry.errors import BadRequest, Conflict, NotFound, PermissionDenied
+from registry.models import AuditEntry, ConfigEntry, Intention
 
 ALL = Authorizer.management()
 OPERATOR = audit.Actor("9d4a8c2e-0000-4000-8000-000000000001", "operator token", "v1")
@@ -181,3 +182,566 @@ def test_destinations_lists_each_destination_with_its_indexes():
         }
     ]
     assert topic_index("intentions:db") > first.index
+
+
+# --- service layer: decisions, ACLs, bad input -------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_check_answers_allow_deny_wildcard_and_default_deny():
+    intentions.upsert_exact(ALL, ref("web"), ref("db"), {"Action": "allow"})
+    intentions.upsert_exact(ALL, ref("*"), ref("db"), {"Action": "deny"})
+    intentions.upsert_exact(ALL, ref("ops"), ref("*"), {"Action": "allow"})
+    assert intentions.check(ALL, ref("web"), ref("db"))[1] is True  # exact allow
+    assert intentions.check(ALL, ref("api"), ref("db"))[1] is False  # * => db deny
+    assert intentions.check(ALL, ref("ops"), ref("cache"))[1] is True  # ops => * allow
+    assert intentions.check(ALL, ref("ops"), ref("db"))[1] is False  # * => db beats ops => *
+    assert intentions.check(ALL, ref("api"), ref("cache"))[1] is False  # nothing: default deny
+
+
+@pytest.mark.django_db
+def test_authorize_names_the_intention_that_decided():
+    row = intentions.upsert_exact(ALL, ref("web"), ref("db"), {"Action": "allow"})
+    wild = intentions.upsert_exact(ALL, ref("*"), ref("db"), {"Action": "deny"})
+    uri = "spiffe://11111111-2222-3333-4444-555555555555.mesh/ns/default/dc/dc1/svc/{}"
+    allowed = intentions.authorize(ALL, "db", uri.format("web"))
+    assert allowed.allowed is True
+    assert allowed.reason == (
+        f"Matched L4 intention: web => db (ID: {row.id}, Precedence: 9, Action: ALLOW)"
+    )
+    denied = intentions.authorize(ALL, "db", uri.format("api"))
+    assert (denied.allowed, denied.intention_id) == (False, wild.id)
+    assert denied.reason == (
+        f"Matched L4 intention: * => db (ID: {wild.id}, Precedence: 8, Action: DENY)"
+    )
+    default = intentions.authorize(ALL, "cache", uri.format("web"))
+    assert default.allowed is False
+    assert default.reason.startswith("Default behavior: deny.")
+    assert "web => cache" in default.reason
+
+
+@pytest.mark.django_db
+def test_the_mesh_entry_switches_to_default_allow_loudly():
+    intentions.upsert_exact(ALL, ref("web"), ref("db"), {"Action": "deny"})
+    uri = "spiffe://a.mesh/ns/default/dc/dc1/svc/web"
+    assert intentions.authorize(ALL, "cache", uri).allowed is False
+    with Change() as change:
+        ConfigEntry.objects.create(
+            kind="mesh", name="mesh", data={"Kind": "mesh", "AllowByDefault": True}
+        )
+        change.touch("config:mesh", "config:mesh:mesh")
+    decision = intentions.authorize(ALL, "cache", uri)
+    assert decision.allowed is True
+    assert decision.reason.startswith("DEFAULT ALLOW:")
+    assert "development" in decision.reason
+    # An explicit deny still wins over the default.
+    assert intentions.authorize(ALL, "db", uri).allowed is False
+
+
+@pytest.mark.django_db
+def test_l7_intentions_count_as_deny_for_check_and_authorize():
+    _http_service("db")
+    row = intentions.upsert_exact(ALL, ref("web"), ref("db"), {"Permissions": L7})
+    assert intentions.check(ALL, ref("web"), ref("db"))[1] is False
+    decision = intentions.authorize(ALL, "db", "spiffe://a.mesh/ns/default/dc/dc1/svc/web")
+    assert (decision.allowed, decision.has_l7) == (False, True)
+    assert decision.reason == (
+        f"Matched L7 intention: web => db (ID: {row.id}, Precedence: 9, Permissions: 2)"
+    )
+
+
+@pytest.mark.django_db
+def test_a_decision_sees_a_write_made_after_the_index_was_built():
+    uri = "spiffe://a.mesh/ns/default/dc/dc1/svc/web"
+    assert intentions.authorize(ALL, "db", uri).allowed is False
+    intentions.upsert_exact(ALL, ref("web"), ref("db"), {"Action": "allow"})
+    assert intentions.authorize(ALL, "db", uri).allowed is True
+    intentions.delete_exact(ALL, ref("web"), ref("db"))
+    assert intentions.authorize(ALL, "db", uri).allowed is False
+
+
+@pytest.mark.django_db
+def test_authorize_refuses_bad_input_and_another_trust_domain():
+    for target, uri, message in [
+        ("", "spiffe://a.mesh/ns/default/dc/dc1/svc/web", "Target service must be specified"),
+        ("db", "", "ClientCertURI must be specified"),
+        ("db", "https://example.com/web", "ClientCertURI not a valid Connect identifier"),
+        ("db", "spiffe://a.mesh/agent/client/dc/dc1/id/n1", "not a valid Service identifier"),
+    ]:
+        with pytest.raises(BadRequest) as err:
+            intentions.authorize(ALL, target, uri)
+        assert message in err.value.message
+    from registry.models import ClusterIdentity
+
+    ClusterIdentity.objects.create(id=1, cluster_id="c", trust_domain="ours.mesh")
+    intentions.upsert_exact(ALL, ref("web"), ref("db"), {"Action": "allow"})
+    foreign = intentions.authorize(ALL, "db", "spiffe://theirs.mesh/ns/default/dc/dc1/svc/web")
+    assert foreign.allowed is False
+    assert "trust domain 'theirs.mesh'" in foreign.reason
+    assert intentions.authorize(ALL, "db", "spiffe://ours.mesh/ns/default/dc/dc1/svc/web").allowed
+
+
+@pytest.mark.django_db
+def test_writes_need_intentions_write_on_the_destination():
+    token = rules('service "db" { policy = "read" intentions = "write" }')
+    intentions.upsert_exact(token, ref("web"), ref("db"), {"Action": "allow"})
+    with pytest.raises(PermissionDenied) as err:
+        intentions.upsert_exact(token, ref("db"), ref("web"), {"Action": "allow"})
+    assert "intentions:write" in err.value.message
+    with pytest.raises(PermissionDenied):
+        intentions.upsert_exact(token, ref("web"), ref("*"), {"Action": "allow"})
+    with pytest.raises(PermissionDenied):
+        intentions.delete_exact(rules('service "db" { policy = "read" }'), ref("web"), ref("db"))
+    assert Intention.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_reads_show_intentions_readable_on_either_end():
+    intentions.upsert_exact(ALL, ref("web"), ref("db"), {"Action": "allow"})
+    intentions.upsert_exact(ALL, ref("api"), ref("cache"), {"Action": "allow"})
+    intentions.upsert_exact(ALL, ref("x"), ref("y"), {"Action": "deny"})
+    token = rules('service "web" { policy = "read" }\nservice "cache" { policy = "read" }')
+    listing = intentions.list_intentions(token)
+    assert sorted((r.source_name, r.destination_name) for r in listing.rows) == [
+        ("api", "cache"),
+        ("web", "db"),
+    ]
+    assert listing.filtered is True
+    with pytest.raises(PermissionDenied):
+        intentions.match(token, "destination", ["y"])
+
+
+@pytest.mark.django_db
+def test_check_needs_service_read_and_authorize_service_write():
+    reader = rules('service "db" { policy = "read" }')
+    assert intentions.check(reader, ref("web"), ref("db"))[1] is False
+    with pytest.raises(PermissionDenied) as err:
+        intentions.check(reader, ref("web"), ref("cache"))
+    assert "service:read" in err.value.message
+    with pytest.raises(PermissionDenied) as err:
+        intentions.authorize(reader, "db", "spiffe://a.mesh/ns/default/dc/dc1/svc/web")
+    assert "service:write" in err.value.message
+    writer = rules('service "db" { policy = "write" }')
+    assert intentions.authorize(writer, "db", "spiffe://a.mesh/ns/default/dc/dc1/svc/web").default
+
+
+@pytest.mark.django_db
+def test_match_lists_by_destination_and_by_source_in_precedence_order():
+    for src, dst, action in [
+        ("web", "db", "allow"),
+        ("*", "db", "deny"),
+        ("web", "*", "allow"),
+        ("api", "cache", "allow"),
+    ]:
+        intentions.upsert_exact(ALL, ref(src), ref(dst), {"Action": action})
+    intentions.create(
+        ALL,
+        {
+            "SourceNS": "*",
+            "SourceName": "*",
+            "DestinationNS": "*",
+            "DestinationName": "*",
+            "Action": "deny",
+        },
+    )
+    _, by_dest = intentions.match(ALL, "destination", ["db"])
+    assert [(r.source_name, r.destination_name, r.precedence) for r in by_dest["db"]] == [
+        ("web", "db", 9),
+        ("*", "db", 8),
+        ("web", "*", 6),
+        ("*", "*", 1),
+    ]
+    _, by_src = intentions.match(ALL, "source", ["web"])
+    assert [(r.source_name, r.destination_name) for r in by_src["web"]] == [
+        ("web", "db"),
+        ("*", "db"),
+        ("web", "*"),
+        ("*", "*"),
+    ]
+    with pytest.raises(BadRequest):
+        intentions.match(ALL, "sideways", ["web"])
+    with pytest.raises(BadRequest):
+        intentions.match(ALL, "source", [])
+
+
+@pytest.mark.django_db
+def test_bad_intentions_are_refused_with_clear_messages_and_nothing_is_stored():
+    _http_service("db")
+    cases = [
+        ({"Action": "maybe"}, "Action must be set to 'allow' or 'deny'"),
+        ({}, "Action must be set to 'allow' or 'deny'"),
+        ({"Action": "allow", "Permissions": L7}, "Action must be omitted if Permissions"),
+        (
+            {"Permissions": [{"Action": "allow", "HTTP": {"PathRegex": "(["}}]},
+            "PathRegex is not a valid regular expression",
+        ),
+        (
+            {"Permissions": [{"Action": "allow", "HTTP": {"PathExact": "/", "Colour": 1}}]},
+            "unknown field 'Colour'",
+        ),
+        ({"Permissions": [{"HTTP": {"PathExact": "/"}}]}, "Permissions[0].Action must be set"),
+        ({"Permissions": [{"Action": "allow"}]}, "Permissions[0].HTTP is required"),
+        (
+            {"Permissions": [{"Action": "allow", "HTTP": {}}]},
+            "Permissions[0].HTTP should not be empty",
+        ),
+        (
+            {"Permissions": [{"Action": "allow", "HTTP": {"Methods": ["YOINK"]}}]},
+            "invalid method 'YOINK'",
+        ),
+        (
+            {
+                "Permissions": [
+                    {
+                        "Action": "allow",
+                        "HTTP": {"Header": [{"Name": "x", "Regex": "(", "Invert": True}]},
+                    }
+                ]
+            },
+            "Header[0].Regex is not a valid regular expression",
+        ),
+        ({"Action": "allow", "SourceType": "aws"}, "SourceType must be set to 'consul'"),
+        ({"Action": "allow", "Description": "x" * 513}, "Description exceeds maximum length 512"),
+    ]
+    for spec, message in cases:
+        with pytest.raises(BadRequest) as err:
+            intentions.upsert_exact(ALL, ref("web"), ref("db"), spec)
+        assert message in err.value.message, (spec, err.value.message)
+    for source, destination, message in [
+        (
+            ref("web*"),
+            ref("db"),
+            "SourceName: wildcard character '*' cannot be used with partial values",
+        ),
+        (ref("web"), ref("d*b"), "DestinationName: wildcard character '*' cannot be used"),
+        (("*", "web"), ref("db"), "SourceName: exact value cannot follow wildcard namespace"),
+        (ref(""), ref("db"), "SourceName is required"),
+    ]:
+        with pytest.raises(BadRequest) as err:
+            intentions.upsert_exact(ALL, source, destination, {"Action": "allow"})
+        assert message in err.value.message
+    with pytest.raises(BadRequest) as err:
+        intentions.upsert_exact(ALL, ref("web"), ref("*"), {"Permissions": L7})
+    assert "wildcarded destinations" in err.value.message
+    assert Intention.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_l7_needs_an_http_destination():
+    with pytest.raises(BadRequest) as err:
+        intentions.upsert_exact(ALL, ref("web"), ref("tcp-svc"), {"Permissions": L7})
+    assert "has protocol 'tcp'" in err.value.message
+    ConfigEntry.objects.create(
+        kind="proxy-defaults", name="global", data={"Config": {"protocol": "http"}}
+    )
+    intentions.upsert_exact(ALL, ref("web"), ref("tcp-svc"), {"Permissions": L7})
+
+
+@pytest.mark.django_db
+def test_legacy_create_refuses_a_duplicate_pair_and_id_routes_work():
+    row = intentions.create(
+        ALL, {"SourceName": "web", "DestinationName": "db", "Action": "allow", "Meta": {"a": "b"}}
+    )
+    with pytest.raises(Conflict) as err:
+        intentions.create(ALL, {"SourceName": "web", "DestinationName": "db", "Action": "deny"})
+    assert "duplicate intention found: web => db" in err.value.message
+    updated = intentions.update_by_id(
+        ALL, row.id, {"SourceName": "web", "DestinationName": "cache", "Action": "deny"}
+    )
+    assert (updated.id, updated.destination_name, updated.action) == (row.id, "cache", "deny")
+    assert intentions.delete_by_id(ALL, row.id) is True
+    with pytest.raises(NotFound):
+        intentions.delete_by_id(ALL, row.id)
+    with pytest.raises(NotFound):
+        intentions.get_by_id(row.id)
+
+
+@pytest.mark.django_db
+def test_each_write_records_before_and_after_in_the_audit_log():
+    with audit.scope(OPERATOR, "intentions.exact", "PUT", "/v1/connect/intentions/exact"):
+        row = intentions.upsert_exact(ALL, ref("web"), ref("db"), {"Action": "allow"})
+    with audit.scope(OPERATOR, "intentions.exact", "PUT", "/v1/connect/intentions/exact"):
+        intentions.upsert_exact(ALL, ref("web"), ref("db"), {"Action": "deny"})
+    with audit.scope(OPERATOR, "intentions.exact", "DELETE", "/v1/connect/intentions/exact"):
+        intentions.delete_exact(ALL, ref("web"), ref("db"))
+    entries = list(AuditEntry.objects.filter(resource_type="intention").order_by("index"))
+    assert [e.action for e in entries] == [
+        "intention.create",
+        "intention.update",
+        "intention.delete",
+    ]
+    assert {e.resource_id for e in entries} == {row.id}
+    assert entries[0].before is None and entries[0].after["Action"] == "allow"
+    assert (entries[1].before["Action"], entries[1].after["Action"]) == ("allow", "deny")
+    assert entries[2].before["Action"] == "deny" and entries[2].after is None
+    assert entries[0].actor == OPERATOR.id
+
+
+# --- a real server: /v1 with py-consul and raw HTTP --------------------------------------------
+
+
+def _spiffe(http, service: str) -> str:
+    """A client certificate URI for `service` in this server's trust domain (once its CA exists)."""
+    r = http.get("/v1/connect/ca/roots")
+    domain = r.json().get("TrustDomain") if r.status_code == 200 else ""
+    return f"spiffe://{domain or '11111111-2222-3333-4444-555555555555.mesh'}/ns/default/dc/dc1/svc/{service}"
+
+
+def _acl_token(acl_server, unique, rules_text: str) -> str:
+    with acl_server.client() as admin:
+        policy = admin.put("/v1/acl/policy", json={"Name": unique("pol"), "Rules": rules_text})
+        assert policy.status_code == 200, policy.text
+        token = admin.put("/v1/acl/token", json={"Policies": [{"ID": policy.json()["ID"]}]})
+        assert token.status_code == 200, token.text
+        return token.json()["SecretID"]
+
+
+@pytest.mark.slow
+def test_py_consul_creates_reads_lists_matches_checks_and_deletes(consul_client, http, unique):
+    web, db = unique("web"), unique("db")
+    c = consul_client.connect.intentions
+    assert c.upsert(web, db, action="allow", description="front end") is True
+    got = c.read(web, db)
+    assert (got["SourceName"], got["DestinationName"], got["Action"]) == (web, db, "allow")
+    assert got["SourceNS"] == got["DestinationNS"] == "default"
+    assert got["Precedence"] == 9 and got["SourceType"] == "consul"
+    assert got["Description"] == "front end"
+    assert got["CreateIndex"] == got["ModifyIndex"] > 0
+    assert got["ID"] and got["CreatedAt"].endswith("Z")
+    assert c.upsert("*", db, action="deny") is True
+    listed = [i for i in c.list() if i["DestinationName"] == db]
+    assert [(i["SourceName"], i["Precedence"]) for i in listed] == [(web, 9), ("*", 8)]
+    only = c.list(filter_expr=f'DestinationName == "{db}" and Action == "deny"')
+    assert [i["SourceName"] for i in only] == ["*"]
+    matched = c.match("destination", db)
+    assert [i["SourceName"] for i in matched[db]][:2] == [web, "*"]
+    assert c.check(web, db) is True
+    assert c.check(unique("api"), db) is False  # * => db deny
+    assert c.check(web, unique("other")) is False  # nothing matches: default deny
+    assert c.delete(web, db) is True
+    assert c.read(web, db) is None
+    assert c.check(web, db) is False
+    assert c.delete(web, db) is True  # idempotent, as Consul's
+
+
+@pytest.mark.slow
+def test_py_consul_agent_connect_authorize_answers_with_consuls_reasons(
+    consul_client, http, unique
+):
+    web, db, api = unique("web"), unique("db"), unique("api")
+    consul_client.connect.intentions.upsert(web, db, action="allow")
+    consul_client.connect.intentions.upsert(api, db, action="deny")
+    ixn = consul_client.connect.intentions.read(web, db)
+    ok = consul_client.agent.connect.authorize(db, _spiffe(http, web), "01:02")
+    assert ok == {
+        "Authorized": True,
+        "Reason": f"Matched L4 intention: {web} => {db} (ID: {ixn['ID']}, Precedence: 9, Action: ALLOW)",
+    }
+    denied = consul_client.agent.connect.authorize(db, _spiffe(http, api), "01:03")
+    assert denied["Authorized"] is False
+    assert denied["Reason"].startswith(f"Matched L4 intention: {api} => {db} (ID: ")
+    default = consul_client.agent.connect.authorize(unique("cache"), _spiffe(http, web), "01:04")
+    assert default["Authorized"] is False
+    assert default["Reason"].startswith("Default behavior: deny.")
+    # Consul's method is POST; py-consul sends PUT. Both work.
+    r = http.post(
+        "/v1/agent/connect/authorize",
+        json={"Target": db, "ClientCertURI": _spiffe(http, web), "ClientCertSerial": "01"},
+    )
+    assert r.status_code == 200 and r.json()["Authorized"] is True
+
+
+@pytest.mark.slow
+def test_authorize_refuses_bad_input_with_400_text(http):
+    for body, message in [
+        (
+            {"ClientCertURI": "spiffe://a.mesh/ns/default/dc/dc1/svc/web"},
+            "Target service must be specified",
+        ),
+        ({"Target": "db"}, "ClientCertURI must be specified"),
+        ({"Target": "db", "ClientCertURI": "web"}, "ClientCertURI not a valid Connect identifier"),
+    ]:
+        r = http.post("/v1/agent/connect/authorize", json=body)
+        assert r.status_code == 400
+        assert message in r.text
+    r = http.post("/v1/agent/connect/authorize", content=b"{nope")
+    assert r.status_code == 400
+
+
+@pytest.mark.slow
+def test_legacy_id_routes_create_read_update_and_delete(http, unique):
+    web, db = unique("web"), unique("db")
+    body = {"SourceName": web, "DestinationName": db, "Action": "allow", "Meta": {"team": "a"}}
+    r = http.post("/v1/connect/intentions", json=body)
+    assert r.status_code == 200, r.text
+    ixn_id = r.json()["ID"]
+    assert len(ixn_id) == 36
+    r = http.post("/v1/connect/intentions", json=body)
+    assert r.status_code == 409 and "duplicate intention found" in r.text
+    got = http.get(f"/v1/connect/intentions/{ixn_id}")
+    assert got.status_code == 200 and got.json()["Meta"] == {"team": "a"}
+    assert "X-Consul-Index" in got.headers
+    r = http.put(f"/v1/connect/intentions/{ixn_id}", json={**body, "Action": "deny"})
+    assert r.status_code == 200 and r.json() is True
+    assert http.get(f"/v1/connect/intentions/{ixn_id}").json()["Action"] == "deny"
+    r = http.delete(f"/v1/connect/intentions/{ixn_id}")
+    assert r.status_code == 200 and r.json() is True
+    missing = http.get(f"/v1/connect/intentions/{ixn_id}")
+    assert missing.status_code == 404 and missing.text == "Intention not found"
+    assert http.delete(f"/v1/connect/intentions/{ixn_id}").status_code == 404
+
+
+@pytest.mark.slow
+def test_an_exact_read_that_finds_nothing_is_a_404_with_an_index(http, unique):
+    r = http.get(
+        "/v1/connect/intentions/exact",
+        params={"source": unique("web"), "destination": unique("db")},
+    )
+    assert r.status_code == 404
+    assert r.text == "Intention not found"
+    assert int(r.headers["X-Consul-Index"]) >= 1
+
+
+@pytest.mark.slow
+def test_a_blocking_exact_read_returns_when_that_destination_changes(http, consul_client, unique):
+    import threading
+
+    web, db = unique("web"), unique("db")
+    consul_client.connect.intentions.upsert(web, db, action="allow")
+    first = http.get("/v1/connect/intentions/exact", params={"source": web, "destination": db})
+    index = int(first.headers["X-Consul-Index"])
+    timer = threading.Timer(
+        0.3, lambda: consul_client.connect.intentions.upsert(web, db, action="deny")
+    )
+    timer.start()
+    try:
+        r = http.get(
+            "/v1/connect/intentions/exact",
+            params={"source": web, "destination": db, "index": index, "wait": "10s"},
+            timeout=15,
+        )
+    finally:
+        timer.join()
+    assert r.status_code == 200
+    assert r.json()["Action"] == "deny"
+    assert int(r.headers["X-Consul-Index"]) > index
+
+
+@pytest.mark.slow
+def test_bad_intentions_over_http_are_400_text_and_store_nothing(http, unique):
+    web, db = unique("web"), unique("db")
+    exact = {"source": web, "destination": db}
+    for body, message in [
+        ({"Action": "sometimes"}, "Action must be set to 'allow' or 'deny'"),
+        (
+            {"Permissions": [{"Action": "allow", "HTTP": {"PathRegex": "(unclosed"}}]},
+            "is not a valid regular expression",
+        ),
+        (
+            {"Permissions": [{"Action": "allow", "HTTP": {"PathExact": "/", "Verb": "GET"}}]},
+            "unknown field 'Verb'",
+        ),
+        (
+            {"Permissions": [{"HTTP": {"PathExact": "/"}}]},
+            "Permissions[0].Action must be set to 'allow' or 'deny'",
+        ),
+        ({"Action": 7}, "Action: expected string"),
+    ]:
+        r = http.put("/v1/connect/intentions/exact", params=exact, json=body)
+        assert r.status_code == 400, (body, r.text)
+        assert message in r.text
+        assert r.headers["Content-Type"].startswith("text/plain")
+    r = http.put(
+        "/v1/connect/intentions/exact",
+        params={"source": "we*", "destination": db},
+        json={"Action": "allow"},
+    )
+    assert r.status_code == 400 and "cannot be used with partial values" in r.text
+    r = http.put(
+        "/v1/connect/intentions/exact", params={"destination": db}, json={"Action": "allow"}
+    )
+    assert r.status_code == 400 and "required query parameter 'source' not set" in r.text
+    r = http.post("/v1/connect/intentions", json={"DestinationName": db, "Action": "allow"})
+    assert r.status_code == 400 and "SourceName is required" in r.text
+    r = http.get("/v1/connect/intentions/match", params={"by": "sideways", "name": db})
+    assert r.status_code == 400
+    assert [
+        i for i in http.get("/v1/connect/intentions").json() if i["DestinationName"] == db
+    ] == []
+
+
+# --- ACLs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_acl_intention_writes_need_intentions_write_on_the_destination(acl_server, unique):
+    web, db = unique("web"), unique("db")
+    token = _acl_token(
+        acl_server, unique, f'service "{db}" {{ policy = "read" intentions = "write" }}'
+    )
+    c = acl_server.consul(token=token).connect.intentions
+    assert c.upsert(web, db, action="allow") is True
+    with pytest.raises(consul.ACLPermissionDenied) as err:
+        c.upsert(db, web, action="allow")
+    assert "intentions:write" in str(err.value)
+    with pytest.raises(consul.ACLPermissionDenied):
+        c.upsert(web, "*", action="allow")
+    anonymous = acl_server.consul(token="").connect.intentions
+    with pytest.raises(consul.ACLPermissionDenied):
+        anonymous.delete(web, db)
+    admin = acl_server.consul(token=acl_server.token).connect.intentions
+    assert admin.read(web, db)["Action"] == "allow"
+
+
+@pytest.mark.slow
+def test_acl_reads_are_filtered_to_either_end_and_match_needs_read(acl_server, unique):
+    web, db, x, y = unique("web"), unique("db"), unique("x"), unique("y")
+    admin = acl_server.consul(token=acl_server.token).connect.intentions
+    admin.upsert(web, db, action="allow")
+    admin.upsert(x, y, action="deny")
+    token = _acl_token(acl_server, unique, f'service "{web}" {{ policy = "read" }}')
+    with acl_server.client(token=token) as h:
+        r = h.get("/v1/connect/intentions")
+        assert r.status_code == 200
+        assert [(i["SourceName"], i["DestinationName"]) for i in r.json()] == [(web, db)]
+        assert r.headers.get("X-Consul-Results-Filtered-By-ACLs") == "true"
+        assert (
+            h.get(
+                "/v1/connect/intentions/exact", params={"source": web, "destination": db}
+            ).status_code
+            == 200
+        )
+        assert (
+            h.get(
+                "/v1/connect/intentions/exact", params={"source": x, "destination": y}
+            ).status_code
+            == 403
+        )
+        assert (
+            h.get(
+                "/v1/connect/intentions/match", params={"by": "destination", "name": y}
+            ).status_code
+            == 403
+        )
+        assert (
+            h.get("/v1/connect/intentions/match", params={"by": "source", "name": web}).status_code
+            == 200
+        )
+
+
+@pytest.mark.slow
+def test_acl_check_needs_service_read_and_authorize_service_write(acl_server, unique):
+    web, db = unique("web"), unique("db")
+    acl_server.consul(token=acl_server.token).connect.intentions.upsert(web, db, action="allow")
+    reader = _acl_token(acl_server, unique, f'service "{db}" {{ policy = "read" }}')
+    writer = _acl_token(acl_server, unique, f'service "{db}" {{ policy = "write" }}')
+    assert acl_server.consul(token=reader).connect.intentions.check(web, db) is True
+    with pytest.raises(consul.ACLPermissionDenied):
+        acl_server.consul(token=reader).connect.intentions.check(db, web)
+    with acl_server.client() as h:
+        uri = _spiffe(h, web)
+    with pytest.raises(consul.ACLPermissionDenied):
+        acl_server.consul(token=reader).agent.connect.authorize(db, uri, "01")
+    answer = acl_server.consul(token=writer).agent.connect.authorize(db, uri, "01")
+    assert answer["Authorized"] is True
+    assert answer["Reason"].startswith(f"Matched L4 intention: {web} => {db}")
