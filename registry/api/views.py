@@ -31,6 +31,7 @@ from rest_framework.response import Response
 from rest_framework.reverse import reverse
 from rest_framework.views import APIView
 
+from registry import audit
 from registry.api import filtersets
 from registry.api import schema as _schema  # noqa: F401  (registers the auth scheme)
 from registry.api import serializers as s
@@ -68,6 +69,22 @@ class MeshViewSet(viewsets.GenericViewSet):
                 f"Request body ({length} bytes) too large, max size: {settings.MESH_MAX_BODY_SIZE} bytes"
             )
         super().initial(request, *args, **kwargs)
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            # Writes are audited with the caller's identity (closed in finalize_response).
+            identity = identity_of(request)
+            via = "ui" if identity.accessor_id.startswith("user:") else "api"
+            actor = audit.Actor(identity.accessor_id or "anonymous", identity.description, via)
+            self._audit_scope = audit.scope(
+                actor, f"api.{self.basename}.{self.action}", request.method, request.path
+            )
+            self._audit_scope.__enter__()
+
+    def finalize_response(self, request: Request, response: Any, *args: Any, **kwargs: Any) -> Any:
+        scope = getattr(self, "_audit_scope", None)
+        if scope is not None:
+            self._audit_scope = None
+            scope.__exit__(None, None, None)
+        return super().finalize_response(request, response, *args, **kwargs)
 
     model: type | None = None
     # Input shapes by method: the browsable API renders its forms from these.
