@@ -4,7 +4,7 @@ from django.urls import path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
-from registry.api import views
+from registry.api import ca, views
 from registry.api.errors import not_found
 
 app_name = "api"
@@ -31,5 +31,8 @@ urlpatterns = [
     path("kv/", kv_list, name="kv-list"),
     path("kv/<path:key>", kv_entry, name="kv-detail"),
     *router.urls,
+    re_path(r"^ca/sign/?$", ca.SignView.as_view(), name="ca-sign"),
+    re_path(r"^ca/roots/?$", ca.RootsView.as_view(), name="ca-roots"),
+    re_path(r"^ca/rotate/?$", ca.RotateView.as_view(), name="ca-rotate"),
     re_path(r"^.*$", not_found),
 ]
