@@ -745,3 +745,81 @@ def test_acl_check_needs_service_read_and_authorize_service_write(acl_server, un
     answer = acl_server.consul(token=writer).agent.connect.authorize(db, uri, "01")
     assert answer["Authorized"] is True
     assert answer["Reason"].startswith(f"Matched L4 intention: {web} => {db}")
+
+
+# --- /api/intentions/ ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_api_creates_lists_checks_matches_and_deletes_intentions(http, consul_client, unique):
+    web, db = unique("web"), unique("db")
+    r = http.post(
+        "/api/intentions/",
+        json={"source_name": web, "destination_name": db, "action": "allow", "meta": {"t": "1"}},
+    )
+    assert r.status_code == 201, r.text
+    created = r.json()
+    assert (created["source_name"], created["action"], created["precedence"]) == (web, "allow", 9)
+    assert created["meta"] == {"t": "1"}
+    # The same data on /v1.
+    assert consul_client.connect.intentions.read(web, db)["ID"] == created["id"]
+    assert (
+        http.post(
+            "/api/intentions/", json={"source_name": web, "destination_name": db, "action": "deny"}
+        ).status_code
+        == 409
+    )
+    listed = http.get("/api/intentions/", params={"destination": db}).json()
+    assert [i["id"] for i in listed["results"]] == [created["id"]]
+    check = http.get("/api/intentions/check/", params={"source": web, "destination": db}).json()
+    assert check["allowed"] is True and check["intention_id"] == created["id"]
+    assert check["reason"].startswith(f"Matched L4 intention: {web} => {db}")
+    other = http.get("/api/intentions/check/", params={"source": unique("x"), "destination": db})
+    assert other.json()["allowed"] is False and other.json()["default"] is True
+    matched = http.get("/api/intentions/match/", params={"by": "source", "name": web}).json()
+    assert [i["destination_name"] for i in matched[web]] == [db]
+    r = http.put(
+        f"/api/intentions/{created['id']}/",
+        json={"source_name": web, "destination_name": db, "action": "deny"},
+    )
+    assert r.status_code == 200 and r.json()["action"] == "deny"
+    assert http.delete(f"/api/intentions/{created['id']}/").status_code == 204
+    assert http.get(f"/api/intentions/{created['id']}/").status_code == 404
+
+
+@pytest.mark.slow
+def test_api_refuses_bad_intentions_with_json_errors(http, unique):
+    db = unique("db")
+    for body, message in [
+        ({"source_name": "w*b", "destination_name": db, "action": "allow"}, "wildcard"),
+        ({"source_name": "web", "destination_name": db}, "Action must be set"),
+        (
+            {
+                "source_name": "web",
+                "destination_name": db,
+                "permissions": [{"Action": "allow", "HTTP": {"PathRegex": "[z-a]"}}],
+            },
+            "not a valid regular expression",
+        ),
+        ({"source_name": "web", "destination_name": db, "action": "perhaps"}, "action"),
+    ]:
+        r = http.post("/api/intentions/", json=body)
+        assert r.status_code == 400, (body, r.text)
+        assert message in r.json()["error"]
+    assert http.get("/api/intentions/", params={"destination": db}).json()["count"] == 0
+
+
+@pytest.mark.slow
+def test_api_lists_only_what_the_token_may_read(acl_server, unique):
+    web, db, x = unique("web"), unique("db"), unique("x")
+    admin = acl_server.consul(token=acl_server.token).connect.intentions
+    admin.upsert(web, db, action="allow")
+    admin.upsert(x, db, action="deny")
+    token = _acl_token(acl_server, unique, f'service "{web}" {{ policy = "read" }}')
+    with acl_server.client(token=token) as h:
+        rows = h.get("/api/intentions/", params={"destination": db}).json()["results"]
+        assert [r["source_name"] for r in rows] == [web]
+        r = h.post(
+            "/api/intentions/", json={"source_name": web, "destination_name": x, "action": "allow"}
+        )
+        assert r.status_code == 403 and "intentions:write" in r.json()["error"]
