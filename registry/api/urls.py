@@ -5,6 +5,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
 from registry.api import audit, ca, views
+from registry.api import intentions as intentions_api
 from registry.api.errors import not_found
 
 app_name = "api"
@@ -17,6 +18,7 @@ router.register("instances", views.InstanceViewSet, basename="instance")
 router.register("checks", views.CheckViewSet, basename="check")
 router.register("acl/tokens", views.ACLTokenViewSet, basename="acltoken")
 router.register("acl/policies", views.ACLPolicyViewSet, basename="aclpolicy")
+router.register("intentions", intentions_api.IntentionViewSet, basename="intention")
 router.register("audit", audit.AuditEntryViewSet, basename="audit")
 
 # Keys contain slashes (and may end with one), so a key's URL is `kv/<key>`
