@@ -3,6 +3,7 @@
 from django.urls import path
 
 from registry.v1 import acl, agent, catalog, connect_ca, kv, session, status
+from registry.v1 import config as config_v1
 from registry.v1 import intentions as intentions_v1
 
 urlpatterns = [
@@ -47,4 +48,5 @@ urlpatterns = [
     *acl.urlpatterns,
     *connect_ca.urlpatterns,
     *intentions_v1.urlpatterns,
+    *config_v1.urlpatterns,
 ]
