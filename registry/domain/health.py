@@ -528,7 +528,7 @@ def run_due_checks(due: list[Check], now: datetime, *, wait: bool = False) -> in
     """Claim and start the due probes; returns how many this worker took.
 
     With `wait`, probes still run concurrently but results are written by the
-    calling thread before returning (tests, `run_check`); otherwise the pool
+    calling thread before returning (tests use it); otherwise the pool
     threads write them as they finish, so a slow endpoint never holds up the
     tick loop.
     """
