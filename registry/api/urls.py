@@ -5,6 +5,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
 from registry.api import audit, ca, views
+from registry.api import config_entries as config_entries_api
 from registry.api import intentions as intentions_api
 from registry.api.errors import not_found
 
@@ -37,5 +38,6 @@ urlpatterns = [
     re_path(r"^ca/sign/?$", ca.SignView.as_view(), name="ca-sign"),
     re_path(r"^ca/roots/?$", ca.RootsView.as_view(), name="ca-roots"),
     re_path(r"^ca/rotate/?$", ca.RotateView.as_view(), name="ca-rotate"),
+    *config_entries_api.urlpatterns,
     re_path(r"^.*$", not_found),
 ]
