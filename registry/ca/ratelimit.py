@@ -78,7 +78,7 @@ class CSRRateLimiter:
                 return 0.0
             # Each caller still waiting holds one token of debt: a balance in
             # [-1, 0) means one waiter, [-2, -1) two, and so on.
-            waiting = math.ceil(-self._tokens) if self._tokens < 0 else 0
+            waiting = math.ceil(-self._tokens - 1e-9) if self._tokens < 0 else 0
             if waiting >= self.queue:
                 raise TooManyRequests(RATE_LIMITED)
             delay = (1.0 - self._tokens) / self.rate

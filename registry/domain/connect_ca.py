@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtensionOID
 from django.conf import settings
+from django.db import connection
 from django.utils import timezone
 
 from meshproto import pki, spiffe
@@ -34,7 +35,7 @@ from registry.ca import manager as ca_manager
 from registry.ca.manager import TOPIC_CONFIG, TOPIC_ROOTS, Settings, manager
 from registry.ca.provider import BACKDATE, CAProvider, Signer, get_provider
 from registry.ca.ratelimit import CSRRateLimiter
-from registry.domain.txn import Change, topic_index, topics_index
+from registry.domain.txn import Change, topic_index
 from registry.errors import BadRequest, PermissionDenied
 from registry.models import (
     CAConfig,
@@ -172,7 +173,7 @@ def retire_expired_roots() -> int:
 class SigningState:
     """What a signing needs, loaded once per change of the CA (roots or config)."""
 
-    index: int
+    version: tuple[int, str]
     trust_domain: str
     cluster_id: str
     root_id: str
@@ -188,18 +189,31 @@ _signers: dict[str, Signer] = {}
 limiter = CSRRateLimiter(0, 0)
 
 
+def _state_version() -> tuple[int, str]:
+    """(index of the CA's topics, active root ID) in one small query: the
+    root ID guards against indexes reused by a database restored or rolled back."""
+    with connection.cursor() as cur:
+        cur.execute(
+            'SELECT (SELECT MAX("index") FROM registry_topicindex WHERE topic IN (%s, %s)), '
+            "(SELECT id FROM registry_caroot WHERE active = %s ORDER BY id LIMIT 1)",
+            [TOPIC_ROOTS, TOPIC_CONFIG, True],
+        )
+        index, root_id = cur.fetchone()
+    return int(index or 0), root_id or ""
+
+
 def signing_state() -> SigningState:
     """The active root ready to sign, reloaded only when `ca-roots`/`ca-config` moved."""
     global _state
-    index = topics_index((TOPIC_ROOTS, TOPIC_CONFIG))
+    version = _state_version()
     state = _state
-    if state is not None and state.index == index:
+    if state is not None and state.version == version:
         return state
     with _state_lock:
         root = CARoot.objects.filter(active=True).first()
         if root is None:
             manager.ensure_initialized()
-            index = topics_index((TOPIC_ROOTS, TOPIC_CONFIG))
+            version = _state_version()
             root = CARoot.objects.get(active=True)
         identity = ClusterIdentity.objects.get(id=1)
         row = CAConfig.objects.get(id=1)
@@ -211,7 +225,7 @@ def signing_state() -> SigningState:
             _signers[root.id] = signer
         cfg = ca_manager.settings_of(row.config)
         _state = SigningState(
-            index=index,
+            version=version,
             trust_domain=identity.trust_domain,
             cluster_id=identity.cluster_id,
             root_id=root.id,
