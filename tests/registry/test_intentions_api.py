@@ -8,6 +8,8 @@ in tests/test_intentions_pure.py.
 
 from __future__ import annotations
 
+import json
+
 import consul
 import pytest
 
@@ -825,3 +827,62 @@ def test_api_lists_only_what_the_token_may_read(acl_server, unique):
             "/api/intentions/", json={"source_name": web, "destination_name": x, "action": "allow"}
         )
         assert r.status_code == 403 and "intentions:write" in r.json()["error"]
+
+
+# --- the CLI ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_cli_creates_lists_gets_checks_matches_and_deletes(server, unique, tmp_path):
+    from tests.test_cli import ok, run_mesh
+
+    web, db, api = unique("web"), unique("db"), unique("api")
+    assert ok(run_mesh("intention", "create", "-meta", "team=a", web, db, server=server)) == (
+        f"Created: {web} => {db} (allow)\n"
+    )
+    assert ok(run_mesh("intention", "create", "-deny", "*", db, server=server)) == (
+        f"Created: * => {db} (deny)\n"
+    )
+    dup = run_mesh("intention", "create", web, db, server=server)
+    assert dup.returncode == 1 and "duplicate intention found" in dup.stderr
+    assert ok(run_mesh("intention", "create", "-replace", "-deny", web, db, server=server)) == (
+        f"Created: {web} => {db} (deny)\n"
+    )
+    shown = ok(run_mesh("intention", "get", web, db, server=server))
+    assert f"Source:       {web}" in shown and "Action:       deny" in shown
+    assert "Precedence:   9" in shown
+    listed = ok(
+        run_mesh("intention", "list", "-filter", f'DestinationName == "{db}"', server=server)
+    )
+    lines = listed.splitlines()
+    assert lines[0].split() == ["ID", "Source", "Action", "Destination", "Precedence"]
+    assert [line.split()[1:] for line in lines[1:]] == [
+        [web, "deny", db, "9"],
+        ["*", "deny", db, "8"],
+    ]
+    denied = run_mesh("intention", "check", api, db, server=server)
+    assert (denied.returncode, denied.stdout) == (2, "Denied\n")
+    file = tmp_path / "ixn.json"
+    file.write_text(json.dumps({"SourceName": api, "DestinationName": db, "Action": "allow"}))
+    ok(run_mesh("intention", "create", "-file", str(file), server=server))
+    assert ok(run_mesh("intention", "check", api, db, server=server)) == "Allowed\n"
+    explained = ok(run_mesh("intention", "check", "-explain", api, db, server=server))
+    assert explained.startswith(f"Allowed\nMatched L4 intention: {api} => {db}")
+    matched = ok(run_mesh("intention", "match", db, server=server)).splitlines()
+    assert matched[:2] == sorted([f"{api} => {db} (allow)", f"{web} => {db} (deny)"])
+    assert matched[2] == f"* => {db} (deny)"
+    assert ok(run_mesh("intention", "delete", web, db, server=server)) == "Intention deleted.\n"
+    missing = run_mesh("intention", "get", web, db, server=server)
+    assert missing.returncode == 1 and "Intention not found" in missing.stderr
+
+
+@pytest.mark.slow
+def test_cli_reports_bad_input_in_one_line(server, unique):
+    from tests.test_cli import run_mesh
+
+    bad = run_mesh("intention", "create", "we*b", unique("db"), server=server)
+    assert bad.returncode == 1
+    assert "wildcard character '*' cannot be used with partial values" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    usage = run_mesh("intention", "check", "onlyone", server=server)
+    assert usage.returncode == 1 and "needs SRC and DST" in usage.stderr
