@@ -11,10 +11,11 @@ import argparse
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add every client command to `mesh`'s subcommands."""
-    from meshweb.commands import acl, ca, catalog, kv, services
+    from meshweb.commands import acl, ca, catalog, intention, kv, services
 
     acl.register(sub)
     ca.register(sub)
     catalog.register(sub)
     kv.register(sub)
     services.register(sub)
+    intention.register(sub)
