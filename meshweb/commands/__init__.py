@@ -12,6 +12,7 @@ import argparse
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add every client command to `mesh`'s subcommands."""
     from meshweb.commands import acl, ca, catalog, intention, kv, services
+    from meshweb.commands import config as config_cmd
 
     acl.register(sub)
     ca.register(sub)
@@ -19,3 +20,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     kv.register(sub)
     services.register(sub)
     intention.register(sub)
+    config_cmd.register(sub)
