@@ -497,7 +497,8 @@ def watcher_process(conn, port: int, n: int, path: str) -> None:
 
     Protocol over the pipe: it answers ("open", n) once connected; then for
     each ("round", index) it sends every request, answers ("sent",), and once
-    every answer is in, ("done", [(monotonic_time, status, x_consul_index)]);
+    every answer is in, ("done", [(monotonic_time, status, x_consul_index)],
+    its own CPU seconds while waiting and reading);
     ("quit",) ends it.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent cleans up
@@ -526,7 +527,9 @@ def watcher_process(conn, port: int, n: int, path: str) -> None:
             tasks = [asyncio.ensure_future(one(c)) for c in conns]
             await asyncio.gather(*(c.writer.drain() for c in conns))
             conn.send(("sent",))
-            conn.send(("done", await asyncio.gather(*tasks)))
+            cpu0 = time.process_time()
+            answers = await asyncio.gather(*tasks)
+            conn.send(("done", answers, time.process_time() - cpu0))
         for c in conns:
             c.close()
 
@@ -592,7 +595,7 @@ async def bench_fanout(srv: MeshServer, fig: Figures, args) -> None:
             r = await writer.request("PUT", "/v1/catalog/register", instance(rnd))
             t_acked = time.monotonic()
             assert r.status == 200, r
-            _, answers = await recv(120)
+            _, answers, client_cpu = await recv(120)
             cpu = cpu_seconds(pid) - cpu0
             ok = [a for a in answers if a[1] == 200 and a[2] > index]
             early = sum(1 for a in answers if a[0] < t_write)
@@ -607,6 +610,7 @@ async def bench_fanout(srv: MeshServer, fig: Figures, args) -> None:
                     "write_ms": (t_acked - t_write) * 1000,
                     "ok": len(ok),
                     "cpu_ms": cpu * 1000,
+                    "client_cpu_ms": client_cpu * 1000,
                 }
             )
             if len(ok) != len(answers) or early:
@@ -617,7 +621,8 @@ async def bench_fanout(srv: MeshServer, fig: Figures, args) -> None:
             progress(
                 f"  round {rnd}: {len(ok)} woken; from the write's response p50 "
                 f"{rounds[-1]['p50']:.0f} ms, p99 {rounds[-1]['p99']:.0f} ms, max {rounds[-1]['max']:.0f} ms "
-                f"(write took {rounds[-1]['write_ms']:.1f} ms, server CPU {cpu * 1000:.0f} ms)"
+                f"(write took {rounds[-1]['write_ms']:.1f} ms, server CPU {cpu * 1000:.0f} ms, "
+                f"watcher process CPU {client_cpu * 1000:.0f} ms)"
             )
             index = max([a[2] for a in ok] or [index + 1])
         fig.values["fanout_rounds"] = rounds
