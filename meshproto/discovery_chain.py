@@ -156,6 +156,7 @@ class _Compiler:
             self.override_protocol and self.override_protocol not in HTTP_PROTOCOLS
         )
         self._splitters_visiting: list[str] = []
+        self._failover_done: set[str] = set()
         self.customized: dict[str, Any] = {}
 
     # -- entries -------------------------------------------------------------------
@@ -300,6 +301,10 @@ class _Compiler:
             history.append(target.id)
             cached = self.nodes.get(f"resolver:{target.id}")
             if cached is not None:
+                if not for_failover:
+                    # First built as some other target's failover: now it is a
+                    # primary, so it gets its own failover too.
+                    self._attach_failover(cached, target)
                 return cached
             resolver = self._entry("service-resolver", target.service)
             redirect = (resolver or {}).get("Redirect")
@@ -351,20 +356,30 @@ class _Compiler:
         self.targets[target.id] = self._target_json(target, subset_def, timeout)
         self.nodes[_key(node)] = node
 
-        if not for_failover and resolver:
-            failover = resolver.get("Failover", {})
-            policy = failover.get(target.subset) if target.subset else None
-            policy = policy or failover.get("*")
-            if policy:
-                ids: list[str] = []
-                for candidate in self._failover_targets(target, policy):
-                    resolved = self._resolver_node(candidate, for_failover=True)
-                    tid = resolved["Resolver"]["Target"]
-                    if tid != target.id and tid not in ids:
-                        ids.append(tid)
-                if ids:
-                    info["Failover"] = {"Targets": ids}
+        if not for_failover:
+            self._attach_failover(node, target)
         return node
+
+    def _attach_failover(self, node: dict, target: Target) -> None:
+        """Resolve `node`'s failover targets (once); they get no failover of their own."""
+        key = _key(node)
+        if key in self._failover_done:
+            return
+        self._failover_done.add(key)
+        resolver = self._entry("service-resolver", target.service) or {}
+        failover = resolver.get("Failover", {})
+        policy = failover.get(target.subset) if target.subset else None
+        policy = policy or failover.get("*")
+        if not policy:
+            return
+        ids: list[str] = []
+        for candidate in self._failover_targets(target, policy):
+            resolved = self._resolver_node(candidate, for_failover=True)
+            tid = resolved["Resolver"]["Target"]
+            if tid != target.id and tid not in ids:
+                ids.append(tid)
+        if ids:
+            node["Resolver"]["Failover"] = {"Targets": ids}
 
     @staticmethod
     def _failover_targets(target: Target, policy: dict) -> list[Target]:
