@@ -8,7 +8,7 @@ run: venv          ## run the mesh (embedded: SQLite, in-process tasks)
 	.venv/bin/mesh server
 
 test: venv         ## run the whole test suite
-	.venv/bin/pytest $(PYTEST_ARGS)
+	.venv/bin/pytest -n 2 $(PYTEST_ARGS)
 
 test-fast: venv    ## unit tests only (no server processes)
 	.venv/bin/pytest -m "not slow" $(PYTEST_ARGS)
