@@ -178,21 +178,11 @@ class Proposed:
 
 
 def destination_protocol(name: str) -> str:
-    """The destination's protocol as the mesh sees it: its `service-defaults`
-    entry's `Protocol`, else the global `proxy-defaults` `Config.protocol`,
-    else `tcp` (Consul's rule)."""
-    rows = {
-        (kind, n): data
-        for kind, n, data in ConfigEntry.objects.filter(
-            Q(kind="service-defaults", name=name) | Q(kind="proxy-defaults", name="global")
-        ).values_list("kind", "name", "data")
-    }
-    sd = rows.get(("service-defaults", name)) or {}
-    protocol = sd.get("Protocol") or ""
-    if not protocol:
-        config = (rows.get(("proxy-defaults", "global")) or {}).get("Config") or {}
-        protocol = config.get("protocol") or config.get("Protocol") or ""
-    return str(protocol or "tcp").lower()
+    """The destination's protocol as the mesh sees it (service-defaults, then
+    proxy-defaults, then tcp): the config entries' rule, asked of their module."""
+    from registry.domain import config_entries  # imports this module: import late
+
+    return str(config_entries.service_protocol(name) or "tcp").lower()
 
 
 def _check_http(destination: str) -> None:
