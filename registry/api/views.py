@@ -36,7 +36,7 @@ from registry.api import filtersets
 from registry.api import schema as _schema  # noqa: F401  (registers the auth scheme)
 from registry.api import serializers as s
 from registry.api.auth import Need, authz_of, identity_of, require
-from registry.domain import acl, datacenters, inventory, kv
+from registry.domain import acl, catalog, datacenters, inventory, kv
 from registry.errors import Conflict, NotFound, TooLarge
 from registry.models import ACLPolicy, ACLToken, Check, Datacenter, KVEntry, Node, ServiceInstance
 
@@ -349,16 +349,15 @@ class InstanceViewSet(MeshViewSet):
     def create(self, request: Request) -> Response:
         body = self.valid(s.InstanceCreateSerializer)
         data = body.validated_data
-        require(request, "service:write", data["name"])
-        destination = (body.service_spec().get("Proxy") or {}).get("DestinationServiceName")
-        if destination:
-            require(request, "service:write", destination)
         if "node" in data:
-            if "node_address" in data:  # creates or updates the node
-                require(request, "node:write", data["node"])
-            svc = inventory.register_instance(body.catalog_spec(), node=data["node"])
+            spec = body.catalog_spec()
+            needs = catalog.catalog_register_needs(spec)
         else:
-            svc = inventory.register_instance(body.agent_spec())
+            spec = body.agent_spec()
+            needs = catalog.agent_register_needs(catalog.local_node(), spec)
+        for permission, resource in needs:
+            require(request, permission, resource)
+        svc = inventory.register_instance(spec, node=data.get("node"))
         context = {**self.get_serializer_context(), **_with_checks([svc])}
         return Response(
             s.InstanceDetailSerializer(svc, context=context).data, status.HTTP_201_CREATED

@@ -696,3 +696,11 @@ __all__ = [
     "update_policy",
     "update_token",
 ]
+
+
+def allowed(authz: Authorizer, permission: str, resource: str | None = None) -> bool:
+    """Ask an authorizer a question spelled as Consul spells it ("service:write", "web")."""
+    check = getattr(authz, permission.replace(":", "_"), None)
+    if check is None:
+        raise ValueError(f"unknown permission {permission!r}")
+    return bool(check(resource) if resource is not None else check())

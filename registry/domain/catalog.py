@@ -608,6 +608,85 @@ def apply_check_result(change: Change, check: Check, status: str, output: str | 
     return check
 
 
+# --- permissions --------------------------------------------------------------------------
+
+
+Need = tuple[str, str]  # (permission, resource), e.g. ("service:write", "web")
+
+
+def agent_register_needs(node: Node, spec: dict[str, Any]) -> list[Need]:
+    """What `register_agent_service(node, spec)` needs from the caller's token.
+
+    Write on the service, on any other service whose ID it re-uses (it would
+    replace it), on a proxy's destination and on a named sidecar.
+    """
+    name = spec.get("Name", "")
+    needs: list[Need] = [("service:write", name)]
+    replaced = ServiceInstance.objects.filter(node=node, service_id=spec.get("ID") or name).first()
+    if replaced is not None and replaced.name != name:
+        needs.append(("service:write", replaced.name))
+    dest = (spec.get("Proxy") or {}).get("DestinationServiceName")
+    if spec.get("Kind") == "connect-proxy" and dest:
+        needs.append(("service:write", dest))
+    sidecar = (spec.get("Connect") or {}).get("SidecarService")
+    if sidecar is not None and sidecar.get("Name"):
+        needs.append(("service:write", sidecar["Name"]))
+    return needs
+
+
+def catalog_register_needs(spec: dict[str, Any]) -> list[Need]:
+    """What `catalog_register(spec)` needs from the caller's token.
+
+    node:write when the node is created or any of its fields change; write on
+    the service (and on a service whose ID it re-uses, and a proxy's
+    destination); node:write for node-level checks and write on the service
+    a check is attached to.
+    """
+    node = spec.get("Node", "")
+    existing = Node.objects.filter(name=node).first()
+    needs: list[Need] = []
+    if not spec.get("SkipNodeUpdate"):
+        changes_node = (
+            existing is None
+            or spec.get("Address") not in (None, "", existing.address)
+            or "NodeMeta" in spec
+            or spec.get("ID") not in (None, "", existing.node_id)
+            or (
+                "TaggedAddresses" in spec
+                and spec["TaggedAddresses"] != (existing.tagged_addresses or {})
+            )
+        )
+        if changes_node:
+            needs.append(("node:write", node))
+
+    def on_node(service_id: str) -> ServiceInstance | None:
+        if existing is None or not service_id:
+            return None
+        return ServiceInstance.objects.filter(node=existing, service_id=service_id).first()
+
+    service = spec.get("Service") or {}
+    service_id = ""
+    if service:
+        name = service.get("Name", "")
+        needs.append(("service:write", name))
+        service_id = service.get("ID") or name
+        replaced = on_node(service_id)
+        if replaced is not None and replaced.name != name:
+            needs.append(("service:write", replaced.name))
+        dest = (service.get("Proxy") or {}).get("DestinationServiceName")
+        if service.get("Kind") == "connect-proxy" and dest:
+            needs.append(("service:write", dest))
+    checks = ([spec["Check"]] if spec.get("Check") else []) + list(spec.get("Checks") or [])
+    for c in checks:
+        if not c.get("ServiceID"):
+            needs.append(("node:write", node))
+        elif c["ServiceID"] != service_id:
+            target = on_node(c["ServiceID"])
+            if target is not None:
+                needs.append(("service:write", target.name))
+    return needs
+
+
 # --- catalog register / deregister ------------------------------------------------------
 
 

@@ -99,21 +99,10 @@ def service_register(ctx: Ctx) -> Reply:
     name = spec.get("Name", "")
     if not name:
         raise BadRequest("Missing service name")
-    ctx.require(ctx.authz.service_write(name), "service:write", name)
-    # Re-using another service's ID replaces it: that needs write on the one replaced too.
-    replaced = ServiceInstance.objects.filter(
-        node=catalog.local_node(), service_id=spec.get("ID") or name
-    ).first()
-    if replaced is not None and replaced.name != name:
-        ctx.require(ctx.authz.service_write(replaced.name), "service:write", replaced.name)
-    sidecar = (spec.get("Connect") or {}).get("SidecarService")
-    dest = (spec.get("Proxy") or {}).get("DestinationServiceName")
-    if spec.get("Kind") == "connect-proxy" and dest:
-        ctx.require(ctx.authz.service_write(dest), "service:write", dest)
-    if sidecar is not None and sidecar.get("Name"):
-        ctx.require(ctx.authz.service_write(sidecar["Name"]), "service:write", sidecar["Name"])
+    node = catalog.local_node()
+    ctx.require_all(catalog.agent_register_needs(node, spec))
     catalog.register_agent_service(
-        catalog.local_node(), spec, replace_existing_checks=ctx.flag("replace-existing-checks")
+        node, spec, replace_existing_checks=ctx.flag("replace-existing-checks")
     )
     return Reply(None, raw=b"")
 

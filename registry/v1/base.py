@@ -130,6 +130,13 @@ class Ctx:
     def authz(self):
         return self.identity.authorizer
 
+    def require_all(self, needs: Iterable[tuple[str, str]]) -> None:
+        """Refuse unless the token has every `(permission, resource)` need."""
+        from registry.domain.acl import allowed
+
+        for permission, resource in needs:
+            self.require(allowed(self.authz, permission, resource), permission, resource)
+
     def require(self, allowed: bool, permission: str = "", resource: str = "") -> None:
         """Refuse unless `allowed`, with Consul's 403 text."""
         if not allowed:

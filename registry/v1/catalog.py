@@ -37,7 +37,7 @@ def register(ctx: Ctx) -> Reply:
     if "NodeMeta" not in spec and ctx.has("node-meta"):
         # py-consul sends catalog.register(node_meta=...) as ?node-meta=k:v.
         spec["NodeMeta"] = _node_meta(ctx)
-    _authorize_catalog_write(ctx, spec)
+    ctx.require_all(catalog.catalog_register_needs(spec))
     catalog.catalog_register(spec)
     return Reply(True)
 
@@ -62,55 +62,6 @@ def deregister(ctx: Ctx) -> Reply:
         ctx.require(ctx.authz.node_write(spec["Node"]), "node:write", spec["Node"])
     catalog.catalog_deregister(spec)
     return Reply(True)
-
-
-def _authorize_catalog_write(ctx: Ctx, spec: dict) -> None:
-    from registry.models import Node, ServiceInstance
-
-    authz = ctx.authz
-    node = spec.get("Node", "")
-    existing = Node.objects.filter(name=node).first()
-    if not spec.get("SkipNodeUpdate"):
-        changes_node = (
-            existing is None
-            or spec.get("Address") not in (None, "", existing.address)
-            or "NodeMeta" in spec
-            or spec.get("ID") not in (None, "", existing.node_id)
-            or (
-                "TaggedAddresses" in spec
-                and spec["TaggedAddresses"] != (existing.tagged_addresses or {})
-            )
-        )
-        if changes_node:
-            ctx.require(authz.node_write(node), "node:write", node)
-
-    def on_node(service_id: str):
-        if existing is None or not service_id:
-            return None
-        return ServiceInstance.objects.filter(node=existing, service_id=service_id).first()
-
-    service = spec.get("Service") or {}
-    service_id = ""
-    if service:
-        name = service.get("Name", "")
-        ctx.require(authz.service_write(name), "service:write", name)
-        service_id = service.get("ID") or name
-        # Re-using another service's ID replaces it: that needs write on the one replaced too.
-        replaced = on_node(service_id)
-        if replaced is not None and replaced.name != name:
-            ctx.require(authz.service_write(replaced.name), "service:write", replaced.name)
-        dest = (service.get("Proxy") or {}).get("DestinationServiceName")
-        if service.get("Kind") == "connect-proxy" and dest:
-            ctx.require(authz.service_write(dest), "service:write", dest)
-    checks = ([spec["Check"]] if spec.get("Check") else []) + list(spec.get("Checks") or [])
-    for c in checks:
-        if not c.get("ServiceID"):
-            ctx.require(authz.node_write(node), "node:write", node)
-        elif c["ServiceID"] != service_id:
-            # A check on another service of the node needs write on that service.
-            target = on_node(c["ServiceID"])
-            if target is not None:
-                ctx.require(authz.service_write(target.name), "service:write", target.name)
 
 
 @endpoint("GET")
