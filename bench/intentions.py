@@ -81,6 +81,7 @@ def queries(rows: list[tuple[str, str, str]], count: int, seed: int = 7) -> list
 
 
 def pure_rate(n: int, asks: list[tuple[str, str]], seconds: float) -> tuple[float, IntentionIndex]:
+    """Decisions/s of one thread asking `asks` over and over of an index of `n` intentions."""
     index = IntentionIndex(
         Intention(source_name=s, destination_name=d, action=a, id=str(i))
         for i, (s, d, a) in enumerate(workload(n))
@@ -217,8 +218,14 @@ def section(args: argparse.Namespace) -> dict:
     rows = workload(args.intentions)
     asks = queries(rows, 5000)
     progress(f"pure decisions with {len(rows)} and with 10 intentions ...")
-    small_rate, _ = pure_rate(10, queries(workload(10), 5000), args.seconds)
-    rate, index = pure_rate(len(rows), asks, args.seconds)
+    # Alternate the two and keep each one's best round: a shared machine's load
+    # then weighs on both alike.
+    small_asks = queries(workload(10), 5000)
+    small_rate = rate = 0.0
+    for _ in range(3):
+        small_rate = max(small_rate, pure_rate(10, small_asks, args.seconds / 3)[0])
+        r, index = pure_rate(len(rows), asks, args.seconds / 3)
+        rate = max(rate, r)
     figures = {"intentions": len(rows), "pure_rate": rate, "pure_rate_10": small_rate}
     print("== intentions: authorization ==")
     print(f"intentions loaded                   {len(rows):>10,}")
