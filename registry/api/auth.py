@@ -27,7 +27,7 @@ from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 
 from registry.acl_rules import Authorizer
-from registry.domain.acl import Identity, resolve_token
+from registry.domain.acl import Identity, resolve_token, secret_from_request
 from registry.errors import MeshError
 
 _ACLS_DISABLED = Identity("", Authorizer.management(), "ACLs disabled")
@@ -52,14 +52,7 @@ class MeshUser:
 
 def request_token(request: Any) -> str:
     """The secret a request carries, in `/v1`'s order of precedence."""
-    token = request.headers.get("X-Consul-Token", "")
-    if not token:
-        auth = request.headers.get("Authorization", "")
-        if auth.lower().startswith("bearer "):
-            token = auth[7:].strip()
-    if not token:
-        token = request.GET.get("token", "")
-    return token
+    return secret_from_request(request)
 
 
 class MeshTokenAuthentication(BaseAuthentication):

@@ -704,3 +704,15 @@ def allowed(authz: Authorizer, permission: str, resource: str | None = None) -> 
     if check is None:
         raise ValueError(f"unknown permission {permission!r}")
     return bool(check(resource) if resource is not None else check())
+
+
+def secret_from_request(request: Any) -> str:
+    """The token a request carries: `X-Consul-Token`, then `Authorization: Bearer`, then `?token=`."""
+    token = request.headers.get("X-Consul-Token", "")
+    if not token:
+        auth = request.headers.get("Authorization", "")
+        if auth.lower().startswith("bearer "):
+            token = auth[7:].strip()
+    if not token:
+        token = request.GET.get("token", "")
+    return token

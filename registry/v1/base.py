@@ -149,14 +149,9 @@ class Ctx:
 
 
 def _token(request: HttpRequest) -> str:
-    token = request.headers.get("X-Consul-Token", "")
-    if not token:
-        auth = request.headers.get("Authorization", "")
-        if auth.lower().startswith("bearer "):
-            token = auth[7:].strip()
-    if not token:
-        token = request.GET.get("token", "")
-    return token
+    from registry.domain.acl import secret_from_request
+
+    return secret_from_request(request)
 
 
 def _blocking_params(ctx: Ctx) -> tuple[int, float]:
