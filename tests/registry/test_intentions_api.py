@@ -886,3 +886,83 @@ def test_cli_reports_bad_input_in_one_line(server, unique):
     assert len(bad.stderr.strip().splitlines()) == 1
     usage = run_mesh("intention", "check", "onlyone", server=server)
     assert usage.returncode == 1 and "needs SRC and DST" in usage.stderr
+
+
+# --- with config entries ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_l7_intentions_over_http_with_an_http_service(http, consul_client, unique):
+    web, db = unique("web"), unique("db")
+    perms = [
+        {"Action": "deny", "HTTP": {"PathPrefix": "/admin"}},
+        {"Action": "allow", "HTTP": {"PathPrefix": "/", "Methods": ["GET"]}},
+    ]
+    refused = http.put(
+        "/v1/connect/intentions/exact",
+        params={"source": web, "destination": db},
+        json={"Permissions": perms},
+    )
+    assert refused.status_code == 400 and "has protocol 'tcp'" in refused.text
+    r = http.put("/v1/config", json={"Kind": "service-defaults", "Name": db, "Protocol": "http"})
+    assert r.status_code == 200, r.text
+    assert consul_client.connect.intentions.upsert(web, db, permissions=perms) is True
+    got = consul_client.connect.intentions.read(web, db)
+    assert got["Permissions"] == perms and got["Action"] == ""
+    assert consul_client.connect.intentions.check(web, db) is False
+    answer = consul_client.agent.connect.authorize(db, _spiffe(http, web), "01")
+    assert answer["Authorized"] is False
+    assert answer["Reason"] == (
+        f"Matched L7 intention: {web} => {db} (ID: {got['ID']}, Precedence: 9, Permissions: 2)"
+    )
+
+
+@pytest.mark.slow
+def test_the_service_intentions_entry_and_the_intentions_api_show_the_same_data(
+    http, consul_client, unique
+):
+    web, api, db = unique("web"), unique("api"), unique("db")
+    entry = {
+        "Kind": "service-intentions",
+        "Name": db,
+        "Sources": [{"Name": web, "Action": "allow"}, {"Name": "*", "Action": "deny"}],
+    }
+    assert http.put("/v1/config", json=entry).status_code == 200
+    assert consul_client.connect.intentions.read(web, db)["Action"] == "allow"
+    assert consul_client.connect.intentions.check(api, db) is False
+    consul_client.connect.intentions.upsert(api, db, action="allow")
+    read = http.get(f"/v1/config/service-intentions/{db}").json()
+    assert [(s["Name"], s.get("Action")) for s in read["Sources"]] == [
+        (api, "allow"),
+        (web, "allow"),
+        ("*", "deny"),
+    ]
+
+
+@pytest.mark.slow
+def test_the_mesh_entry_switches_authorize_to_default_allow_and_says_so(http, unique):
+    web, db = unique("web"), unique("db")
+    body = {"Target": db, "ClientCertURI": _spiffe(http, web), "ClientCertSerial": "01"}
+    before = http.get("/v1/config/mesh/mesh")
+    try:
+        assert (
+            http.put(
+                "/v1/config", json={"Kind": "mesh", "Name": "mesh", "AllowByDefault": True}
+            ).status_code
+            == 200
+        )
+        allowed = http.post("/v1/agent/connect/authorize", json=body).json()
+        assert allowed["Authorized"] is True
+        assert allowed["Reason"].startswith("DEFAULT ALLOW:")
+        check = http.get("/v1/connect/intentions/check", params={"source": web, "destination": db})
+        assert check.json() == {"Allowed": True}
+    finally:
+        if before.status_code == 200:
+            restored = {
+                k: v for k, v in before.json().items() if k not in ("CreateIndex", "ModifyIndex")
+            }
+            http.put("/v1/config", json=restored)
+        else:
+            http.delete("/v1/config/mesh/mesh")
+    denied = http.post("/v1/agent/connect/authorize", json=body).json()
+    assert denied["Authorized"] is False and denied["Reason"].startswith("Default behavior: deny.")
