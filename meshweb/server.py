@@ -45,8 +45,7 @@ def serve(quiet: bool = False) -> int:
         url = f"http://{host}:{port}"
         lines = [
             "meshweb control plane",
-            f"  UI:        {url}/ui/",
-            f"  REST API:  {url}/api/  (schema: {url}/api/schema/)",
+            f"  REST API:  {url}/api/  (docs: {url}/api/docs/, schema: {url}/api/schema/)",
             f"  Consul API: {url}/v1/  (export CONSUL_HTTP_ADDR={host}:{port})",
         ]
         if settings.MESH_DNS_ADDR:
