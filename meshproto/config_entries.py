@@ -761,11 +761,17 @@ def _check_header_modifiers(d: dict, path: str) -> None:
 
 
 def _validate_proxy_defaults(e: dict) -> None:
-    proto = e.get("Config", {}).get("protocol")
-    if proto is not None:
+    config = e.get("Config", {})
+    # `Config` is a free map, but its protocol key is read as Consul reads it
+    # (case-insensitively); it is stored as `protocol`.
+    keys = [k for k in config if k.lower() == "protocol"]
+    if len(keys) > 1:
+        raise fail("Config.protocol", "given more than once")
+    if keys:
+        proto = config.pop(keys[0])
         if not isinstance(proto, str) or proto.lower() not in PROTOCOLS:
             raise fail("Config.protocol", f"must be one of {', '.join(PROTOCOLS)}, got {proto!r}")
-        e["Config"]["protocol"] = proto.lower()
+        config["protocol"] = proto.lower()
     _check_expose(e)
 
 
@@ -979,43 +985,9 @@ def _validate_load_balancer(lb: dict | None) -> None:
 
 
 def _validate_service_intentions(e: dict) -> None:
-    seen: set[tuple[str, str]] = set()
-    for i, src in enumerate(e.get("Sources", [])):
-        p = f"Sources[{i}]"
-        if not src.get("Name"):
-            raise fail(f"{p}.Name", "is required")
-        if src.get("Namespace", "") not in ("", DEFAULT_NAMESPACE, "*"):
-            pass  # namespaces are carried as given; the intentions layer decides
-        key = (src.get("Namespace") or DEFAULT_NAMESPACE, src["Name"])
-        if key in seen:
-            raise fail(p, f'the source "{src["Name"]}" is listed more than once')
-        seen.add(key)
-        perms = src.get("Permissions")
-        if perms and src.get("Action"):
-            raise fail(f"{p}.Action", "must be omitted when Permissions are given")
-        if not perms and not src.get("Action"):
-            raise fail(f"{p}.Action", 'must be "allow" or "deny" (or give Permissions)')
-        for j, perm in enumerate(perms or []):
-            pp = f"{p}.Permissions[{j}]"
-            if not perm.get("Action"):
-                raise fail(f"{pp}.Action", 'must be "allow" or "deny"')
-            http = perm.get("HTTP")
-            if not http:
-                raise fail(f"{pp}.HTTP", "is required")
-            _one_path_match(http, f"{pp}.HTTP")
-            _check_headers(
-                http.get("Header", []),
-                f"{pp}.HTTP.Header",
-                ("Present", "Exact", "Prefix", "Suffix", "Regex"),
-            )
-            if "Methods" in http:
-                http["Methods"] = _check_methods(http["Methods"], f"{pp}.HTTP.Methods")
-            if not any(
-                http.get(k) for k in ("PathExact", "PathPrefix", "PathRegex", "Header", "Methods")
-            ):
-                raise fail(
-                    f"{pp}.HTTP", "must match on at least one of a path, a header or a method"
-                )
+    """Only the shape is checked here: what makes an intention valid (actions,
+    permissions, names, duplicates) is `meshproto.intentions`' rule, applied
+    when the entry's sources are stored as intentions."""
 
 
 def _validate_mesh(e: dict) -> None:

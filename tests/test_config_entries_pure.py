@@ -524,3 +524,11 @@ def test_split_loops_are_refused():
     )
     with pytest.raises(ConfigEntryError, match='service-splitter loop: "a" -> "b" -> "a"'):
         validate_graph(e)
+
+
+def test_proxy_defaults_protocol_is_read_whatever_its_case():
+    e = decode_entry(
+        {"Kind": "proxy-defaults", "Name": "global", "Config": {"Protocol": "HTTP", "x": 1}}
+    )
+    assert e["Config"] == {"x": 1, "protocol": "http"}
+    assert protocol_of("web", entries(e))[0] == "http"
