@@ -504,7 +504,7 @@ class CAManager:
             row.modify_index = w.index
             row.save()
             w.touch(TOPIC_CONFIG)
-            w.audit("ca.configuration", "ca-config", "1", before, _config_audit(row))
+            w.audit("ca.configure", "ca-config", "1", before, _config_audit(row))
             active = CARoot.objects.filter(active=True).first()
             rotated = False
             if active is not None and (active.private_key_type, active.private_key_bits) != (

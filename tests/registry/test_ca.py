@@ -19,7 +19,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
 
 from meshproto import pki, spiffe
-from registry import decode
+from registry import audit, decode
 from registry.acl_rules import Authorizer, parse_rules
 from registry.ca import secrets
 from registry.ca.manager import CAState, ensure_initialized, manager, validate_config
@@ -28,7 +28,14 @@ from registry.ca.ratelimit import RATE_LIMITED, CSRRateLimiter
 from registry.domain import catalog, connect_ca, health
 from registry.domain.acl import Identity
 from registry.errors import BadRequest, PermissionDenied, TooManyRequests
-from registry.models import CAConfig, CARoot, ClusterIdentity, IssuedCert, TopicIndex
+from registry.models import (
+    AuditEntry,
+    CAConfig,
+    CARoot,
+    ClusterIdentity,
+    IssuedCert,
+    TopicIndex,
+)
 
 MANAGEMENT = Identity("mgmt-accessor", Authorizer.management(), "management")
 
@@ -711,3 +718,29 @@ def test_a_common_name_is_set_to_the_service(ca):
     leaf = ca.sign_csr(MANAGEMENT, csr_for(service_uri("web")))
     cn = pki.load_cert(leaf.cert_pem).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     assert cn[0].value == "web"
+
+
+# --- audit -------------------------------------------------------------------------------------
+
+
+OPERATOR = audit.Actor("9d4a8c2e-0000-4000-8000-000000000001", "operator token", "api")
+
+
+def test_rotation_configuration_and_signing_are_audited_with_before_and_after(ca):
+    old_id = CARoot.objects.get().id
+    with audit.scope(OPERATOR, "ca.rotate", "POST", "/api/ca/rotate"):
+        new = ca.rotate()
+    entry = AuditEntry.objects.get(action="ca.rotate")
+    assert (entry.actor, entry.via, entry.resource_id) == (OPERATOR.id, "api", new.id)
+    assert entry.before == {"ActiveRootID": old_id}
+    assert entry.after["ActiveRootID"] == new.id and entry.after["Previous"]["ID"] == old_id
+    assert "PRIVATE" not in str(entry.after)
+    with audit.scope(OPERATOR, "connect_ca.configuration", "PUT", "/v1/connect/ca/configuration"):
+        ca.set_configuration({"Config": {"LeafCertTTL": "24h"}})
+    entry = AuditEntry.objects.get(action="ca.configure")
+    assert entry.before["Config"]["LeafCertTTL"] == "72h"
+    assert entry.after["Config"]["LeafCertTTL"] == "24h"
+    with audit.scope(OPERATOR, "ca.sign", "POST", "/api/ca/sign"):
+        leaf = ca.sign_csr(MANAGEMENT, csr_for(service_uri("web")))
+    entry = AuditEntry.objects.get(action="ca.sign")
+    assert entry.resource_id == leaf.serial and entry.after["SpiffeID"] == leaf.spiffe_id
