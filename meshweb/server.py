@@ -32,6 +32,8 @@ def prepare() -> str | None:
         secret_file = settings.DATA_DIR / "bootstrap-token"
         secret_file.write_text(secret + "\n")
         secret_file.chmod(0o600)
+        if not settings.MESH_ACL_DNS_TOKEN:
+            acl.create_dns_token(settings.DATA_DIR / "dns-token")
         return secret
     return None
 

@@ -47,6 +47,9 @@ MESH_ACL_ENABLED = env_bool("MESH_ACL_ENABLED", True)
 MESH_ACL_DEFAULT_POLICY = env_choice("MESH_ACL_DEFAULT_POLICY", "deny", ("allow", "deny"))
 MESH_ACL_INITIAL_MANAGEMENT_TOKEN = env_str("MESH_ACL_INITIAL_MANAGEMENT_TOKEN")
 MESH_ACL_BOOTSTRAP_ON_START = env_bool("MESH_ACL_BOOTSTRAP_ON_START", True)
+# The token DNS answers with (Consul's acl.tokens.dns); unset: the one `mesh server`
+# made at bootstrap (data dir `dns-token`), else the anonymous token.
+MESH_ACL_DNS_TOKEN = env_str("MESH_ACL_DNS_TOKEN")
 # Bounds on a token's ExpirationTTL / ExpirationTime (Consul's acl.token_min/max_expiration_ttl).
 MESH_ACL_TOKEN_MIN_EXPIRATION_SECONDS = env_int(
     "MESH_ACL_TOKEN_MIN_EXPIRATION_SECONDS", 60, minimum=1

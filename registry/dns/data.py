@@ -3,9 +3,10 @@
 Synchronous ORM code, run on the database pool (`registry.db.run`). Each read
 is one or two queries: the rows (with node and datacenter joined) and, for
 services, their checks through `checks_for`. Names match case-insensitively,
-as DNS names do. What the caller may see is decided by the anonymous token
-(`resolve_token(None)`; with ACLs disabled that sees everything), as Consul
-answers DNS with the agent's default token.
+as DNS names do. What the caller may see is decided by the DNS token
+(`dns_identity()`: MESH_ACL_DNS_TOKEN, the token made at bootstrap, or the
+anonymous token; with ACLs disabled everything), as Consul answers DNS with
+its `acl.tokens.dns`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from registry.dns.names import (
     ServiceLookup,
     ZoneLookup,
 )
-from registry.domain.acl import resolve_token
+from registry.domain.acl import dns_identity
 from registry.domain.catalog import aggregate_status, checks_for
 from registry.errors import PermissionDenied
 from registry.models import Node, ServiceInstance
@@ -30,7 +31,7 @@ from registry.models import Node, ServiceInstance
 
 def _authorizer() -> Authorizer | None:
     try:
-        return resolve_token(None).authorizer
+        return dns_identity().authorizer
     except PermissionDenied:
         return None  # an unusable anonymous token sees nothing
 

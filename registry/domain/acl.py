@@ -716,3 +716,37 @@ def secret_from_request(request: Any) -> str:
     if not token:
         token = request.GET.get("token", "")
     return token
+
+
+DNS_POLICY_NAME = "builtin-dns-read"
+DNS_POLICY_RULES = 'node_prefix "" { policy = "read" }\nservice_prefix "" { policy = "read" }\n'
+
+
+def create_dns_token(path) -> str:
+    """Make a read-only token for DNS lookups and keep its secret at `path`.
+
+    Called when `mesh server` bootstraps ACLs itself, so that
+    `dig web.service.consul` answers out of the box under default deny
+    (Consul needs an operator to set `acl.tokens.dns` for that).
+    """
+    policy = ACLPolicy.objects.filter(name=DNS_POLICY_NAME).first() or create_policy(
+        name=DNS_POLICY_NAME,
+        description="Read services and nodes: what DNS answers",
+        rules=DNS_POLICY_RULES,
+    )
+    _token, secret = create_token(
+        description="DNS lookups (made at bootstrap)", policies=[{"ID": policy.id}]
+    )
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    return secret
+
+
+def dns_identity() -> Identity:
+    """Who DNS answers as: MESH_ACL_DNS_TOKEN, else the bootstrap-made DNS token, else anonymous."""
+    secret = settings.MESH_ACL_DNS_TOKEN
+    if not secret:
+        path = settings.DATA_DIR / "dns-token"
+        if path.exists():
+            secret = path.read_text().strip()
+    return resolve_token(secret or None)

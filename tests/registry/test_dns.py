@@ -334,3 +334,26 @@ def test_a_service_lookup_reads_the_catalog_in_two_queries(db, settings, django_
     assert {(e.status, e.tags, e.port) for e in endpoints} == {("passing", ("v1",), 80)}
     with django_assert_num_queries(1):
         assert data.node_info(NodeLookup("N3", settings.MESH_DC)).address == "10.30.0.3"
+
+
+def test_a_server_that_bootstraps_itself_answers_dns_with_its_read_only_dns_token(tmp_path, unique):
+    from tests.support.servers import make_server
+
+    srv = make_server(
+        tmp_path / "auto", acl=True, extra_env={"MESH_ACL_INITIAL_MANAGEMENT_TOKEN": ""}
+    )
+    try:
+        srv.token = (tmp_path / "auto" / "bootstrap-token").read_text().strip()
+        name = unique("dns")
+        with srv.client() as http:
+            body = {"Name": name, "ID": name, "Port": 80, "Address": "10.28.0.1"}
+            assert http.put("/v1/agent/service/register", json=body).status_code == 200
+            # The DNS token reads services and nodes, nothing more.
+            dns_secret = (tmp_path / "auto" / "dns-token").read_text().strip()
+            r = http.put("/v1/kv/x", content=b"y", headers={"X-Consul-Token": dns_secret})
+            assert r.status_code == 403
+        q = dns.message.make_query(f"{name}.service.consul", "A")
+        msg = dns.query.udp(q, "127.0.0.1", port=srv.dns_port, timeout=TIMEOUT)
+        assert [str(r) for rrset in msg.answer for r in rrset] == ["10.28.0.1"]
+    finally:
+        srv.close()
