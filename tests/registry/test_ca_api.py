@@ -18,6 +18,7 @@ import consul
 import httpx
 import pytest
 from cryptography import x509
+from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives import hashes, serialization
 
 from meshproto import pki, spiffe
@@ -82,8 +83,8 @@ def test_py_consul_reads_the_roots_from_both_endpoints(server):
     roots = c.connect.ca.roots()  # sends ?pem=0
     assert agent_roots == roots
     assert roots["TrustDomain"].endswith(".mesh")
-    (root,) = roots["Roots"]
-    assert root["ID"] == roots["ActiveRootID"] and root["Active"] is True
+    root = next(r for r in roots["Roots"] if r["Active"])
+    assert root["ID"] == roots["ActiveRootID"]
     assert root["Name"] and root["SigningKeyID"] and isinstance(root["SerialNumber"], int)
     assert root["ExternalTrustDomain"] == roots["TrustDomain"].removesuffix(".mesh")
     assert root["PrivateKeyType"] == "ec" and root["PrivateKeyBits"] == 256
@@ -120,7 +121,8 @@ def test_py_consul_reads_a_leaf_for_a_service(server, unique):
     assert cert.public_key().public_numbers() == key.public_key().public_numbers()
     assert pki.info(cert).serial == leaf["SerialNumber"]
     assert leaf["ValidBefore"].endswith("Z") and leaf["ValidAfter"] < leaf["ValidBefore"]
-    cert.verify_directly_issued_by(pki.load_cert(roots["Roots"][0]["RootCert"]))
+    active = next(r for r in roots["Roots"] if r["Active"])
+    cert.verify_directly_issued_by(pki.load_cert(active["RootCert"]))
     assert c.agent.connect.ca.leaf(name)["SerialNumber"] == leaf["SerialNumber"]  # cached
 
 
@@ -446,3 +448,14 @@ def test_two_servers_starting_at_once_on_one_database_share_one_trust_domain_and
     finally:
         for s in reversed(servers):
             s.close()
+
+
+def test_a_server_whose_key_cannot_decrypt_the_root_refuses_to_start(tmp_path):
+    srv = make_server(tmp_path / "keys")
+    try:
+        srv.stop()
+        srv.env["MESH_ENCRYPTION_KEY"] = Fernet.generate_key().decode()
+        with pytest.raises(RuntimeError, match="cannot decrypt the CA root private key"):
+            srv.start()
+    finally:
+        srv.close()
