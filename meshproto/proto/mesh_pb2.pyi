@@ -1,0 +1,143 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class JoinRequest(_message.Message):
+    __slots__ = ("join_token", "node_name", "address", "csr_pem", "meta", "datacenter")
+    class MetaEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    JOIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    DATACENTER_FIELD_NUMBER: _ClassVar[int]
+    join_token: str
+    node_name: str
+    address: str
+    csr_pem: str
+    meta: _containers.ScalarMap[str, str]
+    datacenter: str
+    def __init__(self, join_token: _Optional[str] = ..., node_name: _Optional[str] = ..., address: _Optional[str] = ..., csr_pem: _Optional[str] = ..., meta: _Optional[_Mapping[str, str]] = ..., datacenter: _Optional[str] = ...) -> None: ...
+
+class JoinResponse(_message.Message):
+    __slots__ = ("node_id", "cert_pem", "roots_pem", "trust_domain", "datacenter")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CERT_PEM_FIELD_NUMBER: _ClassVar[int]
+    ROOTS_PEM_FIELD_NUMBER: _ClassVar[int]
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    DATACENTER_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    cert_pem: str
+    roots_pem: _containers.RepeatedScalarFieldContainer[str]
+    trust_domain: str
+    datacenter: str
+    def __init__(self, node_id: _Optional[str] = ..., cert_pem: _Optional[str] = ..., roots_pem: _Optional[_Iterable[str]] = ..., trust_domain: _Optional[str] = ..., datacenter: _Optional[str] = ...) -> None: ...
+
+class SignRequest(_message.Message):
+    __slots__ = ("csr_pem", "service")
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    csr_pem: str
+    service: str
+    def __init__(self, csr_pem: _Optional[str] = ..., service: _Optional[str] = ...) -> None: ...
+
+class SignResponse(_message.Message):
+    __slots__ = ("cert_pem", "roots_pem", "serial", "not_after_unix")
+    CERT_PEM_FIELD_NUMBER: _ClassVar[int]
+    ROOTS_PEM_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_UNIX_FIELD_NUMBER: _ClassVar[int]
+    cert_pem: str
+    roots_pem: _containers.RepeatedScalarFieldContainer[str]
+    serial: str
+    not_after_unix: int
+    def __init__(self, cert_pem: _Optional[str] = ..., roots_pem: _Optional[_Iterable[str]] = ..., serial: _Optional[str] = ..., not_after_unix: _Optional[int] = ...) -> None: ...
+
+class NodeState(_message.Message):
+    __slots__ = ("address", "meta", "services_json", "checks_json")
+    class MetaEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_JSON_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_JSON_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    meta: _containers.ScalarMap[str, str]
+    services_json: _containers.RepeatedScalarFieldContainer[str]
+    checks_json: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, address: _Optional[str] = ..., meta: _Optional[_Mapping[str, str]] = ..., services_json: _Optional[_Iterable[str]] = ..., checks_json: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CheckStatus(_message.Message):
+    __slots__ = ("check_id", "status", "output")
+    CHECK_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    check_id: str
+    status: str
+    output: str
+    def __init__(self, check_id: _Optional[str] = ..., status: _Optional[str] = ..., output: _Optional[str] = ...) -> None: ...
+
+class CheckUpdates(_message.Message):
+    __slots__ = ("updates",)
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    updates: _containers.RepeatedCompositeFieldContainer[CheckStatus]
+    def __init__(self, updates: _Optional[_Iterable[_Union[CheckStatus, _Mapping]]] = ...) -> None: ...
+
+class SyncResponse(_message.Message):
+    __slots__ = ("index",)
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    def __init__(self, index: _Optional[int] = ...) -> None: ...
+
+class Subscribe(_message.Message):
+    __slots__ = ("proxy_ids",)
+    PROXY_IDS_FIELD_NUMBER: _ClassVar[int]
+    proxy_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, proxy_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("proxy_id", "version", "ok", "error")
+    PROXY_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    proxy_id: str
+    version: int
+    ok: bool
+    error: str
+    def __init__(self, proxy_id: _Optional[str] = ..., version: _Optional[int] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+
+class StreamRequest(_message.Message):
+    __slots__ = ("subscribe", "ack")
+    SUBSCRIBE_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    subscribe: Subscribe
+    ack: Ack
+    def __init__(self, subscribe: _Optional[_Union[Subscribe, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
+
+class ProxyConfigUpdate(_message.Message):
+    __slots__ = ("proxy_id", "version", "config_json", "removed")
+    PROXY_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    proxy_id: str
+    version: int
+    config_json: bytes
+    removed: bool
+    def __init__(self, proxy_id: _Optional[str] = ..., version: _Optional[int] = ..., config_json: _Optional[bytes] = ..., removed: _Optional[bool] = ...) -> None: ...
