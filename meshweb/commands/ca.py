@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 from meshweb.commands.base import (
@@ -59,6 +60,9 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     try:
         data = client.request("POST", "/api/ca/rotate").json()
     except ApiError as exc:
+        # /api errors are JSON ({"error": "..."}): show the message as /v1's plain text.
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            exc = ApiError(exc.status, json.loads(exc.body)["error"])
         raise api_failure("Error rotating the CA root", exc, client) from None
     if args.format == "json":
         out_json(data)

@@ -347,6 +347,7 @@ def test_the_cli_lists_rotates_and_configures_the_ca(ca_server):
     assert ca_server.consul().connect.ca.configuration()["Config"]["LeafCertTTL"] == "48h"
     denied = run_mesh(ca_server, "ca", "rotate")
     assert denied.returncode == 1 and "403" in denied.stderr
+    assert "lacks permission 'operator:write'" in denied.stderr
     bad = run_mesh(
         ca_server,
         "ca",
@@ -457,5 +458,22 @@ def test_a_server_whose_key_cannot_decrypt_the_root_refuses_to_start(tmp_path):
         srv.env["MESH_ENCRYPTION_KEY"] = Fernet.generate_key().decode()
         with pytest.raises(RuntimeError, match="cannot decrypt the CA root private key"):
             srv.start()
+    finally:
+        srv.close()
+
+
+def test_a_blocking_leaf_query_answers_the_renewed_leaf_at_half_life(tmp_path):
+    srv = make_server(tmp_path / "renew", extra_env={"MESH_CA_LEAF_TTL": "2s"})
+    try:
+        with srv.client() as c:
+            first = c.get("/v1/agent/connect/ca/leaf/web")
+            index = int(first.headers["X-Consul-Index"])
+            started = time.monotonic()
+            renewed = c.get("/v1/agent/connect/ca/leaf/web", params={"index": index, "wait": "20s"})
+        took = time.monotonic() - started
+        assert renewed.status_code == 200
+        assert renewed.json()["SerialNumber"] != first.json()["SerialNumber"]
+        assert int(renewed.headers["X-Consul-Index"]) > index
+        assert took < 5  # renewed at half of the 2 s lifetime, not at the end of the wait
     finally:
         srv.close()
