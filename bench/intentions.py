@@ -97,18 +97,18 @@ def pure_rate(n: int, asks: list[tuple[str, str]], seconds: float) -> tuple[floa
 async def _load(base: str, rows: list[tuple[str, str, str]], conns: int) -> None:
     import httpx
 
+    # One service-intentions entry per destination: a tenth of the writes of
+    # one exact PUT per intention, and the same rows.
+    by_destination: dict[str, list[dict]] = {}
+    for source, destination, action in rows:
+        by_destination.setdefault(destination, []).append({"Name": source, "Action": action})
     queue: asyncio.Queue = asyncio.Queue()
-    for row in rows:
-        queue.put_nowait(row)
+    for destination, sources in by_destination.items():
+        queue.put_nowait({"Kind": "service-intentions", "Name": destination, "Sources": sources})
 
     async def worker(client: httpx.AsyncClient) -> None:
         while not queue.empty():
-            source, destination, action = queue.get_nowait()
-            r = await client.put(
-                "/v1/connect/intentions/exact",
-                params={"source": source, "destination": destination},
-                json={"Action": action},
-            )
+            r = await client.put("/v1/config", json=queue.get_nowait())
             r.raise_for_status()
 
     async with httpx.AsyncClient(base_url=base, timeout=60) as client:
@@ -116,57 +116,78 @@ async def _load(base: str, rows: list[tuple[str, str, str]], conns: int) -> None
 
 
 async def _authorize(
-    base: str, asks: list[tuple[str, str]], domain: str, conns: int, seconds: float, index
+    port: int, asks: list[tuple[str, str]], domain: str, conns: int, seconds: float, index
 ) -> tuple[int, list[float], int]:
-    import httpx
+    """POST authorize back to back on `conns` keep-alive connections (bench/registry.py's
+    tiny client: microseconds per request, so the server is what is measured)."""
+    import json
+
+    from bench.registry import open_conns
 
     latencies: list[float] = []
-    wrong = 0
-    done = 0
+    wrong = done = 0
     deadline = time.perf_counter() + seconds
+    bodies = [
+        (
+            source,
+            destination,
+            json.dumps(
+                {
+                    "Target": destination,
+                    "ClientCertURI": f"spiffe://{domain}/ns/default/dc/dc1/svc/{source}",
+                    "ClientCertSerial": "01",
+                }
+            ).encode(),
+        )
+        for source, destination in asks
+    ]
 
-    async def worker(k: int, client: httpx.AsyncClient) -> None:
+    async def worker(k: int, conn) -> None:
         nonlocal done, wrong
         i = k
         while time.perf_counter() < deadline:
-            source, destination = asks[i % len(asks)]
+            source, destination, body = bodies[i % len(bodies)]
             i += conns
-            body = {
-                "Target": destination,
-                "ClientCertURI": f"spiffe://{domain}/ns/default/dc/dc1/svc/{source}",
-                "ClientCertSerial": "01",
-            }
             t0 = time.perf_counter()
-            r = await client.post("/v1/agent/connect/authorize", json=body)
+            r = await conn.request("POST", "/v1/agent/connect/authorize", body)
             latencies.append(time.perf_counter() - t0)
-            r.raise_for_status()
-            if r.json()["Authorized"] != index.decide(source, destination).allowed:
+            if r.status != 200:
+                raise RuntimeError(f"authorize answered {r.status}: {r.body[:200]!r}")
+            if json.loads(r.body)["Authorized"] != index.decide(source, destination).allowed:
                 wrong += 1
             done += 1
 
-    limits = httpx.Limits(max_connections=conns, max_keepalive_connections=conns)
-    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
-        await asyncio.gather(*(worker(k, client) for k in range(conns)))
+    pool = await open_conns("127.0.0.1", port, conns)
+    try:
+        await asyncio.gather(*(worker(k, c) for k, c in enumerate(pool)))
+    finally:
+        for c in pool:
+            c.close()
     return done, latencies, wrong
 
 
-async def _baseline(base: str, conns: int, seconds: float) -> float:
+async def _baseline(port: int, conns: int, seconds: float) -> float:
     """Requests/s of the cheapest endpoint on the same server and client: the
     ceiling the HTTP stack (and this machine) puts on any endpoint."""
-    import httpx
+    from bench.registry import open_conns
 
     done = 0
     deadline = time.perf_counter() + seconds
 
-    async def worker(client: httpx.AsyncClient) -> None:
+    async def worker(conn) -> None:
         nonlocal done
         while time.perf_counter() < deadline:
-            (await client.get("/v1/status/leader")).raise_for_status()
+            r = await conn.request("GET", "/v1/status/leader")
+            if r.status != 200:
+                raise RuntimeError(f"status/leader answered {r.status}")
             done += 1
 
-    limits = httpx.Limits(max_connections=conns, max_keepalive_connections=conns)
-    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
-        await asyncio.gather(*(worker(client) for _ in range(conns)))
+    pool = await open_conns("127.0.0.1", port, conns)
+    try:
+        await asyncio.gather(*(worker(c) for c in pool))
+    finally:
+        for c in pool:
+            c.close()
     return done / seconds
 
 
@@ -174,13 +195,14 @@ def http_rate(args, rows, asks, index) -> dict:
     import httpx
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-intentions-"))
-    db_url = None
-    if args.database == "postgres":
-        db_url = create_database(args.postgres_url)
-        os.environ["DATABASE_URL"] = db_url
-    else:
-        os.environ.pop("DATABASE_URL", None)
-    srv = make_server(tmp)
+    db_url = create_database(args.postgres_url) if args.database == "postgres" else None
+    # make_server falls back to $DATABASE_URL: keep it out for the embedded default.
+    saved = os.environ.pop("DATABASE_URL", None)
+    try:
+        srv = make_server(tmp, database_url=db_url, extra_env={"MESH_LOG_LEVEL": "WARNING"})
+    finally:
+        if saved is not None:
+            os.environ["DATABASE_URL"] = saved
     try:
         progress(f"loading {len(rows)} intentions into {srv.url} ({args.database}) ...")
         t0 = time.perf_counter()
@@ -191,11 +213,11 @@ def http_rate(args, rows, asks, index) -> dict:
             domain = (r.json().get("TrustDomain") if r.status_code == 200 else "") or "bench.mesh"
             assert len(c.get("/v1/connect/intentions").json()) == len(rows)
         progress(f"loaded in {load_s:.1f}s; baseline GET /v1/status/leader for {args.seconds}s ...")
-        baseline = asyncio.run(_baseline(srv.url, args.connections, args.seconds))
+        baseline = asyncio.run(_baseline(srv.http_port, args.connections, args.seconds))
         progress(f"authorizing for {args.seconds}s ...")
-        asyncio.run(_authorize(srv.url, asks[:200], domain, args.connections, 1.0, index))  # warm
+        asyncio.run(_authorize(srv.http_port, asks[:200], domain, args.connections, 1.0, index))
         done, lat, wrong = asyncio.run(
-            _authorize(srv.url, asks, domain, args.connections, args.seconds, index)
+            _authorize(srv.http_port, asks, domain, args.connections, args.seconds, index)
         )
         return {
             "load_s": load_s,
@@ -239,7 +261,7 @@ def section(args: argparse.Namespace) -> dict:
         print(f"  baseline GET /v1/status/leader    {h['baseline']:>10,.0f} requests/s")
         print(f"  latency p50 / p99                 {h['p50_ms']:>7.2f} / {h['p99_ms']:.2f} ms")
         print(f"  answers checked / wrong           {h['answers']:>10,} / {h['wrong']}")
-        print(f"  loading {len(rows):,} intentions (exact PUT)  {h['load_s']:>7.1f} s")
+        print(f"  loading (service-intentions)      {h['load_s']:>10.1f} s")
     sys.stdout.flush()
     return figures
 
