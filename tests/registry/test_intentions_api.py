@@ -966,3 +966,15 @@ def test_the_mesh_entry_switches_authorize_to_default_allow_and_says_so(http, un
             http.delete("/v1/config/mesh/mesh")
     denied = http.post("/v1/agent/connect/authorize", json=body).json()
     assert denied["Authorized"] is False and denied["Reason"].startswith("Default behavior: deny.")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verb", ["create", "delete", "get", "list", "check", "match"])
+def test_every_intention_command_explains_itself_and_takes_the_global_options(verb):
+    from tests.test_cli import ok, run_mesh
+
+    text = ok(run_mesh("intention", verb, "--help"))
+    assert text.startswith(f"usage: mesh intention {verb} ")
+    assert "examples:\n  $ mesh intention " + verb in text
+    for option in ("-http-addr", "-token", "-datacenter"):
+        assert option in text
