@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
+from meshproto import servicedefs
 from meshweb.commands.base import (
     ApiError,
     Client,
@@ -20,99 +19,18 @@ from meshweb.commands.base import (
     path_escape,
 )
 
-# Bookkeeping keys python-hcl2 adds to what it parses; never service content.
-_HCL_META_KEYS = frozenset(
-    {"__is_block__", "__comments__", "__inline_comments__", "__start_line__", "__end_line__"}
-)
-# Service-definition fields that are lists of blocks (everything else is one block).
-_HCL_LIST_FIELDS = frozenset({"services", "checks", "upstreams", "paths"})
-
 
 def _field(definition: dict, name: str) -> Any:
     """A definition's field, matched as the server matches it (case and `_` ignored)."""
-    want = name.lower().replace("_", "")
-    for key, value in definition.items():
-        if key.lower().replace("_", "") == want:
-            return value
-    return None
-
-
-def _load_hcl(text: str) -> Any:
-    import hcl2
-
-    kwargs: dict[str, Any] = {}
-    options_cls = getattr(hcl2, "SerializationOptions", None)
-    if options_cls is not None:
-        # python-hcl2 8.x keeps string quotes and comments unless told otherwise.
-        known = {f.name for f in dataclasses.fields(options_cls)}
-        wanted = {"strip_string_quotes": True, "with_comments": False, "preserve_heredocs": False}
-        kwargs["serialization_options"] = options_cls(
-            **{k: v for k, v in wanted.items() if k in known}
-        )
-    return _hcl_blocks(hcl2.loads(text, **kwargs))
-
-
-def _hcl_blocks(value: Any, key: str = "") -> Any:
-    """HCL's `check { ... }` parses as a one-element list of blocks: make it the block."""
-    if isinstance(value, dict):
-        return {k: _hcl_blocks(v, k) for k, v in value.items() if k not in _HCL_META_KEYS}
-    if isinstance(value, list):
-        items = [_hcl_blocks(v) for v in value]
-        is_blocks = value and all(isinstance(v, dict) and v.get("__is_block__") for v in value)
-        if is_blocks and len(items) == 1 and key.lower() not in _HCL_LIST_FIELDS:
-            return items[0]
-        return items
-    return value
+    return servicedefs.field(definition, name)
 
 
 def load_definition_file(path: str) -> list[dict]:
-    """The service definitions in a file, as Consul's config files hold them.
-
-    The top level is `{"service": {...}}`, `{"services": [...]}` or one bare
-    definition; JSON (.json), YAML (.yaml/.yml) or HCL (.hcl; also tried for
-    other names after JSON). Field names may be Consul's (`Name`) or the config
-    files' snake_case (`enable_tag_override`): the server accepts both.
-    """
+    """The service definitions in a file (meshproto.servicedefs, shared with the agent)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise CommandError(f"Error: Failed to read file {path}: {reason}") from None
-    suffix = Path(path).suffix.lower()
-    try:
-        if suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        elif suffix == ".json":
-            data = json.loads(text)
-        elif suffix == ".hcl":
-            data = _load_hcl(text)
-        else:
-            try:
-                data = json.loads(text)
-            except ValueError:
-                data = _load_hcl(text)
-    except Exception as exc:  # json, yaml and lark raise many types; all mean "bad file"
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CommandError(f"Error: Failed to decode {path}: {detail}") from None
-    if not isinstance(data, dict):
-        raise CommandError(f"Error: {path}: expected a service definition (an object)")
-    service, services = _field(data, "service"), _field(data, "services")
-    if service is not None:
-        found = service if isinstance(service, list) else [service]
-    elif services is not None:
-        found = services if isinstance(services, list) else [services]
-    elif _field(data, "name") is not None:
-        found = [data]
-    else:
-        found = []
-    if not found:
-        raise CommandError(f"Error: {path} does not define a service")
-    for definition in found:
-        if not isinstance(definition, dict):
-            raise CommandError(f"Error: {path}: each service must be an object")
-    return found
+        return servicedefs.load_definition_file(path)
+    except servicedefs.DefinitionError as exc:
+        raise CommandError(f"Error: {exc}") from None
 
 
 def _from_flags(args: argparse.Namespace) -> dict:
