@@ -33,7 +33,8 @@ ERROR = OpenApiResponse(description='An error: `{"error": "<message>"}`.')
 def _audited(request: Request, action: str) -> Iterator[None]:
     """Writes made here are recorded as the caller's, via `api`."""
     identity = identity_of(request)
-    actor = audit.Actor(identity.accessor_id or "anonymous", identity.description, "api")
+    via = "ui" if identity.accessor_id.startswith("user:") else "api"  # as MeshViewSet's scope
+    actor = audit.Actor(identity.accessor_id or "anonymous", identity.description, via)
     with audit.scope(actor, action, request.method or "", request.get_full_path()):
         yield
 
