@@ -463,6 +463,40 @@ def validate(
     )
 
 
+def from_consul_json(
+    raw: Any, *, destination_name: str = "", destination_ns: str = DEFAULT_NAMESPACE
+) -> Intention:
+    """One intention from Consul's JSON shape (a `/v1/connect/intentions` item, or
+    an item of a proxy config's `intentions`), validated as `validate` does.
+
+    Only what a decision needs is read (names, namespaces, Action, Permissions,
+    ID, SourceType); display fields (Meta, Precedence, Hash, indexes, times) are
+    ignored. A missing DestinationName/DestinationNS takes the given default, so
+    a list already scoped to one destination may leave it out.
+    """
+    if not isinstance(raw, Mapping):
+        raise IntentionError("an intention must be a JSON object")
+
+    def text(key: str, default: str) -> str:
+        value = raw.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise IntentionError(f"{key} must be a string")
+        return value
+
+    return validate(
+        source_name=text("SourceName", ""),
+        destination_name=text("DestinationName", destination_name),
+        action=text("Action", ""),
+        permissions=raw.get("Permissions"),
+        source_ns=text("SourceNS", DEFAULT_NAMESPACE),
+        destination_ns=text("DestinationNS", destination_ns),
+        source_type=text("SourceType", "consul"),
+        id=text("ID", ""),
+    )
+
+
 def check_meta(meta: Any, what: str = "Meta") -> None:
     """Consul's limits on intention metadata (64 pairs, keys 128, values 512)."""
     if meta is None:
