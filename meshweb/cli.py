@@ -165,6 +165,19 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # Start-up problems (a bad setting, an undecryptable CA key, an
+        # unreachable database) are the operator's to fix: say what, not where.
+        from django.core.exceptions import ImproperlyConfigured
+        from django.db import DatabaseError
+
+        if (
+            isinstance(exc, ImproperlyConfigured | DatabaseError)
+            or type(exc).__name__ == "KeyDecryptionError"
+        ):
+            print(f"Error: {exc}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 
 from django.conf import settings
 from django.core.management import call_command
@@ -11,12 +13,44 @@ from django.core.management import call_command
 log = logging.getLogger("meshweb.server")
 
 
+@contextlib.contextmanager
+def _startup_lock() -> Iterator[None]:
+    """Serialise migrations of servers starting at once on one database.
+
+    PostgreSQL: a session advisory lock; SQLite: a lock file beside the database.
+    """
+    from django.db import connection
+
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(%s)", [_MIGRATE_LOCK_ID])
+        try:
+            yield
+        finally:
+            with connection.cursor() as cur:
+                cur.execute("SELECT pg_advisory_unlock(%s)", [_MIGRATE_LOCK_ID])
+        return
+    import fcntl
+
+    path = f"{settings.DATABASES['default']['NAME']}.migrate-lock"
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+_MIGRATE_LOCK_ID = 0x6D657368  # "mesh"
+
+
 def prepare() -> str | None:
     """Migrate, create the server's node and, with ACLs on, the first management token.
 
     Returns a newly bootstrapped management secret (to print once), or None.
     """
-    call_command("migrate", interactive=False, verbosity=0)
+    with _startup_lock():
+        call_command("migrate", interactive=False, verbosity=0)
     from registry.ca.manager import ensure_initialized as ensure_ca_initialized
     from registry.domain import acl, catalog
 
