@@ -41,6 +41,10 @@ MESH_HTTP_ADDR = env_addr("MESH_HTTP_ADDR", "127.0.0.1:8500")
 MESH_DNS_ADDR = (
     env_addr("MESH_DNS_ADDR", "127.0.0.1:8600") if env_str("MESH_DNS_ADDR", "x") else None
 )
+# The agent protocol (gRPC over TLS, registry.grpc); "" disables it.
+MESH_GRPC_ADDR = (
+    env_addr("MESH_GRPC_ADDR", "127.0.0.1:8502") if env_str("MESH_GRPC_ADDR", "x") else None
+)
 MESH_DNS_DOMAIN = env_str("MESH_DNS_DOMAIN", "consul").strip(".")
 MESH_DNS_SERVICE_TTL = env_int("MESH_DNS_SERVICE_TTL", 0, minimum=0)
 MESH_ACL_ENABLED = env_bool("MESH_ACL_ENABLED", True)
