@@ -14,6 +14,7 @@ new class and a new line in the table.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -95,12 +96,15 @@ class CAProvider(ABC):
         dns_names: Sequence[str],
         ttl: dt.timedelta,
         common_name: str,
+        ip_addresses: Sequence[str] = (),
     ) -> x509.Certificate:
         """Sign a leaf for the CSR's public key. The caller has validated the
         CSR (signature, key type, identity, permissions); this only signs.
 
-        Contract: `spiffe_uri` is the only URI SAN and `dns_names` the only
-        DNS SANs (nothing is copied from the CSR but its public key); a fresh
+        Contract: `spiffe_uri` is the only URI SAN, `dns_names` the only DNS
+        SANs and `ip_addresses` the only IP SANs (only the control plane's own
+        server certificate asks for those); nothing is copied from the CSR
+        but its public key; a fresh
         random serial; BasicConstraints CA:false (critical); KeyUsage
         digitalSignature (+ keyEncipherment for RSA keys) (critical);
         ExtendedKeyUsage serverAuth + clientAuth; SubjectKeyIdentifier of the
@@ -231,12 +235,14 @@ class BuiltinProvider(CAProvider):
         dns_names: Sequence[str],
         ttl: dt.timedelta,
         common_name: str,
+        ip_addresses: Sequence[str] = (),
     ) -> x509.Certificate:
         public = csr.public_key()
         now = _now()
         not_after = min(now + ttl, signer.cert.not_valid_after_utc)
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe_uri)]
         sans += [x509.DNSName(d) for d in dns_names]
+        sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64])])
         return (
             x509.CertificateBuilder()
