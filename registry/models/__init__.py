@@ -2,6 +2,7 @@
 taken from the one global index (see `registry.models.index`)."""
 
 from registry.models.acl import ACLPolicy, ACLToken
+from registry.models.agents import JoinToken
 from registry.models.audit import AuditEntry
 from registry.models.catalog import Check, Datacenter, Node, ServiceInstance
 from registry.models.connect import (
@@ -22,6 +23,7 @@ __all__ = [
     "ConfigEntry",
     "Intention",
     "IssuedCert",
+    "JoinToken",
     "ACLPolicy",
     "ACLToken",
     "AuditEntry",
