@@ -66,6 +66,8 @@ MESH_KV_MAX_VALUE_SIZE = env_int("MESH_KV_MAX_VALUE_SIZE", 512 * 1024, minimum=1
 MESH_SESSION_TTL_MIN = float(env_str("MESH_SESSION_TTL_MIN", "10s").removesuffix("s") or "10")
 MESH_MAX_BODY_SIZE = env_int("MESH_MAX_BODY_SIZE", 4 * 1024 * 1024, minimum=1024)
 MESH_DB_THREADS = env_int("MESH_DB_THREADS", 8, minimum=1)
+# Threads serving the REST API, docs and UI (sync Django views).
+MESH_API_THREADS = env_int("MESH_API_THREADS", 8, minimum=1)
 MESH_TASK_TICK_SECONDS = float(env_str("MESH_TASK_TICK_SECONDS", "1") or "1")
 # Connect CA: key(s) encrypting root private keys at rest (Fernet, comma-separated, first
 # encrypts; unset: derived from SECRET_KEY with HKDF), CSR signing rate limit, leaf TTL override.
