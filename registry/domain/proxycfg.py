@@ -1,0 +1,894 @@
+"""The compiled proxy configuration: what one sidecar enforces, built in two stages.
+
+As Consul's proxycfg does, compilation is split in two:
+
+1. **gather** (`gather`, database reads only): everything one sidecar's
+   config depends on is read into an immutable `ProxySnapshot` — the proxy
+   instance and the service instance it fronts, the trust domain and the CA
+   roots (active first), the intentions whose destination is the service or
+   `*` (Consul's JSON), the `mesh` entry's `AllowByDefault`, the config
+   entries (`config_entries.snapshot`, the same gather the discovery-chain
+   endpoint uses), for each upstream its compiled discovery chain and, for
+   each chain target, the candidate instances (the target's sidecars and
+   Connect-native instances in the target's datacenter, with their checks,
+   in Consul's `CheckServiceNode` JSON), and the mesh gateways of the
+   datacenters that matter;
+2. **translate** (`build_proxy_config` and the functions it calls, PURE: no
+   database, no clock): the snapshot becomes a `meshproto.proxycfg.ProxyConfig`.
+   Health, subset filters (`Filter`, `OnlyPassing`), weights, addresses,
+   gateway choice, routes, splits and cluster settings are decided here, so
+   they are tested against golden files (tests/golden/proxycfg/).
+
+`compile_proxy(node, proxy_id)` runs both and also returns the change-hub
+topics the result depends on (`dependency_topics`); the config's `version`
+is the highest index of those topics, so a change to anything the config
+was built from yields a higher version.
+
+Choices worth knowing (see docs/proxy-config.md):
+* an endpoint is healthy when neither its sidecar's checks (node checks
+  included) nor the checks of the service instance it fronts are critical
+  (maintenance is a critical check). The fronted instance's checks count
+  directly, not only through the sidecar's alias check, because alias checks
+  are evaluated where the node's checks run and a sidecar must drop an
+  unhealthy app at once;
+* a target in another datacenter is reached through a mesh gateway when one
+  is registered (healthy) there — or, with `MeshGateway.Mode = "local"`, in
+  the local datacenter — unless the mode is `"none"`. Its endpoints are then
+  the gateway's addresses (as Consul's Envoy clusters): the sidecar dials
+  them, sends the cluster's SNI, and still checks the destination's SPIFFE ID
+  (the gateway passes TLS through). `gateway` names the first of them;
+* limits, passive health checks and connect timeouts of upstream clusters
+  come from the upstream registration's `Config`, else the service's
+  `service-defaults` `UpstreamConfig.Overrides` entry for the destination,
+  else its `UpstreamConfig.Defaults` (Consul's precedence).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db.models import Q
+
+from meshproto import config_entries as pure_entries
+from meshproto import discovery_chain as chains
+from meshproto import spiffe
+from meshproto.proxycfg import (
+    Cluster,
+    Endpoint,
+    Gateway,
+    HeaderMatch,
+    Inbound,
+    Limits,
+    OutlierDetection,
+    ProxyConfig,
+    RateLimit,
+    RetryPolicy,
+    Route,
+    RouteMatch,
+    Upstream,
+    WeightedCluster,
+)
+from registry.filtering import FilterError, compile_filter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NAMESPACE = pure_entries.DEFAULT_NAMESPACE
+HTTP_PROTOCOLS = pure_entries.HTTP_PROTOCOLS
+INBOUND_BIND_DEFAULT = "0.0.0.0"
+LOCAL_BIND_DEFAULT = "127.0.0.1"
+LOCAL_APP_DEFAULT = "127.0.0.1"
+PASSING, WARNING, CRITICAL = "passing", "warning", "critical"
+_STATUS_ORDER = {PASSING: 0, WARNING: 1, CRITICAL: 2}
+
+# Topics every compiled config depends on, whatever its upstreams.
+BASE_TOPICS = frozenset(
+    {
+        "intentions",
+        "ca-roots",
+        "discovery-chain",
+        "config:mesh",
+        "config:service-defaults",
+        "config:proxy-defaults",
+        *(f"config:{kind}" for kind in pure_entries.CHAIN_KINDS),
+    }
+)
+
+
+# =========================================================================== snapshot
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One instance that may serve a target: a sidecar (or a Connect-native
+    service), or a mesh gateway.
+
+    `entry` is Consul's `CheckServiceNode` JSON of the instance (`Node`,
+    `Service`, `Checks`: what a resolver subset's `Filter` sees, as on
+    `/v1/health/connect`); `destination_checks` are the checks of the service
+    instance a sidecar fronts (on the same node), whose health counts too.
+    """
+
+    entry: Mapping[str, Any]
+    destination_checks: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class UpstreamSnapshot:
+    """One `Proxy.Upstreams` entry and what was gathered for it."""
+
+    upstream: Mapping[str, Any]  # the registration's upstream, Consul's field names
+    settings: Mapping[str, Any]  # `upstream_settings`: merged UpstreamConfig fields
+    chain: Mapping[str, Any] | None  # the compiled chain; None if it did not compile
+    instances: Mapping[str, tuple[Candidate, ...]] = field(default_factory=dict)  # by target ID
+    error: str = ""  # why the chain did not compile
+
+
+@dataclass(frozen=True)
+class ProxySnapshot:
+    """Everything one sidecar's config is translated from, read at one moment."""
+
+    datacenter: str  # the proxy's datacenter
+    trust_domain: str
+    node: Mapping[str, Any]  # the proxy's node, Consul's JSON
+    proxy: Mapping[str, Any]  # the proxy instance, `/v1/agent/service` JSON
+    destination: Mapping[str, Any] | None  # the instance it fronts, if registered on the node
+    roots: tuple[str, ...]  # PEM, active first
+    intentions: tuple[Mapping[str, Any], ...]  # destination = the service or `*`, Consul's JSON
+    allow_by_default: bool
+    entries: Mapping[str, Mapping[str, Mapping[str, Any]]]  # kind -> name -> data
+    upstreams: tuple[UpstreamSnapshot, ...] = ()
+    gateways: Mapping[str, tuple[Candidate, ...]] = field(default_factory=dict)  # by datacenter
+    version: int = 0
+
+    @property
+    def service(self) -> str:
+        return (self.proxy.get("Proxy") or {}).get("DestinationServiceName") or ""
+
+    @property
+    def namespace(self) -> str:
+        return self.proxy.get("Namespace") or DEFAULT_NAMESPACE
+
+
+# =========================================================================== translate (pure)
+
+
+def build_proxy_config(snap: ProxySnapshot) -> ProxyConfig:
+    """The sidecar's config from a snapshot (pure)."""
+    service = snap.service
+    return ProxyConfig(
+        version=snap.version,
+        proxy_id=snap.proxy["ID"],
+        service=service,
+        service_id=(snap.proxy.get("Proxy") or {}).get("DestinationServiceID") or "",
+        node=snap.node["Node"],
+        datacenter=snap.datacenter,
+        trust_domain=snap.trust_domain,
+        spiffe_id=spiffe.service_id(
+            snap.trust_domain, service, snap.datacenter, snap.namespace
+        ).uri,
+        inbound=translate_inbound(snap),
+        upstreams=tuple(translate_upstream(snap, u) for u in snap.upstreams),
+        intentions=tuple(dict(i) for i in snap.intentions),
+        default_allow=snap.allow_by_default,
+        roots=snap.roots,
+        namespace=snap.namespace,
+    )
+
+
+def _entry(entries: Mapping, kind: str, name: str) -> Mapping[str, Any]:
+    return (entries.get(kind) or {}).get(name) or {}
+
+
+def _fold_get(data: Mapping[str, Any] | None, name: str, default: Any = None) -> Any:
+    """`data[name]` with Consul's key folding (case, `_` and `-` ignored)."""
+    if not data:
+        return default
+    if name in data:
+        return data[name]
+    want = pure_entries.fold(name)
+    for key, value in data.items():
+        if pure_entries.fold(str(key)) == want:
+            return value
+    return default
+
+
+def service_protocol(snap: ProxySnapshot) -> str:
+    """The fronted service's protocol: the proxy registration's `Config.protocol`,
+    else service-defaults, else proxy-defaults, else tcp."""
+    proxy_cfg = (snap.proxy.get("Proxy") or {}).get("Config") or {}
+    declared = str(_fold_get(proxy_cfg, "protocol", "") or "").lower()
+    if declared in pure_entries.PROTOCOLS:
+        return declared
+    return pure_entries.protocol_of(snap.service, snap.entries)[0]  # type: ignore[arg-type]
+
+
+def translate_inbound(snap: ProxySnapshot) -> Inbound:
+    """Where the sidecar listens for mTLS and where the local app is, with the
+    service's inbound rate limit and connection limit (its service-defaults)."""
+    proxy = snap.proxy
+    p = proxy.get("Proxy") or {}
+    local_port = p.get("LocalServicePort") or (snap.destination or {}).get("Port") or 0
+    sd = _entry(snap.entries, "service-defaults", snap.service)
+    instance = (sd.get("RateLimits") or {}).get("InstanceLevel") or {}
+    return Inbound(
+        bind_address=proxy.get("Address") or INBOUND_BIND_DEFAULT,
+        port=int(proxy.get("Port") or 0),
+        local_app_address=p.get("LocalServiceAddress") or LOCAL_APP_DEFAULT,
+        local_app_port=int(local_port),
+        protocol=service_protocol(snap),
+        rate_limit=RateLimit(
+            requests_per_second=float(instance.get("RequestsPerSecond") or 0),
+            burst=int(instance.get("RequestsMaxBurst") or 0),
+        ),
+        limits=Limits(max_connections=int(sd.get("MaxInboundConnections") or 0)),
+    )
+
+
+# --------------------------------------------------------------------------- upstream settings
+
+_UPSTREAM_FIELDS = pure_entries.UPSTREAM_CONFIG.fields["Defaults"]
+_UPSTREAM_FOLDS = {pure_entries.fold(k) for k in _UPSTREAM_FIELDS.fields}  # type: ignore[union-attr]
+
+
+def _registration_config(raw: Any) -> dict[str, Any]:
+    """The known fields of an upstream registration's opaque `Config`
+    (`connect_timeout_ms`, `limits`, `passive_health_check`, `protocol`, ...),
+    decoded as service-defaults' UpstreamConfig fields. Unknown keys (other
+    proxies' settings) are ignored; a malformed known field is dropped."""
+    if not isinstance(raw, Mapping):
+        return {}
+    known = {k: v for k, v in raw.items() if pure_entries.fold(str(k)) in _UPSTREAM_FOLDS}
+    out: dict[str, Any] = {}
+    for key, value in known.items():
+        try:
+            out.update(_UPSTREAM_FIELDS({key: value}))  # type: ignore[operator]
+        except pure_entries.ConfigEntryError as exc:
+            log.warning("ignoring upstream Config field %s: %s", key, exc)
+    return out
+
+
+def upstream_settings(
+    service: str, upstream: Mapping[str, Any], proxy: Mapping[str, Any], entries: Mapping
+) -> dict[str, Any]:
+    """An upstream's settings with Consul's precedence: the registration's
+    `Config`, then the service's service-defaults `UpstreamConfig.Overrides`
+    entry for the destination, then `UpstreamConfig.Defaults`. `MeshGateway`
+    comes from the upstream, else the proxy registration (else the chain's)."""
+    uc = _entry(entries, "service-defaults", service).get("UpstreamConfig") or {}
+    dest = upstream.get("DestinationName", "")
+    ns = upstream.get("DestinationNamespace") or DEFAULT_NAMESPACE
+    merged: dict[str, Any] = dict(uc.get("Defaults") or {})
+    for override in uc.get("Overrides") or ():
+        if override.get("Name") == dest and (override.get("Namespace") or ns) == ns:
+            merged.update({k: v for k, v in override.items() if k not in ("Name", "Namespace")})
+            break
+    merged.update(_registration_config(upstream.get("Config")))
+    mode = (upstream.get("MeshGateway") or {}).get("Mode") or (
+        (proxy.get("Proxy") or {}).get("MeshGateway") or {}
+    ).get("Mode")
+    if mode:
+        merged["MeshGateway"] = {"Mode": mode}
+    return merged
+
+
+def chain_overrides(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """What an upstream's settings override when its chain is compiled (as
+    Consul passes an upstream's protocol and connect timeout to the compiler)."""
+    out: dict[str, Any] = {}
+    if settings.get("Protocol"):
+        out["override_protocol"] = settings["Protocol"]
+    if settings.get("ConnectTimeoutMs"):
+        out["override_connect_timeout"] = f"{int(settings['ConnectTimeoutMs'])}ms"
+    if (settings.get("MeshGateway") or {}).get("Mode"):
+        out["override_mesh_gateway"] = dict(settings["MeshGateway"])
+    return out
+
+
+def _limits(settings: Mapping[str, Any]) -> Limits:
+    lim = settings.get("Limits") or {}
+    return Limits(
+        max_connections=int(lim.get("MaxConnections") or 0),
+        max_pending_requests=int(lim.get("MaxPendingRequests") or 0),
+        max_concurrent_requests=int(lim.get("MaxConcurrentRequests") or 0),
+    )
+
+
+def _outlier(settings: Mapping[str, Any]) -> OutlierDetection | None:
+    phc = settings.get("PassiveHealthCheck")
+    if not phc:
+        return None
+    default = OutlierDetection()
+    return OutlierDetection(
+        interval_s=pure_entries.duration_seconds(phc.get("Interval")) or default.interval_s,
+        max_failures=int(phc.get("MaxFailures") or default.max_failures),
+        base_ejection_s=pure_entries.duration_seconds(phc.get("BaseEjectionTime"))
+        or default.base_ejection_s,
+        max_ejection_percent=int(phc.get("MaxEjectionPercent") or default.max_ejection_percent),
+    )
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+def candidate_status(c: Candidate) -> str:
+    """passing / warning / critical: the worst of the instance's checks and
+    the checks of the instance it fronts (no checks: passing)."""
+    worst = PASSING
+    for check in (*c.entry.get("Checks", ()), *c.destination_checks):
+        status = check.get("Status", CRITICAL)
+        if _STATUS_ORDER.get(status, 2) > _STATUS_ORDER[worst]:
+            worst = status if status in _STATUS_ORDER else CRITICAL
+    return worst
+
+
+def best_address(entry: Mapping[str, Any], wan: bool) -> tuple[str, int]:
+    """Consul's `CheckServiceNode.BestAddress`: the service's (WAN-tagged when
+    `wan`) address and port, else the node's (WAN-tagged when `wan`) address."""
+    svc = entry.get("Service") or {}
+    addr, port = svc.get("Address") or "", int(svc.get("Port") or 0)
+    if wan:
+        tagged = (svc.get("TaggedAddresses") or {}).get("wan")
+        if isinstance(tagged, Mapping) and tagged.get("Address"):
+            addr = tagged["Address"]
+            port = int(tagged.get("Port") or port)
+    if not addr:
+        node = entry.get("Node") or {}
+        tagged_node = (node.get("TaggedAddresses") or {}).get("wan") if wan else None
+        addr = tagged_node or node.get("Address") or ""
+    return addr, port
+
+
+def _weight(entry: Mapping[str, Any], status: str) -> int:
+    weights = (entry.get("Service") or {}).get("Weights") or {}
+    key = "Passing" if status == PASSING else "Warning"
+    value = weights.get(key)
+    return 1 if value is None else int(value)
+
+
+def _endpoint(c: Candidate, status: str, wan: bool) -> Endpoint | None:
+    weight = _weight(c.entry, status)
+    addr, port = best_address(c.entry, wan)
+    if weight <= 0 or not addr or not port:
+        return None
+    return Endpoint(
+        address=addr,
+        port=port,
+        node=(c.entry.get("Node") or {}).get("Node", ""),
+        service_id=(c.entry.get("Service") or {}).get("ID", ""),
+        weight=weight,
+        health=status,
+    )
+
+
+def select_endpoints(
+    candidates: Iterable[Candidate], subset: Mapping[str, Any], *, wan: bool = False
+) -> tuple[Endpoint, ...]:
+    """The healthy candidates a target may use: not critical, passing only when
+    the subset says `OnlyPassing`, matching the subset's `Filter` (Consul's
+    filter language over the `CheckServiceNode` JSON), with a non-zero weight."""
+    keep = None
+    expression = (subset or {}).get("Filter") or ""
+    if expression:
+        try:
+            keep = compile_filter(expression)
+        except FilterError as exc:
+            log.warning("subset filter %r does not compile: %s", expression, exc)
+            return ()
+    only_passing = bool((subset or {}).get("OnlyPassing"))
+    out: list[Endpoint] = []
+    for c in candidates:
+        status = candidate_status(c)
+        if status == CRITICAL or (only_passing and status != PASSING):
+            continue
+        if keep is not None:
+            try:
+                if not keep(c.entry):
+                    continue
+            except FilterError:
+                continue  # a selector this instance's JSON cannot answer: not a match
+        ep = _endpoint(c, status, wan)
+        if ep is not None:
+            out.append(ep)
+    return tuple(out)
+
+
+def gateway_datacenter(target: Mapping[str, Any], local_dc: str, gateways: Mapping) -> str:
+    """Which datacenter's mesh gateway carries traffic to `target` ("" for none:
+    direct). Only targets in another datacenter use one; mode `none` never,
+    mode `local` the local datacenter's when it has one, otherwise the
+    target datacenter's when it has one."""
+    dc = target.get("Datacenter") or local_dc
+    if dc == local_dc:
+        return ""
+    mode = (target.get("MeshGateway") or {}).get("Mode") or ""
+    if mode == "none":
+        return ""
+    if mode == "local" and _healthy(gateways.get(local_dc, ())):
+        return local_dc
+    if _healthy(gateways.get(dc, ())):
+        return dc
+    return ""
+
+
+def _healthy(candidates: Iterable[Candidate]) -> bool:
+    return any(candidate_status(c) != CRITICAL for c in candidates)
+
+
+# --------------------------------------------------------------------------- routes
+
+
+def _duration(text: Any) -> float:
+    return pure_entries.duration_seconds(text) if isinstance(text, str) else 0.0
+
+
+def _route_match(http: Mapping[str, Any]) -> RouteMatch:
+    """A router route's `Match.HTTP` (no path matcher: every path, prefix `/`)."""
+    has_path = any(http.get(k) for k in ("PathExact", "PathPrefix", "PathRegex"))
+    return RouteMatch(
+        path_exact=http.get("PathExact") or "",
+        path_prefix=http.get("PathPrefix") or ("" if has_path else "/"),
+        path_regex=http.get("PathRegex") or "",
+        methods=tuple(m.upper() for m in http.get("Methods") or ()),
+        headers=tuple(
+            HeaderMatch(
+                name=h["Name"],
+                present=bool(h.get("Present")),
+                exact=h.get("Exact") or "",
+                prefix=h.get("Prefix") or "",
+                suffix=h.get("Suffix") or "",
+                regex=h.get("Regex") or "",
+                invert=bool(h.get("Invert")),
+            )
+            for h in http.get("Header") or ()
+        ),
+        query=tuple((q["Name"], q.get("Exact") or "") for q in http.get("QueryParam") or ()),
+    )
+
+
+def _unsupported_match(http: Mapping[str, Any]) -> str:
+    """What a route matches on that the schema cannot carry ("" if nothing)."""
+    for q in http.get("QueryParam") or ():
+        if q.get("Regex"):
+            return f"query parameter {q.get('Name')!r} by regex"
+    return ""
+
+
+def _splits(node: Mapping[str, Any], nodes: Mapping[str, Any]) -> tuple[WeightedCluster, ...]:
+    if node.get("Type") == "resolver":
+        return (WeightedCluster(node["Resolver"]["Target"], 100.0),)
+    out = []
+    for split in node.get("Splits") or ():
+        nxt = nodes[split["NextNode"]]
+        out.append(WeightedCluster(nxt["Resolver"]["Target"], float(split["Weight"])))
+    return tuple(out)
+
+
+def _headers(mods: Mapping[str, Any] | None) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+    """Consul's header modifiers as (set, remove); `Add` is applied as a set."""
+    mods = mods or {}
+    merged = {**(mods.get("Add") or {}), **(mods.get("Set") or {})}
+    return tuple(merged.items()), tuple(mods.get("Remove") or ())
+
+
+def _resolver_timeout(node: Mapping[str, Any]) -> float:
+    if node.get("Type") != "resolver":
+        return 0.0
+    return _duration(node["Resolver"].get("RequestTimeout"))
+
+
+def translate_routes(chain: Mapping[str, Any]) -> tuple[Route, ...]:
+    """A chain's routes, first match wins, the last one catching everything.
+
+    Router: one route per router route (its implicit last route included);
+    splitter: one catch-all route with its (flattened) splits; resolver: one
+    catch-all route to its target. A route whose match cannot be expressed
+    (a query parameter regex) is left out rather than widened."""
+    nodes = chain["Nodes"]
+    start = nodes[chain["StartNode"]]
+    catch_all = RouteMatch(path_prefix="/")
+    if start["Type"] != "router":
+        return (
+            Route(
+                match=catch_all, splits=_splits(start, nodes), timeout_s=_resolver_timeout(start)
+            ),
+        )
+    routes: list[Route] = []
+    for r in start["Routes"]:
+        definition = r.get("Definition") or {}
+        http = (definition.get("Match") or {}).get("HTTP") or {}
+        unsupported = _unsupported_match(http)
+        if unsupported:
+            log.warning(
+                "discovery chain %s: a route matching on %s is left out",
+                chain.get("ServiceName"),
+                unsupported,
+            )
+            continue
+        nxt = nodes[r["NextNode"]]
+        dest = definition.get("Destination") or {}
+        req_set, req_remove = _headers(dest.get("RequestHeaders"))
+        resp_set, resp_remove = _headers(dest.get("ResponseHeaders"))
+        routes.append(
+            Route(
+                match=_route_match(http),
+                splits=_splits(nxt, nodes),
+                prefix_rewrite=dest.get("PrefixRewrite") or "",
+                timeout_s=_duration(dest.get("RequestTimeout")) or _resolver_timeout(nxt),
+                retry=RetryPolicy(
+                    num_retries=int(dest.get("NumRetries") or 0),
+                    on_connect_failure=bool(dest.get("RetryOnConnectFailure"))
+                    or "connect-failure" in (dest.get("RetryOn") or ()),
+                    on_status_codes=tuple(int(c) for c in dest.get("RetryOnStatusCodes") or ()),
+                ),
+                request_headers_set=req_set,
+                request_headers_remove=req_remove,
+                response_headers_set=resp_set,
+                response_headers_remove=resp_remove,
+            )
+        )
+    return tuple(routes)
+
+
+def tcp_routes(chain: Mapping[str, Any]) -> tuple[Route, ...]:
+    """L4: one catch-all route to the chain's start target."""
+    start = chain["Nodes"][chain["StartNode"]]
+    return (Route(match=RouteMatch(), splits=_splits(start, chain["Nodes"])),)
+
+
+# --------------------------------------------------------------------------- clusters
+
+
+def cluster_order(chain: Mapping[str, Any], routes: Iterable[Route]) -> list[str]:
+    """Target IDs in the order a reader expects: as routes and splits name
+    them, each followed by its failover targets, then any others."""
+    nodes = chain["Nodes"]
+    order: list[str] = []
+
+    def add(tid: str) -> None:
+        if tid in order:
+            return
+        order.append(tid)
+        resolver = nodes.get(f"resolver:{tid}")
+        for fo in ((resolver or {}).get("Resolver") or {}).get("Failover", {}).get("Targets", []):
+            add(fo)
+
+    for route in routes:
+        for split in route.splits:
+            add(split.cluster)
+    for tid in sorted(chain["Targets"]):
+        add(tid)
+    return [t for t in order if t in chain["Targets"]]
+
+
+def _lb_policy(chain: Mapping[str, Any], target: Mapping[str, Any], entries: Mapping) -> str:
+    node = chain["Nodes"].get(f"resolver:{target['ID']}")
+    lb = (node or {}).get("LoadBalancer")
+    if lb is None:  # a failover-only target keeps no node: its resolver entry says
+        lb = _entry(entries, "service-resolver", target["Service"]).get("LoadBalancer")
+    return (lb or {}).get("Policy") or "round_robin"
+
+
+def translate_cluster(
+    snap: ProxySnapshot, us: UpstreamSnapshot, target: Mapping[str, Any]
+) -> Cluster:
+    """One chain target as a cluster: identity, SNI, endpoints (direct or
+    through a mesh gateway), timeout, balancing, failover, limits, outlier."""
+    assert us.chain is not None
+    tid = target["ID"]
+    dc = target.get("Datacenter") or snap.datacenter
+    ns = target.get("Namespace") or DEFAULT_NAMESPACE
+    gw_dc = gateway_datacenter(target, snap.datacenter, snap.gateways)
+    gateway = None
+    if gw_dc:
+        endpoints = select_endpoints(snap.gateways.get(gw_dc, ()), {}, wan=gw_dc != snap.datacenter)
+        if endpoints:
+            gateway = Gateway(endpoints[0].address, endpoints[0].port)
+    else:
+        endpoints = select_endpoints(
+            us.instances.get(tid, ()), target.get("Subset") or {}, wan=dc != snap.datacenter
+        )
+    node = us.chain["Nodes"].get(f"resolver:{tid}") or {}
+    failover = ((node.get("Resolver") or {}).get("Failover") or {}).get("Targets") or ()
+    return Cluster(
+        name=tid,
+        service=target["Service"],
+        datacenter=dc,
+        spiffe_id=spiffe.service_id(snap.trust_domain, target["Service"], dc, ns).uri,
+        sni=target.get("SNI") or "",
+        endpoints=endpoints,
+        namespace=ns,
+        subset=target.get("ServiceSubset") or "",
+        connect_timeout_s=_duration(target.get("ConnectTimeout")) or 5.0,
+        lb_policy=_lb_policy(us.chain, target, snap.entries),
+        gateway=gateway,
+        failover=tuple(failover),
+        limits=_limits(us.settings),
+        outlier=_outlier(us.settings),
+    )
+
+
+def translate_upstream(snap: ProxySnapshot, us: UpstreamSnapshot) -> Upstream:
+    """One local listener: its bind address, protocol, routes and clusters.
+    An upstream whose chain did not compile keeps its listener with no
+    clusters (connections to it are refused) rather than breaking the config."""
+    u = us.upstream
+    common = {
+        "destination": u.get("DestinationName", ""),
+        "local_bind_address": u.get("LocalBindAddress") or LOCAL_BIND_DEFAULT,
+        "local_bind_port": int(u.get("LocalBindPort") or 0),
+        "datacenter": u.get("Datacenter") or snap.datacenter,
+        "namespace": u.get("DestinationNamespace") or DEFAULT_NAMESPACE,
+    }
+    chain = us.chain
+    if chain is None:
+        return Upstream(**common)
+    protocol = chain.get("Protocol") or "tcp"
+    routes = translate_routes(chain) if protocol in HTTP_PROTOCOLS else tcp_routes(chain)
+    clusters = tuple(
+        translate_cluster(snap, us, chain["Targets"][tid]) for tid in cluster_order(chain, routes)
+    )
+    return Upstream(protocol=protocol, routes=routes, clusters=clusters, **common)
+
+
+# --------------------------------------------------------------------------- topics
+
+
+def dependency_topics(snap: ProxySnapshot) -> set[str]:
+    """The change-hub topics whose change may change this config (pure)."""
+    topics = set(BASE_TOPICS)
+    topics.add(f"service:{snap.proxy['Service']}")
+    topics.add(f"node:{snap.node['Node']}")
+    if snap.service:
+        topics.add(f"service:{snap.service}")
+    cross_dc = False
+    for us in snap.upstreams:
+        dest = us.upstream.get("DestinationName", "")
+        if dest:
+            topics.update((f"service:{dest}", f"connect:{dest}"))
+        for target in ((us.chain or {}).get("Targets") or {}).values():
+            topics.update((f"service:{target['Service']}", f"connect:{target['Service']}"))
+            if (target.get("Datacenter") or snap.datacenter) != snap.datacenter:
+                cross_dc = True
+    if cross_dc:
+        # A mesh gateway registered later changes the path: any registration
+        # touches `services`, a new node `nodes`.
+        topics.update(("nodes", "services"))
+        for gws in snap.gateways.values():
+            for gw in gws:
+                topics.add(f"service:{gw.entry['Service']['Service']}")
+    return topics
+
+
+# =========================================================================== gather (database)
+
+
+def _find_proxy_row(node_name: str, proxy_id: str):
+    from registry.errors import NotFound
+    from registry.models import ServiceInstance
+
+    row = (
+        ServiceInstance.objects.select_related("node__datacenter")
+        .filter(node__name=node_name, service_id=proxy_id, kind="connect-proxy")
+        .first()
+    )
+    if row is None:
+        raise NotFound(f'No connect-proxy "{proxy_id}" on node "{node_name}"')
+    return row
+
+
+def _candidates(instances: list) -> tuple[Candidate, ...]:
+    """Instances as Candidates: their CheckServiceNode JSON and the checks of
+    the instances they front (one query each for checks)."""
+    from registry.domain import catalog, shapes
+    from registry.models import Check
+
+    if not instances:
+        return ()
+    checks = catalog.checks_for(instances)
+    wanted = {
+        (s.node_id, (s.proxy or {}).get("DestinationServiceID"))
+        for s in instances
+        if (s.proxy or {}).get("DestinationServiceID")
+    }
+    dest_checks: dict[tuple[int, str], list] = {}
+    if wanted:
+        q = Q()
+        for node_id, sid in wanted:
+            q |= Q(node_id=node_id, service_id=sid)
+        for c in Check.objects.select_related("node").filter(q).order_by("check_id"):
+            dest_checks.setdefault((c.node_id, c.service_id), []).append(c)
+    nodes_json: dict[int, dict] = {}
+    out = []
+    for s in instances:
+        node_json = nodes_json.get(s.node_id)
+        if node_json is None:
+            node_json = nodes_json[s.node_id] = shapes.node_json(s.node)
+        entry = {
+            "Node": node_json,
+            "Service": shapes.agent_service_json(s, with_index=True),
+            "Checks": [shapes.check_json(c, s.node.name) for c in checks[s.pk]],
+        }
+        dest_id = (s.proxy or {}).get("DestinationServiceID")
+        extra = tuple(
+            shapes.check_json(c, s.node.name) for c in dest_checks.get((s.node_id, dest_id), ())
+        )
+        out.append(Candidate(entry=entry, destination_checks=extra))
+    return tuple(out)
+
+
+def _target_candidates(service: str, dc: str) -> tuple[Candidate, ...]:
+    from registry.domain import catalog
+
+    return _candidates(list(catalog.instances_query(service, connect=True, dc=dc)))
+
+
+def _gateway_candidates(dc: str) -> tuple[Candidate, ...]:
+    from registry.models import ServiceInstance
+
+    rows = (
+        ServiceInstance.objects.select_related("node__datacenter")
+        .filter(kind="mesh-gateway", node__datacenter__name=dc)
+        .order_by("node__name", "service_id")
+    )
+    return _candidates(list(rows))
+
+
+def _gather_upstream(
+    service: str,
+    proxy_json: Mapping[str, Any],
+    upstream: Mapping[str, Any],
+    local_dc: str,
+    trust_domain: str,
+    entries: Mapping,
+) -> UpstreamSnapshot:
+    settings = upstream_settings(service, upstream, proxy_json, entries)
+    dest = upstream.get("DestinationName", "")
+    try:
+        chain = chains.compile_chain(
+            dest,
+            upstream.get("Datacenter") or local_dc,
+            entries,  # type: ignore[arg-type]
+            trust_domain=trust_domain,
+            namespace=upstream.get("DestinationNamespace") or DEFAULT_NAMESPACE,
+            use_in_datacenter=local_dc,
+            **chain_overrides(settings),
+        )
+    except (chains.ChainError, pure_entries.ConfigEntryError, spiffe.SpiffeError) as exc:
+        log.warning("upstream %s of %s: discovery chain does not compile: %s", dest, service, exc)
+        return UpstreamSnapshot(upstream=upstream, settings=settings, chain=None, error=str(exc))
+    instances: dict[str, tuple[Candidate, ...]] = {}
+    by_service_dc: dict[tuple[str, str], tuple[Candidate, ...]] = {}
+    for tid, target in chain["Targets"].items():
+        key = (target["Service"], target["Datacenter"])
+        if key not in by_service_dc:
+            by_service_dc[key] = _target_candidates(*key)
+        instances[tid] = by_service_dc[key]
+    return UpstreamSnapshot(upstream=upstream, settings=settings, chain=chain, instances=instances)
+
+
+def gather(node_name: str, proxy_id: str) -> ProxySnapshot:
+    """Read everything `proxy_id` on `node_name` depends on (see the module doc).
+    Raises NotFound if there is no such connect-proxy on that node."""
+    from registry.acl_rules import Authorizer
+    from registry.domain import config_entries, connect_ca, intentions, shapes
+    from registry.models import ServiceInstance
+
+    row = _find_proxy_row(node_name, proxy_id)
+    node = row.node
+    local_dc = node.datacenter.name
+    proxy_json = shapes.agent_service_json(row)
+    p = proxy_json.get("Proxy") or {}
+    service = p.get("DestinationServiceName") or ""
+
+    dest_row = None
+    if p.get("DestinationServiceID"):
+        dest_row = (
+            ServiceInstance.objects.select_related("node__datacenter")
+            .filter(node=node, service_id=p["DestinationServiceID"])
+            .first()
+        )
+
+    _index, roots_data = connect_ca.roots_json()
+    trust_domain = roots_data["TrustDomain"]
+    roots = sorted(roots_data["Roots"], key=lambda r: not r["Active"])  # stable: active first
+
+    rows: list = []
+    if service:
+        _index, found = intentions.match(Authorizer.management(), "destination", [service])
+        rows = found.get(service, [])
+
+    entries = config_entries.snapshot()
+    upstreams = tuple(
+        _gather_upstream(service, proxy_json, u, local_dc, trust_domain, entries)
+        for u in p.get("Upstreams") or ()
+        if (u.get("DestinationType") or "service") == "service" and u.get("DestinationName")
+    )
+
+    gateway_dcs = {
+        t["Datacenter"]
+        for us in upstreams
+        for t in ((us.chain or {}).get("Targets") or {}).values()
+        if t["Datacenter"] != local_dc
+    }
+    if gateway_dcs:
+        gateway_dcs.add(local_dc)
+    gateways = {dc: _gateway_candidates(dc) for dc in sorted(gateway_dcs)}
+
+    return ProxySnapshot(
+        datacenter=local_dc,
+        trust_domain=trust_domain,
+        node=shapes.node_json(node),
+        proxy=proxy_json,
+        destination=shapes.agent_service_json(dest_row) if dest_row is not None else None,
+        roots=tuple(r["RootCert"] for r in roots),
+        intentions=tuple(intentions.intention_json(r) for r in rows),
+        allow_by_default=intentions.default_allow(),
+        entries=entries,
+        upstreams=upstreams,
+        gateways=gateways,
+    )
+
+
+def compile_proxy(node_name: str, proxy_id: str) -> tuple[ProxyConfig, set[str]]:
+    """The config `proxy_id` on `node_name` enforces, and the change-hub topics
+    it depends on. Raises `registry.errors.NotFound` if there is no such
+    connect-proxy on that node.
+
+    The version is the highest index of those topics, read after the gather:
+    a change that lands during compilation can only make the version higher
+    than the data (never lower), and a watcher that registers the topics
+    *before* calling this is woken by it and recompiles.
+    """
+    from registry.domain.txn import topics_index
+
+    snap = gather(node_name, proxy_id)
+    topics = dependency_topics(snap)
+    snap = dataclasses.replace(snap, version=topics_index(tuple(sorted(topics))))
+    return build_proxy_config(snap), topics
+
+
+def find_proxy(service: str, *, proxy_id: str = "", node: str = "") -> tuple[str, str]:
+    """(node name, proxy ID) of a sidecar of `service`: the one named by
+    `proxy_id` and/or `node`, else the first (by node, then ID). NotFound
+    says whether the service, its sidecars or the one asked for is missing."""
+    from registry.errors import NotFound
+    from registry.models import ServiceInstance
+
+    proxies = ServiceInstance.objects.filter(kind="connect-proxy", destination_name=service)
+    if proxy_id:
+        proxies = proxies.filter(service_id=proxy_id)
+    if node:
+        proxies = proxies.filter(node__name=node)
+    found = proxies.order_by("node__name", "service_id").values_list("node__name", "service_id")
+    first = found.first()
+    if first is not None:
+        return first[0], first[1]
+    if not ServiceInstance.objects.filter(Q(name=service) | Q(destination_name=service)).exists():
+        raise NotFound(f'Service "{service}" not found')
+    if not proxy_id and not node:
+        raise NotFound(f'Service "{service}" has no sidecar proxy')
+    which = " ".join(
+        part
+        for part in (f'"{proxy_id}"' if proxy_id else "", f'on node "{node}"' if node else "")
+        if part
+    )
+    raise NotFound(f'Service "{service}" has no sidecar proxy {which}')
+
+
+__all__ = [
+    "Candidate",
+    "ProxySnapshot",
+    "UpstreamSnapshot",
+    "build_proxy_config",
+    "compile_proxy",
+    "dependency_topics",
+    "find_proxy",
+    "gather",
+    "select_endpoints",
+    "translate_routes",
+    "upstream_settings",
+]
