@@ -1,0 +1,564 @@
+"""The agent's local `/v1/agent/...` API, as a Consul client agent serves it.
+
+A plain ASGI app (run by uvicorn on 127.0.0.1): paths, JSON field names and
+status codes as Consul's (success is 200 with an empty body for writes),
+errors as plain text. It reads and writes the agent's local state only;
+writes reach the control plane with the next sync, which they trigger at
+once. The local API trusts the host (it listens on loopback): tokens sent in
+`X-Consul-Token` are accepted and not checked here; the control plane
+authorises the node by its certificate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote
+
+from agents.state import StateError, UnknownError
+from meshproto import probes
+from meshproto.servicedefs import DefinitionError, canonical_check, canonical_service
+
+if TYPE_CHECKING:
+    from agents.agent import Agent
+
+MAX_BODY = 1 << 20
+VERSION = "1.17.0"
+STATUS_CODE = {"passing": 200, "warning": 429, "critical": 503, "maintenance": 503}
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class Request:
+    def __init__(
+        self, method: str, path: str, query: dict[str, list[str]], body: bytes, headers: dict
+    ):
+        self.method, self.path, self.query, self.body, self.headers = (
+            method,
+            path,
+            query,
+            body,
+            headers,
+        )
+
+    def param(self, name: str, default: str = "") -> str:
+        values = self.query.get(name)
+        return values[0] if values else default
+
+    def has(self, name: str) -> bool:
+        return name in self.query
+
+    def flag(self, name: str) -> bool:
+        if name not in self.query:
+            return False
+        return self.param(name).lower() in ("", "1", "true", "yes")
+
+    def json(self) -> Any:
+        if not self.body.strip():
+            return None
+        try:
+            return json.loads(self.body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise HTTPError(400, f"Request decode failed: invalid JSON: {exc}") from None
+
+
+class Reply:
+    def __init__(
+        self,
+        data: Any = None,
+        status: int = 200,
+        raw: bytes | None = None,
+        ctype: str = "application/json",
+    ):
+        self.data, self.status, self.raw, self.ctype = data, status, raw, ctype
+
+    def body(self) -> bytes:
+        if self.raw is not None:
+            return self.raw
+        return json.dumps(self.data, indent=None).encode()
+
+
+Handler = Callable[..., Awaitable[Reply]]
+ROUTES: list[tuple[str, re.Pattern, Handler]] = []
+
+
+def route(method: str, pattern: str) -> Callable[[Handler], Handler]:
+    def wrap(fn: Handler) -> Handler:
+        ROUTES.append((method, re.compile("^" + pattern + "$"), fn))
+        return fn
+
+    return wrap
+
+
+# --- shapes ---------------------------------------------------------------------------
+
+
+def service_json(agent: Agent, svc) -> dict[str, Any]:
+    d = svc.definition
+    out: dict[str, Any] = {
+        "ID": svc.id,
+        "Service": svc.name,
+        "Tags": list(d.get("Tags") or []),
+        "Meta": dict(d.get("Meta") or {}),
+        "Port": int(d.get("Port") or 0),
+        "Address": d.get("Address") or "",
+        "TaggedAddresses": dict(d.get("TaggedAddresses") or {}),
+        "Weights": {"Passing": 1, "Warning": 1, **(d.get("Weights") or {})},
+        "EnableTagOverride": bool(d.get("EnableTagOverride")),
+        "Datacenter": agent.datacenter,
+        "Namespace": d.get("Namespace") or "default",
+    }
+    if svc.kind:
+        out["Kind"] = svc.kind
+    proxy = dict(d.get("Proxy") or {})
+    if svc.kind == "connect-proxy" or proxy:
+        proxy.setdefault("MeshGateway", {})
+        proxy.setdefault("Expose", {})
+        if svc.kind == "connect-proxy":
+            proxy.setdefault("Upstreams", [])
+        out["Proxy"] = proxy
+    if d.get("Connect"):
+        out["Connect"] = d["Connect"]
+    return out
+
+
+def check_json(agent: Agent, c) -> dict[str, Any]:
+    d = c.definition
+    definition = {
+        k: d[k]
+        for k in (
+            "HTTP",
+            "Method",
+            "Header",
+            "Body",
+            "TCP",
+            "GRPC",
+            "GRPCUseTLS",
+            "TLSServerName",
+            "TLSSkipVerify",
+            "Interval",
+            "Timeout",
+            "TTL",
+            "DeregisterCriticalServiceAfter",
+        )
+        if d.get(k)
+    }
+    kind = c.kind
+    return {
+        "Node": agent.node,
+        "CheckID": c.check_id,
+        "Name": c.name,
+        "Status": c.status,
+        "Notes": c.notes,
+        "Output": c.output,
+        "ServiceID": c.service_id,
+        "ServiceName": c.service_name,
+        "ServiceTags": list(c.service_tags),
+        "Type": "" if kind == "maintenance" else kind,
+        "Interval": d.get("Interval", ""),
+        "Timeout": d.get("Timeout", ""),
+        "ExposedPort": 0,
+        "Definition": definition,
+        "Namespace": "default",
+        "CreateIndex": 0,
+        "ModifyIndex": c.modify_index,
+    }
+
+
+def aggregate(statuses) -> str:
+    order = {"passing": 0, "warning": 1, "critical": 2, "maintenance": 3}
+    worst = "passing"
+    for s in statuses:
+        if order.get(s, 2) > order[worst]:
+            worst = s if s in order else "critical"
+    return worst
+
+
+def _content_hash(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- agent ----------------------------------------------------------------------------
+
+
+@route("GET", "/v1/agent/self")
+async def self_(agent: Agent, req: Request) -> Reply:
+    return Reply(
+        {
+            "Config": {
+                "Datacenter": agent.datacenter,
+                "PrimaryDatacenter": agent.datacenter,
+                "NodeName": agent.node,
+                "NodeID": agent.node_id,
+                "Server": False,
+                "Revision": "meshweb",
+                "Version": VERSION,
+            },
+            "DebugConfig": {},
+            "Coord": None,
+            "Member": member(agent),
+            "Stats": {"agent": {"connected": str(agent.connected).lower()}},
+            "Meta": {},
+            "xDS": None,
+        }
+    )
+
+
+def member(agent: Agent) -> dict[str, Any]:
+    return {
+        "Name": agent.node,
+        "Addr": agent.config.bind,
+        "Port": agent.config.http_port,
+        "Tags": {
+            "role": "node",
+            "dc": agent.datacenter,
+            "build": f"{VERSION}:meshweb",
+            "id": agent.node_id,
+        },
+        "Status": 1,
+        "ProtocolMin": 1,
+        "ProtocolMax": 5,
+        "ProtocolCur": 2,
+        "DelegateMin": 2,
+        "DelegateMax": 5,
+        "DelegateCur": 4,
+    }
+
+
+@route("GET", "/v1/agent/members")
+async def members(agent: Agent, req: Request) -> Reply:
+    return Reply([member(agent)])
+
+
+@route("PUT", "/v1/agent/reload")
+async def reload(agent: Agent, req: Request) -> Reply:
+    errors = agent.reload()
+    if errors:
+        raise HTTPError(500, "Failed reloading: " + "; ".join(errors))
+    return Reply(raw=b"")
+
+
+@route("PUT", "/v1/agent/maintenance")
+async def node_maintenance(agent: Agent, req: Request) -> Reply:
+    if not req.has("enable"):
+        raise HTTPError(400, "Missing value for enable")
+    agent.state.set_maintenance("", req.flag("enable"), req.param("reason"))
+    agent.local_changed()
+    return Reply(raw=b"")
+
+
+# --- services -------------------------------------------------------------------------
+
+
+@route("GET", "/v1/agent/services")
+async def services(agent: Agent, req: Request) -> Reply:
+    return Reply(
+        {
+            s.id: service_json(agent, s)
+            for s in sorted(agent.state.services.values(), key=lambda s: s.id)
+        }
+    )
+
+
+@route("GET", "/v1/agent/service/(?P<service_id>[^/]+)")
+async def service(agent: Agent, req: Request, service_id: str) -> Reply:
+    svc = agent.state.services.get(service_id)
+    if svc is None:
+        raise HTTPError(404, f"unknown service ID: {service_id}")
+    data = service_json(agent, svc)
+    data["ContentHash"] = _content_hash(data)
+    return Reply(data)
+
+
+@route("PUT", "/v1/agent/service/register")
+async def service_register(agent: Agent, req: Request) -> Reply:
+    try:
+        spec = canonical_service(req.json(), "Request decode failed: body")
+    except DefinitionError as exc:
+        raise HTTPError(400, str(exc)) from None
+    try:
+        agent.state.register_service(
+            spec, replace_existing_checks=req.flag("replace-existing-checks")
+        )
+    except UnknownError as exc:
+        raise HTTPError(404, str(exc)) from None
+    except StateError as exc:
+        raise HTTPError(400, str(exc)) from None
+    agent.local_changed()
+    return Reply(raw=b"")
+
+
+@route("PUT", "/v1/agent/service/deregister/(?P<service_id>[^/]+)")
+async def service_deregister(agent: Agent, req: Request, service_id: str) -> Reply:
+    try:
+        agent.state.deregister_service(service_id)
+    except UnknownError as exc:
+        raise HTTPError(404, str(exc)) from None
+    except StateError as exc:
+        raise HTTPError(400, str(exc)) from None
+    agent.local_changed()
+    return Reply(raw=b"")
+
+
+@route("PUT", "/v1/agent/service/maintenance/(?P<service_id>[^/]+)")
+async def service_maintenance(agent: Agent, req: Request, service_id: str) -> Reply:
+    if not req.has("enable"):
+        raise HTTPError(400, "Missing value for enable")
+    try:
+        agent.state.set_maintenance(service_id, req.flag("enable"), req.param("reason"))
+    except UnknownError as exc:
+        raise HTTPError(404, str(exc)) from None
+    agent.local_changed()
+    return Reply(raw=b"")
+
+
+@route("GET", "/v1/agent/health/service/id/(?P<service_id>[^/]+)")
+async def health_by_id(agent: Agent, req: Request, service_id: str) -> Reply:
+    svc = agent.state.services.get(service_id)
+    if svc is None:
+        text = f"ServiceId {service_id} not found"
+        return Reply(raw=text.encode(), status=404, ctype="text/plain")
+    checks = sorted(agent.state.service_checks(service_id), key=lambda c: c.check_id)
+    node_checks = list(agent.state.node_checks())
+    status = aggregate(c.status for c in [*node_checks, *checks])
+    data = {
+        "AggregatedStatus": status,
+        "Service": service_json(agent, svc),
+        "Checks": [check_json(agent, c) for c in checks],
+    }
+    if req.param("format") == "text":
+        return Reply(raw=status.encode(), status=STATUS_CODE.get(status, 503), ctype="text/plain")
+    return Reply(data, status=STATUS_CODE.get(status, 503))
+
+
+@route("GET", "/v1/agent/health/service/name/(?P<name>[^/]+)")
+async def health_by_name(agent: Agent, req: Request, name: str) -> Reply:
+    found = [s for s in agent.state.services.values() if s.name == name]
+    if not found:
+        text = f"ServiceName {name} Not Found"
+        return Reply(raw=text.encode(), status=404, ctype="text/plain")
+    node_checks = list(agent.state.node_checks())
+    out, worst = [], "passing"
+    for svc in sorted(found, key=lambda s: s.id):
+        checks = sorted(agent.state.service_checks(svc.id), key=lambda c: c.check_id)
+        status = aggregate(c.status for c in [*node_checks, *checks])
+        worst = aggregate([worst, status])
+        out.append(
+            {
+                "AggregatedStatus": status,
+                "Service": service_json(agent, svc),
+                "Checks": [check_json(agent, c) for c in checks],
+            }
+        )
+    return Reply(out, status=STATUS_CODE.get(worst, 503))
+
+
+# --- checks ---------------------------------------------------------------------------
+
+
+@route("GET", "/v1/agent/checks")
+async def checks(agent: Agent, req: Request) -> Reply:
+    return Reply(
+        {
+            c.check_id: check_json(agent, c)
+            for c in sorted(agent.state.checks.values(), key=lambda c: c.check_id)
+        }
+    )
+
+
+@route("PUT", "/v1/agent/check/register")
+async def check_register(agent: Agent, req: Request) -> Reply:
+    body = req.json()
+    try:
+        spec = canonical_check(body, "Request decode failed: body")
+    except DefinitionError as exc:
+        raise HTTPError(400, str(exc)) from None
+    if not spec.get("Name") and not spec.get("CheckID"):
+        raise HTTPError(400, "Missing check name")
+    try:
+        agent.state.register_check(spec)
+    except UnknownError as exc:
+        raise HTTPError(404, str(exc)) from None
+    except StateError as exc:
+        raise HTTPError(400, str(exc)) from None
+    agent.local_changed()
+    return Reply(raw=b"")
+
+
+@route("PUT", "/v1/agent/check/deregister/(?P<check_id>[^/]+)")
+async def check_deregister(agent: Agent, req: Request, check_id: str) -> Reply:
+    try:
+        agent.state.deregister_check(check_id)
+    except UnknownError as exc:
+        raise HTTPError(404, str(exc)) from None
+    except StateError as exc:
+        raise HTTPError(400, str(exc)) from None
+    agent.local_changed()
+    return Reply(raw=b"")
+
+
+def _ttl(agent: Agent, check_id: str, status: str, output: str) -> Reply:
+    check = agent.state.checks.get(check_id)
+    if check is None:
+        raise HTTPError(
+            404,
+            f'Unknown check ID "{check_id}". Ensure that the check ID is passed, not the check name.',
+        )
+    if check.kind != "ttl":
+        raise HTTPError(400, f'CheckID "{check_id}" does not have associated TTL')
+    agent.checks.ttl_update(check_id, status, output)
+    return Reply(raw=b"")
+
+
+@route("PUT", "/v1/agent/check/pass/(?P<check_id>[^/]+)")
+async def check_pass(agent: Agent, req: Request, check_id: str) -> Reply:
+    return _ttl(agent, check_id, probes.PASSING, req.param("note"))
+
+
+@route("PUT", "/v1/agent/check/warn/(?P<check_id>[^/]+)")
+async def check_warn(agent: Agent, req: Request, check_id: str) -> Reply:
+    return _ttl(agent, check_id, probes.WARNING, req.param("note"))
+
+
+@route("PUT", "/v1/agent/check/fail/(?P<check_id>[^/]+)")
+async def check_fail(agent: Agent, req: Request, check_id: str) -> Reply:
+    return _ttl(agent, check_id, probes.CRITICAL, req.param("note"))
+
+
+@route("PUT", "/v1/agent/check/update/(?P<check_id>[^/]+)")
+async def check_update(agent: Agent, req: Request, check_id: str) -> Reply:
+    body = req.json()
+    if not isinstance(body, dict):
+        raise HTTPError(400, "Request decode failed: body: expected an object")
+    fields = {k.lower(): v for k, v in body.items()}
+    status = fields.get("status") or ""
+    if status not in (probes.PASSING, probes.WARNING, probes.CRITICAL):
+        raise HTTPError(400, f"Invalid check status: {status!r}")
+    output = fields.get("output") or ""
+    if not isinstance(output, str):
+        raise HTTPError(400, "Request decode failed: Output: expected a string")
+    if len(output) > 4096:
+        output = output[:4096] + f" ... (captured 4096 of {len(output)} bytes)"
+    return _ttl(agent, check_id, status, output)
+
+
+# --- connect --------------------------------------------------------------------------
+
+
+@route("GET", "/v1/agent/connect/ca/roots")
+async def ca_roots(agent: Agent, req: Request) -> Reply:
+    return Reply(agent.roots_json())
+
+
+@route("GET", "/v1/agent/connect/ca/leaf/(?P<service>[^/]+)")
+async def ca_leaf(agent: Agent, req: Request, service: str) -> Reply:
+    try:
+        return Reply(await agent.service_leaf_json(service))
+    except PermissionError as exc:
+        raise HTTPError(403, str(exc)) from None
+    except ConnectionError as exc:
+        raise HTTPError(500, str(exc)) from None
+
+
+@route("GET", "/v1/agent/connect/proxy/(?P<proxy_id>[^/]+)")
+async def connect_proxy(agent: Agent, req: Request, proxy_id: str) -> Reply:
+    if (
+        proxy_id not in agent.state.services
+        or agent.state.services[proxy_id].kind != "connect-proxy"
+    ):
+        raise HTTPError(404, f"unknown proxy service ID: {proxy_id}")
+    config = agent.proxy_config(proxy_id)
+    if config is None:
+        raise HTTPError(404, f"no config received yet for proxy {proxy_id}")
+    return Reply(config)
+
+
+# --- the ASGI app ---------------------------------------------------------------------
+
+
+def make_app(agent: Agent):
+    """The ASGI application serving `/v1/agent/...` for `agent`."""
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        body = b""
+        more = True
+        while more:
+            msg = await receive()
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+            if len(body) > MAX_BODY:
+                await _send(
+                    send, Reply(raw=b"Request body too large", status=413, ctype="text/plain")
+                )
+                return
+        method = scope["method"]
+        path = unquote(scope["path"])
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        req = Request(method, path, query, body, headers)
+        reply = await dispatch(agent, req)
+        await _send(send, reply)
+
+    return app
+
+
+async def dispatch(agent: Agent, req: Request) -> Reply:
+    method = "GET" if req.method == "HEAD" else req.method
+    allowed = []
+    for m, pattern, fn in ROUTES:
+        match = pattern.match(req.path)
+        if match is None:
+            continue
+        # Consul accepts POST where it documents PUT.
+        if m == method or (m == "PUT" and method == "POST"):
+            try:
+                return await fn(agent, req, **match.groupdict())
+            except HTTPError as exc:
+                return Reply(
+                    raw=exc.message.encode(), status=exc.status, ctype="text/plain; charset=utf-8"
+                )
+            except Exception as exc:  # a bug must answer 500, not kill the server
+                import logging
+
+                logging.getLogger("mesh.agent.http").exception("handler failed")
+                return Reply(raw=str(exc).encode(), status=500, ctype="text/plain; charset=utf-8")
+        allowed.append(m)
+    if allowed:
+        return Reply(
+            raw=f"method {req.method} not allowed".encode(), status=405, ctype="text/plain"
+        )
+    return Reply(raw=b"404 page not found", status=404, ctype="text/plain; charset=utf-8")
+
+
+async def _send(send, reply: Reply) -> None:
+    body = reply.body()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": reply.status,
+            "headers": [
+                (b"content-type", reply.ctype.encode()),
+                (b"content-length", str(len(body)).encode()),
+                (b"x-consul-knownleader", b"true"),
+                (b"x-consul-index", b"1"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
