@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     from meshweb import client_cli
 
     client_cli.add_commands(sub)
+    from agents import cli as agent_cli  # Django-free: `mesh agent` never loads the registry
+
+    agent_cli.register(sub)
     return parser
 
 
