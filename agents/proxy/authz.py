@@ -1,0 +1,91 @@
+"""Inbound authorisation: the caller's SPIFFE ID → allow or deny, cached.
+
+One `Authorizer` is built per applied config (so a push invalidates every
+cached decision at once: the new snapshot starts with an empty cache) and is
+shared by the connections accepted under that config. The decision itself is
+`meshproto.intentions.IntentionIndex.decide`, the same function the control
+plane uses, so both always agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshproto import spiffe
+from meshproto.intentions import IntentionIndex, from_consul_json
+from meshproto.proxycfg import ProxyConfig
+
+MAX_CACHED = 4096  # distinct callers; the cache is cleared (not grown) past this
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: bool
+    source: str  # the caller's service name ("" when the ID is not a service's)
+    reason: str
+    # False when the caller's identity itself is unusable (no SPIFFE ID, not a
+    # service's, another trust domain): refused before intentions are asked.
+    identity_ok: bool = True
+    code: str = ""  # a short metric label for identity refusals
+
+
+class Authorizer:
+    """Decisions for one config: who may open connections to `config.service`."""
+
+    __slots__ = ("service", "namespace", "trust_domain", "index", "_cache")
+
+    def __init__(self, config: ProxyConfig) -> None:
+        """Build from the config's intentions; IntentionError (a ValueError) if one is bad."""
+        self.service = config.service
+        self.namespace = config.namespace
+        self.trust_domain = config.trust_domain
+        self.index = IntentionIndex(
+            [
+                from_consul_json(
+                    raw, destination_name=config.service, destination_ns=config.namespace
+                )
+                for raw in config.intentions
+            ],
+            default_allow=config.default_allow,
+        )
+        self._cache: dict[str, Verdict] = {}
+
+    def check(self, uri: str | None) -> Verdict:
+        """The verdict for a caller presenting `uri` (None: no usable SPIFFE ID)."""
+        if uri is None:
+            return Verdict(
+                False, "", "the client certificate carries no SPIFFE ID", False, "no_spiffe_id"
+            )
+        verdict = self._cache.get(uri)
+        if verdict is None:
+            verdict = self._decide(uri)
+            if len(self._cache) >= MAX_CACHED:
+                self._cache.clear()
+            self._cache[uri] = verdict
+        return verdict
+
+    def _decide(self, uri: str) -> Verdict:
+        try:
+            ident = spiffe.parse(uri)
+        except spiffe.SpiffeError as exc:
+            return Verdict(False, "", str(exc), False, "bad_spiffe_id")
+        if not isinstance(ident, spiffe.ServiceID):
+            return Verdict(False, "", f"{uri} is not a service identity", False, "bad_spiffe_id")
+        if ident.trust_domain != self.trust_domain:
+            return Verdict(
+                False,
+                ident.service,
+                f"trust domain {ident.trust_domain} is not this mesh's ({self.trust_domain})",
+                False,
+                "foreign_trust_domain",
+            )
+        decision = self.index.decide(
+            ident.service,
+            self.service,
+            source_ns=ident.namespace,
+            destination_ns=self.namespace,
+        )
+        reason = decision.reason
+        if decision.has_l7:
+            reason += " (L7 intentions need the HTTP proxy; an L4 connection is denied)"
+        return Verdict(decision.allowed, ident.service, reason)

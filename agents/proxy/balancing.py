@@ -1,0 +1,160 @@
+"""Choosing where an outbound connection goes: a cluster, then an endpoint.
+
+Pure (no sockets): `UpstreamPlan` is built once per applied config and asked
+once per connection. The load-balancing policy is a small interface
+(`Balancer.pick`) looked up by the cluster's `lb_policy` name.
+
+Open-connection counts (for least_request and random-of-two) live in one
+dict owned by the sidecar, keyed by endpoint address, so they stay right
+across config swaps while connections opened under an older config close.
+"""
+
+from __future__ import annotations
+
+import random
+from bisect import bisect_right
+from collections.abc import Collection
+
+from meshproto.proxycfg import Cluster, Endpoint, Upstream
+
+EndpointKey = tuple[str, int]
+
+
+def key_of(endpoint: Endpoint) -> EndpointKey:
+    return (endpoint.address, endpoint.port)
+
+
+class Balancer:
+    """Contract: `pick(exclude)` returns one of the cluster's endpoints not in
+    `exclude` (keys already tried for this connection), or None when none is left."""
+
+    def __init__(self, endpoints: tuple[Endpoint, ...], open_counts: dict[EndpointKey, int]):
+        self.endpoints = endpoints
+        self.open_counts = open_counts
+
+    def pick(self, exclude: Collection[EndpointKey] = ()) -> Endpoint | None:
+        raise NotImplementedError
+
+    def _candidates(self, exclude: Collection[EndpointKey]) -> tuple[Endpoint, ...]:
+        if not exclude:
+            return self.endpoints
+        return tuple(e for e in self.endpoints if key_of(e) not in exclude)
+
+
+class RoundRobin(Balancer):
+    """Each endpoint in turn (the default)."""
+
+    def __init__(self, endpoints: tuple[Endpoint, ...], open_counts: dict[EndpointKey, int]):
+        super().__init__(endpoints, open_counts)
+        # Start at a random place so that a fleet of sidecars doesn't all hit the first one.
+        self._next = random.randrange(len(endpoints)) if endpoints else 0
+
+    def pick(self, exclude: Collection[EndpointKey] = ()) -> Endpoint | None:
+        n = len(self.endpoints)
+        for _ in range(n):
+            endpoint = self.endpoints[self._next % n]
+            self._next = (self._next + 1) % n
+            if not exclude or key_of(endpoint) not in exclude:
+                return endpoint
+        return None
+
+
+class LeastRequest(Balancer):
+    """The endpoint with the fewest open connections from this sidecar; ties in turn."""
+
+    def __init__(self, endpoints: tuple[Endpoint, ...], open_counts: dict[EndpointKey, int]):
+        super().__init__(endpoints, open_counts)
+        self._next = 0
+
+    def pick(self, exclude: Collection[EndpointKey] = ()) -> Endpoint | None:
+        n = len(self.endpoints)
+        best: Endpoint | None = None
+        best_open = 0
+        start = self._next
+        self._next = (self._next + 1) % max(n, 1)
+        for i in range(n):
+            endpoint = self.endpoints[(start + i) % n]
+            k = key_of(endpoint)
+            if exclude and k in exclude:
+                continue
+            count = self.open_counts.get(k, 0)
+            if best is None or count < best_open:
+                best, best_open = endpoint, count
+        return best
+
+
+class RandomOfTwo(Balancer):
+    """Two endpoints at random, the one with fewer open connections (power of two choices)."""
+
+    def pick(self, exclude: Collection[EndpointKey] = ()) -> Endpoint | None:
+        candidates = self._candidates(exclude)
+        if not candidates:
+            return None
+        if len(candidates) == 1:
+            return candidates[0]
+        a, b = random.sample(candidates, 2)
+        counts = self.open_counts
+        return a if counts.get(key_of(a), 0) <= counts.get(key_of(b), 0) else b
+
+
+# The policy table (name → class). ring_hash and maglev hash a request
+# attribute, which needs the L7 proxy; at L4 they balance round robin.
+POLICIES: dict[str, type[Balancer]] = {
+    "round_robin": RoundRobin,
+    "least_request": LeastRequest,
+    "random": RandomOfTwo,
+    "ring_hash": RoundRobin,
+    "maglev": RoundRobin,
+}
+
+
+class UpstreamPlan:
+    """Where one upstream's new connections go, under one config.
+
+    L4 (tcp, and for now http/http2/grpc treated as L4): the cluster is the
+    upstream's only cluster, or — when the discovery chain produced routes —
+    drawn by weight from the splits of the last route (the catch-all: the one
+    that would carry a request no more specific route matches). A cluster with
+    no endpoints hands over to its `failover` clusters, in order.
+    """
+
+    def __init__(self, upstream: Upstream, open_counts: dict[EndpointKey, int]) -> None:
+        self.upstream = upstream
+        self.clusters = {c.name: c for c in upstream.clusters}
+        self.balancers = {
+            c.name: POLICIES.get(c.lb_policy, RoundRobin)(c.endpoints, open_counts)
+            for c in upstream.clusters
+        }
+        self._names: list[str] = []
+        self._cumulative: list[float] = []
+        if upstream.routes:
+            total = 0.0
+            for split in upstream.routes[-1].splits:
+                if split.weight > 0 and split.cluster in self.clusters:
+                    total += split.weight
+                    self._names.append(split.cluster)
+                    self._cumulative.append(total)
+        if not self._names and upstream.clusters:
+            self._names = [upstream.clusters[0].name]
+            self._cumulative = [1.0]
+
+    def choose_cluster(self) -> Cluster | None:
+        """The cluster for a new connection (after failover), or None if none has endpoints."""
+        if not self._names:
+            return None
+        if len(self._names) == 1:
+            name = self._names[0]
+        else:
+            r = random.random() * self._cumulative[-1]
+            name = self._names[min(bisect_right(self._cumulative, r), len(self._names) - 1)]
+        cluster = self.clusters[name]
+        if cluster.endpoints:
+            return cluster
+        for alt in cluster.failover:
+            other = self.clusters.get(alt)
+            if other is not None and other.endpoints:
+                return other
+        return None
+
+    def balancer(self, cluster: Cluster) -> Balancer:
+        return self.balancers[cluster.name]

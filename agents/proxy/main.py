@@ -1,0 +1,91 @@
+"""`mesh-sidecar`: the per-proxy data-plane process the agent spawns.
+
+    mesh-sidecar --proxy-id web-sidecar-proxy --socket /var/lib/mesh/sidecars/web-sidecar-proxy.sock \\
+                 [--metrics-addr 127.0.0.1:19000] [--log-level info] [--drain-timeout 10]
+
+It imports only `agents.proxy` and the Django-, grpc- and cryptography-free
+parts of `meshproto`, and runs on uvloop when it is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from agents.proxy.control import ControlClient
+from agents.proxy.logs import LEVELS, log
+from agents.proxy.metrics import Metrics, serve_metrics
+from agents.proxy.sidecar import Sidecar
+from agents.proxy.tls import KeyDir
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mesh-sidecar", description="meshweb sidecar proxy (L4)")
+    p.add_argument("--proxy-id", required=True, help="the proxy's service ID")
+    p.add_argument("--socket", required=True, help="the agent's Unix socket for this proxy")
+    p.add_argument(
+        "--metrics-addr", type=_host_port, default=None, help="HOST:PORT for GET /metrics"
+    )
+    p.add_argument("--log-level", choices=sorted(LEVELS, key=LEVELS.get), default="info")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=10.0,
+        help="seconds open connections may take to finish after SIGTERM",
+    )
+    p.add_argument("--handshake-timeout", type=float, default=10.0, help="TLS handshake timeout")
+    return p.parse_args(argv)
+
+
+async def run(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    metrics = Metrics()
+    keydir = KeyDir()
+    sidecar = Sidecar(args.proxy_id, metrics, keydir, handshake_timeout=args.handshake_timeout)
+    metrics_server = None
+    try:
+        if args.metrics_addr is not None:
+            host, port = args.metrics_addr
+            metrics_server = await serve_metrics(host, port, lambda: metrics.render(sidecar.conns))
+            bound = metrics_server.sockets[0].getsockname()
+            log.info("metrics", address=f"{bound[0]}:{bound[1]}")
+        control = ControlClient(args.socket, args.proxy_id, sidecar.handle_line, metrics)
+        control_task = loop.create_task(control.run())
+        log.info("started", socket=args.socket, loop=type(loop).__module__.split(".")[0])
+        await stop.wait()
+        log.info("stopping", connections=len(sidecar.conns))
+        control_task.cancel()
+        await sidecar.shutdown(args.drain_timeout)
+    finally:
+        if metrics_server is not None:
+            metrics_server.close()
+        keydir.remove()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    log.set_level(args.log_level)
+    log.base = {"proxy_id": args.proxy_id}
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(run(args))
+    return uvloop.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,521 @@
+"""The hot path: bytes between a cleartext TCP connection and an mTLS one.
+
+A proxied connection (`Conn`) is two `asyncio.Protocol`s on two plain TCP
+transports of the (uv)loop: `Plain` — the local app, or the local caller — and
+`Tls` — the other sidecar. TLS is done here with `ssl.MemoryBIO` and an
+`SSLObject` rather than with the loop's TLS transport, for three reasons:
+
+- memory: the loop's TLS transports (asyncio's and uvloop's) keep a 256 KiB
+  read buffer per connection; here the only per-connection buffers are
+  OpenSSL's (released when idle: CPython sets SSL_MODE_RELEASE_BUFFERS) and
+  the two BIOs, which hold only what is in flight;
+- half-close: a caller's EOF travels as a TLS close_notify while the other
+  direction keeps flowing (the loop's TLS transports close on close_notify);
+- fewer layers: one Python call per chunk and direction (`Plain.data_received`
+  encrypts straight into the peer transport; `Tls.data_received` decrypts
+  straight into the plain transport), nothing allocated that can be avoided.
+
+Flow control: each side's `pause_writing`/`resume_writing` (its transport's
+write buffer crossing the high/low water marks) pauses/resumes reading on the
+other side, so a slow reader never makes the sidecar buffer more than about
+one high-water mark per direction.
+
+Ending: an EOF on one side becomes an EOF on the other (close_notify one way,
+`write_eof` the other); when both directions have ended, or either transport
+is lost, both are closed after their buffered bytes are flushed. TLS or
+socket errors abort both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable
+from ssl import MemoryBIO, SSLContext, SSLError, SSLWantReadError, SSLZeroReturnError
+from typing import Any
+
+HIGH_WATER = 64 * 1024
+LOW_WATER = 16 * 1024
+# One TLS record carries at most 16 KiB of plaintext; reading asks for one record.
+RECORD = 16 * 1024
+
+
+def _nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Conn:
+    """One proxied connection: its two halves and what its owner tracks about it.
+
+    `owner.conn_done(conn)` is called exactly once, when both halves are gone
+    (or the one that ever existed is)."""
+
+    __slots__ = ("owner", "direction", "plain", "tls", "endpoint", "done", "tag")
+
+    def __init__(self, owner: Any, direction: str) -> None:
+        self.owner = owner
+        self.direction = direction  # "inbound" | "outbound"
+        self.plain: Plain | None = None
+        self.tls: Tls | None = None
+        self.endpoint: tuple[str, int] | None = None
+        self.done = False
+        self.tag: Any = None  # the owner's per-connection data (state snapshot, task)
+
+    @property
+    def rx(self) -> int:
+        """Bytes received from the caller's side (plaintext)."""
+        side = self.plain if self.direction == "outbound" else self.tls
+        return side.nin if side is not None else 0
+
+    @property
+    def tx(self) -> int:
+        """Bytes sent back to the caller's side (plaintext)."""
+        side = self.tls if self.direction == "outbound" else self.plain
+        return side.nin if side is not None else 0
+
+    def side_lost(self) -> None:
+        plain, tls = self.plain, self.tls
+        if (plain is None or plain.lost) and (tls is None or tls.lost) and not self.done:
+            self.done = True
+            self.owner.conn_done(self)
+
+    def close(self) -> None:
+        """Close both halves after flushing what is buffered (a graceful end)."""
+        if self.tls is not None:
+            self.tls.close()
+        if self.plain is not None:
+            self.plain.close()
+
+    def abort(self) -> None:
+        """Drop both halves now (errors, or the end of a drain's grace)."""
+        for side in (self.tls, self.plain):
+            if side is not None and side.transport is not None and not side.lost:
+                side.transport.abort()
+
+
+class Plain(asyncio.Protocol):
+    """The cleartext half: what it reads is encrypted into the TLS half."""
+
+    __slots__ = (
+        "conn",
+        "transport",
+        "lost",
+        "eof",
+        "nin",
+        "_encrypt",
+        "_take",
+        "_twrite",
+        "_on_made",
+        "_early",
+    )
+
+    def __init__(self, conn: Conn, on_made: Callable[[Plain], None] | None = None) -> None:
+        self.conn = conn
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+        self.eof = False  # the plain peer sent EOF (and it was forwarded)
+        self.nin = 0
+        # Until the TLS half is linked, what arrives is held (see `_hold`).
+        self._encrypt: Callable[[bytes], Any] = self._hold
+        self._take: Callable[[], bytes] = _nothing
+        self._twrite: Callable[[bytes], None] = _ignore
+        self._on_made = on_made
+        self._early: list[bytes] | None = None
+        conn.plain = self
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
+        _nodelay(transport)
+        tls = self.conn.tls
+        if tls is not None and tls.secure:
+            link(self, tls)
+        if self._on_made is not None:
+            self._on_made(self)
+
+    def _hold(self, data: bytes) -> None:
+        # Bytes before the TLS half is ready (uvloop starts reading right after
+        # connection_made, whatever it did): keep them and stop reading.
+        if self._early is None:
+            self._early = []
+        self._early.append(data)
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    # -- hot path ---------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self.nin += len(data)
+        try:
+            self._encrypt(data)  # type: ignore[misc]
+            self._twrite(self._take())  # type: ignore[misc]
+        except (SSLError, RuntimeError):
+            self.conn.abort()
+
+    # -- flow control ------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        tls = self.conn.tls
+        if tls is not None and tls.transport is not None:
+            tls.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        tls = self.conn.tls
+        if tls is not None and tls.transport is not None and not tls.lost:
+            tls.transport.resume_reading()
+
+    # -- ending ----------------------------------------------------------------
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        tls = self.conn.tls
+        if tls is None or not tls.linked:
+            return True  # not connected yet: the EOF is forwarded once linked
+        if tls.lost:
+            return False
+        tls.send_close_notify()
+        if tls.eof:
+            self.conn.close()
+            return False
+        return True  # half-closed: keep writing the other direction
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        tls = self.conn.tls
+        if tls is not None and not tls.lost:
+            if exc is not None:
+                tls.transport.abort()  # type: ignore[union-attr]
+            else:
+                tls.close()
+        self.conn.side_lost()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.close()
+
+
+class Tls(asyncio.Protocol):
+    """The mTLS half: handshake, then what it decrypts goes to the plain half.
+
+    `on_secure(tls)` is called once the handshake is done (the peer's chain
+    verified); it checks the peer's identity and links a plain half, or closes.
+    `on_fail(tls, reason)` is called when the handshake fails or times out."""
+
+    __slots__ = (
+        "conn",
+        "transport",
+        "sslobj",
+        "lost",
+        "eof",
+        "secure",
+        "linked",
+        "nin",
+        "notify_sent",
+        "failed",
+        "tcp_eof",
+        "_ctx",
+        "_server_side",
+        "_hostname",
+        "_in",
+        "_out",
+        "_inwrite",
+        "_take",
+        "_read",
+        "_pending",
+        "_pwrite",
+        "_pwritelines",
+        "_timer",
+        "_timeout",
+        "_on_secure",
+        "_on_fail",
+    )
+
+    def __init__(
+        self,
+        conn: Conn,
+        ctx: SSLContext,
+        *,
+        server_side: bool,
+        hostname: str | None,
+        timeout: float,
+        on_secure: Callable[[Tls], None],
+        on_fail: Callable[[Tls, str, str], None],
+    ) -> None:
+        self.conn = conn
+        self.transport: asyncio.Transport | None = None
+        self.sslobj: Any = None
+        self.lost = False
+        self.eof = False  # close_notify received (and forwarded)
+        self.secure = False
+        self.linked = False
+        self.nin = 0
+        self.notify_sent = False
+        self.failed = False  # on_fail was called (once)
+        self.tcp_eof = False
+        self._ctx = ctx
+        self._server_side = server_side
+        self._hostname = hostname
+        self._timeout = timeout
+        self._timer: asyncio.TimerHandle | None = None
+        self._on_secure = on_secure
+        self._on_fail = on_fail
+        self._pwrite: Callable[[bytes], None] | None = None
+        self._pwritelines: Callable[[list[bytes]], None] | None = None
+        conn.tls = self
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
+        _nodelay(transport)
+        self._in = MemoryBIO()
+        self._out = MemoryBIO()
+        self.sslobj = self._ctx.wrap_bio(
+            self._in, self._out, server_side=self._server_side, server_hostname=self._hostname
+        )
+        self._inwrite = self._in.write
+        self._take = self._out.read
+        self._read = self.sslobj.read
+        self._pending = self.sslobj.pending
+        self._timer = asyncio.get_running_loop().call_later(self._timeout, self._handshake_timeout)
+        if not self._server_side:
+            self._handshake()
+
+    # -- handshake -----------------------------------------------------------------
+
+    def _handshake(self) -> None:
+        try:
+            self.sslobj.do_handshake()
+        except SSLWantReadError:
+            self._flush()
+            return
+        except SSLError as exc:
+            self._flush()  # the alert, so the peer learns why
+            self._fail("tls", _reason(exc))
+            return
+        self._flush()
+        self.secure = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._on_secure(self)
+
+    def _handshake_timeout(self) -> None:
+        self._timer = None
+        if not self.secure and not self.lost:
+            self._fail("timeout", "handshake_timeout")
+
+    def _fail(self, kind: str, reason: str) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.failed:
+            self.failed = True
+            self._on_fail(self, kind, reason)
+        if self.transport is not None and not self.lost:
+            self.transport.close()
+
+    def _flush(self) -> None:
+        if self._out.pending:
+            self.transport.write(self._out.read())  # type: ignore[union-attr]
+
+    def peer_certificate(self) -> dict | None:
+        try:
+            return self.sslobj.getpeercert()
+        except (SSLError, ValueError):
+            return None
+
+    # -- hot path --------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.linked:
+            self._inwrite(data)
+            self._pump()
+            return
+        self._in.write(data)
+        if not self.secure:
+            self._handshake()
+        # Secure but not linked yet (the inbound side is still connecting to the
+        # app): the records wait in the BIO and reading is paused meanwhile.
+
+    def _pump(self) -> None:
+        """Decrypt everything complete in the BIO and write it to the plain half."""
+        read = self._read
+        inbio = self._in
+        pending = self._pending
+        chunks = None
+        notify = False
+        try:
+            data = read(RECORD)
+            if not data:
+                notify = True
+            elif not inbio.pending and not pending():
+                # The common case: one record in, one write out, no exception raised.
+                self.nin += len(data)
+                self._pwrite(data)  # type: ignore[misc]
+                if self._out.pending:  # post-handshake messages (key updates) to answer
+                    self.transport.write(self._out.read())  # type: ignore[union-attr]
+                return
+            else:
+                chunks = [data]
+                while True:
+                    data = read(RECORD)
+                    if not data:
+                        notify = True
+                        break
+                    chunks.append(data)
+                    if not inbio.pending and not pending():
+                        break
+        except SSLWantReadError:
+            pass
+        except SSLZeroReturnError:
+            notify = True
+        except (SSLError, RuntimeError):
+            self.conn.abort()
+            return
+        if chunks:
+            self.nin += sum(map(len, chunks))
+            try:
+                self._pwritelines(chunks)  # type: ignore[misc]
+            except RuntimeError:
+                self.conn.abort()
+                return
+        if self._out.pending:
+            self.transport.write(self._out.read())  # type: ignore[union-attr]
+        if notify and not self.eof:
+            self._close_notify_received()
+
+    def _close_notify_received(self) -> None:
+        self.eof = True
+        plain = self.conn.plain
+        if plain is None or plain.lost or plain.transport is None:
+            self.close()
+            return
+        if plain.eof:
+            self.conn.close()
+            return
+        if plain.transport.can_write_eof():
+            plain.transport.write_eof()
+        else:
+            plain.close()
+
+    # -- flow control ------------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        plain = self.conn.plain
+        if plain is not None and plain.transport is not None:
+            plain.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        plain = self.conn.plain
+        if plain is not None and plain.transport is not None and not plain.lost:
+            plain.transport.resume_reading()
+
+    # -- ending ----------------------------------------------------------------------
+
+    def send_close_notify(self) -> None:
+        """End our sending direction with a TLS close_notify (reads go on)."""
+        if self.notify_sent or not self.secure or self.lost:
+            return
+        self.notify_sent = True
+        try:
+            self.sslobj.unwrap()
+        except SSLWantReadError:
+            pass  # sent; the peer's close_notify comes later (or never: fine)
+        except SSLError:
+            pass
+        self._flush()
+
+    def eof_received(self) -> bool:
+        # The TCP stream ended. After a close_notify that is the normal end of the
+        # peer's direction; without one the stream was cut (or truncated): stop.
+        self.tcp_eof = True
+        if self.eof:
+            return True
+        if self.secure and not self.linked:
+            return True  # records may wait in the BIO: decided once linked
+        plain = self.conn.plain
+        if plain is not None and not plain.lost:
+            plain.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.secure and not self.failed:
+            # The peer went away mid-handshake (a port scan, a plaintext client
+            # that gave up, a refused certificate on the peer's side).
+            self.failed = True
+            self._on_fail(self, "tls", "eof_during_handshake" if exc is None else "reset")
+        plain = self.conn.plain
+        if plain is not None and not plain.lost and plain.transport is not None:
+            if exc is not None:
+                plain.transport.abort()
+            else:
+                plain.transport.close()
+        self.conn.side_lost()
+
+    def close(self) -> None:
+        if self.transport is None or self.lost:
+            return
+        self.send_close_notify()
+        self.transport.close()
+
+
+def _nothing() -> bytes:
+    return b""
+
+
+def _ignore(data: bytes) -> None:
+    pass
+
+
+def link(plain: Plain, tls: Tls) -> None:
+    """Join the two halves: bind the hot-path callables once per connection, and
+    send on what the plain side held meanwhile."""
+    plain._encrypt = tls.sslobj.write
+    plain._take = tls._out.read
+    plain._twrite = tls.transport.write  # type: ignore[union-attr]
+    tls._pwrite = plain.transport.write  # type: ignore[union-attr]
+    tls._pwritelines = plain.transport.writelines  # type: ignore[union-attr]
+    tls.linked = True
+    early, plain._early = plain._early, None
+    if early:
+        try:
+            for data in early:
+                plain._encrypt(data)
+            plain._twrite(plain._take())
+        except (SSLError, RuntimeError):
+            plain.conn.abort()
+            return
+    if plain.eof:
+        tls.send_close_notify()
+
+
+def start_pumping(tls: Tls) -> None:
+    """After linking a TLS half that was held (inbound, while the app connected):
+    forward what arrived meanwhile and read again."""
+    if tls.lost:
+        return
+    tls._pump()
+    if tls.lost or tls.transport is None:
+        return
+    if tls.tcp_eof and not tls.eof:
+        tls.conn.close()  # the stream was cut before a close_notify
+        return
+    tls.transport.resume_reading()
+
+
+def _reason(exc: SSLError) -> str:
+    reason = getattr(exc, "reason", None)
+    if reason:
+        return str(reason).lower()
+    name = type(exc).__name__
+    return {"SSLEOFError": "eof_during_handshake", "SSLZeroReturnError": "closed"}.get(
+        name, "ssl_error"
+    )
