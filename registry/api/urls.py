@@ -7,6 +7,7 @@ from rest_framework.routers import SimpleRouter
 from registry.api import audit, ca, views
 from registry.api import config_entries as config_entries_api
 from registry.api import intentions as intentions_api
+from registry.api import proxycfg as proxycfg_api
 from registry.api.errors import not_found
 
 app_name = "api"
@@ -34,6 +35,12 @@ urlpatterns = [
     path("redoc/", views.RedocView.as_view(url_name="api:schema"), name="redoc"),
     path("kv/", kv_list, name="kv-list"),
     path("kv/<path:key>", kv_entry, name="kv-detail"),
+    # Before the router: `services/<name>/...` is otherwise the services viewset's.
+    re_path(
+        r"^services/(?P<name>[^/]+)/proxy-config/?$",
+        proxycfg_api.ProxyConfigView.as_view(),
+        name="service-proxy-config",
+    ),
     *router.urls,
     re_path(r"^ca/sign/?$", ca.SignView.as_view(), name="ca-sign"),
     re_path(r"^ca/roots/?$", ca.RootsView.as_view(), name="ca-roots"),
