@@ -215,6 +215,15 @@ async def wait_quiet(pid: int, *, window: float = 0.6, max_cpu: float = 0.15, li
     return time.monotonic() - t0
 
 
+def py_spy() -> str | None:
+    """py-spy from PATH or beside this interpreter (the venv), if installed."""
+    found = shutil.which("py-spy")
+    if found:
+        return found
+    local = Path(sys.executable).with_name("py-spy")
+    return str(local) if local.exists() else None
+
+
 @contextlib.asynccontextmanager
 async def profiled(srv: MeshServer, args, name: str):
     """With `--profile DIR`, sample the server with py-spy while the block runs.
@@ -225,7 +234,7 @@ async def profiled(srv: MeshServer, args, name: str):
     if not args.profile:
         yield
         return
-    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    spy = py_spy()
     out = Path(args.profile) / f"{name}.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
     proc = await asyncio.create_subprocess_exec(
@@ -872,6 +881,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if any("=" not in kv for kv in args.server_env):
         p.error("--server-env takes NAME=VALUE")
+    if args.profile and py_spy() is None:
+        p.error("--profile needs py-spy: .venv/bin/pip install py-spy")
     unknown = args.phases - {"register", "health", "fanout"}
     if unknown:
         p.error(f"unknown phase(s): {', '.join(sorted(unknown))}")
