@@ -471,10 +471,7 @@ class Agent:
         return mesh_pb2.NodeState(
             address=self.config.bind,
             meta={"mesh-role": "agent"},
-            services_json=[
-                json.dumps(s.wire(), sort_keys=True)
-                for s in sorted(self.state.services.values(), key=lambda s: s.id)
-            ],
+            services_json=[json.dumps(s, sort_keys=True) for s in self.state.wire_services()],
             checks_json=[
                 json.dumps(c.wire(), sort_keys=True)
                 for c in sorted(self.state.checks.values(), key=lambda c: c.check_id)

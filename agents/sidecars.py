@@ -90,6 +90,7 @@ class SidecarFeed:
         self.roots: tuple[str, ...] = ()
         self.sent: bytes = b""
         self.connected = False
+        self.recent: dict[int, dict[str, Any]] = {}
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -116,6 +117,10 @@ class SidecarFeed:
 
     def set_config(self, config: dict[str, Any], version: int) -> None:
         self.config, self.version = config, version
+        # Acks may come after newer versions were sent: remember what each version was.
+        self.recent[version] = config
+        while len(self.recent) > 8:
+            self.recent.pop(next(iter(self.recent)))
         self.push()
 
     def set_leaf(self, cert: str, key: str, not_after: float) -> None:
@@ -184,8 +189,8 @@ class SidecarFeed:
             return
         if isinstance(msg.get("ack"), int):
             version = msg["ack"]
-            if version == self.version and self.config is not None:
-                self.good_config, self.good_version = self.config, version
+            if version in self.recent and version >= self.good_version:
+                self.good_config, self.good_version = self.recent[version], version
             self.on_ack(self.proxy_id, version, True, "")
         elif isinstance(msg.get("nack"), int):
             version, error = msg["nack"], str(msg.get("error") or "rejected")

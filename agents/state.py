@@ -53,7 +53,8 @@ class CheckState:
     notes: str = ""
     status: str = CRITICAL
     output: str = ""
-    source: str = "config"  # config | api | sidecar | maintenance
+    source: str = "config"  # config | api | maintenance
+    inline: bool = False  # declared inside its service's definition (Check/Checks)
     modify_index: int = 0
 
     @property
@@ -72,8 +73,19 @@ class CheckState:
     def ttl(self) -> float:
         return parse_duration(self.definition.get("TTL"))
 
+    def inline_definition(self) -> dict[str, Any]:
+        """The check inside its service's `Checks` (definition only; status reported apart)."""
+        out = {k: v for k, v in self.definition.items() if k not in ("CheckID", "ServiceID")}
+        out.update({"CheckID": self.check_id, "Name": self.name})
+        if self.notes:
+            out["Notes"] = self.notes
+        return out
+
     def wire(self) -> dict[str, Any]:
-        """The check as the control plane receives it in SyncNode (Consul's field names)."""
+        """The check in SyncNode's `checks_json`: a status report for an inline check,
+        else its whole definition with its status (Consul's field names)."""
+        if self.inline:
+            return {"CheckID": self.check_id, "Status": self.status, "Output": self.output}
         out = {k: v for k, v in self.definition.items() if k not in ("CheckID", "ServiceID")}
         out.update(
             {
@@ -289,6 +301,7 @@ class LocalState:
                     notes=c.get("Notes", ""),
                     status=c.get("Status") or CRITICAL,
                     source=source,
+                    inline=True,
                 )
             )
         return out
@@ -493,6 +506,33 @@ class LocalState:
         check.status, check.output = status, output
         check.modify_index = int(time.time() * 1000)
         return True
+
+    def wire_services(self) -> list[dict[str, Any]]:
+        """SyncNode's `services_json`: each declared service with its inline checks and
+        its sidecar (fully expanded: ID, port, proxy, checks) as `Connect.SidecarService`."""
+        out = []
+        for svc in sorted(self.services.values(), key=lambda s: s.id):
+            if svc.parent_id:
+                continue
+            d = self._with_checks(svc)
+            for sc in self.services.values():
+                if sc.parent_id == svc.id:
+                    d["Connect"] = {
+                        **(d.get("Connect") or {}),
+                        "SidecarService": self._with_checks(sc),
+                    }
+            out.append(d)
+        return out
+
+    def _with_checks(self, svc: ServiceState) -> dict[str, Any]:
+        d = svc.wire()
+        inline = sorted(
+            (c for c in self.checks.values() if c.service_id == svc.id and c.inline),
+            key=lambda c: c.check_id,
+        )
+        if inline:
+            d["Checks"] = [c.inline_definition() for c in inline]
+        return d
 
     # --- reads --------------------------------------------------------------------
 
