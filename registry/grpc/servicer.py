@@ -1,0 +1,171 @@
+"""`AgentControl`: adapters from the agent protocol onto `registry.domain.agents`.
+
+Each RPC authenticates (`registry.grpc.auth`), runs one domain function on
+the DB pool inside an audit scope (actor `agent:<node>`, or the join token
+for `Join`, via `grpc`) and shapes the answer. Domain errors become gRPC
+status codes: 400 INVALID_ARGUMENT, 401 UNAUTHENTICATED, 403
+PERMISSION_DENIED, 404 NOT_FOUND, 409 ALREADY_EXISTS, 429
+RESOURCE_EXHAUSTED (the CA's signing rate limit: retry with backoff).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from meshproto.proto import mesh_pb2, mesh_pb2_grpc
+from registry import audit, db
+from registry.domain import agents
+from registry.errors import MeshError
+from registry.grpc.auth import AuthError, Caller, PeerTable, caller_of, peer_of
+from registry.grpc.streams import ProxyConfigStream
+
+log = logging.getLogger("meshweb.grpc")
+
+T = TypeVar("T")
+
+_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.ALREADY_EXISTS,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+_PATH = "/meshweb.v1.AgentControl/"
+
+
+class AgentControlServicer(mesh_pb2_grpc.AgentControlServicer):
+    def __init__(self, peers: PeerTable, trust_domain: str) -> None:
+        self.peers = peers
+        self.trust_domain = trust_domain
+        self.streams: set[ProxyConfigStream] = set()
+
+    def close(self) -> None:
+        """Server shutdown: nothing to do beyond grpc's own cancellation of the calls."""
+
+    # --- helpers ----------------------------------------------------------------------
+
+    async def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        try:
+            return caller_of(context, self.peers, self.trust_domain)
+        except AuthError as exc:
+            await context.abort(exc.code, exc.message)
+            raise  # abort raises; this is for type checkers
+
+    async def _run(
+        self,
+        context: grpc.aio.ServicerContext,
+        actor: audit.Actor,
+        method: str,
+        fn: Callable[..., T],
+        *args: Any,
+        **kwargs: Any,
+    ) -> T:
+        def work() -> T:
+            with audit.scope(actor, f"agent.{method}", "GRPC", _PATH + method):
+                return fn(*args, **kwargs)
+
+        try:
+            return await db.run(work)
+        except MeshError as exc:
+            code = _CODES.get(exc.status, grpc.StatusCode.INTERNAL)
+            await context.abort(code, exc.message)
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s failed", method)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
+            raise
+
+    @staticmethod
+    def _agent(caller: Caller) -> audit.Actor:
+        return audit.Actor(f"agent:{caller.node}", caller.spiffe_id, "grpc")
+
+    # --- RPCs -------------------------------------------------------------------------
+
+    async def Join(self, request: mesh_pb2.JoinRequest, context) -> mesh_pb2.JoinResponse:
+        try:
+            peer = peer_of(context, self.peers)
+        except AuthError as exc:
+            await context.abort(exc.code, exc.message)
+            raise
+        token_id = request.join_token.partition(".")[0][:32]
+        actor = audit.Actor(f"join-token:{token_id}", request.node_name[:128], "grpc")
+        joined = await self._run(
+            context,
+            actor,
+            "Join",
+            agents.join,
+            request.join_token,
+            request.node_name,
+            request.csr_pem,
+            address=request.address,
+            meta=dict(request.meta),
+            datacenter=request.datacenter,
+            peer_host=peer.host,
+        )
+        return mesh_pb2.JoinResponse(
+            node_id=joined.node_id,
+            cert_pem=joined.cert_pem,
+            roots_pem=list(joined.roots_pem),
+            trust_domain=joined.trust_domain,
+            datacenter=joined.datacenter,
+        )
+
+    async def SignLeaf(self, request: mesh_pb2.SignRequest, context) -> mesh_pb2.SignResponse:
+        caller = await self._caller(context)
+
+        def sign() -> tuple[Any, list[str]]:
+            leaf = agents.sign_leaf(
+                caller.node, caller.datacenter, request.csr_pem, request.service
+            )
+            return leaf, agents.roots_pem()
+
+        leaf, roots = await self._run(context, self._agent(caller), "SignLeaf", sign)
+        return mesh_pb2.SignResponse(
+            cert_pem=leaf.chain_pem,
+            roots_pem=roots,
+            serial=leaf.serial,
+            not_after_unix=int(leaf.not_after.timestamp()),
+        )
+
+    async def SyncNode(self, request: mesh_pb2.NodeState, context) -> mesh_pb2.SyncResponse:
+        caller = await self._caller(context)
+
+        def sync() -> int:
+            state = agents.parse_node_state(
+                request.address,
+                dict(request.meta),
+                list(request.services_json),
+                list(request.checks_json),
+            )
+            return agents.sync_node(caller.node, caller.datacenter, state)
+
+        index = await self._run(context, self._agent(caller), "SyncNode", sync)
+        return mesh_pb2.SyncResponse(index=index)
+
+    async def UpdateChecks(self, request: mesh_pb2.CheckUpdates, context) -> mesh_pb2.SyncResponse:
+        caller = await self._caller(context)
+        updates = [(u.check_id, u.status, u.output) for u in request.updates]
+        index = await self._run(
+            context, self._agent(caller), "UpdateChecks", agents.update_checks, caller.node, updates
+        )
+        return mesh_pb2.SyncResponse(index=index)
+
+    async def StreamProxyConfigs(self, request_iterator, context) -> None:
+        caller = await self._caller(context)
+        stream = ProxyConfigStream(caller, context)
+        self.streams.add(stream)
+        log.info("node %s opened its config stream", caller.node)
+        try:
+            await stream.run()
+        finally:
+            self.streams.discard(stream)
+            log.info("node %s closed its config stream", caller.node)

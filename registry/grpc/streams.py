@@ -1,0 +1,276 @@
+"""The proxy-config stream: one per connected agent (`StreamProxyConfigs`).
+
+The agent sends `Subscribe` (proxy IDs, or none for every proxy on its node).
+The stream then follows the node (topic `node:<name>`): a watcher starts for
+each `connect-proxy` instance on it and stops (sending `removed=True`) when
+the instance goes. A watcher compiles its proxy's config
+(`compile_proxy(node, proxy_id) -> (ProxyConfig, topics)`, on the DB pool),
+sends it, and waits on the change hub for the topics the compile depended
+on; on a wake it compiles again and sends only if the config differs (its
+`version`, the index at compile time, aside).
+
+Latest-only delivery: a watcher does not compile again until its previous
+send has been written (gRPC flow control holds a slow agent's writes), and
+the hub waiter it registered before compiling stays resolved meanwhile, so a
+slow agent gets the newest config once, never a backlog of stale ones.
+
+Acks and nacks are recorded per proxy; a nack is logged with the agent's
+error. Garbage (an ack for a proxy never sent, an empty message) is logged
+and ignored; a second `Subscribe` replaces the selection. With several
+`mesh server` processes, a write on another server reaches this one's hub
+over Redis and wakes the watchers the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from meshproto.proto import mesh_pb2
+from meshproto.proxycfg import ProxyConfig
+from registry import db
+from registry.changes import hub
+from registry.domain import agents
+from registry.errors import NotFound
+from registry.grpc.auth import Caller
+
+try:
+    from registry.domain.proxycfg import compile_proxy
+except ImportError:  # INTERIM: until registry.domain.proxycfg lands
+    from registry.grpc.interim_proxycfg import compile_proxy
+
+log = logging.getLogger("meshweb.grpc.stream")
+
+# A watcher recompiles at least this often even without a wake (a missed
+# Redis message costs at most this much staleness).
+RECHECK_SECONDS = 60.0
+RETRY_SECONDS = 2.0
+# Recompile at once when the topics a compile depends on changed (the new
+# ones were not watched during it), but not forever.
+MAX_TOPIC_CHASES = 3
+
+Compile = Callable[[str, str], tuple[ProxyConfig, set[str]]]
+
+
+@dataclass
+class ProxyState:
+    """What the stream sent for one proxy and what the agent said about it."""
+
+    sent_version: int = 0
+    sent_body: bytes = b""  # the config JSON with version 0 (what "changed" compares)
+    acked_version: int = 0
+    nacked_version: int = 0
+    last_error: str = ""
+
+
+def _comparable(config: ProxyConfig) -> bytes:
+    return dataclasses.replace(config, version=0).dumps()
+
+
+def _spawn(coro, name: str) -> asyncio.Task:
+    """A stream's background task; a failure is logged (the stream's end cancels it)."""
+    task = asyncio.create_task(coro, name=name)
+    task.add_done_callback(_log_failure)
+    return task
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        # Typically a write to a stream the agent just closed.
+        log.info("%s ended: %s: %s", task.get_name(), type(exc).__name__, exc)
+
+
+async def _wait(waiter, timeout: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+
+
+class ProxyConfigStream:
+    """One agent's `StreamProxyConfigs` call."""
+
+    def __init__(
+        self, caller: Caller, context: grpc.aio.ServicerContext, compile: Compile = compile_proxy
+    ) -> None:
+        self.node = caller.node
+        self.context = context
+        self.compile = compile
+        self.selection: frozenset[str] | None = None  # None: every proxy on the node
+        self.proxies: dict[str, ProxyState] = {}
+        self._watchers: dict[str, asyncio.Task] = {}
+        self._node_task: asyncio.Task | None = None
+        self._reselect = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+
+    async def run(self) -> None:
+        """Serve until the agent closes the stream (or the server stops)."""
+        try:
+            while True:
+                request = await self.context.read()
+                if request is grpc.aio.EOF:
+                    return
+                self._handle(request)
+        finally:
+            await self._stop_all()
+
+    # --- requests ---------------------------------------------------------------------
+
+    def _handle(self, request: mesh_pb2.StreamRequest) -> None:
+        kind = request.WhichOneof("kind")
+        if kind == "subscribe":
+            ids = frozenset(p for p in request.subscribe.proxy_ids if p)
+            self.selection = ids or None
+            if self._node_task is None:
+                self._node_task = _spawn(self._follow_node(), f"proxycfg:{self.node}")
+            else:
+                log.info("node %s subscribed again; selection now %s", self.node, sorted(ids))
+                self._reselect.set()
+        elif kind == "ack":
+            self._ack(request.ack)
+        else:
+            log.warning("node %s sent an empty stream message; ignored", self.node)
+
+    def _ack(self, ack: mesh_pb2.Ack) -> None:
+        state = self.proxies.get(ack.proxy_id)
+        if state is None or not state.sent_version:
+            log.warning(
+                "node %s acked proxy %r (version %s) that this stream never sent; ignored",
+                self.node,
+                ack.proxy_id,
+                ack.version,
+            )
+            return
+        if ack.ok:
+            state.acked_version = max(state.acked_version, ack.version)
+        else:
+            state.nacked_version = max(state.nacked_version, ack.version)
+            state.last_error = ack.error[:2000]
+            log.warning(
+                "node %s rejected config %s of proxy %s: %s",
+                self.node,
+                ack.version,
+                ack.proxy_id,
+                state.last_error or "(no reason given)",
+            )
+
+    # --- following the node -------------------------------------------------------------
+
+    async def _follow_node(self) -> None:
+        """Keep one watcher per selected proxy on the node."""
+        while True:
+            waiter = hub.watch([f"node:{self.node}"])
+            try:
+                self._reselect.clear()
+                try:
+                    present = await db.run(agents.node_proxies, self.node)
+                except Exception:
+                    log.exception("listing the proxies of node %s failed; retrying", self.node)
+                    await asyncio.sleep(RETRY_SECONDS)
+                    continue
+                await self._reconcile(present)
+                reselect = asyncio.create_task(self._reselect.wait())
+                try:
+                    await asyncio.wait(
+                        [asyncio.shield(waiter.future), reselect],
+                        timeout=RECHECK_SECONDS,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    reselect.cancel()
+            finally:
+                hub.unwatch(waiter)
+
+    async def _reconcile(self, present: list[str]) -> None:
+        wanted = set(present) if self.selection is None else set(present) & self.selection
+        for proxy_id in sorted(set(self._watchers) - wanted):
+            task = self._watchers.pop(proxy_id)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            state = self.proxies.pop(proxy_id, None)
+            if state is not None and state.sent_version:
+                await self._send(mesh_pb2.ProxyConfigUpdate(proxy_id=proxy_id, removed=True))
+                log.info("proxy %s left node %s", proxy_id, self.node)
+        for proxy_id in sorted(wanted - set(self._watchers)):
+            self.proxies.setdefault(proxy_id, ProxyState())
+            self._watchers[proxy_id] = _spawn(
+                self._follow_proxy(proxy_id), f"proxycfg:{self.node}/{proxy_id}"
+            )
+
+    # --- following one proxy --------------------------------------------------------------
+
+    async def _follow_proxy(self, proxy_id: str) -> None:
+        topics: frozenset[str] = frozenset()
+        waiter = hub.watch(())
+        chases = 0
+        try:
+            while True:
+                try:
+                    config, deps = await db.run(self.compile, self.node, proxy_id)
+                except NotFound:
+                    # Deregistered between the node's listing and this compile:
+                    # the node watcher is about to stop this one.
+                    await _wait(waiter, RETRY_SECONDS)
+                    waiter = self._rewatch(waiter, topics)
+                    continue
+                except Exception:
+                    log.exception("compiling proxy %s of node %s failed", proxy_id, self.node)
+                    await _wait(waiter, RETRY_SECONDS)
+                    waiter = self._rewatch(waiter, topics)
+                    continue
+                deps = frozenset(deps)
+                if deps != topics:
+                    topics = deps
+                    waiter = self._rewatch(waiter, topics)
+                    chases += 1
+                    if chases <= MAX_TOPIC_CHASES:
+                        continue  # the new topics were not watched during that compile
+                chases = 0
+                await self._offer(proxy_id, config)
+                await _wait(waiter, RECHECK_SECONDS)
+                # Watch again before compiling, so a change during the compile wakes us.
+                waiter = self._rewatch(waiter, topics)
+        finally:
+            hub.unwatch(waiter)
+
+    @staticmethod
+    def _rewatch(waiter, topics: frozenset[str]):
+        hub.unwatch(waiter)
+        return hub.watch(topics)
+
+    async def _offer(self, proxy_id: str, config: ProxyConfig) -> None:
+        """Send the config if it differs from what the agent has."""
+        state = self.proxies.get(proxy_id)
+        if state is None:
+            return
+        body = _comparable(config)
+        if body == state.sent_body:
+            return
+        await self._send(
+            mesh_pb2.ProxyConfigUpdate(
+                proxy_id=proxy_id, version=config.version, config_json=config.dumps()
+            )
+        )
+        state.sent_version, state.sent_body = config.version, body
+
+    async def _send(self, update: mesh_pb2.ProxyConfigUpdate) -> None:
+        # One writer at a time on a stream; flow control makes a slow agent wait here.
+        async with self._write_lock:
+            await self.context.write(update)
+
+    async def _stop_all(self) -> None:
+        tasks = list(self._watchers.values())
+        if self._node_task is not None:
+            tasks.append(self._node_task)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._watchers.clear()
