@@ -86,6 +86,7 @@ class MeshServer:
     http_port: int
     dns_port: int
     env: dict[str, str]
+    grpc_port: int = 0  # the agent protocol (TLS), MESH_GRPC_ADDR
     token: str | None = None
     database_url: str | None = None
     owns_database: bool = False
@@ -176,7 +177,7 @@ def make_server(
 ) -> MeshServer:
     """Configure (and start) a server. `database_url` shares an existing database."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    http_port, dns_port = free_port(), free_port()
+    http_port, dns_port, grpc_port = free_port(), free_port(), free_port()
     env = {
         k: v
         for k, v in os.environ.items()
@@ -197,6 +198,7 @@ def make_server(
             "MESH_DATA_DIR": str(data_dir),
             "MESH_HTTP_ADDR": f"127.0.0.1:{http_port}",
             "MESH_DNS_ADDR": f"127.0.0.1:{dns_port}",
+            "MESH_GRPC_ADDR": f"127.0.0.1:{grpc_port}",
             "MESH_ACL_ENABLED": "true" if acl else "false",
             "MESH_SECRET_KEY": "test-secret-key-not-for-production",
             "MESH_TASK_TICK_SECONDS": "0.2",
@@ -213,6 +215,7 @@ def make_server(
         http_port=http_port,
         dns_port=dns_port,
         env=env,
+        grpc_port=grpc_port,
         token=token,
         database_url=database_url,
         owns_database=owns,
