@@ -737,15 +737,18 @@ def _gateway_candidates(dc: str) -> tuple[Candidate, ...]:
     return _candidates(list(rows))
 
 
-def _gather_upstream(
+def plan_upstream(
     service: str,
-    proxy_json: Mapping[str, Any],
+    proxy: Mapping[str, Any],
     upstream: Mapping[str, Any],
     local_dc: str,
     trust_domain: str,
     entries: Mapping,
 ) -> UpstreamSnapshot:
-    settings = upstream_settings(service, upstream, proxy_json, entries)
+    """An upstream's settings and compiled discovery chain, without instances
+    (pure: what `gather` and the golden tests both start from). A chain that
+    does not compile is kept as `chain=None` with the reason in `error`."""
+    settings = upstream_settings(service, upstream, proxy, entries)
     dest = upstream.get("DestinationName", "")
     try:
         chain = chains.compile_chain(
@@ -760,14 +763,31 @@ def _gather_upstream(
     except (chains.ChainError, pure_entries.ConfigEntryError, spiffe.SpiffeError) as exc:
         log.warning("upstream %s of %s: discovery chain does not compile: %s", dest, service, exc)
         return UpstreamSnapshot(upstream=upstream, settings=settings, chain=None, error=str(exc))
+    return UpstreamSnapshot(upstream=upstream, settings=settings, chain=chain)
+
+
+def chain_targets(us: UpstreamSnapshot) -> list[tuple[str, str, str]]:
+    """(target ID, service, datacenter) of every target of an upstream's chain."""
+    targets = (us.chain or {}).get("Targets") or {}
+    return [(tid, t["Service"], t["Datacenter"]) for tid, t in targets.items()]
+
+
+def _gather_upstream(
+    service: str,
+    proxy_json: Mapping[str, Any],
+    upstream: Mapping[str, Any],
+    local_dc: str,
+    trust_domain: str,
+    entries: Mapping,
+) -> UpstreamSnapshot:
+    planned = plan_upstream(service, proxy_json, upstream, local_dc, trust_domain, entries)
     instances: dict[str, tuple[Candidate, ...]] = {}
     by_service_dc: dict[tuple[str, str], tuple[Candidate, ...]] = {}
-    for tid, target in chain["Targets"].items():
-        key = (target["Service"], target["Datacenter"])
-        if key not in by_service_dc:
-            by_service_dc[key] = _target_candidates(*key)
-        instances[tid] = by_service_dc[key]
-    return UpstreamSnapshot(upstream=upstream, settings=settings, chain=chain, instances=instances)
+    for tid, svc, dc in chain_targets(planned):
+        if (svc, dc) not in by_service_dc:
+            by_service_dc[(svc, dc)] = _target_candidates(svc, dc)
+        instances[tid] = by_service_dc[(svc, dc)]
+    return dataclasses.replace(planned, instances=instances)
 
 
 def gather(node_name: str, proxy_id: str) -> ProxySnapshot:
@@ -888,6 +908,7 @@ __all__ = [
     "dependency_topics",
     "find_proxy",
     "gather",
+    "plan_upstream",
     "select_endpoints",
     "translate_routes",
     "upstream_settings",
