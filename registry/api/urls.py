@@ -7,6 +7,7 @@ from rest_framework.routers import SimpleRouter
 from registry.api import audit, ca, views
 from registry.api import config_entries as config_entries_api
 from registry.api import intentions as intentions_api
+from registry.api import join_tokens as join_tokens_api
 from registry.api import proxycfg as proxycfg_api
 from registry.api.errors import not_found
 
@@ -22,6 +23,7 @@ router.register("acl/tokens", views.ACLTokenViewSet, basename="acltoken")
 router.register("acl/policies", views.ACLPolicyViewSet, basename="aclpolicy")
 router.register("intentions", intentions_api.IntentionViewSet, basename="intention")
 router.register("audit", audit.AuditEntryViewSet, basename="audit")
+router.register("join-tokens", join_tokens_api.JoinTokenViewSet, basename="jointoken")
 
 # Keys contain slashes (and may end with one), so a key's URL is `kv/<key>`
 # exactly, with no trailing slash added.
