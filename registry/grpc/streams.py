@@ -37,13 +37,9 @@ from meshproto.proxycfg import ProxyConfig
 from registry import db
 from registry.changes import hub
 from registry.domain import agents
+from registry.domain.proxycfg import compile_proxy
 from registry.errors import NotFound
 from registry.grpc.auth import Caller
-
-try:
-    from registry.domain.proxycfg import compile_proxy
-except ImportError:  # INTERIM: until registry.domain.proxycfg lands
-    from registry.grpc.interim_proxycfg import compile_proxy
 
 log = logging.getLogger("meshweb.grpc.stream")
 
