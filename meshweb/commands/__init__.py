@@ -11,7 +11,7 @@ import argparse
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add every client command to `mesh`'s subcommands."""
-    from meshweb.commands import acl, ca, catalog, intention, kv, proxy_config, services
+    from meshweb.commands import acl, ca, catalog, intention, join_token, kv, proxy_config, services
     from meshweb.commands import config as config_cmd
 
     acl.register(sub)
@@ -22,3 +22,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     intention.register(sub)
     config_cmd.register(sub)
     proxy_config.register(sub)
+    join_token.register(sub)
