@@ -696,11 +696,13 @@ def _candidates(instances: list) -> tuple[Candidate, ...]:
     }
     dest_checks: dict[tuple[int, str], list] = {}
     if wanted:
-        q = Q()
-        for node_id, sid in wanted:
-            q |= Q(node_id=node_id, service_id=sid)
-        for c in Check.objects.select_related("node").filter(q).order_by("check_id"):
-            dest_checks.setdefault((c.node_id, c.service_id), []).append(c)
+        # One query over the nodes and IDs involved; the exact pairs are kept below.
+        rows = Check.objects.filter(
+            node_id__in={n for n, _ in wanted}, service_id__in={sid for _, sid in wanted}
+        ).order_by("check_id")
+        for c in rows:
+            if (c.node_id, c.service_id) in wanted:
+                dest_checks.setdefault((c.node_id, c.service_id), []).append(c)
     nodes_json: dict[int, dict] = {}
     out = []
     for s in instances:
