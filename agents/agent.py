@@ -78,7 +78,6 @@ class Agent:
         self.stream_queue: asyncio.Queue | None = None
         self.dirty_checks: set[str] = set()
         self.synced_version = -1
-        self._subscribed: frozenset[str] = frozenset()
         self._stop: asyncio.Event | None = None
         self._sync_wanted: asyncio.Event | None = None
         self._checks_wanted: asyncio.Event | None = None
@@ -190,7 +189,15 @@ class Agent:
                 yield
 
         server = _Server(
-            uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", loop="none")
+            uvicorn.Config(
+                app,
+                log_level="warning",
+                log_config=None,  # our JSON handler on the root logger
+                access_log=False,
+                lifespan="off",
+                loop="none",
+                interface="asgi3",
+            )
         )
         self._servers.append(server)
         self._tasks.append(asyncio.get_running_loop().create_task(server.serve(sockets=[sock])))
@@ -396,13 +403,6 @@ class Agent:
                 uri = spiffe.service_id(ident.trust_domain, service, ident.datacenter, ns).uri
                 wanted[pid] = (service, uri)
             self.leaves.ensure(wanted)
-        self._resubscribe()
-
-    def _resubscribe(self) -> None:
-        current = frozenset(p.id for p in self.state.proxies())
-        if self.stream_queue is not None and current != self._subscribed:
-            self._subscribed = current
-            self.stream_queue.put_nowait(mesh_pb2.StreamRequest(subscribe=mesh_pb2.Subscribe()))
 
     # --- checks -----------------------------------------------------------------------------
 
@@ -502,7 +502,6 @@ class Agent:
                 await asyncio.wait_for(self._sync_wanted.wait(), interval)
             self._sync_wanted.clear()
             await self._sync(stub)
-            self._resubscribe()
 
     async def _push_checks(self, stub) -> None:
         while True:
@@ -535,7 +534,7 @@ class Agent:
     async def _stream(self, stub) -> None:
         queue: asyncio.Queue = asyncio.Queue()
         self.stream_queue = queue
-        self._subscribed = frozenset(p.id for p in self.state.proxies())
+        # Every proxy of the node: the control plane follows the node's registrations.
         queue.put_nowait(mesh_pb2.StreamRequest(subscribe=mesh_pb2.Subscribe()))
 
         async def requests():

@@ -192,8 +192,10 @@ class SidecarFeed:
             if version in self.recent and version >= self.good_version:
                 self.good_config, self.good_version = self.recent[version], version
             self.on_ack(self.proxy_id, version, True, "")
-        elif isinstance(msg.get("nack"), int):
-            version, error = msg["nack"], str(msg.get("error") or "rejected")
+        elif "nack" in msg:
+            # `null`: the sidecar could not even tell which version (a garbled line).
+            version = msg["nack"] if isinstance(msg["nack"], int) else self.version
+            error = str(msg.get("error") or "rejected")
             log.warning(
                 "sidecar rejected config",
                 extra={"proxy_id": self.proxy_id, "version": version, "error": error},
@@ -201,8 +203,34 @@ class SidecarFeed:
             if version == self.version and self.good_config is not None:
                 # Keep handing out the last good config (a restarted sidecar gets it).
                 self.config, self.version = self.good_config, self.good_version
-                self.sent = self.bundle().line() if self.bundle() else b""
+                bundle = self.bundle()
+                self.sent = bundle.line() if bundle else b""
             self.on_ack(self.proxy_id, version, False, error)
+
+
+# sockaddr_un holds 108 bytes on Linux, the terminating NUL included.
+MAX_SOCKET_PATH = 107
+
+
+def socket_path(directory: Path, proxy_id: str) -> Path:
+    """`<directory>/<proxy_id>.sock`, or, when that is longer than a Unix socket path may
+    be, the same name in a private directory under the runtime dir named for `directory`."""
+    path = directory / f"{proxy_id}.sock"
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        return path
+    import hashlib
+    import tempfile
+
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+    digest = hashlib.sha256(os.fsencode(directory.resolve())).hexdigest()[:12]
+    short = base / f"mesh-agent-{os.getuid()}-{digest}"
+    short.mkdir(mode=0o700, exist_ok=True)
+    if short.stat().st_uid != os.getuid() or short.stat().st_mode & 0o077:
+        raise OSError(f"{short} is not a private directory of this user")
+    name = f"{proxy_id}.sock"
+    if len(os.fsencode(short / name)) > MAX_SOCKET_PATH:
+        name = hashlib.sha256(proxy_id.encode()).hexdigest()[:16] + ".sock"
+    return short / name
 
 
 def free_port() -> int:
@@ -366,8 +394,17 @@ class Sidecars:
                 await proc.stop()
             await self.feeds.pop(pid).close()
         for pid in sorted(added):
-            feed = SidecarFeed(pid, self.dir / f"{pid}.sock", self.on_ack)
-            await feed.start()
+            path = socket_path(self.dir, pid)
+            if path.parent != self.dir:
+                log.info("socket path shortened", extra={"proxy_id": pid, "socket": str(path)})
+            feed = SidecarFeed(pid, path, self.on_ack)
+            try:
+                await feed.start()
+            except OSError as exc:
+                log.error(
+                    "cannot serve the sidecar socket", extra={"proxy_id": pid, "error": str(exc)}
+                )
+                continue
             self.feeds[pid] = feed
             if self.command:
                 proc = SidecarProcess(pid, self.command, feed.path, self.dir)
