@@ -860,6 +860,46 @@ def test_the_api_view_answers_what_compile_proxy_answers(mesh, client):
     assert resp.headers["X-Consul-Index"] == str(config.version)
 
 
+@pytest.fixture
+def acl_on(mesh, settings):
+    from registry.domain import acl
+
+    settings.MESH_ACL_ENABLED = True
+    settings.MESH_ACL_DEFAULT_POLICY = "deny"
+    acl._cache.clear()
+    yield acl
+    acl._cache.clear()
+
+
+def token_with(acl, rules: str) -> str:
+    policy = acl.create_policy(name=f"p-{uuid.uuid4().hex[:8]}", rules=rules)
+    _token, secret = acl.create_token(policies=[{"ID": policy.id}])
+    return secret
+
+
+def test_the_api_view_needs_read_on_the_service_its_upstreams_and_its_intentions(acl_on, client):
+    url = "/api/services/web/proxy-config"
+    resp = client.get(url)
+    assert resp.status_code == 403
+    assert "service:read" in resp.json()["error"]
+    for rules, missing in (
+        ('service "web" { policy = "read" }', 'service:read\' on "api"'),
+        (
+            'service "web" { policy = "read" intentions = "deny" }\nservice "api" { policy = "read" }',
+            "intentions:read",
+        ),
+    ):
+        resp = client.get(url, HTTP_X_CONSUL_TOKEN=token_with(acl_on, rules))
+        assert resp.status_code == 403, resp.content
+        assert missing in resp.json()["error"]
+    enough = token_with(
+        acl_on, 'service "web" { policy = "read" }\nservice "api" { policy = "read" }'
+    )
+    resp = client.get(url, HTTP_X_CONSUL_TOKEN=enough)
+    assert resp.status_code == 200, resp.content
+    assert ProxyConfig.from_json(resp.json()).upstreams[0].destination == "api"
+
+
 # =========================================================================== real server (slow)
 
 
