@@ -144,6 +144,15 @@ class ProxyConfigStream:
                 ack.version,
             )
             return
+        if ack.version > state.sent_version:
+            log.warning(
+                "node %s acked version %s of proxy %s; the newest sent is %s; ignored",
+                self.node,
+                ack.version,
+                ack.proxy_id,
+                state.sent_version,
+            )
+            return
         if ack.ok:
             state.acked_version = max(state.acked_version, ack.version)
         else:
