@@ -1,8 +1,15 @@
-"""Run ORM code from async views on a small, bounded pool of threads.
+"""Run ORM code from async views: reads on a small pool, writes on one writer.
 
 Django's default for async code (one thread per request context) would hold
 one thread and one database connection per waiting blocking query; a fixed
 pool keeps a thousand waiters at a handful of connections.
+
+Writes go to a single writer thread that commits them in batches (group
+commit): every write takes the global index row lock, so concurrent writers
+on several threads would only queue on that lock (PostgreSQL) or on the
+database file lock (SQLite) while each paid for its own commit. One writer
+takes whatever writes are waiting, runs each in its own savepoint (a failing
+write rolls back alone) and commits them together.
 """
 
 from __future__ import annotations
@@ -10,12 +17,23 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import logging
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, close_old_connections, connections
+from django.db import (
+    InterfaceError,
+    OperationalError,
+    close_old_connections,
+    connections,
+    transaction,
+)
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -60,4 +78,86 @@ async def run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     )
 
 
-__all__ = ["run", "executor", "close_old_connections"]
+class _Write:
+    __slots__ = ("fn", "args", "kwargs", "context", "future")
+
+    def __init__(self, fn, args, kwargs, context) -> None:
+        self.fn, self.args, self.kwargs, self.context = fn, args, kwargs, context
+        self.future: Future = Future()
+
+
+class Writer:
+    """The one thread that runs writes, committing each batch once."""
+
+    def __init__(self, max_batch: int = 64) -> None:
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue[_Write] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., T], args: tuple, kwargs: dict) -> Future:
+        item = _Write(fn, args, kwargs, contextvars.copy_context())
+        self._queue.put(item)
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._loop, name="mesh-writer", daemon=True
+                    )
+                    self._thread.start()
+        return item.future
+
+    def _loop(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                results = self._commit(batch)
+            except (OperationalError, InterfaceError):
+                # The connection died (database restart): retry once on a new one.
+                for conn in connections.all(initialized_only=True):
+                    conn.close()
+                try:
+                    results = self._commit(batch)
+                except Exception as exc:  # noqa: BLE001 - every waiter learns why
+                    results = [(None, exc)] * len(batch)
+            except Exception as exc:  # noqa: BLE001 - the commit itself failed
+                log.exception("write batch failed")
+                results = [(None, exc)] * len(batch)
+            finally:
+                close_old_connections_if_broken()
+            for item, (value, exc) in zip(batch, results, strict=True):
+                if exc is not None:
+                    item.future.set_exception(exc)
+                else:
+                    item.future.set_result(value)
+
+    @staticmethod
+    def _commit(batch: list[_Write]) -> list[tuple[Any, BaseException | None]]:
+        results: list[tuple[Any, BaseException | None]] = []
+        with transaction.atomic():
+            for item in batch:
+                try:
+                    with transaction.atomic():  # a savepoint: a failing write rolls back alone
+                        value = item.context.run(item.fn, *item.args, **item.kwargs)
+                    results.append((value, None))
+                except (OperationalError, InterfaceError):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - returned to its caller
+                    results.append((None, exc))
+        return results
+
+
+writer = Writer()
+
+
+async def run_write(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Await `fn(*args, **kwargs)` run by the writer, committed with its batch."""
+    return await asyncio.wrap_future(writer.submit(fn, args, kwargs))
+
+
+__all__ = ["run", "run_write", "executor", "close_old_connections"]

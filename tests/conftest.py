@@ -43,3 +43,12 @@ def consul_client(server):
 def unique():
     """A fresh name for each test's services and keys."""
     return lambda prefix="svc": f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_caches():
+    """Tests roll their database back: per-process caches of rows must not outlive a test."""
+    yield
+    from registry.domain import catalog
+
+    catalog.forget_local_node()

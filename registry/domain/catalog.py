@@ -8,6 +8,8 @@ parent) and maintenance mode is a `_service_maintenance:<id>` check.
 
 from __future__ import annotations
 
+import copy
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -70,16 +72,37 @@ def ensure_datacenter(name: str, change: Change | None = None) -> Datacenter:
     return dc
 
 
+_local_node: tuple[float, Node] | None = None
+_LOCAL_NODE_TTL = 2.0
+
+
 def local_node() -> Node:
-    """The control plane's own node (what `/v1/agent/...` acts for here)."""
+    """The control plane's own node (what `/v1/agent/...` acts for here).
+
+    Every agent-API request needs it, so it is kept for a couple of seconds:
+    writes use only its key and name, which do not change.
+    """
+    global _local_node
+    now = time.monotonic()
+    cached = _local_node
+    if cached is not None and now - cached[0] < _LOCAL_NODE_TTL:
+        return copy.copy(cached[1])
     node = Node.objects.select_related("datacenter").filter(name=settings.MESH_NODE_NAME).first()
     if node is None:
         node = ensure_local_node()
-    return node
+    _local_node = (now, node)
+    return copy.copy(node)
+
+
+def forget_local_node() -> None:
+    """Drop the cached local node (it was deleted or re-created)."""
+    global _local_node
+    _local_node = None
 
 
 def ensure_local_node() -> Node:
     """Create the control plane's node and its `serfHealth` check on first start."""
+    forget_local_node()
     with Change() as c:
         dc = ensure_datacenter(settings.MESH_DC, c)
         node, created = Node.objects.get_or_create(
@@ -352,10 +375,11 @@ def _save_instance(
         before,
         shapes.agent_service_json(svc),
     )
-    # Checks copy the service's name and tags; keep them current.
-    Check.objects.filter(node=node, service_id=service_id).update(
-        service_name=svc.name, service_tags=svc.tags, modify_index=change.index
-    )
+    if before is not None and (before["Service"] != svc.name or before["Tags"] != svc.tags):
+        # Checks copy the service's name and tags; keep them current.
+        Check.objects.filter(node=node, service_id=service_id).update(
+            service_name=svc.name, service_tags=svc.tags, modify_index=change.index
+        )
     return svc
 
 
@@ -782,6 +806,7 @@ def catalog_deregister(spec: dict[str, Any]) -> None:
 
 
 def delete_node(change: Change, node: Node) -> None:
+    forget_local_node()
     change.audit("node.deregister", "node", node.name, shapes.node_json(node), None)
     touch_node_services(change, node)
     for svc in ServiceInstance.objects.select_related("node").filter(node=node):

@@ -88,17 +88,28 @@ class Change:
         if exc_type is None and (self.topics or self._audit):
             try:
                 self._write_audit()
-                TopicIndex.objects.bulk_create(
-                    [TopicIndex(topic=t, index=self.index) for t in sorted(self.topics)],
-                    update_conflicts=True,
-                    unique_fields=["topic"],
-                    update_fields=["index"],
-                )
+                _store_topics(self.index, sorted(self.topics))
                 index, topics = self.index, sorted(self.topics)
                 transaction.on_commit(lambda: changes.publish(index, topics))
             except BaseException as err:
                 return self._atomic.__exit__(type(err), err, err.__traceback__)
         return self._atomic.__exit__(exc_type, exc, tb)
+
+
+def _store_topics(index: int, topics: list[str]) -> None:
+    """Upsert the topics' index in one statement (plain SQL: it runs on every write)."""
+    if not topics:
+        return
+    values = ", ".join(["(%s, %s)"] * len(topics))
+    params: list[object] = []
+    for t in topics:
+        params += [t, index]
+    with connection.cursor() as cur:
+        cur.execute(
+            f'INSERT INTO registry_topicindex (topic, "index") VALUES {values} '
+            'ON CONFLICT (topic) DO UPDATE SET "index" = EXCLUDED."index"',
+            params,
+        )
 
 
 def topic_index(*topics: str) -> int:

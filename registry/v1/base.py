@@ -275,6 +275,7 @@ def _render(ctx: Ctx, reply: Reply) -> HttpResponse:
             indent=4 if ctx.has("pretty") else None,
         ).encode()
         reply.rendered = body
+        reply.data = None  # the bytes are what a cached reply serves again
     response = HttpResponse(body, status=reply.status, content_type=reply.content_type)
     if reply.index is not None:
         _index_headers(response, reply.index)
@@ -302,12 +303,14 @@ def _error(exc: MeshError, index: int | None = None) -> HttpResponse:
 def endpoint(
     *methods: str,
     topics: Topics | None = None,
-    write: bool = False,
+    batched: bool = True,
 ) -> Callable[[Callable[..., Reply]], Callable[..., Any]]:
     """Wrap a sync endpoint function as an async Django view.
 
     `topics(ctx, **kwargs) -> (exact_topics, prefix_topics)` makes the
-    endpoint blocking-query capable.
+    endpoint blocking-query capable. Writes run on the batching writer
+    (`registry.db.run_write`) unless `batched=False` (slow writes, such as a
+    CA rotation that generates keys, must not hold up everyone else's).
     """
     allowed = {m.upper() for m in methods} or {"GET"}
 
@@ -333,7 +336,8 @@ def endpoint(
             ctx = Ctx(request)
             try:
                 if request.method != "GET":
-                    reply = await db.run(_audited, fn, ctx, kwargs)
+                    runner = db.run_write if batched else db.run
+                    reply = await runner(_audited, fn, ctx, kwargs)
                     return _render(ctx, reply)
                 if topics is None:
                     reply = await db.run(fn, ctx, **kwargs)

@@ -66,7 +66,7 @@ def _chain_topics(ctx: Ctx, service: str):
     return [entries.CHAIN_TOPIC], []
 
 
-@endpoint("GET", "POST", topics=_chain_topics)
+@endpoint("GET", "POST", topics=_chain_topics, batched=False)
 def discovery_chain(ctx: Ctx, service: str) -> Reply:
     """`GET|POST /v1/discovery-chain/<service>` (POST carries overrides; both read)."""
     overrides = entries.decode_overrides(ctx.json(required=False)) if ctx.method == "POST" else {}

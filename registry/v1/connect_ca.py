@@ -46,7 +46,7 @@ def agent_roots(ctx: Ctx) -> Reply:
     return _roots(ctx)
 
 
-@endpoint("GET", "PUT", topics=lambda ctx, **_: ([connect_ca.TOPIC_CONFIG], []))
+@endpoint("GET", "PUT", topics=lambda ctx, **_: ([connect_ca.TOPIC_CONFIG], []), batched=False)
 def configuration(ctx: Ctx) -> Reply:
     if ctx.method == "PUT":
         ctx.require(ctx.authz.operator_write(), "operator:write")

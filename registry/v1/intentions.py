@@ -146,7 +146,7 @@ def by_id(ctx: Ctx, intention_id: str) -> Reply:
 # --- agent authorize ---------------------------------------------------------------------
 
 
-@endpoint("POST", "PUT")  # Consul's method is POST; py-consul 1.8 sends PUT
+@endpoint("POST", "PUT", batched=False)  # Consul's method is POST; py-consul 1.8 sends PUT
 def authorize(ctx: Ctx) -> Reply:
     spec = ctx.json(AUTHORIZE)
     decision = intentions.authorize(
