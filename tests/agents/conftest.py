@@ -30,33 +30,10 @@ def start_server(tmp: Path, **kw) -> MeshServer:
     return make_server(tmp, **kw)
 
 
-_INTERIM = """
-import django, os
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "meshweb.settings")
-django.setup()
-from registry.domain import agents
-print(agents.create_token().token, agents.ca_pin())
-"""
-
-
-def _has_join_token_cli() -> bool:
-    out = subprocess.run(
-        [sys.executable, "-m", "meshweb.cli", "join-token", "-h"],
-        cwd=ROOT,
-        capture_output=True,
-        timeout=60,
-    )
-    return out.returncode == 0
-
-
 def join_token(server: MeshServer, *extra: str) -> tuple[str, str]:
-    """(token, pin) from `mesh join-token create`, run against the server."""
-    if _has_join_token_cli():
-        argv = [sys.executable, "-m", "meshweb.cli", "join-token", "create", *extra]
-    else:  # until the CLI lands: the same domain call, on the server's database
-        argv = [sys.executable, "-c", _INTERIM]
+    """(token, pin) from `mesh join-token create`, run against the server's HTTP API."""
     out = subprocess.run(
-        argv,
+        [sys.executable, "-m", "meshweb.cli", "join-token", "create", "-format", "json", *extra],
         cwd=ROOT,
         env={**server.env, "CONSUL_HTTP_ADDR": server.addr},
         capture_output=True,
@@ -64,9 +41,9 @@ def join_token(server: MeshServer, *extra: str) -> tuple[str, str]:
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
-    token, pin = _TOKEN.search(out.stdout), _PIN.search(out.stdout)
-    assert token and pin, out.stdout
-    return token.group(1), pin.group(1)
+    data = json.loads(out.stdout)
+    assert _TOKEN.fullmatch(data["token"]) and _PIN.fullmatch(data["ca_pin"]), data
+    return data["token"], data["ca_pin"]
 
 
 @dataclass

@@ -338,6 +338,10 @@ def test_the_agent_outlives_the_control_plane_and_restores_it_on_return(tmp_path
         agent.config_dir.mkdir(parents=True)
         (agent.config_dir / "api.yaml").write_text(API_YAML)
         agent.start()
+    except Exception:
+        server.close()
+        raise
+    try:
         eventually(lambda: "api" in catalog_services(server, agent.node))
         server.stop()
         eventually(lambda: "mesh_agent_connected 0" in agent.metrics())
@@ -351,6 +355,6 @@ def test_the_agent_outlives_the_control_plane_and_restores_it_on_return(tmp_path
         eventually(lambda: "late" in catalog_services(server, agent.node), timeout=45)
         assert "api" in catalog_services(server, agent.node)
         assert "mesh_agent_connected 1" in agent.metrics()
-        agent.stop()
     finally:
+        agent.stop()
         server.close()

@@ -1,0 +1,181 @@
+"""The config stream end to end: the control plane pushes each proxy's config, the agent
+hands it with a leaf made here to the real `mesh-sidecar`, and traffic flows
+web -> outbound sidecar -> mTLS -> inbound sidecar -> api, on loopback."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import re
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from meshproto import pki
+from meshproto.proxycfg import ProxyConfig
+from tests.agents.conftest import eventually
+from tests.support.servers import free_port
+
+pytestmark = pytest.mark.slow
+
+
+class App:
+    """A tiny HTTP app that says who it is."""
+
+    def __init__(self, name: str) -> None:
+        body = f"hello from {name}\n".encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):  # noqa: N802
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+@pytest.fixture
+def api_app():
+    app = App("api")
+    yield app
+    app.close()
+
+
+def definitions(api_port: int, upstream_port: int) -> dict[str, str]:
+    web = {
+        "service": {
+            "name": "web",
+            "port": free_port(),
+            "connect": {
+                "sidecar_service": {
+                    # Explicit ports: several agents (and other tests) share this host.
+                    "port": free_port(),
+                    "proxy": {
+                        "upstreams": [{"destination_name": "api", "local_bind_port": upstream_port}]
+                    },
+                }
+            },
+        }
+    }
+    api = f"""
+service:
+  name: api
+  port: {api_port}
+  check: {{tcp: "127.0.0.1:{api_port}", interval: 1s}}
+  connect:
+    sidecar_service: {{port: {free_port()}}}
+"""
+    return {"web.json": json.dumps(web), "api.yaml": api}
+
+
+def allow(server, source: str, destination: str) -> None:
+    r = server.client().put(
+        "/v1/connect/intentions/exact",
+        params={"source": source, "destination": destination},
+        json={"Action": "allow"},
+    )
+    assert r.status_code == 200, r.text
+
+
+def call(port: int) -> str:
+    with httpx.Client(timeout=3) as c:
+        return c.get(f"http://127.0.0.1:{port}/").text
+
+
+def test_the_agent_feeds_each_sidecar_its_config_and_a_local_leaf(
+    control_plane, make_agent, api_app
+):
+    upstream_port = free_port()
+    agent = make_agent(files=definitions(api_app.port, upstream_port))
+
+    def proxy_config(pid: str) -> ProxyConfig:
+        r = agent.client().get(f"/v1/agent/connect/proxy/{pid}")
+        assert r.status_code == 200, r.text
+        return ProxyConfig.from_json(r.json())
+
+    web_cfg = eventually(lambda: proxy_config("web-sidecar-proxy"), timeout=20)
+    assert web_cfg.service == "web"
+    [upstream] = web_cfg.upstreams
+    assert (upstream.destination, upstream.local_bind_port) == ("api", upstream_port)
+    api_cfg = eventually(lambda: proxy_config("api-sidecar-proxy"), timeout=20)
+    assert api_cfg.inbound.local_app_port == api_app.port
+    # The sidecars acked: the agent's metrics show the acked versions.
+    metrics = eventually(
+        lambda: (
+            (m := agent.metrics())
+            and 'mesh_agent_proxy_config_version{proxy_id="web-sidecar-proxy"}' in m
+            and 'mesh_agent_proxy_config_version{proxy_id="api-sidecar-proxy"}' in m
+            and m
+        ),
+        timeout=20,
+    )
+    expiry = re.search(
+        r'mesh_agent_proxy_cert_expiry_seconds\{proxy_id="web-sidecar-proxy"\} (\S+)', metrics
+    )
+    assert expiry and float(expiry.group(1)) > 3600
+    # The leaf was made here and is kept in the data dir, readable by the agent only.
+    leaf = json.loads((agent.data_dir / "leaves" / "web-sidecar-proxy.json").read_text())
+    cert, key = pki.load_cert(leaf["cert"]), pki.load_key(leaf["key"])
+    assert cert.public_key().public_numbers() == key.public_key().public_numbers()
+    assert pki.spiffe_id_of(cert) == web_cfg.spiffe_id
+
+
+def test_traffic_flows_web_to_api_through_both_sidecars_once_allowed(
+    control_plane, make_agent, api_app
+):
+    upstream_port = free_port()
+    agent = make_agent(files=definitions(api_app.port, upstream_port))
+    allow(control_plane, "web", "api")
+
+    def through_the_mesh():
+        assert call(upstream_port) == "hello from api\n"
+        return True
+
+    eventually(through_the_mesh, timeout=30, interval=0.25)
+    # The api's inbound listener speaks only mTLS: a plaintext client gets nothing.
+    api_proxy = agent.client().get("/v1/agent/service/api-sidecar-proxy").json()
+    with socket.create_connection(("127.0.0.1", api_proxy["Port"]), timeout=3) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.settimeout(3)
+        try:
+            data = s.recv(100)
+        except (ConnectionResetError, TimeoutError):
+            data = b""
+    assert b"hello from api" not in data
+
+
+def test_denying_the_intention_stops_new_calls(control_plane, make_agent, api_app):
+    upstream_port = free_port()
+    make_agent(files=definitions(api_app.port, upstream_port))
+    allow(control_plane, "web", "api")
+    eventually(lambda: call(upstream_port) == "hello from api\n", timeout=30, interval=0.25)
+    r = control_plane.client().put(
+        "/v1/connect/intentions/exact",
+        params={"source": "web", "destination": "api"},
+        json={"Action": "deny"},
+    )
+    assert r.status_code == 200
+
+    def refused():
+        try:
+            return call(upstream_port) != "hello from api\n"
+        except httpx.HTTPError:
+            return True
+
+    started = time.monotonic()
+    eventually(refused, timeout=10, interval=0.1)
+    assert time.monotonic() - started < 5
