@@ -158,6 +158,7 @@ class Client:
         params: Iterable[tuple[str, Any]] | dict[str, Any] | None = None,
         body: bytes | None = None,
         ok: Sequence[int] = (200,),
+        content_type: str | None = None,
     ) -> Response:
         query: list[str] = []
         items = list(params.items() if isinstance(params, dict) else (params or []))
@@ -178,6 +179,8 @@ class Client:
         headers = {"User-Agent": "mesh-cli"}
         if self.token:
             headers["X-Consul-Token"] = self.token
+        if content_type:  # /api parses bodies by type (urllib would say form-urlencoded)
+            headers["Content-Type"] = content_type
         req = urllib.request.Request(url, data=body, method=method, headers=headers)
         try:
             with self._opener.open(req, timeout=self.timeout) as resp:
