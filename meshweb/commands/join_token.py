@@ -49,7 +49,11 @@ def cmd_create(args: argparse.Namespace) -> int:
     client.datacenter = None  # the token's datacenter is in the body; /api has no ?dc=
     try:
         data = client.request(
-            "POST", "/api/join-tokens/", body=json.dumps(body).encode(), ok=(200, 201)
+            "POST",
+            "/api/join-tokens/",
+            body=json.dumps(body).encode(),
+            ok=(200, 201),
+            content_type="application/json",
         ).json()
     except ApiError as exc:
         raise _failure("Error creating the join token", exc, client) from None
@@ -157,9 +161,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="how many hosts may join with it; 0 for unlimited (default 1)",
     )
-    p.add_argument(
-        "-description", "--description", dest="description", default="", metavar="TEXT"
-    )
+    p.add_argument("-description", "--description", dest="description", default="", metavar="TEXT")
 
     p = add_command(
         group,
