@@ -385,10 +385,20 @@ class Agent:
         added, removed = await self.sidecars.ensure(set(proxies))
         for pid in removed:
             self.configs.pop(pid, None)
+            with contextlib.suppress(FileNotFoundError):
+                self._config_path(pid).unlink()
             for name in ("mesh_agent_proxy_config_version", "mesh_agent_proxy_cert_expiry_seconds"):
                 self.metrics.remove(name, proxy_id=pid)
         for pid in added:
-            feed = self.sidecars.feeds[pid]
+            feed = self.sidecars.feeds.get(pid)
+            if feed is None:  # its socket could not be served (logged)
+                continue
+            saved = self._load_config(pid)
+            if saved is not None and pid not in self.configs:
+                # Static stability: a restarted agent hands out the last good config
+                # even before (or without) the control plane answering.
+                self.configs[pid] = saved
+                feed.set_config(saved, int(saved.get("version", 0)))
             if self.identity is not None:
                 feed.set_roots(self.identity.roots_pem)
             leaf = self.leaves.leaves.get(pid)
@@ -584,11 +594,29 @@ class Agent:
         if not self.sidecar_command:
             # Nobody to hand it to but the socket: the agent's own validation is the ack.
             self._ack(pid, version, True)
+            self._save_config(pid, data)
             self.metrics.set("mesh_agent_proxy_config_version", version, proxy_id=pid)
+
+    def _config_path(self, proxy_id: str):
+        return self.config.data_dir / "configs" / f"{proxy_id}.json"
+
+    def _save_config(self, proxy_id: str, data: dict[str, Any]) -> None:
+        path = self._config_path(proxy_id)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        client.write_private(path, json.dumps(data, separators=(",", ":")))
+
+    def _load_config(self, proxy_id: str) -> dict[str, Any] | None:
+        try:
+            return ProxyConfig.loads(self._config_path(proxy_id).read_bytes()).to_json()
+        except (OSError, ValueError):
+            return None
 
     def _sidecar_answered(self, proxy_id: str, version: int, ok: bool, error: str) -> None:
         if ok:
             self.metrics.set("mesh_agent_proxy_config_version", version, proxy_id=proxy_id)
+            feed = self.sidecars.feeds.get(proxy_id)
+            if feed is not None and feed.good_config is not None and feed.good_version == version:
+                self._save_config(proxy_id, feed.good_config)
         else:
             self.metrics.inc("mesh_agent_proxy_config_nacks_total", proxy_id=proxy_id)
         self._ack(proxy_id, version, ok, error)

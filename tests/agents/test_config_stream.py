@@ -179,3 +179,105 @@ def test_denying_the_intention_stops_new_calls(control_plane, make_agent, api_ap
     started = time.monotonic()
     eventually(refused, timeout=10, interval=0.1)
     assert time.monotonic() - started < 5
+
+
+def _own_agent(server, tmp_path, unique, files: dict[str, str]):
+    from tests.agents.conftest import MeshAgent, join_token
+
+    token, pin = join_token(server)
+    name = unique("node")
+    agent = MeshAgent(
+        server, tmp_path / name / "data", tmp_path / name / "config.d", name, token=token, pin=pin
+    )
+    agent.config_dir.mkdir(parents=True)
+    for fname, text in files.items():
+        (agent.config_dir / fname).write_text(text)
+    return agent
+
+
+def _sidecar_pids(agent) -> dict[str, int]:
+    out = {}
+    for path in (agent.data_dir / "sidecars").glob("*.pid"):
+        out[path.stem] = json.loads(path.read_text())["pid"]
+    return out
+
+
+def test_calls_continue_without_the_control_plane_and_across_an_agent_crash(
+    tmp_path, unique, api_app
+):
+    import os
+    import signal
+
+    from tests.agents.conftest import start_server
+
+    server = start_server(tmp_path / "cp")
+    upstream_port = free_port()
+    agent = _own_agent(server, tmp_path, unique, definitions(api_app.port, upstream_port))
+    try:
+        agent.start()
+        allow(server, "web", "api")
+        eventually(lambda: call(upstream_port) == "hello from api\n", timeout=30, interval=0.25)
+        server.stop()
+        eventually(lambda: "mesh_agent_connected 0" in agent.metrics())
+        assert call(upstream_port) == "hello from api\n"
+        # The agent dies hard: its sidecars keep serving with what they have.
+        pids = _sidecar_pids(agent)
+        agent.proc.send_signal(signal.SIGKILL)
+        agent.proc.wait(10)
+        for _ in range(5):
+            assert call(upstream_port) == "hello from api\n"
+        # Restarted with the control plane still away: it adopts the running sidecars,
+        # serves its local API from its data dir, and traffic never stopped.
+        agent.token = agent.pin = ""
+        agent.start()
+        assert _sidecar_pids(agent) == pids
+        for pid in pids.values():
+            os.kill(pid, 0)
+        assert "web-sidecar-proxy" in agent.consul().agent.services()
+        cfg = agent.client().get("/v1/agent/connect/proxy/web-sidecar-proxy")
+        assert cfg.status_code == 200
+        assert call(upstream_port) == "hello from api\n"
+        server.start()
+        eventually(lambda: "mesh_agent_connected 1" in agent.metrics(), timeout=45)
+        assert call(upstream_port) == "hello from api\n"
+    finally:
+        agent.stop()
+        server.close()
+
+
+def test_leaves_renew_during_continuous_traffic_without_a_failed_call(tmp_path, unique, api_app):
+    from tests.agents.conftest import start_server
+
+    server = start_server(tmp_path / "cp", extra_env={"MESH_CA_LEAF_TTL": "6s"})
+    upstream_port = free_port()
+    agent = _own_agent(server, tmp_path, unique, definitions(api_app.port, upstream_port))
+    try:
+        agent.start()
+        allow(server, "web", "api")
+        eventually(lambda: call(upstream_port) == "hello from api\n", timeout=30, interval=0.25)
+
+        def renewals() -> float:
+            m = re.search(
+                r'mesh_agent_leaf_renewals_total\{proxy_id="api-sidecar-proxy"\} (\S+)',
+                agent.metrics(),
+            )
+            return float(m.group(1)) if m else 0.0
+
+        before, calls, failures = renewals(), 0, []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                assert call(upstream_port) == "hello from api\n"
+            except (AssertionError, httpx.HTTPError) as exc:
+                failures.append(repr(exc))
+            calls += 1
+            time.sleep(0.02)
+        assert renewals() >= before + 2
+        assert failures == [], f"{len(failures)} of {calls} calls failed: {failures[:3]}"
+        # The node certificate (issued with the same 6 s TTL at join) renewed too:
+        # SignLeaf without a service.
+        node_cert = pki.load_cert((agent.data_dir / "identity" / "node.crt").read_text())
+        assert pki.info(node_cert).not_after.timestamp() > time.time()
+    finally:
+        agent.stop()
+        server.close()
