@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from registry.domain import shapes
+from registry.domain import rows, shapes
 from registry.domain.catalog import checks_for, instances_query
 from registry.domain.txn import topic_index
 from registry.errors import NotFound
@@ -112,10 +112,10 @@ def health_service(
     index = topic_index(f"connect:{name}" if connect else f"service:{name}")
     instances = [
         s
-        for s in instances_query(name, connect=connect, dc=dc)
+        for s in rows.instances(name, dc, connect=connect)
         if _tag_match(s, list(tags)) and _visible(authz, s) and meta_match(s.node.meta, node_meta)
     ]
-    checks = checks_for(instances)
+    checks = rows.checks(instances)
     out = []
     nodes_json: dict[int, dict] = {}
     for s in instances:
