@@ -115,6 +115,24 @@ def test_a_wrong_pin_is_refused_with_a_clear_message(control_plane, tmp_path):
     assert control_plane.client().get("/v1/catalog/node/wrong-pin").status_code == 404
 
 
+def test_a_used_up_token_is_refused_with_the_control_planes_reason(control_plane, tmp_path):
+    token, pin = join_token(control_plane)  # single use
+    first = MeshAgent(
+        control_plane, tmp_path / "a", tmp_path / "a.d", "first-user", token=token, pin=pin
+    )
+    first.start()
+    try:
+        second = MeshAgent(
+            control_plane, tmp_path / "b", tmp_path / "b.d", "second-user", token=token, pin=pin
+        )
+        second.start(wait=False)
+        assert second.proc.wait(60) != 0
+        assert "the control plane refused to join" in second.log()
+        assert "used up" in second.log()
+    finally:
+        first.stop()
+
+
 def test_bad_flags_stop_start_up_naming_the_flag(tmp_path):
     out = subprocess.run(
         [
