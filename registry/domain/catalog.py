@@ -728,6 +728,7 @@ def catalog_register(spec: dict[str, Any]) -> None:
         if node.pk is None or not spec.get("SkipNodeUpdate"):
             if not spec.get("Address") and not node.address:
                 raise BadRequest("Must provide address if SkipNodeUpdate is not set")
+            before = shapes.node_json(node) if node.pk is not None else None
             node.address = spec.get("Address") or node.address
             node.node_id = spec.get("ID") or node.node_id
             node.datacenter = ensure_datacenter(dc_name, change)
@@ -735,10 +736,14 @@ def catalog_register(spec: dict[str, Any]) -> None:
                 node.tagged_addresses = spec["TaggedAddresses"]
             if "NodeMeta" in spec:
                 node.meta = spec["NodeMeta"]
-            node.modify_index = change.index
-            node.save()
-            change.audit("node.register", "node", node.name, None, shapes.node_json(node))
-            touch_node_services(change, node)
+            after = shapes.node_json(node)
+            # Re-registering an unchanged node (every catalog register does) is
+            # not a change: no write, no index bump, no watcher woken.
+            if before is None or {**before, "ModifyIndex": 0} != {**after, "ModifyIndex": 0}:
+                node.modify_index = change.index
+                node.save()
+                change.audit("node.register", "node", node.name, before, shapes.node_json(node))
+                touch_node_services(change, node)
         svc = None
         if spec.get("Service"):
             service = dict(spec["Service"])
