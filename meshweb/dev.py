@@ -1,0 +1,604 @@
+"""`mesh dev`: the whole mesh on one machine, for trying it out (`make run`).
+
+It starts, each as its own child process with its log in `<data-dir>/dev/`:
+
+1. the control plane (`mesh server`, embedded: SQLite in the data dir,
+   in-process tasks, ACLs on — it bootstraps on first start and the token is
+   read back from `<data-dir>/bootstrap-token`);
+2. the demo services (`mesh demo-app`): `api` on :9091 and `web` on :9090,
+   which calls `api` through its upstream listener 127.0.0.1:9191;
+3. one `mesh agent` (node `dev`, data in `<data-dir>/dev/agent`), joined with
+   a single-use join token created here, whose config dir declares `web` and
+   `api` with sidecars (the agent runs the `mesh-sidecar` processes).
+
+Then it writes the intention `web -> api` (allow), waits until
+`GET http://127.0.0.1:9090/` answers with api's answer inside — the call
+went web -> web's sidecar -> mTLS -> api's sidecar -> api — prints how to
+use it and a `mesh dev: ready` line, and runs until Ctrl-C or SIGTERM. Then
+it stops what it started, in reverse order (the agent stops its sidecars;
+any sidecar still alive after that is stopped by the pid file the agent
+keeps). Children run in their own sessions, so a Ctrl-C reaches only this
+process and shutdown stays ordered; on Linux they also get SIGTERM if this
+process dies without cleaning up.
+
+`mesh dev` is always embedded: DATABASE_URL and REDIS_URL are not passed to
+the control plane it starts. Every address is a flag (defaulting to the
+`MESH_*` variable where `mesh server` has one) so several can run side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+READY_LINE = "mesh dev: ready"
+START_TIMEOUT = 90.0  # seconds for the whole mesh to answer through the sidecars
+STOP_GRACE = 20.0  # seconds a child gets after SIGTERM before SIGKILL
+
+
+class DevError(RuntimeError):
+    """`mesh dev` could not start; the message says what failed (and where its log is)."""
+
+
+@dataclass(frozen=True)
+class DevConfig:
+    """Where everything listens; all from flags (defaults as documented)."""
+
+    data_dir: Path
+    http_addr: str = "127.0.0.1:8500"
+    grpc_addr: str = "127.0.0.1:8502"
+    dns_addr: str = "127.0.0.1:8600"
+    agent_http_addr: str = "127.0.0.1:8510"
+    agent_metrics_addr: str = "127.0.0.1:9102"
+    web_port: int = 9090
+    api_port: int = 9091
+    upstream_port: int = 9191
+    web_sidecar_port: int = 21000
+    api_sidecar_port: int = 21001
+
+    @property
+    def dev_dir(self) -> Path:
+        return self.data_dir / "dev"
+
+    @property
+    def agent_dir(self) -> Path:
+        return self.dev_dir / "agent"
+
+    @property
+    def config_dir(self) -> Path:
+        return self.dev_dir / "config.d"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.http_addr}"
+
+
+def service_definitions(cfg: DevConfig) -> dict[str, dict[str, Any]]:
+    """The agent's config dir: `web` (upstream api) and `api`, each with a sidecar and a check."""
+    return {
+        "web.json": {
+            "service": {
+                "name": "web",
+                "port": cfg.web_port,
+                "check": {"http": f"http://127.0.0.1:{cfg.web_port}/healthz", "interval": "5s"},
+                "connect": {
+                    "sidecar_service": {
+                        "port": cfg.web_sidecar_port,
+                        "proxy": {
+                            "upstreams": [
+                                {"destination_name": "api", "local_bind_port": cfg.upstream_port}
+                            ]
+                        },
+                    }
+                },
+            }
+        },
+        "api.json": {
+            "service": {
+                "name": "api",
+                "port": cfg.api_port,
+                "check": {"http": f"http://127.0.0.1:{cfg.api_port}/healthz", "interval": "2s"},
+                "connect": {"sidecar_service": {"port": cfg.api_sidecar_port}},
+            }
+        },
+    }
+
+
+# --------------------------------------------------------------------------- children
+
+
+def _die_with_parent() -> None:
+    """In the child (Linux): SIGTERM when `mesh dev` dies, so nothing is left behind."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Child:
+    """One process `mesh dev` started, in its own session, logging to a file."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str]
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        """SIGTERM, wait, then SIGKILL its whole process group."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                print(f"mesh dev: {self.name} ignored SIGTERM; killing it", file=sys.stderr)
+        # Anything left in its group (it leads one: start_new_session) goes too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+
+
+def _mesh(*args: str) -> list[str]:
+    return [sys.executable, "-m", "meshweb.cli", *args]
+
+
+def _child_env(extra: dict[str, str] | None = None, drop: tuple[str, ...] = ()) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "REDIS_URL") and not (drop and k.startswith(drop))
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sidecar_pids(agent_dir: Path) -> list[int]:
+    """The sidecars the agent runs (its `sidecars/<proxy_id>.pid` files)."""
+    pids = []
+    for path in (agent_dir / "sidecars").glob("*.pid"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            pids.append(int(json.loads(path.read_text())["pid"]))
+    return pids
+
+
+# --------------------------------------------------------------------------- the control plane's API
+
+
+def _api(cfg: DevConfig, token: str | None):
+    from meshweb.commands.base import Client
+
+    return Client(cfg.http_url, token=token, timeout=10)
+
+
+def _wait(what: str, check, timeout: float, children: list[Child], interval: float = 0.2) -> Any:
+    """Call `check` until it returns a truthy value; a dead child or the deadline fails."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        for child in children:
+            if child.proc is not None and child.proc.poll() is not None:
+                raise DevError(
+                    f"{child.name} exited ({child.proc.returncode}) while waiting for {what}; "
+                    f"its log ({child.log_path}):\n{child.log_tail()}"
+                )
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - anything is "not yet"; the last one is shown
+            last = f"{type(exc).__name__}: {exc}"
+        time.sleep(interval)
+    raise DevError(
+        f"timed out after {timeout:.0f}s waiting for {what}" + (f" ({last})" if last else "")
+    )
+
+
+def _server_up(cfg: DevConfig) -> bool:
+    return _api(cfg, None).get("/v1/status/leader").status == 200
+
+
+def _management_token(cfg: DevConfig) -> str | None:
+    """The token `mesh dev` uses: the configured initial one, else the bootstrap file."""
+    if os.environ.get("MESH_ACL_ENABLED", "true").strip().lower() in ("false", "0", "no", "off"):
+        return None
+    initial = os.environ.get("MESH_ACL_INITIAL_MANAGEMENT_TOKEN")
+    if initial:
+        return initial
+    path = cfg.data_dir / "bootstrap-token"
+    if path.exists():
+        return path.read_text().strip()
+    if os.environ.get("MESH_HTTP_TOKEN"):
+        return os.environ["MESH_HTTP_TOKEN"]
+    raise DevError(
+        f"ACLs are on but there is no management token: {path} is missing (ACLs were "
+        "bootstrapped another way). Set MESH_HTTP_TOKEN to a management token and retry."
+    )
+
+
+def _create_join_token(cfg: DevConfig, token: str | None) -> tuple[str, str]:
+    body = json.dumps({"ttl": "10m", "uses": 1, "description": "mesh dev agent"}).encode()
+    data = (
+        _api(cfg, token)
+        .request(
+            "POST",
+            "/api/join-tokens/",
+            body=body,
+            ok=(200, 201),
+            content_type="application/json",
+        )
+        .json()
+    )
+    return data["token"], data["ca_pin"]
+
+
+def allow_web_to_api(cfg: DevConfig, token: str | None) -> None:
+    """The intention `web -> api` (allow), written as `mesh intention create -replace` would."""
+    _api(cfg, token).put_json(
+        "/v1/connect/intentions/exact",
+        {"Action": "allow", "Description": "mesh dev: web calls api"},
+        params={"source": "web", "destination": "api"},
+    )
+
+
+def call_web(cfg: DevConfig) -> dict[str, Any] | None:
+    """web's answer when it includes api's (the call went through both sidecars), else None."""
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{cfg.web_port}/", timeout=5) as resp:
+        data = json.loads(resp.read())
+    return data if (data.get("upstream") or {}).get("service") == "api" else None
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class DevMesh:
+    """Everything `mesh dev` runs; `start()` then `wait()`, `stop()` always."""
+
+    def __init__(self, cfg: DevConfig) -> None:
+        self.cfg = cfg
+        self.children: list[Child] = []
+        self.token: str | None = None
+
+    def _child(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        drop: tuple[str, ...] = (),
+    ) -> Child:
+        child = Child(name, argv, self.cfg.dev_dir / f"{name}.log", _child_env(env, drop))
+        self.children.append(child)
+        child.start()
+        return child
+
+    def start(self) -> None:
+        cfg = self.cfg
+        cfg.dev_dir.mkdir(parents=True, exist_ok=True)
+        _say(f"starting the control plane on {cfg.http_url} (gRPC {cfg.grpc_addr}) ...")
+        server = self._child(
+            "server",
+            _mesh("server", "--quiet"),
+            {
+                "MESH_DATA_DIR": str(cfg.data_dir),
+                "MESH_HTTP_ADDR": cfg.http_addr,
+                "MESH_GRPC_ADDR": cfg.grpc_addr,
+                "MESH_DNS_ADDR": cfg.dns_addr,
+            },
+        )
+        _wait("the control plane", lambda: _server_up(cfg), START_TIMEOUT, [server])
+        self.token = _management_token(cfg)
+        join_token, pin = _create_join_token(cfg, self.token)
+
+        cfg.config_dir.mkdir(parents=True, exist_ok=True)
+        for name, definition in service_definitions(cfg).items():
+            (cfg.config_dir / name).write_text(json.dumps(definition, indent=2) + "\n")
+        _say(f"starting the demo services api (:{cfg.api_port}) and web (:{cfg.web_port}) ...")
+        self._child(
+            "api",
+            _mesh("demo-app", "api", "--port", str(cfg.api_port), "--name", "api-1"),
+        )
+        self._child(
+            "web",
+            _mesh(
+                "demo-app",
+                "web",
+                "--port",
+                str(cfg.web_port),
+                "--upstream",
+                f"127.0.0.1:{cfg.upstream_port}",
+                "--name",
+                "web-1",
+            ),
+        )
+        _say("starting the agent (node dev) with sidecars for web and api ...")
+        # The agent's environment carries no MESH_*: its flags say everything.
+        self._child(
+            "agent",
+            _mesh(
+                "agent",
+                "-data-dir",
+                str(cfg.agent_dir),
+                "-config-dir",
+                str(cfg.config_dir),
+                "-join",
+                cfg.grpc_addr,
+                "-join-token",
+                join_token,
+                "-ca-pin",
+                pin,
+                "-node",
+                "dev",
+                "-bind",
+                "127.0.0.1",
+                "-http-addr",
+                cfg.agent_http_addr,
+                "-metrics-addr",
+                cfg.agent_metrics_addr,
+            ),
+            drop=("MESH_", "CONSUL_"),
+        )
+        allow_web_to_api(cfg, self.token)
+        _say("waiting for web to reach api through the sidecars ...")
+        answer = _wait(
+            "web -> api through the sidecars",
+            lambda: call_web(cfg),
+            START_TIMEOUT,
+            self.children,
+            0.3,
+        )
+        print(banner(cfg, self.token, answer), flush=True)
+        print(READY_LINE + " (Ctrl-C stops everything)", flush=True)
+
+    def wait(self) -> int:
+        """Until a signal (0) or a child's unexpected exit (1)."""
+        while True:
+            for child in self.children:
+                if not child.alive():
+                    code = child.proc.returncode if child.proc else None
+                    print(
+                        f"mesh dev: {child.name} exited ({code}); stopping. "
+                        f"Its log ({child.log_path}):\n{child.log_tail()}",
+                        file=sys.stderr,
+                    )
+                    return 1
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Stop the children in reverse order, then any sidecar the agent left."""
+        for child in reversed(self.children):
+            child.stop()
+        for pid in sidecar_pids(self.cfg.agent_dir):
+            if _pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def banner(cfg: DevConfig, token: str | None, answer: dict[str, Any]) -> str:
+    """What to do next: how to call web, deny and re-allow, and where everything is."""
+    addr_flag = "" if cfg.http_addr == "127.0.0.1:8500" else f" -http-addr {cfg.http_addr}"
+    lines = [
+        "",
+        "meshweb dev mesh: control plane + agent (node dev) + web and api with sidecars",
+        f"  call web:   curl http://127.0.0.1:{cfg.web_port}/",
+        f"              web calls api at 127.0.0.1:{cfg.upstream_port} (its sidecar) -> mTLS -> "
+        f"api's sidecar (:{cfg.api_sidecar_port}) -> api (:{cfg.api_port})",
+        f"              it answered: {json.dumps(answer)}",
+    ]
+    if token:
+        lines.append(f"  token:      export MESH_HTTP_TOKEN={token}")
+        lines.append(
+            f"              (the management token; also in {cfg.data_dir / 'bootstrap-token'})"
+        )
+    lines += [
+        f"  deny:       mesh intention create -replace -deny web api{addr_flag}"
+        "      (the next call fails)",
+        f"  allow:      mesh intention create -replace -allow web api{addr_flag}",
+        f"  status:     mesh connect status{addr_flag}",
+        f"  sidecar:    mesh proxy-config web{addr_flag}",
+        f"  REST API:   {cfg.http_url}/api/  (docs: {cfg.http_url}/api/docs/)",
+        f"  Consul API: {cfg.http_url}/v1/  (export CONSUL_HTTP_ADDR={cfg.http_addr})",
+        f"  agent:      http://{cfg.agent_http_addr}/v1/agent/services, "
+        f"metrics http://{cfg.agent_metrics_addr}/metrics",
+        f"  logs:       {cfg.dev_dir}/*.log",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _say(text: str) -> None:
+    print(f"mesh dev: {text}", flush=True)
+
+
+def _free(addr: str) -> bool:
+    host, _, port = addr.rpartition(":")
+    with socket.socket() as s:
+        try:
+            s.bind((host.strip("[]") or "127.0.0.1", int(port)))
+        except OSError:
+            return False
+    return True
+
+
+def check_ports(cfg: DevConfig) -> None:
+    """Fail before starting anything when a port is taken (a second `mesh dev`, say)."""
+    wanted = {
+        "--http-addr": cfg.http_addr,
+        "--grpc-addr": cfg.grpc_addr,
+        "--agent-http-addr": cfg.agent_http_addr,
+        "--agent-metrics-addr": cfg.agent_metrics_addr,
+        "--web-port": f"127.0.0.1:{cfg.web_port}",
+        "--api-port": f"127.0.0.1:{cfg.api_port}",
+        "--upstream-port": f"127.0.0.1:{cfg.upstream_port}",
+        "--web-sidecar-port": f"127.0.0.1:{cfg.web_sidecar_port}",
+        "--api-sidecar-port": f"127.0.0.1:{cfg.api_sidecar_port}",
+    }
+    if cfg.dns_addr:
+        wanted["--dns-addr"] = cfg.dns_addr
+    taken = [f"{flag} {addr}" for flag, addr in wanted.items() if not _free(addr)]
+    if taken:
+        raise DevError(
+            "already in use: " + ", ".join(taken) + " (is another `mesh dev` running? "
+            "Each of these is a flag.)"
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the dev mesh, print how to use it, run until Ctrl-C; the exit code."""
+    from meshweb.commands.base import ApiError, ConnectError
+
+    cfg = DevConfig(
+        data_dir=Path(args.data_dir).expanduser().resolve(),
+        http_addr=args.http_addr,
+        grpc_addr=args.grpc_addr,
+        dns_addr=args.dns_addr,
+        agent_http_addr=args.agent_http_addr,
+        agent_metrics_addr=args.agent_metrics_addr,
+        web_port=args.web_port,
+        api_port=args.api_port,
+        upstream_port=args.upstream_port,
+        web_sidecar_port=args.web_sidecar_port,
+        api_sidecar_port=args.api_sidecar_port,
+    )
+    mesh = DevMesh(cfg)
+
+    def terminate(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    code = 0
+    try:
+        check_ports(cfg)
+        mesh.start()
+        code = mesh.wait()
+    except KeyboardInterrupt:
+        code = 0
+    except (DevError, ApiError, ConnectError) as exc:
+        print(f"mesh dev: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        # A second Ctrl-C during shutdown must not leave children behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if mesh.children:
+            _say("stopping ...")
+        mesh.stop()
+        if mesh.children:
+            _say("stopped")
+    return code
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `dev` to the `mesh` subcommands."""
+    p = sub.add_parser(
+        "dev",
+        help="run a whole mesh locally: control plane, agent, demo web and api with sidecars",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    env = os.environ.get
+    p.add_argument(
+        "--data-dir",
+        default=env("MESH_DATA_DIR") or ".data",
+        help="data directory (env MESH_DATA_DIR, default ./.data); dev state in <data-dir>/dev",
+    )
+    p.add_argument(
+        "--http-addr",
+        default=env("MESH_HTTP_ADDR") or "127.0.0.1:8500",
+        help="control plane HTTP (env MESH_HTTP_ADDR, default 127.0.0.1:8500)",
+    )
+    p.add_argument(
+        "--grpc-addr",
+        default=env("MESH_GRPC_ADDR") or "127.0.0.1:8502",
+        help="control plane agent protocol (env MESH_GRPC_ADDR, default 127.0.0.1:8502)",
+    )
+    p.add_argument(
+        "--dns-addr",
+        default=env("MESH_DNS_ADDR", "127.0.0.1:8600"),
+        help="control plane DNS, '' to disable (env MESH_DNS_ADDR, default 127.0.0.1:8600)",
+    )
+    p.add_argument(
+        "--agent-http-addr",
+        default="127.0.0.1:8510",
+        help="the agent's local API (default 127.0.0.1:8510)",
+    )
+    p.add_argument(
+        "--agent-metrics-addr",
+        default="127.0.0.1:9102",
+        help="the agent's Prometheus metrics (default 127.0.0.1:9102)",
+    )
+    p.add_argument("--web-port", type=int, default=9090, help="web's port (default 9090)")
+    p.add_argument("--api-port", type=int, default=9091, help="api's port (default 9091)")
+    p.add_argument(
+        "--upstream-port",
+        type=int,
+        default=9191,
+        help="web's sidecar listener for api (default 9191)",
+    )
+    p.add_argument(
+        "--web-sidecar-port",
+        type=int,
+        default=21000,
+        help="web's sidecar inbound port (default 21000)",
+    )
+    p.add_argument(
+        "--api-sidecar-port",
+        type=int,
+        default=21001,
+        help="api's sidecar inbound port (default 21001)",
+    )
+    p.set_defaults(func=run)
