@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     from agents import cli as agent_cli  # Django-free: `mesh agent` never loads the registry
 
     agent_cli.register(sub)
+    from agents import demo
+    from meshweb import dev
+
+    dev.register(sub)  # `mesh dev`: control plane + agent + demo services (supervisor, Django-free)
+    demo.register(sub)
     return parser
 
 
