@@ -4,8 +4,8 @@
 venv:
 	@scripts/bootstrap
 
-run: venv          ## run the mesh (embedded: SQLite, in-process tasks)
-	.venv/bin/mesh server
+run: venv          ## the mesh on this machine: control plane, an agent, demo web and api with sidecars
+	.venv/bin/mesh dev
 
 test: venv         ## run the whole test suite
 	.venv/bin/pytest -n 2 $(PYTEST_ARGS)
