@@ -617,6 +617,11 @@ class Agent:
             feed = self.sidecars.feeds.get(proxy_id)
             if feed is not None and feed.good_config is not None and feed.good_version == version:
                 self._save_config(proxy_id, feed.good_config)
+            # It listens now: check it at once rather than an interval later, so
+            # that it becomes a healthy endpoint for its callers without delay.
+            for check in list(self.state.service_checks(proxy_id)):
+                if check.status != "passing":
+                    self.checks.kick(check.check_id)
         else:
             self.metrics.inc("mesh_agent_proxy_config_nacks_total", proxy_id=proxy_id)
         self._ack(proxy_id, version, ok, error)

@@ -69,13 +69,29 @@ class CheckRunner:
                 self._arm_ttl(c)
         self.update_aliases()
 
-    async def _loop(self, check_id: str, definition: dict) -> None:
+    def kick(self, check_id: str) -> None:
+        """Probe now (then every Interval): e.g. a sidecar just started listening."""
+        entry = self.tasks.get(check_id)
+        if entry is None:
+            return
+        definition, task = entry
+        task.cancel()
+        task = asyncio.get_running_loop().create_task(
+            self._loop(check_id, definition, first_delay=0.0), name=f"check:{check_id}"
+        )
+        self.tasks[check_id] = (definition, task)
+
+    async def _loop(
+        self, check_id: str, definition: dict, first_delay: float | None = None
+    ) -> None:
         check = self.state.checks[check_id]
         interval = max(check.interval, 0.1)
         timeout = probes.probe_timeout(check.timeout, interval)
         kind = check.kind
         # Stagger the first run a little (as Consul does) without delaying it much.
-        await asyncio.sleep(random.uniform(0, min(interval, 0.5)))
+        if first_delay is None:
+            first_delay = random.uniform(0, min(interval, 0.5))
+        await asyncio.sleep(first_delay)
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
