@@ -108,6 +108,12 @@ POLICIES: dict[str, type[Balancer]] = {
 }
 
 
+def _usable(cluster: Cluster) -> bool:
+    """A cluster can take a connection: it has endpoints, or a mesh gateway
+    reaches them (a remote datacenter's endpoints are the gateway's business)."""
+    return bool(cluster.endpoints) or cluster.gateway is not None
+
+
 class UpstreamPlan:
     """Where one upstream's new connections go, under one config.
 
@@ -115,7 +121,8 @@ class UpstreamPlan:
     upstream's only cluster, or — when the discovery chain produced routes —
     drawn by weight from the splits of the last route (the catch-all: the one
     that would carry a request no more specific route matches). A cluster with
-    no endpoints hands over to its `failover` clusters, in order.
+    no endpoints (and no mesh gateway) hands over to its `failover` clusters, in
+    order.
     """
 
     def __init__(self, upstream: Upstream, open_counts: dict[EndpointKey, int]) -> None:
@@ -148,11 +155,11 @@ class UpstreamPlan:
             r = random.random() * self._cumulative[-1]
             name = self._names[min(bisect_right(self._cumulative, r), len(self._names) - 1)]
         cluster = self.clusters[name]
-        if cluster.endpoints:
+        if _usable(cluster):
             return cluster
         for alt in cluster.failover:
             other = self.clusters.get(alt)
-            if other is not None and other.endpoints:
+            if other is not None and _usable(other):
                 return other
         return None
 

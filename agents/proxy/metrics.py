@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from agents.proxy.listen import listen_socket
 from agents.proxy.logs import log
 
 DIRECTIONS = ("inbound", "outbound")
@@ -192,4 +193,4 @@ async def serve_metrics(
         finally:
             writer.close()
 
-    return await asyncio.start_server(handle, host, port, reuse_address=True)
+    return await asyncio.start_server(handle, sock=listen_socket(host, port, backlog=16))

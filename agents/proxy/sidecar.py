@@ -22,6 +22,7 @@ from typing import Any
 
 from agents.proxy.authz import Authorizer
 from agents.proxy.balancing import EndpointKey, UpstreamPlan, key_of
+from agents.proxy.listen import listen_socket
 from agents.proxy.logs import log
 from agents.proxy.metrics import Metrics
 from agents.proxy.splice import Conn, Plain, Tls, link, start_pumping
@@ -248,7 +249,7 @@ class Sidecar:
             def factory() -> Plain:
                 return self._accept_outbound(key)
 
-        return await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
+        return await loop.create_server(factory, sock=listen_socket(host, port))
 
     def _opened(self, conn: Conn) -> None:
         self.conns.add(conn)

@@ -29,8 +29,6 @@ socket errors abort both.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 from collections.abc import Callable
 from ssl import MemoryBIO, SSLContext, SSLError, SSLWantReadError, SSLZeroReturnError
 from typing import Any
@@ -39,13 +37,10 @@ HIGH_WATER = 64 * 1024
 LOW_WATER = 16 * 1024
 # One TLS record carries at most 16 KiB of plaintext; reading asks for one record.
 RECORD = 16 * 1024
-
-
-def _nodelay(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+# Larger reads are fed to OpenSSL in slices: a MemoryBIO keeps its high-water
+# capacity for life, so feeding it 256 KiB once would pin 256 KiB to the
+# connection; in slices, a BIO never holds more than about two records.
+SLICE = 16 * 1024
 
 
 class Conn:
@@ -129,8 +124,8 @@ class Plain(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # TCP_NODELAY: uvloop and asyncio both set it on every TCP transport.
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
-        _nodelay(transport)
         tls = self.conn.tls
         if tls is not None and tls.secure:
             link(self, tls)
@@ -149,10 +144,29 @@ class Plain(asyncio.Protocol):
     # -- hot path ---------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        self.nin += len(data)
+        n = len(data)
+        self.nin += n
+        if n > SLICE:
+            self._send_large(data)
+            return
         try:
-            self._encrypt(data)  # type: ignore[misc]
-            self._twrite(self._take())  # type: ignore[misc]
+            self._encrypt(data)
+            self._twrite(self._take())
+        except (SSLError, RuntimeError):
+            self.conn.abort()
+
+    def _send_large(self, data: bytes) -> None:
+        if self._take is _nothing:  # not linked yet
+            self._hold(data)
+            return
+        view = memoryview(data)
+        encrypt, take = self._encrypt, self._take
+        out = []
+        try:
+            for off in range(0, len(view), SLICE):
+                encrypt(view[off : off + SLICE])
+                out.append(take())
+            self.conn.tls.transport.writelines(out)  # type: ignore[union-attr]
         except (SSLError, RuntimeError):
             self.conn.abort()
 
@@ -269,8 +283,8 @@ class Tls(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # TCP_NODELAY: uvloop and asyncio both set it on every TCP transport.
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
-        _nodelay(transport)
         self._in = MemoryBIO()
         self._out = MemoryBIO()
         self.sslobj = self._ctx.wrap_bio(
@@ -301,7 +315,11 @@ class Tls(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._on_secure(self)
+        on_secure = self._on_secure
+        # Handshake state is done with: drop what it held (closures, context).
+        self._on_secure = self._on_fail = _no_callback
+        self._ctx = None
+        on_secure(self)
 
     def _handshake_timeout(self) -> None:
         self._timer = None
@@ -332,6 +350,9 @@ class Tls(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.linked:
+            if len(data) > SLICE:
+                self._pump_large(data)
+                return
             self._inwrite(data)
             self._pump()
             return
@@ -374,6 +395,40 @@ class Tls(asyncio.Protocol):
         except SSLZeroReturnError:
             notify = True
         except (SSLError, RuntimeError):
+            self.conn.abort()
+            return
+        if chunks:
+            self.nin += sum(map(len, chunks))
+            try:
+                self._pwritelines(chunks)  # type: ignore[misc]
+            except RuntimeError:
+                self.conn.abort()
+                return
+        if self._out.pending:
+            self.transport.write(self._out.read())  # type: ignore[union-attr]
+        if notify and not self.eof:
+            self._close_notify_received()
+
+    def _pump_large(self, data: bytes) -> None:
+        """`_pump` for a large read: feed it in slices, write the plaintext at once."""
+        view = memoryview(data)
+        inwrite, read = self._inwrite, self._read
+        chunks: list[bytes] = []
+        notify = False
+        try:
+            for off in range(0, len(view), SLICE):
+                inwrite(view[off : off + SLICE])
+                try:
+                    while chunk := read(RECORD):
+                        chunks.append(chunk)
+                    notify = True
+                except SSLWantReadError:
+                    pass  # the slice ended mid-record: feed the next one
+                if notify:
+                    break
+        except SSLZeroReturnError:
+            notify = True
+        except SSLError:
             self.conn.abort()
             return
         if chunks:
@@ -465,6 +520,10 @@ class Tls(asyncio.Protocol):
             return
         self.send_close_notify()
         self.transport.close()
+
+
+def _no_callback(*args: Any) -> None:
+    pass
 
 
 def _nothing() -> bytes:

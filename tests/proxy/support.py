@@ -286,7 +286,10 @@ class AgentSocket:
                 continue
             with self._lock:
                 if self._conn is not None:
+                    with contextlib.suppress(OSError):
+                        self._conn.shutdown(socket.SHUT_RDWR)
                     self._conn.close()
+                    self._reader.close()
                 self._conn, self._reader = conn, reader
                 self.hellos.append(hello)
                 replay = self.replay
@@ -328,7 +331,11 @@ class AgentSocket:
             listener.close()
         with self._lock:
             if self._conn is not None:
+                # shutdown first: the makefile() reader keeps the fd open past close().
+                with contextlib.suppress(OSError):
+                    self._conn.shutdown(socket.SHUT_RDWR)
                 self._conn.close()
+                self._reader.close()
             self._conn = None
             self._connected.clear()
         if self._thread is not None:
