@@ -376,3 +376,42 @@ def test_the_agent_outlives_the_control_plane_and_restores_it_on_return(tmp_path
     finally:
         agent.stop()
         server.close()
+
+
+def test_py_consul_checks_maintenance_and_health_codes_on_the_agent(control_plane, make_agent):
+    import consul
+
+    agent = make_agent()
+    c = agent.consul()
+    assert c.agent.service.register("queue", service_id="queue-1", port=5672)
+    assert c.agent.check.register(
+        "queue depth", check=consul.Check.ttl("30s"), check_id="queue-depth", service_id="queue-1"
+    )
+    with agent.client() as http:
+        assert http.get("/v1/agent/health/service/id/queue-1").status_code == 503
+        r = http.put(
+            "/v1/agent/check/update/queue-depth", json={"Status": "warning", "Output": "deep"}
+        )
+        assert r.status_code == 200
+        r = http.get("/v1/agent/health/service/id/queue-1")
+        assert (r.status_code, r.json()["AggregatedStatus"]) == (429, "warning")
+        assert c.agent.check.ttl_pass("queue-depth")
+        assert http.get("/v1/agent/health/service/id/queue-1").status_code == 200
+        r = http.put("/v1/agent/check/update/queue-depth", json={"Status": "sideways"})
+        assert r.status_code == 400
+    assert c.agent.service.maintenance("queue-1", "true", "upgrading")
+    checks = c.agent.checks()
+    assert checks["_service_maintenance:queue-1"]["Status"] == "critical"
+    assert checks["_service_maintenance:queue-1"]["Notes"] == "upgrading"
+
+    def control_plane_sees_maintenance():
+        checks = node_checks(control_plane, agent.node)
+        assert checks["_service_maintenance:queue-1"]["Status"] == "critical"
+        assert checks["queue-depth"]["Status"] == "passing"
+        return True
+
+    eventually(control_plane_sees_maintenance)
+    assert c.agent.service.maintenance("queue-1", "false")
+    assert c.agent.check.deregister("queue-depth")
+    eventually(lambda: "queue-depth" not in node_checks(control_plane, agent.node))
+    assert "_service_maintenance:queue-1" not in node_checks(control_plane, agent.node)
