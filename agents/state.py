@@ -418,7 +418,11 @@ class LocalState:
     # --- the local API's writes ---------------------------------------------------
 
     def register_service(self, spec: dict, *, replace_existing_checks: bool = False) -> None:
-        """`PUT /v1/agent/service/register` (validated by the caller into canonical form)."""
+        """`PUT /v1/agent/service/register` (validated by the caller into canonical form).
+
+        The definition's inline checks replace the ones it had before; checks
+        registered apart (`check/register` with its ServiceID) stay unless
+        `replace_existing_checks`."""
         sid = spec.get("ID") or spec.get("Name")
         existing = self.services.get(sid or "")
         if existing is not None and existing.source == "config":
@@ -433,8 +437,12 @@ class LocalState:
             else:
                 self.api_definitions[sid] = previous
             raise
-        if not replace_existing_checks:
-            pass  # inline checks are replaced with the definition; API checks stay
+        if replace_existing_checks:
+            # Consul: checks of this service that the new definition does not declare go.
+            self.api_checks = {
+                k: v for k, v in self.api_checks.items() if v.get("ServiceID") != sid
+            }
+            self.rebuild(self.config_definitions, self.config_checks)
         self.save()
 
     def deregister_service(self, service_id: str) -> None:

@@ -146,3 +146,15 @@ def test_a_duplicate_service_id_is_refused_and_the_previous_state_stays(tmp_path
     with pytest.raises(StateError, match="defined twice"):
         state.rebuild([web(), web()], [])
     assert sorted(state.services) == ["web", "web-sidecar-proxy"]
+
+
+def test_replace_existing_checks_drops_the_checks_registered_apart(tmp_path):
+    state = LocalState(tmp_path)
+    state.rebuild([], [])
+    state.register_service(canonical_service({"name": "q", "check": {"ttl": "10s"}}))
+    state.register_check({"CheckID": "depth", "Name": "depth", "TTL": "10s", "ServiceID": "q"})
+    state.register_service(canonical_service({"name": "q", "check": {"ttl": "20s"}}))
+    assert sorted(state.checks) == ["depth", "service:q"]
+    assert state.checks["service:q"].definition["TTL"] == "20s"
+    state.register_service(canonical_service({"name": "q"}), replace_existing_checks=True)
+    assert sorted(state.checks) == []
