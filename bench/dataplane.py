@@ -100,13 +100,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_ticks(pids: list[int]) -> int:
-    """utime + stime (fields 14 and 15 of /proc/<pid>/stat, all threads) of `pids`."""
-    total = 0
+def cpu_times(pids: list[int]) -> tuple[int, int]:
+    """(utime, stime) in clock ticks (fields 14 and 15 of /proc/<pid>/stat, all
+    threads), summed over `pids`."""
+    user = system = 0
     for pid in pids:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total
+        user += int(fields[11])
+        system += int(fields[12])
+    return user, system
+
+
+def per_request_us(before: tuple[int, int], after: tuple[int, int], requests: int) -> dict:
+    """CPU µs per request between two `cpu_times` readings: total and kernel part."""
+    user, system = after[0] - before[0], after[1] - before[1]
+    scale = 1e6 / CLK_TCK / max(1, requests)
+    return {"cpu_us": (user + system) * scale, "sys_us": system * scale}
 
 
 def rss_kib(pid: int, field: str = "VmRSS") -> int:
@@ -461,7 +470,7 @@ def run_wrk(
     port: int, connections: int, duration: float, pids: list[int], nginx: list[int]
 ) -> dict:
     """Maximum throughput: wrk, one thread, `connections` keep-alive connections."""
-    before, nginx_before = cpu_ticks(pids), cpu_ticks(nginx)
+    before, nginx_before = cpu_times(pids), cpu_times(nginx)
     out = subprocess.run(
         [
             tool("wrk"),
@@ -476,7 +485,7 @@ def run_wrk(
         text=True,
         timeout=duration + 60,
     )
-    cpu, nginx_cpu = cpu_ticks(pids) - before, cpu_ticks(nginx) - nginx_before
+    after, nginx_after = cpu_times(pids), cpu_times(nginx)
     if out.returncode != 0:
         raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr or out.stdout}")
     m = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m),", out.stdout)
@@ -495,8 +504,8 @@ def run_wrk(
         "rps": float(rps.group(1)),
         "requests": requests,
         "errors": errors,
-        "cpu_us": cpu / CLK_TCK / max(1, requests) * 1e6,
-        "nginx_cpu_us": nginx_cpu / CLK_TCK / max(1, requests) * 1e6,
+        **per_request_us(before, after, requests),
+        "nginx_cpu_us": per_request_us(nginx_before, nginx_after, requests)["cpu_us"],
     }
 
 
@@ -510,7 +519,7 @@ def run_h2load(
     total = int(rate * (duration + warmup))
     with contextlib.suppress(FileNotFoundError):
         log.unlink()
-    before = cpu_ticks(pids)
+    before = cpu_times(pids)
     out = subprocess.run(
         [
             tool("h2load"),
@@ -535,7 +544,7 @@ def run_h2load(
         text=True,
         timeout=duration + warmup + 60,
     )
-    cpu = cpu_ticks(pids) - before
+    after = cpu_times(pids)
     if out.returncode != 0:
         raise RuntimeError(f"h2load failed ({out.returncode}): {out.stderr or out.stdout}")
     m = re.search(
@@ -567,7 +576,7 @@ def run_h2load(
         "measured": len(lat),
         "achieved_rps": len(lat) / span if span > 0 else float("nan"),
         "errors": total - succeeded,
-        "cpu_us": cpu / CLK_TCK / max(1, done) * 1e6,
+        **per_request_us(before, after, done),
     }
 
 
@@ -644,6 +653,133 @@ def hold_connections(stack: Stack, port: int, n: int, pids: list[int]) -> dict:
     return {"idle": idle, "loaded": loaded, "after": after, "open": opened}
 
 
+# ----------------------------------------------------------------------------- profiling
+
+
+def py_spy() -> str:
+    found = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if not found:
+        raise SystemExit(
+            "dataplane: --profile needs py-spy (not a project dependency): "
+            ".venv/bin/pip install py-spy"
+        )
+    return found
+
+
+def sampler_argv(kind: str, pid: int, path: Path, rate: int) -> list[str]:
+    if kind == "py-spy":
+        # Native frames show the C under each Python frame (OpenSSL, uvloop, libc).
+        argv = [py_spy(), "record", "--pid", str(pid), "--rate", str(rate), "--native"]
+        return argv + ["--format", "raw", "--output", str(path)]
+    perf = shutil.which("perf") or "perf"
+    return [perf, "record", "-F", str(rate * 5), "-g", "-q", "-o", str(path), "-p", str(pid)]
+
+
+def profile_sidecars(
+    args: argparse.Namespace, stack: Stack, t: Topology, nginx: list[int]
+) -> list[dict]:
+    """Extra sidecar runs (not in the medians), one per sampler and load kind:
+    `perf record` (on-CPU samples, kernel included: where the CPU goes by
+    library) and `py-spy record --native` (which Python code), each attached
+    to both sidecars. Files in `args.profile`."""
+    args.profile.mkdir(parents=True, exist_ok=True)
+    kinds = ["perf", "py-spy"] if shutil.which("perf") else ["py-spy"]
+    out: list[dict] = []
+    for kind in kinds:
+        for phase in ("max", "rate"):
+            samplers = []
+            for side, pid in zip(("client", "server"), t.proxy_pids, strict=True):
+                ext = "data" if kind == "perf" else "txt"
+                path = args.profile / f"{kind}-{side}-{phase}.{ext}"
+                proc = subprocess.Popen(
+                    sampler_argv(kind, pid, path, args.profile_rate),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                samplers.append((side, path, proc))
+            time.sleep(1.0)  # attached
+            progress(f"profiling the sidecars with {kind} at {phase} load")
+            if phase == "max":
+                run = run_wrk(t.port, args.connections, args.duration, t.proxy_pids, nginx)
+            else:
+                run = run_h2load(
+                    t.port,
+                    args.rate,
+                    args.clients,
+                    args.duration,
+                    args.warmup,
+                    t.proxy_pids,
+                    stack.tmp / "h2load.log",
+                )
+            for side, path, proc in samplers:
+                proc.send_signal(signal.SIGINT)  # both write their output on Ctrl-C
+                try:
+                    _, err = proc.communicate(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    _, err = proc.communicate()
+                if not path.exists():
+                    raise RuntimeError(f"{kind} wrote no profile for the {side} sidecar: {err}")
+                out.append(
+                    {"kind": kind, "side": side, "phase": phase, "path": str(path), "run": run}
+                )
+    return out
+
+
+IDLE_LEAVES = ("epoll_wait", "epoll_pwait")
+
+
+def summarize_py_spy(path: Path, top: int = 16) -> list[str]:
+    """The Python functions (and the C they call) with most samples, idle left out."""
+    self_n: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = idle = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";") if f]
+        if not frames:
+            continue
+        if frames[-1].startswith(IDLE_LEAVES):  # waiting in the loop's poll: not CPU
+            idle += n
+            continue
+        total += n
+        self_n[frames[-1]] = self_n.get(frames[-1], 0) + n
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + n
+    if not total:
+        return ["  (no samples)"]
+    lines = [f"  {total} samples on CPU ({idle} in epoll left out); by self:"]
+    for f, n in sorted(self_n.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"    {100 * n / total:5.1f}%  {f[:110]}")
+    lines.append("  by total, Python functions (the function and what it calls):")
+    py = {f: n for f, n in incl.items() if ".py)" in f or "(mesh-sidecar)" in f}
+    for f, n in sorted(py.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"    {100 * n / total:5.1f}%  {f[:110]}")
+    return lines
+
+
+def summarize_perf(path: Path, top: int = 16) -> list[str]:
+    """On-CPU samples by library, then by symbol (self time)."""
+    lines = []
+    for sort, limit in (("dso", 10), ("dso,sym", top)):
+        rep = subprocess.run(
+            ["perf", "report", "-i", str(path), "--stdio", "--no-children", "-q", "-g", "none"]
+            + ["--sort", sort, "--percent-limit", "0.5"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        rows = [r.rstrip() for r in rep.stdout.splitlines() if r.strip() and "%" in r]
+        lines.append(f"  by {'library' if sort == 'dso' else 'symbol (self)'}:")
+        lines += ["    " + " ".join(r.split()) for r in rows[:limit]]
+    return lines
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -669,6 +805,8 @@ def bench(args: argparse.Namespace, stack: Stack) -> dict:
         )
     for t in TOOLS:
         tool(t)
+    if args.profile:
+        py_spy()
     if args.rate % args.clients:
         raise SystemExit("dataplane: --rate must be a multiple of --clients")
     load_at_start = os.getloadavg()
@@ -722,6 +860,10 @@ def bench(args: argparse.Namespace, stack: Stack) -> dict:
                 + (f", errors {w['errors']}+{h['errors']}" if w["errors"] or h["errors"] else "")
             )
 
+    profiles = []
+    if args.profile and "sidecar" in names:
+        profiles = profile_sidecars(args, stack, topo["sidecar"], nginx_pids)
+
     memory = {}
     for name in ("sidecar", "haproxy"):
         if name in names and args.hold > 0:
@@ -733,6 +875,7 @@ def bench(args: argparse.Namespace, stack: Stack) -> dict:
         "names": names,
         "runs": runs,
         "memory": memory,
+        "profiles": profiles,
         "sidecar_idle_fresh": sidecar_idle_fresh,
         "load_at_start": load_at_start,
         "elapsed": time.monotonic() - t0,
@@ -812,7 +955,11 @@ def report(args: argparse.Namespace, res: dict) -> None:
             )
         for tool_, label in (("wrk", "CPU/req @max "), ("h2load", "CPU/req @rate")):
             s, h = med("sidecar", tool_, "cpu_us"), med("haproxy", tool_, "cpu_us")
-            print(f"  {label}       {s / h:.2f}x  ({s:.1f} vs {h:.1f} µs)")
+            ss, hs = med("sidecar", tool_, "sys_us"), med("haproxy", tool_, "sys_us")
+            print(
+                f"  {label}       {s / h:.2f}x  ({s:.1f} vs {h:.1f} µs; in the kernel "
+                f"{ss:.1f} vs {hs:.1f} µs, in user space {s - ss:.1f} vs {h - hs:.1f} µs)"
+            )
         ratio = s_rps / h_rps
         aims.append(
             (
@@ -911,6 +1058,18 @@ def report(args: argparse.Namespace, res: dict) -> None:
             "at 1,000 req/s for about 40 µs of CPU per request)"
         )
 
+    for prof in res.get("profiles", []):
+        run = prof["run"]
+        load = "max throughput" if prof["phase"] == "max" else f"{args.rate:,} req/s"
+        print()
+        print(
+            f"profile ({prof['kind']}): {prof['side']}-side sidecar at {load} (pair "
+            f"{run['cpu_us']:.1f} µs/req while sampled; {prof['path']})"
+        )
+        summarize = summarize_perf if prof["kind"] == "perf" else summarize_py_spy
+        for line in summarize(Path(prof["path"])):
+            print(line)
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -961,6 +1120,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--setup-timeout", type=float, default=90, help="seconds for the agent's sidecars to serve"
     )
     p.add_argument("--json", type=Path, help="also write the raw figures to this file")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        help="after the rounds, one more sidecar run of each kind under py-spy; "
+        "collapsed stacks into this dir, a summary printed",
+    )
+    p.add_argument(
+        "--profile-rate",
+        type=int,
+        default=200,
+        help="py-spy samples/s (default 200; perf samples 5x as often)",
+    )
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.duration <= 0 or args.clients < 1 or args.rate < args.clients:
