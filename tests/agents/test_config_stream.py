@@ -281,3 +281,18 @@ def test_leaves_renew_during_continuous_traffic_without_a_failed_call(tmp_path, 
     finally:
         agent.stop()
         server.close()
+
+
+def test_a_sidecar_that_dies_is_restarted_and_traffic_recovers(control_plane, make_agent, api_app):
+    import os
+    import signal
+
+    upstream_port = free_port()
+    agent = make_agent(files=definitions(api_app.port, upstream_port))
+    allow(control_plane, "web", "api")
+    eventually(lambda: call(upstream_port) == "hello from api\n", timeout=30, interval=0.25)
+    old = _sidecar_pids(agent)["api-sidecar-proxy"]
+    os.kill(old, signal.SIGKILL)
+    eventually(lambda: _sidecar_pids(agent).get("api-sidecar-proxy") not in (None, old))
+    eventually(lambda: call(upstream_port) == "hello from api\n", timeout=30, interval=0.25)
+    assert 'mesh_agent_sidecar_restarts_total{proxy_id="api-sidecar-proxy"} 1' in agent.metrics()
