@@ -615,6 +615,8 @@ def main() -> None:
         return statistics.median(x[key] for x in results[name])
 
     print(f"\nloadavg {os.getloadavg()[0]:.2f}, {os.cpu_count()} cores, medians of {args.rounds} rounds")
+    if not args.rounds:
+        names = []  # memory only
     print(f"{'topology':<10} {'max req/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'cpu µs/req @max':>16} {'cpu µs/req @rate':>17}")  # fmt: skip
     for name in names:
@@ -623,7 +625,7 @@ def main() -> None:
             f"{med(name, 'p99_ms'):>8.3f} {med(name, 'cpu_us_max'):>16.1f} "
             f"{med(name, 'cpu_us_rate'):>17.1f}"
         )
-    if "direct" in names:
+    if "direct" in names and names:
         print(
             f"(the 1 KiB server alone costs {med('direct', 'server_us_rate'):.1f} µs/req "
             f"at {args.rate:,.0f} req/s: one uvloop wake-up, read and write)"

@@ -16,6 +16,7 @@ import sys
 
 from agents.proxy.control import ControlClient
 from agents.proxy.logs import LEVELS, log
+from agents.proxy.memory import Trimmer
 from agents.proxy.metrics import Metrics, serve_metrics
 from agents.proxy.sidecar import Sidecar
 from agents.proxy.tls import KeyDir
@@ -61,12 +62,22 @@ async def run(args: argparse.Namespace) -> int:
             metrics_server = await serve_metrics(host, port, lambda: metrics.render(sidecar.conns))
             bound = metrics_server.sockets[0].getsockname()
             log.info("metrics", address=f"{bound[0]}:{bound[1]}")
-        control = ControlClient(args.socket, args.proxy_id, sidecar.handle_line, metrics)
+        trimmer = Trimmer(metrics.closed)
+        trimmer.trim()  # what start-up (imports, compiling) left free
+
+        async def handle(line: bytes) -> dict:
+            reply = await sidecar.handle_line(line)
+            trimmer.trim()  # parsing a config and building contexts leaves garbage
+            return reply
+
+        control = ControlClient(args.socket, args.proxy_id, handle, metrics)
         control_task = loop.create_task(control.run())
+        trim_task = loop.create_task(trimmer.run())
         log.info("started", socket=args.socket, loop=type(loop).__module__.split(".")[0])
         await stop.wait()
         log.info("stopping", connections=len(sidecar.conns))
         control_task.cancel()
+        trim_task.cancel()
         await sidecar.shutdown(args.drain_timeout)
     finally:
         if metrics_server is not None:

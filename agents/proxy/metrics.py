@@ -43,6 +43,10 @@ class Metrics:
         self.control_connected = 0
         self.started = time.time()
 
+    def closed(self) -> int:
+        """Connections closed so far (both directions)."""
+        return sum(self.opened.values()) - sum(self.active.values())
+
     def handshake_failed(self, direction: str, reason: str) -> None:
         self.handshake_failures[(direction, reason)] += 1
 
