@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from meshproto.proxycfg import Cluster, Endpoint
+from meshproto.proxycfg import Cluster, Endpoint, Gateway, Upstream
 from tests.proxy.support import (
     DC,
     TRUST_DOMAIN,
@@ -353,6 +353,44 @@ def test_a_failover_cluster_serves_when_the_primary_has_no_endpoints(pair_factor
             'mesh_sidecar_connect_failures_total{target="api",reason="no_endpoints"}'
         )
     )
+
+
+def test_a_cluster_behind_a_mesh_gateway_is_dialled_at_the_gateway_with_its_sni(
+    pair_factory, tmp_path, ca
+):
+    p = pair_factory("echo")
+    assert p.push_api() == {"ack": 1}
+    # A stand-in for a gateway: a TLS endpoint that records the SNI it is sent
+    # and presents api's leaf (a real gateway passes the TLS stream through to
+    # api's sidecar, so the identity check is end to end either way).
+    cert, key = ca.write_leaf(tmp_path, "gw-api", "api")
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    server_ctx.load_verify_locations(cadata=ca.root_pem)
+    seen: list[str | None] = []
+    server_ctx.sni_callback = lambda sslobj, name, ctx: seen.append(name)
+    listener = socket.create_server(("127.0.0.1", 0))
+    gw_port = listener.getsockname()[1]
+
+    def serve_one():
+        conn, _ = listener.accept()
+        with server_ctx.wrap_socket(conn, server_side=True) as s:
+            s.sendall(s.recv(100))
+
+    threading.Thread(target=serve_one, daemon=True).start()
+    sni = f"api.default.dc2.internal.{TRUST_DOMAIN}"
+    remote = Cluster(name="api.default.dc2", service="api", datacenter="dc2",
+                     spiffe_id=spiffe("api"), sni=sni, gateway=Gateway("127.0.0.1", gw_port))  # fmt: skip
+    up = Upstream("api", "127.0.0.1", p.up, "tcp", clusters=(remote,))
+    try:
+        assert p.push_web(upstreams=(up,)) == {"ack": 1}
+        with socket.create_connection(("127.0.0.1", p.up), timeout=5) as s:
+            s.sendall(b"via the gateway")
+            assert s.recv(100) == b"via the gateway"
+        assert seen == [sni]
+    finally:
+        listener.close()
 
 
 # ----------------------------------------------------------------------------- pushes
