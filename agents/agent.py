@@ -490,14 +490,26 @@ class Agent:
 
     async def _sync(self, stub) -> None:
         """Full sync: the catalog's view of this node becomes the local state."""
-        sent_dirty = set(self.dirty_checks)
+        # A check that changes while SyncNode is in flight stays dirty: only the
+        # results this request carried are settled by it.
+        sent_dirty = {
+            cid: (c.status, c.output)
+            for cid in self.dirty_checks
+            if (c := self.state.checks.get(cid)) is not None
+        }
         request = self.node_state()
         try:
             await stub.SyncNode(request, timeout=self.config.rpc_timeout)
         except grpc.aio.AioRpcError:
             self.metrics.inc("mesh_agent_syncs_total", result="error")
             raise
-        self.dirty_checks -= sent_dirty
+        self.dirty_checks -= {
+            cid
+            for cid, sent in sent_dirty.items()
+            if (c := self.state.checks.get(cid)) is None or (c.status, c.output) == sent
+        }
+        if self.dirty_checks and self._checks_wanted is not None:
+            self._checks_wanted.set()
         self.metrics.inc("mesh_agent_syncs_total", result="ok")
         self.metrics.set("mesh_agent_last_sync_timestamp_seconds", time.time())
         log.debug(
