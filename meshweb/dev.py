@@ -467,6 +467,8 @@ def _say(text: str) -> None:
 def _free(addr: str) -> bool:
     host, _, port = addr.rpartition(":")
     with socket.socket() as s:
+        # As the servers bind: connections of a previous run in TIME_WAIT do not count.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host.strip("[]") or "127.0.0.1", int(port)))
         except OSError:
