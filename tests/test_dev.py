@@ -1,0 +1,283 @@
+"""`mesh dev` as a user runs it (`make run`): everything up, web reaches api through the
+sidecars, and Ctrl-C leaves no process behind. On free loopback ports, its own data dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from meshweb.dev import READY_LINE
+from tests.support.servers import ROOT, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (children, grandchildren: the sidecars), from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z":
+            parents[int(entry.name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = [pid]
+    while frontier:
+        p = frontier.pop()
+        for child, parent in parents.items():
+            if parent == p and child not in found:
+                found.add(child)
+                frontier.append(child)
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class DevProcess:
+    """`mesh dev` on free ports; its output lines are read by a thread."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.ports = {
+            name: free_port()
+            for name in (
+                "http",
+                "grpc",
+                "dns",
+                "agent_http",
+                "agent_metrics",
+                "web",
+                "api",
+                "upstream",
+                "web_sidecar",
+                "api_sidecar",
+            )
+        }
+        p = self.ports
+        self.argv = [
+            sys.executable,
+            "-m",
+            "meshweb.cli",
+            "dev",
+            "--data-dir",
+            str(data_dir),
+            "--http-addr",
+            f"127.0.0.1:{p['http']}",
+            "--grpc-addr",
+            f"127.0.0.1:{p['grpc']}",
+            "--dns-addr",
+            f"127.0.0.1:{p['dns']}",
+            "--agent-http-addr",
+            f"127.0.0.1:{p['agent_http']}",
+            "--agent-metrics-addr",
+            f"127.0.0.1:{p['agent_metrics']}",
+            "--web-port",
+            str(p["web"]),
+            "--api-port",
+            str(p["api"]),
+            "--upstream-port",
+            str(p["upstream"]),
+            "--web-sidecar-port",
+            str(p["web_sidecar"]),
+            "--api-sidecar-port",
+            str(p["api_sidecar"]),
+        ]
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("MESH_", "CONSUL_", "DATABASE_URL", "REDIS_URL"))
+        }
+        env["PYTHONUNBUFFERED"] = "1"
+        self.proc = subprocess.Popen(
+            self.argv,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line)
+            self.lines.put(line)
+
+    def wait_for(self, text: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.5)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            if text in line:
+                return line
+        raise AssertionError(f"no {text!r} from mesh dev:\n{''.join(self.output)[-6000:]}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def dev(tmp_path):
+    d = DevProcess(tmp_path / "data")
+    yield d
+    # On a failure mid-test: take everything down (what Ctrl-C would have done).
+    if d.proc.poll() is None:
+        d.proc.send_signal(signal.SIGINT)
+        try:
+            d.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            d.close()
+
+
+def test_mesh_dev_serves_web_calling_api_through_the_sidecars_and_ctrl_c_stops_everything(dev):
+    dev.wait_for(READY_LINE, timeout=120)
+    text = "".join(dev.output)
+    web = dev.ports["web"]
+    assert f"curl http://127.0.0.1:{web}/" in text
+    assert "mesh intention create -replace -deny web api" in text
+    assert "MESH_HTTP_TOKEN=" in text
+
+    r = httpx.get(f"http://127.0.0.1:{web}/", timeout=10)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["service"] == "web"
+    assert body["upstream"]["service"] == "api"
+    assert body["upstream"]["instance"] == "api-1"
+
+    # api's sidecar speaks only mTLS: a plaintext request to it gets no HTTP answer.
+    with socket.create_connection(("127.0.0.1", dev.ports["api_sidecar"]), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: api\r\n\r\n")
+        s.settimeout(5)
+        try:
+            data = s.recv(200)
+        except (ConnectionResetError, TimeoutError):
+            data = b""
+    assert not data.startswith(b"HTTP/")
+
+    children = _descendants(dev.proc.pid)
+    # server, agent, web, api and the two sidecars (at least).
+    assert len(children) >= 6, children
+    names = {
+        pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        for pid in children
+        if _running(pid)
+    }
+    assert sum("mesh-sidecar" in cmd for cmd in names.values()) == 2, names
+
+    dev.proc.send_signal(signal.SIGINT)
+    assert dev.proc.wait(60) == 0, "".join(dev.output)[-4000:]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_running(p) for p in children):
+        time.sleep(0.1)
+    left = {p: names.get(p) for p in children if _running(p)}
+    assert left == {}, f"still running after Ctrl-C: {left}"
+    assert "mesh dev: stopped" in "".join(dev.output)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{web}/", timeout=2)
+
+
+def test_mesh_dev_refuses_to_start_on_a_taken_port_and_starts_nothing(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_", "CONSUL_"))}
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "meshweb.cli",
+                "dev",
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--http-addr",
+                f"127.0.0.1:{port}",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert out.returncode == 1
+    assert f"--http-addr 127.0.0.1:{port}" in out.stderr
+    assert "already in use" in out.stderr
+    assert not (tmp_path / "data" / "dev").exists()
+
+
+def test_the_demo_services_answer_json_and_api_health_follows_its_fail_file(tmp_path):
+    """`mesh demo-app`: api's identity and /healthz; web's 502 when its upstream is down."""
+    api_port, web_port, dead_port = free_port(), free_port(), free_port()
+    fail = tmp_path / "fail"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "agents.demo", "api", "--port", str(api_port), "--name", "a1"]
+            + ["--fail-file", str(fail)],
+            cwd=ROOT,
+        ),
+        subprocess.Popen(
+            [sys.executable, "-m", "agents.demo", "web", "--port", str(web_port)]
+            + ["--upstream", f"127.0.0.1:{dead_port}"],
+            cwd=ROOT,
+        ),
+    ]
+    try:
+
+        def get(port: int, path: str = "/") -> httpx.Response:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5)
+                except httpx.ConnectError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+
+        body = get(api_port).json()
+        assert (body["service"], body["instance"]) == ("api", "a1")
+        assert body["host"] == socket.gethostname() and body["time"].endswith("Z")
+        assert get(api_port, "/healthz").status_code == 200
+        fail.touch()
+        assert get(api_port, "/healthz").status_code == 500
+        fail.unlink()
+        assert get(api_port, "/healthz").status_code == 200
+        r = get(web_port)
+        assert r.status_code == 502
+        assert r.json()["service"] == "web" and f"127.0.0.1:{dead_port}" in r.json()["error"]
+        assert json.loads(r.text)  # a JSON body even on failure
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            assert p.wait(10) == 0
