@@ -21,6 +21,7 @@ from meshproto.proto import mesh_pb2, mesh_pb2_grpc
 from registry import audit, db
 from registry.domain import agents
 from registry.errors import MeshError
+from registry.grpc import status
 from registry.grpc.auth import AuthError, Caller, PeerTable, caller_of, peer_of
 from registry.grpc.streams import ProxyConfigStream
 
@@ -45,6 +46,7 @@ class AgentControlServicer(mesh_pb2_grpc.AgentControlServicer):
         self.peers = peers
         self.trust_domain = trust_domain
         self.streams: set[ProxyConfigStream] = set()
+        status.track(self)  # `/api/connect/status/` reads what the streams sent and heard
 
     def close(self) -> None:
         """Server shutdown: nothing to do beyond grpc's own cancellation of the calls."""
