@@ -83,6 +83,8 @@ class Agent:
         self._checks_wanted: asyncio.Event | None = None
         self._connected_event: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
+        self._background: set[asyncio.Task] = set()
+        self._proxies_lock = asyncio.Lock()
         self._servers: list[Any] = []
 
     # --- facts ------------------------------------------------------------------------
@@ -376,11 +378,21 @@ class Agent:
         """Services or checks changed here: run the right checks, sidecars, and sync now."""
         self.checks.sync()
         self.state.save()
-        asyncio.get_running_loop().create_task(self._apply_proxies())
+        task = asyncio.get_running_loop().create_task(self._apply_proxies())
+        self._background.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._background.discard)
         if self._sync_wanted is not None:
             self._sync_wanted.set()
 
     async def _apply_proxies(self) -> None:
+        try:
+            # One at a time: two quick reloads must not start a proxy's sidecar twice.
+            async with self._proxies_lock:
+                await self._apply_proxies_now()
+        except Exception:  # logged, not lost in a fire-and-forget task
+            log.exception("applying the proxies failed")
+
+    async def _apply_proxies_now(self) -> None:
         proxies = {p.id: p for p in self.state.proxies()}
         added, removed = await self.sidecars.ensure(set(proxies))
         for pid in removed:
@@ -449,6 +461,9 @@ class Agent:
                 reason = f"{exc.code().name}: {exc.details()}"
             except (OSError, ConnectionError, ValueError) as exc:
                 reason = str(exc) or type(exc).__name__
+            except Exception as exc:  # a bug must not end the control loop for good
+                log.exception("control loop failed")
+                reason = repr(exc)
             finally:
                 was = self.connected
                 self._set_connected(False, None)
