@@ -98,6 +98,10 @@ class Agent:
         return self.identity.node_id if self.identity else ""
 
     @property
+    def node_meta(self) -> dict[str, str]:
+        return {**dict(self.config.node_meta), "mesh-role": "agent"}
+
+    @property
     def datacenter(self) -> str:
         return self.identity.datacenter if self.identity else (self.config.datacenter or "dc1")
 
@@ -246,7 +250,7 @@ class Agent:
                     node=self.node,
                     address=self.config.bind,
                     datacenter=self.config.datacenter,
-                    meta={"mesh-role": "agent"},
+                    meta=self.node_meta,
                     timeout=self.config.rpc_timeout,
                 )
             except (OSError, grpc.aio.AioRpcError) as exc:
@@ -444,6 +448,14 @@ class Agent:
         backoff = Backoff(base=0.5, cap=30.0)
         while True:
             assert self.identity is not None
+            if not client.usable(self.identity, self.node):
+                # Renewal failed for the whole lifetime (a long outage): the control
+                # plane will refuse the handshake. Say what fixes it; keep serving.
+                log.error(
+                    "the node certificate expired; restart the agent with -join-token "
+                    "and -ca-pin to join again",
+                    extra={"not_after": self.identity.not_after.isoformat()},
+                )
             channel = client.mtls_channel(self.config.join_target, self.identity)
             stub = mesh_pb2_grpc.AgentControlStub(channel)
             reason = ""
@@ -495,7 +507,7 @@ class Agent:
     def node_state(self) -> mesh_pb2.NodeState:
         return mesh_pb2.NodeState(
             address=self.config.bind,
-            meta={"mesh-role": "agent"},
+            meta=self.node_meta,
             services_json=[json.dumps(s, sort_keys=True) for s in self.state.wire_services()],
             checks_json=[
                 json.dumps(c.wire(), sort_keys=True)

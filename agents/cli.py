@@ -64,6 +64,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "-metrics-addr", "--metrics-addr", dest="metrics_addr", help="Prometheus metrics HOST:PORT"
     )
     p.add_argument(
+        "-node-meta",
+        "--node-meta",
+        dest="node_meta",
+        action="append",
+        metavar="KEY:VALUE",
+        help="node metadata (repeatable)",
+    )
+    p.add_argument(
         "-dc", "--dc", "-datacenter", dest="dc", help="datacenter (default: learnt from the server)"
     )
     p.add_argument(
@@ -113,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
             rpc_timeout=args.rpc_timeout,
             sidecar_bin=args.sidecar_bin,
             log_level=args.log_level,
+            node_meta=args.node_meta,
         )
     except agent_config.ConfigError as exc:
         print(f"mesh agent: {exc}", file=sys.stderr)

@@ -43,6 +43,7 @@ class AgentConfig:
     rpc_timeout: float = 10.0  # deadline of every unary RPC
     sidecar_bin: str = ""  # "" finds mesh-sidecar next to the interpreter or on PATH
     log_level: str = "info"
+    node_meta: tuple[tuple[str, str], ...] = ()  # -node-meta key:value, sent with the node
 
     @property
     def join_target(self) -> str:
@@ -116,6 +117,7 @@ def build(
     rpc_timeout: str | None = None,
     sidecar_bin: str | None = None,
     log_level: str | None = None,
+    node_meta: list[str] | None = None,
 ) -> AgentConfig:
     """Validate the flags into an AgentConfig; raises ConfigError naming the flag."""
     if not data_dir:
@@ -167,6 +169,14 @@ def build(
     level = (log_level or "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"-log-level: {log_level!r} (use debug, info, warning or error)")
+    meta: dict[str, str] = {}
+    for item in node_meta or []:
+        key, sep, value = item.partition(":")
+        if not sep or not key:
+            raise ConfigError(f"-node-meta: {item!r} must be key:value")
+        if key == "mesh-role":
+            raise ConfigError("-node-meta: mesh-role is reserved (the agent sets it)")
+        meta[key] = value
     if sidecar_bin and not Path(sidecar_bin).exists():
         raise ConfigError(f"-sidecar-bin: {sidecar_bin} does not exist")
     return AgentConfig(
@@ -189,6 +199,7 @@ def build(
         rpc_timeout=parse_duration_flag(rpc_timeout, "-rpc-timeout") if rpc_timeout else 10.0,
         sidecar_bin=sidecar_bin or "",
         log_level=level,
+        node_meta=tuple(sorted(meta.items())),
     )
 
 

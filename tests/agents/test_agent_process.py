@@ -69,7 +69,7 @@ def health_endpoint():
 
 
 def test_an_agent_joins_with_a_token_and_the_pin(control_plane, make_agent):
-    agent = make_agent()
+    agent = make_agent(extra=["-node-meta", "rack:r1"])
     ident = agent.data_dir / "identity"
     for name in ("node.key", "node.crt", "roots.pem", "identity.json"):
         assert stat.S_IMODE(os.stat(ident / name).st_mode) == 0o600
@@ -80,7 +80,7 @@ def test_an_agent_joins_with_a_token_and_the_pin(control_plane, make_agent):
     )
     node = control_plane.client().get(f"/v1/catalog/node/{agent.node}").json()
     assert node["Node"]["Address"] == "127.0.0.1"
-    assert node["Node"]["Meta"]["mesh-role"] == "agent"
+    assert node["Node"]["Meta"] == {"mesh-role": "agent", "rack": "r1"}
     me = agent.client().get("/v1/agent/self").json()
     assert me["Config"]["NodeName"] == agent.node
     assert me["Config"]["NodeID"] == node["Node"]["ID"]
