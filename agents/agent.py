@@ -42,6 +42,7 @@ from agents import client
 from agents.checks import CheckRunner
 from agents.client import Backoff, Identity, IdentityStore, JoinError
 from agents.config import AgentConfig, find_sidecar_bin
+from agents.definitions import read_config_dirs
 from agents.leaves import Leaf, LeafKeeper, make_leaf
 from agents.metrics import agent_metrics
 from agents.sidecars import Sidecars
@@ -49,7 +50,6 @@ from agents.state import LocalState, StateError, UnknownError
 from meshproto import pki, spiffe
 from meshproto.proto import mesh_pb2, mesh_pb2_grpc
 from meshproto.proxycfg import ProxyConfig
-from meshproto.servicedefs import DefinitionError, config_dir_files, load_config_file
 
 log = logging.getLogger("mesh.agent")
 
@@ -336,27 +336,11 @@ class Agent:
 
     def read_config_dirs(self) -> list[str]:
         """Re-read the config dir(s); on any bad file keep the previous state and say which."""
-        services: list[dict] = []
-        checks: list[dict] = []
-        errors: list[str] = []
-        for d in self.config.config_dirs:
-            try:
-                files = config_dir_files(d)
-            except OSError as exc:
-                errors.append(f"{d}: {exc.strerror}")
-                continue
-            for path in files:
-                try:
-                    f = load_config_file(path)
-                except DefinitionError as exc:
-                    errors.append(str(exc))
-                    continue
-                services += f.services
-                checks += f.checks
-        if errors:
-            return errors
+        declared = read_config_dirs(self.config.config_dirs)
+        if declared.errors:
+            return declared.errors
         try:
-            self.state.rebuild(services, checks)
+            self.state.rebuild(declared.services, declared.checks)
         except (StateError, UnknownError) as exc:
             return [f"config dir: {exc}"]
         return []

@@ -124,3 +124,17 @@ def test_durations_become_go_strings_and_user_map_keys_are_kept():
     )
     assert svc["Meta"] == {"Some_Key": "v"}
     assert svc["Check"]["Interval"] == "1.5s"
+
+
+def test_a_config_dir_is_all_or_nothing_and_names_each_bad_file(tmp_path):
+    from agents.definitions import read_config_dirs
+
+    (tmp_path / "a.json").write_text('{"service": {"name": "a"}}')
+    (tmp_path / "b.yaml").write_text("service: {name: b, port: 2}")
+    (tmp_path / "notes.txt").write_text("not a definition: skipped")
+    good = read_config_dirs([tmp_path])
+    assert ([s["Name"] for s in good.services], good.errors) == (["a", "b"], [])
+    (tmp_path / "c.hcl").write_text("service { name = ")
+    bad = read_config_dirs([tmp_path])
+    assert len(bad.errors) == 1
+    assert bad.errors[0].startswith(f"Failed to decode {tmp_path / 'c.hcl'}")
