@@ -6,6 +6,7 @@ from rest_framework.routers import SimpleRouter
 
 from registry.api import audit, ca, views
 from registry.api import config_entries as config_entries_api
+from registry.api import connect_status as connect_status_api
 from registry.api import intentions as intentions_api
 from registry.api import join_tokens as join_tokens_api
 from registry.api import proxycfg as proxycfg_api
@@ -47,6 +48,9 @@ urlpatterns = [
     re_path(r"^ca/sign/?$", ca.SignView.as_view(), name="ca-sign"),
     re_path(r"^ca/roots/?$", ca.RootsView.as_view(), name="ca-roots"),
     re_path(r"^ca/rotate/?$", ca.RotateView.as_view(), name="ca-rotate"),
+    re_path(
+        r"^connect/status/?$", connect_status_api.ConnectStatusView.as_view(), name="connect-status"
+    ),
     *config_entries_api.urlpatterns,
     re_path(r"^.*$", not_found),
 ]
