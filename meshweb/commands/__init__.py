@@ -13,6 +13,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add every client command to `mesh`'s subcommands."""
     from meshweb.commands import acl, ca, catalog, intention, join_token, kv, proxy_config, services
     from meshweb.commands import config as config_cmd
+    from meshweb.commands import connect as connect_cmd
 
     acl.register(sub)
     ca.register(sub)
@@ -23,3 +24,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     config_cmd.register(sub)
     proxy_config.register(sub)
     join_token.register(sub)
+    connect_cmd.register(sub)
