@@ -551,3 +551,72 @@ def test_the_stream_survives_the_agent_disconnecting_and_reconnecting(cp, unique
             assert config_of(update)["intentions"]
 
     run(scenario())
+
+
+# --- the server certificate's upkeep ------------------------------------------------------
+
+
+def _server_cert(server, roots: str) -> x509.Certificate:
+    """The certificate the listener presents, verified against `roots`."""
+    ctx = ssl.create_default_context(cadata=roots)
+    ctx.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", server.grpc_port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+
+
+@pytest.fixture(scope="module")
+def short_lived(tmp_path_factory):
+    from tests.support.servers import make_server
+
+    srv = make_server(tmp_path_factory.mktemp("short"), extra_env={"MESH_CA_LEAF_TTL": "4s"})
+    yield srv
+    srv.close()
+
+
+def _eventually(fn, timeout: float = 10.0, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(interval)
+
+
+def test_the_server_certificate_is_renewed_before_it_expires(short_lived):
+    roots = roots_pem(short_lived)
+    first = _server_cert(short_lived, roots)
+    lifetime = first.not_valid_after_utc - first.not_valid_before_utc
+    assert lifetime.total_seconds() < 120  # 4 s, plus the CA's back-dating
+    renewed = _eventually(
+        lambda: (c := _server_cert(short_lived, roots)).serial_number != first.serial_number and c
+    )
+    assert renewed.not_valid_after_utc > first.not_valid_after_utc
+
+
+def test_after_a_root_rotation_new_handshakes_use_the_new_root_and_old_trust_still_works(
+    tmp_path_factory,
+):
+    from tests.support.servers import make_server
+
+    srv = make_server(tmp_path_factory.mktemp("rotate"))
+    try:
+        old_roots = roots_pem(srv)
+        before = _server_cert(srv, old_roots)
+        agent = join_now(srv)
+        with srv.client() as http:
+            assert http.post("/api/ca/rotate").status_code == 200
+            active = [r for r in http.get("/v1/connect/ca/roots").json()["Roots"] if r["Active"]]
+        new_root = pki.load_cert(active[0]["RootCert"])
+        after = _eventually(
+            lambda: (c := _server_cert(srv, old_roots)).issuer == new_root.subject and c
+        )
+        assert after.issuer != before.issuer
+        # The agent still trusts only the old root and holds an old-root node cert.
+        assert run(agent.update_checks()) >= 0
+    finally:
+        srv.close()
