@@ -60,12 +60,14 @@ class PeerTable:
             self._peers.pop(local_port, None)
 
     def lookup(self, grpc_peer: str) -> Peer | None:
-        """The connection behind `context.peer()` (`ipv4:127.0.0.1:<port>`)."""
+        """The connection behind `context.peer()` (`ipv4:127.0.0.1:<port>`).
+
+        Only 127.0.0.1 is the listener: a local process connecting from another
+        loopback address with the same port number is nobody.
+        """
         kind, _, rest = grpc_peer.partition(":")
-        if kind not in ("ipv4", "ipv6"):
-            return None
-        _host, _, port = rest.rpartition(":")
-        if not port.isdigit():
+        host, _, port = rest.rpartition(":")
+        if kind != "ipv4" or host != "127.0.0.1" or not port.isdigit():
             return None
         with self._lock:
             return self._peers.get(int(port))

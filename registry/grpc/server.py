@@ -261,7 +261,10 @@ class AgentProtocolServer:
         uris = tuple(v for k, v in cert.get("subjectAltName", ()) if k == "URI")
         try:
             up_reader, up_writer = await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", self._internal_port), CONNECT_TIMEOUT
+                asyncio.open_connection(
+                    "127.0.0.1", self._internal_port, local_addr=("127.0.0.1", 0)
+                ),
+                CONNECT_TIMEOUT,
             )
         except Exception as exc:
             log.warning("cannot reach the internal gRPC server: %s", exc)
@@ -317,7 +320,7 @@ async def _splice(
         await asyncio.gather(*tasks, return_exceptions=True)
         for w in (a_writer, b_writer):
             with contextlib.suppress(Exception):
-                w.transport.abort() if w.transport.is_closing() else w.close()
+                w.close()
 
 
 async def start_grpc(host: str, port: int) -> asyncio.Task:

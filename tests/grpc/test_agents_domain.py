@@ -382,3 +382,25 @@ def test_the_node_proxies_are_its_connect_proxy_instances(db):
     agents.sync_node("host-a", "dc1", web_state())
     assert agents.node_proxies("host-a") == ["web-sidecar-proxy"]
     assert agents.node_proxies("nobody") == []
+
+
+# --- the peer table ----------------------------------------------------------------------
+
+
+def test_the_peer_table_knows_only_connections_the_listener_forwarded():
+    from registry.grpc.auth import Peer, PeerTable
+
+    peers = PeerTable()
+    peer = Peer("10.0.0.5", 40000, ("spiffe://x.mesh/agent/client/dc/dc1/id/a",))
+    peers.add(51234, peer)
+    assert peers.lookup("ipv4:127.0.0.1:51234") is peer
+    for other in (
+        "ipv4:127.0.0.2:51234",  # same port from another loopback address
+        "ipv4:127.0.0.1:51235",
+        "ipv6:[::1]:51234",
+        "unix:/tmp/x",
+        "garbage",
+    ):
+        assert peers.lookup(other) is None
+    peers.remove(51234)
+    assert peers.lookup("ipv4:127.0.0.1:51234") is None
