@@ -58,6 +58,10 @@ def test_joining_with_a_valid_token_gives_a_node_certificate_chaining_to_the_roo
     assert node["ID"] == resp.node_id
     assert node["Meta"] == {"rack": "r7", "mesh-role": "agent"}
     assert node["Address"] == "127.0.0.1"
+    with cp.client() as http:
+        audit = http.get("/api/audit/", params={"resource_id": agent.node}).json()["results"]
+    joined = next(e for e in audit if e["action"] == "agent.join")
+    assert joined["via"] == "grpc" and joined["actor"].startswith("join-token:")
 
 
 def test_the_address_defaults_to_where_the_agent_connects_from(cp):
