@@ -415,3 +415,17 @@ def test_py_consul_checks_maintenance_and_health_codes_on_the_agent(control_plan
     assert c.agent.check.deregister("queue-depth")
     eventually(lambda: "queue-depth" not in node_checks(control_plane, agent.node))
     assert "_service_maintenance:queue-1" not in node_checks(control_plane, agent.node)
+
+
+def test_anti_entropy_registers_a_deleted_node_again_with_its_services(control_plane, make_agent):
+    agent = make_agent(files={"api.yaml": API_YAML})
+    eventually(lambda: "api" in catalog_services(control_plane, agent.node))
+    r = control_plane.client().put("/v1/catalog/deregister", json={"Node": agent.node})
+    assert r.status_code == 200
+    assert control_plane.client().get(f"/v1/catalog/node/{agent.node}").status_code == 404
+    eventually(
+        lambda: sorted(catalog_services(control_plane, agent.node)) == ["api", "api-sidecar-proxy"],
+        timeout=10,
+    )
+    node = control_plane.client().get(f"/v1/catalog/node/{agent.node}").json()["Node"]
+    assert (node["Address"], node["Meta"]["mesh-role"]) == ("127.0.0.1", "agent")
