@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import json
 import os
@@ -277,6 +278,9 @@ class AgentSocket:
                 continue
             except OSError:
                 return
+            if self._listener is not listener:  # stopped meanwhile: refuse
+                conn.close()
+                return
             conn.settimeout(10)
             reader = conn.makefile("rb")
             try:
@@ -285,6 +289,9 @@ class AgentSocket:
                 conn.close()
                 continue
             with self._lock:
+                if self._listener is not listener:
+                    conn.close()
+                    return
                 if self._conn is not None:
                     with contextlib.suppress(OSError):
                         self._conn.shutdown(socket.SHUT_RDWR)
@@ -326,8 +333,11 @@ class AgentSocket:
 
     def stop(self) -> None:
         """The agent goes away: the listening socket and the connection close."""
-        listener, self._listener = self._listener, None
+        with self._lock:
+            listener, self._listener = self._listener, None
         if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept()
             listener.close()
         with self._lock:
             if self._conn is not None:
@@ -439,6 +449,7 @@ class App:
         self.sock.listen(128)
         self.port = self.sock.getsockname()[1]
         self.accepted = 0
+        self.received = 0  # bytes read from callers, all connections
         self._stop = False
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -461,11 +472,13 @@ class App:
 
     def _echo(self, conn: socket.socket) -> None:
         while data := conn.recv(65536):
+            self.received += len(data)
             conn.sendall(data)
 
     def _digest(self, conn: socket.socket) -> None:
         h, n = hashlib.sha256(), 0
         while data := conn.recv(65536):
+            self.received += len(data)
             h.update(data)
             n += len(data)
         conn.sendall(f"{n} {h.hexdigest()}".encode())
@@ -505,8 +518,10 @@ def refused(port: int, payload: bytes = b"ping", timeout: float = 5.0) -> bool:
     """True when a connection through `port` delivers nothing back (closed or reset)."""
     try:
         return roundtrip(port, payload, timeout) == b""
-    except (ConnectionResetError, BrokenPipeError):
+    except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
         return True
+    except OSError as exc:  # ENOTCONN: closed before our half-close
+        return exc.errno == errno.ENOTCONN
 
 
 @contextlib.contextmanager
