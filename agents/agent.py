@@ -314,9 +314,15 @@ class Agent:
 
     def _update_roots(self, roots: tuple[str, ...]) -> None:
         """Follow CA roots (rotation): trusted for the next connection, handed to sidecars."""
-        if not roots or self.identity is None or tuple(roots) == self.identity.roots_pem:
+        try:  # one spelling (PEM whitespace varies by source), so equal roots compare equal
+            roots = tuple(pki.cert_pem(c) for r in roots for c in pki.load_certs(r))
+        except ValueError:
+            log.warning("ignoring unreadable CA roots")
+            return
+        if not roots or self.identity is None or roots == self.identity.roots_pem:
             return
         ident = self.identity
+        active_changed = roots[0] != ident.roots_pem[0] if ident.roots_pem else True
         self.identity = Identity(
             ident.node,
             ident.node_id,
@@ -330,7 +336,13 @@ class Agent:
         self.store.save(self.identity)
         for feed in self.sidecars.feeds.values():
             feed.set_roots(tuple(roots))
-        log.info("CA roots updated", extra={"roots": len(roots)})
+        log.info("CA roots updated", extra={"roots": len(roots), "active_changed": active_changed})
+        if active_changed:
+            # As Consul's agent: leaves move to the new active root soon (jittered),
+            # not at their next renewal, so the old root can retire.
+            self.service_leaves.clear()
+            moved = self.leaves.rotate(roots[0])
+            log.info("re-signing leaves for the new root", extra={"leaves": moved})
 
     # --- local state ----------------------------------------------------------------------
 

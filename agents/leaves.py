@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.exceptions import InvalidSignature
+
 from agents.client import Backoff, write_private
 from meshproto import pki
 
@@ -77,6 +79,15 @@ async def make_leaf(sign: Signer, service: str, spiffe_id: str) -> tuple[Leaf, t
     return leaf, roots
 
 
+def issued_by(cert_pem: str, root) -> bool:
+    """Whether the leaf's first certificate was signed directly by `root`."""
+    try:
+        pki.load_cert(cert_pem).verify_directly_issued_by(root)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
 class LeafKeeper:
     """Keeps one leaf per proxy fresh; calls `on_leaf(proxy_id, leaf, roots)` on every new one."""
 
@@ -124,7 +135,28 @@ class LeafKeeper:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_private(self._path(proxy_id), json.dumps(leaf.json()))
 
-    async def _keep(self, proxy_id: str, service: str, spiffe_id: str) -> None:
+    def rotate(self, active_root_pem: str, spread: float = 5.0) -> int:
+        """The active CA root changed: re-sign, within `spread` seconds (jittered so
+        a fleet does not sign at once), every leaf the new root did not issue.
+        The old leaves keep working meanwhile (the old root stays trusted)."""
+        root = pki.load_cert(active_root_pem)
+        moved = 0
+        for pid, (spiffe_id, task) in list(self.tasks.items()):
+            leaf = self.leaves.get(pid)
+            if leaf is None or issued_by(leaf.cert_pem, root):
+                continue
+            task.cancel()
+            new = asyncio.get_running_loop().create_task(
+                self._keep(pid, leaf.service, spiffe_id, random.uniform(0, spread)),
+                name=f"leaf:{pid}",
+            )
+            self.tasks[pid] = (spiffe_id, new)
+            moved += 1
+        return moved
+
+    async def _keep(
+        self, proxy_id: str, service: str, spiffe_id: str, force_after: float | None = None
+    ) -> None:
         loop_time = asyncio.get_running_loop().time
         leaf = self._load(proxy_id, service, spiffe_id)
         now = dt.datetime.now(dt.UTC).timestamp()
@@ -132,6 +164,8 @@ class LeafKeeper:
             self.leaves[proxy_id] = leaf
             self.on_leaf(proxy_id, leaf, ())
             renew_at = leaf.renew_at()
+            if force_after is not None:
+                renew_at = min(renew_at, now + force_after)
         else:
             renew_at = 0.0
         backoff = Backoff(base=0.5, cap=15.0)

@@ -296,3 +296,52 @@ def test_a_sidecar_that_dies_is_restarted_and_traffic_recovers(control_plane, ma
     eventually(lambda: _sidecar_pids(agent).get("api-sidecar-proxy") not in (None, old))
     eventually(lambda: call(upstream_port) == "hello from api\n", timeout=30, interval=0.25)
     assert 'mesh_agent_sidecar_restarts_total{proxy_id="api-sidecar-proxy"} 1' in agent.metrics()
+
+
+def test_a_root_rotation_moves_leaves_to_the_new_root_without_a_failed_call(
+    tmp_path, unique, api_app
+):
+    from tests.agents.conftest import start_server
+
+    server = start_server(tmp_path / "cp")
+    upstream_port = free_port()
+    agent = _own_agent(server, tmp_path, unique, definitions(api_app.port, upstream_port))
+    try:
+        agent.start()
+        allow(server, "web", "api")
+        eventually(lambda: call(upstream_port) == "hello from api\n", timeout=30, interval=0.25)
+        r = server.client().post("/api/ca/rotate")
+        assert r.status_code == 200, r.text
+        new_root = next(
+            x for x in server.client().get("/v1/connect/ca/roots").json()["Roots"] if x["Active"]
+        )
+        root = pki.load_cert(new_root["RootCert"])
+
+        def leaves_moved() -> bool:
+            for name in ("web-sidecar-proxy", "api-sidecar-proxy"):
+                leaf = json.loads((agent.data_dir / "leaves" / f"{name}.json").read_text())
+                pki.load_cert(leaf["cert"]).verify_directly_issued_by(root)
+            return True
+
+        failures, deadline = [], time.monotonic() + 30
+        moved = False
+        while time.monotonic() < deadline and not moved:
+            try:
+                assert call(upstream_port) == "hello from api\n"
+            except (AssertionError, httpx.HTTPError) as exc:
+                failures.append(repr(exc))
+            try:
+                moved = leaves_moved()
+            except Exception:
+                moved = False
+            time.sleep(0.05)
+        assert moved, agent.log()
+        roots = agent.consul().agent.connect.ca.roots()
+        assert roots["ActiveRootID"] == new_root["ID"]
+        assert len(roots["Roots"]) == 2
+        for _ in range(10):  # new handshakes with the new leaves
+            assert call(upstream_port) == "hello from api\n"
+        assert failures == []
+    finally:
+        agent.stop()
+        server.close()
