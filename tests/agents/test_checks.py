@@ -112,3 +112,45 @@ def test_failures_before_critical_needs_that_many_failures_in_a_row(tmp_path):
     runner._apply("service:flaky", definition, fail)
     assert state.checks["service:flaky"].status == "critical"
     runner.pool.shutdown()
+
+
+def test_a_grpc_check_follows_the_health_protocol(tmp_path):
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    servicer.set("billing", health_pb2.HealthCheckResponse.SERVING)
+    state = LocalState(tmp_path)
+    state.rebuild(
+        [
+            canonical_service(
+                {
+                    "name": "billing",
+                    "check": {"grpc": f"127.0.0.1:{port}/billing", "interval": "200ms"},
+                }
+            )
+        ],
+        [],
+    )
+
+    async def scenario():
+        runner = CheckRunner(state, lambda cid: None)
+        runner.sync()
+        await until(lambda: state.checks["service:billing"].status == "passing")
+        servicer.set("billing", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await until(lambda: state.checks["service:billing"].status == "critical")
+        assert state.checks["service:billing"].output == (
+            f"gRPC 127.0.0.1:{port}/billing serving status: NOT_SERVING"
+        )
+        await runner.close()
+
+    try:
+        run(scenario())
+    finally:
+        server.stop(0)
