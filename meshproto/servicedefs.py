@@ -411,6 +411,14 @@ SERVICE = _Struct(
 CONNECT = _Struct({"Native": _bool, "SidecarService": SERVICE})
 
 CHECK_KINDS = ("http", "tcp", "grpc", "ttl", "alias")
+SERVICE_KINDS = (
+    "",
+    "typical",
+    "connect-proxy",
+    "mesh-gateway",
+    "terminating-gateway",
+    "ingress-gateway",
+)
 
 
 def check_kind(check: dict) -> str:
@@ -469,6 +477,10 @@ def canonical_service(raw: Any, where: str = "service") -> dict:
     svc = SERVICE(raw, where)
     if not svc.get("Name"):
         raise DefinitionError(f"{where}: missing service name")
+    if svc.get("Kind", "") not in SERVICE_KINDS:
+        raise DefinitionError(
+            f"{where}.Kind: {svc['Kind']!r} is not a service kind ({', '.join(SERVICE_KINDS[1:])})"
+        )
     if not 0 <= svc.get("Port", 0) <= 65535:
         raise DefinitionError(f"{where}.Port: {svc['Port']} is not a port")
     checks = ([svc["Check"]] if svc.get("Check") else []) + list(svc.get("Checks") or [])
