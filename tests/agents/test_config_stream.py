@@ -272,7 +272,9 @@ def test_leaves_renew_during_continuous_traffic_without_a_failed_call(tmp_path, 
                 failures.append(repr(exc))
             calls += 1
             time.sleep(0.02)
-        assert renewals() >= before + 2
+        # 6 s leaves renewed at 50-80 % of their life: every 3-4.8 s, so 2 to 4 times
+        # in these 10 s (more would be a renewal loop: the CA backdates not_before).
+        assert before + 2 <= renewals() <= before + 5
         assert failures == [], f"{len(failures)} of {calls} calls failed: {failures[:3]}"
         # The node certificate (issued with the same 6 s TTL at join) renewed too:
         # SignLeaf without a service.
