@@ -43,7 +43,7 @@ from agents.checks import CheckRunner
 from agents.client import Backoff, Identity, IdentityStore, JoinError
 from agents.config import AgentConfig, find_sidecar_bin
 from agents.definitions import read_config_dirs
-from agents.leaves import Leaf, LeafKeeper, make_leaf
+from agents.leaves import Leaf, LeafKeeper, make_leaf, renewal_point
 from agents.metrics import agent_metrics
 from agents.sidecars import Sidecars
 from agents.state import LocalState, StateError, UnknownError
@@ -275,11 +275,13 @@ class Agent:
     async def _renew_node_cert(self) -> None:
         """Renew the node certificate at a random 50-80 % of its lifetime (SignLeaf, no service)."""
         backoff = Backoff(base=1.0, cap=60.0)
+        received = 0.0  # when the current certificate came (unknown for the first one)
         while True:
             ident = self.identity
             assert ident is not None
-            nb, na = ident.not_before.timestamp(), ident.not_after.timestamp()
-            renew_at = nb + (na - nb) * random.uniform(0.5, 0.8)
+            renew_at = renewal_point(
+                ident.not_before.timestamp(), ident.not_after.timestamp(), received
+            )
             while time.time() < renew_at:
                 await asyncio.sleep(min(renew_at - time.time(), 60.0))
             try:
@@ -307,6 +309,7 @@ class Agent:
                 await asyncio.sleep(delay)
                 continue
             backoff.reset()
+            received = time.time()
             self.identity = new
             self.store.save(new)
             log.info("node certificate renewed", extra={"not_after": new.not_after.isoformat()})

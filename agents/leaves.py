@@ -11,6 +11,7 @@ cannot reach the control plane, hands the sidecar what it had.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -41,6 +42,7 @@ class Leaf:
     serial: str
     not_before: float  # unix seconds
     not_after: float
+    received_at: float = 0.0  # unix seconds this agent got it signed (0: unknown, e.g. from disk)
 
     @classmethod
     def of(cls, service: str, cert_pem: str, key_pem: str) -> Leaf:
@@ -56,9 +58,12 @@ class Leaf:
         )
 
     def renew_at(self, rng: random.Random | None = None) -> float:
-        """A random point between 50 % and 80 % of the lifetime (unix seconds)."""
-        r = (rng or random).uniform(0.5, 0.8)
-        return self.not_before + (self.not_after - self.not_before) * r
+        """A random point between 50 % and 80 % of the lifetime (unix seconds).
+
+        The lifetime counts from when the leaf was received: the CA backdates
+        `not_before` (a minute, for clock skew), which for a leaf of a few
+        seconds would put the point in the past and renew it over and over."""
+        return renewal_point(self.not_before, self.not_after, self.received_at, rng)
 
     def expired(self, now: float) -> bool:
         return now >= self.not_after
@@ -67,12 +72,24 @@ class Leaf:
         return {"service": self.service, "cert": self.cert_pem, "key": self.key_pem}
 
 
+def renewal_point(
+    not_before: float, not_after: float, received_at: float = 0.0, rng: random.Random | None = None
+) -> float:
+    """A random point between 50 % and 80 % of a certificate's life since it was received
+    (`received_at`, unix seconds; 0 or earlier than `not_before`: since `not_before`)."""
+    start = max(not_before, min(received_at, not_after))
+    return start + (not_after - start) * (rng or random).uniform(0.5, 0.8)
+
+
 async def make_leaf(sign: Signer, service: str, spiffe_id: str) -> tuple[Leaf, tuple[str, ...]]:
     """Generate a key here and have a CSR for `spiffe_id` signed; returns the leaf and roots."""
     key = pki.generate_key()
     csr = pki.make_csr(key, spiffe_id)
     cert_pem, roots = await sign(csr, service)
-    leaf = Leaf.of(service, cert_pem, pki.key_pem(key))
+    leaf = dataclasses.replace(
+        Leaf.of(service, cert_pem, pki.key_pem(key)),
+        received_at=dt.datetime.now(dt.UTC).timestamp(),
+    )
     cert = pki.load_cert(cert_pem)
     if cert.public_key().public_numbers() != key.public_key().public_numbers():
         raise ValueError("SignLeaf returned a certificate for another key")
