@@ -53,6 +53,13 @@ from meshproto.proxycfg import ProxyConfig
 
 log = logging.getLogger("mesh.agent")
 
+# SyncNode answers that mean "not this state", not "not now": no reconnect for them.
+REJECTED = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.ALREADY_EXISTS,
+)
 EXIT_CONFIG = 2
 EXIT_JOIN = 3
 
@@ -447,7 +454,7 @@ class Agent:
         backoff = Backoff(base=0.5, cap=30.0)
         while True:
             assert self.identity is not None
-            if not client.usable(self.identity, self.node):
+            if self.identity.not_after.timestamp() <= time.time():
                 # Renewal failed for the whole lifetime (a long outage): the control
                 # plane will refuse the handshake. Say what fixes it; keep serving.
                 log.error(
@@ -526,7 +533,17 @@ class Agent:
         request = self.node_state()
         try:
             await stub.SyncNode(request, timeout=self.config.rpc_timeout)
-        except grpc.aio.AioRpcError:
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in REJECTED:
+                # The control plane refused the state itself (a definition it will not
+                # take): the connection is fine, so keep it (configs, checks, leaves go
+                # on) and try again at the next change or interval.
+                self.metrics.inc("mesh_agent_syncs_total", result="rejected")
+                log.error(
+                    "the control plane rejected this node's state",
+                    extra={"code": exc.code().name, "error": exc.details()},
+                )
+                return
             self.metrics.inc("mesh_agent_syncs_total", result="error")
             raise
         self.dirty_checks -= {

@@ -348,17 +348,23 @@ class LocalState:
                     raise StateError(f"service ID {s.id!r} is defined twice")
                 services[s.id] = s
             for c in reg.checks:
+                if c.check_id in checks:
+                    raise StateError(f"check ID {c.check_id!r} is defined twice")
                 checks[c.check_id] = c
         old_services, self.services = self.services, services
         try:
             for c in config_checks:
                 nc = self._node_check(c, "config")
+                if nc.check_id in checks:
+                    raise StateError(f"check ID {nc.check_id!r} is defined twice")
                 checks[nc.check_id] = nc
             for c in self.api_checks.values():
                 try:
                     nc = self._node_check(c, "api")
                 except UnknownError:
                     continue  # its service is gone; the check went with it
+                if nc.check_id in checks:
+                    raise StateError(f"check ID {nc.check_id!r} is defined twice")
                 checks[nc.check_id] = nc
         except (StateError, UnknownError):
             self.services = old_services
@@ -486,8 +492,16 @@ class LocalState:
             raise StateError(f"check {cid!r} is defined in the config dir; edit the file instead")
         self._node_check(spec, "api")  # validates ServiceID
         spec = dict(spec, CheckID=cid)
+        previous = self.api_checks.get(cid)
         self.api_checks[cid] = spec
-        self.rebuild(self.config_definitions, self.config_checks)
+        try:
+            self.rebuild(self.config_definitions, self.config_checks)
+        except (StateError, UnknownError):
+            if previous is None:
+                del self.api_checks[cid]
+            else:
+                self.api_checks[cid] = previous
+            raise
         if spec.get("Status"):
             self.checks[cid].status = spec["Status"]
         self.save()

@@ -481,6 +481,9 @@ def canonical_service(raw: Any, where: str = "service") -> dict:
         raise DefinitionError(
             f"{where}.Kind: {svc['Kind']!r} is not a service kind ({', '.join(SERVICE_KINDS[1:])})"
         )
+    weights = svc.get("Weights") or {}
+    if weights and weights.get("Passing", 1) < 1:
+        raise DefinitionError(f"{where}.Weights.Passing: must be greater than 0")
     if not 0 <= svc.get("Port", 0) <= 65535:
         raise DefinitionError(f"{where}.Port: {svc['Port']} is not a port")
     checks = ([svc["Check"]] if svc.get("Check") else []) + list(svc.get("Checks") or [])

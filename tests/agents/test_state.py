@@ -158,3 +158,20 @@ def test_replace_existing_checks_drops_the_checks_registered_apart(tmp_path):
     assert state.checks["service:q"].definition["TTL"] == "20s"
     state.register_service(canonical_service({"name": "q"}), replace_existing_checks=True)
     assert sorted(state.checks) == []
+
+
+def test_a_check_id_used_twice_is_refused_as_the_control_plane_would(tmp_path):
+    state = LocalState(tmp_path)
+    state.rebuild([web()], [])
+    with pytest.raises(StateError, match="defined in the config dir"):
+        state.register_check({"CheckID": "service:web", "Name": "x", "TTL": "10s"})
+    with pytest.raises(StateError, match="check ID 'service:web' is defined twice"):
+        state.register_service(
+            canonical_service({"name": "b", "check": {"id": "service:web", "ttl": "1s"}})
+        )
+    assert state.checks["service:web"].kind == "http"
+    assert "b" not in state.services and "b" not in state.api_definitions
+    state.register_check({"CheckID": "disk", "Name": "disk", "TTL": "10s"})
+    with pytest.raises(StateError, match="check ID 'disk' is defined twice"):
+        state.rebuild([web()], [{"CheckID": "disk", "Name": "disk", "TTL": "5s"}])
+    assert state.checks["disk"].definition["TTL"] == "10s"
