@@ -50,9 +50,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 BODY = b"x" * 1024
-RESPONSE = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 1024\r\n\r\n" + BODY
-)
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 1024\r\n\r\n" + BODY
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nUser-Agent: micro\r\n\r\n"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 HAPROXY = "/usr/sbin/haproxy"
@@ -218,10 +216,7 @@ def window_ticks(pids: list[int]) -> int:
     return sum(cpu_ticks(p) for p in pids)
 
 
-async def client_max(
-    port: int, conns: int, seconds: float, warmup: float, pids: list[int]
-) -> dict:
-    loop = asyncio.get_running_loop()
+async def client_max(port: int, conns: int, seconds: float, warmup: float, pids: list[int]) -> dict:
     state = {"count": 0, "counting": False}
 
     def done(c):
@@ -614,7 +609,9 @@ def main() -> None:
     def med(name: str, key: str) -> float:
         return statistics.median(x[key] for x in results[name])
 
-    print(f"\nloadavg {os.getloadavg()[0]:.2f}, {os.cpu_count()} cores, medians of {args.rounds} rounds")
+    print(
+        f"\nloadavg {os.getloadavg()[0]:.2f}, {os.cpu_count()} cores, medians of {args.rounds} rounds"
+    )
     if not args.rounds:
         names = []  # memory only
     print(f"{'topology':<10} {'max req/s':>10} {'p50 ms':>8} {'p99 ms':>8} "

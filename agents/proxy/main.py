@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 import sys
 
@@ -62,6 +63,9 @@ async def run(args: argparse.Namespace) -> int:
             metrics_server = await serve_metrics(host, port, lambda: metrics.render(sidecar.conns))
             bound = metrics_server.sockets[0].getsockname()
             log.info("metrics", address=f"{bound[0]}:{bound[1]}")
+        # Start-up objects live forever: keep them out of the collector's way, so
+        # that a full collection never walks them (shorter pauses under load).
+        gc.freeze()
         trimmer = Trimmer(metrics.closed)
         trimmer.trim()  # what start-up (imports, compiling) left free
 

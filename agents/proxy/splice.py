@@ -77,6 +77,24 @@ class Conn:
         if (plain is None or plain.lost) and (tls is None or tls.lost) and not self.done:
             self.done = True
             self.owner.conn_done(self)
+            self._release()
+
+    def _release(self) -> None:
+        """Break the reference cycles of a finished connection (conn ↔ halves ↔
+        transports, callbacks), so that its memory — 20-odd KiB of OpenSSL state
+        — goes back at once, not at the next full garbage collection, which for
+        connections old enough to have reached the oldest generation can be
+        very late."""
+        plain, tls = self.plain, self.tls
+        if plain is not None:
+            plain.transport = plain._sslobj = plain._tout = plain._ttransport = None
+            plain._early = plain._on_made = None
+        if tls is not None:
+            tls.transport = tls.sslobj = tls._in = tls._out = tls._peer = None
+            tls._on_secure = tls._on_fail = _no_callback
+            tls._ctx = None
+        self.plain = self.tls = None
+        self.tag = None
 
     def close(self) -> None:
         """Close both halves after flushing what is buffered (a graceful end)."""
@@ -101,9 +119,9 @@ class Plain(asyncio.Protocol):
         "lost",
         "eof",
         "nin",
-        "_encrypt",
-        "_take",
-        "_twrite",
+        "_sslobj",
+        "_tout",
+        "_ttransport",
         "_on_made",
         "_early",
     )
@@ -114,10 +132,11 @@ class Plain(asyncio.Protocol):
         self.lost = False
         self.eof = False  # the plain peer sent EOF (and it was forwarded)
         self.nin = 0
-        # Until the TLS half is linked, what arrives is held (see `_hold`).
-        self._encrypt: Callable[[bytes], Any] = self._hold
-        self._take: Callable[[], bytes] = _nothing
-        self._twrite: Callable[[bytes], None] = _ignore
+        # The linked TLS half's SSLObject, outgoing BIO and transport (set by
+        # `link`); until then what arrives is held (see `_hold`).
+        self._sslobj: Any = None
+        self._tout: MemoryBIO | None = None
+        self._ttransport: asyncio.Transport | None = None
         self._on_made = on_made
         self._early: list[bytes] | None = None
         conn.plain = self
@@ -150,23 +169,27 @@ class Plain(asyncio.Protocol):
             self._send_large(data)
             return
         try:
-            self._encrypt(data)
-            self._twrite(self._take())
+            self._sslobj.write(data)
+            self._ttransport.write(self._tout.read())  # type: ignore[union-attr]
+        except AttributeError:
+            if self._sslobj is not None:
+                raise
+            self._hold(data)  # not linked yet
         except (SSLError, RuntimeError):
             self.conn.abort()
 
     def _send_large(self, data: bytes) -> None:
-        if self._take is _nothing:  # not linked yet
+        if self._sslobj is None:
             self._hold(data)
             return
         view = memoryview(data)
-        encrypt, take = self._encrypt, self._take
+        write, take = self._sslobj.write, self._tout.read  # type: ignore[union-attr]
         out = []
         try:
             for off in range(0, len(view), SLICE):
-                encrypt(view[off : off + SLICE])
+                write(view[off : off + SLICE])
                 out.append(take())
-            self.conn.tls.transport.writelines(out)  # type: ignore[union-attr]
+            self._ttransport.writelines(out)  # type: ignore[union-attr]
         except (SSLError, RuntimeError):
             self.conn.abort()
 
@@ -236,12 +259,7 @@ class Tls(asyncio.Protocol):
         "_hostname",
         "_in",
         "_out",
-        "_inwrite",
-        "_take",
-        "_read",
-        "_pending",
-        "_pwrite",
-        "_pwritelines",
+        "_peer",
         "_timer",
         "_timeout",
         "_on_secure",
@@ -277,8 +295,7 @@ class Tls(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._on_secure = on_secure
         self._on_fail = on_fail
-        self._pwrite: Callable[[bytes], None] | None = None
-        self._pwritelines: Callable[[list[bytes]], None] | None = None
+        self._peer: asyncio.Transport | None = None  # the plain half's transport, once linked
         conn.tls = self
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -290,10 +307,6 @@ class Tls(asyncio.Protocol):
         self.sslobj = self._ctx.wrap_bio(
             self._in, self._out, server_side=self._server_side, server_hostname=self._hostname
         )
-        self._inwrite = self._in.write
-        self._take = self._out.read
-        self._read = self.sslobj.read
-        self._pending = self.sslobj.pending
         self._timer = asyncio.get_running_loop().call_later(self._timeout, self._handshake_timeout)
         if not self._server_side:
             self._handshake()
@@ -353,7 +366,7 @@ class Tls(asyncio.Protocol):
             if len(data) > SLICE:
                 self._pump_large(data)
                 return
-            self._inwrite(data)
+            self._in.write(data)
             self._pump()
             return
         self._in.write(data)
@@ -364,34 +377,33 @@ class Tls(asyncio.Protocol):
 
     def _pump(self) -> None:
         """Decrypt everything complete in the BIO and write it to the plain half."""
-        read = self._read
+        sslobj = self.sslobj
         inbio = self._in
-        pending = self._pending
         chunks = None
         notify = False
         try:
             # Ask for no more than the ciphertext at hand: a record's plaintext is
             # smaller, and SSLObject.read(n) allocates n bytes before shrinking them
             # (16 KiB per small record was a quarter of this path's cost).
-            data = read(min(inbio.pending, RECORD) or RECORD)
+            data = sslobj.read(min(inbio.pending, RECORD) or RECORD)
             if not data:
                 notify = True
-            elif not inbio.pending and not pending():
+            elif not inbio.pending and not sslobj.pending():
                 # The common case: one record in, one write out, no exception raised.
                 self.nin += len(data)
-                self._pwrite(data)  # type: ignore[misc]
+                self._peer.write(data)  # type: ignore[union-attr]
                 if self._out.pending:  # post-handshake messages (key updates) to answer
                     self.transport.write(self._out.read())  # type: ignore[union-attr]
                 return
             else:
                 chunks = [data]
                 while True:
-                    data = read(min(inbio.pending, RECORD) or RECORD)
+                    data = sslobj.read(min(inbio.pending, RECORD) or RECORD)
                     if not data:
                         notify = True
                         break
                     chunks.append(data)
-                    if not inbio.pending and not pending():
+                    if not inbio.pending and not sslobj.pending():
                         break
         except SSLWantReadError:
             pass
@@ -403,7 +415,7 @@ class Tls(asyncio.Protocol):
         if chunks:
             self.nin += sum(map(len, chunks))
             try:
-                self._pwritelines(chunks)  # type: ignore[misc]
+                self._peer.writelines(chunks)  # type: ignore[union-attr]
             except RuntimeError:
                 self.conn.abort()
                 return
@@ -415,14 +427,14 @@ class Tls(asyncio.Protocol):
     def _pump_large(self, data: bytes) -> None:
         """`_pump` for a large read: feed it in slices, write the plaintext at once."""
         view = memoryview(data)
-        inwrite, read = self._inwrite, self._read
+        inwrite, read, inbio = self._in.write, self.sslobj.read, self._in
         chunks: list[bytes] = []
         notify = False
         try:
             for off in range(0, len(view), SLICE):
                 inwrite(view[off : off + SLICE])
                 try:
-                    while chunk := read(min(self._in.pending, RECORD) or RECORD):
+                    while chunk := read(min(inbio.pending, RECORD) or RECORD):
                         chunks.append(chunk)
                     notify = True
                 except SSLWantReadError:
@@ -437,7 +449,7 @@ class Tls(asyncio.Protocol):
         if chunks:
             self.nin += sum(map(len, chunks))
             try:
-                self._pwritelines(chunks)  # type: ignore[misc]
+                self._peer.writelines(chunks)  # type: ignore[union-attr]
             except RuntimeError:
                 self.conn.abort()
                 return
@@ -529,31 +541,24 @@ def _no_callback(*args: Any) -> None:
     pass
 
 
-def _nothing() -> bytes:
-    return b""
-
-
-def _ignore(data: bytes) -> None:
-    pass
-
-
 def link(plain: Plain, tls: Tls) -> None:
-    """Join the two halves: bind the hot-path callables once per connection, and
-    send on what the plain side held meanwhile."""
-    plain._encrypt = tls.sslobj.write
-    plain._take = tls._out.read
-    plain._twrite = tls.transport.write  # type: ignore[union-attr]
-    tls._pwrite = plain.transport.write  # type: ignore[union-attr]
-    tls._pwritelines = plain.transport.writelines  # type: ignore[union-attr]
+    """Join the two halves, and send on what the plain side held meanwhile."""
+    plain._sslobj = tls.sslobj
+    plain._tout = tls._out
+    plain._ttransport = tls.transport
+    tls._peer = plain.transport
     tls.linked = True
     early, plain._early = plain._early, None
-    if early:
-        try:
-            for data in early:
-                plain._encrypt(data)
-            plain._twrite(plain._take())
-        except (SSLError, RuntimeError):
-            plain.conn.abort()
+    for data in early or ():
+        if len(data) > SLICE:
+            plain._send_large(data)
+        else:
+            try:
+                tls.sslobj.write(data)
+                tls.transport.write(tls._out.read())  # type: ignore[union-attr]
+            except (SSLError, RuntimeError):
+                plain.conn.abort()
+        if plain.lost or tls.lost:
             return
     if plain.eof:
         tls.send_close_notify()
