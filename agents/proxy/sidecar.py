@@ -63,13 +63,9 @@ class Staged:
     config: ProxyConfig | None = None
     cert: str | None = None
     key: str | None = None
-    roots: tuple[str, ...] | None = None  # the last `roots` message, if any
+    # The trust roots last given: a `roots` message, or a config's non-empty roots.
+    roots: tuple[str, ...] = ()
     not_after: float | None = None
-
-    def effective_roots(self) -> tuple[str, ...]:
-        if self.roots is not None:
-            return self.roots
-        return self.config.roots if self.config is not None else ()
 
 
 class Refused(ValueError):
@@ -137,7 +133,7 @@ class Sidecar:
             self.staged = staged  # incomplete: keep the pieces, serve nothing new yet
             log.info("waiting for the rest of the proxy's state", has=sorted(msg))
             return
-        material = Material(staged.cert, staged.key, staged.effective_roots())
+        material = Material(staged.cert, staged.key, staged.roots)
         if old is not None and old.material == material:
             contexts = old.contexts
         else:
@@ -192,6 +188,8 @@ class Sidecar:
             ):
                 raise Refused("roots must be a non-empty list of PEM strings")
             changes["roots"] = tuple(roots)
+        elif "config" in msg and changes["config"].roots:
+            changes["roots"] = changes["config"].roots  # the last roots given win
         if "cert_not_after" in msg:
             value = msg["cert_not_after"]
             if isinstance(value, bool) or not isinstance(value, int | float):

@@ -15,6 +15,7 @@ import errno
 import hashlib
 import json
 import os
+import random
 import re
 import socket
 import subprocess
@@ -42,9 +43,18 @@ def spiffe(service: str, trust_domain: str = TRUST_DOMAIN, dc: str = DC) -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below the ephemeral range (32768+), so that neither
+    outgoing connections' source ports nor other tests' `bind(0)` ports can take
+    it between now and the sidecar's bind."""
+    for _ in range(100):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
