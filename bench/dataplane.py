@@ -47,6 +47,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -116,6 +117,54 @@ def per_request_us(before: tuple[int, int], after: tuple[int, int], requests: in
     user, system = after[0] - before[0], after[1] - before[1]
     scale = 1e6 / CLK_TCK / max(1, requests)
     return {"cpu_us": (user + system) * scale, "sys_us": system * scale}
+
+
+def machine_busy_ticks() -> int:
+    """CPU ticks the whole machine spent busy (user, nice, system, irq, softirq, steal)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return user + nice + system + irq + softirq + steal
+
+
+def own_ticks() -> int:
+    """CPU ticks of this process and all its descendants, live and reaped (the
+    server, the agent, its sidecars, nginx, haproxy, wrk, h2load)."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(d.name)] = int(fields[1])
+        ticks[int(d.name)] = int(fields[11]) + int(fields[12])
+    me = os.getpid()
+    ours = {me}
+    grew = True
+    while grew:
+        grew = False
+        for pid, ppid in parents.items():
+            if ppid in ours and pid not in ours:
+                ours.add(pid)
+                grew = True
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return sum(ticks.get(p, 0) for p in ours) + round((reaped.ru_utime + reaped.ru_stime) * CLK_TCK)
+
+
+class Others:
+    """Cores used by processes other than this benchmark's during a run: the
+    machine's busy time minus ours. Other work skews every figure; this says how much."""
+
+    def __enter__(self) -> Others:
+        self.t0, self.busy0, self.own0 = time.monotonic(), machine_busy_ticks(), own_ticks()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        elapsed = time.monotonic() - self.t0
+        foreign = (machine_busy_ticks() - self.busy0) - (own_ticks() - self.own0)
+        self.cores = max(0.0, foreign / CLK_TCK / max(elapsed, 1e-9))
 
 
 def rss_kib(pid: int, field: str = "VmRSS") -> int:
@@ -841,22 +890,27 @@ def bench(args: argparse.Namespace, stack: Stack) -> dict:
                 if not alive(pid):
                     raise RuntimeError(f"{name}: proxy pid {pid} died")
             load = os.getloadavg()[0]
-            w = run_wrk(t.port, args.connections, args.duration, t.proxy_pids, nginx_pids)
-            h = run_h2load(
-                t.port,
-                args.rate,
-                args.clients,
-                args.duration,
-                args.warmup,
-                t.proxy_pids,
-                stack.tmp / "h2load.log",
-            )
+            with Others() as o:
+                w = run_wrk(t.port, args.connections, args.duration, t.proxy_pids, nginx_pids)
+            w["others"] = o.cores
+            with Others() as o:
+                h = run_h2load(
+                    t.port,
+                    args.rate,
+                    args.clients,
+                    args.duration,
+                    args.warmup,
+                    t.proxy_pids,
+                    stack.tmp / "h2load.log",
+                )
+            h["others"] = o.cores
             run = {"load": load, "wrk": w, "h2load": h}
             runs[name].append(run)
             progress(
                 f"round {r + 1}/{args.rounds} {name:<8} load {load:4.2f}: {w['rps']:>9,.0f} req/s "
                 f"(proxy {w['cpu_us']:.1f} µs/req), at {args.rate:,} req/s p50 {h['p50_ms']:.3f} "
-                f"p99 {h['p99_ms']:.3f} ms (proxy {h['cpu_us']:.1f} µs/req)"
+                f"p99 {h['p99_ms']:.3f} ms (proxy {h['cpu_us']:.1f} µs/req); other processes "
+                f"used {w['others']:.2f} / {h['others']:.2f} cores"
                 + (f", errors {w['errors']}+{h['errors']}" if w["errors"] or h["errors"] else "")
             )
 
@@ -908,23 +962,37 @@ def report(args: argparse.Namespace, res: dict) -> None:
         f"-c{args.clients} at {args.rate:,} req/s for {args.duration:g}s (+{args.warmup:g}s warm-up left out)"
     )
     print()
-    header = (
-        f"{'topology':<9} {'max req/s':>10} {'(range)':>15} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'(p99 range)':>13} {'proxy µs/req':>12} {'proxy µs/req':>12} {'nginx µs/req':>12}"
+    cols = (
+        ("max req/s", 10),
+        ("(range)", 15),
+        ("p50 ms", 7),
+        ("p99 ms", 7),
+        ("(p99 range)", 13),
+        ("proxy µs/req", 12),
+        ("proxy µs/req", 12),
+        ("nginx µs/req", 12),
+        ("others", 6),
+        ("others", 6),
     )
-    print(header)
-    print(
-        f"{'':<9} {'':>10} {'':>15} {'@rate':>7} {'@rate':>7} {'':>13} {'@max':>12} {'@rate':>12} {'@max':>12}"
-    )
+    under = ("", "", "@rate", "@rate", "", "@max", "@rate", "@max", "@max", "@rate")
+    print(f"{'topology':<9} " + " ".join(f"{c:>{w}}" for c, w in cols))
+    print(f"{'':<9} " + " ".join(f"{u:>{w}}" for u, (_, w) in zip(under, cols, strict=True)))
+    nan = float("nan")
     for n in names:
+        proxied = n != "direct"
         print(
             f"{n:<9} {med(n, 'wrk', 'rps'):>10,.0f} {spread(n, 'wrk', 'rps', '{:,.0f}'):>15} "
             f"{med(n, 'h2load', 'p50_ms'):>7.3f} {med(n, 'h2load', 'p99_ms'):>7.3f} "
             f"{spread(n, 'h2load', 'p99_ms', '{:.2f}'):>13} "
-            f"{(med(n, 'wrk', 'cpu_us') if n != 'direct' else float('nan')):>12.1f} "
-            f"{(med(n, 'h2load', 'cpu_us') if n != 'direct' else float('nan')):>12.1f} "
-            f"{med(n, 'wrk', 'nginx_cpu_us'):>12.1f}"
+            f"{(med(n, 'wrk', 'cpu_us') if proxied else nan):>12.1f} "
+            f"{(med(n, 'h2load', 'cpu_us') if proxied else nan):>12.1f} "
+            f"{med(n, 'wrk', 'nginx_cpu_us'):>12.1f} "
+            f"{med(n, 'wrk', 'others'):>6.2f} {med(n, 'h2load', 'others'):>6.2f}"
         )
+    print(
+        "others: cores used by processes outside this benchmark during the runs "
+        "(machine busy time minus ours, median)"
+    )
     errors = {n: sum(r["wrk"]["errors"] + r["h2load"]["errors"] for r in runs[n]) for n in names}
     if any(errors.values()):
         print(f"errors (wrk socket errors/non-2xx + h2load failures): {errors}")
