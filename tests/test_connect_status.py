@@ -71,8 +71,9 @@ def mesh(db, settings):
 
 
 def proxies_of(data: dict, service: str) -> list[dict]:
-    [entry] = [s for s in data["services"] if s["service"] == service]
-    return entry["proxies"]
+    entries = [s for s in data["services"] if s["service"] == service]
+    assert len(entries) == 1, data  # an AssertionError: `eventually` tries again
+    return entries[0]["proxies"]
 
 
 def test_it_lists_each_service_with_sidecars_and_their_health(mesh):
@@ -179,7 +180,9 @@ def test_the_api_and_cli_show_the_versions_the_live_stream_pushed_and_the_agent_
         def synced() -> dict:
             r = server.client().get("/api/connect/status/", params={"service": "api"})
             assert r.status_code == 200, r.text
-            [proxy] = proxies_of(r.json(), "api")
+            proxies = proxies_of(r.json(), "api")
+            assert len(proxies) == 1, proxies
+            proxy = proxies[0]
             assert proxy["node"] == node and proxy["config"]["in_sync"], proxy
             return proxy
 
@@ -223,6 +226,7 @@ def test_the_api_and_cli_show_the_versions_the_live_stream_pushed_and_the_agent_
 
 def _stream(server) -> str:
     r = server.client().get("/api/connect/status/", params={"service": "api"})
-    [proxy] = proxies_of(r.json(), "api")
-    state = proxy["config"]["stream"]
+    proxies = proxies_of(r.json(), "api")
+    assert len(proxies) == 1, proxies
+    state = proxies[0]["config"]["stream"]
     return state if state != "connected" else ""
