@@ -467,7 +467,6 @@ class Agent:
             reason = ""
             try:
                 await self._sync(stub)
-                self._set_connected(True, stub)
                 backoff.reset()
                 await _first_failure(
                     self._stream(stub), self._anti_entropy(stub), self._push_checks(stub)
@@ -607,6 +606,9 @@ class Agent:
                 yield await queue.get()
 
         call = stub.StreamProxyConfigs(requests())
+        # "Connected" means synced and the config stream open: pushes can arrive.
+        await call.wait_for_connection()
+        self._set_connected(True, stub)
         async for update in call:
             self._on_update(update)
         raise ConnectionError("the control plane closed the config stream")

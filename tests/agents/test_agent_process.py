@@ -420,9 +420,15 @@ def test_py_consul_checks_maintenance_and_health_codes_on_the_agent(control_plan
 def test_anti_entropy_registers_a_deleted_node_again_with_its_services(control_plane, make_agent):
     agent = make_agent(files={"api.yaml": API_YAML})
     eventually(lambda: "api" in catalog_services(control_plane, agent.node))
+    before = control_plane.client().get(f"/v1/catalog/node/{agent.node}").json()["Node"]
     r = control_plane.client().put("/v1/catalog/deregister", json={"Node": agent.node})
-    assert r.status_code == 200
-    assert control_plane.client().get(f"/v1/catalog/node/{agent.node}").status_code == 404
+    assert r.status_code == 200  # (the agent may put it back at once: 1 s syncs)
+
+    def registered_again() -> bool:
+        r = control_plane.client().get(f"/v1/catalog/node/{agent.node}")
+        return r.status_code == 200 and r.json()["Node"]["CreateIndex"] > before["CreateIndex"]
+
+    eventually(registered_again, timeout=10)
     eventually(
         lambda: sorted(catalog_services(control_plane, agent.node)) == ["api", "api-sidecar-proxy"],
         timeout=10,
