@@ -10,11 +10,10 @@ JSON decoder does.
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Callable
 from typing import Any
 
+from meshproto.durations import format_duration, parse_duration  # noqa: F401 - re-exported
 from registry.errors import BadRequest
 
 Decoder = Callable[[Any, str], Any]
@@ -55,62 +54,19 @@ def Anything(value: Any, path: str) -> Any:
     return value
 
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(text: str) -> float:
-    """Go's `time.ParseDuration` ("1m30s", "500ms", "0") in seconds."""
-    s = text.strip()
-    if s in ("", "0"):
-        return 0.0
-    sign = -1.0 if s.startswith("-") else 1.0
-    s = s.lstrip("+-")
-    pos, total = 0, 0.0
-    while pos < len(s):
-        m = _DURATION_PART.match(s, pos)
-        if not m:
-            raise ValueError(f"invalid duration {text!r}")
-        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-        pos = m.end()
-    return sign * total
-
-
-def format_duration(seconds: float) -> str:
-    """Seconds as Go prints a `time.Duration` ("10s", "1m30s", "500ms")."""
-    if seconds == 0:
-        return "0s"
-    if seconds < 1:
-        ms = seconds * 1000
-        return f"{ms:g}ms" if ms >= 1 else f"{seconds * 1e6:g}µs"
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    out = ""
-    if h:
-        out += f"{int(h)}h"
-    if h or m:
-        out += f"{int(m)}m"
-    return out + f"{s:g}s"
-
-
 def Duration(value: Any, path: str) -> float:
     """A duration as a Go string ("10s") or integer nanoseconds; returned in seconds."""
-    if value is None or value == "":
-        return 0.0
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, str | int | float | type(None)):
         raise _fail(path, "duration", value)
-    if isinstance(value, (int, float)):
-        seconds = value / 1e9
-    elif isinstance(value, str):
-        try:
-            seconds = parse_duration(value)
-        except ValueError:
-            raise BadRequest(f"Request decode failed: {path}: invalid duration {value!r}") from None
-    else:
-        raise _fail(path, "duration", value)
-    if seconds < 0 or math.isinf(seconds) or math.isnan(seconds):
-        raise BadRequest(f"Request decode failed: {path}: duration must not be negative")
-    return seconds
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        message = (
+            "duration must not be negative"
+            if "negative" in str(exc)
+            else f"invalid duration {value!r}"
+        )
+        raise BadRequest(f"Request decode failed: {path}: {message}") from None
 
 
 def ListOf(item: Decoder) -> Decoder:
