@@ -350,6 +350,15 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def pss_uss_kib(pid: int) -> tuple[int, int]:
+    """(PSS, USS): RSS with shared pages divided among their sharers / only private pages."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, value = line.split(":", 1)
+        fields[name] = int(value.split()[0])
+    return fields.get("Pss", 0), fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+
+
 def role_cmd(*args: str) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), *args]
 
@@ -527,6 +536,7 @@ def memory(topo: Topologies, name: str, hold: int) -> dict:
     pids = topo.pids[name]
     time.sleep(0.5)
     idle = [rss_kib(p) for p in pids]
+    idle_pss_uss = [pss_uss_kib(p) for p in pids]
     proc = subprocess.Popen(
         role_cmd("--role", "client", "--mode", "hold", "--port", str(topo.port[name]),
                  "--conns", str(hold)),
@@ -538,9 +548,15 @@ def memory(topo: Topologies, name: str, hold: int) -> dict:
     loaded = [rss_kib(p) for p in pids]
     proc.stdin.close()
     proc.wait(30)
-    time.sleep(1.0)
+    time.sleep(11.0)  # the sidecar returns freed heap from a 10 s timer
     after = [rss_kib(p) for p in pids]
-    return {"idle": idle, "loaded": loaded, "after": after, "open": opened}
+    return {
+        "idle": idle,
+        "idle_pss_uss": idle_pss_uss,
+        "loaded": loaded,
+        "after": after,
+        "open": opened,
+    }
 
 
 def main() -> None:
@@ -648,14 +664,19 @@ def main() -> None:
             f"cpu/req {med('sidecar', 'cpu_us_rate') / med('naive', 'cpu_us_rate'):.2f}x"
         )
     for name, m in mem.items():
-        for role, idle, loaded, after in zip(
-            ("client-side", "server-side"), m["idle"], m["loaded"], m["after"], strict=True
+        for role, idle, (pss, uss), loaded, after in zip(
+            ("client-side", "server-side"),
+            m["idle"],
+            m["idle_pss_uss"],
+            m["loaded"],
+            m["after"],
+            strict=True,
         ):
             per = (loaded - idle) / max(1, m["open"])
             print(
-                f"memory {name:<8} {role}: RSS idle {idle / 1024:.1f} MiB, with {m['open']} "
-                f"connections {loaded / 1024:.1f} MiB ({per:.1f} KiB/conn), after close "
-                f"{after / 1024:.1f} MiB"
+                f"memory {name:<8} {role}: RSS idle {idle / 1024:.1f} MiB (PSS {pss / 1024:.1f}, "
+                f"USS {uss / 1024:.1f}), with {m['open']} connections {loaded / 1024:.1f} MiB "
+                f"({per:.1f} KiB/conn), after close {after / 1024:.1f} MiB"
             )
 
 

@@ -41,6 +41,11 @@ RECORD = 16 * 1024
 # capacity for life, so feeding it 256 KiB once would pin 256 KiB to the
 # connection; in slices, a BIO never holds more than about two records.
 SLICE = 16 * 1024
+# When one side is gone, the other is closed by a half-close: our last bytes,
+# then FIN, then whatever the peer still sends is read and dropped until it
+# closes too, for at most LINGER seconds. Closing a socket with unread bytes
+# would send a reset instead, which can destroy our last bytes in flight.
+LINGER = 5.0
 
 
 class Conn:
@@ -124,6 +129,8 @@ class Plain(asyncio.Protocol):
         "_ttransport",
         "_on_made",
         "_early",
+        "_dropping",
+        "_timer",
     )
 
     def __init__(self, conn: Conn, on_made: Callable[[Plain], None] | None = None) -> None:
@@ -139,6 +146,8 @@ class Plain(asyncio.Protocol):
         self._ttransport: asyncio.Transport | None = None
         self._on_made = on_made
         self._early: list[bytes] | None = None
+        self._dropping = False  # finishing: what arrives is dropped (see `finish`)
+        self._timer: asyncio.TimerHandle | None = None
         conn.plain = self
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -154,6 +163,8 @@ class Plain(asyncio.Protocol):
     def _hold(self, data: bytes) -> None:
         # Bytes before the TLS half is ready (uvloop starts reading right after
         # connection_made, whatever it did): keep them and stop reading.
+        if self._dropping:
+            return
         if self._early is None:
             self._early = []
         self._early.append(data)
@@ -179,7 +190,7 @@ class Plain(asyncio.Protocol):
             self.conn.abort()
 
     def _send_large(self, data: bytes) -> None:
-        if self._sslobj is None:
+        if self._sslobj is None:  # not linked yet, or finishing
             self._hold(data)
             return
         view = memoryview(data)
@@ -209,6 +220,8 @@ class Plain(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self._dropping:
+            return False  # the peer has closed too: done
         tls = self.conn.tls
         if tls is None or not tls.linked:
             return True  # not connected yet: the EOF is forwarded once linked
@@ -222,17 +235,37 @@ class Plain(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         tls = self.conn.tls
         if tls is not None and not tls.lost:
             if exc is not None:
                 tls.transport.abort()  # type: ignore[union-attr]
             else:
-                tls.close()
+                tls.finish()
         self.conn.side_lost()
 
     def close(self) -> None:
         if self.transport is not None and not self.lost:
             self.transport.close()
+
+    def finish(self) -> None:
+        """The TLS side is gone: send what is buffered, then FIN, and drop what the
+        app or caller still sends until it closes (or LINGER passes)."""
+        transport = self.transport
+        if transport is None or self.lost or self._dropping:
+            return
+        self._dropping = True
+        self._sslobj = None
+        self._early = None
+        try:
+            transport.write_eof()
+        except RuntimeError:
+            transport.close()
+            return
+        transport.resume_reading()
+        self._timer = asyncio.get_running_loop().call_later(LINGER, self.close)
 
 
 class Tls(asyncio.Protocol):
@@ -254,6 +287,7 @@ class Tls(asyncio.Protocol):
         "notify_sent",
         "failed",
         "tcp_eof",
+        "dropping",
         "_ctx",
         "_server_side",
         "_hostname",
@@ -288,6 +322,7 @@ class Tls(asyncio.Protocol):
         self.notify_sent = False
         self.failed = False  # on_fail was called (once)
         self.tcp_eof = False
+        self.dropping = False  # finishing: what arrives is dropped (see `finish`)
         self._ctx = ctx
         self._server_side = server_side
         self._hostname = hostname
@@ -304,9 +339,7 @@ class Tls(asyncio.Protocol):
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
         self._in = MemoryBIO()
         self._out = MemoryBIO()
-        self.sslobj = self._ctx.wrap_bio(
-            self._in, self._out, server_side=self._server_side, server_hostname=self._hostname
-        )
+        self.sslobj = _wrap_bio(self._ctx, self._in, self._out, self._server_side, self._hostname)
         self._timer = asyncio.get_running_loop().call_later(self._timeout, self._handshake_timeout)
         if not self._server_side:
             self._handshake()
@@ -368,6 +401,8 @@ class Tls(asyncio.Protocol):
                 return
             self._in.write(data)
             self._pump()
+            return
+        if self.dropping:
             return
         self._in.write(data)
         if not self.secure:
@@ -492,7 +527,10 @@ class Tls(asyncio.Protocol):
             return
         self.notify_sent = True
         try:
-            self.sslobj.unwrap()
+            if _C_LEVEL:
+                self.sslobj.shutdown()
+            else:
+                self.sslobj.unwrap()
         except SSLWantReadError:
             pass  # sent; the peer's close_notify comes later (or never: fine)
         except SSLError:
@@ -503,13 +541,15 @@ class Tls(asyncio.Protocol):
         # The TCP stream ended. After a close_notify that is the normal end of the
         # peer's direction; without one the stream was cut (or truncated): stop.
         self.tcp_eof = True
+        if self.dropping:
+            return False  # the peer has closed too: done
         if self.eof:
             return True
         if self.secure and not self.linked:
             return True  # records may wait in the BIO: decided once linked
         plain = self.conn.plain
         if plain is not None and not plain.lost:
-            plain.close()
+            plain.finish()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -527,7 +567,7 @@ class Tls(asyncio.Protocol):
             if exc is not None:
                 plain.transport.abort()
             else:
-                plain.transport.close()
+                plain.finish()
         self.conn.side_lost()
 
     def close(self) -> None:
@@ -536,9 +576,54 @@ class Tls(asyncio.Protocol):
         self.send_close_notify()
         self.transport.close()
 
+    def finish(self) -> None:
+        """The plain side is gone: close_notify and FIN after what is buffered, then
+        drop what the peer still sends until it closes (or LINGER passes)."""
+        transport = self.transport
+        if transport is None or self.lost or self.dropping:
+            return
+        if not self.secure:
+            transport.close()
+            return
+        self.send_close_notify()
+        self.dropping = True
+        self.linked = False  # data_received takes the slow path, which drops
+        try:
+            transport.write_eof()
+        except RuntimeError:
+            transport.close()
+            return
+        transport.resume_reading()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(LINGER, self.close)
+
 
 def _no_callback(*args: Any) -> None:
     pass
+
+
+# The C-level SSL object (`_ssl._SSLSocket`) has the read/write/pending/
+# do_handshake/getpeercert/shutdown of `ssl.SSLObject`, whose methods only
+# forward to it: using it directly saves a Python frame on every record read
+# and written, and the wrapper's instance dict and weakref per connection.
+# `SSLContext._wrap_bio` is what `SSLObject._create` itself calls (CPython
+# 3.7+); without it, the public wrapper is used.
+_C_LEVEL = hasattr(SSLContext, "_wrap_bio")
+
+
+def _wrap_bio(
+    ctx: SSLContext,
+    incoming: MemoryBIO,
+    outgoing: MemoryBIO,
+    server_side: bool,
+    hostname: str | None,
+) -> Any:
+    if _C_LEVEL:
+        return ctx._wrap_bio(  # type: ignore[attr-defined]
+            incoming, outgoing, server_side=server_side, server_hostname=hostname
+        )
+    return ctx.wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=hostname)
 
 
 def link(plain: Plain, tls: Tls) -> None:

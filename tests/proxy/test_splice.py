@@ -8,7 +8,7 @@ import contextlib
 import gc
 import os
 import ssl
-import weakref
+import sys
 
 import pytest
 
@@ -201,9 +201,12 @@ def test_a_peer_close_notify_half_closes_the_caller(spliced):
     assert spliced.plain_t.closed and spliced.tls_t.closed
 
 
-def test_a_tcp_end_without_close_notify_closes_the_caller_side(spliced):
-    assert spliced.tls.eof_received() is False
-    assert spliced.plain_t.closed
+def test_a_tcp_end_without_close_notify_ends_the_caller_side(spliced):
+    async def go():
+        return spliced.tls.eof_received()
+
+    assert spliced.loop.run_until_complete(go()) is False
+    assert spliced.plain_t.eof_written
 
 
 def test_a_corrupt_record_aborts_both_sides(spliced):
@@ -246,17 +249,45 @@ def test_bytes_before_the_link_are_held_then_sent(contexts):
         s.close()
 
 
+async def _end_both(s: Spliced) -> None:
+    s.plain.data_received(b"x")
+    s.plain.connection_lost(None)
+    s.tls.connection_lost(None)
+
+
 def test_a_finished_connection_is_freed_without_the_garbage_collector(contexts):
     gc.disable()
     try:
         s = Spliced(contexts)
-        sslobj = weakref.ref(s.tls.sslobj)
-        s.plain.data_received(b"x")
-        s.plain.connection_lost(None)
-        s.tls.connection_lost(None)
+        ours = s.tls.sslobj
+        s.loop.run_until_complete(_end_both(s))
         assert s.owner.done == [s.conn]
         s.close()
         del s
-        assert sslobj() is None  # no reference cycle kept the TLS state alive
+        # Only `ours` (and getrefcount's argument) refer to it: no cycle holds it.
+        assert sys.getrefcount(ours) == 2
     finally:
         gc.enable()
+
+
+def test_when_the_caller_goes_the_tls_side_half_closes_and_drops_what_still_comes(spliced):
+    async def go():
+        spliced.plain.connection_lost(None)
+
+    spliced.loop.run_until_complete(go())
+    assert spliced.tls_t.eof_written and not spliced.tls_t.closed
+    spliced.peer_sends(b"late answer nobody will read")
+    assert spliced.tls.eof_received() is False  # the peer closed too: now it closes
+
+
+def test_when_the_tls_side_goes_the_caller_gets_its_bytes_then_eof(spliced):
+    spliced.peer_sends(b"last words")
+
+    async def go():
+        spliced.tls.connection_lost(None)
+
+    spliced.loop.run_until_complete(go())
+    assert spliced.plain_t.take() == b"last words"
+    assert spliced.plain_t.eof_written and not spliced.plain_t.closed
+    spliced.plain.data_received(b"dropped")
+    assert spliced.plain.eof_received() is False
