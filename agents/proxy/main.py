@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def run(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_log_loop_error)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -91,6 +92,17 @@ async def run(args: argparse.Namespace) -> int:
         keydir.remove()
     log.info("stopped")
     return 0
+
+
+def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """What the loop cannot hand to anyone (a callback's exception, a transport's
+    fatal error) becomes a JSON log line like everything else on stderr."""
+    exc = context.get("exception")
+    log.error(
+        "unexpected error in the event loop",
+        message=context.get("message", ""),
+        error=repr(exc) if exc is not None else None,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -374,6 +374,8 @@ class Sidecar:
         self._spawn(self._connect_upstream(plain.conn))
 
     async def _connect_upstream(self, conn: Conn) -> None:
+        if conn.done:  # the caller left before this task ran
+            return
         snap, plan = conn.tag
         plain = conn.plain
         if plan is None:

@@ -113,6 +113,12 @@ def pair_factory(tmp_path, ca):
         p.stop()
     for a in apps:
         a.close()
+    # Everything a sidecar wrote on stderr is a JSON log line, and none is an error.
+    for p in made:
+        for proc in (p.web, p.api):
+            lines = proc.log_path.read_text().splitlines()
+            assert all(line.startswith("{") for line in lines), proc.log_path.read_text()[-2000:]
+            assert not [e for e in proc.logs() if e["level"] == "error"]
 
 
 def tls_to(port: int, ca: TestCA, tmp_path, service: str | None = "web", *, uris=None,
