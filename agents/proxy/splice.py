@@ -418,8 +418,8 @@ class Tls(asyncio.Protocol):
         notify = False
         try:
             # Ask for no more than the ciphertext at hand: a record's plaintext is
-            # smaller, and SSLObject.read(n) allocates n bytes before shrinking them
-            # (16 KiB per small record was a quarter of this path's cost).
+            # smaller, and read(n) allocates n bytes before shrinking them to what
+            # was read (16 KiB for every small record otherwise).
             data = sslobj.read(min(inbio.pending, RECORD) or RECORD)
             if not data:
                 notify = True
