@@ -15,6 +15,7 @@ connections drain.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import time
 from dataclasses import dataclass
@@ -563,8 +564,6 @@ def _addr(addr: Any) -> str:
 
 
 def _errno_name(exc: OSError) -> str:
-    import errno
-
     if isinstance(exc, ConnectionRefusedError):
         return "refused"
     return errno.errorcode.get(exc.errno or 0, type(exc).__name__).lower()
