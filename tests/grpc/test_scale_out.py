@@ -5,23 +5,17 @@ on the other."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
 import pytest
 
 from tests.grpc.conftest import Agent, Stream, config_of, new_token, unique_node
-from tests.support.servers import create_database, make_server, postgres_url, redis_url
+from tests.support.servers import create_database, make_server, postgres_url, redis_url, require
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
 
-def _require(url: str | None, what: str) -> str:
-    if url:
-        return url
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} is required in CI")
-    pytest.skip(f"needs {what} (set DATABASE_URL / REDIS_URL)")
+_require = require
 
 
 @pytest.fixture(scope="module")

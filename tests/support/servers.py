@@ -50,6 +50,22 @@ def redis_url() -> str | None:
     return os.environ.get("REDIS_URL") or None
 
 
+def require(url: str | None, what: str) -> str:
+    """`url`, or skip the test when the service is not configured.
+
+    CI runs the suite once on PostgreSQL + Redis with `MESH_TEST_REQUIRE_SERVICES=1`:
+    there a missing service is a failure, never a skip. (Its second pass, on the
+    embedded default, has no PostgreSQL by design and skips these tests.)
+    """
+    import pytest
+
+    if url:
+        return url
+    if os.environ.get("MESH_TEST_REQUIRE_SERVICES"):
+        pytest.fail(f"{what} is required (MESH_TEST_REQUIRE_SERVICES is set)")
+    pytest.skip(f"needs {what} (set DATABASE_URL / REDIS_URL)")
+
+
 def _admin_conn(url: str):
     import psycopg
 
