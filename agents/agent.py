@@ -44,7 +44,7 @@ from agents.client import Backoff, Identity, IdentityStore, JoinError
 from agents.config import AgentConfig, find_sidecar_bin
 from agents.definitions import read_config_dirs
 from agents.leaves import Leaf, LeafKeeper, make_leaf, renewal_point
-from agents.metrics import agent_metrics
+from agents.metrics import agent_metrics, merge_scrapes
 from agents.sidecars import Sidecars
 from agents.state import LocalState, StateError, UnknownError
 from meshproto import pki, spiffe
@@ -220,7 +220,8 @@ class Agent:
             return
         self._refresh_gauges()
         if scope["path"] in ("/metrics", "/"):
-            body, status, ctype = self.metrics.render(), 200, b"text/plain; version=0.0.4"
+            body = merge_scrapes(self.metrics.render(), await self._scrape_sidecars())
+            status, ctype = 200, b"text/plain; version=0.0.4"
         else:
             body, status, ctype = b"not found\n", 404, b"text/plain"
         await send(
@@ -231,6 +232,31 @@ class Agent:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+    async def _scrape_sidecars(self) -> dict[str, str]:
+        """Each running sidecar's own /metrics (loopback, short timeout; a slow one is skipped)."""
+
+        async def scrape(port: int) -> str:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", port), timeout=0.5
+            )
+            try:
+                writer.write(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                raw = await asyncio.wait_for(reader.read(), timeout=1.0)
+            finally:
+                writer.close()
+            head, _, body = raw.partition(b"\r\n\r\n")
+            return body.decode(errors="replace") if b" 200 " in head.split(b"\r\n", 1)[0] else ""
+
+        ports = {pid: p.metrics_port for pid, p in self.sidecars.procs.items() if p.metrics_port}
+        results = await asyncio.gather(
+            *(scrape(port) for port in ports.values()), return_exceptions=True
+        )
+        return {
+            pid: text
+            for pid, text in zip(ports, results, strict=True)
+            if isinstance(text, str) and text
+        }
 
     # --- identity -------------------------------------------------------------------------
 

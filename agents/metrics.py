@@ -101,3 +101,45 @@ def agent_metrics() -> Metrics:
         "Seconds until the node certificate expires.",
     )
     return m
+
+
+def with_label(text: str, name: str, value: str) -> tuple[list[str], list[str]]:
+    """Split a scrape into its HELP/TYPE lines and its samples, each sample with
+    one more label (`proxy_id="web-sidecar-proxy"`)."""
+    meta, samples = [], []
+    label = f'{name}="{_escape(value)}"'
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        if line.startswith("#"):
+            meta.append(line)
+            continue
+        metric, _, rest = line.partition(" ")
+        if "{" in metric:
+            head, _, labels = metric.partition("{")
+            metric = f"{head}{{{label},{labels}" if labels != "}" else f"{head}{{{label}}}"
+        else:
+            metric = f"{metric}{{{label}}}"
+        samples.append(f"{metric} {rest}")
+    return meta, samples
+
+
+def merge_scrapes(own: bytes, sidecars: dict[str, str]) -> bytes:
+    """The agent's metrics followed by every local sidecar's, labelled by proxy.
+
+    One scrape per host then shows the data plane too (connections, bytes,
+    handshake failures, authorisation denials per sidecar).
+    """
+    seen_meta: set[str] = set()
+    meta_lines: list[str] = []
+    sample_lines: list[str] = []
+    for proxy_id, text in sorted(sidecars.items()):
+        meta, samples = with_label(text, "proxy_id", proxy_id)
+        for line in meta:
+            if line not in seen_meta:
+                seen_meta.add(line)
+                meta_lines.append(line)
+        sample_lines.extend(samples)
+    if not sample_lines:
+        return own
+    return own + ("\n".join(meta_lines + sample_lines) + "\n").encode()

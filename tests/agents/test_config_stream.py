@@ -157,6 +157,17 @@ def test_traffic_flows_web_to_api_through_both_sidecars_once_allowed(
             data = b""
     assert b"hello from api" not in data
 
+    # One scrape of the agent shows the data plane: each sidecar's connections
+    # and bytes, and the plaintext attempt as a handshake failure, by proxy.
+    def scraped() -> str | None:
+        m = agent.metrics()
+        failures = 'mesh_sidecar_tls_handshake_failures_total{proxy_id="api-sidecar-proxy"'
+        return m if failures in m else None
+
+    metrics = eventually(scraped, timeout=10)
+    assert 'mesh_sidecar_connections_opened_total{proxy_id="web-sidecar-proxy"' in metrics
+    assert 'mesh_sidecar_tx_bytes_total{proxy_id="api-sidecar-proxy"' in metrics
+
 
 def test_denying_the_intention_stops_new_calls(control_plane, make_agent, api_app):
     upstream_port = free_port()
