@@ -829,7 +829,10 @@ def summarize_py_spy(path: Path, top: int = 16) -> list[str]:
             incl[f] = incl.get(f, 0) + n
     if not total:
         return ["  (no samples)"]
-    lines = [f"  {total} samples on CPU ({idle} in epoll left out); by self:"]
+    lines = [
+        f"  {total} samples ({idle} in epoll left out); by self (py-spy stops the process to "
+        "sample, which over-weights system calls: perf's split is the CPU's):"
+    ]
     for f, n in sorted(self_n.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"    {100 * n / total:5.1f}%  {f[:110]}")
     lines.append("  by total, Python functions (the function and what it calls):")
