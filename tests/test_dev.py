@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from meshweb.dev import READY_LINE
-from tests.support.servers import ROOT, free_port
+from tests.support.servers import ROOT, die_with_parent, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -117,6 +117,7 @@ class DevProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            preexec_fn=die_with_parent,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.servers import ROOT, MeshServer, free_port, make_server
+from tests.support.servers import ROOT, MeshServer, die_with_parent, free_port, make_server
 
 _TOKEN = re.compile(r"\b([0-9a-f]{16}\.[A-Za-z0-9_-]+)\b")
 _PIN = re.compile(r"\b(sha256:[0-9a-f]{64})\b")
@@ -103,7 +103,12 @@ class MeshAgent:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_", "CONSUL_"))}
         env["PYTHONUNBUFFERED"] = "1"
         self.proc = subprocess.Popen(
-            self.argv(), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            self.argv(),
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )
         if wait:
             self.wait_ready()

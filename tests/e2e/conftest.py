@@ -37,7 +37,7 @@ import httpx
 import pytest
 
 from tests.e2e.netns import Host, Topology, unavailable_reason
-from tests.support.servers import ROOT, MeshServer, make_server
+from tests.support.servers import ROOT, MeshServer, die_with_parent, make_server
 
 # One INFO line per request would bury the measured times `pytest -s` prints.
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -121,6 +121,7 @@ class NsProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         return self
 

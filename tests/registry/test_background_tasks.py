@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.registry.test_health_checks import HttpEndpoint, wait_for
-from tests.support.servers import ROOT, MeshServer, make_server, redis_url
+from tests.support.servers import ROOT, MeshServer, die_with_parent, make_server, redis_url
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 
@@ -47,6 +47,7 @@ class Proc:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
 
     def log(self) -> str:

@@ -26,6 +26,20 @@ ROOT = Path(__file__).resolve().parents[2]
 MANAGEMENT_TOKEN = "e95b599e-166e-7d80-08ad-aee76e7ddf19"
 
 
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when the test process dies (Linux).
+
+    A test run that is killed (a timeout, Ctrl-C twice) never runs its
+    finalizers; without this its servers would live on as orphans.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     """A port free for both TCP and UDP on 127.0.0.1 (DNS needs both)."""
     for _ in range(50):
@@ -142,6 +156,7 @@ class MeshServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         self.wait_ready()
         return self
