@@ -158,12 +158,16 @@ def test_the_stream_without_a_client_certificate_is_unauthenticated(cp):
     async def stream():
         async with agent.channel(with_cert=False) as ch:
             call = mesh_pb2_grpc.AgentControlStub(ch).StreamProxyConfigs()
-            await call.write(mesh_pb2.StreamRequest(subscribe=mesh_pb2.Subscribe()))
-            return await call.read()
+            try:
+                # The server may refuse before our write lands; the call's
+                # final status is what counts, whichever side sees it first.
+                await call.write(mesh_pb2.StreamRequest(subscribe=mesh_pb2.Subscribe()))
+                await call.read()
+            except grpc.aio.AioRpcError:
+                pass
+            return await call.code()
 
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        run(stream())
-    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert run(stream()) == grpc.StatusCode.UNAUTHENTICATED
 
 
 def _foreign_identity(node: str, td: str) -> tuple[str, str, object]:
