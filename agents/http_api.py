@@ -283,26 +283,14 @@ async def service_register(agent: Agent, req: Request) -> Reply:
         spec = canonical_service(req.json(), "Request decode failed: body")
     except DefinitionError as exc:
         raise HTTPError(400, str(exc)) from None
-    try:
-        agent.state.register_service(
-            spec, replace_existing_checks=req.flag("replace-existing-checks")
-        )
-    except UnknownError as exc:
-        raise HTTPError(404, str(exc)) from None
-    except StateError as exc:
-        raise HTTPError(400, str(exc)) from None
+    agent.state.register_service(spec, replace_existing_checks=req.flag("replace-existing-checks"))
     agent.local_changed()
     return Reply(raw=b"")
 
 
 @route("PUT", "/v1/agent/service/deregister/(?P<service_id>[^/]+)")
 async def service_deregister(agent: Agent, req: Request, service_id: str) -> Reply:
-    try:
-        agent.state.deregister_service(service_id)
-    except UnknownError as exc:
-        raise HTTPError(404, str(exc)) from None
-    except StateError as exc:
-        raise HTTPError(400, str(exc)) from None
+    agent.state.deregister_service(service_id)
     agent.local_changed()
     return Reply(raw=b"")
 
@@ -311,10 +299,7 @@ async def service_deregister(agent: Agent, req: Request, service_id: str) -> Rep
 async def service_maintenance(agent: Agent, req: Request, service_id: str) -> Reply:
     if not req.has("enable"):
         raise HTTPError(400, "Missing value for enable")
-    try:
-        agent.state.set_maintenance(service_id, req.flag("enable"), req.param("reason"))
-    except UnknownError as exc:
-        raise HTTPError(404, str(exc)) from None
+    agent.state.set_maintenance(service_id, req.flag("enable"), req.param("reason"))
     agent.local_changed()
     return Reply(raw=b"")
 
@@ -382,24 +367,14 @@ async def check_register(agent: Agent, req: Request) -> Reply:
         raise HTTPError(400, str(exc)) from None
     if not spec.get("Name") and not spec.get("CheckID"):
         raise HTTPError(400, "Missing check name")
-    try:
-        agent.state.register_check(spec)
-    except UnknownError as exc:
-        raise HTTPError(404, str(exc)) from None
-    except StateError as exc:
-        raise HTTPError(400, str(exc)) from None
+    agent.state.register_check(spec)
     agent.local_changed()
     return Reply(raw=b"")
 
 
 @route("PUT", "/v1/agent/check/deregister/(?P<check_id>[^/]+)")
 async def check_deregister(agent: Agent, req: Request, check_id: str) -> Reply:
-    try:
-        agent.state.deregister_check(check_id)
-    except UnknownError as exc:
-        raise HTTPError(404, str(exc)) from None
-    except StateError as exc:
-        raise HTTPError(400, str(exc)) from None
+    agent.state.deregister_check(check_id)
     agent.local_changed()
     return Reply(raw=b"")
 
@@ -534,6 +509,10 @@ async def dispatch(agent: Agent, req: Request) -> Reply:
                 return Reply(
                     raw=exc.message.encode(), status=exc.status, ctype="text/plain; charset=utf-8"
                 )
+            except UnknownError as exc:  # the state's refusals, answered as Consul does
+                return Reply(raw=str(exc).encode(), status=404, ctype="text/plain; charset=utf-8")
+            except StateError as exc:
+                return Reply(raw=str(exc).encode(), status=400, ctype="text/plain; charset=utf-8")
             except Exception as exc:  # a bug must answer 500, not kill the server
                 import logging
 
