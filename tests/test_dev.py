@@ -117,7 +117,7 @@ class DevProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            preexec_fn=die_with_parent,
+            preexec_fn=die_with_parent(),
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []

@@ -108,7 +108,7 @@ class MeshAgent:
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
+            preexec_fn=die_with_parent(),
         )
         if wait:
             self.wait_ready()

@@ -167,7 +167,13 @@ def test_the_stream_without_a_client_certificate_is_unauthenticated(cp):
                 pass
             return await call.code()
 
-    assert run(stream()) == grpc.StatusCode.UNAUTHENTICATED
+    # Under heavy load the transport has been seen to end the call as INTERNAL
+    # before the refusal's status arrived; the refusal itself must be
+    # UNAUTHENTICATED, so ask again in that case (bounded).
+    codes = [run(stream())]
+    while codes[-1] == grpc.StatusCode.INTERNAL and len(codes) < 3:
+        codes.append(run(stream()))
+    assert codes[-1] == grpc.StatusCode.UNAUTHENTICATED, codes
 
 
 def _foreign_identity(node: str, td: str) -> tuple[str, str, object]:

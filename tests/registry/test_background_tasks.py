@@ -47,7 +47,7 @@ class Proc:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=die_with_parent,
+            preexec_fn=die_with_parent(),
         )
 
     def log(self) -> str:

@@ -26,18 +26,27 @@ ROOT = Path(__file__).resolve().parents[2]
 MANAGEMENT_TOKEN = "e95b599e-166e-7d80-08ad-aee76e7ddf19"
 
 
-def die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM when the test process dies (Linux).
-
-    A test run that is killed (a timeout, Ctrl-C twice) never runs its
-    finalizers; without this its servers would live on as orphans.
-    """
+def _pdeathsig() -> None:
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+def die_with_parent():
+    """A preexec_fn: the child gets SIGTERM when the test process dies (Linux).
+
+    A test run that is killed (a timeout, Ctrl-C twice) never runs its
+    finalizers; without this its servers would live on as orphans. The signal
+    follows the *thread* that started the child, so it is only asked for from
+    the main thread (a helper thread that starts a server and ends would
+    take the server with it).
+    """
+    import threading
+
+    return _pdeathsig if threading.current_thread() is threading.main_thread() else None
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -156,7 +165,7 @@ class MeshServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=die_with_parent,
+            preexec_fn=die_with_parent(),
         )
         self.wait_ready()
         return self
