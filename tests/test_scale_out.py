@@ -7,26 +7,15 @@ import time
 
 import pytest
 
-from tests.support.servers import create_database, make_server, postgres_url, redis_url, require
+from tests.support.servers import server_pair
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
 
-_require = require
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    base = _require(postgres_url(), "PostgreSQL")
-    _require(redis_url(), "Redis")
-    shared = create_database(base)
-    first = make_server(tmp_path_factory.mktemp("a"), database_url=shared, redis=True)
-    second = make_server(tmp_path_factory.mktemp("b"), database_url=shared, redis=True)
-    # The first owns the database: closing it last drops it.
-    first.owns_database = True
-    yield first, second
-    second.close()
-    first.close()
+    with server_pair(tmp_path_factory) as servers:
+        yield servers
 
 
 def test_a_write_on_one_server_wakes_a_blocking_query_on_the_other(pair, unique):

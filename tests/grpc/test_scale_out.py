@@ -10,25 +10,15 @@ import time
 import pytest
 
 from tests.grpc.conftest import Agent, Stream, config_of, new_token, unique_node
-from tests.support.servers import create_database, make_server, postgres_url, redis_url, require
+from tests.support.servers import server_pair
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
 
-_require = require
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    base = _require(postgres_url(), "PostgreSQL")
-    _require(redis_url(), "Redis")
-    shared = create_database(base)
-    first = make_server(tmp_path_factory.mktemp("a"), database_url=shared, redis=True)
-    second = make_server(tmp_path_factory.mktemp("b"), database_url=shared, redis=True)
-    first.owns_database = True
-    yield first, second
-    second.close()
-    first.close()
+    with server_pair(tmp_path_factory) as servers:
+        yield servers
 
 
 def test_an_agent_streaming_from_one_server_gets_a_change_written_on_the_other(pair, unique):

@@ -267,3 +267,23 @@ def make_server(
             server.close()
             raise
     return server
+
+
+@contextlib.contextmanager
+def server_pair(tmp_path_factory):
+    """Two servers on one fresh PostgreSQL database and Redis: one control plane.
+
+    Skips (or, with MESH_TEST_REQUIRE_SERVICES, fails) without PostgreSQL and Redis.
+    """
+    base = require(postgres_url(), "PostgreSQL")
+    require(redis_url(), "Redis")
+    shared = create_database(base)
+    first = make_server(tmp_path_factory.mktemp("a"), database_url=shared, redis=True)
+    second = make_server(tmp_path_factory.mktemp("b"), database_url=shared, redis=True)
+    # The first owns the database: closing it last drops it.
+    first.owns_database = True
+    try:
+        yield first, second
+    finally:
+        second.close()
+        first.close()
