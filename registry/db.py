@@ -21,7 +21,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from django.conf import settings
@@ -131,10 +131,7 @@ class Writer:
             finally:
                 close_old_connections_if_broken()
             for item, (value, exc) in zip(batch, results, strict=True):
-                if exc is not None:
-                    item.future.set_exception(exc)
-                else:
-                    item.future.set_result(value)
+                _settle(item.future, value, exc)
 
     @staticmethod
     def _commit(batch: list[_Write]) -> list[tuple[Any, BaseException | None]]:
@@ -152,12 +149,40 @@ class Writer:
         return results
 
 
+def _settle(future: Future, value: Any, exc: BaseException | None) -> None:
+    """Hand a write's outcome to its caller, unless the caller has gone.
+
+    A caller that hung up may have cancelled its future; the write itself was
+    committed or rolled back with its batch all the same.
+    """
+    if future.cancelled():
+        return
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(value)
+    except InvalidStateError:
+        pass
+
+
 writer = Writer()
 
 
 async def run_write(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Await `fn(*args, **kwargs)` run by the writer, committed with its batch."""
-    return await asyncio.wrap_future(writer.submit(fn, args, kwargs))
+    # Shielded: a caller that is cancelled (a client hung up) leaves the write
+    # to commit or roll back with its batch instead of cancelling it under
+    # the writer's feet.
+    done = asyncio.wrap_future(writer.submit(fn, args, kwargs))
+    done.add_done_callback(_retrieved)
+    return await asyncio.shield(done)
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    """Mark an outcome as seen, so a gone caller's failure is not logged as lost."""
+    if not future.cancelled():
+        future.exception()
 
 
 __all__ = ["run", "run_write", "executor", "close_old_connections"]

@@ -46,9 +46,9 @@ from meshproto import pki
 from registry.ca import secrets
 from registry.ca.provider import PROVIDERS, CAProvider, RootMaterial, Signer, get_provider
 from registry.decode import parse_duration
-from registry.domain.txn import Change
 from registry.errors import BadRequest, Conflict
 from registry.models import CAConfig, CARoot, ClusterIdentity, IssuedCert
+from registry.txn import Change
 
 log = logging.getLogger(__name__)
 

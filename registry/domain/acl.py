@@ -32,10 +32,10 @@ from django.utils import timezone
 
 from registry.acl_rules import Authorizer, RulesError, parse_rules
 from registry.decode import format_duration
-from registry.domain.txn import Change, topic_index
 from registry.errors import BadRequest, MeshError, NotFound, PermissionDenied
 from registry.models import ACLPolicy, ACLToken
 from registry.models.acl import ANONYMOUS_TOKEN_ACCESSOR, GLOBAL_MANAGEMENT_POLICY_ID
+from registry.txn import Change, topic_index
 
 ANONYMOUS_SECRET = "anonymous"
 GLOBAL_MANAGEMENT_NAME = "global-management"

@@ -42,9 +42,9 @@ from registry import decode
 from registry.acl_rules import Authorizer, parse_rules
 from registry.domain import catalog, connect_ca, shapes
 from registry.domain.acl import Identity
-from registry.domain.txn import Change, topic_index
 from registry.errors import BadRequest, MeshError, NotFound, PermissionDenied
 from registry.models import Check, Datacenter, IssuedCert, JoinToken, Node, ServiceInstance
+from registry.txn import Change, topic_index
 
 log = logging.getLogger(__name__)
 

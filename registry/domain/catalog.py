@@ -21,9 +21,9 @@ from django.db.models import Q
 from django.utils import timezone
 
 from registry.domain import shapes
-from registry.domain.txn import Change
 from registry.errors import BadRequest, NotFound
 from registry.models import Check, Datacenter, Node, ServiceInstance
+from registry.txn import Change
 
 SIDECAR_PORT_RANGE = range(21000, 21256)
 STATUS_ORDER = {Check.PASSING: 0, Check.WARNING: 1, Check.CRITICAL: 2}

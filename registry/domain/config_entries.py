@@ -29,9 +29,9 @@ from meshproto import config_entries as pure
 from meshproto import discovery_chain as chains
 from registry.acl_rules import Authorizer
 from registry.domain import intentions
-from registry.domain.txn import Change, topic_index, topics_index
 from registry.errors import BadRequest, MeshError, NotFound
 from registry.models import ConfigEntry, Intention
+from registry.txn import Change, topic_index, topics_index
 
 log = logging.getLogger(__name__)
 

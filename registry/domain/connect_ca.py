@@ -35,7 +35,6 @@ from registry.ca import manager as ca_manager
 from registry.ca.manager import TOPIC_CONFIG, TOPIC_ROOTS, Settings, manager
 from registry.ca.provider import BACKDATE, CAProvider, Signer, get_provider
 from registry.ca.ratelimit import CSRRateLimiter
-from registry.domain.txn import Change, topic_index
 from registry.errors import BadRequest, PermissionDenied
 from registry.models import (
     CAConfig,
@@ -46,6 +45,7 @@ from registry.models import (
     Node,
     ServiceInstance,
 )
+from registry.txn import Change, topic_index
 
 MAX_CSR_BYTES = 64 * 1024
 ZERO_TIME = "0001-01-01T00:00:00Z"

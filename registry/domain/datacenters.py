@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import re
 
-from registry.domain.txn import Change
 from registry.errors import BadRequest, Conflict, NotFound
 from registry.models import Datacenter
+from registry.txn import Change
 
 # Consul's datacenter names: letters, digits, '-' and '_' (they appear in DNS names).
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")

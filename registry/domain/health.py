@@ -60,9 +60,9 @@ from meshproto.probes import (  # noqa: F401 - re-exported for callers and tests
 )
 from meshproto.probes import run as _run_kind
 from registry.domain import catalog, connect_ca
-from registry.domain.txn import Change, topic_index
 from registry.errors import NotFound
 from registry.models import Check, Node, ServiceInstance
+from registry.txn import Change, topic_index
 
 log = logging.getLogger(__name__)
 # Private to this module: the consecutive-results counter kept in Check.definition

@@ -42,9 +42,9 @@ from meshproto import intentions as pure
 from meshproto import spiffe
 from registry.acl_rules import Authorizer
 from registry.domain.acl import format_time
-from registry.domain.txn import Change, topic_index, topics_index
 from registry.errors import BadRequest, Conflict, NotFound, PermissionDenied
 from registry.models import ConfigEntry, Intention
+from registry.txn import Change, topic_index, topics_index
 
 TOPIC = "intentions"
 MESH_TOPICS = ("config:mesh", "config:mesh:mesh")

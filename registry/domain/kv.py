@@ -26,9 +26,9 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 
-from registry.domain.txn import Change, prefix_index, topic_index
 from registry.errors import BadRequest, TooLarge
 from registry.models import KVEntry, Session
+from registry.txn import Change, prefix_index, topic_index
 
 log = logging.getLogger(__name__)
 

@@ -865,7 +865,7 @@ def compile_proxy(node_name: str, proxy_id: str) -> tuple[ProxyConfig, set[str]]
     than the data (never lower), and a watcher that registers the topics
     *before* calling this is woken by it and recompiles.
     """
-    from registry.domain.txn import topics_index
+    from registry.txn import topics_index
 
     snap = gather(node_name, proxy_id)
     topics = dependency_topics(snap)

@@ -10,9 +10,9 @@ from typing import Any
 
 from registry.domain import rows, shapes
 from registry.domain.catalog import checks_for, instances_query
-from registry.domain.txn import topic_index
 from registry.errors import NotFound
 from registry.models import Check, Datacenter, Node, ServiceInstance
+from registry.txn import topic_index
 
 
 def datacenters() -> list[str]:

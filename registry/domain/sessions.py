@@ -25,9 +25,9 @@ from django.utils import timezone
 
 from registry.decode import format_duration, parse_duration
 from registry.domain.kv import apply_lock_delay, key_topic
-from registry.domain.txn import Change, topic_index
 from registry.errors import BadRequest, NotFound
 from registry.models import Check, KVEntry, Node, Session
+from registry.txn import Change, topic_index
 
 SERF_CHECK_ID = "serfHealth"
 BEHAVIORS = ("release", "delete")

@@ -34,9 +34,9 @@ from django.http import HttpRequest, HttpResponse
 from registry import audit, db
 from registry.changes import hub
 from registry.decode import Struct, parse_body_json, parse_duration
-from registry.domain.txn import topics_index
 from registry.errors import BadRequest, MeshError, PermissionDenied, TooLarge
 from registry.filtering import FilterError, apply_filter
+from registry.txn import topics_index
 
 MAX_INDEX = 2**63 - 1
 _TRUE = {"", "true", "1", "yes", "on", "t"}

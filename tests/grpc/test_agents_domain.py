@@ -11,9 +11,9 @@ from django.utils import timezone
 
 from meshproto import pki, spiffe
 from registry.domain import agents, catalog, connect_ca
-from registry.domain.txn import current_index, topic_index
 from registry.errors import BadRequest, NotFound, PermissionDenied
 from registry.models import AuditEntry, Check, IssuedCert, JoinToken, Node, ServiceInstance
+from registry.txn import current_index, topic_index
 
 
 def agent_csr(node: str, dc: str = "dc1") -> str:

@@ -10,10 +10,10 @@ import pytest
 from django.utils import timezone
 
 from registry.domain import acl
-from registry.domain.txn import topic_index
 from registry.errors import BadRequest, NotFound, PermissionDenied
 from registry.models import ACLPolicy, ACLToken
 from registry.models.acl import ANONYMOUS_TOKEN_ACCESSOR, GLOBAL_MANAGEMENT_POLICY_ID
+from registry.txn import topic_index
 
 WEB_WRITE = 'service "web" { policy = "write" }'
 

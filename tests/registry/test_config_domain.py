@@ -13,9 +13,9 @@ from registry import audit
 from registry.acl_rules import Authorizer, parse_rules
 from registry.domain import config_entries as entries
 from registry.domain import intentions
-from registry.domain.txn import topic_index
 from registry.errors import BadRequest
 from registry.models import AuditEntry, ConfigEntry, Intention
+from registry.txn import topic_index
 
 pytestmark = pytest.mark.django_db
 

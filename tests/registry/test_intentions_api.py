@@ -16,9 +16,9 @@ import pytest
 from registry import audit
 from registry.acl_rules import Authorizer, parse_rules
 from registry.domain import intentions
-from registry.domain.txn import Change, topic_index
 from registry.errors import BadRequest, Conflict, NotFound, PermissionDenied
 from registry.models import AuditEntry, ConfigEntry, Intention
+from registry.txn import Change, topic_index
 
 ALL = Authorizer.management()
 OPERATOR = audit.Actor("9d4a8c2e-0000-4000-8000-000000000001", "operator token", "v1")

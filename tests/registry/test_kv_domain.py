@@ -16,9 +16,9 @@ from django.utils import timezone
 
 from registry.acl_rules import Authorizer, parse_rules
 from registry.domain import catalog, kv, sessions
-from registry.domain.txn import topic_index
 from registry.errors import BadRequest, NotFound, TooLarge
 from registry.models import Check, KVEntry, Session
+from registry.txn import topic_index
 
 pytestmark = pytest.mark.django_db
 
