@@ -20,7 +20,7 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
-from registry.domain import shapes
+from registry.domain import rows, shapes
 from registry.errors import BadRequest, NotFound
 from registry.models import Check, Datacenter, Node, ServiceInstance
 from registry.txn import Change
@@ -142,6 +142,10 @@ def get_node(name: str) -> Node:
 # --- service registration --------------------------------------------------------
 
 
+class _Unknown:
+    """Marks an argument the caller did not look up (None means "there is none")."""
+
+
 @dataclass
 class _CheckSpec:
     check_id: str
@@ -200,16 +204,24 @@ def _upsert_check(
     agent_local: bool,
     status: str | None = None,
     output: str | None = None,
+    existing: Check | None | type[_Unknown] = _Unknown,
 ) -> Check:
+    """Insert or update one check (plain SQL: it runs for every registered check).
+
+    `existing` is the stored row when the caller already read it (None: there
+    is none); left out, it is read here.
+    """
     kind = _check_type(spec)
     definition = {
         k: v
         for k, v in spec.items()
         if k not in ("CheckID", "Name", "Notes", "Status", "ServiceID", "Node", "Output", "Type")
     }
-    existing = Check.objects.filter(node=node, check_id=check_id).first()
+    if existing is _Unknown:
+        existing = rows.first(Check, node_id=node.pk, check_id=check_id)
     now = timezone.now()
     check = existing or Check(node=node, check_id=check_id, create_index=change.index)
+    check.node = node
     check.name = name
     check.notes = spec.get("Notes", "")
     check.type = kind
@@ -232,7 +244,7 @@ def _upsert_check(
     if kind == "ttl" and existing is None:
         check.ttl_expires_at = now + timedelta(seconds=check.ttl)
     check.modify_index = change.index
-    check.save()
+    rows.save(check)
     change.audit(
         "check.register",
         "check",
@@ -341,7 +353,7 @@ def _save_instance(
     service_id = spec.get("ID") or spec["Name"]
     kind = spec.get("Kind") or "typical"
     proxy = spec.get("Proxy") or {}
-    svc = ServiceInstance.objects.filter(node=node, service_id=service_id).first()
+    svc = rows.first(ServiceInstance, node_id=node.pk, service_id=service_id)
     before = shapes.agent_service_json(_with_node(svc, node)) if svc is not None else None
     if svc is not None and svc.name != spec["Name"]:
         # Renaming an instance moves it between services: both lists change.
@@ -365,8 +377,8 @@ def _save_instance(
     )
     svc.agent_local = agent_local
     svc.modify_index = change.index
-    svc.save()
     svc.node = node
+    rows.save(svc)
     change.touch(*service_topics(svc))
     change.audit(
         "service.register",
@@ -416,10 +428,18 @@ def _register_service_checks(
     for s in specs:
         _require_check_type(s.fields)
     keep = {s.check_id for s in specs} | {maintenance_check_id(svc.service_id)}
+    stored = _stored_checks(node, [s.check_id for s in specs])
     for s in specs:
         name = s.fields.get("Name") or f"Service '{svc.name}' check"
         _upsert_check(
-            change, node, s.fields, check_id=s.check_id, name=name, svc=svc, agent_local=True
+            change,
+            node,
+            s.fields,
+            check_id=s.check_id,
+            name=name,
+            svc=svc,
+            agent_local=True,
+            existing=stored.get(s.check_id),
         )
     if replace:
         stale = Check.objects.filter(node=node, service_id=svc.service_id).exclude(
@@ -428,6 +448,15 @@ def _register_service_checks(
         if stale.exists():
             stale.delete()
             change.touch(*service_topics(svc), "checks")
+
+
+def _stored_checks(node: Node, check_ids: list[str]) -> dict[str, Check]:
+    """The node's stored checks among `check_ids`, in one query."""
+    if not check_ids:
+        return {}
+    marks = ", ".join(["%s"] * len(check_ids))
+    found = rows.where(Check, f"node_id = %s AND check_id IN ({marks})", [node.pk, *check_ids])
+    return {c.check_id: c for c in found}
 
 
 def _with_node(svc: ServiceInstance, node: Node) -> ServiceInstance:
@@ -572,7 +601,7 @@ def deregister_check(node: Node, check_id: str) -> None:
 def _touch_check(change: Change, check: Check) -> None:
     change.touch("checks", f"node:{check.node.name}")
     if check.service_id:
-        svc = ServiceInstance.objects.filter(node=check.node, service_id=check.service_id).first()
+        svc = rows.first(ServiceInstance, node_id=check.node_id, service_id=check.service_id)
         if svc is not None:
             svc.node = check.node
             change.touch(*service_topics(svc))
@@ -624,7 +653,7 @@ def apply_check_result(change: Change, check: Check, status: str, output: str | 
             check.output = output
         check.modify_index = change.index
         _touch_check(change, check)
-    check.save()
+    rows.save(check)
     if changed and status == Check.CRITICAL:
         from registry.domain.sessions import invalidate_sessions_for_checks
 
@@ -646,7 +675,7 @@ def agent_register_needs(node: Node, spec: dict[str, Any]) -> list[Need]:
     """
     name = spec.get("Name", "")
     needs: list[Need] = [("service:write", name)]
-    replaced = ServiceInstance.objects.filter(node=node, service_id=spec.get("ID") or name).first()
+    replaced = rows.first(ServiceInstance, node_id=node.pk, service_id=spec.get("ID") or name)
     if replaced is not None and replaced.name != name:
         needs.append(("service:write", replaced.name))
     dest = (spec.get("Proxy") or {}).get("DestinationServiceName")
