@@ -171,12 +171,7 @@ def store_topics(latest: dict[str, int]) -> None:
 
 def topic_index(*topics: str) -> int:
     """The max index over `topics` (0 if none was ever written)."""
-    from django.db.models import Max
-
-    if len(topics) == 1:
-        row = TopicIndex.objects.filter(topic=topics[0]).values_list("index", flat=True).first()
-        return row or 0
-    return TopicIndex.objects.filter(topic__in=topics).aggregate(m=Max("index"))["m"] or 0
+    return topics_index(topics)
 
 
 def prefix_index(prefix: str) -> int:

@@ -61,7 +61,7 @@ def touch_node_services(change: Change, node: Node) -> None:
 
 
 def ensure_datacenter(name: str, change: Change | None = None) -> Datacenter:
-    dc = Datacenter.objects.filter(name=name).first()
+    dc = rows.first(Datacenter, name=name)
     if dc is not None:
         return dc
     if change is None:
@@ -132,8 +132,16 @@ def ensure_local_node() -> Node:
     return Node.objects.select_related("datacenter").get(pk=node.pk)
 
 
+def find_node(name: str) -> Node | None:
+    """The node named `name` with its datacenter, or None (plain SQL: every catalog write asks)."""
+    node = rows.first(Node, name=name)
+    if node is not None:
+        node.datacenter = rows.first(Datacenter, id=node.datacenter_id)
+    return node
+
+
 def get_node(name: str) -> Node:
-    node = Node.objects.select_related("datacenter").filter(name=name).first()
+    node = find_node(name)
     if node is None:
         raise NotFound(f'Node "{name}" not found')
     return node
@@ -389,8 +397,11 @@ def _save_instance(
     )
     if before is not None and (before["Service"] != svc.name or before["Tags"] != svc.tags):
         # Checks copy the service's name and tags; keep them current.
-        Check.objects.filter(node=node, service_id=service_id).update(
-            service_name=svc.name, service_tags=svc.tags, modify_index=change.index
+        rows.update_where(
+            Check,
+            {"service_name": svc.name, "service_tags": svc.tags, "modify_index": change.index},
+            node_id=node.pk,
+            service_id=service_id,
         )
     return svc
 
@@ -696,7 +707,7 @@ def catalog_register_needs(spec: dict[str, Any]) -> list[Need]:
     a check is attached to.
     """
     node = spec.get("Node", "")
-    existing = Node.objects.filter(name=node).first()
+    existing = rows.first(Node, name=node)
     needs: list[Need] = []
     if not spec.get("SkipNodeUpdate"):
         changes_node = (
@@ -715,7 +726,7 @@ def catalog_register_needs(spec: dict[str, Any]) -> list[Need]:
     def on_node(service_id: str) -> ServiceInstance | None:
         if existing is None or not service_id:
             return None
-        return ServiceInstance.objects.filter(node=existing, service_id=service_id).first()
+        return rows.first(ServiceInstance, node_id=existing.pk, service_id=service_id)
 
     service = spec.get("Service") or {}
     service_id = ""
@@ -749,7 +760,7 @@ def catalog_register(spec: dict[str, Any]) -> None:
         raise BadRequest("Must provide node")
     dc_name = spec.get("Datacenter") or settings.MESH_DC
     with Change() as change:
-        node = Node.objects.select_related("datacenter").filter(name=spec["Node"]).first()
+        node = find_node(spec["Node"])
         if node is None:
             if not spec.get("Address"):
                 raise BadRequest("Must provide address if SkipNodeUpdate is not set")
@@ -784,7 +795,9 @@ def catalog_register(spec: dict[str, Any]) -> None:
             if not c.get("CheckID") and not c.get("Name"):
                 raise BadRequest("Missing check ID or name")
             check_svc = svc
-            if c.get("ServiceID"):
+            if c.get("ServiceID") and svc is not None and c["ServiceID"] == svc.service_id:
+                pass  # the service this request registered
+            elif c.get("ServiceID"):
                 check_svc = (
                     ServiceInstance.objects.select_related("node")
                     .filter(node=node, service_id=c["ServiceID"])

@@ -267,3 +267,20 @@ def save(obj: models.Model) -> None:
             cur.execute(t.update, [*values, obj.pk])
     obj._state.adding = False
     obj._state.db = connection.alias
+
+
+def update_where(model: type[models.Model], values: dict[str, Any], **equal: Any) -> int:
+    """`UPDATE ... SET values WHERE equal` in one statement; returns the rows changed."""
+    t = _table(model)
+    by_name = {f.attname: (f, dump) for f, dump in zip(t.data_fields, t.dump, strict=True)}
+    sets, params = [], []
+    for name, v in values.items():
+        field, dump = by_name[name]
+        sets.append(f"{connection.ops.quote_name(field.column)} = %s")
+        params.append(v if dump is None else dump(v))
+    where = " AND ".join(f"{connection.ops.quote_name(k)} = %s" for k in equal)
+    with cursor() as cur:
+        cur.execute(
+            f"UPDATE {t.table} SET {', '.join(sets)} WHERE {where}", [*params, *equal.values()]
+        )
+        return cur.rowcount

@@ -67,14 +67,18 @@ class AgentControlServicer(mesh_pb2_grpc.AgentControlServicer):
         method: str,
         fn: Callable[..., T],
         *args: Any,
+        write: bool = False,
         **kwargs: Any,
     ) -> T:
+        """Run `fn` in an audit scope on the DB pool, or with `write` on the batching
+        writer (several agents' syncs then share one commit and one index reservation)."""
+
         def work() -> T:
             with audit.scope(actor, f"agent.{method}", "GRPC", _PATH + method):
                 return fn(*args, **kwargs)
 
         try:
-            return await db.run(work)
+            return await (db.run_write(work) if write else db.run(work))
         except MeshError as exc:
             code = _CODES.get(exc.status, grpc.StatusCode.INTERNAL)
             await context.abort(code, exc.message)
@@ -150,14 +154,20 @@ class AgentControlServicer(mesh_pb2_grpc.AgentControlServicer):
             )
             return agents.sync_node(caller.node, caller.datacenter, state)
 
-        index = await self._run(context, self._agent(caller), "SyncNode", sync)
+        index = await self._run(context, self._agent(caller), "SyncNode", sync, write=True)
         return mesh_pb2.SyncResponse(index=index)
 
     async def UpdateChecks(self, request: mesh_pb2.CheckUpdates, context) -> mesh_pb2.SyncResponse:
         caller = await self._caller(context)
         updates = [(u.check_id, u.status, u.output) for u in request.updates]
         index = await self._run(
-            context, self._agent(caller), "UpdateChecks", agents.update_checks, caller.node, updates
+            context,
+            self._agent(caller),
+            "UpdateChecks",
+            agents.update_checks,
+            caller.node,
+            updates,
+            write=True,
         )
         return mesh_pb2.SyncResponse(index=index)
 
