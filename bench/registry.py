@@ -806,6 +806,8 @@ def run_db(db: str, args, servers: int = 1, phases: set[str] | None = None) -> F
                     database_url=database_url,
                     extra_env={
                         "MESH_LOG_LEVEL": "WARNING",
+                        # The production default (test servers tick 5 times a second).
+                        "MESH_TASK_TICK_SECONDS": "1",
                         **dict(kv.split("=", 1) for kv in args.server_env),
                     },
                 )
