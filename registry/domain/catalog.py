@@ -8,7 +8,6 @@ parent) and maintenance mode is a `_service_maintenance:<id>` check.
 
 from __future__ import annotations
 
-import copy
 import time
 import uuid
 from collections.abc import Iterable
@@ -18,6 +17,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db.models import Q
+from django.db.models.base import ModelState
 from django.utils import timezone
 
 from registry.domain import rows, shapes
@@ -86,12 +86,23 @@ def local_node() -> Node:
     now = time.monotonic()
     cached = _local_node
     if cached is not None and now - cached[0] < _LOCAL_NODE_TTL:
-        return copy.copy(cached[1])
+        return _clone(cached[1])
     node = Node.objects.select_related("datacenter").filter(name=settings.MESH_NODE_NAME).first()
     if node is None:
         node = ensure_local_node()
     _local_node = (now, node)
-    return copy.copy(node)
+    return _clone(node)
+
+
+def _clone(node: Node) -> Node:
+    """A shallow copy of a node and its cached datacenter (cheaper than `copy.copy`,
+    which pickles the model's state: the agent API asks for the local node each request)."""
+    c = Node.__new__(Node)
+    c.__dict__.update(node.__dict__)
+    c._state = ModelState()
+    c._state.adding, c._state.db = False, node._state.db
+    c._state.fields_cache = dict(node._state.fields_cache)
+    return c
 
 
 def forget_local_node() -> None:
@@ -228,7 +239,9 @@ def _upsert_check(
     if existing is _Unknown:
         existing = rows.first(Check, node_id=node.pk, check_id=check_id)
     now = timezone.now()
-    check = existing or Check(node=node, check_id=check_id, create_index=change.index)
+    check = existing or rows.new(
+        Check, node_id=node.pk, check_id=check_id, create_index=change.index
+    )
     check.node = node
     check.name = name
     check.notes = spec.get("Notes", "")
@@ -366,7 +379,9 @@ def _save_instance(
     if svc is not None and svc.name != spec["Name"]:
         # Renaming an instance moves it between services: both lists change.
         change.touch(*service_topics(svc))
-    svc = svc or ServiceInstance(node=node, service_id=service_id, create_index=change.index)
+    svc = svc or rows.new(
+        ServiceInstance, node_id=node.pk, service_id=service_id, create_index=change.index
+    )
     svc.name = spec["Name"]
     svc.kind = kind
     svc.tags = spec.get("Tags", [])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -36,15 +37,58 @@ def cursor() -> Iterator[Any]:
     statement run a few times is prepared once and only executed after
     that. Errors still come out as Django's database exceptions.
     """
+    connection.ensure_connection()
+    if connection.vendor == "sqlite":
+        # sqlite3's own cursor: Django's wrapper rewrites every statement's
+        # placeholders with a regular expression.
+        with connection.wrap_database_errors:
+            cur = _SQLiteCursor(connection.connection.cursor())
+            try:
+                yield cur
+            finally:
+                cur.close()
+        return
     if connection.vendor != "postgresql":
         with connection.cursor() as cur:
             yield cur
         return
     import psycopg
 
-    connection.ensure_connection()
     with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cur:
         yield cur
+
+
+@functools.lru_cache(maxsize=512)
+def _qmark(sql: str) -> str:
+    return sql.replace("%s", "?").replace("%%", "%")
+
+
+class _SQLiteCursor:
+    """A sqlite3 cursor taking the `%s` placeholders the rest of the code writes."""
+
+    __slots__ = ("_cur",)
+
+    def __init__(self, cur) -> None:
+        self._cur = cur
+
+    def execute(self, sql: str, params=()) -> Any:
+        return self._cur.execute(_qmark(sql), params)
+
+    def executemany(self, sql: str, seq) -> Any:
+        return self._cur.executemany(_qmark(sql), seq)
+
+    def fetchone(self) -> Any:
+        return self._cur.fetchone()
+
+    def fetchall(self) -> list:
+        return self._cur.fetchall()
+
+    @property
+    def rowcount(self) -> int:
+        return self._cur.rowcount
+
+    def close(self) -> None:
+        self._cur.close()
 
 
 def _json(value: Any) -> Any:
@@ -224,6 +268,24 @@ def _table(model: type[models.Model]) -> _Table:
 def _row_to_model(t: _Table, row: tuple) -> Any:
     values = [v if load is None else load(v) for v, load in zip(row, t.load, strict=True)]
     return t.model.from_db(connection.alias, t.attnames, values)
+
+
+def new(model: type[M], **values: Any) -> M:
+    """A new (unsaved) model with `values` (attribute names), the rest at their defaults.
+
+    Positional construction: `Model(**kwargs)` costs several times more, and
+    the hot writes build one or two per registration.
+    """
+    t = _table(model)
+    args = []
+    for f, name in zip(t.fields, t.attnames, strict=True):
+        if name in values:
+            args.append(values[name])
+        elif f.primary_key:
+            args.append(None)
+        else:
+            args.append(f.get_default())
+    return model(*args)
 
 
 def first(model: type[M], **equal: Any) -> M | None:
