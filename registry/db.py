@@ -264,9 +264,9 @@ def _savepoint() -> Iterator[None]:
         if conn.needs_rollback:  # a failed inner block was caught and ignored
             raise RuntimeError("a write went on after a failed change")
     except BaseException:
+        conn.needs_rollback = False  # (as Atomic does) or the rollback itself is refused
         try:
             conn.savepoint_rollback(sid)
-            conn.needs_rollback = False
         except Exception:  # noqa: BLE001 - the connection broke: the batch fails as a whole
             conn.needs_rollback = True
         raise
