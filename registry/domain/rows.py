@@ -246,10 +246,11 @@ def _dumper(field: models.Field):
 
 
 def _datetime(value: Any) -> dt.datetime | None:
-    # SQLite hands datetimes back as text (UTC), PostgreSQL as aware datetimes.
-    if value is None or isinstance(value, dt.datetime):
-        return value
-    parsed = parse_datetime(value)
+    # PostgreSQL hands datetimes back aware; SQLite as naive UTC (parsed by the
+    # connection's converters) or as text: the models hold them aware.
+    if value is None:
+        return None
+    parsed = value if isinstance(value, dt.datetime) else parse_datetime(value)
     if parsed is not None and parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.UTC)
     return parsed
