@@ -64,6 +64,7 @@ class ProxyState:
     acked_version: int = 0
     nacked_version: int = 0
     last_error: str = ""
+    compiles: int = 0  # compilations on this stream (a wake that changed nothing counts too)
 
 
 def _comparable(config: ProxyConfig) -> bytes:
@@ -219,6 +220,9 @@ class ProxyConfigStream:
         chases = 0
         try:
             while True:
+                state = self.proxies.get(proxy_id)
+                if state is not None:
+                    state.compiles += 1
                 try:
                     config, deps = await db.run(self.compile, self.node, proxy_id)
                 except NotFound:
