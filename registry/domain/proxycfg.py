@@ -85,18 +85,85 @@ LOCAL_APP_DEFAULT = "127.0.0.1"
 PASSING, WARNING, CRITICAL = "passing", "warning", "critical"
 _STATUS_ORDER = {PASSING: 0, WARNING: 1, CRITICAL: 2}
 
-# Topics every compiled config depends on, whatever its upstreams.
+# Topics every compiled config depends on, whatever its service and upstreams:
+# the CA roots, the `mesh` entry (AllowByDefault) and the wildcard-destination
+# intentions. Config entries are added one by one as the compile reads them
+# (`EntryReads`), intentions by destination (`intentions_for`).
 BASE_TOPICS = frozenset(
     {
-        topic.INTENTIONS,
         topic.CA_ROOTS,
-        topic.DISCOVERY_CHAIN,
-        topic.config_kind("mesh"),
-        topic.config_kind("service-defaults"),
-        topic.config_kind("proxy-defaults"),
-        *(topic.config_kind(kind) for kind in pure_entries.CHAIN_KINDS),
+        topic.config_entry("mesh", "mesh"),
+        topic.intentions_for(topic.WILDCARD),
     }
 )
+
+
+class _KindReads(Mapping[str, Mapping[str, Any]]):
+    """The entries of one kind, noting each name looked up (found or not)."""
+
+    __slots__ = ("_kind", "_entries", "_log")
+
+    def __init__(self, kind: str, entries: Mapping[str, Mapping[str, Any]], log: EntryReads):
+        self._kind, self._entries, self._log = kind, entries, log
+
+    def __getitem__(self, name: str) -> Mapping[str, Any]:
+        self._log.names.add((self._kind, name))
+        return self._entries[name]
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        self._log.names.add((self._kind, name))
+        return self._entries.get(name, default)
+
+    def __contains__(self, name: object) -> bool:
+        self._log.names.add((self._kind, str(name)))
+        return name in self._entries
+
+    def __iter__(self):
+        self._log.kinds.add(self._kind)  # a walk over the kind depends on all of it
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        self._log.kinds.add(self._kind)
+        return len(self._entries)
+
+
+class EntryReads(Mapping[str, Mapping[str, Mapping[str, Any]]]):
+    """Config entries (kind -> name -> data) that remember what a compile read.
+
+    `gather` hands this to the chain compiler and the translation; afterwards
+    `names` holds every (kind, name) looked up — a lookup that found nothing
+    counts too, since creating that entry would change the result — and
+    `kinds` every kind walked whole. `dependency_topics` turns them into
+    `config:<kind>:<name>` (or `config:<kind>`) topics, so a config entry write
+    recompiles only the proxies that read that entry.
+    """
+
+    def __init__(self, entries: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
+        self._entries = entries
+        self.names: set[tuple[str, str]] = set()
+        self.kinds: set[str] = set()
+
+    def __getitem__(self, kind: str) -> Mapping[str, Mapping[str, Any]]:
+        return _KindReads(kind, self._entries.get(kind) or {}, self)
+
+    def get(self, kind: str, default: Any = None) -> Any:  # type: ignore[override]
+        # An absent kind still answers (and notes) lookups: a later entry of it matters.
+        return self[kind]
+
+    def __contains__(self, kind: object) -> bool:
+        return kind in self._entries
+
+    def __iter__(self):
+        self.kinds.update(self._entries)
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def topics(self) -> set[str]:
+        out = {topic.config_entry(kind, name) for kind, name in self.names}
+        out.update(topic.config_kind(kind) for kind in self.kinds)
+        return out
 
 
 # =========================================================================== snapshot
@@ -181,7 +248,7 @@ def build_proxy_config(snap: ProxySnapshot) -> ProxyConfig:
 
 
 def _entry(entries: Mapping, kind: str, name: str) -> Mapping[str, Any]:
-    return (entries.get(kind) or {}).get(name) or {}
+    return entries.get(kind, {}).get(name) or {}
 
 
 def _fold_get(data: Mapping[str, Any] | None, name: str, default: Any = None) -> Any:
@@ -639,12 +706,25 @@ def translate_upstream(snap: ProxySnapshot, us: UpstreamSnapshot) -> Upstream:
 
 
 def dependency_topics(snap: ProxySnapshot) -> set[str]:
-    """The change-hub topics whose change may change this config (pure)."""
+    """The change-hub topics whose change may change this config (pure).
+
+    Precise, so that a write recompiles only the proxies it concerns: the
+    intentions whose destination is this proxy's service (and the wildcard
+    ones), the config entries the compile actually looked up (when the
+    snapshot's entries are an `EntryReads`; plain entries, as the pure tests
+    build them, depend on every chain kind), the instances of the service,
+    its upstreams and their chain targets, the node, the CA roots, the mesh
+    entry. Call it after `build_proxy_config`, so the translation's lookups
+    are recorded too."""
     topics = set(BASE_TOPICS)
+    if isinstance(snap.entries, EntryReads):
+        topics.update(snap.entries.topics())
+    else:
+        topics.update(topic.config_kind(kind) for kind in pure_entries.CHAIN_KINDS)
     topics.add(topic.service(snap.proxy["Service"]))
     topics.add(topic.node(snap.node["Node"]))
     if snap.service:
-        topics.add(topic.service(snap.service))
+        topics.update((topic.service(snap.service), topic.intentions_for(snap.service)))
     cross_dc = False
     for us in snap.upstreams:
         dest = us.upstream.get("DestinationName", "")
@@ -824,7 +904,7 @@ def gather(node_name: str, proxy_id: str) -> ProxySnapshot:
         _index, found = intentions.match(Authorizer.management(), "destination", [service])
         rows = found.get(service, [])
 
-    entries = config_entries.snapshot()
+    entries = EntryReads(config_entries.snapshot())
     upstreams = tuple(
         _gather_upstream(service, proxy_json, u, local_dc, trust_domain, entries)
         for u in p.get("Upstreams") or ()
@@ -869,9 +949,10 @@ def compile_proxy(node_name: str, proxy_id: str) -> tuple[ProxyConfig, set[str]]
     from registry.txn import topics_index
 
     snap = gather(node_name, proxy_id)
+    config = build_proxy_config(snap)  # before the topics: its entry lookups count
     topics = dependency_topics(snap)
-    snap = dataclasses.replace(snap, version=topics_index(tuple(sorted(topics))))
-    return build_proxy_config(snap), topics
+    version = topics_index(tuple(sorted(topics)))
+    return dataclasses.replace(config, version=version), topics
 
 
 def find_proxy(service: str, *, proxy_id: str = "", node: str = "") -> tuple[str, str]:
