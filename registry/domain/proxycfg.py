@@ -24,6 +24,11 @@ topics the result depends on (`dependency_topics`); the config's `version`
 is the highest index of those topics, so a change to anything the config
 was built from yields a higher version.
 
+One write can wake a thousand sidecars at once, so `gather` shares what they
+read alike (roots, entries, a service's intentions, an upstream's chain and
+instances) for one value of the global index (`_SharedReads`), and keeps
+each proxy's own rows while its node's topic is unchanged (`_proxy_rows`).
+
 Choices worth knowing (see docs/proxy-config.md):
 * an endpoint is healthy when neither its sidecar's checks (node checks
   included) nor the checks of the service instance it fronts are critical
@@ -46,7 +51,9 @@ Choices worth knowing (see docs/proxy-config.md):
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,6 +147,7 @@ class EntryReads(Mapping[str, Mapping[str, Mapping[str, Any]]]):
 
     def __init__(self, entries: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
         self._entries = entries
+        self.data = entries  # what it wraps
         self.names: set[tuple[str, str]] = set()
         self.kinds: set[str] = set()
 
@@ -747,6 +755,65 @@ def dependency_topics(snap: ProxySnapshot) -> set[str]:
 # =========================================================================== gather (database)
 
 
+class _SharedReads:
+    """What every proxy's gather reads alike (CA roots, config entries, the
+    intentions of a service, an upstream's chain and instances, gateways),
+    kept for one value of the global index.
+
+    A write wakes every proxy that depends on it at once: without this, N
+    sidecars of one service would each run the same queries and compile the
+    same chains. Every write takes a new global index, so data read *after*
+    reading the index N is at least as new as N: keeping it under N never
+    serves older data than a reader of N could see, and the first compile at
+    a higher index starts a new generation. Values are shared between
+    compiles, so they are immutable (tuples, frozen dataclasses) or never
+    modified by the (pure) translation.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._index = -1
+        self._values: dict[tuple, Any] = {}
+
+    def generation(self, index: int) -> dict[tuple, Any]:
+        with self._lock:
+            if index != self._index:
+                self._index, self._values = index, {}
+            return self._values
+
+    def forget(self) -> None:
+        with self._lock:
+            self._index, self._values = -1, {}
+        with _rows_lock:
+            _rows.clear()
+
+
+_shared = _SharedReads()
+
+
+def forget_shared_reads() -> None:
+    """Drop the shared reads (tests roll the database back, so an index value
+    can come back with different rows behind it)."""
+    _shared.forget()
+
+
+def _global_index() -> int:
+    from django.db import connection
+
+    with connection.cursor() as cur:
+        cur.execute("SELECT value FROM registry_meshindex WHERE id = 1")
+        row = cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+def _once(shared: dict[tuple, Any], key: tuple, make):
+    """`shared[key]`, made on first use (two threads may both make it: same value)."""
+    try:
+        return shared[key]
+    except KeyError:
+        return shared.setdefault(key, make())
+
+
 def _find_proxy_row(node_name: str, proxy_id: str):
     from registry.errors import NotFound
     from registry.models import ServiceInstance
@@ -873,40 +940,94 @@ def _gather_upstream(
     return dataclasses.replace(planned, instances=instances)
 
 
+_ProxyRows = tuple[str, dict, dict, dict | None]  # datacenter, node, proxy, destination JSON
+_rows_lock = threading.Lock()
+_rows: dict[tuple[str, str], tuple[int, _ProxyRows]] = {}
+
+
+def _proxy_rows(node_name: str, proxy_id: str) -> _ProxyRows:
+    """The proxy's own rows as JSON: its datacenter, node, registration and the
+    instance it fronts. Kept per proxy while its node's topic is unchanged
+    (every change to a service or check on the node touches it); the index
+    is read before the rows, as in `_SharedReads`."""
+    from registry.domain import shapes
+    from registry.models import ServiceInstance
+    from registry.txn import topics_index
+
+    key = (node_name, proxy_id)
+    index = topics_index((topic.node(node_name),))
+    with _rows_lock:
+        hit = _rows.get(key)
+    if hit is not None and hit[0] == index and index:
+        return hit[1]
+    try:
+        row = _find_proxy_row(node_name, proxy_id)
+    except Exception:
+        with _rows_lock:
+            _rows.pop(key, None)
+        raise
+    node = row.node
+    proxy_json = shapes.agent_service_json(row)
+    dest_id = (proxy_json.get("Proxy") or {}).get("DestinationServiceID")
+    dest_row = None
+    if dest_id:
+        dest_row = (
+            ServiceInstance.objects.select_related("node__datacenter")
+            .filter(node=node, service_id=dest_id)
+            .first()
+        )
+    rows: _ProxyRows = (
+        node.datacenter.name,
+        shapes.node_json(node),
+        proxy_json,
+        shapes.agent_service_json(dest_row) if dest_row is not None else None,
+    )
+    with _rows_lock:
+        _rows[key] = (index, rows)
+    return rows
+
+
 def gather(node_name: str, proxy_id: str) -> ProxySnapshot:
     """Read everything `proxy_id` on `node_name` depends on (see the module doc).
     Raises NotFound if there is no such connect-proxy on that node."""
     from registry.acl_rules import Authorizer
-    from registry.domain import config_entries, connect_ca, intentions, shapes
-    from registry.models import ServiceInstance
+    from registry.domain import config_entries, connect_ca, intentions
 
-    row = _find_proxy_row(node_name, proxy_id)
-    node = row.node
-    local_dc = node.datacenter.name
-    proxy_json = shapes.agent_service_json(row)
+    shared = _shared.generation(_global_index())  # read first: see `_SharedReads`
+    local_dc, node_json, proxy_json, destination = _proxy_rows(node_name, proxy_id)
     p = proxy_json.get("Proxy") or {}
     service = p.get("DestinationServiceName") or ""
 
-    dest_row = None
-    if p.get("DestinationServiceID"):
-        dest_row = (
-            ServiceInstance.objects.select_related("node__datacenter")
-            .filter(node=node, service_id=p["DestinationServiceID"])
-            .first()
-        )
+    def read_roots() -> tuple[str, tuple[str, ...]]:
+        _index, data = connect_ca.roots_json()
+        ordered = sorted(data["Roots"], key=lambda r: not r["Active"])  # stable: active first
+        return data["TrustDomain"], tuple(r["RootCert"] for r in ordered)
 
-    _index, roots_data = connect_ca.roots_json()
-    trust_domain = roots_data["TrustDomain"]
-    roots = sorted(roots_data["Roots"], key=lambda r: not r["Active"])  # stable: active first
-
-    rows: list = []
-    if service:
+    def read_intentions() -> tuple[dict, ...]:
         _index, found = intentions.match(Authorizer.management(), "destination", [service])
-        rows = found.get(service, [])
+        return tuple(intentions.intention_json(r) for r in found.get(service, []))
 
-    entries = EntryReads(config_entries.snapshot())
+    trust_domain, roots = _once(shared, ("roots",), read_roots)
+    rules = _once(shared, ("intentions", service), read_intentions) if service else ()
+    allow = _once(shared, ("allow-by-default",), intentions.default_allow)
+    entries = EntryReads(_once(shared, ("entries",), config_entries.snapshot))
+
+    def upstream(u: Mapping[str, Any]) -> UpstreamSnapshot:
+        mode = (p.get("MeshGateway") or {}).get("Mode") or ""
+        key = ("upstream", service, json.dumps(u, sort_keys=True), mode, local_dc, trust_domain)
+
+        def make() -> tuple[UpstreamSnapshot, frozenset, frozenset]:
+            reads = EntryReads(entries.data)
+            us = _gather_upstream(service, proxy_json, u, local_dc, trust_domain, reads)
+            return us, frozenset(reads.names), frozenset(reads.kinds)
+
+        us, names, kinds = _once(shared, key, make)
+        entries.names.update(names)
+        entries.kinds.update(kinds)
+        return us
+
     upstreams = tuple(
-        _gather_upstream(service, proxy_json, u, local_dc, trust_domain, entries)
+        upstream(u)
         for u in p.get("Upstreams") or ()
         if (u.get("DestinationType") or "service") == "service" and u.get("DestinationName")
     )
@@ -919,17 +1040,20 @@ def gather(node_name: str, proxy_id: str) -> ProxySnapshot:
     }
     if gateway_dcs:
         gateway_dcs.add(local_dc)
-    gateways = {dc: _gateway_candidates(dc) for dc in sorted(gateway_dcs)}
+    gateways = {
+        dc: _once(shared, ("gateways", dc), lambda dc=dc: _gateway_candidates(dc))
+        for dc in sorted(gateway_dcs)
+    }
 
     return ProxySnapshot(
         datacenter=local_dc,
         trust_domain=trust_domain,
-        node=shapes.node_json(node),
+        node=node_json,
         proxy=proxy_json,
-        destination=shapes.agent_service_json(dest_row) if dest_row is not None else None,
-        roots=tuple(r["RootCert"] for r in roots),
-        intentions=tuple(intentions.intention_json(r) for r in rows),
-        allow_by_default=intentions.default_allow(),
+        destination=destination,
+        roots=roots,
+        intentions=rules,
+        allow_by_default=allow,
         entries=entries,
         upstreams=upstreams,
         gateways=gateways,

@@ -895,6 +895,36 @@ def test_a_write_wakes_only_the_proxies_that_read_what_it_changed(mesh):
     assert _woken_by_last_write(deps) == set(nodes)  # every protocol falls back to it
 
 
+def test_proxies_compiled_at_one_index_share_reads_but_keep_their_own_rows(mesh):
+    # A second web sidecar elsewhere, with its upstream on another port.
+    register_app(
+        "web",
+        "host-c",
+        "10.0.0.12",
+        port=8081,
+        upstreams=[{"DestinationName": "api", "LocalBindPort": 9292}],
+    )
+    a, _ = compiled()
+    c, _ = proxycfg.compile_proxy("host-c", "web-sidecar-proxy")
+    assert (a.node, a.inbound.local_app_port, a.upstreams[0].local_bind_port) == (
+        "host-a",
+        8080,
+        9191,
+    )
+    assert (c.node, c.inbound.local_app_port, c.upstreams[0].local_bind_port) == (
+        "host-c",
+        8081,
+        9292,
+    )
+    assert a.upstreams[0].clusters == c.upstreams[0].clusters  # same chain and endpoints
+
+    # Its own registration changes (node topic): the new rows are read.
+    register_app("web", "host-a", "10.0.0.10", port=8090, upstreams=[])
+    again, _ = compiled()
+    assert again.inbound.local_app_port == 8090 and again.upstreams == ()
+    assert again.version > a.version
+
+
 def test_find_proxy_picks_a_sidecar_and_says_what_is_missing(mesh):
     register_app("web", "host-c", "10.0.0.12", port=8080)
     assert proxycfg.find_proxy("web") == ("host-a", "web-sidecar-proxy")
