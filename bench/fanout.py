@@ -35,6 +35,8 @@ import json
 import os
 import resource
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -287,6 +289,28 @@ async def one_write(fleet: Fleet, kind: str, n: int, args) -> Round:
     compiles_before = await fleet.compiles()
     await wait_quiet(fleet.srv.proc.pid)
     cpu0 = cpu_seconds(fleet.srv.proc.pid)
+    sampler = None
+    if args.profile and n == 0:
+        # py-spy (not a dependency: `.venv/bin/pip install py-spy`) on the server for this write.
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        out = Path(args.profile) / f"{kind.replace(' ', '-')}.txt"
+        sampler = subprocess.Popen(
+            [
+                "py-spy",
+                "record",
+                "-f",
+                "raw",
+                "-r",
+                "200",
+                "-o",
+                str(out),
+                "-p",
+                str(fleet.srv.proc.pid),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        await asyncio.sleep(1.0)
     async with httpx.AsyncClient(base_url=fleet.srv.url, timeout=60) as http:
         t0 = time.monotonic()
         r = await http.put(
@@ -297,6 +321,9 @@ async def one_write(fleet: Fleet, kind: str, n: int, args) -> Round:
     r.raise_for_status()
     await fleet.wait_updates({i: before[i] for i in expected}, args.timeout)
     cpu1 = cpu_seconds(fleet.srv.proc.pid)
+    if sampler is not None:
+        sampler.send_signal(signal.SIGINT)
+        await asyncio.to_thread(sampler.wait, 30)
     latencies = [
         1000 * (fleet.streams[i].arrivals[before[i]] - t0)
         for i in expected
@@ -425,6 +452,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--writes", type=int, default=5, help="writes of each kind")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for one write")
     ap.add_argument("--server-env", action="append", default=[], metavar="K=V")
+    ap.add_argument(
+        "--profile", metavar="DIR", help="py-spy the server during the first write of each kind"
+    )
     args = ap.parse_args(argv)
     if min(args.streams, args.nodes, args.services) < 1:
         ap.error("--streams, --nodes and --services must be at least 1")

@@ -217,9 +217,23 @@ class ProxyConfig:
         return cls.from_json(data)
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...] | None] = {}  # None: not a dataclass
+
+
 def _dump(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {f.name: _dump(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    # Hot: a config with large clusters has thousands of fields, and the control
+    # plane dumps one per sidecar a change reaches. Field names are kept per class.
+    cls = type(value)
+    try:
+        names = _FIELD_NAMES[cls]
+    except KeyError:
+        names = _FIELD_NAMES[cls] = (
+            tuple(f.name for f in dataclasses.fields(value))
+            if dataclasses.is_dataclass(value)
+            else None
+        )
+    if names is not None:
+        return {name: _dump(getattr(value, name)) for name in names}
     if isinstance(value, tuple | list):
         return [_dump(v) for v in value]
     return value

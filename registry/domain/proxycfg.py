@@ -807,11 +807,17 @@ def _global_index() -> int:
 
 
 def _once(shared: dict[tuple, Any], key: tuple, make):
-    """`shared[key]`, made on first use (two threads may both make it: same value)."""
+    """`shared[key]`, made on first use by one thread while the others wanting
+    it wait (a fan-out starts every DB thread on the same keys at once)."""
     try:
         return shared[key]
     except KeyError:
-        return shared.setdefault(key, make())
+        pass
+    with shared.setdefault(("making", *key), threading.Lock()):  # setdefault is atomic
+        try:
+            return shared[key]
+        except KeyError:
+            return shared.setdefault(key, make())
 
 
 def _find_proxy_row(node_name: str, proxy_id: str):
