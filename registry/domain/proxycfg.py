@@ -201,6 +201,10 @@ class UpstreamSnapshot:
     chain: Mapping[str, Any] | None  # the compiled chain; None if it did not compile
     instances: Mapping[str, tuple[Candidate, ...]] = field(default_factory=dict)  # by target ID
     error: str = ""  # why the chain did not compile
+    # Translations of this upstream, by (datacenter, trust domain): `gather`
+    # shares one UpstreamSnapshot among the proxies of a generation, so they
+    # share its translation too (a cache, not data: left out of ==).
+    translated: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -247,7 +251,7 @@ def build_proxy_config(snap: ProxySnapshot) -> ProxyConfig:
             snap.trust_domain, service, snap.datacenter, snap.namespace
         ).uri,
         inbound=translate_inbound(snap),
-        upstreams=tuple(translate_upstream(snap, u) for u in snap.upstreams),
+        upstreams=tuple(_translate_shared(snap, u) for u in snap.upstreams),
         intentions=tuple(dict(i) for i in snap.intentions),
         default_allow=snap.allow_by_default,
         roots=snap.roots,
@@ -685,6 +689,28 @@ def translate_cluster(
         limits=_limits(us.settings),
         outlier=_outlier(us.settings),
     )
+
+
+def _translate_shared(snap: ProxySnapshot, us: UpstreamSnapshot) -> Upstream:
+    """`translate_upstream`, once per UpstreamSnapshot and (datacenter, trust
+    domain) — the other inputs, the entries' data and the gateways, are the
+    same for every proxy sharing the snapshot. The entry lookups it made are
+    replayed into `snap.entries`, so each proxy still depends on them. With
+    gateways in play it is not shared (they are per proxy in the pure tests)."""
+    if snap.gateways or not isinstance(snap.entries, EntryReads):
+        return translate_upstream(snap, us)
+    key = (snap.datacenter, snap.trust_domain)
+    hit = us.translated.get(key)
+    if hit is None:
+        reads = EntryReads(snap.entries.data)
+        upstream = translate_upstream(dataclasses.replace(snap, entries=reads), us)
+        hit = us.translated.setdefault(
+            key, (upstream, frozenset(reads.names), frozenset(reads.kinds))
+        )
+    upstream, names, kinds = hit
+    snap.entries.names.update(names)
+    snap.entries.kinds.update(kinds)
+    return upstream
 
 
 def translate_upstream(snap: ProxySnapshot, us: UpstreamSnapshot) -> Upstream:
