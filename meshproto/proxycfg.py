@@ -197,7 +197,16 @@ class ProxyConfig:
         return _dump(self)
 
     def dumps(self) -> bytes:
-        return json.dumps(self.to_json(), separators=(",", ":"), sort_keys=True).encode()
+        # The control plane shares one Upstream object among the sidecars a
+        # change reaches: its JSON is built once (kept on the frozen object,
+        # used only here, where nothing can modify it).
+        data = {
+            f.name: _dump(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name != "upstreams"
+        }
+        data["upstreams"] = [_dumped_once(u) for u in self.upstreams]
+        return json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ProxyConfig:
@@ -218,6 +227,14 @@ class ProxyConfig:
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...] | None] = {}  # None: not a dataclass
+
+
+def _dumped_once(value: Any) -> Any:
+    cached = value.__dict__.get("_dumped")
+    if cached is None:
+        cached = _dump(value)
+        object.__setattr__(value, "_dumped", cached)  # a cache on a frozen value, not a field
+    return cached
 
 
 def _dump(value: Any) -> Any:
