@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from django.urls import URLResolver, get_resolver
 
-from registry import audit
+from registry import audit, topics
 from registry.domain import kv
 from registry.domain.acl import strip_token_param
 from registry.models import AuditEntry
@@ -160,13 +160,13 @@ def test_no_secret_survives_in_an_entry_for(db, action):
     with audit.scope(OPERATOR, action, "PUT", path) as s:
         # A record the domain writes explicitly...
         with Change() as w:
-            w.touch("test")
+            w.touch(topics.kv("audit-test"))
             w.audit(action, "thing", "id-1", poisoned(), poisoned())
         # ...and the request body recorded for a write that writes no record of its own.
         s.body = poisoned()
         s.recorded = False
         with Change() as w:
-            w.touch("test")
+            w.touch(topics.kv("audit-test"))
     assert AuditEntry.objects.filter(action=action).count() == 2
     stored = _stored_text()
     leaked = [secret for secret in SECRETS if secret in stored]
@@ -182,7 +182,7 @@ def test_no_secret_survives_in_an_entry_for(db, action):
 
 def test_an_action_without_a_rule_is_recorded_without_its_state(db):
     with audit.scope(OPERATOR, "brand.new", "PUT", "/v1/new"), Change() as w:
-        w.touch("test")
+        w.touch(topics.kv("audit-test"))
         w.audit("brand.new", "thing", "id-1", None, {"SecretID": ACL_SECRET})
     entry = AuditEntry.objects.get(action="brand.new")
     assert ACL_SECRET not in json.dumps(entry.after)
