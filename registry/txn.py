@@ -95,6 +95,9 @@ class Change:
         scope.recorded = True
         actor = scope.actor
         at = timezone.now()
+        path = audit.redact_path(scope.path)[:2048]
+        # The one place entry rows are made, so the one place they are redacted:
+        # no secret may reach a row that `operator:read` can list (see registry.audit).
         return [
             (
                 at,
@@ -106,9 +109,9 @@ class Change:
                 rtype[:64],
                 rid[:1024],
                 scope.method[:8],
-                scope.path[:2048],
-                _json_or_null(audit.jsonable(before)),
-                _json_or_null(audit.jsonable(after)),
+                path,
+                _json_or_null(audit.jsonable(audit.redact(action, before))),
+                _json_or_null(audit.jsonable(audit.redact(action, after))),
             )
             for action, rtype, rid, before, after in entries
         ]
