@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.conf import settings
 
+from meshproto.registration import rules
 from registry import decode
 from registry.domain import catalog, reads
 from registry.errors import BadRequest, NotFound
@@ -213,8 +214,8 @@ def check_update(ctx: Ctx, check_id: str) -> Reply:
     if status not in (Check.PASSING, Check.WARNING, Check.CRITICAL):
         raise BadRequest(f"Invalid check status: {status!r}")
     output = body.get("Output")
-    if output is not None and len(output) > 4096:
-        output = output[:4096] + f" ... (captured 4096 of {len(output)} bytes)"
+    if output is not None:
+        output = rules.truncate_output(output)
     return _ttl_update(ctx, check_id, status, output)
 
 
