@@ -124,6 +124,21 @@ def parse_json(data: bytes | str, path: str = "") -> Any:
 
 
 # --- field decoders -----------------------------------------------------------------
+# Each carries `kind` (and `item` / `factory` for containers) so that a table can be
+# walked field by field (the tests do, to prove every field works on every path).
+
+
+def _kind(kind: str, **info: Any) -> Callable[[Decoder], Decoder]:
+    def mark(fn: Decoder) -> Decoder:
+        fn.kind = kind  # type: ignore[attr-defined]
+        for k, v in info.items():
+            setattr(fn, k, v)
+        return fn
+
+    return mark
+
+
+@_kind("str")
 
 
 def Str(value: Any, path: str, mode: Mode) -> str:
@@ -137,6 +152,7 @@ def Str(value: Any, path: str, mode: Mode) -> str:
 def IntIn(lo: int, hi: int) -> Decoder:
     """An integer between `lo` and `hi` (a float that is a whole number counts)."""
 
+    @_kind("int", lo=lo, hi=hi)
     def decode(value: Any, path: str, mode: Mode) -> int:
         if value is None:
             return 0
@@ -156,6 +172,7 @@ def IntIn(lo: int, hi: int) -> Decoder:
 Int = IntIn(*INT64)
 
 
+@_kind("bool")
 def Bool(value: Any, path: str, mode: Mode) -> bool:
     if value is None:
         return False
@@ -166,12 +183,14 @@ def Bool(value: Any, path: str, mode: Mode) -> bool:
     return value
 
 
+@_kind("any")
 def Anything(value: Any, path: str, mode: Mode) -> Any:
     """Opaque content (proxy `Config`, ...): kept as given, within the bounds."""
     check_depth(value, path)
     return value
 
 
+@_kind("duration")
 def Duration(value: Any, path: str, mode: Mode) -> str:
     """A Go duration string or integer nanoseconds, as the Go string ("10s")."""
     if isinstance(value, bool) or not isinstance(value, str | int | float | type(None)):
@@ -185,12 +204,14 @@ def Duration(value: Any, path: str, mode: Mode) -> str:
         raise DecodeError(path, message) from None
 
 
+@_kind("duration")
 def Seconds(value: Any, path: str, mode: Mode) -> float:
     """A duration as `Duration` reads it, in seconds (for callers that compute with it)."""
     return durations.parse_duration(Duration(value, path, mode))
 
 
 def ListOf(item: Decoder) -> Decoder:
+    @_kind("list", item=item)
     def decode(value: Any, path: str, mode: Mode) -> list:
         if value is None:
             return []
@@ -206,6 +227,7 @@ def ListOf(item: Decoder) -> Decoder:
 def MapOf(item: Decoder) -> Decoder:
     """A user map: keys kept as sent, values decoded."""
 
+    @_kind("map", item=item)
     def decode(value: Any, path: str, mode: Mode) -> dict:
         if value is None:
             return {}
@@ -261,7 +283,12 @@ class Struct:
 
 def Lazy(factory: Callable[[], Struct]) -> Decoder:
     """For recursive tables (a sidecar service is a service)."""
-    return lambda value, path, mode: factory().decode(value, path, mode)
+
+    @_kind("lazy", factory=factory)
+    def decode(value: Any, path: str, mode: Mode) -> Any:
+        return factory().decode(value, path, mode)
+
+    return decode
 
 
 # --- Consul's structures --------------------------------------------------------------
