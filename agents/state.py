@@ -228,7 +228,9 @@ class LocalState:
             CheckState(
                 check_id=c.check_id,
                 name=c.name,
-                definition={k: v for k, v in c.spec.items() if k not in ("Status", "Name", "Notes")},
+                definition={
+                    k: v for k, v in c.spec.items() if k not in ("Status", "Name", "Notes")
+                },
                 service_id=svc.id,
                 service_name=svc.name,
                 service_tags=list(svc.definition.get("Tags") or []),
@@ -324,7 +326,6 @@ class LocalState:
         # Forget the ports of sidecars that are gone (a later one may take them).
         self.sidecar_ports = {s.id: s.port for s in services.values() if s.kind == "connect-proxy"}
         self.version += 1
-
 
     def _maintenance_check(self, service_id: str, reason: str) -> CheckState:
         spec = rules.maintenance_check(service_id, reason)

@@ -139,8 +139,6 @@ def _kind(kind: str, **info: Any) -> Callable[[Decoder], Decoder]:
 
 
 @_kind("str")
-
-
 def Str(value: Any, path: str, mode: Mode) -> str:
     if value is None:
         return ""

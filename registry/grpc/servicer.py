@@ -157,7 +157,12 @@ class AgentControlServicer(mesh_pb2_grpc.AgentControlServicer):
         caller = await self._caller(context)
         updates = [(u.check_id, u.status, u.output) for u in request.updates]
         index = await self._run(
-            context, self._agent(caller), "UpdateChecks", node_sync.update_checks, caller.node, updates
+            context,
+            self._agent(caller),
+            "UpdateChecks",
+            node_sync.update_checks,
+            caller.node,
+            updates,
         )
         return mesh_pb2.SyncResponse(index=index)
 
