@@ -248,8 +248,9 @@ def fold(name: str) -> str:
 
 class Struct:
     """A struct with canonical field names; decodes to a dict holding only the
-    fields that were present. Calling it decodes a whole value (bounds checked
-    first); nested structs decode through `decode`."""
+    fields that were present. Calling it decodes a whole value; nested structs
+    decode through `decode`. The decoder only descends as deep as the table
+    does; opaque content (`Anything`) has its depth checked where it is."""
 
     def __init__(self, fields: dict[str, Decoder | Struct], **aliases: str) -> None:
         self.fields: dict[str, Decoder] = {
@@ -260,7 +261,6 @@ class Struct:
             self._by_fold[fold(alias)] = target
 
     def __call__(self, value: Any, path: str = "", mode: Mode = STRICT) -> dict:
-        check_depth(value, path)
         return self.decode(value, path, mode)
 
     def decode(self, value: Any, path: str, mode: Mode) -> dict:
