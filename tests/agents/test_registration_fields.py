@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from meshproto.registration import decode
-from meshproto.servicedefs import DefinitionError, canonical_service
+from meshproto.servicedefs import DefinitionError, canonical_service, load_config_file
 from tests.agents.conftest import eventually
 
 pytestmark = pytest.mark.slow
@@ -289,3 +289,24 @@ def test_a_new_field_is_walked_without_touching_the_walk(monkeypatch):
     _defs, walk, _script = definitions()
     assert (id(decode.UPSTREAM), "WalkNew") in walk.visited
     assert any(path.endswith("Upstreams[0].WalkNew") for path, _ in walk.markers)
+
+
+def test_the_agents_local_api_and_files_keep_the_decoders_bounds(make_agent, tmp_path):
+    agent = make_agent()
+    with agent.client() as http:
+        for body in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000):
+            r = http.put("/v1/agent/service/register", content=body)
+            assert r.status_code == 400 and "nested deeper than 64 levels" in r.text
+        for check, field in (
+            ({"TTL": "1000000000h"}, "Check.TTL"),
+            ({"TTL": "1s", "Interval": 2**63}, "Check.Interval"),
+        ):
+            r = http.put("/v1/agent/service/register", json={"Name": "bounded", "Check": check})
+            assert r.status_code == 400 and field in r.text, r.text
+        r = http.put("/v1/agent/service/register", content=b'{"Name": "bounded", "Port": NaN}')
+        assert r.status_code == 400 and "NaN is not valid JSON" in r.text
+        assert "bounded" not in http.get("/v1/agent/services").json()
+    path = tmp_path / "bounded.yaml"
+    path.write_text("service:\n  name: bounded\n  port: .nan\n")
+    with pytest.raises(DefinitionError, match="bounded.yaml: service\\[0\\].Port"):
+        load_config_file(path)
