@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from agents.agent import Agent
 
 MAX_BODY = 1 << 20
-VERSION = "1.17.0"
+VERSION = shapes.VERSION
 STATUS_CODE = {"passing": 200, "warning": 429, "critical": 503, "maintenance": 503}
 
 
@@ -155,24 +155,14 @@ async def self_(agent: Agent, req: Request) -> Reply:
 
 
 def member(agent: Agent) -> dict[str, Any]:
-    return {
-        "Name": agent.node,
-        "Addr": agent.config.bind,
-        "Port": agent.config.http_port,
-        "Tags": {
-            "role": "node",
-            "dc": agent.datacenter,
-            "build": f"{VERSION}:meshweb",
-            "id": agent.node_id,
-        },
-        "Status": 1,
-        "ProtocolMin": 1,
-        "ProtocolMax": 5,
-        "ProtocolCur": 2,
-        "DelegateMin": 2,
-        "DelegateMax": 5,
-        "DelegateCur": 4,
-    }
+    return shapes.member(
+        name=agent.node,
+        addr=agent.config.bind,
+        port=agent.config.http_port,
+        role="node",
+        datacenter=agent.datacenter,
+        node_id=agent.node_id,
+    )
 
 
 @route("GET", "/v1/agent/members")

@@ -26,6 +26,7 @@ SHOWN_DEFINITION = (
     "TLSSkipVerify",
 )
 SHOWN_DURATIONS = ("Interval", "Timeout", "TTL", "DeregisterCriticalServiceAfter")
+VERSION = "1.17.0"  # the Consul version the API speaks (what clients check features by)
 
 
 def weights(value: Mapping[str, Any] | None) -> dict[str, int]:
@@ -151,4 +152,21 @@ def check(
         "Namespace": "default",
         "CreateIndex": create_index,
         "ModifyIndex": modify_index,
+    }
+
+
+def member(*, name: str, addr: str, port: int, role: str, datacenter: str, node_id: str) -> dict:
+    """An agent as `/v1/agent/members` and `/v1/agent/self` show it (`role`: consul or node)."""
+    return {
+        "Name": name,
+        "Addr": addr,
+        "Port": port,
+        "Tags": {"role": role, "dc": datacenter, "build": f"{VERSION}:meshweb", "id": node_id},
+        "Status": 1,
+        "ProtocolMin": 1,
+        "ProtocolMax": 5,
+        "ProtocolCur": 2,
+        "DelegateMin": 2,
+        "DelegateMax": 5,
+        "DelegateCur": 4,
     }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.conf import settings
 
-from meshproto.registration import rules
+from meshproto.registration import rules, shapes
 from registry import decode
 from registry.domain import catalog, reads
 from registry.errors import BadRequest, NotFound
@@ -30,7 +30,7 @@ def self_(ctx: Ctx) -> Reply:
                 "NodeID": node.node_id,
                 "Server": True,
                 "Revision": "meshweb",
-                "Version": "1.17.0",
+                "Version": shapes.VERSION,
             },
             "DebugConfig": {},
             "Coord": None,
@@ -43,24 +43,14 @@ def self_(ctx: Ctx) -> Reply:
 
 
 def _member(node) -> dict:
-    return {
-        "Name": node.name,
-        "Addr": node.address,
-        "Port": settings.MESH_HTTP_ADDR[1],
-        "Tags": {
-            "role": "consul",
-            "dc": node.datacenter.name,
-            "build": "1.17.0:meshweb",
-            "id": node.node_id,
-        },
-        "Status": 1,
-        "ProtocolMin": 1,
-        "ProtocolMax": 5,
-        "ProtocolCur": 2,
-        "DelegateMin": 2,
-        "DelegateMax": 5,
-        "DelegateCur": 4,
-    }
+    return shapes.member(
+        name=node.name,
+        addr=node.address,
+        port=settings.MESH_HTTP_ADDR[1],
+        role="consul",
+        datacenter=node.datacenter.name,
+        node_id=node.node_id,
+    )
 
 
 @endpoint("GET")
