@@ -38,6 +38,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from meshproto import pki, spiffe
+from registry import topics as topic
 from registry.acl_rules import Authorizer, parse_rules
 from registry.domain import catalog, connect_ca, shapes
 from registry.domain.acl import Identity
@@ -122,7 +123,7 @@ def create_token(
             create_index=w.index,
             modify_index=w.index,
         )
-        w.touch("join-tokens")
+        w.touch(topic.JOIN_TOKENS)
         w.audit("agent.join-token.create", "join-token", token_id, None, token_json(row))
     return NewToken(row, f"{token_id}.{secret}")
 
@@ -174,7 +175,7 @@ def revoke_token(token_id: str) -> JoinToken:
             row.revoked_at = timezone.now()
             row.modify_index = w.index
             row.save(update_fields=["revoked_at", "modify_index"])
-            w.touch("join-tokens")
+            w.touch(topic.JOIN_TOKENS)
             w.audit("agent.join-token.revoke", "join-token", row.id, before, token_json(row))
     return row
 
@@ -211,7 +212,7 @@ def _consume(change: Change, token: str, node_name: str) -> JoinToken:
             "join refused for node %r: token %s is %s", node_name, token_id, token_state(row, now)
         )
         raise Unauthenticated(_REFUSED)
-    change.touch("join-tokens")
+    change.touch(topic.JOIN_TOKENS)
     row.refresh_from_db()
     return row
 

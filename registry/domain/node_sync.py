@@ -24,6 +24,7 @@ from typing import Any
 from meshproto.registration import decode as pure_decode
 from meshproto.registration import rules
 from registry import decode
+from registry import topics as topic
 from registry.domain import catalog, shapes
 from registry.errors import BadRequest, rule_errors
 from registry.models import Check, Node, ServiceInstance
@@ -238,7 +239,7 @@ def sync_node(node_name: str, dc: str, state: NodeState) -> int:
 
     node = Node.objects.select_related("datacenter").filter(name=node_name).first()
     if node is not None and _plan(node, state).empty:
-        return topic_index(f"node:{node_name}")
+        return topic_index(topic.node(node_name))
     with Change() as w:
         node = (
             Node.objects.select_related("datacenter")
@@ -326,7 +327,7 @@ def update_checks(node_name: str, updates: Sequence[tuple[str, str, str | None]]
         if latest[cid][0] != status or (latest[cid][1] is not None and latest[cid][1] != output)
     ]
     if not pending:
-        return topic_index(f"node:{node_name}")
+        return topic_index(topic.node(node_name))
     with Change() as w:
         for check in (
             Check.objects.select_related("node")
