@@ -54,7 +54,6 @@ MIN_TTL_SECONDS = 1
 MAX_TTL_SECONDS = 365 * 24 * 3600
 DEFAULT_TTL_SECONDS = 3600
 MAX_META_KEYS = 64
-MAX_OUTPUT = 4096
 _TOKEN_ID = re.compile(r"^[0-9a-f]{16}$")
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
