@@ -385,21 +385,10 @@ def delete_instance(change: Change, svc: ServiceInstance) -> None:
     _delete_instance(change, svc)
 
 
-def upsert_check(
-    change: Change,
-    node: Node,
-    spec: dict[str, Any],
-    *,
-    check_id: str,
-    name: str,
-    svc: ServiceInstance | None,
-    agent_local: bool,
-) -> Check:
-    """Register or update one check in `change`; a new check starts as `spec["Status"]`
-    (critical when absent), an existing one keeps its status unless `Status` is given."""
-    return _upsert_check(
-        change, node, spec, check_id=check_id, name=name, svc=svc, agent_local=agent_local
-    )
+# Register or update one check in a change (public for node sync): a new check starts
+# as `spec["Status"]` (critical when absent), an existing one keeps its status unless
+# `Status` (or `status=`) is given.
+upsert_check = _upsert_check
 
 
 def deregister_agent_service(node: Node, service_id: str) -> None:
