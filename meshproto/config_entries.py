@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from meshproto import durations
+from meshproto.registration.decode import fold  # how Consul matches struct keys
 
 KINDS = (
     "proxy-defaults",
@@ -217,11 +218,6 @@ def _unblock(value: Any) -> Any:
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
         return value[0]
     return value
-
-
-def fold(name: str) -> str:
-    """How Consul's decoder compares struct keys: case and `_`/`-` ignored."""
-    return name.replace("_", "").replace("-", "").lower()
 
 
 class Struct:
