@@ -78,23 +78,23 @@ def _fail(path: str, what: str, value: Any, mode: Mode) -> DecodeError:
 # --- bounds -----------------------------------------------------------------------
 
 
-def check_depth(value: Any, path: str = "", limit: int = MAX_DEPTH) -> None:
+def check_depth(value: Any, path: str = "", limit: int = MAX_DEPTH, *, finite: bool = True) -> None:
     """Refuse objects and lists nested deeper than `limit` (iteratively: a deep
-    value cannot exhaust the stack here), and NaN/Infinity anywhere in them."""
+    value cannot exhaust the stack here) and, with `finite`, NaN/Infinity in them."""
+    if not isinstance(value, dict | list):
+        if finite and isinstance(value, float) and not math.isfinite(value):
+            raise DecodeError(path, "NaN and Infinity are not numbers JSON allows")
+        return
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict):
-            children = item.values()
-        elif isinstance(item, list | tuple):
-            children = item
-        else:
-            if isinstance(item, float) and (math.isnan(item) or math.isinf(item)):
-                raise DecodeError(path, "NaN and Infinity are not numbers JSON allows")
-            continue
         if depth > limit:
             raise DecodeError(path, f"nested deeper than {limit} levels")
-        stack.extend((child, depth + 1) for child in children)
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+            elif finite and isinstance(child, float) and not math.isfinite(child):
+                raise DecodeError(path, "NaN and Infinity are not numbers JSON allows")
 
 
 def _refuse_constant(name: str) -> Any:
@@ -119,7 +119,7 @@ def parse_json(data: bytes | str, path: str = "") -> Any:
         raise DecodeError(path, f"invalid JSON: nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as exc:
         raise DecodeError(path, f"invalid JSON: {exc}") from None
-    check_depth(value, path)
+    check_depth(value, path, finite=False)  # the parser already refused NaN and Infinity
     return value
 
 
