@@ -23,7 +23,7 @@ class BoundedJSONParser(JSONParser):
         try:
             data = parse_json(body)
         except DecodeError as exc:
-            raise ParseError(str(exc)) from None
+            raise ParseError(f"JSON parse error - {exc}") from None
         if data is None:
             raise ParseError("body: expected JSON, got an empty body")
         return data
