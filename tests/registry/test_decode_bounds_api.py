@@ -85,7 +85,9 @@ def test_deep_json_policy_rules_are_a_400(acl_server, unique):
     assert r.status_code == 400 and "nested deeper" in r.text, r.text
 
 
-@pytest.mark.parametrize("body", [DEEP_LISTS, DEEP_OBJECTS, b'{"name": NaN}'], ids=str)
+@pytest.mark.parametrize(
+    "body", [DEEP_LISTS, DEEP_OBJECTS, b'{"name": NaN}'], ids=["lists", "objects", "nan"]
+)
 def test_api_bodies_past_the_bounds_are_json_400s(http, body):
     r = http.post("/api/instances/", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 400, r.text[:200]
