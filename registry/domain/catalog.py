@@ -229,20 +229,33 @@ def _upsert_check(
     return check
 
 
-def sidecar_port(node: Node, sidecar_id: str, taken: Iterable[int] = ()) -> int:
+def sidecar_ports(node: Node) -> dict[str, int]:
+    """The ports of the node's saved sidecars, by sidecar ID."""
+    return dict(node.services.filter(kind="connect-proxy").values_list("service_id", "port"))
+
+
+def sidecar_port(
+    node: Node, sidecar_id: str, taken: Iterable[int] = (), ports: dict[str, int] | None = None
+) -> int:
     """The port of the node's sidecar `sidecar_id`: the one it has, else the first
-    free one of the sidecar range (not a saved sidecar's, nor one in `taken`)."""
-    ports = dict(node.services.filter(kind="connect-proxy").values_list("service_id", "port"))
+    free one of the sidecar range (not a saved sidecar's, nor one in `taken`).
+    `ports` is `sidecar_ports(node)` when the caller already has it."""
+    ports = sidecar_ports(node) if ports is None else ports
     if ports.get(sidecar_id):
         return ports[sidecar_id]
     with rule_errors():
         return rules.free_sidecar_port(set(ports.values()) | set(taken))
 
 
-def expand_sidecar(node: Node, parent: dict[str, Any], taken: Iterable[int] = ()) -> dict[str, Any]:
+def expand_sidecar(
+    node: Node,
+    parent: dict[str, Any],
+    taken: Iterable[int] = (),
+    ports: dict[str, int] | None = None,
+) -> dict[str, Any]:
     """`Connect.SidecarService` of `parent` as registered on `node` (Consul's defaults)."""
     sidecar = parent["Connect"]["SidecarService"]
-    port = sidecar.get("Port") or sidecar_port(node, rules.sidecar_id(parent) or "", taken)
+    port = sidecar.get("Port") or sidecar_port(node, rules.sidecar_id(parent) or "", taken, ports)
     return rules.expand_sidecar(parent, port)
 
 

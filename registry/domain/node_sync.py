@@ -130,6 +130,7 @@ def _desired(
     services: dict[str, tuple[dict[str, Any], str]] = {}
     checks: dict[str, _WantCheck] = {}
     taken: set[int] = set()  # sidecar ports this sync gives (the catalog sees saved rows only)
+    ports: dict[str, int] | None = None  # the node's saved sidecar ports, read once if needed
 
     def add_service(spec: dict[str, Any], parent_id: str) -> None:
         if spec["ID"] in services:
@@ -150,7 +151,9 @@ def _desired(
         spec = dict(raw, ID=rules.service_id(raw))
         add_service(spec, "")
         if rules.sidecar_id(spec) is not None:
-            sc = catalog.expand_sidecar(node, spec, taken)
+            if ports is None and not spec["Connect"]["SidecarService"].get("Port"):
+                ports = catalog.sidecar_ports(node)
+            sc = catalog.expand_sidecar(node, spec, taken, ports)
             catalog.validate_service(sc)
             add_service(sc, spec["ID"])
 
