@@ -80,7 +80,7 @@ def split_addr(value: str, flag: str, *, default_port: int | None = None) -> tup
 
 
 def parse_duration_flag(value: str, flag: str) -> float:
-    from meshproto.servicedefs import parse_duration
+    from meshproto.durations import parse_duration
 
     try:
         seconds = parse_duration(value if not value.replace(".", "", 1).isdigit() else value + "s")

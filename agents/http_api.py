@@ -20,13 +20,13 @@ from urllib.parse import parse_qs, unquote
 
 from agents.state import StateError, UnknownError
 from meshproto import probes
-from meshproto.servicedefs import DefinitionError, canonical_check, canonical_service
+from meshproto.registration import decode, rules, shapes
 
 if TYPE_CHECKING:
     from agents.agent import Agent
 
 MAX_BODY = 1 << 20
-VERSION = "1.17.0"
+VERSION = shapes.VERSION
 STATUS_CODE = {"passing": 200, "warning": 429, "critical": 503, "maintenance": 503}
 
 
@@ -60,13 +60,13 @@ class Request:
             return False
         return self.param(name).lower() in ("", "1", "true", "yes")
 
-    def json(self) -> Any:
-        if not self.body.strip():
-            return None
+    def json(self, table: decode.Struct | None = None) -> Any:
+        """The body, decoded by `table` when given (the control plane's decoder, strict)."""
         try:
-            return json.loads(self.body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise HTTPError(400, f"Request decode failed: invalid JSON: {exc}") from None
+            data = decode.parse_json(self.body)
+            return table(data) if table is not None else data
+        except decode.DecodeError as exc:
+            raise HTTPError(400, f"Request decode failed: {exc}") from None
 
 
 class Reply:
@@ -101,84 +101,27 @@ def route(method: str, pattern: str) -> Callable[[Handler], Handler]:
 
 
 def service_json(agent: Agent, svc) -> dict[str, Any]:
-    d = svc.definition
-    out: dict[str, Any] = {
-        "ID": svc.id,
-        "Service": svc.name,
-        "Tags": list(d.get("Tags") or []),
-        "Meta": dict(d.get("Meta") or {}),
-        "Port": int(d.get("Port") or 0),
-        "Address": d.get("Address") or "",
-        "TaggedAddresses": dict(d.get("TaggedAddresses") or {}),
-        "Weights": {"Passing": 1, "Warning": 1, **(d.get("Weights") or {})},
-        "EnableTagOverride": bool(d.get("EnableTagOverride")),
-        "Datacenter": agent.datacenter,
-        "Namespace": d.get("Namespace") or "default",
-    }
-    if svc.kind:
-        out["Kind"] = svc.kind
-    proxy = dict(d.get("Proxy") or {})
-    if svc.kind == "connect-proxy" or proxy:
-        proxy.setdefault("MeshGateway", {})
-        proxy.setdefault("Expose", {})
-        if svc.kind == "connect-proxy":
-            proxy.setdefault("Upstreams", [])
-        out["Proxy"] = proxy
-    if d.get("Connect"):
-        out["Connect"] = d["Connect"]
-    return out
+    return shapes.agent_service_from_definition(svc.definition, agent.datacenter)
 
 
 def check_json(agent: Agent, c) -> dict[str, Any]:
-    d = c.definition
-    definition = {
-        k: d[k]
-        for k in (
-            "HTTP",
-            "Method",
-            "Header",
-            "Body",
-            "TCP",
-            "GRPC",
-            "GRPCUseTLS",
-            "TLSServerName",
-            "TLSSkipVerify",
-            "Interval",
-            "Timeout",
-            "TTL",
-            "DeregisterCriticalServiceAfter",
-        )
-        if d.get(k)
-    }
-    kind = c.kind
-    return {
-        "Node": agent.node,
-        "CheckID": c.check_id,
-        "Name": c.name,
-        "Status": c.status,
-        "Notes": c.notes,
-        "Output": c.output,
-        "ServiceID": c.service_id,
-        "ServiceName": c.service_name,
-        "ServiceTags": list(c.service_tags),
-        "Type": "" if kind == "maintenance" else kind,
-        "Interval": d.get("Interval", ""),
-        "Timeout": d.get("Timeout", ""),
-        "ExposedPort": 0,
-        "Definition": definition,
-        "Namespace": "default",
-        "CreateIndex": 0,
-        "ModifyIndex": c.modify_index,
-    }
+    return shapes.check(
+        node=agent.node,
+        check_id=c.check_id,
+        name=c.name,
+        status=c.status,
+        notes=c.notes,
+        output=c.output,
+        service_id=c.service_id,
+        service_name=c.service_name,
+        service_tags=c.service_tags,
+        check_type=c.kind,
+        definition=c.definition,
+        modify_index=c.modify_index,
+    )
 
 
-def aggregate(statuses) -> str:
-    order = {"passing": 0, "warning": 1, "critical": 2, "maintenance": 3}
-    worst = "passing"
-    for s in statuses:
-        if order.get(s, 2) > order[worst]:
-            worst = s if s in order else "critical"
-    return worst
+aggregate = rules.aggregate_status
 
 
 def _content_hash(data: dict) -> str:
@@ -212,24 +155,14 @@ async def self_(agent: Agent, req: Request) -> Reply:
 
 
 def member(agent: Agent) -> dict[str, Any]:
-    return {
-        "Name": agent.node,
-        "Addr": agent.config.bind,
-        "Port": agent.config.http_port,
-        "Tags": {
-            "role": "node",
-            "dc": agent.datacenter,
-            "build": f"{VERSION}:meshweb",
-            "id": agent.node_id,
-        },
-        "Status": 1,
-        "ProtocolMin": 1,
-        "ProtocolMax": 5,
-        "ProtocolCur": 2,
-        "DelegateMin": 2,
-        "DelegateMax": 5,
-        "DelegateCur": 4,
-    }
+    return shapes.member(
+        name=agent.node,
+        addr=agent.config.bind,
+        port=agent.config.http_port,
+        role="node",
+        datacenter=agent.datacenter,
+        node_id=agent.node_id,
+    )
 
 
 @route("GET", "/v1/agent/members")
@@ -279,9 +212,10 @@ async def service(agent: Agent, req: Request, service_id: str) -> Reply:
 
 @route("PUT", "/v1/agent/service/register")
 async def service_register(agent: Agent, req: Request) -> Reply:
+    spec = req.json(decode.AGENT_SERVICE)
     try:
-        spec = canonical_service(req.json(), "Request decode failed: body")
-    except DefinitionError as exc:
+        rules.validate_service(spec)
+    except rules.RuleError as exc:
         raise HTTPError(400, str(exc)) from None
     agent.state.register_service(spec, replace_existing_checks=req.flag("replace-existing-checks"))
     agent.local_changed()
@@ -360,13 +294,14 @@ async def checks(agent: Agent, req: Request) -> Reply:
 
 @route("PUT", "/v1/agent/check/register")
 async def check_register(agent: Agent, req: Request) -> Reply:
-    body = req.json()
-    try:
-        spec = canonical_check(body, "Request decode failed: body")
-    except DefinitionError as exc:
-        raise HTTPError(400, str(exc)) from None
+    spec = req.json(decode.AGENT_CHECK)
     if not spec.get("Name") and not spec.get("CheckID"):
         raise HTTPError(400, "Missing check name")
+    try:
+        rules.require_check_kind(spec)
+        rules.check_status(spec.get("Status"))
+    except rules.RuleError as exc:
+        raise HTTPError(400, str(exc)) from None
     agent.state.register_check(spec)
     agent.local_changed()
     return Reply(raw=b"")
@@ -409,19 +344,11 @@ async def check_fail(agent: Agent, req: Request, check_id: str) -> Reply:
 
 @route("PUT", "/v1/agent/check/update/(?P<check_id>[^/]+)")
 async def check_update(agent: Agent, req: Request, check_id: str) -> Reply:
-    body = req.json()
-    if not isinstance(body, dict):
-        raise HTTPError(400, "Request decode failed: body: expected an object")
-    fields = {k.lower(): v for k, v in body.items()}
-    status = fields.get("status") or ""
-    if status not in (probes.PASSING, probes.WARNING, probes.CRITICAL):
+    body = req.json(decode.CHECK_UPDATE)
+    status = body.get("Status") or ""
+    if status not in rules.STATUSES:
         raise HTTPError(400, f"Invalid check status: {status!r}")
-    output = fields.get("output") or ""
-    if not isinstance(output, str):
-        raise HTTPError(400, "Request decode failed: Output: expected a string")
-    if len(output) > 4096:
-        output = output[:4096] + f" ... (captured 4096 of {len(output)} bytes)"
-    return _ttl(agent, check_id, status, output)
+    return _ttl(agent, check_id, status, rules.truncate_output(body.get("Output") or ""))
 
 
 # --- connect --------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Any
 from django.conf import settings
 from django.utils import timezone
 
+from meshproto import durations
 from registry import topics as topic
 from registry.decode import format_duration, parse_duration
 from registry.domain.kv import apply_lock_delay, key_topic
@@ -127,19 +128,12 @@ def lock_delay_ns(value: Any) -> int:
     """
     if value is None:
         return DEFAULT_LOCK_DELAY_NS
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise BadRequest("Request decode failed: LockDelay: expected a duration")
-    if isinstance(value, (int, float)):
-        ns = int(value)
-    elif isinstance(value, str):
-        try:
-            ns = int(round(parse_duration(value) * 1e9))
-        except ValueError:
-            raise BadRequest(
-                f"Request decode failed: LockDelay: invalid duration {value!r}"
-            ) from None
-    else:
-        raise BadRequest("Request decode failed: LockDelay: expected a duration")
+    try:
+        ns = durations.parse_ns(value, allow_negative=True)
+    except durations.DurationError as exc:
+        raise BadRequest(f"Request decode failed: LockDelay: {exc}") from None
     if ns < 0:
         raise BadRequest("Request decode failed: LockDelay: must not be negative")
     if ns < 1000:

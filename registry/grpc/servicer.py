@@ -19,7 +19,7 @@ import grpc
 
 from meshproto.proto import mesh_pb2, mesh_pb2_grpc
 from registry import audit, db
-from registry.domain import agents
+from registry.domain import agents, node_sync
 from registry.errors import MeshError
 from registry.grpc import status
 from registry.grpc.auth import AuthError, Caller, PeerTable, caller_of, peer_of
@@ -146,13 +146,13 @@ class AgentControlServicer(mesh_pb2_grpc.AgentControlServicer):
         caller = await self._caller(context)
 
         def sync() -> int:
-            state = agents.parse_node_state(
+            state = node_sync.parse_node_state(
                 request.address,
                 dict(request.meta),
                 list(request.services_json),
                 list(request.checks_json),
             )
-            return agents.sync_node(caller.node, caller.datacenter, state)
+            return node_sync.sync_node(caller.node, caller.datacenter, state)
 
         index = await self._run(context, self._agent(caller), "SyncNode", sync, write=True)
         return mesh_pb2.SyncResponse(index=index)
@@ -164,7 +164,7 @@ class AgentControlServicer(mesh_pb2_grpc.AgentControlServicer):
             context,
             self._agent(caller),
             "UpdateChecks",
-            agents.update_checks,
+            node_sync.update_checks,
             caller.node,
             updates,
             write=True,

@@ -333,7 +333,7 @@ def test_node_state_is_decoded_with_consuls_field_names_and_durations():
         ],
         [json.dumps({"check_id": "service:web", "status": "passing", "output": "ok"})],
     )
-    assert state.services[0]["Check"] == {"HTTP": "http://x/", "Interval": 10.0}
+    assert state.services[0]["Check"] == {"HTTP": "http://x/", "Interval": "10s"}
     assert state.checks[0] == {"CheckID": "service:web", "Status": "passing", "Output": "ok"}
     with pytest.raises(BadRequest, match=r"services_json\[0\]: invalid JSON"):
         agents.parse_node_state("", {}, ["{"], [])

@@ -24,7 +24,7 @@ def test_struct_keys_match_in_any_case_and_in_snake_case():
         }
     )
     assert spec["Name"] == "web" and spec["Port"] == 80 and spec["EnableTagOverride"] is True
-    assert spec["Check"] == {"TTL": 10.0, "DeregisterCriticalServiceAfter": 60.0}
+    assert spec["Check"] == {"TTL": "10s", "DeregisterCriticalServiceAfter": "1m0s"}
 
 
 def test_user_map_keys_are_kept_exactly():
@@ -69,7 +69,7 @@ def test_nested_catalog_structures_decode():
     )
     assert spec["Service"] == {"Name": "db", "Port": 5432}
     assert spec["Checks"][0]["CheckID"] == "c1"
-    assert spec["Checks"][0]["Definition"] == {"HTTP": "http://x", "Interval": 5.0}
+    assert spec["Checks"][0]["Definition"] == {"HTTP": "http://x", "Interval": "5s"}
 
 
 @pytest.mark.parametrize(
