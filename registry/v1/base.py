@@ -337,7 +337,7 @@ def endpoint(
             ctx = Ctx(request)
             try:
                 if request.method != "GET":
-                    runner = db.run_write if batched else db.run
+                    runner = db.run_write if batched else db.run_detached
                     reply = await runner(_audited, fn, ctx, kwargs)
                     return _render(ctx, reply)
                 if topics is None:
