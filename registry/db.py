@@ -10,6 +10,13 @@ on several threads would only queue on that lock (PostgreSQL) or on the
 database file lock (SQLite) while each paid for its own commit. One writer
 takes whatever writes are waiting, runs each in its own savepoint (a failing
 write rolls back alone) and commits them together.
+
+No request can stop the writer: a caller that goes away (a client hung up or
+timed out) leaves its write to commit or roll back with its batch; whatever a
+write raises is handed to its caller and the thread carries on; a batch that
+loses its connection (a database restart) runs once more on a new one; and a
+writer thread that ended anyway is started again by the next write or by the
+server's watchdog. `/v1/agent/metrics` and `/v1/agent/health` show its state.
 """
 
 from __future__ import annotations
@@ -194,6 +201,7 @@ class Writer:
         while True:
             try:
                 if not self._run_once():
+                    _close_connections()  # this thread's; it ends now
                     return
             except BaseException:  # noqa: BLE001 - the writer must outlive anything
                 log.exception("writer loop error (the writer carries on)")

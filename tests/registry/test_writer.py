@@ -48,9 +48,7 @@ def _batch(writer: db.Writer, calls: list[tuple]) -> list:
 
 
 @pytest.mark.parametrize("exc", [Boom("boom"), SystemExit(3), KeyboardInterrupt(), GeneratorExit()])
-def test_a_write_raising_any_base_exception_rolls_back_alone_and_the_writer_lives_on(
-    writer, exc
-):
+def test_a_write_raising_any_base_exception_rolls_back_alone_and_the_writer_lives_on(writer, exc):
     before, bad, after = _batch(
         writer, [(_put, "w/before"), (_put_then, "w/bad", exc), (_put, "w/after")]
     )
