@@ -43,7 +43,7 @@ from typing import Any
 
 READY_LINE = "mesh dev: ready"
 START_TIMEOUT = 90.0  # seconds for the whole mesh to answer through the sidecars
-STOP_GRACE = 20.0  # seconds a child gets after SIGTERM before SIGKILL
+STOP_GRACE = 10.0  # seconds the children get after SIGTERM before SIGKILL (the agent needs < 10)
 
 
 class DevError(RuntimeError):
@@ -164,15 +164,23 @@ class Child:
 
     def stop(self, grace: float = STOP_GRACE) -> None:
         """SIGTERM, wait, then SIGKILL its whole process group."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
+        self.terminate()
+        self.finish(time.monotonic() + grace)
+
+    def terminate(self) -> None:
+        """Ask it to stop (SIGTERM), without waiting."""
+        if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                print(f"mesh dev: {self.name} ignored SIGTERM; killing it", file=sys.stderr)
+
+    def finish(self, deadline: float) -> None:
+        """Wait until `deadline` (monotonic) for it to exit, then SIGKILL its group."""
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"mesh dev: {self.name} ignored SIGTERM; killing it", file=sys.stderr)
         # Anything left in its group (it leads one: start_new_session) goes too.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -419,9 +427,13 @@ class DevMesh:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        """Stop the children in reverse order, then any sidecar the agent left."""
+        """Stop the children together (one shared grace, then SIGKILL), then any sidecar
+        the agent left: a stop takes at most STOP_GRACE, not its sum over the children."""
         for child in reversed(self.children):
-            child.stop()
+            child.terminate()
+        deadline = time.monotonic() + STOP_GRACE
+        for child in reversed(self.children):
+            child.finish(deadline)
         for pid in sidecar_pids(self.cfg.agent_dir):
             if _pid_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
