@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import subprocess
 import threading
 import time
@@ -102,3 +103,26 @@ def test_a_hundred_starts_and_stops_with_agents_connecting(tmp_path):
     assert starts >= MIN_STARTS, f"only {starts} starts in {BUDGET_SECONDS}s"
     assert busy.calls > starts
     assert max(stop_times) < 10, stop_times
+
+
+def test_a_server_with_blocking_queries_open_stops_within_seconds(tmp_path):
+    srv = make_server(tmp_path / "blocking")
+    try:
+        with srv.client() as c:
+            index = c.get("/v1/catalog/services").headers["X-Consul-Index"]
+
+        def block() -> None:
+            with contextlib.suppress(Exception), srv.client(timeout=120) as c:
+                c.get("/v1/catalog/services", params={"index": index, "wait": "5m"})
+
+        waiters = [threading.Thread(target=block, daemon=True) for _ in range(3)]
+        for w in waiters:
+            w.start()
+        time.sleep(1.0)  # the queries are waiting
+        started = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        srv.proc.wait(30)
+        took = time.monotonic() - started
+        assert took < 10, f"stop took {took:.1f}s:\n{srv.log()}"
+    finally:
+        srv.close()
