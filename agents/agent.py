@@ -29,10 +29,12 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import random
 import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -61,6 +63,9 @@ REJECTED = (
     grpc.StatusCode.ALREADY_EXISTS,
 )
 EXIT_CONFIG = 2
+# Bounds of a stop (seconds): the sidecars' step covers their SIGTERM grace and a SIGKILL.
+SIDECAR_STOP_SECONDS = 5.0
+EXIT_SECONDS = 2.0
 EXIT_JOIN = 3
 
 
@@ -121,7 +126,7 @@ class Agent:
         self._connected_event = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(sig, self._on_stop_signal)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
 
         errors = self.read_config_dirs()
@@ -181,17 +186,33 @@ class Agent:
         return 0
 
     async def shutdown(self) -> None:
+        """Stop everything, each step bounded: a step that overruns is abandoned, not awaited.
+
+        A busy machine, a check stuck in a blocking call or a gRPC close that
+        does not return must not keep the agent (and `mesh dev`, a systemd
+        stop, a test) waiting: the whole stop takes at most the sum of the
+        steps' bounds, a few seconds.
+        """
         log.info("agent stopping")
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.checks.close()
-        await self.leaves.close()
-        await self.sidecars.close()
+        started = time.monotonic()
         for server in self._servers:
             server.should_exit = True
-        await asyncio.sleep(0.05)
+        for t in self._tasks:
+            t.cancel()
+        await _bounded("tasks", asyncio.gather(*self._tasks, return_exceptions=True), 2.0)
+        await _bounded("checks", self.checks.close(), 1.0)
+        await _bounded("leaves", self.leaves.close(), 1.0)
+        # The sidecars get SIGTERM, their grace, then SIGKILL (agents.sidecars).
+        await _bounded("sidecars", self.sidecars.close(), SIDECAR_STOP_SECONDS)
         self.state.save()
+        log.info("agent stopped", extra={"seconds": round(time.monotonic() - started, 2)})
+
+    def _on_stop_signal(self) -> None:
+        if self._stop.is_set():  # a second Ctrl-C: the user does not want to wait
+            log.warning("stopping now (second signal)")
+            _flush_logs()
+            os._exit(1)
+        self._stop.set()
 
     async def _serve(self, app, sock: socket.socket) -> None:
         import uvicorn
@@ -892,4 +913,75 @@ def setup_logging(level: str) -> None:
 def main_async(config: AgentConfig) -> int:
     setup_logging(config.log_level)
     # The default loop: grpc.aio supports it (uvloop brings nothing to a control loop).
-    return asyncio.run(Agent(config).run())
+    loop = asyncio.new_event_loop()
+    try:
+        code = loop.run_until_complete(Agent(config).run())
+    finally:
+        _close_loop(loop)
+    _exit_within(code, EXIT_SECONDS)
+    return code
+
+
+async def _bounded(step: str, awaitable, seconds: float) -> None:
+    """Await `awaitable` for at most `seconds`; past that, cancel it and move on.
+
+    Not `asyncio.wait_for`: it waits for the cancelled work to finish, which
+    is exactly what a stuck step does not do.
+    """
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        log.warning("shutdown step overran; abandoned", extra={"step": step, "after_s": seconds})
+    elif not task.cancelled() and task.exception() is not None:
+        log.warning("shutdown step failed", extra={"step": step, "error": repr(task.exception())})
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """`asyncio.run`'s teardown, bounded: leftover tasks get a moment, executor threads none.
+
+    `asyncio.run` would wait without limit for the default executor's threads
+    (a blocking call in a check or a DNS lookup) to finish.
+    """
+    try:
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.wait(pending, timeout=1.0))
+        loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), 1.0))
+    except Exception:  # noqa: BLE001 - teardown must end
+        log.debug("loop teardown", exc_info=True)
+    finally:
+        executor = getattr(loop, "_default_executor", None)
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+        loop.close()
+
+
+def _flush_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def _exit_within(code: int, seconds: float) -> None:
+    """End the process with `code` if it has not ended `seconds` from now.
+
+    After the agent has stopped, the interpreter's exit still joins worker
+    threads (a check blocked in a socket call) and runs gRPC's own exit
+    handlers; neither may hold the process. A daemon timer runs through
+    those and ends the process.
+    """
+
+    def force() -> None:
+        log.warning("exit did not finish; ending the process", extra={"after_s": seconds})
+        _flush_logs()
+        os._exit(code)
+
+    timer = threading.Timer(seconds, force)
+    timer.daemon = True
+    timer.start()

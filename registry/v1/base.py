@@ -69,6 +69,7 @@ class Ctx:
         self.query = request.GET
         self.token = _token(request)
         self._identity = None
+        self._authz = None
 
     # -- query parameters -----------------------------------------------------
     def has(self, name: str) -> bool:
@@ -129,7 +130,17 @@ class Ctx:
 
     @property
     def authz(self):
-        return self.identity.authorizer
+        if self._authz is None:
+            authz = self.identity.authorizer
+            if settings.MESH_ACL_ENABLED and not authz.is_management():
+                authz = _ReadsNoted(authz)
+            self._authz = authz
+        return self._authz
+
+    @property
+    def results_filtered(self) -> bool:
+        """True when a read permission was refused while answering: results were left out."""
+        return isinstance(self._authz, _ReadsNoted) and self._authz.refused
 
     def require_all(self, needs: Iterable[tuple[str, str]]) -> None:
         """Refuse unless the token has every `(permission, resource)` need."""
@@ -147,6 +158,43 @@ class Ctx:
                 if resource:
                     detail += f' on "{resource}"'
             raise PermissionDenied("Permission denied" + detail)
+
+
+RESULTS_FILTERED_HEADER = "X-Consul-Results-Filtered-By-ACLs"
+
+
+class _ReadsNoted:
+    """A token's authorizer that notes whether any `*_read` check said no.
+
+    Reads filter what the token may not see; Consul then answers
+    `X-Consul-Results-Filtered-By-ACLs: true`, so a client can tell "nothing
+    there" from "nothing you may see" (the CLI says which).
+    """
+
+    def __init__(self, authz) -> None:
+        self._authz = authz
+        self.refused = False
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._authz, name)
+        if not (name.endswith("_read") and callable(attr)):
+            return attr
+
+        def check(*args, **kwargs):
+            ok = attr(*args, **kwargs)
+            if not ok:
+                self.refused = True
+            return ok
+
+        return check
+
+
+def _read(fn: Callable[..., Reply], ctx: Ctx, kwargs: dict) -> Reply:
+    """Run a read endpoint; mark its reply when ACLs left results out."""
+    reply = fn(ctx, **kwargs)
+    if ctx.results_filtered:
+        reply.headers = {**reply.headers, RESULTS_FILTERED_HEADER: "true"}
+    return reply
 
 
 def _token(request: HttpRequest) -> str:
@@ -337,11 +385,11 @@ def endpoint(
             ctx = Ctx(request)
             try:
                 if request.method != "GET":
-                    runner = db.run_write if batched else db.run
+                    runner = db.run_write if batched else db.run_detached
                     reply = await runner(_audited, fn, ctx, kwargs)
                     return _render(ctx, reply)
                 if topics is None:
-                    reply = await db.run(fn, ctx, **kwargs)
+                    reply = await db.run(_read, fn, ctx, kwargs)
                     return _render(ctx, reply)
                 return await _blocking(ctx, fn, kwargs)
             except MeshError as exc:
@@ -368,7 +416,9 @@ def endpoint(
                     reply = await _compute(
                         key,
                         wake_seq,
-                        lambda: read_cache.read(key, exact, prefixes, lambda: fn(ctx, **kwargs)),
+                        lambda: read_cache.read(
+                            key, exact, prefixes, lambda: _read(fn, ctx, kwargs)
+                        ),
                     )
                 except MeshError as exc:
                     idx = getattr(exc, "index", None)
