@@ -12,7 +12,7 @@ class JoinToken(Indexed):
     The token an operator hands out is `<id>.<secret>`; only the secret's
     SHA-256 is stored. A token is usable while it is not revoked, not expired
     and `uses < max_uses` (`max_uses == 0`: unlimited); `uses` is raised by a
-    conditional UPDATE (`registry.domain.agents.consume`), so two agents can
+    conditional UPDATE (`registry.domain.join_tokens.consume`), so two agents can
     never both use a single-use token.
     """
 
