@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from registry import decode
-from registry.domain import catalog, shapes
+from registry.domain import catalog, enrollment, shapes
 from registry.domain.enrollment import (  # noqa: F401  (re-exported)
     MAX_META_KEYS,
     ROLE_AGENT,
@@ -358,6 +358,7 @@ def sync_node(node_name: str, dc: str, state: NodeState) -> int:
     (anti-entropy: the agent restores what the control plane lost).
     Returns the index of the node's state after the sync.
     """
+    enrollment.check_scope(node_name, state.services)
     node = Node.objects.select_related("datacenter").filter(name=node_name).first()
     if node is not None and _plan(node, state).empty:
         return topic_index(f"node:{node_name}")

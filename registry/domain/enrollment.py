@@ -21,18 +21,28 @@ import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from django.conf import settings
 from django.db.models import Q
+from django.utils import timezone
 
 from meshproto import pki, spiffe
 from registry.acl_rules import Authorizer, parse_rules
 from registry.domain import catalog, connect_ca, join_tokens, shapes
 from registry.domain.acl import Identity
-from registry.errors import BadRequest, PermissionDenied
-from registry.models import IssuedCert, Node, ServiceInstance
+from registry.errors import BadRequest, Conflict, PermissionDenied
+from registry.models import (
+    Check,
+    IssuedCert,
+    JoinToken,
+    Node,
+    NodeCertificate,
+    NodeEnrollment,
+    ServiceInstance,
+)
 from registry.txn import Change
 
 log = logging.getLogger(__name__)
@@ -41,6 +51,8 @@ ROLE_KEY = "mesh-role"
 ROLE_AGENT = "agent"
 MAX_META_KEYS = 64
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SERF = catalog.SERF_CHECK_ID
+HEARD_FROM_STEP = 5.0  # seconds: how stale `last_seen_at` may get before an RPC raises it
 
 
 # --- CA pin and the server's certificate ---------------------------------------------
@@ -157,6 +169,7 @@ class Joined:
     datacenter: str
     serial: str
     index: int
+    services: tuple[str, ...] = ()  # the node's scope (service names and patterns)
 
 
 def _check_node_name(name: str) -> str:
@@ -206,17 +219,36 @@ def _csr_identity(csr_pem: str) -> spiffe.ServiceID | spiffe.AgentID | None:
         return None
 
 
-def _register_node(change: Change, name: str, address: str, meta: dict[str, str], dc: str) -> Node:
-    """Create or update an agent's node. A node another role owns (the server) is refused."""
+def _register_node(
+    change: Change,
+    name: str,
+    address: str,
+    meta: dict[str, str],
+    dc: str,
+    *,
+    node_id: str = "",
+) -> Node:
+    """Create or update an agent's node. A node another role owns (the server) is refused.
+
+    The node's ID is its enrollment's (`node_id`, or the enrolled one when a
+    sync registers a node the catalog lost), so the catalog's node ID and the
+    node's certificates agree.
+    """
     datacenter = catalog.ensure_datacenter(dc, change)
     node = Node.objects.select_related("datacenter").select_for_update().filter(name=name).first()
     if node is not None:
         role = (node.meta or {}).get(ROLE_KEY)
         if role not in (None, "", ROLE_AGENT):
             raise PermissionDenied(f'node "{name}" is a {role}; an agent cannot join as it')
+    if not node_id:
+        node_id = (
+            NodeEnrollment.objects.filter(node=name).values_list("node_id", flat=True).first() or ""
+        )
     before = shapes.node_json(node) if node is not None else None
     if node is None:
-        node = Node(name=name, node_id=str(uuid.uuid4()), create_index=change.index)
+        node = Node(name=name, node_id=node_id or str(uuid.uuid4()), create_index=change.index)
+    elif node_id:
+        node.node_id = node_id
     node.address = address
     node.meta = meta
     node.datacenter = datacenter
@@ -225,6 +257,37 @@ def _register_node(change: Change, name: str, address: str, meta: dict[str, str]
     change.audit("node.register", "node", name, before, shapes.node_json(node))
     catalog.touch_node_services(change, node)
     return node
+
+
+def _live(row: NodeEnrollment | None, now: dt.datetime) -> bool:
+    """Whether a node holds its name: enrolled, not revoked, heard from lately."""
+    return (
+        row is not None
+        and row.revoked_at is None
+        and row.last_seen_at > now - dt.timedelta(seconds=settings.MESH_NODE_LIVENESS_TIMEOUT)
+    )
+
+
+def _claim_name(node_name: str, token: JoinToken, replace: bool, now: dt.datetime) -> None:
+    """Refuse a name the token does not name, or one a live node (or the catalog) holds."""
+    if token.node_name and token.node_name != node_name:
+        raise PermissionDenied(
+            f'Permission denied: the join token is for node "{token.node_name}", not "{node_name}"'
+        )
+    if replace:
+        return
+    held = NodeEnrollment.objects.filter(node=node_name).first()
+    if _live(held, now):
+        raise Conflict(
+            f'node name "{node_name}" is held by a live node (node ID {held.node_id}); '
+            "join with -replace to take it over"
+        )
+    node = Node.objects.filter(name=node_name).first()
+    if node is not None and held is None and (node.meta or {}).get(ROLE_KEY) in (None, ""):
+        raise Conflict(
+            f'node name "{node_name}" is registered in the catalog by another client; '
+            "join with -replace to take it over"
+        )
 
 
 def join(
@@ -236,15 +299,19 @@ def join(
     meta: dict[str, str] | None = None,
     datacenter: str = "",
     peer_host: str = "",
+    replace: bool = False,
 ) -> Joined:
     """Exchange a join token and a node CSR for the node's certificate.
 
-    One transaction: the token's use, the node's registration and the
-    signing commit together or not at all (a refused CSR leaves the token
-    unused and nothing registered). Errors: 401 (`Unauthenticated`) for any
-    token that cannot be used, 400 for bad input, 403 for a CSR asking for
-    another identity than `spiffe://<td>/agent/client/dc/<token's dc>/id/<node>`
-    or a node name the server owns.
+    One transaction: the token's use, the node's registration, its
+    enrollment (a new node ID, the token's scope) and the signing commit
+    together or not at all (a refused CSR leaves the token unused and
+    nothing registered). Errors: 401 (`Unauthenticated`) for any token that
+    cannot be used, 400 for bad input, 403 for a CSR asking for another
+    identity than `spiffe://<td>/agent/client/dc/<token's dc>/id/<node>`, a
+    node name the server owns or the token does not name, 409 for a name a
+    live node holds (unless `replace`: the old holder's certificates stop
+    working at once).
     """
     _check_node_name(node_name)
     node_meta = _check_meta(meta)
@@ -258,22 +325,47 @@ def join(
         dc = row.datacenter
         if datacenter and datacenter != dc:
             raise BadRequest(f'the join token is for datacenter "{dc}", not "{datacenter}"')
+        now = timezone.now()
+        _claim_name(node_name, row, replace, now)
         td = connect_ca.trust_domain()
         expected = spiffe.agent_id(td, node_name, dc).uri
         wanted = _csr_identity(csr_pem)
         if wanted is not None and wanted.uri != expected:
             raise PermissionDenied(f'Permission denied: the CSR must ask for "{expected}"')
-        node = _register_node(w, node_name, address, node_meta, dc)
+        node_id = str(uuid.uuid4())
+        node = _register_node(w, node_name, address, node_meta, dc, node_id=node_id)
         identity = Identity(f"join-token:{row.id}", _node_writer(node_name), row.description)
-        leaf = connect_ca.sign_csr(identity, csr_pem)
+        leaf = connect_ca.sign_csr(identity, csr_pem, agent=True)
         if leaf.spiffe_id != expected:  # e.g. a CSR our quick parse could not read
             raise PermissionDenied(f'Permission denied: the CSR must ask for "{expected}"')
+        NodeEnrollment.objects.update_or_create(
+            node=node_name,
+            defaults={
+                "node_id": node_id,
+                "join_token": row.id,
+                "services": list(row.services or []),
+                "joined_at": now,
+                "last_seen_at": now,
+                "revoked_at": None,
+                "down": False,
+            },
+        )
+        _bind(leaf, node_name, node_id)
+        w.touch(f"node:{node_name}")
         w.audit(
             "agent.join",
             "node",
             node_name,
             None,
-            {"JoinToken": row.id, "Serial": leaf.serial, "Address": address, "Datacenter": dc},
+            {
+                "JoinToken": row.id,
+                "Serial": leaf.serial,
+                "Address": address,
+                "Datacenter": dc,
+                "NodeID": node_id,
+                "Replaced": bool(replace),
+                "Services": list(row.services or []),
+            },
         )
     log.info("node %s joined (token %s, dc %s)", node_name, row.id, dc)
     return Joined(
@@ -284,7 +376,178 @@ def join(
         datacenter=dc,
         serial=leaf.serial,
         index=w.index,
+        services=tuple(row.services or ()),
     )
+
+
+# --- node certificates: binding, revocation, liveness ---------------------------------------
+
+
+def serial_key(serial: str) -> str:
+    """One spelling for a serial: `pki.info`'s `0a:1b:...` and `ssl`'s `0A1B...` alike."""
+    return serial.replace(":", "").lower().lstrip("0") or "0"
+
+
+def _bind(leaf: connect_ca.SignedLeaf, node_name: str, node_id: str) -> None:
+    NodeCertificate.objects.create(
+        serial=serial_key(leaf.serial), node=node_name, node_id=node_id, not_after=leaf.not_after
+    )
+
+
+def authenticate(node_name: str, serial: str) -> NodeEnrollment:
+    """The node behind a verified client certificate, if that certificate is still its own.
+
+    Refused (401): a certificate the join flow did not issue to this node
+    (one signed through `/api/ca/sign`), one bound to an older node ID (the
+    name was taken over with `-replace`), or any certificate of a revoked
+    node. Accepted calls count as the node being heard from: `last_seen_at`
+    moves (at most every few seconds) and a node marked down comes back up.
+    """
+    cert = NodeCertificate.objects.filter(serial=serial_key(serial or "")).first()
+    row = NodeEnrollment.objects.filter(node=node_name).first()
+    if cert is None or cert.node != node_name or row is None:
+        raise join_tokens.Unauthenticated(
+            f'this certificate was not issued to node "{node_name}" by the join flow; join first'
+        )
+    if row.revoked_at is not None:
+        raise join_tokens.Unauthenticated(f'node "{node_name}" was revoked; join again')
+    if cert.node_id != row.node_id:
+        raise join_tokens.Unauthenticated(
+            f'node "{node_name}" joined again as node ID {row.node_id}; this certificate is '
+            "for a replaced node"
+        )
+    now = timezone.now()
+    step = min(HEARD_FROM_STEP, settings.MESH_NODE_LIVENESS_TIMEOUT / 4)
+    if row.down or row.last_seen_at < now - dt.timedelta(seconds=step):
+        _heard_from(row, now)
+    return row
+
+
+def _heard_from(row: NodeEnrollment, now: dt.datetime) -> None:
+    """Record that the node spoke; a node that was down gets its `serfHealth` back."""
+    claimed = NodeEnrollment.objects.filter(pk=row.pk, down=False).update(last_seen_at=now)
+    if claimed:
+        return
+    with Change() as w:
+        if not NodeEnrollment.objects.filter(pk=row.pk, down=True).update(
+            last_seen_at=now, down=False
+        ):
+            return
+        node = Node.objects.filter(name=row.node).first()
+        check = Check.objects.select_related("node").filter(node=node, check_id=SERF).first()
+        if check is not None:
+            catalog._touch_check(w, check)
+            w.audit("check.deregister", "check", f"{row.node}/{SERF}", {"Status": check.status})
+            check.delete()
+        log.info("node %s is back", row.node)
+
+
+def sweep_liveness(now: dt.datetime | None = None) -> int:
+    """Mark nodes not heard from for `MESH_NODE_LIVENESS_TIMEOUT` down: a critical
+    `serfHealth` check on the node, so its instances leave healthy answers, DNS and
+    sidecar endpoints until it speaks again. Idempotent (claims with a conditional
+    update); returns how many nodes it marked."""
+    now = now or timezone.now()
+    cutoff = now - dt.timedelta(seconds=settings.MESH_NODE_LIVENESS_TIMEOUT)
+    stale = list(
+        NodeEnrollment.objects.filter(
+            down=False, revoked_at__isnull=True, last_seen_at__lt=cutoff
+        ).values_list("node", flat=True)
+    )
+    marked = 0
+    for name in stale:
+        with Change() as w:
+            if not NodeEnrollment.objects.filter(
+                node=name, down=False, last_seen_at__lt=cutoff
+            ).update(down=True):
+                continue
+            node = Node.objects.select_related("datacenter").filter(name=name).first()
+            if node is None:
+                continue
+            output = f"Agent not heard from for {settings.MESH_NODE_LIVENESS_TIMEOUT}s"
+            check = catalog._upsert_check(
+                w,
+                node,
+                {"Notes": "set by the control plane's liveness sweep"},
+                check_id=SERF,
+                name="Serf Health Status",
+                svc=None,
+                agent_local=False,
+                status=Check.CRITICAL,
+                output=output,
+            )
+            catalog.apply_check_result(w, check, Check.CRITICAL, output)
+            marked += 1
+            log.warning("node %s not heard from; marked down", name)
+    return marked
+
+
+def revoke_nodes(change: Change, token_id: str) -> list[str]:
+    """Revoke every node that joined with the token: certificates refused from now on
+    (every server process reads the revocation from the database), no leaves, and
+    the nodes leave the catalog for good (their agents' syncs are refused)."""
+    now = timezone.now()
+    names = list(
+        NodeEnrollment.objects.select_for_update()
+        .filter(join_token=token_id, revoked_at__isnull=True)
+        .values_list("node", flat=True)
+    )
+    for name in names:
+        NodeEnrollment.objects.filter(node=name).update(revoked_at=now)
+        node = Node.objects.select_related("datacenter").filter(name=name).first()
+        if node is not None and (node.meta or {}).get(ROLE_KEY) == ROLE_AGENT:
+            catalog.delete_node(change, node)
+        change.audit("agent.node.revoke", "node", name, None, {"JoinToken": token_id})
+        change.touch(f"node:{name}")
+    return names
+
+
+# --- scope: what a node may claim ------------------------------------------------------------
+
+
+def _claimed_names(spec: dict[str, Any]) -> list[str]:
+    """The service names a definition claims an identity for (and so leaves of)."""
+    names = [spec.get("Name") or ""]
+    if spec.get("Kind") == "connect-proxy":
+        names.append((spec.get("Proxy") or {}).get("DestinationServiceName") or "")
+    sidecar = (spec.get("Connect") or {}).get("SidecarService")
+    if isinstance(sidecar, dict) and sidecar.get("Name"):
+        names.append(sidecar["Name"])
+    return [n for n in names if n]
+
+
+def check_scope(node_name: str, services: Iterable[dict[str, Any]]) -> NodeEnrollment:
+    """Refuse (403, audited) a node that is not an enrolled agent, or services its
+    join token's scope does not allow. Called at the start of every node sync."""
+    row = NodeEnrollment.objects.filter(node=node_name).first()
+    if row is None or row.revoked_at is not None:
+        raise PermissionDenied(
+            f'Permission denied: node "{node_name}" is not a joined agent node'
+            + (" (revoked)" if row is not None else "")
+        )
+    for spec in services:
+        for name in _claimed_names(spec):
+            if not join_tokens.scope_allows(row.services, name):
+                _refuse_scope(row, name)
+    return row
+
+
+def _refuse_scope(row: NodeEnrollment, service: str) -> None:
+    allowed = ", ".join(row.services) if row.services else "no services"
+    message = (
+        f'Permission denied: node "{row.node}" may not register service "{service}" '
+        f"(its join token {row.join_token} allows: {allowed})"
+    )
+    # The refusal is recorded in its own write: the caller's work is rolled back.
+    with Change() as w:
+        w.audit(
+            "agent.scope.refuse",
+            "node",
+            row.node,
+            None,
+            {"Service": service, "Allowed": list(row.services), "JoinToken": row.join_token},
+        )
+    raise PermissionDenied(message)
 
 
 # --- leaves for the caller's services -------------------------------------------------------
@@ -296,17 +559,23 @@ def agent_node(name: str) -> Node:
 
 
 def sign_leaf(node_name: str, dc: str, csr_pem: str, service: str) -> connect_ca.SignedLeaf:
-    """Sign a leaf for `service`, registered on the caller's node; or, with no
-    service, renew the node's own certificate.
+    """Sign a leaf for `service`, registered on the caller's node and within its
+    scope; or, with no service, renew the node's own certificate (bound to the
+    node's current node ID).
 
-    403 when the service is not on that node or the CSR asks for any other
-    identity (another service, another dc, another node).
+    403 when the service is not on that node or out of its scope, or the CSR
+    asks for any other identity (another service, another dc, another node).
     """
     td = connect_ca.trust_domain()
+    row = NodeEnrollment.objects.filter(node=node_name, revoked_at__isnull=True).first()
+    if row is None:
+        raise PermissionDenied(f'Permission denied: node "{node_name}" is not a joined agent node')
     if not service:
         expected = spiffe.agent_id(td, node_name, dc).uri
         authz = _node_writer(node_name)
     else:
+        if not join_tokens.scope_allows(row.services, service):
+            _refuse_scope(row, service)
         on_node = ServiceInstance.objects.filter(node__name=node_name).filter(
             Q(name=service) | Q(kind="connect-proxy", destination_name=service)
         )
@@ -323,9 +592,11 @@ def sign_leaf(node_name: str, dc: str, csr_pem: str, service: str) -> connect_ca
     if wanted is not None and wanted.uri != expected:
         raise PermissionDenied(f'Permission denied: the CSR must ask for "{expected}"')
     identity = Identity(f"agent:{node_name}", authz, f"agent {node_name}")
-    leaf = connect_ca.sign_csr(identity, csr_pem)
+    leaf = connect_ca.sign_csr(identity, csr_pem, agent=not service)
     if leaf.spiffe_id != expected:
         # Only reachable for a CSR our quick parse could not read but the CA could;
         # the CA's narrow authorizer already kept it to this service or node.
         raise PermissionDenied(f'Permission denied: the CSR must ask for "{expected}"')
+    if not service:
+        _bind(leaf, node_name, row.node_id)
     return leaf

@@ -15,6 +15,7 @@ import hmac
 import logging
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,10 @@ MIN_TTL_SECONDS = 1
 MAX_TTL_SECONDS = 365 * 24 * 3600
 DEFAULT_TTL_SECONDS = 3600
 _TOKEN_ID = re.compile(r"^[0-9a-f]{16}$")
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_PATTERN = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,127}\*?)$")
+MAX_SCOPE_PATTERNS = 64
+SIDECAR_SUFFIX = "-sidecar-proxy"
 
 
 class Unauthenticated(MeshError):
@@ -62,12 +67,19 @@ def create_token(
     description: str = "",
     datacenter: str = "",
     created_by: str = "",
+    node_name: str = "",
+    services: Sequence[str] = (),
 ) -> NewToken:
     """A new join token. `max_uses` 0 is unlimited (until it expires or is revoked).
 
     Every token expires: an unlimited, eternal credential that mints node
-    identities is not something to hand out.
+    identities is not something to hand out. Its scope: `node_name` (the
+    only name it joins, or any when empty) and `services` (what the node may
+    register: names, `prefix*` patterns, `*` for any; none by default).
     """
+    services = check_scope_patterns(services)
+    if node_name and (not isinstance(node_name, str) or not _NODE_NAME.match(node_name)):
+        raise BadRequest(f"node: invalid node name {node_name!r}")
     if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int | float):
         raise BadRequest("ttl: expected a duration")
     if not MIN_TTL_SECONDS <= ttl_seconds <= MAX_TTL_SECONDS:
@@ -92,6 +104,8 @@ def create_token(
             max_uses=max_uses,
             expires_at=now + dt.timedelta(seconds=ttl_seconds),
             created_by=created_by,
+            node_name=node_name,
+            services=services,
             create_index=w.index,
             modify_index=w.index,
         )
@@ -118,6 +132,8 @@ def token_json(row: JoinToken) -> dict[str, Any]:
         "id": row.id,
         "description": row.description,
         "datacenter": row.datacenter,
+        "node_name": row.node_name,
+        "services": list(row.services or []),
         "max_uses": row.max_uses,
         "uses": row.uses,
         "state": token_state(row),
@@ -136,12 +152,20 @@ def list_tokens() -> list[JoinToken]:
     return list(JoinToken.objects.all())
 
 
-def revoke_token(token_id: str) -> JoinToken:
-    """Revoke a token (it stays listed as revoked); revoking twice is a no-op."""
+def revoke_token(token_id: str, *, nodes: bool = False) -> JoinToken:
+    """Revoke a token (it stays listed as revoked); revoking twice is a no-op.
+
+    `nodes`: also revoke every node that joined with it
+    (`enrollment.revoke_nodes`), even when the token was revoked before.
+    """
+    from registry.domain import enrollment  # (import cycle: enrollment consumes tokens)
+
     with Change() as w:
         row = JoinToken.objects.select_for_update().filter(id=token_id).first()
         if row is None:
             raise NotFound(f'join token "{token_id}" not found')
+        if nodes:
+            enrollment.revoke_nodes(w, row.id)
         if row.revoked_at is None:
             before = token_json(row)
             row.revoked_at = timezone.now()
@@ -187,3 +211,37 @@ def consume(change: Change, token: str, node_name: str) -> JoinToken:
     change.touch("join-tokens")
     row.refresh_from_db()
     return row
+
+
+# --- scope -----------------------------------------------------------------------------
+
+
+def check_scope_patterns(services: Sequence[str]) -> list[str]:
+    """Validate a token's service scope: names, `prefix*` patterns or `*` (400 otherwise)."""
+    if isinstance(services, str) or not isinstance(services, list | tuple):
+        raise BadRequest("services: expected a list of service names or patterns")
+    if len(services) > MAX_SCOPE_PATTERNS:
+        raise BadRequest(f"services: at most {MAX_SCOPE_PATTERNS} names or patterns")
+    out: list[str] = []
+    for item in services:
+        if not isinstance(item, str) or not _PATTERN.match(item):
+            raise BadRequest(
+                f"services: invalid service name or pattern {item!r} "
+                "(a name, a prefix ending in '*', or '*' for any)"
+            )
+        if item not in out:
+            out.append(item)
+    return out
+
+
+def scope_allows(patterns: Sequence[str], service: str) -> bool:
+    """Whether a scope allows a service name. A name allows itself and its sidecar
+    (`web` allows `web-sidecar-proxy`), `api-*` every name starting with `api-`,
+    `*` everything."""
+    for p in patterns or ():
+        if p.endswith("*"):
+            if service.startswith(p[:-1]):
+                return True
+        elif service == p or service == p + SIDECAR_SUFFIX:
+            return True
+    return False

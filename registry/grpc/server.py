@@ -271,7 +271,8 @@ class AgentProtocolServer:
             transport.abort()
             return
         local_port = up_writer.get_extra_info("sockname")[1]
-        self.peers.add(local_port, Peer(str(client[0]), int(client[1]), uris))
+        serial = str(cert.get("serialNumber", "")) if uris else ""
+        self.peers.add(local_port, Peer(str(client[0]), int(client[1]), uris, serial))
         try:
             await _splice(reader, writer, up_reader, up_writer)
         finally:

@@ -32,6 +32,8 @@ def start_server(tmp: Path, **kw) -> MeshServer:
 
 def join_token(server: MeshServer, *extra: str) -> tuple[str, str]:
     """(token, pin) from `mesh join-token create`, run against the server's HTTP API."""
+    if "-service" not in extra:
+        extra = (*extra, "-service", "*")  # these tests' agents register any service
     out = subprocess.run(
         [sys.executable, "-m", "meshweb.cli", "join-token", "create", "-format", "json", *extra],
         cwd=ROOT,

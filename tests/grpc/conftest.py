@@ -30,6 +30,8 @@ def cp(tmp_path_factory) -> MeshServer:
 
 
 def new_token(server: MeshServer, *, uses: int = 1, ttl: str = "1h", **extra) -> dict:
+    """A join token; its scope allows any service unless `services=[...]` says otherwise."""
+    extra.setdefault("services", ["*"])
     with server.client() as http:
         r = http.post("/api/join-tokens/", json={"uses": uses, "ttl": ttl, **extra})
     assert r.status_code == 201, r.text

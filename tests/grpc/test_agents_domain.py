@@ -29,7 +29,7 @@ def service_csr(service: str, dc: str = "dc1") -> str:
 
 
 def joined(node: str = "host-a") -> agents.Joined:
-    token = agents.create_token().token
+    token = agents.create_token(services=["*"]).token
     return agents.join(token, node, agent_csr(node), address="10.0.0.5")
 
 
