@@ -29,7 +29,7 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
-from meshproto import pki, spiffe
+from meshproto import pki, scope, spiffe
 from registry.acl_rules import Authorizer, parse_rules
 from registry.domain import catalog, connect_ca, join_tokens, shapes
 from registry.domain.acl import Identity
@@ -505,17 +505,6 @@ def revoke_nodes(change: Change, token_id: str) -> list[str]:
 # --- scope: what a node may claim ------------------------------------------------------------
 
 
-def _claimed_names(spec: dict[str, Any]) -> list[str]:
-    """The service names a definition claims an identity for (and so leaves of)."""
-    names = [spec.get("Name") or ""]
-    if spec.get("Kind") == "connect-proxy":
-        names.append((spec.get("Proxy") or {}).get("DestinationServiceName") or "")
-    sidecar = (spec.get("Connect") or {}).get("SidecarService")
-    if isinstance(sidecar, dict) and sidecar.get("Name"):
-        names.append(sidecar["Name"])
-    return [n for n in names if n]
-
-
 def check_scope(node_name: str, services: Iterable[dict[str, Any]]) -> NodeEnrollment:
     """Refuse (403, audited) a node that is not an enrolled agent, or services its
     join token's scope does not allow. Called at the start of every node sync."""
@@ -526,17 +515,16 @@ def check_scope(node_name: str, services: Iterable[dict[str, Any]]) -> NodeEnrol
             + (" (revoked)" if row is not None else "")
         )
     for spec in services:
-        for name in _claimed_names(spec):
-            if not join_tokens.scope_allows(row.services, name):
-                _refuse_scope(row, name)
+        name = scope.refused(row.services, spec)
+        if name is not None:
+            _refuse_scope(row, name)
     return row
 
 
 def _refuse_scope(row: NodeEnrollment, service: str) -> None:
-    allowed = ", ".join(row.services) if row.services else "no services"
     message = (
         f'Permission denied: node "{row.node}" may not register service "{service}" '
-        f"(its join token {row.join_token} allows: {allowed})"
+        f"(its join token {row.join_token} allows: {scope.describe(row.services)})"
     )
     # The refusal is recorded in its own write: the caller's work is rolled back.
     with Change() as w:

@@ -23,6 +23,7 @@ from django.conf import settings
 from django.db.models import F, Q
 from django.utils import timezone
 
+from meshproto import scope
 from registry.errors import BadRequest, MeshError, NotFound
 from registry.models import Datacenter, JoinToken
 from registry.txn import Change
@@ -36,7 +37,6 @@ _TOKEN_ID = re.compile(r"^[0-9a-f]{16}$")
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PATTERN = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,127}\*?)$")
 MAX_SCOPE_PATTERNS = 64
-SIDECAR_SUFFIX = "-sidecar-proxy"
 
 
 class Unauthenticated(MeshError):
@@ -235,13 +235,5 @@ def check_scope_patterns(services: Sequence[str]) -> list[str]:
 
 
 def scope_allows(patterns: Sequence[str], service: str) -> bool:
-    """Whether a scope allows a service name. A name allows itself and its sidecar
-    (`web` allows `web-sidecar-proxy`), `api-*` every name starting with `api-`,
-    `*` everything."""
-    for p in patterns or ():
-        if p.endswith("*"):
-            if service.startswith(p[:-1]):
-                return True
-        elif service == p or service == p + SIDECAR_SUFFIX:
-            return True
-    return False
+    """Whether a scope allows a service name (the rule: `meshproto.scope.allows`)."""
+    return scope.allows(patterns, service)

@@ -146,13 +146,24 @@ class MeshAgent:
                 continue
         return out
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30)
+    @property
+    def local_token(self) -> str:
+        """The agent's local API token, from the file it writes in its data dir."""
+        return (self.data_dir / "agent-token").read_text().strip()
 
-    def consul(self):
+    def client(self, token: str | None = None) -> httpx.Client:
+        tok = self.local_token if token is None else token
+        headers = {"X-Consul-Token": tok} if tok else {}
+        return httpx.Client(base_url=self.url, timeout=30, headers=headers)
+
+    def consul(self, token: str | None = None):
         import consul
 
-        return consul.Consul(host="127.0.0.1", port=self.http_port)
+        return consul.Consul(
+            host="127.0.0.1",
+            port=self.http_port,
+            token=self.local_token if token is None else token,
+        )
 
     def metrics(self) -> str:
         return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
