@@ -212,8 +212,14 @@ def make_agent(control_plane, tmp_path, unique):
     """Start agents joined to the module's control plane; all stopped at the end."""
     started: list[MeshAgent] = []
 
-    def make(*, node: str | None = None, files: dict[str, str] | None = None, **kw) -> MeshAgent:
-        token, pin = join_token(control_plane)
+    def make(
+        *,
+        node: str | None = None,
+        files: dict[str, str] | None = None,
+        services: tuple[str, ...] = ("*",),
+        **kw,
+    ) -> MeshAgent:
+        token, pin = join_token(control_plane, *(a for s in services for a in ("-service", s)))
         name = node or unique("node")
         agent = MeshAgent(
             control_plane,
