@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -442,11 +443,24 @@ def _heard_from(row: NodeEnrollment, now: dt.datetime) -> None:
         log.info("node %s is back", row.node)
 
 
-def sweep_liveness(now: dt.datetime | None = None) -> int:
+_next_sweep = 0.0  # monotonic time of this process's next liveness sweep
+
+
+def sweep_liveness(now: dt.datetime | None = None, *, force: bool = False) -> int:
     """Mark nodes not heard from for `MESH_NODE_LIVENESS_TIMEOUT` down: a critical
     `serfHealth` check on the node, so its instances leave healthy answers, DNS and
     sidecar endpoints until it speaks again. Idempotent (claims with a conditional
-    update); returns how many nodes it marked."""
+    update); returns how many nodes it marked.
+
+    Called from every background tick; it queries at most every
+    `HEARD_FROM_STEP` seconds (or a quarter of the timeout), so an idle tick
+    stays cheap.
+    """
+    global _next_sweep
+    clock = time.monotonic()
+    if not force and clock < _next_sweep:
+        return 0
+    _next_sweep = clock + min(HEARD_FROM_STEP, settings.MESH_NODE_LIVENESS_TIMEOUT / 4)
     now = now or timezone.now()
     cutoff = now - dt.timedelta(seconds=settings.MESH_NODE_LIVENESS_TIMEOUT)
     stale = list(
