@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from registry import decode
+from registry import topics as topic
 from registry.domain import catalog, enrollment, shapes
 from registry.domain.enrollment import (  # noqa: F401  (re-exported)
     MAX_META_KEYS,
@@ -361,7 +362,7 @@ def sync_node(node_name: str, dc: str, state: NodeState) -> int:
     enrollment.check_scope(node_name, state.services)
     node = Node.objects.select_related("datacenter").filter(name=node_name).first()
     if node is not None and _plan(node, state).empty:
-        return topic_index(f"node:{node_name}")
+        return topic_index(topic.node(node_name))
     with Change() as w:
         node = (
             Node.objects.select_related("datacenter")
@@ -461,7 +462,7 @@ def update_checks(node_name: str, updates: Sequence[tuple[str, str, str | None]]
         if latest[cid][0] != status or (latest[cid][1] is not None and latest[cid][1] != output)
     ]
     if not pending:
-        return topic_index(f"node:{node_name}")
+        return topic_index(topic.node(node_name))
     with Change() as w:
         for check in (
             Check.objects.select_related("node")

@@ -31,6 +31,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from meshproto import pki, scope, spiffe
+from registry import topics as topic
 from registry.acl_rules import Authorizer, parse_rules
 from registry.domain import catalog, connect_ca, join_tokens, shapes
 from registry.domain.acl import Identity
@@ -352,7 +353,7 @@ def join(
             },
         )
         _bind(leaf, node_name, node_id)
-        w.touch(f"node:{node_name}")
+        w.touch(topic.node(node_name))
         w.audit(
             "agent.join",
             "node",
@@ -512,7 +513,7 @@ def revoke_nodes(change: Change, token_id: str) -> list[str]:
         if node is not None and (node.meta or {}).get(ROLE_KEY) == ROLE_AGENT:
             catalog.delete_node(change, node)
         change.audit("agent.node.revoke", "node", name, None, {"JoinToken": token_id})
-        change.touch(f"node:{name}")
+        change.touch(topic.node(name))
     return names
 
 

@@ -24,6 +24,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from meshproto import scope
+from registry import topics as topic
 from registry.errors import BadRequest, MeshError, NotFound
 from registry.models import Datacenter, JoinToken
 from registry.txn import Change
@@ -109,7 +110,7 @@ def create_token(
             create_index=w.index,
             modify_index=w.index,
         )
-        w.touch("join-tokens")
+        w.touch(topic.JOIN_TOKENS)
         w.audit("agent.join-token.create", "join-token", token_id, None, token_json(row))
     return NewToken(row, f"{token_id}.{secret}")
 
@@ -171,7 +172,7 @@ def revoke_token(token_id: str, *, nodes: bool = False) -> JoinToken:
             row.revoked_at = timezone.now()
             row.modify_index = w.index
             row.save(update_fields=["revoked_at", "modify_index"])
-            w.touch("join-tokens")
+            w.touch(topic.JOIN_TOKENS)
             w.audit("agent.join-token.revoke", "join-token", row.id, before, token_json(row))
     return row
 
@@ -208,7 +209,7 @@ def consume(change: Change, token: str, node_name: str) -> JoinToken:
             "join refused for node %r: token %s is %s", node_name, token_id, token_state(row, now)
         )
         raise Unauthenticated(_REFUSED)
-    change.touch("join-tokens")
+    change.touch(topic.JOIN_TOKENS)
     row.refresh_from_db()
     return row
 
