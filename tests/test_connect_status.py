@@ -97,7 +97,9 @@ def test_it_lists_each_service_with_sidecars_and_their_health(mesh):
 
 def test_it_shows_what_the_stream_pushed_and_the_agent_acked(mesh):
     streams = {
-        ("host-a", "web-sidecar-proxy"): StreamedProxy("host-a", "web-sidecar-proxy", 7, 7, 0, ""),
+        ("host-a", "web-sidecar-proxy"): StreamedProxy(
+            "host-a", "web-sidecar-proxy", 7, 7, 0, "", compiles=4
+        ),
         ("host-b", "api-sidecar-proxy"): StreamedProxy(
             "host-b", "api-sidecar-proxy", 9, 5, 9, "bad inbound port"
         ),
@@ -111,6 +113,7 @@ def test_it_shows_what_the_stream_pushed_and_the_agent_acked(mesh):
         "nacked_version": 0,
         "error": "",
         "in_sync": True,
+        "compiles": 4,
     }
     b, c = proxies_of(data, "api")
     assert (b["config"]["pushed_version"], b["config"]["acked_version"]) == (9, 5)

@@ -5,7 +5,8 @@
          {"proxy_id": "api-sidecar-proxy", "node": "host-b", "address": "10.0.0.3",
           "port": 21000, "health": "passing", "checks": [...],
           "config": {"stream": "connected", "pushed_version": 42, "acked_version": 42,
-                     "nacked_version": 0, "error": "", "in_sync": true}}]}],
+                     "nacked_version": 0, "error": "", "in_sync": true,
+                     "compiles": 3}}]}],
      "ca": {"trust_domain": "...", "active_root_id": "...", "roots": [...]},
      "intentions": {"total": 3, "allow": 2, "deny": 1, "l7": 0}}
 

@@ -34,6 +34,7 @@ class StreamView(Protocol):
     acked_version: int
     nacked_version: int
     last_error: str
+    compiles: int
 
 
 def _config_state(
@@ -51,6 +52,7 @@ def _config_state(
             "nacked_version": 0,
             "error": "",
             "in_sync": False,
+            "compiles": 0,
         }
     return {
         "stream": "connected",
@@ -59,6 +61,7 @@ def _config_state(
         "nacked_version": seen.nacked_version,
         "error": seen.last_error if seen.nacked_version > seen.acked_version else "",
         "in_sync": bool(seen.sent_version) and seen.acked_version == seen.sent_version,
+        "compiles": seen.compiles,
     }
 
 
