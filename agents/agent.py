@@ -49,7 +49,7 @@ from agents.leaves import Leaf, LeafKeeper, make_leaf, renewal_point
 from agents.metrics import agent_metrics, merge_scrapes
 from agents.sidecars import Sidecars
 from agents.state import LocalState, StateError, UnknownError
-from meshproto import pki, spiffe
+from meshproto import pki, scope, spiffe
 from meshproto.proto import mesh_pb2, mesh_pb2_grpc
 from meshproto.proxycfg import ProxyConfig
 
@@ -98,6 +98,7 @@ class Agent:
         self._background: set[asyncio.Task] = set()
         self._proxies_lock = asyncio.Lock()
         self._servers: list[Any] = []
+        self.local_token = ""  # the local API's token (`<data-dir>/agent-token`)
 
     # --- facts ------------------------------------------------------------------------
 
@@ -112,6 +113,25 @@ class Agent:
     @property
     def node_meta(self) -> dict[str, str]:
         return {**dict(self.config.node_meta), "mesh-role": "agent"}
+
+    def _out_of_scope(self, service: str) -> str:
+        allowed = scope.describe(self.identity.services if self.identity else ())
+        return (
+            f'Permission denied: this node\'s join token does not allow service "{service}" '
+            f"(it allows: {allowed})"
+        )
+
+    def scope_refusal(self, spec: dict[str, Any]) -> str:
+        """Why a local registration is outside the node's scope ("" when it is not).
+
+        The control plane enforces the scope on every sync (and would refuse the
+        node's whole state); refusing here names the one registration at fault.
+        """
+        services = self.identity.services if self.identity else None
+        if services is None:  # joined before scopes: the control plane decides
+            return ""
+        name = scope.refused(services, spec)
+        return self._out_of_scope(name) if name else ""
 
     @property
     def datacenter(self) -> str:
@@ -166,8 +186,9 @@ class Agent:
         self.checks.sync()
         await self._apply_proxies()
 
-        from agents.http_api import make_app
+        from agents.http_api import TOKEN_FILE, ensure_token, make_app
 
+        self.local_token = ensure_token(self.config.data_dir)
         await self._serve(make_app(self), http_sock)
         if metrics_sock is not None:
             await self._serve(self._metrics_app, metrics_sock)
@@ -177,6 +198,10 @@ class Agent:
                 "http_addr": f"{self.config.http_host}:{http_sock.getsockname()[1]}",
                 "join": self.config.join_target,
                 "sidecar_command": self.sidecar_command,
+                "token_file": str(self.config.data_dir / TOKEN_FILE),
+                "scope": list(self.identity.services)
+                if self.identity.services is not None
+                else "unknown (joined before scopes)",
             },
         )
         self._tasks.append(loop.create_task(self._control_loop(), name="control"))
@@ -306,6 +331,7 @@ class Agent:
                     datacenter=self.config.datacenter,
                     meta=self.node_meta,
                     timeout=self.config.rpc_timeout,
+                    replace=self.config.replace,
                 )
             except (OSError, grpc.aio.AioRpcError) as exc:
                 delay = backoff.next()
@@ -757,6 +783,8 @@ class Agent:
         """`/v1/agent/connect/ca/leaf/:service`: a leaf whose key was made on this host."""
         ident = self.identity
         assert ident is not None
+        if ident.services is not None and not scope.allows(ident.services, service):
+            raise PermissionError(self._out_of_scope(service))
         cached = self.service_leaves.get(service)
         if cached is None or time.time() >= cached[1]:
             if not self.connected:

@@ -4,17 +4,32 @@ A plain ASGI app (run by uvicorn on 127.0.0.1): paths, JSON field names and
 status codes as Consul's (success is 200 with an empty body for writes),
 errors as plain text. It reads and writes the agent's local state only;
 writes reach the control plane with the next sync, which they trigger at
-once. The local API trusts the host (it listens on loopback): tokens sent in
-`X-Consul-Token` are accepted and not checked here; the control plane
-authorises the node by its certificate.
+once.
+
+Who may do what (as Consul's agent API with ACLs on, one local token):
+- every write (PUT/POST/DELETE) and every leaf (`/v1/agent/connect/ca/leaf/`,
+  which answers a private key) needs the agent's local token, made by the
+  agent in `<data-dir>/agent-token` (mode 0600: readable by the agent's user
+  only), sent as `X-Consul-Token`, `Authorization: Bearer` or `?token=`;
+  reads need none;
+- a service outside the node's scope (its join token's services) is refused
+  at registration and for leaves, with the scope in the message;
+- the `Host` header must name this listener (its address, `localhost`, or an
+  IP literal): a page served from another name that resolves here (DNS
+  rebinding) gets 421.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import ipaddress
 import json
+import os
 import re
+import secrets
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
@@ -26,6 +41,8 @@ if TYPE_CHECKING:
     from agents.agent import Agent
 
 MAX_BODY = 1 << 20
+TOKEN_FILE = "agent-token"
+LEAF_PREFIX = "/v1/agent/connect/ca/leaf/"
 VERSION = shapes.VERSION
 STATUS_CODE = {"passing": 200, "warning": 429, "critical": 503, "maintenance": 503}
 
@@ -59,6 +76,15 @@ class Request:
         if name not in self.query:
             return False
         return self.param(name).lower() in ("", "1", "true", "yes")
+
+    def token(self) -> str:
+        """The token the caller sent: `X-Consul-Token`, `Authorization: Bearer`, `?token=`."""
+        if self.headers.get("x-consul-token"):
+            return self.headers["x-consul-token"].strip()
+        scheme, _, value = self.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        return self.param("token").strip()
 
     def json(self, table: decode.Struct | None = None) -> Any:
         """The body, decoded by `table` when given (the control plane's decoder, strict)."""
@@ -217,6 +243,9 @@ async def service_register(agent: Agent, req: Request) -> Reply:
         rules.validate_service(spec)
     except rules.RuleError as exc:
         raise HTTPError(400, str(exc)) from None
+    refusal = agent.scope_refusal(spec)
+    if refusal:
+        raise HTTPError(403, refusal)
     agent.state.register_service(spec, replace_existing_checks=req.flag("replace-existing-checks"))
     agent.local_changed()
     return Reply(raw=b"")
@@ -382,6 +411,76 @@ async def connect_proxy(agent: Agent, req: Request, proxy_id: str) -> Reply:
     return Reply(config)
 
 
+# --- who may call -----------------------------------------------------------------------
+
+
+def ensure_token(data_dir: Path) -> str:
+    """The agent's local API token, `<data-dir>/agent-token` (mode 0600), made once.
+
+    Local tools read it from there (`CONSUL_HTTP_TOKEN_FILE`); the file's mode
+    is what keeps other users of the host out.
+    """
+    from agents.client import write_private
+
+    path = data_dir / TOKEN_FILE
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        token = ""
+    if token:
+        os.chmod(path, 0o600)
+        return token
+    token = secrets.token_urlsafe(32)
+    write_private(path, token + "\n")
+    return token
+
+
+def needs_token(method: str, path: str) -> bool:
+    """Writes and leaves (a leaf answer holds the service's private key)."""
+    return method not in ("GET", "HEAD") or path.startswith(LEAF_PREFIX)
+
+
+def host_allowed(host_header: str | None, bind_host: str) -> bool:
+    """Whether `Host` names this listener: its bind address, `localhost`, or an IP literal.
+
+    A browser that reached us through another name (DNS rebinding: evil.example
+    resolving to 127.0.0.1) sends that name; no page can make it send ours.
+    """
+    if host_header is None:  # HTTP/1.0 without Host: not a browser
+        return True
+    text = host_header.strip().lower()
+    if text.startswith("["):
+        name = text[1 : text.find("]")] if "]" in text else text
+    else:
+        name = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+    if name in ("localhost", (bind_host or "").strip("[]").lower()):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _refusal(req: Request, agent: Agent) -> Reply | None:
+    if not host_allowed(req.headers.get("host"), agent.config.http_host):
+        message = (
+            f"Host {req.headers.get('host')!r} is not this agent's address "
+            f"({agent.config.http_host}); refusing (DNS rebinding protection)"
+        )
+        return Reply({"error": message}, status=421)
+    if needs_token(req.method, req.path) and not hmac.compare_digest(
+        req.token().encode(), agent.local_token.encode()
+    ):
+        message = (
+            "Permission denied: the agent's local API needs its token for writes and leaves "
+            f"(X-Consul-Token or Authorization: Bearer; the token is in "
+            f"{agent.config.data_dir / TOKEN_FILE})"
+        )
+        return Reply(raw=message.encode(), status=403, ctype="text/plain; charset=utf-8")
+    return None
+
+
 # --- the ASGI app ---------------------------------------------------------------------
 
 
@@ -415,7 +514,7 @@ def make_app(agent: Agent):
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         req = Request(method, path, query, body, headers)
-        reply = await dispatch(agent, req)
+        reply = _refusal(req, agent) or await dispatch(agent, req)
         await _send(send, reply)
 
     return app

@@ -278,7 +278,10 @@ def _management_token(cfg: DevConfig) -> str | None:
 
 
 def _create_join_token(cfg: DevConfig, token: str | None) -> tuple[str, str]:
-    body = json.dumps({"ttl": "10m", "uses": 1, "description": "mesh dev agent"}).encode()
+    # The dev agent registers exactly the two demo services (and their sidecars).
+    body = json.dumps(
+        {"ttl": "10m", "uses": 1, "description": "mesh dev agent", "services": ["web", "api"]}
+    ).encode()
     data = (
         _api(cfg, token)
         .request(

@@ -81,6 +81,13 @@ MESH_TASK_TICK_SECONDS = float(env_str("MESH_TASK_TICK_SECONDS", "1") or "1")
 MESH_ENCRYPTION_KEY = env_str("MESH_ENCRYPTION_KEY")
 MESH_CA_CSR_RATE = env_str("MESH_CA_CSR_RATE", "50")  # per second; checked by registry.ca
 MESH_CA_CSR_MAX_CONCURRENT = env_int("MESH_CA_CSR_MAX_CONCURRENT", 50, minimum=0)
+# An agent node not heard from (sync, check update, leaf, config stream) for this
+# many seconds gets a critical serfHealth check (registry.domain.enrollment).
+MESH_NODE_LIVENESS_TIMEOUT = env_int("MESH_NODE_LIVENESS_TIMEOUT", 60, minimum=2)
+# Join attempts with a bad token, per source address: a bucket of this many,
+# refilled one every MESH_JOIN_FAILURE_REFILL_SECONDS (then RESOURCE_EXHAUSTED).
+MESH_JOIN_FAILURE_BURST = env_int("MESH_JOIN_FAILURE_BURST", 10, minimum=1)
+MESH_JOIN_FAILURE_REFILL_SECONDS = env_int("MESH_JOIN_FAILURE_REFILL_SECONDS", 6, minimum=1)
 MESH_CA_LEAF_TTL = env_str("MESH_CA_LEAF_TTL")  # a Go duration ("5s"); checked by registry.ca
 
 REDIS_URL = env_str("REDIS_URL")

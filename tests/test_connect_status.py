@@ -175,7 +175,7 @@ def test_the_api_and_cli_show_the_versions_the_live_stream_pushed_and_the_agent_
     from tests.agents.conftest import MeshAgent, eventually, start_server
 
     server = start_server(tmp_path / "cp", acl=True)
-    r = server.client().post("/api/join-tokens/", json={"uses": 1})
+    r = server.client().post("/api/join-tokens/", json={"uses": 1, "services": ["api"]})
     assert r.status_code == 201, r.text
     token, pin = r.json()["token"], r.json()["ca_pin"]
     node = unique("node")

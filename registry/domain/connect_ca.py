@@ -417,7 +417,9 @@ def _listed_dns_names(kind: str, name: str) -> set[str]:
     return {n.lower() for n in names if _is_hostname(n)}
 
 
-def _authorise(identity, csr_uri: str, dns_names: list[str], state: SigningState):
+def _authorise(
+    identity, csr_uri: str, dns_names: list[str], state: SigningState, agent: bool = False
+):
     """The identity the CSR asks for, if `identity` may have it (else 403)."""
     try:
         wanted = spiffe.parse(csr_uri)
@@ -444,6 +446,14 @@ def _authorise(identity, csr_uri: str, dns_names: list[str], state: SigningState
         kind, name = "agent", wanted.node
         if not authz.node_write(name):
             raise _denied(identity, "node:write", name)
+        if not agent and not authz.acl_write():
+            # A node identity is minted by the join flow (which binds it to the
+            # node); elsewhere only a token that may mint join tokens gets one.
+            raise PermissionDenied(
+                "Permission denied: node certificates are issued by the join flow "
+                "(mesh join-token create, mesh agent -join-token); signing an agent "
+                "ID here needs acl:write"
+            )
     allowed = allowed_dns_names(kind, name, dc)
     unexpected = [d for d in dns_names if d.lower() not in allowed]
     if unexpected:
@@ -457,11 +467,13 @@ def _authorise(identity, csr_uri: str, dns_names: list[str], state: SigningState
     return wanted, kind, name
 
 
-def sign_csr(identity, csr_pem: str | bytes) -> SignedLeaf:
+def sign_csr(identity, csr_pem: str | bytes, *, agent: bool = False) -> SignedLeaf:
     """Sign a CSR for the identity (service or agent SPIFFE ID) it asks for.
 
     `identity` is the caller's `registry.domain.acl.Identity`: a service ID
-    needs `service:write` on the service, an agent ID `node:write` on the node.
+    needs `service:write` on the service, an agent ID `node:write` on the node
+    and either `agent=True` (the join flow and node renewals, which bind the
+    certificate to the node) or `acl:write`.
     Errors: 429 when the signing rate limit's queue is full; 400 for a CSR
     that is not one (garbage, bad signature, unsupported key, CA:true or
     other extensions, SANs other than URI/DNS); 403 for an identity the
@@ -478,7 +490,7 @@ def sign_csr(identity, csr_pem: str | bytes) -> SignedLeaf:
         raise PermissionDenied(
             f"Permission denied: a CSR must ask for exactly one URI SAN (a SPIFFE ID), not {len(uris)}"
         )
-    wanted, kind, name = _authorise(identity, uris[0], dns_names, state)
+    wanted, kind, name = _authorise(identity, uris[0], dns_names, state, agent)
     cert = state.provider.sign_leaf(
         state.signer,
         csr,

@@ -25,7 +25,7 @@ from meshproto.registration import decode as pure_decode
 from meshproto.registration import rules
 from registry import decode
 from registry import topics as topic
-from registry.domain import catalog, shapes
+from registry.domain import catalog, enrollment, shapes
 from registry.errors import BadRequest, rule_errors
 from registry.models import Check, Node, ServiceInstance
 from registry.txn import Change, topic_index
@@ -187,12 +187,11 @@ def _differs(row: Any, fields: dict[str, Any]) -> bool:
 
 
 def _plan(node: Node, state: NodeState) -> _Plan:
-    from registry.domain.agents import _check_meta  # node meta rules: the join's (enrollment)
 
     services, checks = _desired(node, state)
     rows = {s.service_id: s for s in node.services.all()}
     check_rows = {c.check_id: c for c in node.checks.all()}
-    meta = _check_meta(state.meta)
+    meta = enrollment.check_meta(state.meta)
     node_fields: dict[str, Any] = {}
     if state.address and state.address != node.address:
         node_fields["address"] = state.address
@@ -238,8 +237,7 @@ def sync_node(node_name: str, dc: str, state: NodeState) -> int:
     (anti-entropy: the agent restores what the control plane lost).
     Returns the index of the node's state after the sync.
     """
-    from registry.domain.agents import _check_meta, _register_node  # the join's node rules
-
+    enrollment.check_scope(node_name, state.services)
     node = Node.objects.select_related("datacenter").filter(name=node_name).first()
     if node is not None and _plan(node, state).empty:
         return topic_index(topic.node(node_name))
@@ -253,7 +251,9 @@ def sync_node(node_name: str, dc: str, state: NodeState) -> int:
         if node is None:
             if not state.address:
                 raise BadRequest("address is required to register the node again")
-            node = _register_node(w, node_name, state.address, _check_meta(state.meta), dc)
+            node = enrollment.register_node(
+                w, node_name, state.address, enrollment.check_meta(state.meta), dc
+            )
         plan = _plan(node, state)  # again, inside the transaction: this one is authoritative
         _apply(w, node, plan)
     return w.index

@@ -561,11 +561,15 @@ def test_the_leaf_chain_verifies_against_the_root(ca):
     pki.load_cert(leaf.cert_pem).verify_directly_issued_by(root)
 
 
-def test_an_agent_gets_its_node_identity_with_node_write(ca):
+def test_a_node_identity_needs_the_join_flow_or_acl_write_besides_node_write(ca):
     uri = spiffe.agent_id(ca.trust_domain(), "host-7", "dc1").uri
     token = token_for('node "host-7" { policy = "write" }')
-    leaf = ca.sign_csr(token, csr_for(uri, ("host-7.node.consul",)))
+    with pytest.raises(PermissionDenied, match="issued by the join flow"):
+        ca.sign_csr(token, csr_for(uri, ("host-7.node.consul",)))
+    leaf = ca.sign_csr(token, csr_for(uri, ("host-7.node.consul",)), agent=True)
     assert leaf.kind == "agent" and leaf.name == "host-7" and leaf.spiffe_id == uri
+    operator = token_for('node "host-7" { policy = "write" } acl = "write"')
+    assert ca.sign_csr(operator, csr_for(uri)).name == "host-7"
     with pytest.raises(PermissionDenied, match="lacks permission 'node:write' on \"host-8\""):
         ca.sign_csr(token, csr_for(spiffe.agent_id(ca.trust_domain(), "host-8", "dc1").uri))
 
