@@ -200,10 +200,13 @@ RULES: dict[str, frozenset[str]] = {
     "agent.SignLeaf": NO_MORE,
     "agent.SyncNode": CHECK_DEFINITIONS,
     "agent.UpdateChecks": NO_MORE,
+    "agent.StreamProxyConfigs": NO_MORE,
     # the domain's records
     "agent.join": NO_MORE,
     "agent.join-token.create": NO_MORE,
     "agent.join-token.revoke": NO_MORE,
+    "agent.node.revoke": NO_MORE,
+    "agent.scope.refuse": NO_MORE,
     "ca.initialize": NO_MORE,
     "ca.configure": NO_MORE,
     "ca.retire": NO_MORE,
