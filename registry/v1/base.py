@@ -387,7 +387,9 @@ def endpoint(
                     reply = await _compute(
                         key,
                         wake_seq,
-                        lambda: read_cache.read(key, exact, prefixes, lambda: _read(fn, ctx, kwargs)),
+                        lambda: read_cache.read(
+                            key, exact, prefixes, lambda: _read(fn, ctx, kwargs)
+                        ),
                     )
                 except MeshError as exc:
                     idx = getattr(exc, "index", None)

@@ -351,7 +351,7 @@ def test_catastrophic_patterns_run_in_linear_time(expression, item):
 def test_matches_uses_go_regexp_syntax_and_semantics():
     # `$` is the end of the text (Go), not "before a final newline" (Python's re).
     assert apply_filter('Output matches "ok$"', [{"Output": "ok\n"}]) == []
-    assert apply_filter(r'Output matches `\pL+\d`', [{"Output": "é1"}]) == [{"Output": "é1"}]
+    assert apply_filter(r"Output matches `\pL+\d`", [{"Output": "é1"}]) == [{"Output": "é1"}]
     assert apply_filter('Output matches "(?i)^OK"', [{"Output": "ok"}]) == [{"Output": "ok"}]
 
 
