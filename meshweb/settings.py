@@ -163,6 +163,13 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["registry.api.auth.MeshPermission"],
+    # JSON through registry.decode.load_json (bounded depth, no NaN); the browsable
+    # API's form and multipart parsers as DRF has them.
+    "DEFAULT_PARSER_CLASSES": [
+        "registry.api.parsers.MeshJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 100,

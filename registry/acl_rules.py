@@ -27,6 +27,8 @@ from typing import Any
 
 import hcl2
 
+from registry.decode import JSONError, load_json
+
 __all__ = [
     "Access",
     "Authorizer",
@@ -169,10 +171,10 @@ def parse_rules(text: str) -> PolicyRules:
 def _load(text: str) -> tuple[dict[str, Any], bool]:
     """Decode JSON or HCL; the flag says whether HCL strings still carry quotes."""
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
+        data = load_json(text)  # bounded depth and numbers, as every request body
+    except JSONError as exc:
         if text.lstrip().startswith(("{", "[")):
-            raise RulesError(f"Failed to parse ACL rules: invalid JSON: {exc}") from None
+            raise RulesError(f"Failed to parse ACL rules: {exc}") from None
     else:
         if not isinstance(data, dict):
             raise RulesError(

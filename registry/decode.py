@@ -10,6 +10,7 @@ JSON decoder does.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -132,10 +133,104 @@ def Lazy(factory: Callable[[], Decoder]) -> Decoder:
     return decode
 
 
-def parse_body_json(body: bytes) -> Any:
-    """Parse a JSON body with a clear 400 on bad bytes or syntax."""
+MAX_JSON_DEPTH = 64  # Consul's deepest bodies (config entries) nest about 8 levels
+MAX_JSON_INTEGER = 2**64 - 1  # no Go integer field holds more (uint64); less than -2**63 neither
+MIN_JSON_INTEGER = -(2**63)
+
+
+class JSONError(ValueError):
+    """A body that is not JSON meshweb accepts; str(e) names the field when it can."""
+
+
+class _BadNumber:
+    """Stands in for a number no field can hold, until its path is known."""
+
+    __slots__ = ("text", "why")
+
+    def __init__(self, text: str, why: str) -> None:
+        self.text, self.why = text, why
+
+
+def _parse_int(text: str) -> Any:
+    if len(text) > 40:  # far past 2**64; int() of a huge digit string costs (and may refuse)
+        return _BadNumber(text[:20] + "...", "is out of range")
+    value = int(text)
+    if not MIN_JSON_INTEGER <= value <= MAX_JSON_INTEGER:
+        return _BadNumber(text, "is out of range")
+    return value
+
+
+def _parse_float(text: str) -> Any:
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        return _BadNumber(text if len(text) <= 40 else text[:20] + "...", "is out of range")
+    return value
+
+
+def _parse_constant(text: str) -> Any:
+    return _BadNumber(text, "is not a JSON number (NaN and Infinity are not JSON)")
+
+
+def _check_tree(value: Any) -> None:
+    """Refuse nesting past MAX_JSON_DEPTH and the numbers the parser set aside.
+
+    Iterative (never recursive): the point is to refuse what would make later,
+    recursive code (decoders, serializers, the audit log) overflow the stack.
+    """
+    stack: list[tuple[Any, int, tuple]] = [(value, 0, ())]
+    while stack:
+        node, depth, path = stack.pop()
+        if isinstance(node, dict):
+            children = node.items()
+        elif isinstance(node, list):
+            children = enumerate(node)
+        elif isinstance(node, _BadNumber):
+            raise JSONError(f"{_path_text(path)}: number {node.text} {node.why}")
+        else:
+            continue
+        if depth >= MAX_JSON_DEPTH:
+            raise JSONError(f"{_path_text(path)}: nested more than {MAX_JSON_DEPTH} levels deep")
+        for key, child in children:
+            if isinstance(child, (dict, list, _BadNumber)):
+                stack.append((child, depth + 1, (*path, key)))
+
+
+def _path_text(path: tuple) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"
+
+
+def load_json(text: str) -> Any:
+    """Parse JSON text as every body (and JSON policy rules) must be parsed.
+
+    Refuses, with a JSONError naming the field where it can: invalid syntax,
+    nesting deeper than MAX_JSON_DEPTH (instead of a RecursionError later),
+    NaN/Infinity, and integers no Go field could hold. The one home for these
+    rules: `/v1` bodies, the `/api` DRF parser and ACL rules all call it.
+    """
     import json
 
+    try:
+        data = json.loads(
+            text,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+            parse_constant=_parse_constant,
+        )
+    except RecursionError:
+        raise JSONError(f"body: nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except json.JSONDecodeError as exc:
+        raise JSONError(f"invalid JSON: {exc}") from None
+    except ValueError as exc:  # a number Python refuses to convert
+        raise JSONError(f"invalid JSON: {exc}") from None
+    _check_tree(data)
+    return data
+
+
+def parse_body_json(body: bytes) -> Any:
+    """Parse a JSON body with a clear 400 on bad bytes, syntax, depth or numbers."""
     if not body or not body.strip():
         return None
     try:
@@ -143,9 +238,9 @@ def parse_body_json(body: bytes) -> Any:
     except UnicodeDecodeError:
         raise BadRequest("Request decode failed: body is not valid UTF-8") from None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"Request decode failed: invalid JSON: {exc}") from None
+        return load_json(text)
+    except JSONError as exc:
+        raise BadRequest(f"Request decode failed: {exc}") from None
 
 
 # --- Consul's structures -----------------------------------------------------

@@ -14,6 +14,7 @@ ends what has passed it.
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from collections.abc import Iterable
@@ -32,6 +33,7 @@ from registry.txn import Change, topic_index
 SERF_CHECK_ID = "serfHealth"
 BEHAVIORS = ("release", "delete")
 DEFAULT_LOCK_DELAY_NS = 15_000_000_000
+MAX_LOCK_DELAY_NS = 60_000_000_000  # Consul's structs.MaxLockDelay
 SESSION_TTL_MAX_SECONDS = 86400.0
 TTL_MULTIPLIER = 2  # Consul's structs.SessionTTLMultiplier
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
@@ -129,21 +131,34 @@ def lock_delay_ns(value: Any) -> int:
     if isinstance(value, bool):
         raise BadRequest("Request decode failed: LockDelay: expected a duration")
     if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadRequest(f"Request decode failed: LockDelay: invalid duration {value!r}")
         ns = int(value)
     elif isinstance(value, str):
         try:
-            ns = int(round(parse_duration(value) * 1e9))
-        except ValueError:
-            raise BadRequest(
-                f"Request decode failed: LockDelay: invalid duration {value!r}"
-            ) from None
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            reason = "out of range" if "range" in str(exc) else f"invalid duration {value!r}"
+            raise BadRequest(f"Request decode failed: LockDelay: {reason}") from None
+        if seconds > MAX_LOCK_DELAY_NS / 1e9:
+            raise _lock_delay_too_long(value)
+        ns = int(round(seconds * 1e9))
     else:
         raise BadRequest("Request decode failed: LockDelay: expected a duration")
     if ns < 0:
         raise BadRequest("Request decode failed: LockDelay: must not be negative")
     if ns < 1000:
         ns *= 1_000_000_000
+    if ns > MAX_LOCK_DELAY_NS:
+        raise _lock_delay_too_long(value)
     return ns
+
+
+def _lock_delay_too_long(value: Any) -> BadRequest:
+    return BadRequest(
+        f"Request decode failed: LockDelay: {value!r} is longer than the maximum of "
+        f"{format_duration(MAX_LOCK_DELAY_NS / 1e9)}"
+    )
 
 
 def ttl_seconds(ttl: str) -> float:
