@@ -174,7 +174,7 @@ def _load(text: str) -> tuple[dict[str, Any], bool]:
         data = load_json(text)  # bounded depth and numbers, as every request body
     except JSONError as exc:
         if text.lstrip().startswith(("{", "[")):
-            raise RulesError(f"Failed to parse ACL rules: {exc}") from None
+            raise RulesError(f"Failed to parse ACL rules: {exc.reason}") from None
     else:
         if not isinstance(data, dict):
             raise RulesError(

@@ -139,7 +139,15 @@ MIN_JSON_INTEGER = -(2**63)
 
 
 class JSONError(ValueError):
-    """A body that is not JSON meshweb accepts; str(e) names the field when it can."""
+    """A body that is not JSON meshweb accepts; str(e) names the field when it can.
+
+    `field` is the field's path ("Policies[0].ID", "body" for the whole body, ""
+    for a syntax error) and `reason` the message without it.
+    """
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}" if field else reason)
+        self.field, self.reason = field, reason
 
 
 class _BadNumber:
@@ -185,11 +193,11 @@ def _check_tree(value: Any) -> None:
         elif isinstance(node, list):
             children = enumerate(node)
         elif isinstance(node, _BadNumber):
-            raise JSONError(f"{_path_text(path)}: number {node.text} {node.why}")
+            raise JSONError(_path_text(path), f"number {node.text} {node.why}")
         else:
             continue
         if depth >= MAX_JSON_DEPTH:
-            raise JSONError(f"{_path_text(path)}: nested more than {MAX_JSON_DEPTH} levels deep")
+            raise JSONError(_path_text(path), f"nested more than {MAX_JSON_DEPTH} levels deep")
         for key, child in children:
             if isinstance(child, (dict, list, _BadNumber)):
                 stack.append((child, depth + 1, (*path, key)))
@@ -220,11 +228,11 @@ def load_json(text: str) -> Any:
             parse_constant=_parse_constant,
         )
     except RecursionError:
-        raise JSONError(f"body: nested more than {MAX_JSON_DEPTH} levels deep") from None
+        raise JSONError("body", f"nested more than {MAX_JSON_DEPTH} levels deep") from None
     except json.JSONDecodeError as exc:
-        raise JSONError(f"invalid JSON: {exc}") from None
+        raise JSONError("", f"invalid JSON: {exc}") from None
     except ValueError as exc:  # a number Python refuses to convert
-        raise JSONError(f"invalid JSON: {exc}") from None
+        raise JSONError("", f"invalid JSON: {exc}") from None
     _check_tree(data)
     return data
 

@@ -63,7 +63,11 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     if isinstance(exc, exceptions.ValidationError):
         return Response(validation_body(exc.detail), status=400)
     if isinstance(exc, exceptions.ParseError):
-        return Response({"error": f"Invalid request body: {exc.detail}"}, status=400)
+        body: dict[str, Any] = {"error": f"Invalid request body: {exc.detail}"}
+        field = getattr(exc, "field", None)  # registry.api.parsers.BodyParseError
+        if field:
+            body["fields"] = {field: [exc.reason]}
+        return Response(body, status=400)
     if isinstance(exc, exceptions.APIException):
         headers = {}
         if getattr(exc, "auth_header", None):

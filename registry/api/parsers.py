@@ -15,6 +15,16 @@ from rest_framework.parsers import JSONParser
 from registry.decode import JSONError, load_json
 
 
+class BodyParseError(ParseError):
+    """A body `load_json` refused; `field` names where (rendered in `fields`)."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(
+            f"JSON parse error - {field}: {reason}" if field else f"JSON parse error - {reason}"
+        )
+        self.field, self.reason = field or "body", reason
+
+
 class MeshJSONParser(JSONParser):
     """`application/json` bodies, parsed by `load_json` (depth, NaN, number range)."""
 
@@ -27,4 +37,4 @@ class MeshJSONParser(JSONParser):
         try:
             return load_json(text)
         except JSONError as exc:
-            raise ParseError(f"JSON parse error - {exc}") from None
+            raise BodyParseError(exc.field, exc.reason) from None
