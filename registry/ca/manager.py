@@ -43,6 +43,7 @@ from django.db.models import Max
 from django.utils import timezone
 
 from meshproto import pki
+from registry import topics as topic
 from registry.ca import secrets
 from registry.ca.provider import PROVIDERS, CAProvider, RootMaterial, Signer, get_provider
 from registry.decode import parse_duration
@@ -53,8 +54,8 @@ from registry.txn import Change
 log = logging.getLogger(__name__)
 
 ROOT_NAME = "meshweb CA Primary Cert"
-TOPIC_ROOTS = "ca-roots"
-TOPIC_CONFIG = "ca-config"
+TOPIC_ROOTS = topic.CA_ROOTS
+TOPIC_CONFIG = topic.CA_CONFIG
 
 # Consul's LeafCertTTL bounds (MESH_CA_LEAF_TTL may go below, for tests).
 MIN_LEAF_TTL = 3600.0

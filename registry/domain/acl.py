@@ -30,6 +30,7 @@ from typing import Any
 from django.conf import settings
 from django.utils import timezone
 
+from registry import topics as topic
 from registry.acl_rules import Authorizer, RulesError, parse_rules
 from registry.decode import format_duration
 from registry.errors import BadRequest, MeshError, NotFound, PermissionDenied
@@ -123,7 +124,7 @@ def resolve_token(secret: str | None) -> Identity:
     if not settings.MESH_ACL_ENABLED:
         return _ALLOW_ALL
     secret = secret or ANONYMOUS_SECRET
-    acl_index = topic_index("acl")
+    acl_index = topic_index(topic.ACL)
     with _cache_lock:
         hit = _cache.get(secret)
     if hit is not None and hit[0] == acl_index:
@@ -194,7 +195,7 @@ def _ensure_builtins(change: Change) -> ACLPolicy:
             create_index=change.index,
             modify_index=change.index,
         )
-    change.touch("acl")
+    change.touch(topic.ACL)
     return policy
 
 
@@ -399,7 +400,7 @@ def create_token(
             modify_index=change.index,
         )
         token.policies.set(linked)
-        change.touch("acl")
+        change.touch(topic.ACL)
     return _reload(token.accessor_id), secret_id
 
 
@@ -437,7 +438,7 @@ def update_token(
         token.modify_index = change.index
         token.save(update_fields=["description", "modify_index"])
         token.policies.set(linked)
-        change.touch("acl")
+        change.touch(topic.ACL)
     return _reload(accessor_id)
 
 
@@ -456,7 +457,7 @@ def delete_token(accessor_id: str, *, caller_accessor: str = "") -> bool:
         return True
     with Change() as change:
         ACLToken.objects.filter(accessor_id=accessor_id).delete()
-        change.touch("acl")
+        change.touch(topic.ACL)
     return True
 
 
@@ -477,7 +478,7 @@ def clone_token(accessor_id: str, *, description: str = "") -> tuple[ACLToken, s
             modify_index=change.index,
         )
         token.policies.set(list(source.policies.all()))
-        change.touch("acl")
+        change.touch(topic.ACL)
     return _reload(token.accessor_id), secret
 
 
@@ -543,7 +544,7 @@ def create_policy(
             create_index=change.index,
             modify_index=change.index,
         )
-        change.touch("acl")
+        change.touch(topic.ACL)
     return policy
 
 
@@ -585,7 +586,7 @@ def update_policy(
         policy.datacenters = datacenters
         policy.modify_index = change.index
         policy.save()
-        change.touch("acl")
+        change.touch(topic.ACL)
     return policy
 
 
@@ -597,7 +598,7 @@ def delete_policy(policy_id: str) -> bool:
         return True
     with Change() as change:
         ACLPolicy.objects.filter(id=policy_id).delete()
-        change.touch("acl")
+        change.touch(topic.ACL)
     return True
 
 
@@ -622,7 +623,7 @@ def list_policies() -> list[ACLPolicy]:
 
 def acl_index() -> int:
     """The X-Consul-Index of ACL reads."""
-    return topic_index("acl")
+    return topic_index(topic.ACL)
 
 
 # --- Consul's JSON shapes ------------------------------------------------------------

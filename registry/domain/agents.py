@@ -39,6 +39,7 @@ from django.utils import timezone
 
 from meshproto import pki, spiffe
 from registry import decode
+from registry import topics as topic
 from registry.acl_rules import Authorizer, parse_rules
 from registry.domain import catalog, connect_ca, shapes
 from registry.domain.acl import Identity
@@ -123,7 +124,7 @@ def create_token(
             create_index=w.index,
             modify_index=w.index,
         )
-        w.touch("join-tokens")
+        w.touch(topic.JOIN_TOKENS)
         w.audit("agent.join-token.create", "join-token", token_id, None, token_json(row))
     return NewToken(row, f"{token_id}.{secret}")
 
@@ -175,7 +176,7 @@ def revoke_token(token_id: str) -> JoinToken:
             row.revoked_at = timezone.now()
             row.modify_index = w.index
             row.save(update_fields=["revoked_at", "modify_index"])
-            w.touch("join-tokens")
+            w.touch(topic.JOIN_TOKENS)
             w.audit("agent.join-token.revoke", "join-token", row.id, before, token_json(row))
     return row
 
@@ -212,7 +213,7 @@ def _consume(change: Change, token: str, node_name: str) -> JoinToken:
             "join refused for node %r: token %s is %s", node_name, token_id, token_state(row, now)
         )
         raise Unauthenticated(_REFUSED)
-    change.touch("join-tokens")
+    change.touch(topic.JOIN_TOKENS)
     row.refresh_from_db()
     return row
 
@@ -801,7 +802,7 @@ def sync_node(node_name: str, dc: str, state: NodeState) -> int:
     """
     node = Node.objects.select_related("datacenter").filter(name=node_name).first()
     if node is not None and _plan(node, state).empty:
-        return topic_index(f"node:{node_name}")
+        return topic_index(topic.node(node_name))
     with Change() as w:
         node = (
             Node.objects.select_related("datacenter")
@@ -901,7 +902,7 @@ def update_checks(node_name: str, updates: Sequence[tuple[str, str, str | None]]
         if latest[cid][0] != status or (latest[cid][1] is not None and latest[cid][1] != output)
     ]
     if not pending:
-        return topic_index(f"node:{node_name}")
+        return topic_index(topic.node(node_name))
     with Change() as w:
         for check in (
             Check.objects.select_related("node")

@@ -20,6 +20,7 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
+from registry import topics as topic
 from registry.domain import shapes
 from registry.errors import BadRequest, NotFound
 from registry.models import Check, Datacenter, Node, ServiceInstance
@@ -42,19 +43,19 @@ NODE_MAINTENANCE_CHECK_ID = "_node_maintenance"
 
 def service_topics(svc: ServiceInstance) -> list[str]:
     """What a change to this instance (or its health) invalidates."""
-    topics = ["services", f"service:{svc.name}", f"node:{svc.node.name}"]
+    topics = [topic.SERVICES, topic.service(svc.name), topic.node(svc.node.name)]
     if svc.destination_name:
-        topics.append(f"connect:{svc.destination_name}")
+        topics.append(topic.connect(svc.destination_name))
     return topics
 
 
 def touch_node_services(change: Change, node: Node) -> None:
     """A node-level change moves the health of every service on the node."""
-    change.touch("nodes", f"node:{node.name}", "checks")
+    change.touch(topic.NODES, topic.node(node.name), topic.CHECKS)
     for name, dest in node.services.values_list("name", "destination_name"):
-        change.touch(f"service:{name}")
+        change.touch(topic.service(name))
         if dest:
-            change.touch(f"connect:{dest}")
+            change.touch(topic.connect(dest))
 
 
 # --- datacenters and nodes ------------------------------------------------------
@@ -68,7 +69,7 @@ def ensure_datacenter(name: str, change: Change | None = None) -> Datacenter:
         with Change() as c:
             return ensure_datacenter(name, c)
     dc = Datacenter.objects.create(name=name, create_index=change.index, modify_index=change.index)
-    change.touch("datacenters")
+    change.touch(topic.DATACENTERS)
     return dc
 
 
@@ -126,9 +127,9 @@ def ensure_local_node() -> Node:
                 create_index=c.index,
                 modify_index=c.index,
             )
-            c.touch("checks", f"node:{node.name}")
+            c.touch(topic.CHECKS, topic.node(node.name))
         if created:
-            c.touch("nodes", f"node:{node.name}")
+            c.touch(topic.NODES, topic.node(node.name))
     return Node.objects.select_related("datacenter").get(pk=node.pk)
 
 
@@ -240,7 +241,7 @@ def _upsert_check(
         None if existing is None else {"Status": existing.status},
         {"Name": name, "Status": check.status, "Type": kind, "ServiceID": check.service_id},
     )
-    change.touch("checks", f"node:{node.name}")
+    change.touch(topic.CHECKS, topic.node(node.name))
     if svc is not None:
         change.touch(*service_topics(svc))
     else:
@@ -427,7 +428,7 @@ def _register_service_checks(
         )
         if stale.exists():
             stale.delete()
-            change.touch(*service_topics(svc), "checks")
+            change.touch(*service_topics(svc), topic.CHECKS)
 
 
 def _with_node(svc: ServiceInstance, node: Node) -> ServiceInstance:
@@ -436,7 +437,7 @@ def _with_node(svc: ServiceInstance, node: Node) -> ServiceInstance:
 
 
 def _delete_instance(change: Change, svc: ServiceInstance) -> None:
-    change.touch(*service_topics(svc), "checks")
+    change.touch(*service_topics(svc), topic.CHECKS)
     change.audit(
         "service.deregister",
         "service",
@@ -505,7 +506,7 @@ def set_service_maintenance(node: Node, service_id: str, enable: bool, reason: s
             )
         else:
             if Check.objects.filter(node=node, check_id=check_id).delete()[0]:
-                change.touch(*service_topics(svc), "checks")
+                change.touch(*service_topics(svc), topic.CHECKS)
 
 
 def set_node_maintenance(node: Node, enable: bool, reason: str = "") -> None:
@@ -570,7 +571,7 @@ def deregister_check(node: Node, check_id: str) -> None:
 
 
 def _touch_check(change: Change, check: Check) -> None:
-    change.touch("checks", f"node:{check.node.name}")
+    change.touch(topic.CHECKS, topic.node(check.node.name))
     if check.service_id:
         svc = ServiceInstance.objects.filter(node=check.node, service_id=check.service_id).first()
         if svc is not None:

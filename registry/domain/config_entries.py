@@ -27,6 +27,7 @@ from django.db.models import Max, Min
 
 from meshproto import config_entries as pure
 from meshproto import discovery_chain as chains
+from registry import topics as topic
 from registry.acl_rules import Authorizer
 from registry.domain import intentions
 from registry.errors import BadRequest, MeshError, NotFound
@@ -36,16 +37,16 @@ from registry.txn import Change, topic_index, topics_index
 log = logging.getLogger(__name__)
 
 HTTP_PROTOCOLS = pure.HTTP_PROTOCOLS
-CHAIN_TOPIC = "discovery-chain"
+CHAIN_TOPIC = topic.DISCOVERY_CHAIN
 INTENTIONS_KIND = "service-intentions"
 
 
 def kind_topic(kind: str) -> str:
-    return f"config:{kind}"
+    return topic.config_kind(kind)
 
 
 def entry_topic(kind: str, name: str) -> str:
-    return f"config:{kind}:{name}"
+    return topic.config_entry(kind, name)
 
 
 class ChainCompileError(MeshError):

@@ -31,6 +31,7 @@ from django.db import connection
 from django.utils import timezone
 
 from meshproto import pki, spiffe
+from registry import topics as topic
 from registry.ca import manager as ca_manager
 from registry.ca.manager import TOPIC_CONFIG, TOPIC_ROOTS, Settings, manager
 from registry.ca.provider import BACKDATE, CAProvider, Signer, get_provider
@@ -55,7 +56,7 @@ _MAX_RSA_BITS = 8192
 
 
 def leaf_topic(service: str) -> str:
-    return f"ca-leaf:{service}"
+    return topic.ca_leaf(service)
 
 
 def _rfc3339(value: dt.datetime | None) -> str:

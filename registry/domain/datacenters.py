@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from registry import topics as topic
 from registry.errors import BadRequest, Conflict, NotFound
 from registry.models import Datacenter
 from registry.txn import Change
@@ -58,7 +59,7 @@ def create_datacenter(name: str, *, provider: str = "onprem", region: str = "") 
             create_index=change.index,
             modify_index=change.index,
         )
-        change.touch("datacenters", f"datacenter:{name}")
+        change.touch(topic.DATACENTERS, topic.datacenter(name))
     return dc
 
 
@@ -77,5 +78,5 @@ def update_datacenter(
             dc.region = region
         dc.modify_index = change.index
         dc.save()
-        change.touch("datacenters", f"datacenter:{name}")
+        change.touch(topic.DATACENTERS, topic.datacenter(name))
     return dc

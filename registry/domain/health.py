@@ -59,6 +59,7 @@ from meshproto.probes import (  # noqa: F401 - re-exported for callers and tests
     uses_thresholds,
 )
 from meshproto.probes import run as _run_kind
+from registry import topics as topic
 from registry.domain import catalog, connect_ca
 from registry.errors import NotFound
 from registry.models import Check, Node, ServiceInstance
@@ -69,7 +70,7 @@ log = logging.getLogger(__name__)
 # for SuccessBeforePassing / FailuresBeforeCritical (never shown by the API).
 STREAK_KEY = "_streak"
 # A change to any of these topics may change an alias check's answer.
-ALIAS_TOPICS = ("checks", "services", "nodes")
+ALIAS_TOPICS = (topic.CHECKS, topic.SERVICES, topic.NODES)
 
 
 @dataclass(frozen=True)

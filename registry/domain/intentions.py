@@ -40,29 +40,30 @@ from django.utils import timezone
 
 from meshproto import intentions as pure
 from meshproto import spiffe
+from registry import topics as topic
 from registry.acl_rules import Authorizer
 from registry.domain.acl import format_time
 from registry.errors import BadRequest, Conflict, NotFound, PermissionDenied
 from registry.models import ConfigEntry, Intention
 from registry.txn import Change, topic_index, topics_index
 
-TOPIC = "intentions"
-MESH_TOPICS = ("config:mesh", "config:mesh:mesh")
+TOPIC = topic.INTENTIONS
+MESH_TOPICS = (topic.config_kind("mesh"), topic.config_entry("mesh", "mesh"))
 # The `mesh` config entry field that switches the cluster to default allow.
 ALLOW_BY_DEFAULT_FIELD = "AllowByDefault"
 _UUID_LEN = 36
 
 
 def destination_topic(name: str) -> str:
-    return f"{TOPIC}:{name}"
+    return topic.intentions_for(name)
 
 
 def _touch(change: Change, destination: str) -> None:
     change.touch(
         TOPIC,
         destination_topic(destination),
-        "config:service-intentions",
-        f"config:service-intentions:{destination}",
+        topic.config_kind("service-intentions"),
+        topic.config_entry("service-intentions", destination),
     )
 
 

@@ -26,6 +26,7 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 
+from registry import topics as topic
 from registry.errors import BadRequest, TooLarge
 from registry.models import KVEntry, Session
 from registry.txn import Change, prefix_index, topic_index
@@ -145,7 +146,7 @@ class Listing:
 
 
 def key_topic(key: str) -> str:
-    return f"kv:{key}"
+    return topic.kv(key)
 
 
 def get(key: str) -> tuple[int, KVEntry | None]:

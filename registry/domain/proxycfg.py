@@ -72,6 +72,7 @@ from meshproto.proxycfg import (
     Upstream,
     WeightedCluster,
 )
+from registry import topics as topic
 from registry.filtering import FilterError, compile_filter
 
 log = logging.getLogger(__name__)
@@ -87,13 +88,13 @@ _STATUS_ORDER = {PASSING: 0, WARNING: 1, CRITICAL: 2}
 # Topics every compiled config depends on, whatever its upstreams.
 BASE_TOPICS = frozenset(
     {
-        "intentions",
-        "ca-roots",
-        "discovery-chain",
-        "config:mesh",
-        "config:service-defaults",
-        "config:proxy-defaults",
-        *(f"config:{kind}" for kind in pure_entries.CHAIN_KINDS),
+        topic.INTENTIONS,
+        topic.CA_ROOTS,
+        topic.DISCOVERY_CHAIN,
+        topic.config_kind("mesh"),
+        topic.config_kind("service-defaults"),
+        topic.config_kind("proxy-defaults"),
+        *(topic.config_kind(kind) for kind in pure_entries.CHAIN_KINDS),
     }
 )
 
@@ -640,26 +641,26 @@ def translate_upstream(snap: ProxySnapshot, us: UpstreamSnapshot) -> Upstream:
 def dependency_topics(snap: ProxySnapshot) -> set[str]:
     """The change-hub topics whose change may change this config (pure)."""
     topics = set(BASE_TOPICS)
-    topics.add(f"service:{snap.proxy['Service']}")
-    topics.add(f"node:{snap.node['Node']}")
+    topics.add(topic.service(snap.proxy["Service"]))
+    topics.add(topic.node(snap.node["Node"]))
     if snap.service:
-        topics.add(f"service:{snap.service}")
+        topics.add(topic.service(snap.service))
     cross_dc = False
     for us in snap.upstreams:
         dest = us.upstream.get("DestinationName", "")
         if dest:
-            topics.update((f"service:{dest}", f"connect:{dest}"))
+            topics.update((topic.service(dest), topic.connect(dest)))
         for target in ((us.chain or {}).get("Targets") or {}).values():
-            topics.update((f"service:{target['Service']}", f"connect:{target['Service']}"))
+            topics.update((topic.service(target["Service"]), topic.connect(target["Service"])))
             if (target.get("Datacenter") or snap.datacenter) != snap.datacenter:
                 cross_dc = True
     if cross_dc:
         # A mesh gateway registered later changes the path: any registration
         # touches `services`, a new node `nodes`.
-        topics.update(("nodes", "services"))
+        topics.update((topic.NODES, topic.SERVICES))
         for gws in snap.gateways.values():
             for gw in gws:
-                topics.add(f"service:{gw.entry['Service']['Service']}")
+                topics.add(topic.service(gw.entry["Service"]["Service"]))
     return topics
 
 

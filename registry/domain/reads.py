@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from registry import topics as topic
 from registry.domain import rows, shapes
 from registry.domain.catalog import checks_for, instances_query
 from registry.errors import NotFound
@@ -33,7 +34,7 @@ def meta_match(meta: dict | None, wanted: dict[str, str] | None) -> bool:
 
 
 def catalog_nodes(authz, dc: str, node_meta: dict | None = None) -> tuple[int, list[dict]]:
-    index = topic_index("nodes")
+    index = topic_index(topic.NODES)
     nodes = Node.objects.select_related("datacenter").filter(datacenter__name=dc)
     return index, [
         shapes.node_json(n)
@@ -43,7 +44,7 @@ def catalog_nodes(authz, dc: str, node_meta: dict | None = None) -> tuple[int, l
 
 
 def catalog_services(authz, dc: str) -> tuple[int, dict[str, list[str]]]:
-    index = topic_index("services")
+    index = topic_index(topic.SERVICES)
     out: dict[str, set[str]] = {}
     rows = ServiceInstance.objects.filter(node__datacenter__name=dc).values_list("name", "tags")
     for name, tags in rows:
@@ -69,7 +70,7 @@ def catalog_service(
     connect: bool = False,
     node_meta: dict | None = None,
 ) -> tuple[int, list[dict]]:
-    index = topic_index(f"connect:{name}" if connect else f"service:{name}")
+    index = topic_index(topic.connect(name) if connect else topic.service(name))
     rows = [
         s
         for s in instances_query(name, connect=connect, dc=dc)
@@ -79,7 +80,7 @@ def catalog_service(
 
 
 def catalog_node(authz, name: str) -> tuple[int, dict | None]:
-    index = topic_index(f"node:{name}")
+    index = topic_index(topic.node(name))
     node = Node.objects.select_related("datacenter").filter(name=name).first()
     if node is None or not authz.node_read(name):
         return index, None
@@ -109,7 +110,7 @@ def health_service(
     node_meta: dict | None = None,
 ) -> tuple[int, list[dict[str, Any]]]:
     """`/v1/health/service/:name`: instances with their node and checks."""
-    index = topic_index(f"connect:{name}" if connect else f"service:{name}")
+    index = topic_index(topic.connect(name) if connect else topic.service(name))
     instances = [
         s
         for s in rows.instances(name, dc, connect=connect)
@@ -136,7 +137,7 @@ def health_service(
 
 
 def health_node(authz, name: str) -> tuple[int, list[dict]]:
-    index = topic_index(f"node:{name}")
+    index = topic_index(topic.node(name))
     if not authz.node_read(name):
         return index, []
     rows = Check.objects.filter(node__name=name).order_by("check_id")
@@ -148,7 +149,7 @@ def health_node(authz, name: str) -> tuple[int, list[dict]]:
 
 
 def health_checks(authz, name: str, dc: str) -> tuple[int, list[dict]]:
-    index = topic_index(f"service:{name}")
+    index = topic_index(topic.service(name))
     rows = Check.objects.select_related("node").filter(service_name=name, node__datacenter__name=dc)
     return index, [
         shapes.check_json(c)
@@ -158,7 +159,7 @@ def health_checks(authz, name: str, dc: str) -> tuple[int, list[dict]]:
 
 
 def health_state(authz, state: str, dc: str) -> tuple[int, list[dict]]:
-    index = topic_index("checks")
+    index = topic_index(topic.CHECKS)
     rows = Check.objects.select_related("node").filter(node__datacenter__name=dc)
     if state != "any":
         rows = rows.filter(status=state)
@@ -171,7 +172,7 @@ def health_state(authz, state: str, dc: str) -> tuple[int, list[dict]]:
 
 
 def agent_services(authz, node: Node) -> tuple[int, dict[str, dict]]:
-    index = topic_index(f"node:{node.name}")
+    index = topic_index(topic.node(node.name))
     out = {}
     for s in ServiceInstance.objects.filter(node=node).order_by("service_id"):
         s.node = node
@@ -181,7 +182,7 @@ def agent_services(authz, node: Node) -> tuple[int, dict[str, dict]]:
 
 
 def agent_checks(authz, node: Node) -> tuple[int, dict[str, dict]]:
-    index = topic_index(f"node:{node.name}")
+    index = topic_index(topic.node(node.name))
     out = {}
     for c in Check.objects.filter(node=node).order_by("check_id"):
         if not c.service_name or authz.service_read(c.service_name):
@@ -190,7 +191,7 @@ def agent_checks(authz, node: Node) -> tuple[int, dict[str, dict]]:
 
 
 def agent_service(authz, node: Node, service_id: str) -> tuple[int, dict]:
-    index = topic_index(f"node:{node.name}")
+    index = topic_index(topic.node(node.name))
     svc = ServiceInstance.objects.filter(node=node, service_id=service_id).first()
     if svc is None or not authz.service_read(svc.name):
         err = NotFound(f"unknown service ID: {service_id}")

@@ -24,6 +24,7 @@ from typing import Any
 from django.conf import settings
 from django.utils import timezone
 
+from registry import topics as topic
 from registry.decode import format_duration, parse_duration
 from registry.domain.kv import apply_lock_delay, key_topic
 from registry.errors import BadRequest, NotFound
@@ -57,7 +58,7 @@ def _end_session(change: Change, session: Session) -> None:
             session=None, modify_index=change.index
         )
     apply_lock_delay(keys, session.lock_delay)
-    change.touch("sessions", f"session:{session.id}", f"node-sessions:{session.node.name}")
+    change.touch(topic.SESSIONS, topic.session(session.id), topic.node_sessions(session.node.name))
     session.delete()
 
 
@@ -255,7 +256,7 @@ def create_session(spec: dict[str, Any], node_name: str) -> Session:
             create_index=change.index,
             modify_index=change.index,
         )
-        change.touch("sessions", f"session:{session.id}", f"node-sessions:{node.name}")
+        change.touch(topic.SESSIONS, topic.session(session.id), topic.node_sessions(node.name))
     return session
 
 
@@ -331,19 +332,19 @@ def _visible(authz, sessions: Iterable[Session]) -> tuple[list[dict[str, Any]], 
 
 def session_info(authz, session_id: str) -> tuple[int, list[dict[str, Any]], bool]:
     """`GET /v1/session/info/<id>`: `[session]`, or `[]` if unknown or not readable."""
-    index = max(topic_index(f"session:{session_id.lower()}"), 1)
+    index = max(topic_index(topic.session(session_id.lower())), 1)
     session = find_session(session_id)
     shown, filtered = _visible(authz, [session] if session else [])
     return index, shown, filtered
 
 
 def list_sessions(authz) -> tuple[int, list[dict[str, Any]], bool]:
-    index = max(topic_index("sessions"), 1)
+    index = max(topic_index(topic.SESSIONS), 1)
     rows = Session.objects.select_related("node").order_by("id")  # Consul lists by ID
     return (index, *_visible(authz, rows))
 
 
 def node_sessions(authz, node_name: str) -> tuple[int, list[dict[str, Any]], bool]:
-    index = max(topic_index(f"node-sessions:{node_name}"), 1)
+    index = max(topic_index(topic.node_sessions(node_name)), 1)
     rows = Session.objects.select_related("node").filter(node__name=node_name)
     return (index, *_visible(authz, rows.order_by("id")))

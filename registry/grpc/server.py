@@ -47,6 +47,7 @@ from django.utils import timezone
 
 from meshproto.proto import mesh_pb2_grpc
 from registry import db
+from registry import topics as topic
 from registry.changes import hub
 from registry.domain import agents
 from registry.grpc.auth import Peer, PeerTable
@@ -190,7 +191,7 @@ class AgentProtocolServer:
     async def _keep_certificate(self) -> None:
         """Renew at half-life, and on any change of the CA roots (rotation, retirement)."""
         while True:
-            waiter = hub.watch(["ca-roots"])
+            waiter = hub.watch([topic.CA_ROOTS])
             try:
                 remaining = (self.cert.renew_at - timezone.now()).total_seconds()
                 with contextlib.suppress(TimeoutError):

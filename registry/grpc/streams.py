@@ -35,6 +35,7 @@ import grpc
 from meshproto.proto import mesh_pb2
 from meshproto.proxycfg import ProxyConfig
 from registry import db
+from registry import topics as topic
 from registry.changes import hub
 from registry.domain import agents
 from registry.domain.proxycfg import compile_proxy
@@ -171,7 +172,7 @@ class ProxyConfigStream:
     async def _follow_node(self) -> None:
         """Keep one watcher per selected proxy on the node."""
         while True:
-            waiter = hub.watch([f"node:{self.node}"])
+            waiter = hub.watch([topic.node(self.node)])
             try:
                 self._reselect.clear()
                 try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from django.urls import path
 
+from registry import topics as topic
 from registry.decode import Anything, Bool, Duration, ListOf, Str, Struct
 from registry.domain import acl
 from registry.errors import BadRequest, MeshError
@@ -41,7 +42,7 @@ BOOTSTRAP = Struct({"BootstrapSecret": Str})
 
 
 def _acl_topics(ctx: Ctx, **_):
-    return ["acl"], []
+    return [topic.ACL], []
 
 
 def _read(ctx: Ctx) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.conf import settings
 
 from registry import decode
+from registry import topics as topic
 from registry.domain import catalog, reads
 from registry.errors import BadRequest, NotFound
 from registry.models import Check, ServiceInstance
@@ -12,7 +13,7 @@ from registry.v1.base import Ctx, Reply, endpoint
 
 
 def _local_topics(ctx: Ctx, **_):
-    return [f"node:{settings.MESH_NODE_NAME}"], []
+    return [topic.node(settings.MESH_NODE_NAME)], []
 
 
 @endpoint("GET")

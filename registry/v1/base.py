@@ -32,6 +32,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 
 from registry import audit, db
+from registry import topics as topic
 from registry.changes import hub
 from registry.decode import Struct, parse_body_json, parse_duration
 from registry.errors import BadRequest, MeshError, PermissionDenied, TooLarge
@@ -210,7 +211,7 @@ class _ReadCache:
     def read(
         self, key: tuple, exact: tuple[str, ...], prefixes: tuple[str, ...], fn: Callable[[], Reply]
     ) -> Reply:
-        index = topics_index(exact + ("acl",), prefixes)
+        index = topics_index(exact + (topic.ACL,), prefixes)
         with self._lock:
             hit = self._entries.get(key)
             if hit is not None and hit[0] == index:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from registry import decode
+from registry import topics as topic
 from registry.domain import catalog, reads
 from registry.errors import BadRequest
 from registry.v1.base import Ctx, Reply, endpoint
@@ -70,7 +71,7 @@ def datacenters(ctx: Ctx) -> Reply:
 
 
 def _nodes_topics(ctx: Ctx):
-    return ["nodes"], []
+    return [topic.NODES], []
 
 
 @endpoint("GET", topics=_nodes_topics)
@@ -79,13 +80,13 @@ def nodes(ctx: Ctx) -> Reply:
     return Reply(data, index, filterable=True)
 
 
-@endpoint("GET", topics=lambda ctx: (["services"], []))
+@endpoint("GET", topics=lambda ctx: ([topic.SERVICES], []))
 def services(ctx: Ctx) -> Reply:
     index, data = reads.catalog_services(ctx.authz, _dc(ctx))
     return Reply(data, index, filterable=False)
 
 
-@endpoint("GET", topics=lambda ctx, name: ([f"service:{name}"], []))
+@endpoint("GET", topics=lambda ctx, name: ([topic.service(name)], []))
 def service(ctx: Ctx, name: str) -> Reply:
     index, data = reads.catalog_service(
         ctx.authz, name, _dc(ctx), _tags(ctx), node_meta=_node_meta(ctx)
@@ -93,7 +94,7 @@ def service(ctx: Ctx, name: str) -> Reply:
     return Reply(data, index, filterable=True)
 
 
-@endpoint("GET", topics=lambda ctx, name: ([f"connect:{name}"], []))
+@endpoint("GET", topics=lambda ctx, name: ([topic.connect(name)], []))
 def connect(ctx: Ctx, name: str) -> Reply:
     index, data = reads.catalog_service(
         ctx.authz, name, _dc(ctx), _tags(ctx), connect=True, node_meta=_node_meta(ctx)
@@ -101,7 +102,7 @@ def connect(ctx: Ctx, name: str) -> Reply:
     return Reply(data, index, filterable=True)
 
 
-@endpoint("GET", topics=lambda ctx, name: ([f"node:{name}"], []))
+@endpoint("GET", topics=lambda ctx, name: ([topic.node(name)], []))
 def node(ctx: Ctx, name: str) -> Reply:
     index, data = reads.catalog_node(ctx.authz, name)
     if data is None:
@@ -109,7 +110,7 @@ def node(ctx: Ctx, name: str) -> Reply:
     return Reply(data, index)
 
 
-@endpoint("GET", topics=lambda ctx, name: ([f"node:{name}"], []))
+@endpoint("GET", topics=lambda ctx, name: ([topic.node(name)], []))
 def node_services(ctx: Ctx, name: str) -> Reply:
     index, data = reads.catalog_node_services(ctx.authz, name)
     if data is None:
@@ -120,19 +121,19 @@ def node_services(ctx: Ctx, name: str) -> Reply:
 # -- health ---------------------------------------------------------------------------
 
 
-@endpoint("GET", topics=lambda ctx, name: ([f"node:{name}"], []))
+@endpoint("GET", topics=lambda ctx, name: ([topic.node(name)], []))
 def health_node(ctx: Ctx, name: str) -> Reply:
     index, data = reads.health_node(ctx.authz, name)
     return Reply(data, index, filterable=True)
 
 
-@endpoint("GET", topics=lambda ctx, name: ([f"service:{name}"], []))
+@endpoint("GET", topics=lambda ctx, name: ([topic.service(name)], []))
 def health_checks(ctx: Ctx, name: str) -> Reply:
     index, data = reads.health_checks(ctx.authz, name, _dc(ctx))
     return Reply(data, index, filterable=True)
 
 
-@endpoint("GET", topics=lambda ctx, name: ([f"service:{name}"], []))
+@endpoint("GET", topics=lambda ctx, name: ([topic.service(name)], []))
 def health_service(ctx: Ctx, name: str) -> Reply:
     index, data = reads.health_service(
         ctx.authz,
@@ -145,7 +146,7 @@ def health_service(ctx: Ctx, name: str) -> Reply:
     return Reply(data, index, filterable=True)
 
 
-@endpoint("GET", topics=lambda ctx, name: ([f"connect:{name}"], []))
+@endpoint("GET", topics=lambda ctx, name: ([topic.connect(name)], []))
 def health_connect(ctx: Ctx, name: str) -> Reply:
     index, data = reads.health_service(
         ctx.authz,
@@ -162,7 +163,7 @@ def health_connect(ctx: Ctx, name: str) -> Reply:
 _STATES = {"any", "passing", "warning", "critical"}
 
 
-@endpoint("GET", topics=lambda ctx, state: (["checks"], []))
+@endpoint("GET", topics=lambda ctx, state: ([topic.CHECKS], []))
 def health_state(ctx: Ctx, state: str) -> Reply:
     if state not in _STATES:
         raise BadRequest(f"Invalid state: {state!r} (use any, passing, warning or critical)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.urls import path
 
+from registry import topics as topic
 from registry.decode import Anything, ListOf, Str, Struct
 from registry.domain import catalog, reads, sessions
 from registry.v1.base import Ctx, Reply, endpoint
@@ -67,20 +68,20 @@ def renew(ctx: Ctx, session_id: str = "") -> Reply:
     return Reply([sessions.session_json(sessions.renew_session(session_id))])
 
 
-@endpoint("GET", topics=lambda ctx, session_id="": ([f"session:{session_id.lower()}"], []))
+@endpoint("GET", topics=lambda ctx, session_id="": ([topic.session(session_id.lower())], []))
 def info(ctx: Ctx, session_id: str = "") -> Reply:
     _check_dc(ctx)
     session_id = sessions.validate_session_id(session_id)
     return _reads(*sessions.session_info(ctx.authz, session_id))
 
 
-@endpoint("GET", topics=lambda ctx: (["sessions"], []))
+@endpoint("GET", topics=lambda ctx: ([topic.SESSIONS], []))
 def list_(ctx: Ctx) -> Reply:
     _check_dc(ctx)
     return _reads(*sessions.list_sessions(ctx.authz))
 
 
-@endpoint("GET", topics=lambda ctx, node: ([f"node-sessions:{node}"], []))
+@endpoint("GET", topics=lambda ctx, node: ([topic.node_sessions(node)], []))
 def node(ctx: Ctx, node: str) -> Reply:
     _check_dc(ctx)
     return _reads(*sessions.node_sessions(ctx.authz, node))

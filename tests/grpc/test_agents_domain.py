@@ -10,6 +10,7 @@ import pytest
 from django.utils import timezone
 
 from meshproto import pki, spiffe
+from registry import topics as topic
 from registry.domain import agents, catalog, connect_ca
 from registry.errors import BadRequest, NotFound, PermissionDenied
 from registry.models import AuditEntry, Check, IssuedCert, JoinToken, Node, ServiceInstance
@@ -94,7 +95,7 @@ def test_joining_registers_the_agent_node_and_signs_its_identity(db):
     roots = [pki.load_cert(r) for r in result.roots_pem]
     assert leaf.issuer == roots[0].subject
     leaf.verify_directly_issued_by(roots[0])
-    assert topic_index("node:host-a") > before
+    assert topic_index(topic.node("host-a")) > before
     assert IssuedCert.objects.filter(kind="agent", name="host-a").count() == 1
     assert AuditEntry.objects.filter(action="agent.join").count() == 0  # no audit scope here
 
@@ -238,7 +239,7 @@ def test_sync_registers_services_with_their_sidecars_and_checks(db):
     }
     assert checks["service:web"].status == "critical"
     assert Node.objects.get(name="host-a").meta == {"rack": "r1", "mesh-role": "agent"}
-    assert index == topic_index("node:host-a") > 0
+    assert index == topic_index(topic.node("host-a")) > 0
 
 
 def test_a_second_identical_sync_writes_nothing(db):
@@ -346,10 +347,10 @@ def test_node_state_is_decoded_with_consuls_field_names_and_durations():
 def test_update_checks_moves_health_and_an_equal_result_writes_nothing(db):
     joined("host-a")
     agents.sync_node("host-a", "dc1", web_state())
-    before = topic_index("service:web")
+    before = topic_index(topic.service("web"))
     index = agents.update_checks("host-a", [("service:web", "passing", "HTTP 200 OK")])
     assert Check.objects.get(check_id="service:web").status == "passing"
-    assert topic_index("service:web") == index > before
+    assert topic_index(topic.service("web")) == index > before
     global_index = current_index()
     assert agents.update_checks("host-a", [("service:web", "passing", "HTTP 200 OK")]) == index
     assert agents.update_checks("host-a", [("unknown", "passing", None)]) == index

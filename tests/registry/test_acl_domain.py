@@ -9,6 +9,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from registry import topics as topic
 from registry.domain import acl
 from registry.errors import BadRequest, NotFound, PermissionDenied
 from registry.models import ACLPolicy, ACLToken
@@ -184,9 +185,9 @@ def test_an_expired_token_is_refused_even_while_its_identity_is_cached(booted, s
     token, secret = acl.create_token(expiration_ttl=1)
     assert acl.resolve_token(secret).accessor_id == token.accessor_id  # now cached
     # Expiry is not an ACL write: the `acl` index (the cache key) does not move.
-    index = topic_index("acl")
+    index = topic_index(topic.ACL)
     time.sleep(max(0.0, (token.expiration_time - timezone.now()).total_seconds()) + 0.05)
-    assert topic_index("acl") == index
+    assert topic_index(topic.ACL) == index
     with pytest.raises(PermissionDenied, match="ACL not found"):
         acl.resolve_token(secret)
     with pytest.raises(NotFound):
@@ -384,10 +385,10 @@ def test_policies_are_found_by_id_or_name_and_listed_builtin_first(booted):
 
 
 def test_every_acl_write_moves_the_acl_index(booted):
-    seen = [topic_index("acl")]
+    seen = [topic_index(topic.ACL)]
 
     def moved() -> bool:
-        seen.append(topic_index("acl"))
+        seen.append(topic_index(topic.ACL))
         return seen[-1] > seen[-2]
 
     policy = acl.create_policy(name="indexed")

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from registry import topics as topic
 from registry.changes import ChangeHub
 
 
@@ -16,8 +17,8 @@ def run(coro):
 def test_it_wakes_a_waiter_on_its_exact_topic_with_the_change_index():
     async def scenario():
         hub = ChangeHub()
-        waiter = hub.watch(["service:web"])
-        hub.notify(42, ["service:api", "service:web"])
+        waiter = hub.watch([topic.service("web")])
+        hub.notify(42, [topic.service("api"), topic.service("web")])
         return await asyncio.wait_for(waiter.future, 1)
 
     assert run(scenario()) == 42
@@ -26,8 +27,8 @@ def test_it_wakes_a_waiter_on_its_exact_topic_with_the_change_index():
 def test_it_leaves_waiters_of_other_topics_asleep():
     async def scenario():
         hub = ChangeHub()
-        waiter = hub.watch(["service:web"])
-        hub.notify(7, ["service:webapp", "service:we"])
+        waiter = hub.watch([topic.service("web")])
+        hub.notify(7, [topic.service("webapp"), topic.service("we")])
         await asyncio.sleep(0)
         return waiter.future.done()
 
@@ -37,9 +38,9 @@ def test_it_leaves_waiters_of_other_topics_asleep():
 def test_a_prefix_waiter_wakes_for_any_key_below_its_prefix_only():
     async def scenario():
         hub = ChangeHub()
-        app = hub.watch(prefixes=["kv:app/"])
-        other = hub.watch(prefixes=["kv:other/"])
-        hub.notify(9, ["kv:app/db/password"])
+        app = hub.watch(prefixes=[topic.kv("app/")])
+        other = hub.watch(prefixes=[topic.kv("other/")])
+        hub.notify(9, [topic.kv("app/db/password")])
         await asyncio.sleep(0)
         return app.future.done(), other.future.done()
 
@@ -49,7 +50,7 @@ def test_a_prefix_waiter_wakes_for_any_key_below_its_prefix_only():
 def test_unwatch_forgets_a_waiter_entirely():
     async def scenario():
         hub = ChangeHub()
-        waiter = hub.watch(["nodes"], ["kv:"])
+        waiter = hub.watch([topic.NODES], [topic.kv("")])
         assert hub.waiting() == 1
         hub.unwatch(waiter)
         return hub.waiting(), hub._exact, hub._prefix
@@ -63,8 +64,8 @@ def test_a_notification_from_another_thread_is_delivered_on_the_loop():
     async def scenario():
         hub = ChangeHub()
         hub.bind(asyncio.get_running_loop())
-        waiter = hub.watch(["acl"])
-        threading.Thread(target=hub.notify_threadsafe, args=(5, ["acl"])).start()
+        waiter = hub.watch([topic.ACL])
+        threading.Thread(target=hub.notify_threadsafe, args=(5, [topic.ACL])).start()
         return await asyncio.wait_for(waiter.future, 1)
 
     assert run(scenario()) == 5
@@ -82,8 +83,8 @@ def test_every_notification_moves_the_sequence():
 def test_a_thousand_waiters_on_one_topic_all_wake(count):
     async def scenario():
         hub = ChangeHub()
-        waiters = [hub.watch(["service:hot"]) for _ in range(count)]
-        hub.notify(3, ["service:hot"])
+        waiters = [hub.watch([topic.service("hot")]) for _ in range(count)]
+        hub.notify(3, [topic.service("hot")])
         results = await asyncio.gather(*(w.future for w in waiters))
         return set(results)
 

@@ -10,6 +10,7 @@ import logging
 import pytest
 
 from registry import audit
+from registry import topics as topic
 from registry.acl_rules import Authorizer, parse_rules
 from registry.domain import config_entries as entries
 from registry.domain import intentions
@@ -52,9 +53,9 @@ def test_a_written_entry_reads_back_with_its_indexes_and_topics():
         "CreateIndex": e["ModifyIndex"],
         "ModifyIndex": e["ModifyIndex"],
     }
-    assert topic_index("config:service-defaults:web") == e["ModifyIndex"]
-    assert topic_index("config:service-defaults") == e["ModifyIndex"]
-    assert topic_index("discovery-chain") == e["ModifyIndex"]
+    assert topic_index(topic.config_entry("service-defaults", "web")) == e["ModifyIndex"]
+    assert topic_index(topic.config_kind("service-defaults")) == e["ModifyIndex"]
+    assert topic_index(topic.DISCOVERY_CHAIN) == e["ModifyIndex"]
     assert entries.service_protocol("web") == "http"
     assert entries.service_protocol("other") == "tcp"
 

@@ -14,6 +14,7 @@ import consul
 import pytest
 
 from registry import audit
+from registry import topics as topic
 from registry.acl_rules import Authorizer, parse_rules
 from registry.domain import intentions
 from registry.errors import BadRequest, Conflict, NotFound, PermissionDenied
@@ -111,8 +112,8 @@ def test_replacing_keeps_ids_of_unchanged_sources_and_deletes_dropped_ones():
     assert rows["web"].action == "deny"
     assert rows["web"].create_index == created
     assert rows["web"].modify_index == change.index
-    assert topic_index("intentions:db") == change.index
-    assert topic_index("config:service-intentions:db") == change.index
+    assert topic_index(topic.intentions_for("db")) == change.index
+    assert topic_index(topic.config_entry("service-intentions", "db")) == change.index
 
 
 @pytest.mark.django_db
@@ -180,10 +181,10 @@ def test_destinations_lists_each_destination_with_its_indexes():
             "Namespace": "default",
             "Name": "db",
             "CreateIndex": first.index,
-            "ModifyIndex": topic_index("intentions:db"),
+            "ModifyIndex": topic_index(topic.intentions_for("db")),
         }
     ]
-    assert topic_index("intentions:db") > first.index
+    assert topic_index(topic.intentions_for("db")) > first.index
 
 
 # --- service layer: decisions, ACLs, bad input -------------------------------------------------
@@ -231,7 +232,7 @@ def test_the_mesh_entry_switches_to_default_allow_loudly():
         ConfigEntry.objects.create(
             kind="mesh", name="mesh", data={"Kind": "mesh", "AllowByDefault": True}
         )
-        change.touch("config:mesh", "config:mesh:mesh")
+        change.touch(topic.config_kind("mesh"), topic.config_entry("mesh", "mesh"))
     decision = intentions.authorize(ALL, "cache", uri)
     assert decision.allowed is True
     assert decision.reason.startswith("DEFAULT ALLOW:")

@@ -14,6 +14,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from registry import topics as topic
 from registry.acl_rules import Authorizer, parse_rules
 from registry.domain import catalog, kv, sessions
 from registry.errors import BadRequest, NotFound, TooLarge
@@ -123,7 +124,11 @@ def test_a_recursive_delete_is_case_sensitive_and_moves_each_deleted_keys_index(
         kv.put(key, b"v")
     assert kv.delete("tree/", recurse=True) is True
     assert sorted(KVEntry.objects.values_list("key", flat=True)) == ["Tree/x", "treehouse"]
-    assert topic_index("kv:tree/a") == topic_index("kv:tree/b/c") > topic_index("kv:Tree/x")
+    assert (
+        topic_index(topic.kv("tree/a"))
+        == topic_index(topic.kv("tree/b/c"))
+        > topic_index(topic.kv("Tree/x"))
+    )
 
 
 # --- listing --------------------------------------------------------------------------------
@@ -135,7 +140,7 @@ def test_recurse_lists_in_byte_order_and_only_under_the_prefix():
     listing = kv.list_prefix(Authorizer.allow_all(), "p/")
     assert [e.key for e in listing.items] == ["p/B", "p/a/1", "p/b"]
     assert listing.filtered is False
-    assert listing.index >= max(topic_index(f"kv:{k}") for k in ("p/b", "p/B", "p/a/1"))
+    assert listing.index >= max(topic_index(topic.kv(k)) for k in ("p/b", "p/B", "p/a/1"))
 
 
 @pytest.mark.parametrize(
@@ -186,7 +191,7 @@ def test_a_default_session_binds_the_nodes_serf_check_and_releases_with_15s_lock
     assert data["LockDelay"] == 15_000_000_000
     assert data["Behavior"] == "release"
     assert data["TTL"] == ""
-    assert data["CreateIndex"] == data["ModifyIndex"] == topic_index(f"session:{s.id}")
+    assert data["CreateIndex"] == data["ModifyIndex"] == topic_index(topic.session(s.id))
     assert s.expires_at is None
 
 
@@ -283,11 +288,11 @@ def test_a_plain_write_to_a_locked_key_keeps_the_holder(node):
 
 
 def test_acquiring_with_an_unknown_session_is_a_400_that_writes_nothing(node):
-    before = topic_index("kv:lock/ghost")
+    before = topic_index(topic.kv("lock/ghost"))
     with pytest.raises(BadRequest, match="Invalid session"):
         kv.put("lock/ghost", b"v", acquire=str(uuid.uuid4()))
     assert not KVEntry.objects.filter(key="lock/ghost").exists()
-    assert topic_index("kv:lock/ghost") == before
+    assert topic_index(topic.kv("lock/ghost")) == before
 
 
 def test_conflicting_lock_flags_are_refused(node):
@@ -375,4 +380,4 @@ def test_session_reads_filter_by_session_read_on_the_node(node):
     assert [x["ID"] for x in sessions.list_sessions(allowed)[1]] == [s.id]
     index, shown, filtered = sessions.session_info(denied, s.id)
     assert (shown, filtered) == ([], True)
-    assert index == topic_index(f"session:{s.id}")
+    assert index == topic_index(topic.session(s.id))

@@ -28,6 +28,7 @@ from meshproto.config_entries import decode_entry
 from meshproto.intentions import IntentionIndex, from_consul_json
 from meshproto.proxycfg import ProxyConfig
 from registry import decode
+from registry import topics as topic
 from registry.acl_rules import Authorizer
 from registry.domain import catalog, connect_ca, intentions, proxycfg
 from registry.domain import config_entries as config_entries_domain
@@ -548,29 +549,29 @@ def test_the_registration_config_overrides_service_defaults_for_an_upstream():
 def test_topics_name_the_targets_the_proxy_and_gateways():
     topics = proxycfg.dependency_topics(case_failover_through_mesh_gateway())
     for expected in (
-        "service:api",
-        "connect:api",
-        "service:db",
-        "connect:db",
-        "service:web",
-        "service:web-sidecar-proxy",
-        "node:host-a",
-        "intentions",
-        "ca-roots",
-        "discovery-chain",
-        "config:mesh",
-        "config:service-defaults",
-        "config:proxy-defaults",
-        "config:service-resolver",
-        "config:service-router",
-        "config:service-splitter",
-        "nodes",
-        "services",
-        "service:mesh-gateway",
+        topic.service("api"),
+        topic.connect("api"),
+        topic.service("db"),
+        topic.connect("db"),
+        topic.service("web"),
+        topic.service("web-sidecar-proxy"),
+        topic.node("host-a"),
+        topic.INTENTIONS,
+        topic.CA_ROOTS,
+        topic.DISCOVERY_CHAIN,
+        topic.config_kind("mesh"),
+        topic.config_kind("service-defaults"),
+        topic.config_kind("proxy-defaults"),
+        topic.config_kind("service-resolver"),
+        topic.config_kind("service-router"),
+        topic.config_kind("service-splitter"),
+        topic.NODES,
+        topic.SERVICES,
+        topic.service("mesh-gateway"),
     ):
         assert expected in topics
     local_only = proxycfg.dependency_topics(case_tcp_upstream())
-    assert "services" not in local_only and "nodes" not in local_only
+    assert topic.SERVICES not in local_only and topic.NODES not in local_only
 
 
 # =========================================================================== gather + compile (db)
@@ -663,7 +664,13 @@ def test_compile_proxy_reads_the_registration_and_the_catalog(mesh):
     _index, roots = connect_ca.roots_json()
     active = next(r for r in roots["Roots"] if r["Active"])
     assert config.roots[0] == active["RootCert"]
-    assert {"service:api", "connect:api", "service:web", "node:host-a", "ca-roots"} <= topics
+    assert {
+        topic.service("api"),
+        topic.connect("api"),
+        topic.service("web"),
+        topic.node("host-a"),
+        topic.CA_ROOTS,
+    } <= topics
 
 
 def test_compile_proxy_refuses_what_is_not_a_sidecar_on_that_node(mesh):
@@ -681,7 +688,7 @@ def test_a_new_instance_shows_up_with_a_higher_version(mesh):
     after, topics = compiled()
     assert after.version > before.version
     assert endpoints(after) == ["host-b:10.0.0.11", "host-c:10.0.0.12"]
-    assert "connect:api" in topics
+    assert topic.connect("api") in topics
 
 
 def test_a_health_change_of_the_app_removes_and_restores_its_endpoint(mesh):
@@ -691,7 +698,7 @@ def test_a_health_change_of_the_app_removes_and_restores_its_endpoint(mesh):
     down, topics = compiled()
     assert down.version > first.version
     assert endpoints(down) == ["host-c:10.0.0.12"]
-    assert "service:api" in topics  # what the app's check touches
+    assert topic.service("api") in topics  # what the app's check touches
     set_app_status("host-b", "api", "warning")
     warn, _ = compiled()
     assert warn.version > down.version
@@ -709,7 +716,7 @@ def test_maintenance_mode_takes_an_instance_out(mesh):
 
 def test_an_intention_change_shows_up_with_a_higher_version(mesh):
     before, topics = compiled()
-    assert before.intentions == () and "intentions" in topics
+    assert before.intentions == () and topic.INTENTIONS in topics
     intentions.create(
         Authorizer.management(),
         {"SourceName": "*", "DestinationName": "web", "Action": "deny"},
@@ -732,7 +739,7 @@ def test_an_intention_change_shows_up_with_a_higher_version(mesh):
 
 def test_the_mesh_entry_switches_default_allow(mesh):
     before, topics = compiled()
-    assert before.default_allow is False and "config:mesh" in topics
+    assert before.default_allow is False and topic.config_kind("mesh") in topics
     config_entries_domain.write(
         config_entries_domain.decode({"Kind": "mesh", "Name": "mesh", "AllowByDefault": True})
     )
@@ -742,7 +749,7 @@ def test_the_mesh_entry_switches_default_allow(mesh):
 
 def test_a_config_entry_change_reshapes_the_upstream(mesh):
     before, topics = compiled()
-    assert before.upstreams[0].protocol == "tcp" and "config:service-defaults" in topics
+    assert before.upstreams[0].protocol == "tcp" and topic.config_kind("service-defaults") in topics
     for raw in (
         {"Kind": "service-defaults", "Name": "api", "Protocol": "http"},
         {
@@ -772,14 +779,14 @@ def test_a_config_entry_change_reshapes_the_upstream(mesh):
         "api.default.dc1": 2.0,
         "v1.api.default.dc1": 2.0,
     }
-    assert "config:service-router" in topics and "discovery-chain" in topics
+    assert topic.config_kind("service-router") in topics and topic.DISCOVERY_CHAIN in topics
 
 
 def test_a_ca_rotation_adds_the_new_root_first(mesh):
     before, _ = compiled()
     connect_ca.rotate()
     after, topics = compiled()
-    assert after.version > before.version and "ca-roots" in topics
+    assert after.version > before.version and topic.CA_ROOTS in topics
     assert len(after.roots) == 2
     assert after.roots[1] == before.roots[0]  # the old root stays trusted, after the new one
 
@@ -808,7 +815,7 @@ def test_a_cross_datacenter_target_uses_a_gateway_registered_later(mesh):
     remote = direct.upstreams[0].clusters[1]
     assert remote.name == "api.default.dc2" and remote.gateway is None
     assert [e.address for e in remote.endpoints] == ["10.1.0.11"]
-    assert {"nodes", "services"} <= topics
+    assert {topic.NODES, topic.SERVICES} <= topics
     reg(
         {
             "Node": "dc2-gw",
@@ -827,7 +834,7 @@ def test_a_cross_datacenter_target_uses_a_gateway_registered_later(mesh):
     remote = via.upstreams[0].clusters[1]
     assert via.version > direct.version
     assert (remote.gateway.address, remote.gateway.port) == ("198.51.100.2", 443)
-    assert "service:mesh-gateway" in topics
+    assert topic.service("mesh-gateway") in topics
 
 
 def test_find_proxy_picks_a_sidecar_and_says_what_is_missing(mesh):
