@@ -82,11 +82,31 @@ async def django_with_length(scope, receive, send) -> None:
     await django_app({**scope, "headers": headers}, replay, send)
 
 
+def _has_nul(scope) -> bool:
+    """A NUL in the path or query: PostgreSQL text cannot hold one, so every
+    lookup with it would fail deep in the database (a 500)."""
+    return "\x00" in scope["path"] or b"%00" in scope.get("query_string", b"")
+
+
+async def _refuse_nul(scope, send) -> None:
+    message = "Invalid request: the URL contains a NUL character (%00)"
+    if scope["path"].startswith("/v1/"):
+        body, kind = message.encode(), b"text/plain; charset=utf-8"  # Consul's plain text
+    else:
+        body, kind = json.dumps({"error": message}).encode(), b"application/json"
+    headers = [(b"content-type", kind), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 400, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 async def application(scope, receive, send):
     if scope["type"] == "lifespan":
         from meshweb.lifespan import lifespan
 
         await lifespan(scope, receive, send)
+        return
+    if scope["type"] == "http" and _has_nul(scope):
+        await _refuse_nul(scope, send)
         return
     if scope["type"] == "http" and scope["path"].startswith("/v1/"):
         await handle_v1(scope, receive, send)

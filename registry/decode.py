@@ -215,7 +215,8 @@ def load_json(text: str) -> Any:
 
     Refuses, with a JSONError naming the field where it can: invalid syntax,
     nesting deeper than MAX_JSON_DEPTH (instead of a RecursionError later),
-    NaN/Infinity, and integers no Go field could hold. The one home for these
+    NaN/Infinity, integers no Go field could hold, and NUL characters in
+    strings (PostgreSQL text cannot hold them). The one home for these
     rules: `/v1` bodies, the `/api` DRF parser and ACL rules all call it.
     """
     import json
@@ -234,7 +235,29 @@ def load_json(text: str) -> Any:
     except ValueError as exc:  # a number Python refuses to convert
         raise JSONError("", f"invalid JSON: {exc}") from None
     _check_tree(data)
+    if "\\u0000" in text:  # in JSON text a NUL can only be written as this escape
+        _refuse_nul(data)
     return data
+
+
+def _refuse_nul(value: Any) -> None:
+    """Refuse NUL characters in strings and keys: PostgreSQL cannot store them in
+    text, so they would fail deep in a write (a 500) instead of here (a 400)."""
+    stack: list[tuple[Any, tuple]] = [(value, ())]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, str):
+            if "\x00" in node:
+                raise JSONError(_path_text(path), "NUL characters (\\u0000) are not allowed")
+        elif isinstance(node, dict):
+            for key, child in node.items():
+                if "\x00" in key:
+                    raise JSONError(
+                        _path_text(path), "NUL characters (\\u0000) are not allowed in keys"
+                    )
+                stack.append((child, (*path, key)))
+        elif isinstance(node, list):
+            stack.extend((child, (*path, i)) for i, child in enumerate(node))
 
 
 def parse_body_json(body: bytes) -> Any:

@@ -132,7 +132,9 @@ def _scalar() -> st.SearchStrategy:
         st.sampled_from([0, -1, 2**31, 2**63, 2**64 - 1, 1e30, -1e30, 1.5, 1e-30]),
         st.floats(allow_nan=False, allow_infinity=False),
         st.text(max_size=40),
-        st.sampled_from(["", "10s", "-5s", "1000000000h", "99999999999h", "NaN", "☃", "\x00"]),
+        st.sampled_from(
+            ["", "10s", "-5s", "1000000000h", "99999999999h", "NaN", "☃", "\x00", "a\x00b"]
+        ),
     )
 
 
@@ -296,7 +298,8 @@ _HOSTILE_BODIES = [
 def _path_ids() -> st.SearchStrategy:
     return st.one_of(
         st.sampled_from(
-            ["web-1", "web", "existing", "service-defaults", "00000000-0000-0000-0000-000000000000"]
+            ["web-1", "web", "existing", "1", "99999999999999999999999", "a\x00b", "\x00"]
+            + ["00000000-0000-0000-0000-000000000000"]
         ),
         st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=16),
     )

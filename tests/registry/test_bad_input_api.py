@@ -161,3 +161,51 @@ def test_api_errors_outside_drf_are_json(settings):
     assert response.status_code == 404
     assert "Not found" in json.loads(response.content)["error"]
     assert b"<html" in errors.server_error(RequestFactory().get("/ui/")).content.lower()
+
+
+@pytest.mark.parametrize(
+    "method, path, body, field",
+    [
+        ("PUT", "/v1/agent/service/register", {"Name": "a\u0000b"}, "Name"),
+        ("PUT", "/v1/agent/service/register", {"Name": "ab", "Meta": {"k": "v\u0000"}}, "Meta.k"),
+        ("PUT", "/v1/acl/token", {"Description": "d\u0000"}, "Description"),
+        ("PUT", "/v1/session/create", {"Name": "\u0000"}, "Name"),
+        ("PUT", "/v1/catalog/register", {"Node": "n\u0000", "Address": "127.0.0.1"}, "Node"),
+        ("POST", "/api/acl/tokens/", {"description": "\u0000"}, "description"),
+    ],
+)
+def test_nul_characters_in_a_body_are_a_400_naming_the_field(admin, method, path, body, field):
+    """PostgreSQL text cannot hold NUL: it failed deep in the write, a 500."""
+    before = _index(admin)
+    r = admin.request(method, path, json=body)
+    assert r.status_code == 400, r.text
+    assert field in r.text and "NUL" in r.text
+    assert _index(admin) == before
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/catalog/service/a%00b",
+        "/v1/kv/a%00b",
+        "/v1/acl/token/%00",
+        "/v1/health/service/web?node-meta=a:%00",
+        "/api/nodes/%00/",
+        "/api/acl/tokens/%00/",
+    ],
+)
+def test_a_nul_in_the_url_is_a_400(admin, path):
+    r = admin.get(path)
+    assert r.status_code == 400, r.text
+    assert "NUL" in r.text
+    if path.startswith("/api/"):
+        assert "NUL" in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/instances/abc/", "/api/instances/99999999999999999999999/", "/api/checks/x/"]
+)
+def test_an_id_that_cannot_be_a_row_is_a_404(admin, path):
+    assert admin.get(path).status_code == 404
+    if path.startswith("/api/instances/"):
+        assert admin.delete(path).status_code == 404

@@ -123,6 +123,9 @@ def test_an_empty_body_is_none():
         (b'{"Port": 1e999}', "Port: number 1e999 is out of range"),
         (b'{"Port": 18446744073709551616}', "Port: number 18446744073709551616 is out of range"),
         (b'{"Port": ' + b"9" * 5000 + b"}", "Port: number 99999999999999999999... is out of range"),
+        (b'{"Name": "a\\u0000b"}', "Name: NUL characters"),
+        (b'{"Meta": {"k\\u0000": "v"}}', "Meta: NUL characters (\\u0000) are not allowed in keys"),
+        (b'{"Tags": ["ok", "\\u0000"]}', "Tags[1]: NUL characters"),
     ],
 )
 def test_a_hostile_body_is_a_bad_request_naming_the_field(body, message):
