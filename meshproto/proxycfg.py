@@ -197,7 +197,16 @@ class ProxyConfig:
         return _dump(self)
 
     def dumps(self) -> bytes:
-        return json.dumps(self.to_json(), separators=(",", ":"), sort_keys=True).encode()
+        # The control plane shares one Upstream object among the sidecars a
+        # change reaches: its JSON is built once (kept on the frozen object,
+        # used only here, where nothing can modify it).
+        data = {
+            f.name: _dump(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name != "upstreams"
+        }
+        data["upstreams"] = [_dumped_once(u) for u in self.upstreams]
+        return json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ProxyConfig:
@@ -217,9 +226,31 @@ class ProxyConfig:
         return cls.from_json(data)
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...] | None] = {}  # None: not a dataclass
+
+
+def _dumped_once(value: Any) -> Any:
+    cached = value.__dict__.get("_dumped")
+    if cached is None:
+        cached = _dump(value)
+        object.__setattr__(value, "_dumped", cached)  # a cache on a frozen value, not a field
+    return cached
+
+
 def _dump(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {f.name: _dump(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    # Hot: a config with large clusters has thousands of fields, and the control
+    # plane dumps one per sidecar a change reaches. Field names are kept per class.
+    cls = type(value)
+    try:
+        names = _FIELD_NAMES[cls]
+    except KeyError:
+        names = _FIELD_NAMES[cls] = (
+            tuple(f.name for f in dataclasses.fields(value))
+            if dataclasses.is_dataclass(value)
+            else None
+        )
+    if names is not None:
+        return {name: _dump(getattr(value, name)) for name in names}
     if isinstance(value, tuple | list):
         return [_dump(v) for v in value]
     return value

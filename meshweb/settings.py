@@ -16,7 +16,7 @@ from meshweb.env import env_addr, env_bool, env_choice, env_int, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(env_str("MESH_DATA_DIR", str(BASE_DIR / ".data"))).resolve()
-DATA_DIR.mkdir(parents=True, exist_ok=True)
+DATA_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)  # keys and tokens live here
 
 
 def _secret_key() -> str:
@@ -61,6 +61,13 @@ MESH_ACL_TOKEN_MIN_EXPIRATION_SECONDS = env_int(
 MESH_ACL_TOKEN_MAX_EXPIRATION_SECONDS = env_int(
     "MESH_ACL_TOKEN_MAX_EXPIRATION_SECONDS", 24 * 3600, minimum=1
 )
+# KV values under these prefixes never reach the audit log, not even as a size or
+# digest (every other value is recorded only as its size and a digest).
+MESH_AUDIT_SENSITIVE_KV_PREFIXES = tuple(
+    p.strip()
+    for p in env_str("MESH_AUDIT_SENSITIVE_KV_PREFIXES", "secret/,vault/").split(",")
+    if p.strip()
+)
 MESH_MAX_WAIT_SECONDS = env_int("MESH_MAX_WAIT_SECONDS", 600, minimum=1)
 MESH_KV_MAX_VALUE_SIZE = env_int("MESH_KV_MAX_VALUE_SIZE", 512 * 1024, minimum=1)
 MESH_SESSION_TTL_MIN = float(env_str("MESH_SESSION_TTL_MIN", "10s").removesuffix("s") or "10")
@@ -98,6 +105,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: `?token=` leaves the query before anything can copy it into a link.
+    "registry.api.middleware.TokenQueryMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Static files (the admin's, Swagger UI's and Redoc's) served by the ASGI
     # app itself: an async-capable wrapper around WhiteNoise (see the module).

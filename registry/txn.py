@@ -65,6 +65,9 @@ class Change:
             return
         scope.recorded = True
         actor = scope.actor
+        path = audit.redact_path(scope.path)[:2048]
+        # The one place entries are written, so the one place they are redacted:
+        # no secret may reach a row that `operator:read` can list (see registry.audit).
         AuditEntry.objects.bulk_create(
             [
                 AuditEntry(
@@ -76,9 +79,9 @@ class Change:
                     resource_type=rtype,
                     resource_id=rid[:1024],
                     method=scope.method,
-                    path=scope.path[:2048],
-                    before=audit.jsonable(before),
-                    after=audit.jsonable(after),
+                    path=path,
+                    before=audit.jsonable(audit.redact(action, before)),
+                    after=audit.jsonable(audit.redact(action, after)),
                 )
                 for action, rtype, rid, before, after in entries
             ]

@@ -49,6 +49,7 @@ def unique():
 def _fresh_process_caches():
     """Tests roll their database back: per-process caches of rows must not outlive a test."""
     yield
-    from registry.domain import catalog
+    from registry.domain import catalog, proxycfg
 
     catalog.forget_local_node()
+    proxycfg.forget_shared_reads()

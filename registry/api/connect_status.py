@@ -5,7 +5,8 @@
          {"proxy_id": "api-sidecar-proxy", "node": "host-b", "address": "10.0.0.3",
           "port": 21000, "health": "passing", "checks": [...],
           "config": {"stream": "connected", "pushed_version": 42, "acked_version": 42,
-                     "nacked_version": 0, "error": "", "in_sync": true}}]}],
+                     "nacked_version": 0, "error": "", "in_sync": true,
+                     "compiles": 3}}]}],
      "ca": {"trust_domain": "...", "active_root_id": "...", "roots": [...]},
      "intentions": {"total": 3, "allow": 2, "deny": 1, "l7": 0}}
 
@@ -14,7 +15,9 @@ config streams *of the server process answering* sent and heard
 (`registry.grpc.status`): an agent streaming to another `mesh server` shows
 `"stream": "not connected here"`. Results are ACL-filtered (sidecars by
 `service:read` on the service they front and `node:read`; intentions by
-`intentions:read`); no token is needed to call it.
+`intentions:read`; `server` by `node:read` on it and `ca` by `operator:read`,
+else `null`); no token is needed to call it, and without one it shows only
+what the anonymous token may read.
 """
 
 from __future__ import annotations

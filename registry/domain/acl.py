@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import unquote_plus
 
 from django.conf import settings
 from django.utils import timezone
@@ -712,6 +713,9 @@ def allowed(authz: Authorizer, permission: str, resource: str | None = None) -> 
     return bool(check(resource) if resource is not None else check())
 
 
+TOKEN_PARAM = "token"
+
+
 def secret_from_request(request: Any) -> str:
     """The token a request carries: `X-Consul-Token`, then `Authorization: Bearer`, then `?token=`."""
     token = request.headers.get("X-Consul-Token", "")
@@ -720,8 +724,22 @@ def secret_from_request(request: Any) -> str:
         if auth.lower().startswith("bearer "):
             token = auth[7:].strip()
     if not token:
-        token = request.GET.get("token", "")
+        token = request.GET.get(TOKEN_PARAM, "")
     return token
+
+
+def strip_token_param(url: str) -> str:
+    """`url` (a path or an absolute URL) without any `?token=`: a URL we build or
+    record from a request (a page link, an audit entry's path) never echoes a secret."""
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url
+    fragment = ""
+    if "#" in query:
+        query, _, fragment = query.partition("#")
+        fragment = "#" + fragment
+    kept = [p for p in query.split("&") if p and unquote_plus(p.partition("=")[0]) != TOKEN_PARAM]
+    return base + ("?" + "&".join(kept) if kept else "") + fragment
 
 
 DNS_POLICY_NAME = "builtin-dns-read"

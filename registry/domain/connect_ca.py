@@ -143,17 +143,42 @@ def configuration_json() -> tuple[int, dict[str, Any]]:
 # --- writes (through the manager) -------------------------------------------------------
 
 
+# Consul's CAConfiguration fields a PUT may carry (a read-modify-write sends them all back).
+_CONFIG_FIELDS = {
+    "provider": "Provider",
+    "config": "Config",
+    "forcewithoutcrosssigning": "ForceWithoutCrossSigning",
+    "state": "State",
+    "clusterid": "ClusterID",
+    "createindex": "CreateIndex",
+    "modifyindex": "ModifyIndex",
+}
+
+
 def set_configuration(body: dict[str, Any]) -> bool:
-    """Apply a PUT of Consul's CAConfiguration; True if a new key type rotated the root."""
+    """Apply a PUT of Consul's CAConfiguration; True if a new key type rotated the root.
+
+    What the body leaves out keeps its stored value (never a silent reset to
+    defaults); an unknown field or provider is a 400 naming it. `State` is
+    read-only (as Consul's) and `ClusterID` and the indexes are ignored.
+    """
     if not isinstance(body, dict):
         raise BadRequest("Request decode failed: expected an object")
-    fields = {str(k).lower().replace("_", ""): v for k, v in body.items()}
-    provider = fields.get("provider") or "consul"
-    if not isinstance(provider, str):
+    fields: dict[str, Any] = {}
+    for key, value in body.items():
+        folded = str(key).lower().replace("_", "")
+        if folded not in _CONFIG_FIELDS:
+            known = ", ".join(("Provider", "Config", "ForceWithoutCrossSigning"))
+            raise BadRequest(f"{key}: unknown field (known: {known})")
+        fields[folded] = value
+    provider = fields.get("provider")
+    if provider is not None and not isinstance(provider, str):
         raise BadRequest("Provider: expected a string")
-    force = fields.get("forcewithoutcrosssigning", False)
-    if not isinstance(force, bool):
+    force = fields.get("forcewithoutcrosssigning")
+    if force is not None and not isinstance(force, bool):
         raise BadRequest("ForceWithoutCrossSigning: expected a boolean")
+    if fields.get("state") not in (None, {}):
+        raise BadRequest("State: the provider state is read-only; omit it or send it as read")
     return manager.update_config(provider, fields.get("config"), force)
 
 

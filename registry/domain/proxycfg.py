@@ -24,6 +24,11 @@ topics the result depends on (`dependency_topics`); the config's `version`
 is the highest index of those topics, so a change to anything the config
 was built from yields a higher version.
 
+One write can wake a thousand sidecars at once, so `gather` shares what they
+read alike (roots, entries, a service's intentions, an upstream's chain and
+instances) for one value of the global index (`_SharedReads`), and keeps
+each proxy's own rows while its node's topic is unchanged (`_proxy_rows`).
+
 Choices worth knowing (see docs/proxy-config.md):
 * an endpoint is healthy when neither its sidecar's checks (node checks
   included) nor the checks of the service instance it fronts are critical
@@ -46,7 +51,9 @@ Choices worth knowing (see docs/proxy-config.md):
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,18 +92,86 @@ LOCAL_APP_DEFAULT = "127.0.0.1"
 PASSING, WARNING, CRITICAL = "passing", "warning", "critical"
 _STATUS_ORDER = {PASSING: 0, WARNING: 1, CRITICAL: 2}
 
-# Topics every compiled config depends on, whatever its upstreams.
+# Topics every compiled config depends on, whatever its service and upstreams:
+# the CA roots, the `mesh` entry (AllowByDefault) and the wildcard-destination
+# intentions. Config entries are added one by one as the compile reads them
+# (`EntryReads`), intentions by destination (`intentions_for`).
 BASE_TOPICS = frozenset(
     {
-        topic.INTENTIONS,
         topic.CA_ROOTS,
-        topic.DISCOVERY_CHAIN,
-        topic.config_kind("mesh"),
-        topic.config_kind("service-defaults"),
-        topic.config_kind("proxy-defaults"),
-        *(topic.config_kind(kind) for kind in pure_entries.CHAIN_KINDS),
+        topic.config_entry("mesh", "mesh"),
+        topic.intentions_for(topic.WILDCARD),
     }
 )
+
+
+class _KindReads(Mapping[str, Mapping[str, Any]]):
+    """The entries of one kind, noting each name looked up (found or not)."""
+
+    __slots__ = ("_kind", "_entries", "_log")
+
+    def __init__(self, kind: str, entries: Mapping[str, Mapping[str, Any]], log: EntryReads):
+        self._kind, self._entries, self._log = kind, entries, log
+
+    def __getitem__(self, name: str) -> Mapping[str, Any]:
+        self._log.names.add((self._kind, name))
+        return self._entries[name]
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        self._log.names.add((self._kind, name))
+        return self._entries.get(name, default)
+
+    def __contains__(self, name: object) -> bool:
+        self._log.names.add((self._kind, str(name)))
+        return name in self._entries
+
+    def __iter__(self):
+        self._log.kinds.add(self._kind)  # a walk over the kind depends on all of it
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        self._log.kinds.add(self._kind)
+        return len(self._entries)
+
+
+class EntryReads(Mapping[str, Mapping[str, Mapping[str, Any]]]):
+    """Config entries (kind -> name -> data) that remember what a compile read.
+
+    `gather` hands this to the chain compiler and the translation; afterwards
+    `names` holds every (kind, name) looked up — a lookup that found nothing
+    counts too, since creating that entry would change the result — and
+    `kinds` every kind walked whole. `dependency_topics` turns them into
+    `config:<kind>:<name>` (or `config:<kind>`) topics, so a config entry write
+    recompiles only the proxies that read that entry.
+    """
+
+    def __init__(self, entries: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
+        self._entries = entries
+        self.data = entries  # what it wraps
+        self.names: set[tuple[str, str]] = set()
+        self.kinds: set[str] = set()
+
+    def __getitem__(self, kind: str) -> Mapping[str, Mapping[str, Any]]:
+        return _KindReads(kind, self._entries.get(kind) or {}, self)
+
+    def get(self, kind: str, default: Any = None) -> Any:  # type: ignore[override]
+        # An absent kind still answers (and notes) lookups: a later entry of it matters.
+        return self[kind]
+
+    def __contains__(self, kind: object) -> bool:
+        return kind in self._entries
+
+    def __iter__(self):
+        self.kinds.update(self._entries)
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def topics(self) -> set[str]:
+        out = {topic.config_entry(kind, name) for kind, name in self.names}
+        out.update(topic.config_kind(kind) for kind in self.kinds)
+        return out
 
 
 # =========================================================================== snapshot
@@ -126,6 +201,10 @@ class UpstreamSnapshot:
     chain: Mapping[str, Any] | None  # the compiled chain; None if it did not compile
     instances: Mapping[str, tuple[Candidate, ...]] = field(default_factory=dict)  # by target ID
     error: str = ""  # why the chain did not compile
+    # Translations of this upstream, by (datacenter, trust domain): `gather`
+    # shares one UpstreamSnapshot among the proxies of a generation, so they
+    # share its translation too (a cache, not data: left out of ==).
+    translated: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -172,7 +251,7 @@ def build_proxy_config(snap: ProxySnapshot) -> ProxyConfig:
             snap.trust_domain, service, snap.datacenter, snap.namespace
         ).uri,
         inbound=translate_inbound(snap),
-        upstreams=tuple(translate_upstream(snap, u) for u in snap.upstreams),
+        upstreams=tuple(_translate_shared(snap, u) for u in snap.upstreams),
         intentions=tuple(dict(i) for i in snap.intentions),
         default_allow=snap.allow_by_default,
         roots=snap.roots,
@@ -181,7 +260,7 @@ def build_proxy_config(snap: ProxySnapshot) -> ProxyConfig:
 
 
 def _entry(entries: Mapping, kind: str, name: str) -> Mapping[str, Any]:
-    return (entries.get(kind) or {}).get(name) or {}
+    return entries.get(kind, {}).get(name) or {}
 
 
 def _fold_get(data: Mapping[str, Any] | None, name: str, default: Any = None) -> Any:
@@ -612,6 +691,28 @@ def translate_cluster(
     )
 
 
+def _translate_shared(snap: ProxySnapshot, us: UpstreamSnapshot) -> Upstream:
+    """`translate_upstream`, once per UpstreamSnapshot and (datacenter, trust
+    domain) — the other inputs, the entries' data and the gateways, are the
+    same for every proxy sharing the snapshot. The entry lookups it made are
+    replayed into `snap.entries`, so each proxy still depends on them. With
+    gateways in play it is not shared (they are per proxy in the pure tests)."""
+    if snap.gateways or not isinstance(snap.entries, EntryReads):
+        return translate_upstream(snap, us)
+    key = (snap.datacenter, snap.trust_domain)
+    hit = us.translated.get(key)
+    if hit is None:
+        reads = EntryReads(snap.entries.data)
+        upstream = translate_upstream(dataclasses.replace(snap, entries=reads), us)
+        hit = us.translated.setdefault(
+            key, (upstream, frozenset(reads.names), frozenset(reads.kinds))
+        )
+    upstream, names, kinds = hit
+    snap.entries.names.update(names)
+    snap.entries.kinds.update(kinds)
+    return upstream
+
+
 def translate_upstream(snap: ProxySnapshot, us: UpstreamSnapshot) -> Upstream:
     """One local listener: its bind address, protocol, routes and clusters.
     An upstream whose chain did not compile keeps its listener with no
@@ -639,12 +740,25 @@ def translate_upstream(snap: ProxySnapshot, us: UpstreamSnapshot) -> Upstream:
 
 
 def dependency_topics(snap: ProxySnapshot) -> set[str]:
-    """The change-hub topics whose change may change this config (pure)."""
+    """The change-hub topics whose change may change this config (pure).
+
+    Precise, so that a write recompiles only the proxies it concerns: the
+    intentions whose destination is this proxy's service (and the wildcard
+    ones), the config entries the compile actually looked up (when the
+    snapshot's entries are an `EntryReads`; plain entries, as the pure tests
+    build them, depend on every chain kind), the instances of the service,
+    its upstreams and their chain targets, the node, the CA roots, the mesh
+    entry. Call it after `build_proxy_config`, so the translation's lookups
+    are recorded too."""
     topics = set(BASE_TOPICS)
+    if isinstance(snap.entries, EntryReads):
+        topics.update(snap.entries.topics())
+    else:
+        topics.update(topic.config_kind(kind) for kind in pure_entries.CHAIN_KINDS)
     topics.add(topic.service(snap.proxy["Service"]))
     topics.add(topic.node(snap.node["Node"]))
     if snap.service:
-        topics.add(topic.service(snap.service))
+        topics.update((topic.service(snap.service), topic.intentions_for(snap.service)))
     cross_dc = False
     for us in snap.upstreams:
         dest = us.upstream.get("DestinationName", "")
@@ -665,6 +779,71 @@ def dependency_topics(snap: ProxySnapshot) -> set[str]:
 
 
 # =========================================================================== gather (database)
+
+
+class _SharedReads:
+    """What every proxy's gather reads alike (CA roots, config entries, the
+    intentions of a service, an upstream's chain and instances, gateways),
+    kept for one value of the global index.
+
+    A write wakes every proxy that depends on it at once: without this, N
+    sidecars of one service would each run the same queries and compile the
+    same chains. Every write takes a new global index, so data read *after*
+    reading the index N is at least as new as N: keeping it under N never
+    serves older data than a reader of N could see, and the first compile at
+    a higher index starts a new generation. Values are shared between
+    compiles, so they are immutable (tuples, frozen dataclasses) or never
+    modified by the (pure) translation.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._index = -1
+        self._values: dict[tuple, Any] = {}
+
+    def generation(self, index: int) -> dict[tuple, Any]:
+        with self._lock:
+            if index != self._index:
+                self._index, self._values = index, {}
+            return self._values
+
+    def forget(self) -> None:
+        with self._lock:
+            self._index, self._values = -1, {}
+        with _rows_lock:
+            _rows.clear()
+
+
+_shared = _SharedReads()
+
+
+def forget_shared_reads() -> None:
+    """Drop the shared reads (tests roll the database back, so an index value
+    can come back with different rows behind it)."""
+    _shared.forget()
+
+
+def _global_index() -> int:
+    from django.db import connection
+
+    with connection.cursor() as cur:
+        cur.execute("SELECT value FROM registry_meshindex WHERE id = 1")
+        row = cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+def _once(shared: dict[tuple, Any], key: tuple, make):
+    """`shared[key]`, made on first use by one thread while the others wanting
+    it wait (a fan-out starts every DB thread on the same keys at once)."""
+    try:
+        return shared[key]
+    except KeyError:
+        pass
+    with shared.setdefault(("making", *key), threading.Lock()):  # setdefault is atomic
+        try:
+            return shared[key]
+        except KeyError:
+            return shared.setdefault(key, make())
 
 
 def _find_proxy_row(node_name: str, proxy_id: str):
@@ -793,40 +972,94 @@ def _gather_upstream(
     return dataclasses.replace(planned, instances=instances)
 
 
+_ProxyRows = tuple[str, dict, dict, dict | None]  # datacenter, node, proxy, destination JSON
+_rows_lock = threading.Lock()
+_rows: dict[tuple[str, str], tuple[int, _ProxyRows]] = {}
+
+
+def _proxy_rows(node_name: str, proxy_id: str) -> _ProxyRows:
+    """The proxy's own rows as JSON: its datacenter, node, registration and the
+    instance it fronts. Kept per proxy while its node's topic is unchanged
+    (every change to a service or check on the node touches it); the index
+    is read before the rows, as in `_SharedReads`."""
+    from registry.domain import shapes
+    from registry.models import ServiceInstance
+    from registry.txn import topics_index
+
+    key = (node_name, proxy_id)
+    index = topics_index((topic.node(node_name),))
+    with _rows_lock:
+        hit = _rows.get(key)
+    if hit is not None and hit[0] == index and index:
+        return hit[1]
+    try:
+        row = _find_proxy_row(node_name, proxy_id)
+    except Exception:
+        with _rows_lock:
+            _rows.pop(key, None)
+        raise
+    node = row.node
+    proxy_json = shapes.agent_service_json(row)
+    dest_id = (proxy_json.get("Proxy") or {}).get("DestinationServiceID")
+    dest_row = None
+    if dest_id:
+        dest_row = (
+            ServiceInstance.objects.select_related("node__datacenter")
+            .filter(node=node, service_id=dest_id)
+            .first()
+        )
+    rows: _ProxyRows = (
+        node.datacenter.name,
+        shapes.node_json(node),
+        proxy_json,
+        shapes.agent_service_json(dest_row) if dest_row is not None else None,
+    )
+    with _rows_lock:
+        _rows[key] = (index, rows)
+    return rows
+
+
 def gather(node_name: str, proxy_id: str) -> ProxySnapshot:
     """Read everything `proxy_id` on `node_name` depends on (see the module doc).
     Raises NotFound if there is no such connect-proxy on that node."""
     from registry.acl_rules import Authorizer
-    from registry.domain import config_entries, connect_ca, intentions, shapes
-    from registry.models import ServiceInstance
+    from registry.domain import config_entries, connect_ca, intentions
 
-    row = _find_proxy_row(node_name, proxy_id)
-    node = row.node
-    local_dc = node.datacenter.name
-    proxy_json = shapes.agent_service_json(row)
+    shared = _shared.generation(_global_index())  # read first: see `_SharedReads`
+    local_dc, node_json, proxy_json, destination = _proxy_rows(node_name, proxy_id)
     p = proxy_json.get("Proxy") or {}
     service = p.get("DestinationServiceName") or ""
 
-    dest_row = None
-    if p.get("DestinationServiceID"):
-        dest_row = (
-            ServiceInstance.objects.select_related("node__datacenter")
-            .filter(node=node, service_id=p["DestinationServiceID"])
-            .first()
-        )
+    def read_roots() -> tuple[str, tuple[str, ...]]:
+        _index, data = connect_ca.roots_json()
+        ordered = sorted(data["Roots"], key=lambda r: not r["Active"])  # stable: active first
+        return data["TrustDomain"], tuple(r["RootCert"] for r in ordered)
 
-    _index, roots_data = connect_ca.roots_json()
-    trust_domain = roots_data["TrustDomain"]
-    roots = sorted(roots_data["Roots"], key=lambda r: not r["Active"])  # stable: active first
-
-    rows: list = []
-    if service:
+    def read_intentions() -> tuple[dict, ...]:
         _index, found = intentions.match(Authorizer.management(), "destination", [service])
-        rows = found.get(service, [])
+        return tuple(intentions.intention_json(r) for r in found.get(service, []))
 
-    entries = config_entries.snapshot()
+    trust_domain, roots = _once(shared, ("roots",), read_roots)
+    rules = _once(shared, ("intentions", service), read_intentions) if service else ()
+    allow = _once(shared, ("allow-by-default",), intentions.default_allow)
+    entries = EntryReads(_once(shared, ("entries",), config_entries.snapshot))
+
+    def upstream(u: Mapping[str, Any]) -> UpstreamSnapshot:
+        mode = (p.get("MeshGateway") or {}).get("Mode") or ""
+        key = ("upstream", service, json.dumps(u, sort_keys=True), mode, local_dc, trust_domain)
+
+        def make() -> tuple[UpstreamSnapshot, frozenset, frozenset]:
+            reads = EntryReads(entries.data)
+            us = _gather_upstream(service, proxy_json, u, local_dc, trust_domain, reads)
+            return us, frozenset(reads.names), frozenset(reads.kinds)
+
+        us, names, kinds = _once(shared, key, make)
+        entries.names.update(names)
+        entries.kinds.update(kinds)
+        return us
+
     upstreams = tuple(
-        _gather_upstream(service, proxy_json, u, local_dc, trust_domain, entries)
+        upstream(u)
         for u in p.get("Upstreams") or ()
         if (u.get("DestinationType") or "service") == "service" and u.get("DestinationName")
     )
@@ -839,17 +1072,20 @@ def gather(node_name: str, proxy_id: str) -> ProxySnapshot:
     }
     if gateway_dcs:
         gateway_dcs.add(local_dc)
-    gateways = {dc: _gateway_candidates(dc) for dc in sorted(gateway_dcs)}
+    gateways = {
+        dc: _once(shared, ("gateways", dc), lambda dc=dc: _gateway_candidates(dc))
+        for dc in sorted(gateway_dcs)
+    }
 
     return ProxySnapshot(
         datacenter=local_dc,
         trust_domain=trust_domain,
-        node=shapes.node_json(node),
+        node=node_json,
         proxy=proxy_json,
-        destination=shapes.agent_service_json(dest_row) if dest_row is not None else None,
-        roots=tuple(r["RootCert"] for r in roots),
-        intentions=tuple(intentions.intention_json(r) for r in rows),
-        allow_by_default=intentions.default_allow(),
+        destination=destination,
+        roots=roots,
+        intentions=rules,
+        allow_by_default=allow,
         entries=entries,
         upstreams=upstreams,
         gateways=gateways,
@@ -869,9 +1105,10 @@ def compile_proxy(node_name: str, proxy_id: str) -> tuple[ProxyConfig, set[str]]
     from registry.txn import topics_index
 
     snap = gather(node_name, proxy_id)
+    config = build_proxy_config(snap)  # before the topics: its entry lookups count
     topics = dependency_topics(snap)
-    snap = dataclasses.replace(snap, version=topics_index(tuple(sorted(topics))))
-    return build_proxy_config(snap), topics
+    version = topics_index(tuple(sorted(topics)))
+    return dataclasses.replace(config, version=version), topics
 
 
 def find_proxy(service: str, *, proxy_id: str = "", node: str = "") -> tuple[str, str]:

@@ -39,6 +39,7 @@ class StreamedProxy:
     acked_version: int  # the newest version the agent applied (0: none yet)
     nacked_version: int  # the newest version the agent rejected (0: none)
     last_error: str  # the agent's reason for that rejection
+    compiles: int = 0  # how often the stream compiled this proxy's config
 
 
 def track(servicer: Any) -> None:
@@ -69,6 +70,7 @@ def proxy_streams() -> dict[tuple[str, str], StreamedProxy]:
                     acked_version=state.acked_version,
                     nacked_version=state.nacked_version,
                     last_error=state.last_error,
+                    compiles=state.compiles,
                 )
                 previous = out.get((node, proxy_id))
                 # An agent that reconnected may briefly have two streams: the newer wins.

@@ -60,14 +60,19 @@ class ProxyState:
     """What the stream sent for one proxy and what the agent said about it."""
 
     sent_version: int = 0
-    sent_body: bytes = b""  # the config JSON with version 0 (what "changed" compares)
+    sent: ProxyConfig | None = (
+        None  # the config last sent, with version 0 (what "changed" compares)
+    )
     acked_version: int = 0
     nacked_version: int = 0
     last_error: str = ""
+    compiles: int = 0  # compilations on this stream (a wake that changed nothing counts too)
 
 
-def _comparable(config: ProxyConfig) -> bytes:
-    return dataclasses.replace(config, version=0).dumps()
+def _comparable(config: ProxyConfig) -> ProxyConfig:
+    """The config without its version: two compiles of unchanged data compare
+    equal (frozen dataclasses compare field by field, no JSON needed)."""
+    return dataclasses.replace(config, version=0)
 
 
 def _spawn(coro, name: str) -> asyncio.Task:
@@ -219,6 +224,9 @@ class ProxyConfigStream:
         chases = 0
         try:
             while True:
+                state = self.proxies.get(proxy_id)
+                if state is not None:
+                    state.compiles += 1
                 try:
                     config, deps = await db.run(self.compile, self.node, proxy_id)
                 except NotFound:
@@ -257,15 +265,15 @@ class ProxyConfigStream:
         state = self.proxies.get(proxy_id)
         if state is None:
             return
-        body = _comparable(config)
-        if body == state.sent_body:
+        comparable = _comparable(config)
+        if comparable == state.sent:
             return
         await self._send(
             mesh_pb2.ProxyConfigUpdate(
                 proxy_id=proxy_id, version=config.version, config_json=config.dumps()
             )
         )
-        state.sent_version, state.sent_body = config.version, body
+        state.sent_version, state.sent = config.version, comparable
 
     async def _send(self, update: mesh_pb2.ProxyConfigUpdate) -> None:
         # One writer at a time on a stream; flow control makes a slow agent wait here.

@@ -372,6 +372,7 @@ def endpoint(
         view.__doc__ = fn.__doc__
         view.csrf_exempt = True  # token-authenticated API, no cookies
         view.endpoint = fn
+        view.methods = frozenset(allowed)
         return view
 
     async def _blocking(ctx: Ctx, fn: Callable[..., Reply], kwargs: dict) -> HttpResponse:

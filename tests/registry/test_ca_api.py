@@ -243,6 +243,20 @@ def test_a_bad_configuration_is_a_plain_text_400_and_changes_nothing(server):
         assert c.get("/v1/connect/ca/configuration").json() == before
 
 
+def test_an_unknown_field_is_a_400_naming_it_and_never_resets_the_configuration(server):
+    with server.client() as c:
+        r = c.put("/v1/connect/ca/configuration", json={"Config": {"LeafCertTTL": "30h"}})
+        assert r.status_code == 200, r.text
+        before = c.get("/v1/connect/ca/configuration").json()
+        r = c.put("/v1/connect/ca/configuration", json={"Name": "b"})
+        assert r.status_code == 400 and r.text.startswith("Name: unknown field"), r.text
+        r = c.put("/v1/connect/ca/configuration", json={"Provider": "b"})
+        assert r.status_code == 400 and "unknown CA provider 'b'" in r.text, r.text
+        after = c.get("/v1/connect/ca/configuration").json()
+    assert after == before
+    assert after["Config"]["LeafCertTTL"] == "30h"
+
+
 # --- configuration writes, rotation, blocking queries -----------------------------------------
 
 

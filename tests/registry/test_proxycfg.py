@@ -556,10 +556,11 @@ def test_topics_name_the_targets_the_proxy_and_gateways():
         topic.service("web"),
         topic.service("web-sidecar-proxy"),
         topic.node("host-a"),
-        topic.INTENTIONS,
+        topic.intentions_for("web"),
+        topic.intentions_for("*"),
         topic.CA_ROOTS,
-        topic.DISCOVERY_CHAIN,
-        topic.config_kind("mesh"),
+        topic.config_entry("mesh", "mesh"),
+        # plain entries (not an EntryReads): every chain kind, conservatively
         topic.config_kind("service-defaults"),
         topic.config_kind("proxy-defaults"),
         topic.config_kind("service-resolver"),
@@ -716,7 +717,9 @@ def test_maintenance_mode_takes_an_instance_out(mesh):
 
 def test_an_intention_change_shows_up_with_a_higher_version(mesh):
     before, topics = compiled()
-    assert before.intentions == () and topic.INTENTIONS in topics
+    assert before.intentions == ()
+    assert {topic.intentions_for("web"), topic.intentions_for("*")} <= topics
+    assert topic.INTENTIONS not in topics and topic.intentions_for("api") not in topics
     intentions.create(
         Authorizer.management(),
         {"SourceName": "*", "DestinationName": "web", "Action": "deny"},
@@ -739,7 +742,7 @@ def test_an_intention_change_shows_up_with_a_higher_version(mesh):
 
 def test_the_mesh_entry_switches_default_allow(mesh):
     before, topics = compiled()
-    assert before.default_allow is False and topic.config_kind("mesh") in topics
+    assert before.default_allow is False and topic.config_entry("mesh", "mesh") in topics
     config_entries_domain.write(
         config_entries_domain.decode({"Kind": "mesh", "Name": "mesh", "AllowByDefault": True})
     )
@@ -749,7 +752,17 @@ def test_the_mesh_entry_switches_default_allow(mesh):
 
 def test_a_config_entry_change_reshapes_the_upstream(mesh):
     before, topics = compiled()
-    assert before.upstreams[0].protocol == "tcp" and topic.config_kind("service-defaults") in topics
+    assert before.upstreams[0].protocol == "tcp"
+    # The entries the compile looked up, found or not; not whole kinds.
+    assert {
+        topic.config_entry("service-defaults", "web"),
+        topic.config_entry("service-defaults", "api"),
+        topic.config_entry("proxy-defaults", "global"),
+        topic.config_entry("service-router", "api"),
+        topic.config_entry("service-resolver", "api"),
+    } <= topics
+    assert not topics & {topic.config_kind(k) for k in ("service-defaults", "service-router")}
+    assert topic.DISCOVERY_CHAIN not in topics
     for raw in (
         {"Kind": "service-defaults", "Name": "api", "Protocol": "http"},
         {
@@ -779,7 +792,7 @@ def test_a_config_entry_change_reshapes_the_upstream(mesh):
         "api.default.dc1": 2.0,
         "v1.api.default.dc1": 2.0,
     }
-    assert topic.config_kind("service-router") in topics and topic.DISCOVERY_CHAIN in topics
+    assert topic.config_entry("service-router", "api") in topics
 
 
 def test_a_ca_rotation_adds_the_new_root_first(mesh):
@@ -835,6 +848,81 @@ def test_a_cross_datacenter_target_uses_a_gateway_registered_later(mesh):
     assert via.version > direct.version
     assert (remote.gateway.address, remote.gateway.port) == ("198.51.100.2", 443)
     assert topic.service("mesh-gateway") in topics
+
+
+def _woken_by_last_write(deps: dict[str, set[str]]) -> set[str]:
+    """The proxies whose compile topics the last write touched: the ones the
+    change hub wakes (exact topic match) and that then recompile."""
+    from registry.models import TopicIndex
+    from registry.txn import current_index
+
+    touched = set(TopicIndex.objects.filter(index=current_index()).values_list("topic", flat=True))
+    assert touched, "the write touched no topic"
+    return {service for service, topics in deps.items() if topics & touched}
+
+
+def test_a_write_wakes_only_the_proxies_that_read_what_it_changed(mesh):
+    # mesh: web (calls api) on host-a, api on host-b; add db, and cache calling db.
+    register_app("db", "host-c", "10.0.0.12", port=5432)
+    register_app("cache", "host-d", "10.0.0.13", port=6379, upstreams=[{"DestinationName": "db"}])
+    nodes = {"web": "host-a", "api": "host-b", "db": "host-c", "cache": "host-d"}
+    deps = {s: proxycfg.compile_proxy(n, f"{s}-sidecar-proxy")[1] for s, n in nodes.items()}
+    management = Authorizer.management()
+
+    intentions.create(
+        management, {"SourceName": "web", "DestinationName": "api", "Action": "allow"}
+    )
+    assert _woken_by_last_write(deps) == {"api"}
+
+    config_entries_domain.write(
+        config_entries_domain.decode({"Kind": "service-defaults", "Name": "db", "Protocol": "http"})
+    )
+    assert _woken_by_last_write(deps) == {"db", "cache"}  # cache's upstream chain reads it
+
+    config_entries_domain.write(
+        config_entries_domain.decode({"Kind": "service-resolver", "Name": "api"})
+    )
+    assert _woken_by_last_write(deps) == {"web"}  # only web's chain resolves api
+
+    intentions.create(management, {"SourceName": "*", "DestinationName": "*", "Action": "deny"})
+    assert _woken_by_last_write(deps) == set(nodes)
+
+    config_entries_domain.write(
+        config_entries_domain.decode(
+            {"Kind": "proxy-defaults", "Name": "global", "Config": {"protocol": "tcp"}}
+        )
+    )
+    assert _woken_by_last_write(deps) == set(nodes)  # every protocol falls back to it
+
+
+def test_proxies_compiled_at_one_index_share_reads_but_keep_their_own_rows(mesh):
+    # A second web sidecar elsewhere, with its upstream on another port.
+    register_app(
+        "web",
+        "host-c",
+        "10.0.0.12",
+        port=8081,
+        upstreams=[{"DestinationName": "api", "LocalBindPort": 9292}],
+    )
+    a, _ = compiled()
+    c, _ = proxycfg.compile_proxy("host-c", "web-sidecar-proxy")
+    assert (a.node, a.inbound.local_app_port, a.upstreams[0].local_bind_port) == (
+        "host-a",
+        8080,
+        9191,
+    )
+    assert (c.node, c.inbound.local_app_port, c.upstreams[0].local_bind_port) == (
+        "host-c",
+        8081,
+        9292,
+    )
+    assert a.upstreams[0].clusters == c.upstreams[0].clusters  # same chain and endpoints
+
+    # Its own registration changes (node topic): the new rows are read.
+    register_app("web", "host-a", "10.0.0.10", port=8090, upstreams=[])
+    again, _ = compiled()
+    assert again.inbound.local_app_port == 8090 and again.upstreams == ()
+    assert again.version > a.version
 
 
 def test_find_proxy_picks_a_sidecar_and_says_what_is_missing(mesh):
