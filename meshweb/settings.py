@@ -179,8 +179,10 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["registry.api.auth.MeshPermission"],
+    # JSON through meshproto.registration.decode.parse_json (bounded depth, no NaN); the browsable
+    # API's form and multipart parsers as DRF has them.
     "DEFAULT_PARSER_CLASSES": [
-        "registry.api.parsers.BoundedJSONParser",
+        "registry.api.parsers.MeshJSONParser",
         "rest_framework.parsers.FormParser",
         "rest_framework.parsers.MultiPartParser",
     ],

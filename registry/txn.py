@@ -132,7 +132,24 @@ class Change:
                     transaction.on_commit(lambda: changes.publish(index, topics))
             except BaseException as err:
                 return self._atomic.__exit__(type(err), err, err.__traceback__)
+        elif exc_type is None:
+            # A write that touched nothing (a cas that did not match, a refused
+            # lock, an unchanged value) gives its index back: a request that
+            # changed nothing must leave no trace, not even a higher index. The
+            # index row is still locked by this transaction, so no one else
+            # took a later index meanwhile.
+            try:
+                _give_back(self.index)
+            except BaseException as err:
+                return self._atomic.__exit__(type(err), err, err.__traceback__)
         return self._atomic.__exit__(exc_type, exc, tb)
+
+
+def _give_back(index: int) -> None:
+    with connection.cursor() as cur:
+        cur.execute(
+            "UPDATE registry_meshindex SET value = value - 1 WHERE id = 1 AND value = %s", [index]
+        )
 
 
 def _json_or_null(value: object) -> str | None:

@@ -39,6 +39,7 @@ from meshproto import durations
 
 MAX_DEPTH = 64
 INT64 = (-(2**63), 2**63 - 1)
+UINT64_MAX = 2**64 - 1  # no Go integer field holds more
 
 
 class DecodeError(ValueError):
@@ -97,13 +98,97 @@ def check_depth(value: Any, path: str = "", limit: int = MAX_DEPTH, *, finite: b
                 raise DecodeError(path, "NaN and Infinity are not numbers JSON allows")
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
+class _BadNumber:
+    """Stands in for a number no field can hold, until its path is known."""
+
+    __slots__ = ("text", "why")
+
+    def __init__(self, text: str, why: str) -> None:
+        self.text, self.why = text, why
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 40 else text[:20] + "..."
+
+
+def _parse_int(text: str) -> Any:
+    if len(text) > 40:  # far past 2**64; int() of a huge digit string costs (and may refuse)
+        return _BadNumber(_short(text), "is out of range")
+    value = int(text)
+    if not INT64[0] <= value <= UINT64_MAX:
+        return _BadNumber(text, "is out of range")
+    return value
+
+
+def _parse_float(text: str) -> Any:
+    value = float(text)
+    if math.isinf(value):
+        return _BadNumber(_short(text), "is out of range")
+    return value
+
+
+def _parse_constant(text: str) -> Any:
+    return _BadNumber(text, "is not a JSON number (NaN and Infinity are not JSON)")
+
+
+def _path_text(base: str, path: tuple) -> str:
+    out = base
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _check_tree(value: Any, base: str) -> None:
+    """Refuse nesting past MAX_DEPTH and the numbers the parser set aside, naming
+    the field. Iterative: what it refuses would overflow recursive code later."""
+    stack: list[tuple[Any, int, tuple]] = [(value, 0, ())]
+    while stack:
+        node, depth, path = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.items()
+        elif isinstance(node, list):
+            children = enumerate(node)
+        elif isinstance(node, _BadNumber):
+            raise DecodeError(_path_text(base, path), f"number {node.text} {node.why}")
+        else:
+            continue
+        if depth >= MAX_DEPTH:
+            raise DecodeError(_path_text(base, path), f"nested deeper than {MAX_DEPTH} levels")
+        for key, child in children:
+            if isinstance(child, dict | list | _BadNumber):
+                stack.append((child, depth + 1, (*path, key)))
+
+
+def _refuse_nul(value: Any, base: str) -> None:
+    """Refuse NUL characters in strings and keys: PostgreSQL cannot store them in
+    text, so they would fail deep in a write (a 500) instead of here (a 400)."""
+    stack: list[tuple[Any, tuple]] = [(value, ())]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, str):
+            if "\x00" in node:
+                raise DecodeError(
+                    _path_text(base, path), "NUL characters (\\u0000) are not allowed"
+                )
+        elif isinstance(node, dict):
+            for key, child in node.items():
+                if "\x00" in key:
+                    raise DecodeError(
+                        _path_text(base, path), "NUL characters (\\u0000) are not allowed in keys"
+                    )
+                stack.append((child, (*path, key)))
+        elif isinstance(node, list):
+            stack.extend((child, (*path, i)) for i, child in enumerate(node))
 
 
 def parse_json(data: bytes | str, path: str = "") -> Any:
-    """JSON text to Python values: None for an empty body; NaN/Infinity and
-    nesting deeper than `MAX_DEPTH` refused as DecodeError like any bad syntax."""
+    """JSON text to Python values, as every body (and JSON policy rules) must be parsed.
+
+    None for an empty body. Refused as a DecodeError naming the field where it
+    can: invalid syntax or UTF-8, nesting deeper than `MAX_DEPTH` (instead of a
+    RecursionError later), NaN/Infinity, integers no Go field could hold, and
+    NUL characters in strings (PostgreSQL text cannot hold them).
+    """
     if isinstance(data, bytes):
         if not data.strip():
             return None
@@ -114,12 +199,16 @@ def parse_json(data: bytes | str, path: str = "") -> Any:
     elif not data.strip():
         return None
     try:
-        value = json.loads(data, parse_constant=_refuse_constant)
+        value = json.loads(
+            data, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant
+        )
     except RecursionError:
         raise DecodeError(path, f"invalid JSON: nested deeper than {MAX_DEPTH} levels") from None
-    except ValueError as exc:
+    except ValueError as exc:  # syntax, or a number Python refuses to convert
         raise DecodeError(path, f"invalid JSON: {exc}") from None
-    check_depth(value, path, finite=False)  # the parser already refused NaN and Infinity
+    _check_tree(value, path)
+    if "\\u0000" in data:  # in JSON text a NUL can only be written as this escape
+        _refuse_nul(value, path)
     return value
 
 

@@ -73,10 +73,17 @@ class JoinTokenCreatedSerializer(JoinTokenSerializer):
     agent_command = serializers.CharField(help_text="the `mesh agent` command line to run")
 
 
+MAX_USES = 2**31 - 1  # the `max_uses` column is a 32-bit integer
+
+
 class JoinTokenCreateSerializer(serializers.Serializer):
     ttl = DurationField(required=False, default="1h", help_text='how long it is valid ("1h")')
     uses = serializers.IntegerField(
-        required=False, default=1, min_value=0, help_text="1: single use; 0: unlimited"
+        required=False,
+        default=1,
+        min_value=0,
+        max_value=MAX_USES,
+        help_text="1: single use; 0: unlimited",
     )
     description = Text(required=False, allow_blank=True, default="")
     datacenter = Text(required=False, allow_blank=True, default="")

@@ -287,6 +287,13 @@ def _expiration(now: datetime, ttl: float, at: datetime | None) -> datetime | No
         raise BadRequest(f"Token Expiration TTL '{format_duration(ttl)}' should be > 0")
     if ttl and at is not None:
         raise BadRequest("Token Expiration TTL and Expiration Time cannot both be set")
+    low = float(getattr(settings, "MESH_ACL_TOKEN_MIN_EXPIRATION_SECONDS", 60))
+    high = float(getattr(settings, "MESH_ACL_TOKEN_MAX_EXPIRATION_SECONDS", 24 * 3600))
+    if ttl > high:
+        # Refused before any date arithmetic: 1e30 seconds does not fit a timedelta.
+        raise BadRequest(
+            f"ExpirationTTL cannot be more than {format_duration(high)} (was {ttl:g}s)"
+        )
     if ttl:
         at = now + timedelta(seconds=ttl)
     if at is None:
@@ -294,8 +301,6 @@ def _expiration(now: datetime, ttl: float, at: datetime | None) -> datetime | No
     if at < now:
         raise BadRequest("ExpirationTime cannot be before CreateTime")
     expires_in = (at - now).total_seconds()
-    low = float(getattr(settings, "MESH_ACL_TOKEN_MIN_EXPIRATION_SECONDS", 60))
-    high = float(getattr(settings, "MESH_ACL_TOKEN_MAX_EXPIRATION_SECONDS", 24 * 3600))
     if expires_in > high:
         raise BadRequest(
             f"ExpirationTime cannot be more than {format_duration(high)} in the future "

@@ -34,6 +34,7 @@ from registry.txn import Change, topic_index
 SERF_CHECK_ID = "serfHealth"
 BEHAVIORS = ("release", "delete")
 DEFAULT_LOCK_DELAY_NS = 15_000_000_000
+MAX_LOCK_DELAY_NS = 60_000_000_000  # Consul's structs.MaxLockDelay
 SESSION_TTL_MAX_SECONDS = 86400.0
 TTL_MULTIPLIER = 2  # Consul's structs.SessionTTLMultiplier
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
@@ -138,7 +139,16 @@ def lock_delay_ns(value: Any) -> int:
         raise BadRequest("Request decode failed: LockDelay: must not be negative")
     if ns < 1000:
         ns *= 1_000_000_000
+    if ns > MAX_LOCK_DELAY_NS:
+        raise _lock_delay_too_long(value)
     return ns
+
+
+def _lock_delay_too_long(value: Any) -> BadRequest:
+    return BadRequest(
+        f"Request decode failed: LockDelay: {value!r} is longer than the maximum of "
+        f"{format_duration(MAX_LOCK_DELAY_NS / 1e9)}"
+    )
 
 
 def ttl_seconds(ttl: str) -> float:

@@ -36,7 +36,7 @@ from registry import topics as topic
 from registry.changes import hub
 from registry.decode import Struct, parse_body_json, parse_duration
 from registry.errors import BadRequest, MeshError, PermissionDenied, TooLarge
-from registry.filtering import FilterError, apply_filter
+from registry.filtering import DEFAULT_BUDGET, FilterError, compile_filter
 from registry.txn import topics_index
 
 MAX_INDEX = 2**63 - 1
@@ -307,19 +307,8 @@ def _render(ctx: Ctx, reply: Reply) -> HttpResponse:
     elif reply.data is None and reply.status == 404:
         body = b""
     else:
-        data = reply.data
-        if reply.filterable and ctx.query.get("filter"):
-            try:
-                if isinstance(data, dict):
-                    data = {k: v for k, v in data.items() if apply_filter(ctx.query["filter"], [v])}
-                else:
-                    data = apply_filter(ctx.query["filter"], data)
-            except FilterError as exc:
-                return _error(
-                    BadRequest(f"Failed to create boolean expression evaluator: {exc}"), reply.index
-                )
         body = json.dumps(
-            data,
+            reply.data,
             separators=(",", ":") if not ctx.has("pretty") else None,
             indent=4 if ctx.has("pretty") else None,
         ).encode()
@@ -331,6 +320,38 @@ def _render(ctx: Ctx, reply: Reply) -> HttpResponse:
     for k, v in reply.headers.items():
         response[k] = v
     return response
+
+
+def _filtered(ctx: Ctx, reply: Reply) -> Reply:
+    """Apply `?filter=` to a filterable reply; runs on the DB pool, never on the loop.
+
+    The filter language bounds its own work (registry.filtering), so one
+    anonymous `?filter=` costs a pool thread a bounded time and the event
+    loop (DNS, every other request) nothing. A bad or too costly filter is a
+    400 carrying the listing's index, as Consul answers it.
+    """
+    expression = ctx.query.get("filter")
+    if not (reply.filterable and expression) or reply.rendered is not None:
+        return reply
+    try:
+        keep = compile_filter(expression, DEFAULT_BUDGET)
+        data = reply.data
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if keep(v)}
+        else:
+            data = [item for item in data if keep(item)]
+    except FilterError as exc:
+        error = BadRequest(f"Failed to create boolean expression evaluator: {exc}")
+        error.index = reply.index  # type: ignore[attr-defined]
+        raise error from None
+    reply.data = data
+    reply.filterable = False
+    return reply
+
+
+def _read(fn: Callable[..., Reply], ctx: Ctx, kwargs: dict) -> Reply:
+    """A read endpoint's answer, filtered: the whole of a read's work on the pool."""
+    return _filtered(ctx, fn(ctx, **kwargs))
 
 
 def _index_headers(response: HttpResponse, index: int) -> None:
@@ -393,7 +414,7 @@ def endpoint(
                     return _render(ctx, reply)
                 return await _blocking(ctx, fn, kwargs)
             except MeshError as exc:
-                return _error(exc)
+                return _error(exc, getattr(exc, "index", None))
 
         view.__name__ = fn.__name__
         view.__doc__ = fn.__doc__
