@@ -189,14 +189,6 @@ class _ReadsNoted:
         return check
 
 
-def _read(fn: Callable[..., Reply], ctx: Ctx, kwargs: dict) -> Reply:
-    """Run a read endpoint; mark its reply when ACLs left results out."""
-    reply = fn(ctx, **kwargs)
-    if ctx.results_filtered:
-        reply.headers = {**reply.headers, RESULTS_FILTERED_HEADER: "true"}
-    return reply
-
-
 def _token(request: HttpRequest) -> str:
     from registry.domain.acl import secret_from_request
 
@@ -350,8 +342,12 @@ def _filtered(ctx: Ctx, reply: Reply) -> Reply:
 
 
 def _read(fn: Callable[..., Reply], ctx: Ctx, kwargs: dict) -> Reply:
-    """A read endpoint's answer, filtered: the whole of a read's work on the pool."""
-    return _filtered(ctx, fn(ctx, **kwargs))
+    """A read endpoint's answer, filtered: the whole of a read's work on the pool.
+    The reply is marked when ACLs left results out."""
+    reply = _filtered(ctx, fn(ctx, **kwargs))
+    if ctx.results_filtered:
+        reply.headers = {**reply.headers, RESULTS_FILTERED_HEADER: "true"}
+    return reply
 
 
 def _index_headers(response: HttpResponse, index: int) -> None:

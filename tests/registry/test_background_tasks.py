@@ -210,6 +210,7 @@ def test_tick_delay_returns_the_workers_counts(celery_stack):
         "aliases_updated",
         "services_deregistered",
         "sessions_expired",
+        "nodes_down",
     }
     assert all(isinstance(v, int) for v in result.values())
 

@@ -242,6 +242,9 @@ def make_server(
             "MESH_ACL_ENABLED": "true" if acl else "false",
             "MESH_SECRET_KEY": "test-secret-key-not-for-production",
             "MESH_TASK_TICK_SECONDS": "0.2",
+            # Tests make failed joins on purpose, all from 127.0.0.1; only the
+            # throttle's own tests ask for a small burst.
+            "MESH_JOIN_FAILURE_BURST": "100000",
             "PYTHONUNBUFFERED": "1",
         }
     )
