@@ -306,6 +306,7 @@ async def one_write(fleet: Fleet, kind: str, n: int, args) -> Round:
                 str(out),
                 "-p",
                 str(fleet.srv.proc.pid),
+                *(["--gil"] if args.profile_gil else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -454,6 +455,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--server-env", action="append", default=[], metavar="K=V")
     ap.add_argument(
         "--profile", metavar="DIR", help="py-spy the server during the first write of each kind"
+    )
+    ap.add_argument(
+        "--profile-gil",
+        action="store_true",
+        help="with --profile: only the thread holding the GIL (where the Python CPU goes)",
     )
     args = ap.parse_args(argv)
     if min(args.streams, args.nodes, args.services) < 1:
