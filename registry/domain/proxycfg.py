@@ -54,7 +54,7 @@ import dataclasses
 import json
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -961,13 +961,18 @@ def _gather_upstream(
     local_dc: str,
     trust_domain: str,
     entries: Mapping,
+    candidates: Callable[[str, str], tuple[Candidate, ...]] = _target_candidates,
 ) -> UpstreamSnapshot:
+    """`plan_upstream` with the instances of each chain target (`candidates`
+    of (service, datacenter): `gather` shares them among every upstream of a
+    generation that targets them — sidecars of one service differ in their
+    upstreams' local ports, not in where those lead)."""
     planned = plan_upstream(service, proxy_json, upstream, local_dc, trust_domain, entries)
     instances: dict[str, tuple[Candidate, ...]] = {}
     by_service_dc: dict[tuple[str, str], tuple[Candidate, ...]] = {}
     for tid, svc, dc in chain_targets(planned):
         if (svc, dc) not in by_service_dc:
-            by_service_dc[(svc, dc)] = _target_candidates(svc, dc)
+            by_service_dc[(svc, dc)] = candidates(svc, dc)
         instances[tid] = by_service_dc[(svc, dc)]
     return dataclasses.replace(planned, instances=instances)
 
@@ -1044,13 +1049,18 @@ def gather(node_name: str, proxy_id: str) -> ProxySnapshot:
     allow = _once(shared, ("allow-by-default",), intentions.default_allow)
     entries = EntryReads(_once(shared, ("entries",), config_entries.snapshot))
 
+    def target_candidates(svc: str, dc: str) -> tuple[Candidate, ...]:
+        return _once(shared, ("candidates", svc, dc), lambda: _target_candidates(svc, dc))
+
     def upstream(u: Mapping[str, Any]) -> UpstreamSnapshot:
         mode = (p.get("MeshGateway") or {}).get("Mode") or ""
         key = ("upstream", service, json.dumps(u, sort_keys=True), mode, local_dc, trust_domain)
 
         def make() -> tuple[UpstreamSnapshot, frozenset, frozenset]:
             reads = EntryReads(entries.data)
-            us = _gather_upstream(service, proxy_json, u, local_dc, trust_domain, reads)
+            us = _gather_upstream(
+                service, proxy_json, u, local_dc, trust_domain, reads, target_candidates
+            )
             return us, frozenset(reads.names), frozenset(reads.kinds)
 
         us, names, kinds = _once(shared, key, make)

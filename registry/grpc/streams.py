@@ -9,6 +9,15 @@ sends it, and waits on the change hub for the topics the compile depended
 on; on a wake it compiles again and sends only if the config differs (its
 `version`, the index at compile time, aside).
 
+Cost per woken proxy, since one write can wake 1,000 of them: the compiles
+the watchers ask for in one turn of the event loop go to the DB pool
+together, in a few chunks (`CompileBatcher`), not one thread hop each; a
+watcher whose topics did not change keeps its hub registration and only
+gets a fresh future (`hub.rearm`); a config is compared with the one sent
+field by field (the Upstream objects a fan-out shares compare by identity)
+and dumped only when it changed, with each shared upstream's JSON encoded
+once (`ProxyConfig.dumps`).
+
 Latest-only delivery: a watcher does not compile again until its previous
 send has been written (gRPC flow control holds a slow agent's writes), and
 the hub waiter it registered before compiling stays resolved meanwhile, so a
