@@ -48,7 +48,7 @@ from registry import db
 from registry import topics as topic
 from registry.changes import hub
 from registry.domain import agents
-from registry.domain.proxycfg import compile_proxy
+from registry.domain.proxycfg import compile_proxies, compile_proxy
 from registry.errors import NotFound
 from registry.grpc.auth import Caller
 
@@ -167,7 +167,11 @@ class CompileBatcher:
 
 
 def _compile_chunk(items: list[tuple[Compile, str, str]]) -> list[tuple[bool, object]]:
-    """Each item's (ok, result or exception), on one DB thread."""
+    """Each item's (ok, result or exception), on one DB thread; the real
+    compiler's shared reads (indexes) are made once for the chunk."""
+    if all(c is compile_proxy for c, _, _ in items):
+        results = compile_proxies([(node, proxy_id) for _, node, proxy_id in items])
+        return [(not isinstance(r, Exception), r) for r in results]
     out: list[tuple[bool, object]] = []
     for compile, node, proxy_id in items:
         try:
