@@ -4,8 +4,8 @@
 venv:
 	@scripts/bootstrap
 
-run: venv          ## the mesh on this machine: control plane, an agent, demo web and api with sidecars
-	.venv/bin/mesh dev
+run: venv          ## the mesh on this machine (control plane, agent, demo web + api with sidecars); make run ARGS="--http-addr 127.0.0.1:8600"
+	.venv/bin/mesh dev $(ARGS)
 
 test: venv         ## run the whole test suite
 	.venv/bin/pytest -n 2 $(PYTEST_ARGS)

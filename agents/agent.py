@@ -29,10 +29,12 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import random
 import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -47,7 +49,7 @@ from agents.leaves import Leaf, LeafKeeper, make_leaf, renewal_point
 from agents.metrics import agent_metrics, merge_scrapes
 from agents.sidecars import Sidecars
 from agents.state import LocalState, StateError, UnknownError
-from meshproto import pki, spiffe
+from meshproto import pki, scope, spiffe
 from meshproto.proto import mesh_pb2, mesh_pb2_grpc
 from meshproto.proxycfg import ProxyConfig
 
@@ -61,6 +63,9 @@ REJECTED = (
     grpc.StatusCode.ALREADY_EXISTS,
 )
 EXIT_CONFIG = 2
+# Bounds of a stop (seconds): the sidecars' step covers their SIGTERM grace and a SIGKILL.
+SIDECAR_STOP_SECONDS = 5.0
+EXIT_SECONDS = 2.0
 EXIT_JOIN = 3
 
 
@@ -93,6 +98,7 @@ class Agent:
         self._background: set[asyncio.Task] = set()
         self._proxies_lock = asyncio.Lock()
         self._servers: list[Any] = []
+        self.local_token = ""  # the local API's token (`<data-dir>/agent-token`)
 
     # --- facts ------------------------------------------------------------------------
 
@@ -108,6 +114,25 @@ class Agent:
     def node_meta(self) -> dict[str, str]:
         return {**dict(self.config.node_meta), "mesh-role": "agent"}
 
+    def _out_of_scope(self, service: str) -> str:
+        allowed = scope.describe(self.identity.services if self.identity else ())
+        return (
+            f'Permission denied: this node\'s join token does not allow service "{service}" '
+            f"(it allows: {allowed})"
+        )
+
+    def scope_refusal(self, spec: dict[str, Any]) -> str:
+        """Why a local registration is outside the node's scope ("" when it is not).
+
+        The control plane enforces the scope on every sync (and would refuse the
+        node's whole state); refusing here names the one registration at fault.
+        """
+        services = self.identity.services if self.identity else None
+        if services is None:  # joined before scopes: the control plane decides
+            return ""
+        name = scope.refused(services, spec)
+        return self._out_of_scope(name) if name else ""
+
     @property
     def datacenter(self) -> str:
         return self.identity.datacenter if self.identity else (self.config.datacenter or "dc1")
@@ -121,7 +146,7 @@ class Agent:
         self._connected_event = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(sig, self._on_stop_signal)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
 
         errors = self.read_config_dirs()
@@ -161,8 +186,9 @@ class Agent:
         self.checks.sync()
         await self._apply_proxies()
 
-        from agents.http_api import make_app
+        from agents.http_api import TOKEN_FILE, ensure_token, make_app
 
+        self.local_token = ensure_token(self.config.data_dir)
         await self._serve(make_app(self), http_sock)
         if metrics_sock is not None:
             await self._serve(self._metrics_app, metrics_sock)
@@ -172,6 +198,10 @@ class Agent:
                 "http_addr": f"{self.config.http_host}:{http_sock.getsockname()[1]}",
                 "join": self.config.join_target,
                 "sidecar_command": self.sidecar_command,
+                "token_file": str(self.config.data_dir / TOKEN_FILE),
+                "scope": list(self.identity.services)
+                if self.identity.services is not None
+                else "unknown (joined before scopes)",
             },
         )
         self._tasks.append(loop.create_task(self._control_loop(), name="control"))
@@ -181,17 +211,33 @@ class Agent:
         return 0
 
     async def shutdown(self) -> None:
+        """Stop everything, each step bounded: a step that overruns is abandoned, not awaited.
+
+        A busy machine, a check stuck in a blocking call or a gRPC close that
+        does not return must not keep the agent (and `mesh dev`, a systemd
+        stop, a test) waiting: the whole stop takes at most the sum of the
+        steps' bounds, a few seconds.
+        """
         log.info("agent stopping")
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.checks.close()
-        await self.leaves.close()
-        await self.sidecars.close()
+        started = time.monotonic()
         for server in self._servers:
             server.should_exit = True
-        await asyncio.sleep(0.05)
+        for t in self._tasks:
+            t.cancel()
+        await _bounded("tasks", asyncio.gather(*self._tasks, return_exceptions=True), 2.0)
+        await _bounded("checks", self.checks.close(), 1.0)
+        await _bounded("leaves", self.leaves.close(), 1.0)
+        # The sidecars get SIGTERM, their grace, then SIGKILL (agents.sidecars).
+        await _bounded("sidecars", self.sidecars.close(), SIDECAR_STOP_SECONDS)
         self.state.save()
+        log.info("agent stopped", extra={"seconds": round(time.monotonic() - started, 2)})
+
+    def _on_stop_signal(self) -> None:
+        if self._stop.is_set():  # a second Ctrl-C: the user does not want to wait
+            log.warning("stopping now (second signal)")
+            _flush_logs()
+            os._exit(1)
+        self._stop.set()
 
     async def _serve(self, app, sock: socket.socket) -> None:
         import uvicorn
@@ -285,6 +331,7 @@ class Agent:
                     datacenter=self.config.datacenter,
                     meta=self.node_meta,
                     timeout=self.config.rpc_timeout,
+                    replace=self.config.replace,
                 )
             except (OSError, grpc.aio.AioRpcError) as exc:
                 delay = backoff.next()
@@ -736,6 +783,8 @@ class Agent:
         """`/v1/agent/connect/ca/leaf/:service`: a leaf whose key was made on this host."""
         ident = self.identity
         assert ident is not None
+        if ident.services is not None and not scope.allows(ident.services, service):
+            raise PermissionError(self._out_of_scope(service))
         cached = self.service_leaves.get(service)
         if cached is None or time.time() >= cached[1]:
             if not self.connected:
@@ -892,4 +941,75 @@ def setup_logging(level: str) -> None:
 def main_async(config: AgentConfig) -> int:
     setup_logging(config.log_level)
     # The default loop: grpc.aio supports it (uvloop brings nothing to a control loop).
-    return asyncio.run(Agent(config).run())
+    loop = asyncio.new_event_loop()
+    try:
+        code = loop.run_until_complete(Agent(config).run())
+    finally:
+        _close_loop(loop)
+    _exit_within(code, EXIT_SECONDS)
+    return code
+
+
+async def _bounded(step: str, awaitable, seconds: float) -> None:
+    """Await `awaitable` for at most `seconds`; past that, cancel it and move on.
+
+    Not `asyncio.wait_for`: it waits for the cancelled work to finish, which
+    is exactly what a stuck step does not do.
+    """
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        log.warning("shutdown step overran; abandoned", extra={"step": step, "after_s": seconds})
+    elif not task.cancelled() and task.exception() is not None:
+        log.warning("shutdown step failed", extra={"step": step, "error": repr(task.exception())})
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """`asyncio.run`'s teardown, bounded: leftover tasks get a moment, executor threads none.
+
+    `asyncio.run` would wait without limit for the default executor's threads
+    (a blocking call in a check or a DNS lookup) to finish.
+    """
+    try:
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.wait(pending, timeout=1.0))
+        loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), 1.0))
+    except Exception:  # noqa: BLE001 - teardown must end
+        log.debug("loop teardown", exc_info=True)
+    finally:
+        executor = getattr(loop, "_default_executor", None)
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+        loop.close()
+
+
+def _flush_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def _exit_within(code: int, seconds: float) -> None:
+    """End the process with `code` if it has not ended `seconds` from now.
+
+    After the agent has stopped, the interpreter's exit still joins worker
+    threads (a check blocked in a socket call) and runs gRPC's own exit
+    handlers; neither may hold the process. A daemon timer runs through
+    those and ends the process.
+    """
+
+    def force() -> None:
+        log.warning("exit did not finish; ending the process", extra={"after_s": seconds})
+        _flush_logs()
+        os._exit(code)
+
+    timer = threading.Timer(seconds, force)
+    timer.daemon = True
+    timer.start()

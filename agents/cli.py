@@ -93,6 +93,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="sidecar executable (default mesh-sidecar)",
     )
     p.add_argument(
+        "-replace",
+        "--replace",
+        dest="replace",
+        action="store_true",
+        help="join even when a live node holds the -node name (that node is cut off)",
+    )
+    p.add_argument(
         "-log-level",
         "--log-level",
         dest="log_level",
@@ -122,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
             sidecar_bin=args.sidecar_bin,
             log_level=args.log_level,
             node_meta=args.node_meta,
+            replace=args.replace,
         )
     except agent_config.ConfigError as exc:
         print(f"mesh agent: {exc}", file=sys.stderr)

@@ -128,6 +128,9 @@ class Identity:
     cert_pem: str
     roots_pem: tuple[str, ...]
     server_name: str = ""  # the name the control plane's certificate is checked for
+    # The join token's service scope (names, `prefix*`, `*`); None: not known (an
+    # identity saved before scopes existed), then only the control plane checks it.
+    services: tuple[str, ...] | None = None
 
     @property
     def not_after(self) -> dt.datetime:
@@ -171,6 +174,7 @@ class IdentityStore:
             cert_pem=cert,
             roots_pem=tuple(pki.cert_pem(c) for c in pki.load_certs(roots)),
             server_name=meta.get("server_name", ""),
+            services=tuple(meta["services"]) if isinstance(meta.get("services"), list) else None,
         )
 
     def save(self, ident: Identity) -> None:
@@ -186,6 +190,8 @@ class IdentityStore:
             "trust_domain": ident.trust_domain,
             "server_name": ident.server_name,
         }
+        if ident.services is not None:
+            meta["services"] = list(ident.services)
         write_private(self.dir / "identity.json", json.dumps(meta, indent=1) + "\n")
 
 
@@ -253,6 +259,7 @@ async def join(
     datacenter: str,
     meta: dict[str, str],
     timeout: float,
+    replace: bool = False,
 ) -> Identity:
     """First contact: pin the root, then exchange the join token and a node CSR.
 
@@ -293,6 +300,7 @@ async def join(
                     csr_pem=csr,
                     meta=meta,
                     datacenter=datacenter,
+                    replace=replace,
                 ),
                 timeout=timeout,
             )
@@ -320,4 +328,5 @@ async def join(
         cert_pem=resp.cert_pem,
         roots_pem=roots,
         server_name=name,
+        services=tuple(resp.services),
     )

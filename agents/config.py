@@ -44,6 +44,7 @@ class AgentConfig:
     sidecar_bin: str = ""  # "" finds mesh-sidecar next to the interpreter or on PATH
     log_level: str = "info"
     node_meta: tuple[tuple[str, str], ...] = ()  # -node-meta key:value, sent with the node
+    replace: bool = False  # -replace: join even if a live node holds the name (it is cut off)
 
     @property
     def join_target(self) -> str:
@@ -80,7 +81,7 @@ def split_addr(value: str, flag: str, *, default_port: int | None = None) -> tup
 
 
 def parse_duration_flag(value: str, flag: str) -> float:
-    from meshproto.servicedefs import parse_duration
+    from meshproto.durations import parse_duration
 
     try:
         seconds = parse_duration(value if not value.replace(".", "", 1).isdigit() else value + "s")
@@ -118,6 +119,7 @@ def build(
     sidecar_bin: str | None = None,
     log_level: str | None = None,
     node_meta: list[str] | None = None,
+    replace: bool = False,
 ) -> AgentConfig:
     """Validate the flags into an AgentConfig; raises ConfigError naming the flag."""
     if not data_dir:
@@ -200,6 +202,7 @@ def build(
         sidecar_bin=sidecar_bin or "",
         log_level=level,
         node_meta=tuple(sorted(meta.items())),
+        replace=bool(replace),
     )
 
 

@@ -4,29 +4,46 @@ A plain ASGI app (run by uvicorn on 127.0.0.1): paths, JSON field names and
 status codes as Consul's (success is 200 with an empty body for writes),
 errors as plain text. It reads and writes the agent's local state only;
 writes reach the control plane with the next sync, which they trigger at
-once. The local API trusts the host (it listens on loopback): tokens sent in
-`X-Consul-Token` are accepted and not checked here; the control plane
-authorises the node by its certificate.
+once.
+
+Who may do what (as Consul's agent API with ACLs on, one local token):
+- every write (PUT/POST/DELETE) and every leaf (`/v1/agent/connect/ca/leaf/`,
+  which answers a private key) needs the agent's local token, made by the
+  agent in `<data-dir>/agent-token` (mode 0600: readable by the agent's user
+  only), sent as `X-Consul-Token`, `Authorization: Bearer` or `?token=`;
+  reads need none;
+- a service outside the node's scope (its join token's services) is refused
+  at registration and for leaves, with the scope in the message;
+- the `Host` header must name this listener (its address, `localhost`, or an
+  IP literal): a page served from another name that resolves here (DNS
+  rebinding) gets 421.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import ipaddress
 import json
+import os
 import re
+import secrets
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
 from agents.state import StateError, UnknownError
 from meshproto import probes
-from meshproto.servicedefs import DefinitionError, canonical_check, canonical_service
+from meshproto.registration import decode, rules, shapes
 
 if TYPE_CHECKING:
     from agents.agent import Agent
 
 MAX_BODY = 1 << 20
-VERSION = "1.17.0"
+TOKEN_FILE = "agent-token"
+LEAF_PREFIX = "/v1/agent/connect/ca/leaf/"
+VERSION = shapes.VERSION
 STATUS_CODE = {"passing": 200, "warning": 429, "critical": 503, "maintenance": 503}
 
 
@@ -60,13 +77,22 @@ class Request:
             return False
         return self.param(name).lower() in ("", "1", "true", "yes")
 
-    def json(self) -> Any:
-        if not self.body.strip():
-            return None
+    def token(self) -> str:
+        """The token the caller sent: `X-Consul-Token`, `Authorization: Bearer`, `?token=`."""
+        if self.headers.get("x-consul-token"):
+            return self.headers["x-consul-token"].strip()
+        scheme, _, value = self.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        return self.param("token").strip()
+
+    def json(self, table: decode.Struct | None = None) -> Any:
+        """The body, decoded by `table` when given (the control plane's decoder, strict)."""
         try:
-            return json.loads(self.body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise HTTPError(400, f"Request decode failed: invalid JSON: {exc}") from None
+            data = decode.parse_json(self.body)
+            return table(data) if table is not None else data
+        except decode.DecodeError as exc:
+            raise HTTPError(400, f"Request decode failed: {exc}") from None
 
 
 class Reply:
@@ -101,84 +127,27 @@ def route(method: str, pattern: str) -> Callable[[Handler], Handler]:
 
 
 def service_json(agent: Agent, svc) -> dict[str, Any]:
-    d = svc.definition
-    out: dict[str, Any] = {
-        "ID": svc.id,
-        "Service": svc.name,
-        "Tags": list(d.get("Tags") or []),
-        "Meta": dict(d.get("Meta") or {}),
-        "Port": int(d.get("Port") or 0),
-        "Address": d.get("Address") or "",
-        "TaggedAddresses": dict(d.get("TaggedAddresses") or {}),
-        "Weights": {"Passing": 1, "Warning": 1, **(d.get("Weights") or {})},
-        "EnableTagOverride": bool(d.get("EnableTagOverride")),
-        "Datacenter": agent.datacenter,
-        "Namespace": d.get("Namespace") or "default",
-    }
-    if svc.kind:
-        out["Kind"] = svc.kind
-    proxy = dict(d.get("Proxy") or {})
-    if svc.kind == "connect-proxy" or proxy:
-        proxy.setdefault("MeshGateway", {})
-        proxy.setdefault("Expose", {})
-        if svc.kind == "connect-proxy":
-            proxy.setdefault("Upstreams", [])
-        out["Proxy"] = proxy
-    if d.get("Connect"):
-        out["Connect"] = d["Connect"]
-    return out
+    return shapes.agent_service_from_definition(svc.definition, agent.datacenter)
 
 
 def check_json(agent: Agent, c) -> dict[str, Any]:
-    d = c.definition
-    definition = {
-        k: d[k]
-        for k in (
-            "HTTP",
-            "Method",
-            "Header",
-            "Body",
-            "TCP",
-            "GRPC",
-            "GRPCUseTLS",
-            "TLSServerName",
-            "TLSSkipVerify",
-            "Interval",
-            "Timeout",
-            "TTL",
-            "DeregisterCriticalServiceAfter",
-        )
-        if d.get(k)
-    }
-    kind = c.kind
-    return {
-        "Node": agent.node,
-        "CheckID": c.check_id,
-        "Name": c.name,
-        "Status": c.status,
-        "Notes": c.notes,
-        "Output": c.output,
-        "ServiceID": c.service_id,
-        "ServiceName": c.service_name,
-        "ServiceTags": list(c.service_tags),
-        "Type": "" if kind == "maintenance" else kind,
-        "Interval": d.get("Interval", ""),
-        "Timeout": d.get("Timeout", ""),
-        "ExposedPort": 0,
-        "Definition": definition,
-        "Namespace": "default",
-        "CreateIndex": 0,
-        "ModifyIndex": c.modify_index,
-    }
+    return shapes.check(
+        node=agent.node,
+        check_id=c.check_id,
+        name=c.name,
+        status=c.status,
+        notes=c.notes,
+        output=c.output,
+        service_id=c.service_id,
+        service_name=c.service_name,
+        service_tags=c.service_tags,
+        check_type=c.kind,
+        definition=c.definition,
+        modify_index=c.modify_index,
+    )
 
 
-def aggregate(statuses) -> str:
-    order = {"passing": 0, "warning": 1, "critical": 2, "maintenance": 3}
-    worst = "passing"
-    for s in statuses:
-        if order.get(s, 2) > order[worst]:
-            worst = s if s in order else "critical"
-    return worst
+aggregate = rules.aggregate_status
 
 
 def _content_hash(data: dict) -> str:
@@ -212,24 +181,14 @@ async def self_(agent: Agent, req: Request) -> Reply:
 
 
 def member(agent: Agent) -> dict[str, Any]:
-    return {
-        "Name": agent.node,
-        "Addr": agent.config.bind,
-        "Port": agent.config.http_port,
-        "Tags": {
-            "role": "node",
-            "dc": agent.datacenter,
-            "build": f"{VERSION}:meshweb",
-            "id": agent.node_id,
-        },
-        "Status": 1,
-        "ProtocolMin": 1,
-        "ProtocolMax": 5,
-        "ProtocolCur": 2,
-        "DelegateMin": 2,
-        "DelegateMax": 5,
-        "DelegateCur": 4,
-    }
+    return shapes.member(
+        name=agent.node,
+        addr=agent.config.bind,
+        port=agent.config.http_port,
+        role="node",
+        datacenter=agent.datacenter,
+        node_id=agent.node_id,
+    )
 
 
 @route("GET", "/v1/agent/members")
@@ -279,10 +238,14 @@ async def service(agent: Agent, req: Request, service_id: str) -> Reply:
 
 @route("PUT", "/v1/agent/service/register")
 async def service_register(agent: Agent, req: Request) -> Reply:
+    spec = req.json(decode.AGENT_SERVICE)
     try:
-        spec = canonical_service(req.json(), "Request decode failed: body")
-    except DefinitionError as exc:
+        rules.validate_service(spec)
+    except rules.RuleError as exc:
         raise HTTPError(400, str(exc)) from None
+    refusal = agent.scope_refusal(spec)
+    if refusal:
+        raise HTTPError(403, refusal)
     agent.state.register_service(spec, replace_existing_checks=req.flag("replace-existing-checks"))
     agent.local_changed()
     return Reply(raw=b"")
@@ -360,13 +323,14 @@ async def checks(agent: Agent, req: Request) -> Reply:
 
 @route("PUT", "/v1/agent/check/register")
 async def check_register(agent: Agent, req: Request) -> Reply:
-    body = req.json()
-    try:
-        spec = canonical_check(body, "Request decode failed: body")
-    except DefinitionError as exc:
-        raise HTTPError(400, str(exc)) from None
+    spec = req.json(decode.AGENT_CHECK)
     if not spec.get("Name") and not spec.get("CheckID"):
         raise HTTPError(400, "Missing check name")
+    try:
+        rules.require_check_kind(spec)
+        rules.check_status(spec.get("Status"))
+    except rules.RuleError as exc:
+        raise HTTPError(400, str(exc)) from None
     agent.state.register_check(spec)
     agent.local_changed()
     return Reply(raw=b"")
@@ -409,19 +373,11 @@ async def check_fail(agent: Agent, req: Request, check_id: str) -> Reply:
 
 @route("PUT", "/v1/agent/check/update/(?P<check_id>[^/]+)")
 async def check_update(agent: Agent, req: Request, check_id: str) -> Reply:
-    body = req.json()
-    if not isinstance(body, dict):
-        raise HTTPError(400, "Request decode failed: body: expected an object")
-    fields = {k.lower(): v for k, v in body.items()}
-    status = fields.get("status") or ""
-    if status not in (probes.PASSING, probes.WARNING, probes.CRITICAL):
+    body = req.json(decode.CHECK_UPDATE)
+    status = body.get("Status") or ""
+    if status not in rules.STATUSES:
         raise HTTPError(400, f"Invalid check status: {status!r}")
-    output = fields.get("output") or ""
-    if not isinstance(output, str):
-        raise HTTPError(400, "Request decode failed: Output: expected a string")
-    if len(output) > 4096:
-        output = output[:4096] + f" ... (captured 4096 of {len(output)} bytes)"
-    return _ttl(agent, check_id, status, output)
+    return _ttl(agent, check_id, status, rules.truncate_output(body.get("Output") or ""))
 
 
 # --- connect --------------------------------------------------------------------------
@@ -453,6 +409,76 @@ async def connect_proxy(agent: Agent, req: Request, proxy_id: str) -> Reply:
     if config is None:
         raise HTTPError(404, f"no config received yet for proxy {proxy_id}")
     return Reply(config)
+
+
+# --- who may call -----------------------------------------------------------------------
+
+
+def ensure_token(data_dir: Path) -> str:
+    """The agent's local API token, `<data-dir>/agent-token` (mode 0600), made once.
+
+    Local tools read it from there (`CONSUL_HTTP_TOKEN_FILE`); the file's mode
+    is what keeps other users of the host out.
+    """
+    from agents.client import write_private
+
+    path = data_dir / TOKEN_FILE
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        token = ""
+    if token:
+        os.chmod(path, 0o600)
+        return token
+    token = secrets.token_urlsafe(32)
+    write_private(path, token + "\n")
+    return token
+
+
+def needs_token(method: str, path: str) -> bool:
+    """Writes and leaves (a leaf answer holds the service's private key)."""
+    return method not in ("GET", "HEAD") or path.startswith(LEAF_PREFIX)
+
+
+def host_allowed(host_header: str | None, bind_host: str) -> bool:
+    """Whether `Host` names this listener: its bind address, `localhost`, or an IP literal.
+
+    A browser that reached us through another name (DNS rebinding: evil.example
+    resolving to 127.0.0.1) sends that name; no page can make it send ours.
+    """
+    if host_header is None:  # HTTP/1.0 without Host: not a browser
+        return True
+    text = host_header.strip().lower()
+    if text.startswith("["):
+        name = text[1 : text.find("]")] if "]" in text else text
+    else:
+        name = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+    if name in ("localhost", (bind_host or "").strip("[]").lower()):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _refusal(req: Request, agent: Agent) -> Reply | None:
+    if not host_allowed(req.headers.get("host"), agent.config.http_host):
+        message = (
+            f"Host {req.headers.get('host')!r} is not this agent's address "
+            f"({agent.config.http_host}); refusing (DNS rebinding protection)"
+        )
+        return Reply({"error": message}, status=421)
+    if needs_token(req.method, req.path) and not hmac.compare_digest(
+        req.token().encode(), agent.local_token.encode()
+    ):
+        message = (
+            "Permission denied: the agent's local API needs its token for writes and leaves "
+            f"(X-Consul-Token or Authorization: Bearer; the token is in "
+            f"{agent.config.data_dir / TOKEN_FILE})"
+        )
+        return Reply(raw=message.encode(), status=403, ctype="text/plain; charset=utf-8")
+    return None
 
 
 # --- the ASGI app ---------------------------------------------------------------------
@@ -488,7 +514,7 @@ def make_app(agent: Agent):
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         req = Request(method, path, query, body, headers)
-        reply = await dispatch(agent, req)
+        reply = _refusal(req, agent) or await dispatch(agent, req)
         await _send(send, reply)
 
     return app

@@ -41,7 +41,7 @@ from agents.client import Backoff
 log = logging.getLogger("mesh.agent.sidecars")
 
 MAX_LINE = 1 << 20  # an ack/nack line is small; anything bigger is garbage
-GRACE_SECONDS = 5.0
+GRACE_SECONDS = 3.0  # after SIGTERM, before SIGKILL (the agent's stop is bounded)
 
 AckHandler = Callable[[str, int, bool, str], None]
 

@@ -3,10 +3,11 @@
 This is the source of truth for the node (anti-entropy makes the catalog
 equal to it). Services come from two places: the config dir (replaced whole
 on every reload) and the local HTTP API (kept in `<data-dir>/local.json`, so
-a restart keeps them). Sidecars are expanded here with Consul's defaults
-(`<id>-sidecar-proxy`, a port from 21000-21255 that stays the same across
-reloads and restarts, LocalServicePort = the service's port), so the control
-plane receives plain, fully specified registrations.
+a restart keeps them). Sidecars are expanded here by the control plane's own
+rules (`meshproto.registration.rules`: `<id>-sidecar-proxy`, a port from
+21000-21255 that stays the same across reloads and restarts,
+LocalServicePort = the service's port), so the control plane receives
+plain, fully specified registrations.
 
 Pure bookkeeping: no sockets, no tasks. The agent calls it from its event
 loop only (one thread), so no locks.
@@ -23,13 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshproto.probes import CRITICAL, PASSING, WARNING
-from meshproto.servicedefs import check_kind, parse_duration
-
-SIDECAR_PORTS = range(21000, 21256)
-MAINTENANCE_PREFIX = "_service_maintenance:"
-NODE_MAINTENANCE = "_node_maintenance"
-STATUSES = (PASSING, WARNING, CRITICAL)
+from meshproto.durations import parse_duration
+from meshproto.probes import CRITICAL
+from meshproto.registration import rules
+from meshproto.registration.rules import RuleError
 
 
 class StateError(ValueError):
@@ -59,7 +57,7 @@ class CheckState:
 
     @property
     def kind(self) -> str:
-        return check_kind(self.definition) if self.source != "maintenance" else "maintenance"
+        return rules.check_kind(self.definition) if self.source != "maintenance" else "maintenance"
 
     @property
     def interval(self) -> float:
@@ -199,112 +197,50 @@ class LocalState:
         port = reserved.get(sidecar_id)
         if port and port not in used:
             return port
-        others = set(reserved.values()) | used
-        for p in SIDECAR_PORTS:
-            if p not in others:
-                return p
-        raise StateError("No free sidecar port in 21000-21255 on this node")
+        with _refusals():
+            return rules.free_sidecar_port(set(reserved.values()) | used)
 
     def expand(
         self, spec: dict, source: str, reserved: dict[str, int], used: set[int]
     ) -> Registration:
         """A declared definition as Consul's agent registers it (checks and sidecar)."""
-        spec = copy.deepcopy(spec)
-        if not spec.get("Name"):
-            raise StateError("Missing service name")
-        spec["ID"] = spec.get("ID") or spec["Name"]
-        kind = spec.get("Kind") or ""
-        if kind == "connect-proxy":
-            proxy = spec.get("Proxy") or {}
-            if not proxy.get("DestinationServiceName"):
-                raise StateError("Proxy.DestinationServiceName must be set for a connect-proxy")
-            if not spec.get("Port"):
-                raise StateError("Port must be set for a connect-proxy")
-        connect = dict(spec.get("Connect") or {})
-        sidecar_spec = connect.pop("SidecarService", None)
-        inline = _inline_checks(spec)
-        if connect:
-            spec["Connect"] = connect
-        else:
-            spec.pop("Connect", None)
-        svc = ServiceState(spec, source=source)
-        out = Registration([svc], self._service_checks(svc, inline, source))
-        if sidecar_spec is not None:
-            if kind not in ("", "typical"):
-                raise StateError("A sidecar can only be registered for a typical service")
-            sidecar = self._sidecar(spec, sidecar_spec, reserved, used)
-            sc_inline = _inline_checks(sidecar)
-            sc = ServiceState(sidecar, source=source, parent_id=spec["ID"])
-            if not sc_inline:
-                address = sidecar.get("Address") or spec.get("Address") or "127.0.0.1"
-                sc_inline = [
-                    {
-                        "CheckID": f"service:{sidecar['ID']}:1",
-                        "Name": "Connect Sidecar Listening",
-                        "TCP": f"{address}:{sidecar['Port']}",
-                        "Interval": "10s",
-                    },
-                    {
-                        "CheckID": f"service:{sidecar['ID']}:2",
-                        "Name": "Connect Sidecar Aliasing " + spec["ID"],
-                        "AliasService": spec["ID"],
-                    },
-                ]
-            out.services.append(sc)
-            out.checks += self._service_checks(sc, sc_inline, source)
-        return out
-
-    def _sidecar(
-        self, parent: dict, sidecar_spec: dict, reserved: dict[str, int], used: set[int]
-    ) -> dict:
-        sidecar = copy.deepcopy(sidecar_spec)
-        if sidecar.get("Kind") not in (None, "", "connect-proxy"):
-            raise StateError("Invalid SidecarService: Kind must be connect-proxy")
-        sidecar["Kind"] = "connect-proxy"
-        sidecar["ID"] = sidecar.get("ID") or f"{parent['ID']}-sidecar-proxy"
-        sidecar["Name"] = sidecar.get("Name") or f"{parent['Name']}-sidecar-proxy"
-        if not sidecar.get("Tags") and parent.get("Tags"):
-            sidecar["Tags"] = list(parent["Tags"])
-        if not sidecar.get("Meta") and parent.get("Meta"):
-            sidecar["Meta"] = dict(parent["Meta"])
-        if not sidecar.get("Port"):
-            sidecar["Port"] = self._sidecar_port(sidecar["ID"], reserved, used)
-        used.add(sidecar["Port"])
-        proxy = dict(sidecar.get("Proxy") or {})
-        proxy["DestinationServiceName"] = parent["Name"]
-        proxy["DestinationServiceID"] = parent["ID"]
-        proxy.setdefault("LocalServiceAddress", "127.0.0.1")
-        if not proxy.get("LocalServicePort"):
-            proxy["LocalServicePort"] = parent.get("Port", 0)
-        proxy["Upstreams"] = [
-            {"DestinationType": "service", "LocalBindAddress": "127.0.0.1", **u}
-            for u in proxy.get("Upstreams") or []
-        ]
-        sidecar["Proxy"] = proxy
-        return sidecar
-
-    def _service_checks(
-        self, svc: ServiceState, inline: list[dict], source: str
-    ) -> list[CheckState]:
-        out = []
-        for i, c in enumerate(inline, start=1):
-            default = f"service:{svc.id}" if len(inline) == 1 else f"service:{svc.id}:{i}"
-            check_id = c.get("CheckID") or default
-            out.append(
-                CheckState(
-                    check_id=check_id,
-                    name=c.get("Name") or f"Service '{svc.name}' check",
-                    definition={k: v for k, v in c.items() if k not in ("Status", "Name", "Notes")},
-                    service_id=svc.id,
-                    service_name=svc.name,
-                    service_tags=list(svc.definition.get("Tags") or []),
-                    notes=c.get("Notes", ""),
-                    status=c.get("Status") or CRITICAL,
-                    source=source,
-                    inline=True,
+        with _refusals():
+            rules.validate_service(spec)
+            spec = dict(copy.deepcopy(spec), ID=rules.service_id(spec))
+            sidecar = None
+            sidecar_id = rules.sidecar_id(spec)
+            if sidecar_id is not None:
+                port = spec["Connect"]["SidecarService"].get("Port") or self._sidecar_port(
+                    sidecar_id, reserved, used
                 )
-            )
+                sidecar = rules.expand_sidecar(spec, port)
+                used.add(sidecar["Port"])
+            svc = ServiceState(_declared(spec), source=source)
+            out = Registration([svc], self._service_checks(svc, spec, source))
+            if sidecar is not None:
+                sc = ServiceState(_declared(sidecar), source=source, parent_id=spec["ID"])
+                out.services.append(sc)
+                out.checks += self._service_checks(sc, sidecar, source)
         return out
+
+    def _service_checks(self, svc: ServiceState, spec: dict, source: str) -> list[CheckState]:
+        return [
+            CheckState(
+                check_id=c.check_id,
+                name=c.name,
+                definition={
+                    k: v for k, v in c.spec.items() if k not in ("Status", "Name", "Notes")
+                },
+                service_id=svc.id,
+                service_name=svc.name,
+                service_tags=list(svc.definition.get("Tags") or []),
+                notes=c.spec.get("Notes", ""),
+                status=rules.check_status(c.spec.get("Status")),
+                source=source,
+                inline=True,
+            )
+            for c in rules.service_checks(svc.id, svc.name, spec)
+        ]
 
     def _node_check(self, c: dict, source: str) -> CheckState:
         check_id = c.get("CheckID") or c.get("Name") or ""
@@ -314,6 +250,8 @@ class LocalState:
         svc = self.services.get(sid) if sid else None
         if sid and svc is None:
             raise UnknownError(f'ServiceID "{sid}" does not exist')
+        with _refusals():
+            status = rules.check_status(c.get("Status"))
         return CheckState(
             check_id=check_id,
             name=c.get("Name") or check_id,
@@ -322,7 +260,7 @@ class LocalState:
             service_name=svc.name if svc else "",
             service_tags=list(svc.definition.get("Tags") or []) if svc else [],
             notes=c.get("Notes", ""),
-            status=c.get("Status") or CRITICAL,
+            status=status,
             source=source,
         )
 
@@ -338,7 +276,7 @@ class LocalState:
             (d, "api") for d in self.api_definitions.values()
         ]
         # Remembered ports stay with their sidecars; a new sidecar never takes one.
-        sidecar_ids = {self._sidecar_id_of(d) for d, _ in declared} - {None}
+        sidecar_ids = {rules.sidecar_id(d) for d, _ in declared} - {None}
         reserved = {sid: p for sid, p in self.sidecar_ports.items() if sid in sidecar_ids}
         used: set[int] = set()
         for spec, source in declared:
@@ -389,35 +327,18 @@ class LocalState:
         self.sidecar_ports = {s.id: s.port for s in services.values() if s.kind == "connect-proxy"}
         self.version += 1
 
-    @staticmethod
-    def _sidecar_id_of(spec: dict) -> str | None:
-        sc = (spec.get("Connect") or {}).get("SidecarService")
-        if sc is None:
-            return None
-        return sc.get("ID") or f"{spec.get('ID') or spec.get('Name')}-sidecar-proxy"
-
     def _maintenance_check(self, service_id: str, reason: str) -> CheckState:
-        if service_id:
-            svc = self.services[service_id]
-            return CheckState(
-                check_id=MAINTENANCE_PREFIX + service_id,
-                name="Service Maintenance Mode",
-                definition={},
-                service_id=service_id,
-                service_name=svc.name,
-                service_tags=list(svc.definition.get("Tags") or []),
-                notes=reason
-                or "Maintenance mode is enabled for this service, but no reason was provided. This is a default message.",
-                status=CRITICAL,
-                source="maintenance",
-            )
+        spec = rules.maintenance_check(service_id, reason)
+        svc = self.services[service_id] if service_id else None
         return CheckState(
-            check_id=NODE_MAINTENANCE,
-            name="Node Maintenance Mode",
+            check_id=spec["CheckID"],
+            name=spec["Name"],
             definition={},
-            notes=reason
-            or "Maintenance mode is enabled for this node, but no reason was provided. This is a default message.",
-            status=CRITICAL,
+            service_id=service_id,
+            service_name=svc.name if svc else "",
+            service_tags=list(svc.definition.get("Tags") or []) if svc else [],
+            notes=spec["Notes"],
+            status=spec["Status"],
             source="maintenance",
         )
 
@@ -568,8 +489,24 @@ class LocalState:
         return (c for c in self.checks.values() if not c.service_id)
 
 
-def _inline_checks(spec: dict) -> list[dict]:
-    """Pop a definition's `Check` and `Checks` (Consul numbers them together)."""
-    one = spec.pop("Check", None)
-    many = spec.pop("Checks", None) or []
-    return ([one] if one else []) + list(many)
+def _declared(spec: dict) -> dict:
+    """A service's own definition: its inline checks and sidecar are registered apart."""
+    out = {k: v for k, v in spec.items() if k not in ("Check", "Checks")}
+    connect = {k: v for k, v in (spec.get("Connect") or {}).items() if k != "SidecarService"}
+    if connect:
+        out["Connect"] = connect
+    else:
+        out.pop("Connect", None)
+    return out
+
+
+class _refusals:
+    """The registration rules' refusals, as the state's own (the local API maps them)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if isinstance(exc, RuleError):
+            raise StateError(str(exc)) from None
+        return False

@@ -5,9 +5,12 @@ Starts a real `mesh server` process (ACLs off) per database, on the embedded
 default (SQLite) and/or a fresh PostgreSQL database, and measures:
 
 1. registrations per second through `PUT /v1/agent/service/register`
-   (one TTL check each, distinct IDs) over N keep-alive connections;
+   (one TTL check each, distinct IDs) over N keep-alive connections, and
+   instances per second written through the agents' gRPC `SyncNode`
+   (real mTLS clients that joined with a join token); on PostgreSQL also
+   with several `mesh server` processes sharing the database;
 2. `GET /v1/health/service/:name` latency with 10,000 instances across
-   1,000 services (loaded through `PUT /v1/catalog/register`);
+   1,000 services (loaded through `PUT /v1/catalog/register`, timed);
 3. blocking-query fan-out: 1,000 watchers of one service (in a separate
    process), one write, time from the write's response to each watcher's
    answer, over several rounds;
@@ -59,7 +62,9 @@ except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
 
 DEFAULT_POSTGRES = "postgres://postgres@127.0.0.1:5432/postgres"
 TARGETS = {
-    "reg_per_s": 1000.0,  # on PostgreSQL
+    "reg_per_s": 2000.0,  # on PostgreSQL
+    "sync_per_s": 1000.0,  # instances through SyncNode
+    "load_s": 30.0,  # 10,000 instances
     "fanout_p99_ms": 500.0,
     "health_p99_ms": 20.0,
     "kb_per_waiter": 50.0,
@@ -270,8 +275,18 @@ class Figures:
 # --- 1. registrations -----------------------------------------------------------------
 
 
-async def bench_registrations(srv: MeshServer, fig: Figures, args) -> None:
-    conns = await open_conns("127.0.0.1", srv.http_port, args.concurrency)
+def cpu_of(servers: list[MeshServer]) -> float:
+    return sum(cpu_seconds(s.proc.pid) for s in servers)
+
+
+async def bench_registrations(servers: list[MeshServer], fig: Figures, args) -> None:
+    """Registrations over `--concurrency` connections spread evenly over `servers`."""
+    per = [args.concurrency // len(servers)] * len(servers)
+    for k in range(args.concurrency % len(servers)):
+        per[k] += 1
+    conns = []
+    for srv, n in zip(servers, per, strict=True):
+        conns += await open_conns("127.0.0.1", srv.http_port, n)
     latencies: list[float] = []
     errors: list[str] = []
     counter = iter(range(10**9))
@@ -304,12 +319,12 @@ async def bench_registrations(srv: MeshServer, fig: Figures, args) -> None:
     try:
         # Warm-up (first requests import and compile lazily on the server).
         await asyncio.gather(*(worker(c, time.monotonic() + 10, 64, False) for c in conns))
-        cpu0 = cpu_seconds(srv.proc.pid)
+        cpu0 = cpu_of(servers)
         start = time.perf_counter()
         deadline = time.monotonic() + args.reg_seconds
         await asyncio.gather(*(worker(c, deadline, 64 + args.reg_count, True) for c in conns))
         elapsed = time.perf_counter() - start
-        cpu = cpu_seconds(srv.proc.pid) - cpu0
+        cpu = cpu_of(servers) - cpu0
     finally:
         for c in conns:
             c.close()
@@ -325,6 +340,93 @@ async def bench_registrations(srv: MeshServer, fig: Figures, args) -> None:
         f"  {n} registrations in {elapsed:.1f}s: {n / elapsed:.0f}/s, "
         f"p50 {fig.values['reg_p50_ms']:.1f} ms, p99 {fig.values['reg_p99_ms']:.1f} ms, "
         f"server CPU {fig.values['reg_cpu_ms']:.2f} ms each"
+    )
+
+
+# --- 1b. instances through the agents' SyncNode --------------------------------------------
+
+
+def sync_services(node: int, round_: int, per_node: int) -> list[dict]:
+    """A node's services for one round: every instance changes (its tags) each round."""
+    return [
+        {
+            "ID": f"sync-{node}-{i}",
+            "Name": f"sync-svc-{i % 50}",
+            "Port": 9000 + i,
+            "Tags": ["bench", f"r{round_}"],
+            "Check": {"CheckID": f"service:sync-{node}-{i}", "TTL": "30m"},
+        }
+        for i in range(per_node)
+    ]
+
+
+async def bench_syncnode(servers: list[MeshServer], fig: Figures, args) -> None:
+    """`--agents` real agents (mTLS gRPC, joined with a join token), each syncing its
+    node's `--per-node` services over and over, every sync changing every instance
+    (the first registers them): instances written per second, and server CPU each.
+    """
+    import grpc
+
+    from meshproto.proto import mesh_pb2, mesh_pb2_grpc
+    from tests.grpc.conftest import Agent, new_token
+
+    token = new_token(servers[0], uses=args.agents, ttl="1h")["token"]
+    agents = [Agent(servers[k % len(servers)], f"bench-agent-{k:03d}") for k in range(args.agents)]
+    for a in agents:
+        await a.join(token)
+    channels = [a.channel() for a in agents]
+    stubs = [mesh_pb2_grpc.AgentControlStub(ch) for ch in channels]
+    errors: list[str] = []
+    written = 0
+    counted = False
+
+    async def agent_loop(k: int, deadline: float) -> None:
+        nonlocal written
+        round_ = 0
+        while time.monotonic() < deadline:
+            round_ += 1
+            state = mesh_pb2.NodeState(
+                address="127.0.0.1",
+                services_json=[json.dumps(s) for s in sync_services(k, round_, args.per_node)],
+            )
+            try:
+                await stubs[k].SyncNode(state, timeout=60)
+            except grpc.aio.AioRpcError as exc:
+                errors.append(f"{exc.code().name}: {exc.details()}")
+                continue
+            if counted:
+                written += args.per_node
+
+    try:
+        # Warm-up round: every node registers its instances once.
+        await asyncio.gather(
+            *(stubs[k].SyncNode(
+                mesh_pb2.NodeState(
+                    address="127.0.0.1",
+                    services_json=[json.dumps(s) for s in sync_services(k, 0, args.per_node)],
+                ),
+                timeout=60,
+            ) for k in range(len(agents)))
+        )  # fmt: skip
+        counted = True
+        cpu0 = cpu_of(servers)
+        start = time.perf_counter()
+        await asyncio.gather(
+            *(agent_loop(k, time.monotonic() + args.reg_seconds) for k in range(len(agents)))
+        )
+        elapsed = time.perf_counter() - start
+        cpu = cpu_of(servers) - cpu0
+    finally:
+        for ch in channels:
+            await ch.close()
+    fig.values["sync_per_s"] = written / elapsed
+    fig.values["sync_cpu_ms"] = cpu / max(written, 1) * 1000
+    if errors:
+        fig.notes.append(f"SyncNode: {len(errors)} errors, first: {errors[0]}")
+    progress(
+        f"  {written} instances through SyncNode ({args.agents} agents x {args.per_node}) "
+        f"in {elapsed:.1f}s: {written / elapsed:.0f}/s, server CPU "
+        f"{fig.values['sync_cpu_ms']:.2f} ms each"
     )
 
 
@@ -392,6 +494,7 @@ async def load_catalog(srv: MeshServer, fig: Figures, args) -> list[int]:
     complete = [s for s, n in enumerate(registered) if n == per]
     fig.values["load_cpu_ms"] = (cpu_seconds(srv.proc.pid) - cpu0) / max(done, 1) * 1000
     fig.values["load_per_s"] = done / elapsed
+    fig.values["load_s"] = elapsed if done == len(work) else math.nan
     fig.values["loaded"] = done
     fig.values["loaded_services"] = len(complete)
     if errors:
@@ -650,15 +753,20 @@ async def bench_fanout(srv: MeshServer, fig: Figures, args) -> None:
 # --- one database ---------------------------------------------------------------------
 
 
-async def run_phases(srv: MeshServer, fig: Figures, args) -> None:
+async def run_phases(servers: list[MeshServer], fig: Figures, args, phases: set[str]) -> None:
     db = fig.db
-    if "register" in args.phases:
+    srv = servers[0]
+    if "register" in phases:
         progress(
             f"[{db}] 1. registrations, {args.concurrency} connections, {args.reg_seconds:.0f}s"
         )
         async with profiled(srv, args, f"{db}-1-register"):
-            await bench_registrations(srv, fig, args)
-    if "health" in args.phases:
+            await bench_registrations(servers, fig, args)
+    if "sync" in phases:
+        progress(f"[{db}] 1b. SyncNode, {args.agents} agents x {args.per_node} instances")
+        async with profiled(srv, args, f"{db}-1b-sync"):
+            await bench_syncnode(servers, fig, args)
+    if "health" in phases:
         progress(
             f"[{db}] 2. loading {args.instances} instances of {args.services} services "
             f"through /v1/catalog/register"
@@ -668,46 +776,55 @@ async def run_phases(srv: MeshServer, fig: Figures, args) -> None:
         progress(f"[{db}]    health reads")
         async with profiled(srv, args, f"{db}-2-health"):
             await bench_health(srv, fig, args, loaded)
-    if "fanout" in args.phases:
+    if "fanout" in phases:
         progress(f"[{db}] 3. fan-out to {args.watchers} watchers, {args.rounds} rounds")
         async with profiled(srv, args, f"{db}-3-fanout"):
             await bench_fanout(srv, fig, args)
 
 
-def run_db(db: str, args) -> Figures:
-    fig = Figures(db)
+def run_db(db: str, args, servers: int = 1, phases: set[str] | None = None) -> Figures:
+    """Run `phases` against `servers` fresh `mesh server` processes sharing one database."""
+    label = db if servers == 1 else f"{db} x{servers}"
+    phases = args.phases if phases is None else phases
+    fig = Figures(label)
     # Other work on the machine skews every figure: say how busy it was.
     fig.values["loadavg"] = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix=f"meshweb-bench-{db}-"))
     database_url = None
-    srv = None
+    started: list[MeshServer] = []
     try:
         if db == "postgres":
             database_url = create_database(args.postgres)
-            progress(f"[{db}] created database {database_url.rsplit('/', 1)[-1]}")
+            progress(f"[{label}] created database {database_url.rsplit('/', 1)[-1]}")
         os.environ.pop("DATABASE_URL", None)  # make_server reads it: choose explicitly
-        srv = make_server(
-            tmp,
-            redis=args.redis,
-            database_url=database_url,
-            extra_env={
-                "MESH_LOG_LEVEL": "WARNING",
-                **dict(kv.split("=", 1) for kv in args.server_env),
-            },
-        )
-        progress(f"[{db}] mesh server pid {srv.proc.pid} on {srv.addr}")
-        run_async(run_phases(srv, fig, args))
+        for k in range(servers):
+            started.append(
+                make_server(
+                    tmp / f"server-{k}",
+                    # Several servers announce changes to each other over Redis.
+                    redis=args.redis or servers > 1,
+                    database_url=database_url,
+                    extra_env={
+                        "MESH_LOG_LEVEL": "WARNING",
+                        # The production default (test servers tick 5 times a second).
+                        "MESH_TASK_TICK_SECONDS": "1",
+                        **dict(kv.split("=", 1) for kv in args.server_env),
+                    },
+                )
+            )
+            progress(f"[{label}] mesh server pid {started[-1].proc.pid} on {started[-1].addr}")
+        run_async(run_phases(started, fig, args, phases))
     except Exception as exc:
         fig.notes.append(f"aborted: {type(exc).__name__}: {exc}")
-        progress(f"[{db}] aborted: {type(exc).__name__}: {exc}")
-        if srv is not None:
+        progress(f"[{label}] aborted: {type(exc).__name__}: {exc}")
+        for srv in started:
             progress(srv.log()[-2000:])
     finally:
-        if srv is not None:
+        for srv in started:
             srv.stop()
         if database_url:
             drop_database(database_url)
-            progress(f"[{db}] dropped database")
+            progress(f"[{label}] dropped database")
         shutil.rmtree(tmp, ignore_errors=True)
     return fig
 
@@ -770,16 +887,27 @@ def report(figs: list[Figures], args) -> None:
         row(
             f"registrations/s (agent, {args.concurrency} conns)",
             check("reg_per_s", TARGETS["reg_per_s"], True, ".0f"),
-            ">= 1000/s on PostgreSQL",
+            ">= 2000/s on PostgreSQL",
         ),
         row("  latency p50 / p99 ms", vals("reg_p50_ms", "reg_p99_ms")),
         row("  server CPU ms per registration", vals("reg_cpu_ms", spec=".2f")),
+        row(
+            f"SyncNode instances/s ({args.agents} agents x {args.per_node})",
+            check("sync_per_s", TARGETS["sync_per_s"], True, ".0f"),
+            ">= 1000/s",
+        ),
+        row("  server CPU ms per instance", vals("sync_cpu_ms", spec=".2f")),
         row(
             f"catalog registers/s ({args.concurrency} conns)",
             vals("load_per_s", spec=".0f"),
         ),
         row(
             "  instances / complete services loaded", vals("loaded", "loaded_services", spec=".0f")
+        ),
+        row(
+            f"  seconds to load {args.instances} instances",
+            check("load_s", TARGETS["load_s"], False, ".1f"),
+            "< 30 s",
         ),
         row("  server CPU ms per catalog register", vals("load_cpu_ms", spec=".2f")),
         row(
@@ -841,9 +969,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--phases",
         type=lambda v: set(v.split(",")),
-        default={"register", "health", "fanout"},
-        help="comma-separated subset of register,health,fanout (health loads the catalog first)",
+        default={"register", "sync", "health", "fanout"},
+        help="comma-separated subset of register,sync,health,fanout (health loads the catalog first)",
     )
+    p.add_argument(
+        "--servers",
+        type=int,
+        default=2,
+        help="PostgreSQL only: also run register,sync with this many servers on one "
+        "database (1: skip)",
+    )
+    p.add_argument("--agents", type=int, default=16, help="SyncNode: agents (nodes) at once")
+    p.add_argument("--per-node", type=int, default=25, help="SyncNode: instances per node")
     p.add_argument(
         "--server-env",
         action="append",
@@ -883,7 +1020,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--server-env takes NAME=VALUE")
     if args.profile and py_spy() is None:
         p.error("--profile needs py-spy: .venv/bin/pip install py-spy")
-    unknown = args.phases - {"register", "health", "fanout"}
+    unknown = args.phases - {"register", "sync", "health", "fanout"}
     if unknown:
         p.error(f"unknown phase(s): {', '.join(sorted(unknown))}")
     return args
@@ -913,6 +1050,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for db in dbs:
             figs.append(run_db(db, args))
+            multi = args.phases & {"register", "sync"}
+            if db == "postgres" and args.servers > 1 and multi:
+                figs.append(run_db(db, args, servers=args.servers, phases=multi))
     except KeyboardInterrupt:
         progress("interrupted: cleaned up")
         if not figs:

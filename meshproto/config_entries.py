@@ -24,6 +24,9 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from meshproto import durations
+from meshproto.registration.decode import fold  # how Consul matches struct keys
+
 KINDS = (
     "proxy-defaults",
     "service-defaults",
@@ -78,60 +81,14 @@ def _expected(path: str, what: str, value: Any) -> ConfigEntryError:
 
 
 # --------------------------------------------------------------------------- durations
-
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 10**9, "m": 60 * 10**9}
-_UNIT_NS["h"] = 3600 * 10**9
-
-
-def parse_duration(text: str) -> int:
-    """Go's `time.ParseDuration` ("1m30s", "500ms", "0"), in nanoseconds."""
-    s = text.strip()
-    if s in ("0", "+0", "-0"):
-        return 0
-    sign = -1 if s.startswith("-") else 1
-    s = s.lstrip("+-")
-    if not s:
-        raise ValueError(f"invalid duration {text!r}")
-    pos, total = 0, 0.0
-    while pos < len(s):
-        m = _DURATION_PART.match(s, pos)
-        if not m:
-            raise ValueError(f"invalid duration {text!r}")
-        total += float(m.group(1)) * _UNIT_NS[m.group(2)]
-        pos = m.end()
-    return sign * int(round(total))
-
-
-def format_duration(ns: int) -> str:
-    """Nanoseconds as Go prints a `time.Duration` ("15s", "1m30s", "1h0m0s", "250ms")."""
-    if ns == 0:
-        return "0s"
-    sign = "-" if ns < 0 else ""
-    ns = abs(ns)
-    if ns < 10**9:
-        for unit, size in (("ms", 10**6), ("µs", 10**3), ("ns", 1)):
-            if ns >= size:
-                return f"{sign}{_trim(ns / size)}{unit}"
-    h, rest = divmod(ns, 3600 * 10**9)
-    m, rest = divmod(rest, 60 * 10**9)
-    out = sign
-    if h:
-        out += f"{h}h"
-    if h or m:
-        out += f"{m}m"
-    return out + f"{_trim(rest / 10**9)}s"
-
-
-def _trim(x: float) -> str:
-    text = f"{x:.9f}".rstrip("0").rstrip(".")
-    return text or "0"
+# Durations are `meshproto.durations`' (nanoseconds here); the names stay for callers.
+parse_duration = durations.parse_ns
+format_duration = durations.format_ns
 
 
 def duration_seconds(text: str | None) -> float:
     """A stored duration ("15s") in seconds; "" or None is 0."""
-    return parse_duration(text) / 1e9 if text else 0.0
+    return durations.parse_ns(text) / 1e9 if text else 0.0
 
 
 # --------------------------------------------------------------------------- field decoders
@@ -191,17 +148,16 @@ def Duration(value: Any, path: str) -> str:
     """A duration as Go writes it ("15s") or integer nanoseconds; stored as Go prints it."""
     if isinstance(value, bool):
         raise _expected(path, "a duration", value)
-    if isinstance(value, (int, float)):
-        ns = int(value)
-    elif isinstance(value, str):
-        try:
-            ns = parse_duration(value)
-        except ValueError:
+    if not isinstance(value, (int, float, str)):
+        raise _expected(path, "a duration", value)
+    try:
+        ns = durations.parse_ns(value, allow_negative=True)
+    except durations.DurationError as exc:
+        if isinstance(value, str) and "out of range" not in str(exc):
             raise fail(
                 path, f'invalid duration "{value}" (use Go\'s form: "5s", "1m30s", "250ms")'
             ) from None
-    else:
-        raise _expected(path, "a duration", value)
+        raise fail(path, str(exc)) from None
     if ns < 0:
         raise fail(path, f"must not be negative, got {value!r}")
     return format_duration(ns)
@@ -262,11 +218,6 @@ def _unblock(value: Any) -> Any:
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
         return value[0]
     return value
-
-
-def fold(name: str) -> str:
-    """How Consul's decoder compares struct keys: case and `_`/`-` ignored."""
-    return name.replace("_", "").replace("-", "").lower()
 
 
 class Struct:

@@ -7,21 +7,23 @@ A file holds `{"service": {...}}`, `{"services": [...]}`, `{"check": {...}}`,
 `{"checks": [...]}` (any mix) or one bare service definition. Field names may
 be Consul's API spelling (`Name`, `LocalBindPort`) or the config files' snake
 case (`local_bind_port`): both are matched with case and `_` ignored, as the
-server decodes them. `canonical_service` / `canonical_check` rewrite a
-definition into Consul's API spelling, with durations as Go strings ("10s"),
-keeping the keys of user maps (`Meta`, `Header`, `Config`) exactly.
+server decodes them: `canonical_service` / `canonical_check` decode with
+`meshproto.registration` (the one decoder, in its lenient mode, and the one
+set of rules), so Consul's API spelling comes out, durations as Go strings
+("10s"), the keys of user maps (`Meta`, `Header`, `Config`) kept exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshproto.durations import format_duration, parse_duration
+from meshproto.registration import rules
+from meshproto.registration.decode import AGENT_CHECK, AGENT_SERVICE, LENIENT, DecodeError, fold
+from meshproto.registration.rules import RuleError
 
 # Bookkeeping keys python-hcl2 adds to what it parses; never service content.
 _HCL_META_KEYS = frozenset(
@@ -42,15 +44,11 @@ class DefinitionError(ValueError):
 
 def field(definition: dict, name: str) -> Any:
     """A definition's field, matched as the server matches it (case and `_` ignored)."""
-    want = _fold(name)
+    want = fold(name)
     for key, value in definition.items():
-        if _fold(str(key)) == want:
+        if fold(str(key)) == want:
             return value
     return None
-
-
-def _fold(name: str) -> str:
-    return name.replace("_", "").replace("-", "").lower()
 
 
 # --- files --------------------------------------------------------------------------
@@ -176,282 +174,34 @@ def config_dir_files(directory: str | Path) -> list[Path]:
 
 
 # --- canonical form -----------------------------------------------------------------
-
-Conv = Callable[[Any, str], Any]
-
-
-def _bad(where: str, expected: str, value: Any) -> DefinitionError:
-    got = type(value).__name__ if value is not None else "null"
-    return DefinitionError(f"{where}: expected {expected}, got {got}")
+# The decoder (lenient mode) and the rules are `meshproto.registration`'s, shared with
+# the control plane and the agent's API; here their refusals are made to name the file.
 
 
-def _str(value: Any, where: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise _bad(where, "a string", value)
-    return value
-
-
-def _int(value: Any, where: str) -> int:
-    if value is None:
-        return 0
-    if isinstance(value, str) and value.strip().isdigit():  # YAML/HCL users quote numbers
-        return int(value)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _bad(where, "an integer", value)
-    if isinstance(value, float) and not value.is_integer():
-        raise _bad(where, "an integer", value)
-    return int(value)
-
-
-def _bool(value: Any, where: str) -> bool:
-    if value is None:
-        return False
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    if not isinstance(value, bool):
-        raise _bad(where, "a boolean", value)
-    return value
-
-
-def _duration(value: Any, where: str) -> str:
-    try:
-        return format_duration(parse_duration(value))
-    except ValueError as exc:
-        raise DefinitionError(f"{where}: {exc}") from None
-
-
-def _any(value: Any, where: str) -> Any:
-    return value
-
-
-def _list_of(item: Conv) -> Conv:
-    def conv(value: Any, where: str) -> list:
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            value = [value]
-        return [item(v, f"{where}[{i}]") for i, v in enumerate(value)]
-
-    return conv
-
-
-def _map_of(item: Conv) -> Conv:
-    def conv(value: Any, where: str) -> dict:
-        if value is None:
-            return {}
-        if isinstance(value, list) and all(isinstance(v, dict) for v in value):
-            merged: dict = {}  # HCL blocks: meta { a = "b" } can parse as a list of maps
-            for v in value:
-                merged.update(v)
-            value = merged
-        if not isinstance(value, dict):
-            raise _bad(where, "an object", value)
-        return {str(k): item(v, f"{where}.{k}") for k, v in value.items()}
-
-    return conv
-
-
-class _Struct:
-    """Canonical field names; unknown fields are dropped (as Go's decoder ignores them)."""
-
-    def __init__(self, fields: dict[str, Conv | Callable[[], Conv]], **aliases: str) -> None:
-        self.fields = fields
-        self.by_fold = {_fold(k): k for k in fields}
-        for alias, target in aliases.items():
-            self.by_fold[_fold(alias)] = target
-
-    def __call__(self, value: Any, where: str) -> dict:
-        if value is None:
-            return {}
-        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
-            value = value[0]  # an HCL block given as a one-element list
-        if not isinstance(value, dict):
-            raise _bad(where, "an object", value)
-        out: dict[str, Any] = {}
-        for key, raw in value.items():
-            name = self.by_fold.get(_fold(str(key)))
-            if name is not None:
-                out[name] = self.fields[name](raw, f"{where}.{name}")
-        return out
-
-
-def _lazy(factory: Callable[[], Conv]) -> Conv:
-    return lambda value, where: factory()(value, where)
-
-
-CHECK = _Struct(
-    {
-        "CheckID": _str,
-        "Name": _str,
-        "Notes": _str,
-        "Status": _str,
-        "ServiceID": _str,
-        "HTTP": _str,
-        "Method": _str,
-        "Header": _map_of(_list_of(_str)),
-        "Body": _str,
-        "TCP": _str,
-        "GRPC": _str,
-        "GRPCUseTLS": _bool,
-        "TLSServerName": _str,
-        "TLSSkipVerify": _bool,
-        "TTL": _duration,
-        "Interval": _duration,
-        "Timeout": _duration,
-        "DeregisterCriticalServiceAfter": _duration,
-        "SuccessBeforePassing": _int,
-        "FailuresBeforeCritical": _int,
-        "ScriptArgs": _list_of(_str),
-        "AliasService": _str,
-        "AliasNode": _str,
-        "OutputMaxSize": _int,
-    },
-    ID="CheckID",
-    Args="ScriptArgs",
-)
-UPSTREAM = _Struct(
-    {
-        "DestinationType": _str,
-        "DestinationNamespace": _str,
-        "DestinationName": _str,
-        "Datacenter": _str,
-        "LocalBindAddress": _str,
-        "LocalBindPort": _int,
-        "Config": _any,
-        "MeshGateway": _any,
-    }
-)
-PROXY = _Struct(
-    {
-        "DestinationServiceName": _str,
-        "DestinationServiceID": _str,
-        "LocalServiceAddress": _str,
-        "LocalServicePort": _int,
-        "Mode": _str,
-        "Config": _any,
-        "Upstreams": _list_of(UPSTREAM),
-        "MeshGateway": _any,
-        "Expose": _any,
-        "TransparentProxy": _any,
-    }
-)
-SERVICE = _Struct(
-    {
-        "ID": _str,
-        "Name": _str,
-        "Kind": _str,
-        "Tags": _list_of(_str),
-        "Address": _str,
-        "TaggedAddresses": _map_of(_Struct({"Address": _str, "Port": _int})),
-        "Meta": _map_of(_str),
-        "Port": _int,
-        "SocketPath": _str,
-        "EnableTagOverride": _bool,
-        "Weights": _Struct({"Passing": _int, "Warning": _int}),
-        "Proxy": PROXY,
-        "Connect": _lazy(lambda: CONNECT),
-        "Check": CHECK,
-        "Checks": _list_of(CHECK),
-        "Namespace": _str,
-    },
-    Service="Name",
-)
-CONNECT = _Struct({"Native": _bool, "SidecarService": SERVICE})
-
-CHECK_KINDS = ("http", "tcp", "grpc", "ttl", "alias")
-SERVICE_KINDS = (
-    "",
-    "typical",
-    "connect-proxy",
-    "mesh-gateway",
-    "terminating-gateway",
-    "ingress-gateway",
-)
-
-
-def check_kind(check: dict) -> str:
-    """The one way a canonical check is run (http, tcp, grpc, ttl, alias), or ""."""
-    kinds = [
-        k
-        for k, present in (
-            ("http", check.get("HTTP")),
-            ("tcp", check.get("TCP")),
-            ("grpc", check.get("GRPC")),
-            ("ttl", check.get("TTL") not in (None, "", "0s")),
-            ("alias", check.get("AliasService") or check.get("AliasNode")),
-            ("script", check.get("ScriptArgs")),
+def _definition_error(where: str, exc: DecodeError | RuleError) -> DefinitionError:
+    if isinstance(exc, DecodeError):
+        return DefinitionError(
+            f"{where}.{exc.path}: {exc.message}" if exc.path else f"{where}: {exc.message}"
         )
-        if present
-    ]
-    if len(kinds) != 1:
-        return "" if not kinds else "+".join(kinds)
-    return kinds[0]
-
-
-def validate_check(check: dict, where: str) -> str:
-    """The check's kind; raises DefinitionError when it cannot be run as Consul would refuse it."""
-    kind = check_kind(check)
-    if kind == "script":
-        raise DefinitionError(
-            f"{where}: script checks are not supported (use HTTP, TCP, GRPC or TTL)"
-        )
-    if kind not in CHECK_KINDS:
-        if not kind:
-            raise DefinitionError(
-                f"{where}: must provide one of HTTP, TCP, GRPC, TTL or AliasService"
-            )
-        raise DefinitionError(f"{where}: only one of HTTP, TCP, GRPC, TTL, alias may be set")
-    if kind in ("http", "tcp", "grpc") and check.get("Interval") in (None, "", "0s"):
-        raise DefinitionError(f"{where}: {kind.upper()} checks must have an Interval")
-    if kind == "http" and not check["HTTP"].startswith(("http://", "https://")):
-        raise DefinitionError(f"{where}: HTTP must be an http:// or https:// URL")
-    if kind == "tcp" and ":" not in check["TCP"]:
-        raise DefinitionError(f"{where}: TCP must be host:port")
-    status = check.get("Status", "")
-    if status and status not in ("passing", "warning", "critical"):
-        raise DefinitionError(f"{where}: invalid Status {status!r}")
-    return kind
+    return DefinitionError(f"{where}: {exc}")
 
 
 def canonical_check(raw: Any, where: str = "check") -> dict:
     """A check definition in Consul's spelling, validated."""
-    check = CHECK(raw, where)
-    validate_check(check, where)
+    try:
+        check = AGENT_CHECK(raw, "", LENIENT)
+        rules.require_check_kind(check)
+        rules.check_status(check.get("Status"))
+    except (DecodeError, RuleError) as exc:
+        raise _definition_error(where, exc) from None
     return check
 
 
 def canonical_service(raw: Any, where: str = "service") -> dict:
     """A service definition in Consul's spelling, validated (checks included)."""
-    svc = SERVICE(raw, where)
-    if not svc.get("Name"):
-        raise DefinitionError(f"{where}: missing service name")
-    if svc.get("Kind", "") not in SERVICE_KINDS:
-        raise DefinitionError(
-            f"{where}.Kind: {svc['Kind']!r} is not a service kind ({', '.join(SERVICE_KINDS[1:])})"
-        )
-    weights = svc.get("Weights") or {}
-    if weights and weights.get("Passing", 1) < 1:
-        raise DefinitionError(f"{where}.Weights.Passing: must be greater than 0")
-    if not 0 <= svc.get("Port", 0) <= 65535:
-        raise DefinitionError(f"{where}.Port: {svc['Port']} is not a port")
-    checks = ([svc["Check"]] if svc.get("Check") else []) + list(svc.get("Checks") or [])
-    for i, c in enumerate(checks):
-        validate_check(c, f"{where}.Checks[{i}]")
-    sidecar = (svc.get("Connect") or {}).get("SidecarService")
-    if sidecar is not None:
-        if svc.get("Kind") not in (None, "", "typical"):
-            raise DefinitionError(
-                f"{where}: a sidecar can only be registered for a typical service"
-            )
-        for i, up in enumerate((sidecar.get("Proxy") or {}).get("Upstreams") or []):
-            if not up.get("DestinationName"):
-                raise DefinitionError(
-                    f"{where}.Connect.SidecarService.Proxy.Upstreams[{i}]: missing DestinationName"
-                )
-            if not up.get("LocalBindPort"):
-                raise DefinitionError(
-                    f"{where}.Connect.SidecarService.Proxy.Upstreams[{i}]: missing LocalBindPort"
-                )
+    try:
+        svc = AGENT_SERVICE(raw, "", LENIENT)
+        rules.validate_service(svc)
+    except (DecodeError, RuleError) as exc:
+        raise _definition_error(where, exc) from None
     return svc

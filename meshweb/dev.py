@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -43,7 +44,7 @@ from typing import Any
 
 READY_LINE = "mesh dev: ready"
 START_TIMEOUT = 90.0  # seconds for the whole mesh to answer through the sidecars
-STOP_GRACE = 20.0  # seconds a child gets after SIGTERM before SIGKILL
+STOP_GRACE = 10.0  # seconds the children get after SIGTERM before SIGKILL (the agent needs < 10)
 
 
 class DevError(RuntimeError):
@@ -164,15 +165,23 @@ class Child:
 
     def stop(self, grace: float = STOP_GRACE) -> None:
         """SIGTERM, wait, then SIGKILL its whole process group."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
+        self.terminate()
+        self.finish(time.monotonic() + grace)
+
+    def terminate(self) -> None:
+        """Ask it to stop (SIGTERM), without waiting."""
+        if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                print(f"mesh dev: {self.name} ignored SIGTERM; killing it", file=sys.stderr)
+
+    def finish(self, deadline: float) -> None:
+        """Wait until `deadline` (monotonic) for it to exit, then SIGKILL its group."""
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"mesh dev: {self.name} ignored SIGTERM; killing it", file=sys.stderr)
         # Anything left in its group (it leads one: start_new_session) goes too.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -269,7 +278,10 @@ def _management_token(cfg: DevConfig) -> str | None:
 
 
 def _create_join_token(cfg: DevConfig, token: str | None) -> tuple[str, str]:
-    body = json.dumps({"ttl": "10m", "uses": 1, "description": "mesh dev agent"}).encode()
+    # The dev agent registers exactly the two demo services (and their sidecars).
+    body = json.dumps(
+        {"ttl": "10m", "uses": 1, "description": "mesh dev agent", "services": ["web", "api"]}
+    ).encode()
     data = (
         _api(cfg, token)
         .request(
@@ -419,9 +431,13 @@ class DevMesh:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        """Stop the children in reverse order, then any sidecar the agent left."""
+        """Stop the children together (one shared grace, then SIGKILL), then any sidecar
+        the agent left: a stop takes at most STOP_GRACE, not its sum over the children."""
         for child in reversed(self.children):
-            child.stop()
+            child.terminate()
+        deadline = time.monotonic() + STOP_GRACE
+        for child in reversed(self.children):
+            child.finish(deadline)
         for pid in sidecar_pids(self.cfg.agent_dir):
             if _pid_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
@@ -431,6 +447,7 @@ class DevMesh:
 def banner(cfg: DevConfig, token: str | None, answer: dict[str, Any]) -> str:
     """What to do next: how to call web, deny and re-allow, and where everything is."""
     addr_flag = "" if cfg.http_addr == "127.0.0.1:8500" else f" -http-addr {cfg.http_addr}"
+    mesh = mesh_command()
     lines = [
         "",
         "meshweb dev mesh: control plane + agent (node dev) + web and api with sidecars",
@@ -445,11 +462,11 @@ def banner(cfg: DevConfig, token: str | None, answer: dict[str, Any]) -> str:
             f"              (the management token; also in {cfg.data_dir / 'bootstrap-token'})"
         )
     lines += [
-        f"  deny:       mesh intention create -replace -deny web api{addr_flag}"
+        f"  deny:       {mesh} intention create -replace -deny web api{addr_flag}"
         "      (the next call fails)",
-        f"  allow:      mesh intention create -replace -allow web api{addr_flag}",
-        f"  status:     mesh connect status{addr_flag}",
-        f"  sidecar:    mesh proxy-config web{addr_flag}",
+        f"  allow:      {mesh} intention create -replace -allow web api{addr_flag}",
+        f"  status:     {mesh} connect status{addr_flag}",
+        f"  sidecar:    {mesh} proxy-config web{addr_flag}",
         f"  REST API:   {cfg.http_url}/api/  (docs: {cfg.http_url}/api/docs/)",
         f"  Consul API: {cfg.http_url}/v1/  (export CONSUL_HTTP_ADDR={cfg.http_addr})",
         f"  agent:      http://{cfg.agent_http_addr}/v1/agent/services, "
@@ -474,6 +491,82 @@ def _free(addr: str) -> bool:
         except OSError:
             return False
     return True
+
+
+# flag -> (DevConfig field, default). A flag left at its default whose port is
+# taken gets a free port instead; one given explicitly must be free.
+PORT_FLAGS: dict[str, tuple[str, str | int]] = {
+    "--http-addr": ("http_addr", "127.0.0.1:8500"),
+    "--grpc-addr": ("grpc_addr", "127.0.0.1:8502"),
+    "--dns-addr": ("dns_addr", "127.0.0.1:8600"),
+    "--agent-http-addr": ("agent_http_addr", "127.0.0.1:8510"),
+    "--agent-metrics-addr": ("agent_metrics_addr", "127.0.0.1:9102"),
+    "--web-port": ("web_port", 9090),
+    "--api-port": ("api_port", 9091),
+    "--upstream-port": ("upstream_port", 9191),
+    "--web-sidecar-port": ("web_sidecar_port", 21000),
+    "--api-sidecar-port": ("api_sidecar_port", 21001),
+}
+
+
+def _free_port(host: str, taken: set[int], udp: bool = False) -> int:
+    """A port free on `host` (TCP, and UDP too when `udp`), not one already chosen."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port in taken:
+            continue
+        if udp:
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                    u.bind((host, port))
+            except OSError:
+                continue
+        return port
+    raise DevError(f"no free port on {host}")
+
+
+def choose_ports(given: dict[str, str | int | None]) -> tuple[dict[str, str | int], list[str]]:
+    """Each flag's value: as given, else its default, else (default taken) a free port.
+
+    `given` maps a flag to its value, None when not given. Returns the values
+    by DevConfig field and a line for each port that was moved.
+    """
+    values: dict[str, str | int] = {}
+    moved: list[str] = []
+    taken: set[int] = set()
+    for flag, (field_name, default) in PORT_FLAGS.items():
+        value = given.get(flag)
+        if value is None:
+            value = default
+            if value != "":
+                addr = value if isinstance(value, str) else f"127.0.0.1:{value}"
+                if not _free(addr) or _port(addr) in taken:
+                    host = addr.rpartition(":")[0].strip("[]") or "127.0.0.1"
+                    port = _free_port(host, taken, udp=flag == "--dns-addr")
+                    value = f"{host}:{port}" if isinstance(value, str) else port
+                    moved.append(f"{addr} is in use; {flag} {value}")
+        if value != "":
+            taken.add(_port(value if isinstance(value, str) else f"127.0.0.1:{value}"))
+        values[field_name] = value
+    return values, moved
+
+
+def _port(addr: str) -> int:
+    return int(addr.rpartition(":")[2])
+
+
+def mesh_command() -> str:
+    """How to run this very `mesh` from a shell: `mesh` when that is the one on PATH,
+    else the full path of the venv's script (an inactive venv has no `mesh` on PATH)."""
+    here = Path(sys.executable).parent / "mesh"
+    on_path = shutil.which("mesh")
+    if here.exists():
+        if on_path and Path(on_path).resolve() == here.resolve():
+            return "mesh"
+        return str(here)
+    return f"{sys.executable} -m meshweb.cli"
 
 
 def check_ports(cfg: DevConfig) -> None:
@@ -503,19 +596,12 @@ def run(args: argparse.Namespace) -> int:
     """Start the dev mesh, print how to use it, run until Ctrl-C; the exit code."""
     from meshweb.commands.base import ApiError, ConnectError
 
-    cfg = DevConfig(
-        data_dir=Path(args.data_dir).expanduser().resolve(),
-        http_addr=args.http_addr,
-        grpc_addr=args.grpc_addr,
-        dns_addr=args.dns_addr,
-        agent_http_addr=args.agent_http_addr,
-        agent_metrics_addr=args.agent_metrics_addr,
-        web_port=args.web_port,
-        api_port=args.api_port,
-        upstream_port=args.upstream_port,
-        web_sidecar_port=args.web_sidecar_port,
-        api_sidecar_port=args.api_sidecar_port,
+    values, moved = choose_ports(
+        {flag: getattr(args, field_name) for flag, (field_name, _d) in PORT_FLAGS.items()}
     )
+    cfg = DevConfig(data_dir=Path(args.data_dir).expanduser().resolve(), **values)
+    for line in moved:
+        _say(line)
     mesh = DevMesh(cfg)
 
     def terminate(signum: int, _frame: Any) -> None:
@@ -560,47 +646,47 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--http-addr",
-        default=env("MESH_HTTP_ADDR") or "127.0.0.1:8500",
+        default=env("MESH_HTTP_ADDR") or None,
         help="control plane HTTP (env MESH_HTTP_ADDR, default 127.0.0.1:8500)",
     )
     p.add_argument(
         "--grpc-addr",
-        default=env("MESH_GRPC_ADDR") or "127.0.0.1:8502",
+        default=env("MESH_GRPC_ADDR") or None,
         help="control plane agent protocol (env MESH_GRPC_ADDR, default 127.0.0.1:8502)",
     )
     p.add_argument(
         "--dns-addr",
-        default=env("MESH_DNS_ADDR", "127.0.0.1:8600"),
+        default=env("MESH_DNS_ADDR"),
         help="control plane DNS, '' to disable (env MESH_DNS_ADDR, default 127.0.0.1:8600)",
     )
     p.add_argument(
         "--agent-http-addr",
-        default="127.0.0.1:8510",
+        default=None,
         help="the agent's local API (default 127.0.0.1:8510)",
     )
     p.add_argument(
         "--agent-metrics-addr",
-        default="127.0.0.1:9102",
+        default=None,
         help="the agent's Prometheus metrics (default 127.0.0.1:9102)",
     )
-    p.add_argument("--web-port", type=int, default=9090, help="web's port (default 9090)")
-    p.add_argument("--api-port", type=int, default=9091, help="api's port (default 9091)")
+    p.add_argument("--web-port", type=int, default=None, help="web's port (default 9090)")
+    p.add_argument("--api-port", type=int, default=None, help="api's port (default 9091)")
     p.add_argument(
         "--upstream-port",
         type=int,
-        default=9191,
+        default=None,
         help="web's sidecar listener for api (default 9191)",
     )
     p.add_argument(
         "--web-sidecar-port",
         type=int,
-        default=21000,
+        default=None,
         help="web's sidecar inbound port (default 21000)",
     )
     p.add_argument(
         "--api-sidecar-port",
         type=int,
-        default=21001,
+        default=None,
         help="api's sidecar inbound port (default 21001)",
     )
     p.set_defaults(func=run)

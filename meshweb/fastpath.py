@@ -25,7 +25,7 @@ from django.urls import Resolver404, get_resolver
 log = logging.getLogger("meshweb.v1")
 
 
-async def _read_body(receive, limit: int) -> tuple[io.BytesIO | None, bool]:
+async def read_body(receive, limit: int) -> tuple[io.BytesIO | None, bool]:
     """The request body, or None if the client left; the flag says it was too large."""
     body = io.BytesIO()
     size = 0
@@ -56,7 +56,7 @@ def _text(status: int, message: str) -> HttpResponse:
 
 
 async def handle_v1(scope, receive, send) -> None:
-    body, too_large = await _read_body(receive, settings.MESH_MAX_BODY_SIZE)
+    body, too_large = await read_body(receive, settings.MESH_MAX_BODY_SIZE)
     if body is None:
         return
     if too_large:

@@ -9,9 +9,12 @@ import logging
 
 from django.conf import settings
 
+from registry import db
 from registry.changes import hub, listen_redis
 
 log = logging.getLogger("meshweb.server")
+
+WRITER_STOP_SECONDS = 5.0
 
 
 def _tune_gc() -> None:
@@ -30,7 +33,7 @@ def _tune_gc() -> None:
 async def _start() -> list[asyncio.Task]:
     _tune_gc()
     hub.bind(asyncio.get_running_loop())
-    tasks: list[asyncio.Task] = []
+    tasks: list[asyncio.Task] = [asyncio.create_task(db.watch_writer(), name="writer-watchdog")]
     if settings.REDIS_URL:
         tasks.append(asyncio.create_task(listen_redis(settings.REDIS_URL), name="redis-changes"))
     if settings.MESH_DNS_ADDR:
@@ -66,5 +69,8 @@ async def lifespan(scope, receive, send) -> None:
             for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
+            # Let the writer finish what is queued (bounded: a stuck database
+            # must not hold the process).
+            await asyncio.to_thread(db.writer.stop, WRITER_STOP_SECONDS)
             await send({"type": "lifespan.shutdown.complete"})
             return

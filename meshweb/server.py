@@ -42,6 +42,7 @@ def _startup_lock() -> Iterator[None]:
 
 
 _MIGRATE_LOCK_ID = 0x6D657368  # "mesh"
+SHUTDOWN_GRACE_SECONDS = 5
 
 
 def prepare() -> str | None:
@@ -118,6 +119,9 @@ def serve(quiet: bool = False) -> int:
         access_log=False,
         log_level="warning",
         timeout_keep_alive=65,
+        # A stop must not wait for every blocking query (up to 10 min) to end:
+        # in-flight requests get this long, then their connections are closed.
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
         backlog=4096,
     )
     server = uvicorn.Server(config)

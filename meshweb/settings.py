@@ -16,7 +16,7 @@ from meshweb.env import env_addr, env_bool, env_choice, env_int, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(env_str("MESH_DATA_DIR", str(BASE_DIR / ".data"))).resolve()
-DATA_DIR.mkdir(parents=True, exist_ok=True)
+DATA_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)  # keys and tokens live here
 
 
 def _secret_key() -> str:
@@ -61,6 +61,13 @@ MESH_ACL_TOKEN_MIN_EXPIRATION_SECONDS = env_int(
 MESH_ACL_TOKEN_MAX_EXPIRATION_SECONDS = env_int(
     "MESH_ACL_TOKEN_MAX_EXPIRATION_SECONDS", 24 * 3600, minimum=1
 )
+# KV values under these prefixes never reach the audit log, not even as a size or
+# digest (every other value is recorded only as its size and a digest).
+MESH_AUDIT_SENSITIVE_KV_PREFIXES = tuple(
+    p.strip()
+    for p in env_str("MESH_AUDIT_SENSITIVE_KV_PREFIXES", "secret/,vault/").split(",")
+    if p.strip()
+)
 MESH_MAX_WAIT_SECONDS = env_int("MESH_MAX_WAIT_SECONDS", 600, minimum=1)
 MESH_KV_MAX_VALUE_SIZE = env_int("MESH_KV_MAX_VALUE_SIZE", 512 * 1024, minimum=1)
 MESH_SESSION_TTL_MIN = float(env_str("MESH_SESSION_TTL_MIN", "10s").removesuffix("s") or "10")
@@ -74,6 +81,13 @@ MESH_TASK_TICK_SECONDS = float(env_str("MESH_TASK_TICK_SECONDS", "1") or "1")
 MESH_ENCRYPTION_KEY = env_str("MESH_ENCRYPTION_KEY")
 MESH_CA_CSR_RATE = env_str("MESH_CA_CSR_RATE", "50")  # per second; checked by registry.ca
 MESH_CA_CSR_MAX_CONCURRENT = env_int("MESH_CA_CSR_MAX_CONCURRENT", 50, minimum=0)
+# An agent node not heard from (sync, check update, leaf, config stream) for this
+# many seconds gets a critical serfHealth check (registry.domain.enrollment).
+MESH_NODE_LIVENESS_TIMEOUT = env_int("MESH_NODE_LIVENESS_TIMEOUT", 60, minimum=2)
+# Join attempts with a bad token, per source address: a bucket of this many,
+# refilled one every MESH_JOIN_FAILURE_REFILL_SECONDS (then RESOURCE_EXHAUSTED).
+MESH_JOIN_FAILURE_BURST = env_int("MESH_JOIN_FAILURE_BURST", 10, minimum=1)
+MESH_JOIN_FAILURE_REFILL_SECONDS = env_int("MESH_JOIN_FAILURE_REFILL_SECONDS", 6, minimum=1)
 MESH_CA_LEAF_TTL = env_str("MESH_CA_LEAF_TTL")  # a Go duration ("5s"); checked by registry.ca
 
 REDIS_URL = env_str("REDIS_URL")
@@ -98,6 +112,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: `?token=` leaves the query before anything can copy it into a link.
+    "registry.api.middleware.TokenQueryMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Static files (the admin's, Swagger UI's and Redoc's) served by the ASGI
     # app itself: an async-capable wrapper around WhiteNoise (see the module).
@@ -163,6 +179,13 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["registry.api.auth.MeshPermission"],
+    # JSON through meshproto.registration.decode.parse_json (bounded depth, no NaN); the browsable
+    # API's form and multipart parsers as DRF has them.
+    "DEFAULT_PARSER_CLASSES": [
+        "registry.api.parsers.MeshJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 100,

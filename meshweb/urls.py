@@ -4,3 +4,9 @@ urlpatterns = [
     path("v1/", include("registry.v1.urls")),
     path("api/", include("registry.api.urls")),
 ]
+
+# JSON errors under /api (HTML pages only for the UI): see registry.api.errors.
+handler400 = "registry.api.errors.bad_request"
+handler403 = "registry.api.errors.permission_denied"
+handler404 = "registry.api.errors.page_not_found"
+handler500 = "registry.api.errors.server_error"

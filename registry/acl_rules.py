@@ -27,6 +27,8 @@ from typing import Any
 
 import hcl2
 
+from meshproto.registration.decode import DecodeError, parse_json
+
 __all__ = [
     "Access",
     "Authorizer",
@@ -169,10 +171,10 @@ def parse_rules(text: str) -> PolicyRules:
 def _load(text: str) -> tuple[dict[str, Any], bool]:
     """Decode JSON or HCL; the flag says whether HCL strings still carry quotes."""
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
+        data = parse_json(text)  # the registration decoder's: bounded depth, no NaN
+    except DecodeError as exc:
         if text.lstrip().startswith(("{", "[")):
-            raise RulesError(f"Failed to parse ACL rules: invalid JSON: {exc}") from None
+            raise RulesError(f"Failed to parse ACL rules: {exc.message}") from None
     else:
         if not isinstance(data, dict):
             raise RulesError(

@@ -1,286 +1,67 @@
-"""Decode request bodies as Consul's HTTP API does.
+"""The control plane's adapter onto `meshproto.registration.decode`.
 
-Struct field names are matched case-insensitively and with underscores
-ignored (`service_id`, `ServiceID` and `serviceid` are one field), while the
-keys of user maps (`Meta`, `Header`, ...) are kept exactly. Values are
-type-checked against a small spec, so a wrong type is a 400 naming the field
-instead of a 500 deep in the ORM. Unknown struct fields are ignored, as Go's
-JSON decoder does.
+The decoder and Consul's field tables live there (shared with the agent);
+here they are only made to speak the control plane's errors: a refused
+value is `BadRequest` ("Request decode failed: <field>: ..."), a 400 naming
+the field on `/v1` and `/api` alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from meshproto.durations import format_duration, parse_duration  # noqa: F401 - re-exported
+from meshproto.registration import decode as pure
+from meshproto.registration.decode import (  # noqa: F401 - the field decoders, re-exported
+    STRICT,
+    Anything,
+    Bool,
+    DecodeError,
+    Duration,
+    Int,
+    IntIn,
+    Lazy,
+    ListOf,
+    MapOf,
+    Mode,
+    Seconds,
+    Str,
+)
 from registry.errors import BadRequest
 
-Decoder = Callable[[Any, str], Any]
+
+def bad_request(exc: DecodeError) -> BadRequest:
+    """The 400 a refused value answers with."""
+    return BadRequest(f"Request decode failed: {exc}")
 
 
-def _fail(path: str, expected: str, value: Any) -> BadRequest:
-    got = type(value).__name__ if value is not None else "null"
-    return BadRequest(f"Request decode failed: {path or 'body'}: expected {expected}, got {got}")
+class Struct(pure.Struct):
+    """`meshproto`'s Struct, raising BadRequest."""
+
+    def __call__(self, value: Any, path: str = "", mode: Mode = STRICT) -> dict:
+        try:
+            return super().__call__(value, path, mode)
+        except DecodeError as exc:
+            raise bad_request(exc) from None
 
 
-def Str(value: Any, path: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise _fail(path, "string", value)
-    return value
-
-
-def Int(value: Any, path: str) -> int:
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _fail(path, "integer", value)
-    if isinstance(value, float) and not value.is_integer():
-        raise _fail(path, "integer", value)
-    return int(value)
-
-
-def Bool(value: Any, path: str) -> bool:
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise _fail(path, "boolean", value)
-    return value
-
-
-def Anything(value: Any, path: str) -> Any:
-    return value
-
-
-def Duration(value: Any, path: str) -> float:
-    """A duration as a Go string ("10s") or integer nanoseconds; returned in seconds."""
-    if isinstance(value, bool) or not isinstance(value, str | int | float | type(None)):
-        raise _fail(path, "duration", value)
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        message = (
-            "duration must not be negative"
-            if "negative" in str(exc)
-            else f"invalid duration {value!r}"
-        )
-        raise BadRequest(f"Request decode failed: {path}: {message}") from None
-
-
-def ListOf(item: Decoder) -> Decoder:
-    def decode(value: Any, path: str) -> list:
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            raise _fail(path, "list", value)
-        return [item(v, f"{path}[{i}]") for i, v in enumerate(value)]
-
-    return decode
-
-
-def MapOf(item: Decoder) -> Decoder:
-    """A user map: keys kept as sent, values decoded."""
-
-    def decode(value: Any, path: str) -> dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise _fail(path, "object", value)
-        return {str(k): item(v, f"{path}.{k}") for k, v in value.items()}
-
-    return decode
-
-
-def _fold(name: str) -> str:
-    return name.replace("_", "").replace("-", "").lower()
-
-
-class Struct:
-    """A struct with canonical field names; decodes to a dict holding only
-    the fields that were present (so callers can tell absent from empty)."""
-
-    def __init__(self, fields: dict[str, Decoder | Callable[[], Decoder]], **aliases: str) -> None:
-        self.fields = fields
-        self._by_fold = {_fold(k): k for k in fields}
-        for alias, target in aliases.items():
-            self._by_fold[_fold(alias)] = target
-
-    def __call__(self, value: Any, path: str = "") -> dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise _fail(path, "object", value)
-        out: dict[str, Any] = {}
-        for key, raw in value.items():
-            name = self._by_fold.get(_fold(str(key)))
-            if name is None:
-                continue
-            decoder = self.fields[name]
-            sub = f"{path}.{name}" if path else name
-            out[name] = decoder(raw, sub)
-        return out
-
-
-def Lazy(factory: Callable[[], Decoder]) -> Decoder:
-    """For recursive specs (a sidecar service is a service)."""
-
-    def decode(value: Any, path: str) -> Any:
-        return factory()(value, path)
-
-    return decode
+def _adapted(table: pure.Struct) -> Struct:
+    adapted = Struct({})
+    adapted.fields, adapted._by_fold = table.fields, table._by_fold  # noqa: SLF001
+    return adapted
 
 
 def parse_body_json(body: bytes) -> Any:
-    """Parse a JSON body with a clear 400 on bad bytes or syntax."""
-    import json
-
-    if not body or not body.strip():
-        return None
+    """A JSON body (None when empty), with a 400 for bad bytes, syntax or depth."""
     try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequest("Request decode failed: body is not valid UTF-8") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"Request decode failed: invalid JSON: {exc}") from None
+        return pure.parse_json(body)
+    except DecodeError as exc:
+        raise bad_request(exc) from None
 
 
-# --- Consul's structures -----------------------------------------------------
-
-CHECK_DEFINITION_FIELDS: dict[str, Decoder] = {
-    "HTTP": Str,
-    "Method": Str,
-    "Header": MapOf(ListOf(Str)),
-    "Body": Str,
-    "TCP": Str,
-    "GRPC": Str,
-    "GRPCUseTLS": Bool,
-    "TLSServerName": Str,
-    "TLSSkipVerify": Bool,
-    "TTL": Duration,
-    "Interval": Duration,
-    "Timeout": Duration,
-    "DeregisterCriticalServiceAfter": Duration,
-    "SuccessBeforePassing": Int,
-    "FailuresBeforeCritical": Int,
-    "ScriptArgs": ListOf(Str),
-    "AliasService": Str,
-    "AliasNode": Str,
-    "OutputMaxSize": Int,
-}
-
-AGENT_CHECK = Struct(
-    {
-        "CheckID": Str,
-        "Name": Str,
-        "Notes": Str,
-        "Status": Str,
-        "ServiceID": Str,
-        **CHECK_DEFINITION_FIELDS,
-    },
-    ID="CheckID",
-    Args="ScriptArgs",
-)
-
-UPSTREAM = Struct(
-    {
-        "DestinationType": Str,
-        "DestinationNamespace": Str,
-        "DestinationPartition": Str,
-        "DestinationName": Str,
-        "Datacenter": Str,
-        "LocalBindAddress": Str,
-        "LocalBindPort": Int,
-        "LocalBindSocketPath": Str,
-        "Config": Anything,
-        "MeshGateway": Anything,
-    }
-)
-
-PROXY = Struct(
-    {
-        "DestinationServiceName": Str,
-        "DestinationServiceID": Str,
-        "LocalServiceAddress": Str,
-        "LocalServicePort": Int,
-        "LocalServiceSocketPath": Str,
-        "Mode": Str,
-        "Config": Anything,
-        "Upstreams": ListOf(UPSTREAM),
-        "MeshGateway": Anything,
-        "Expose": Anything,
-        "TransparentProxy": Anything,
-    }
-)
-
-SERVICE_ADDRESS = Struct({"Address": Str, "Port": Int})
-WEIGHTS = Struct({"Passing": Int, "Warning": Int})
-
-
-def _service_fields() -> dict[str, Decoder]:
-    return {
-        "ID": Str,
-        "Name": Str,
-        "Kind": Str,
-        "Tags": ListOf(Str),
-        "Address": Str,
-        "TaggedAddresses": MapOf(SERVICE_ADDRESS),
-        "Meta": MapOf(Str),
-        "Port": Int,
-        "SocketPath": Str,
-        "EnableTagOverride": Bool,
-        "Weights": WEIGHTS,
-        "Proxy": PROXY,
-        "Connect": CONNECT,
-        "Check": AGENT_CHECK,
-        "Checks": ListOf(AGENT_CHECK),
-        "Namespace": Str,
-    }
-
-
-CONNECT = Struct(
-    {"Native": Bool, "SidecarService": Lazy(lambda: AGENT_SERVICE)},
-)
-AGENT_SERVICE = Struct(_service_fields(), Service="Name")
-
-CATALOG_CHECK = Struct(
-    {
-        "Node": Str,
-        "CheckID": Str,
-        "Name": Str,
-        "Status": Str,
-        "Notes": Str,
-        "Output": Str,
-        "ServiceID": Str,
-        "ServiceName": Str,
-        "Type": Str,
-        "Definition": Struct(CHECK_DEFINITION_FIELDS),
-    },
-    ID="CheckID",
-)
-
-CATALOG_SERVICE = Struct(_service_fields(), Service="Name")
-
-CATALOG_REGISTER = Struct(
-    {
-        "ID": Str,
-        "Node": Str,
-        "Address": Str,
-        "Datacenter": Str,
-        "TaggedAddresses": MapOf(Str),
-        "NodeMeta": MapOf(Str),
-        "Service": CATALOG_SERVICE,
-        "Check": CATALOG_CHECK,
-        "Checks": ListOf(CATALOG_CHECK),
-        "SkipNodeUpdate": Bool,
-    }
-)
-
-CATALOG_DEREGISTER = Struct(
-    {"Node": Str, "Datacenter": Str, "CheckID": Str, "ServiceID": Str, "Namespace": Str}
-)
-
-CHECK_UPDATE = Struct({"Status": Str, "Output": Str})
+AGENT_SERVICE = _adapted(pure.AGENT_SERVICE)
+AGENT_CHECK = _adapted(pure.AGENT_CHECK)
+SYNC_CHECK = _adapted(pure.SYNC_CHECK)
+CATALOG_REGISTER = _adapted(pure.CATALOG_REGISTER)
+CATALOG_DEREGISTER = _adapted(pure.CATALOG_DEREGISTER)
+CHECK_UPDATE = _adapted(pure.CHECK_UPDATE)

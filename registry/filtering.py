@@ -28,8 +28,11 @@ Evaluation rules (go-bexpr's, adapted to JSON-shaped dicts):
   Booleans accept Go's spellings (``true``, ``True``, ``t``, ``1``, ``false``, ...).
 * ``x in Sel`` and ``Sel contains x`` are the same test: substring for a string, element
   equality for a list, key membership for an object (map).
-* ``matches`` is an unanchored regular-expression search (Go's ``regexp.Match``); the
-  pattern is compiled once, with Python's ``re``, when the filter is compiled.
+* ``matches`` is an unanchored regular-expression search (Go's ``regexp.Match``) with
+  RE2 syntax, as Go's ``regexp`` (``google-re2``): matching runs in time linear in the
+  text whatever the pattern, so ``(a+)+$`` cannot take a server down. The pattern is
+  compiled once, when the filter is compiled; a construct RE2 lacks (backreferences,
+  lookaround) is a FilterError, as it is in Consul.
 * When a selector walks through a list and still has names left (``Checks.Status``), the
   rest of the match is tried on every element and is true if any element matches; an
   empty list matches nothing. A numeric part (``Checks.0.Status``) indexes the list.
@@ -46,8 +49,14 @@ Evaluation rules (go-bexpr's, adapted to JSON-shaped dicts):
   and a branch skipped by ``and``/``or`` short-circuiting is not checked.
 
 Deviations from go-bexpr: ``\\"`` is accepted inside double-quoted strings; JSON-pointer
-selectors (``"/a/b"``) and ``<``/``>`` comparisons of newer go-bexpr are not supported;
-Python's ``re`` (not RE2) interprets patterns.
+selectors (``"/a/b"``) and ``<``/``>`` comparisons of newer go-bexpr are not supported.
+
+Bounds. ``?filter=`` is open to anonymous callers, so one request's filter work is
+bounded: the expression's length (``MAX_EXPRESSION_LENGTH``), its number of match
+clauses (``MAX_CLAUSES``), its nesting (``MAX_NESTING``), each pattern's length
+(``MAX_PATTERN_LENGTH``), and the work of evaluating it over a listing (``Budget``: one
+step per match test, plus one per ``REGEX_BYTES_PER_STEP`` bytes a pattern scans).
+Past any bound the filter is refused with a FilterError naming the bound (a 400).
 """
 
 from __future__ import annotations
@@ -56,7 +65,16 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-__all__ = ["Filter", "FilterError", "apply_filter", "compile_filter"]
+import re2
+
+__all__ = [
+    "Budget",
+    "Filter",
+    "FilterError",
+    "FilterTooExpensive",
+    "apply_filter",
+    "compile_filter",
+]
 
 Predicate = Callable[[Mapping[str, Any]], bool]
 
@@ -105,7 +123,18 @@ _GO_BOOLS = {
 }
 
 _KEYWORDS = frozenset({"and", "or", "not", "in", "contains", "matches", "is", "empty"})
-_MAX_NESTING = 100  # keeps hostile input from hitting Python's recursion limit
+MAX_NESTING = 32  # parentheses and `not`s; also keeps the parser far from Python's recursion limit
+MAX_EXPRESSION_LENGTH = 4096  # characters
+MAX_CLAUSES = 64  # match expressions (`Sel == v`, `Sel matches "re"`, ...) in one filter
+MAX_PATTERN_LENGTH = 1024  # characters of one `matches` pattern
+DEFAULT_BUDGET = 2_000_000  # steps one request's filter may take over a whole listing
+REGEX_BYTES_PER_STEP = 256  # a regex search costs one step, plus one per this many bytes
+_REGEX_MAX_MEM = 8 << 20  # RE2's compiled-program memory cap for one pattern
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.never_capture = True  # a yes/no search needs no submatches: RE2's fastest path
+_RE2_OPTIONS.log_errors = False  # a bad pattern is the caller's 400, not a line on stderr
+_RE2_OPTIONS.max_mem = _REGEX_MAX_MEM
 
 _IDENT = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 _DIGITS = re.compile(r"[0-9]+")
@@ -127,6 +156,34 @@ _SIMPLE_ESCAPES = {
 
 class FilterError(ValueError):
     """Raised for a syntax error or an invalid selector; str(e) is a clear message naming the problem (shown to API users as a 400)."""
+
+
+class FilterTooExpensive(FilterError):
+    """The filter passed one of the bounds above (size, nesting, pattern, budget)."""
+
+
+class Budget:
+    """The steps a filter may still take; shared by every test of one compiled filter.
+
+    A compiled ``Filter`` serves one request, so a plain counter is enough (no lock).
+    """
+
+    __slots__ = ("left", "total")
+
+    def __init__(self, steps: int | None) -> None:
+        self.total = steps
+        self.left = steps if steps is not None else -1
+
+    def spend(self, steps: int) -> None:
+        """Take ``steps``; raises FilterTooExpensive once the budget is gone."""
+        if self.total is None:
+            return
+        self.left -= steps
+        if self.left < 0:
+            raise FilterTooExpensive(
+                f"the filter needs more than {self.total} evaluation steps over this listing; "
+                "use a narrower expression or fewer `matches` clauses"
+            )
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -390,11 +447,13 @@ def _is_empty(selector: str, op: str) -> Callable[[Any], bool]:
     return test
 
 
-def _matches(selector: str, op: str, pattern: re.Pattern[str]) -> Callable[[Any], bool]:
+def _matches(selector: str, op: str, pattern: Any, budget: Budget) -> Callable[[Any], bool]:
     search = pattern.search
+    spend = budget.spend
 
     def test(value: Any) -> bool:
         if isinstance(value, str):
+            spend(len(value) // REGEX_BYTES_PER_STEP)  # the step of the test itself: _bind
             return search(value) is not None
         raise _unsupported(op, selector, value)
 
@@ -412,14 +471,25 @@ def _negate(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda value: not test(value)
 
 
-def _compile_regex(raw: str) -> re.Pattern[str]:
+def _compile_regex(raw: str) -> Any:
+    """Compile with RE2 (Go's syntax and linear-time matching)."""
+    if len(raw) > MAX_PATTERN_LENGTH:
+        raise FilterTooExpensive(
+            f"regular expression is {len(raw)} characters long; at most {MAX_PATTERN_LENGTH} "
+            "are allowed"
+        )
     try:
-        return re.compile(raw)
-    except re.error as exc:
-        raise FilterError(f"Failed to compile regular expression {_quote(raw)}: {exc}") from None
+        return re2.compile(raw, _RE2_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else exc
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        raise FilterError(f"Failed to compile regular expression {_quote(raw)}: {reason}") from None
 
 
-def _build_match(path: tuple[str, ...], op: str, literal: _Literal | None) -> Predicate:
+def _build_match(
+    path: tuple[str, ...], op: str, literal: _Literal | None, budget: Budget
+) -> Predicate:
     """Turn one match expression into a predicate over an item."""
     selector = _join(path)
     if op in ("is empty", "is not empty"):
@@ -430,25 +500,29 @@ def _build_match(path: tuple[str, ...], op: str, literal: _Literal | None) -> Pr
         if op in ("==", "!="):
             test = _equals(selector, op, literal)
         elif op.endswith("matches"):
-            test = _matches(selector, op, _compile_regex(literal.raw))
+            test = _matches(selector, op, _compile_regex(literal.raw), budget)
         else:  # in, not in, contains, not contains
             test = _contains(selector, op, literal)
         when_absent = False
     if op in ("!=", "is not empty") or op.startswith("not "):
         test = _negate(test)
         when_absent = not when_absent
-    return _bind(path, test, when_absent)
+    return _bind(path, test, when_absent, budget)
 
 
-def _bind(path: tuple[str, ...], test: Callable[[Any], bool], when_absent: bool) -> Predicate:
+def _bind(
+    path: tuple[str, ...], test: Callable[[Any], bool], when_absent: bool, budget: Budget
+) -> Predicate:
     """Walk ``path`` into an item and apply ``test``; see the module docstring for rules."""
     root = path[0]
     root_may_be_missing = root.endswith("Meta") or root in _MAY_BE_OMITTED
     rest = path[1:]
     indexes = tuple(int(part) if part.isascii() and part.isdigit() else None for part in rest)
     selector = _join(path)
+    spend = budget.spend
 
     def walk(value: Any, depth: int) -> bool:
+        spend(1)
         while depth < len(rest):
             if value is None:
                 return when_absent
@@ -509,10 +583,24 @@ def _not(inner: Predicate) -> Predicate:
 class _Parser:
     """Recursive-descent parser that returns closures instead of an AST."""
 
-    def __init__(self, tokens: list[_Token]) -> None:
+    def __init__(self, tokens: list[_Token], budget: Budget) -> None:
         self.tokens = tokens
         self.index = 0
         self.nesting = 0
+        self.clauses = 0
+        self.budget = budget
+
+    def match(
+        self, path: tuple[str, ...], op: str, literal: _Literal | None, at: _Token
+    ) -> Predicate:
+        """One match expression, counted against MAX_CLAUSES."""
+        self.clauses += 1
+        if self.clauses > MAX_CLAUSES:
+            raise FilterTooExpensive(
+                f"the filter has more than {MAX_CLAUSES} match expressions "
+                f"(the one at character {at.pos + 1} is one too many)"
+            )
+        return _build_match(path, op, literal, self.budget)
 
     def peek(self, ahead: int = 0) -> _Token:
         return self.tokens[min(self.index + ahead, len(self.tokens) - 1)]
@@ -572,7 +660,7 @@ class _Parser:
 
     def nested(self, parse: Callable[[], Predicate], opener: _Token) -> Predicate:
         self.nesting += 1
-        if self.nesting > _MAX_NESTING:
+        if self.nesting > MAX_NESTING:
             raise _syntax_error("expression is nested too deeply", opener.pos)
         try:
             return parse()
@@ -604,7 +692,7 @@ class _Parser:
                     f'expected a selector after "{op}", found {selector.describe()}', selector.pos
                 )
             self.advance()
-            return _build_match(selector.value, op, literal)
+            return self.match(selector.value, op, literal, selector)
         raise _syntax_error(f"expected an expression, found {token.describe()}", token.pos)
 
     def starts_in_operator(self, ahead: int) -> bool:
@@ -617,18 +705,18 @@ class _Parser:
         token = self.peek()
         if token.kind in ("==", "!="):
             self.advance()
-            return _build_match(path, token.kind, self.parse_value(f'"{token.kind}"'))
+            return self.match(path, token.kind, self.parse_value(f'"{token.kind}"'), token)
         if token.kind == "keyword":
             if token.value in ("contains", "matches"):
                 self.advance()
-                return _build_match(path, token.value, self.parse_value(f'"{token.value}"'))
+                return self.match(path, token.value, self.parse_value(f'"{token.value}"'), token)
             if token.value == "not":
                 self.advance()
                 word = self.peek()
                 if word.kind == "keyword" and word.value in ("contains", "matches"):
                     self.advance()
                     op = f"not {word.value}"
-                    return _build_match(path, op, self.parse_value(f'"{op}"'))
+                    return self.match(path, op, self.parse_value(f'"{op}"'), word)
                 raise _syntax_error(
                     f'expected "contains" or "matches" after "not", found {word.describe()}',
                     word.pos,
@@ -645,7 +733,7 @@ class _Parser:
                         f'expected "empty" after "{op[:-6]}", found {word.describe()}', word.pos
                     )
                 self.advance()
-                return _build_match(path, op, None)
+                return self.match(path, op, None, token)
         raise _syntax_error(
             f'expected an operator after selector "{_join(path)}", found {token.describe()}',
             token.pos,
@@ -668,10 +756,11 @@ class _Parser:
 class Filter:
     """A compiled filter: call it on an item to learn whether the item is kept."""
 
-    __slots__ = ("expression", "_predicate")
+    __slots__ = ("expression", "budget", "_predicate")
 
-    def __init__(self, expression: str, predicate: Predicate) -> None:
+    def __init__(self, expression: str, predicate: Predicate, budget: Budget) -> None:
         self.expression = expression
+        self.budget = budget
         self._predicate = predicate
 
     def __call__(self, item: Mapping[str, Any]) -> bool:
@@ -681,16 +770,32 @@ class Filter:
         return f"Filter({self.expression!r})"
 
 
-def compile_filter(expression: str) -> Filter:
-    """Parse ``expression`` once so it can be applied to many items cheaply."""
+def compile_filter(expression: str, budget: int | None = None) -> Filter:
+    """Parse ``expression`` once so it can be applied to many items cheaply.
+
+    ``budget`` bounds the steps all calls of the returned filter may take together
+    (None: unbounded, for operator-written filters such as a resolver's subset).
+    Raises FilterError (FilterTooExpensive past a size bound).
+    """
     if not expression.strip():
         raise FilterError("Syntax error: the filter expression is empty")
-    return Filter(expression, _Parser(_tokenize(expression)).parse())
+    if len(expression) > MAX_EXPRESSION_LENGTH:
+        raise FilterTooExpensive(
+            f"the filter is {len(expression)} characters long; at most "
+            f"{MAX_EXPRESSION_LENGTH} are allowed"
+        )
+    meter = Budget(budget)
+    return Filter(expression, _Parser(_tokenize(expression), meter).parse(), meter)
 
 
-def apply_filter(expression: str | None, items: Iterable[Mapping]) -> list:
-    """Return the items the filter keeps; no filter (None or "") keeps them all."""
+def apply_filter(
+    expression: str | None, items: Iterable[Mapping], budget: int | None = DEFAULT_BUDGET
+) -> list:
+    """Return the items the filter keeps; no filter (None or "") keeps them all.
+
+    The whole evaluation is bounded by ``budget`` steps (see the module docstring).
+    """
     if not expression:
         return list(items)
-    keep = compile_filter(expression)
+    keep = compile_filter(expression, budget)
     return [item for item in items if keep(item)]

@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 
+import meshproto  # noqa: F401 - first: turns off gRPC's fork support in this process
 from tests.support.servers import MeshServer, make_server
 
 

@@ -986,3 +986,33 @@ def test_acl_commands_without_a_token_are_permission_denied(acl_server):
     result = run_mesh("acl", "token", "list", "-token=not-a-real-secret", server=acl_server)
     assert result.returncode == 1
     assert "403" in result.stderr
+
+
+def test_an_empty_read_because_of_acls_without_a_token_says_so(acl_server, unique):
+    name = unique("hidden")
+    with acl_server.client() as c:
+        assert c.put("/v1/agent/service/register", json={"Name": name}).status_code == 200
+    with acl_server.client(token="") as anonymous:
+        r = anonymous.get("/v1/catalog/services")
+    assert r.status_code == 200 and name not in r.json()
+    assert r.headers["X-Consul-Results-Filtered-By-ACLs"] == "true"
+
+    result = run_mesh("catalog", "services", server=acl_server)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "No services visible: ACLs are enabled and no token was given "
+        "(set MESH_HTTP_TOKEN or -token)\n"
+    )
+    result = run_mesh("catalog", "nodes", server=acl_server)
+    assert result.returncode == 1
+    assert result.stderr.startswith("No nodes visible: ACLs are enabled and no token was given")
+    # With the token everything is there, and no header says anything was left out.
+    listed = ok(run_mesh("catalog", "services", f"-token={acl_server.token}", server=acl_server))
+    assert name in listed.split()
+    with acl_server.client() as c:
+        assert "X-Consul-Results-Filtered-By-ACLs" not in c.get("/v1/catalog/services").headers
+
+
+def test_a_read_without_acls_never_says_results_were_filtered(server):
+    with server.client() as c:
+        assert "X-Consul-Results-Filtered-By-ACLs" not in c.get("/v1/catalog/services").headers

@@ -143,8 +143,26 @@ def test_a_token_sees_only_the_sidecars_and_intentions_it_may_read(mesh):
     no_nodes = Authorizer.from_rules([parse_rules('service_prefix "" { policy = "read" }')])
     assert connect_status(no_nodes, {}, set())["services"] == []
     anonymous = connect_status(Authorizer.deny_all(), {}, set())
-    assert anonymous["services"] == [] and anonymous["ca"]["roots"]  # roots are public
+    assert anonymous["services"] == []
     assert anonymous["intentions"]["total"] == 0
+
+
+def test_a_caller_without_rights_sees_no_server_name_trust_domain_or_roots(mesh, settings):
+    anonymous = connect_status(Authorizer.deny_all(), {}, set())
+    assert anonymous == {
+        "datacenter": settings.MESH_DC,  # public, as /v1/catalog/datacenters
+        "server": None,
+        "services": [],
+        "ca": None,
+        "intentions": {"total": 0, "allow": 0, "deny": 0, "l7": 0},
+    }
+    text = render_text(anonymous)
+    assert "needs operator:read" in text and settings.MESH_NODE_NAME not in text
+    node_reader = Authorizer.from_rules([parse_rules('node_prefix "" { policy = "read" }')])
+    assert connect_status(node_reader, {}, set())["server"] == settings.MESH_NODE_NAME
+    operator = Authorizer.from_rules([parse_rules('operator = "read"')])
+    ca = connect_status(operator, {}, set())["ca"]
+    assert ca["trust_domain"] and ca["roots"] and ca["active_root_id"]
 
 
 # --------------------------------------------------------------------------- API and CLI
@@ -157,7 +175,7 @@ def test_the_api_and_cli_show_the_versions_the_live_stream_pushed_and_the_agent_
     from tests.agents.conftest import MeshAgent, eventually, start_server
 
     server = start_server(tmp_path / "cp", acl=True)
-    r = server.client().post("/api/join-tokens/", json={"uses": 1})
+    r = server.client().post("/api/join-tokens/", json={"uses": 1, "services": ["api"]})
     assert r.status_code == 201, r.text
     token, pin = r.json()["token"], r.json()["ca_pin"]
     node = unique("node")
@@ -202,9 +220,9 @@ def test_the_api_and_cli_show_the_versions_the_live_stream_pushed_and_the_agent_
         proxy = eventually(lambda: (p := synced())["config"]["acked_version"] > first and p)
         assert proxy["config"]["pushed_version"] == proxy["config"]["acked_version"]
 
-        # Without a token: no sidecars (api is not readable), roots still there.
+        # Without a token: no sidecars (api is not readable), no CA state.
         anon = httpx.get(server.url + "/api/connect/status/", timeout=10).json()
-        assert anon["services"] == [] and anon["ca"]["roots"]
+        assert anon["services"] == [] and anon["ca"] is None
 
         out = subprocess.run(
             [sys.executable, "-m", "meshweb.cli", "connect", "status"],
@@ -233,3 +251,16 @@ def _stream(server) -> str:
     assert len(proxies) == 1, proxies
     state = proxies[0]["config"]["stream"]
     return state if state != "connected" else ""
+
+
+@pytest.mark.slow
+def test_an_anonymous_caller_of_the_api_learns_nothing_it_may_not_read(acl_server):
+    with acl_server.client(token="") as anonymous:
+        r = anonymous.get("/api/connect/status/")
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert (data["server"], data["ca"], data["services"]) == (None, None, [])
+    assert "mesh-server" not in r.text and ".mesh" not in r.text  # node name, trust domain
+    with acl_server.client() as management:
+        full = management.get("/api/connect/status/").json()
+    assert full["server"] == "mesh-server" and full["ca"]["trust_domain"].endswith(".mesh")

@@ -3,6 +3,7 @@ sidecars, and Ctrl-C leaves no process behind. On free loopback ports, its own d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -282,3 +283,66 @@ def test_the_demo_services_answer_json_and_api_health_follows_its_fail_file(tmp_
             p.send_signal(signal.SIGTERM)
         for p in procs:
             assert p.wait(10) == 0
+
+
+def test_a_taken_default_port_is_replaced_by_a_free_one_and_said():
+    from meshweb.dev import PORT_FLAGS, choose_ports
+
+    holder = socket.socket()
+    with contextlib.suppress(OSError):  # if someone else holds it, it is taken all the same
+        holder.bind(("127.0.0.1", 8502))
+        holder.listen()
+    try:
+        values, moved = choose_ports({flag: None for flag in PORT_FLAGS})
+    finally:
+        holder.close()
+    assert values["grpc_addr"] != "127.0.0.1:8502"
+    host, _, port = values["grpc_addr"].rpartition(":")
+    assert host == "127.0.0.1" and int(port) > 0
+    assert f"127.0.0.1:8502 is in use; --grpc-addr {values['grpc_addr']}" in moved
+    ports = [int(str(v).rpartition(":")[2]) for v in values.values() if v != ""]
+    assert len(ports) == len(set(ports)), values
+
+
+def test_an_explicit_port_is_kept_as_given():
+    from meshweb.dev import PORT_FLAGS, choose_ports
+
+    given = {flag: None for flag in PORT_FLAGS} | {"--web-port": 45678, "--dns-addr": ""}
+    values, _moved = choose_ports(given)
+    assert values["web_port"] == 45678 and values["dns_addr"] == ""
+
+
+def test_the_banner_commands_work_without_an_active_venv(tmp_path):
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != venv_bin)
+    printed = subprocess.run(
+        [sys.executable, "-c", "from meshweb.dev import mesh_command; print(mesh_command())"],
+        cwd=ROOT,
+        env={**os.environ, "PATH": path},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
+    assert printed != "mesh" and Path(printed).is_absolute()
+    # As printed, from another directory and without the venv on PATH, it runs.
+    run = subprocess.run(
+        f"{printed} --help",
+        shell=True,
+        cwd=tmp_path,
+        env={**os.environ, "PATH": path},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0 and "intention" in run.stdout
+
+
+def test_make_run_passes_its_args_to_mesh_dev():
+    out = subprocess.run(
+        ["make", "-n", "run", "ARGS=--http-addr 127.0.0.1:18500"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    assert ".venv/bin/mesh dev --http-addr 127.0.0.1:18500" in out

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ameshproto/proto/mesh.proto\x12\nmeshweb.v1\"\xc8\x01\n\x0bJoinRequest\x12\x12\n\njoin_token\x18\x01 \x01(\t\x12\x11\n\tnode_name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x04 \x01(\t\x12/\n\x04meta\x18\x05 \x03(\x0b\x32!.meshweb.v1.JoinRequest.MetaEntry\x12\x12\n\ndatacenter\x18\x06 \x01(\t\x1a+\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"n\n\x0cJoinResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x65rt_pem\x18\x02 \x01(\t\x12\x11\n\troots_pem\x18\x03 \x03(\t\x12\x14\n\x0ctrust_domain\x18\x04 \x01(\t\x12\x12\n\ndatacenter\x18\x05 \x01(\t\"/\n\x0bSignRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\"[\n\x0cSignResponse\x12\x10\n\x08\x63\x65rt_pem\x18\x01 \x01(\t\x12\x11\n\troots_pem\x18\x02 \x03(\t\x12\x0e\n\x06serial\x18\x03 \x01(\t\x12\x16\n\x0enot_after_unix\x18\x04 \x01(\x03\"\xa4\x01\n\tNodeState\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12-\n\x04meta\x18\x02 \x03(\x0b\x32\x1f.meshweb.v1.NodeState.MetaEntry\x12\x15\n\rservices_json\x18\x03 \x03(\t\x12\x13\n\x0b\x63hecks_json\x18\x04 \x03(\t\x1a+\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"?\n\x0b\x43heckStatus\x12\x10\n\x08\x63heck_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\"8\n\x0c\x43heckUpdates\x12(\n\x07updates\x18\x01 \x03(\x0b\x32\x17.meshweb.v1.CheckStatus\"\x1d\n\x0cSyncResponse\x12\r\n\x05index\x18\x01 \x01(\x04\"\x1e\n\tSubscribe\x12\x11\n\tproxy_ids\x18\x01 \x03(\t\"C\n\x03\x41\x63k\x12\x10\n\x08proxy_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"c\n\rStreamRequest\x12*\n\tsubscribe\x18\x01 \x01(\x0b\x32\x15.meshweb.v1.SubscribeH\x00\x12\x1e\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0f.meshweb.v1.AckH\x00\x42\x06\n\x04kind\"\\\n\x11ProxyConfigUpdate\x12\x10\n\x08proxy_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\x0c\x12\x0f\n\x07removed\x18\x04 \x01(\x08\x32\xdd\x02\n\x0c\x41gentControl\x12\x39\n\x04Join\x12\x17.meshweb.v1.JoinRequest\x1a\x18.meshweb.v1.JoinResponse\x12=\n\x08SignLeaf\x12\x17.meshweb.v1.SignRequest\x1a\x18.meshweb.v1.SignResponse\x12;\n\x08SyncNode\x12\x15.meshweb.v1.NodeState\x1a\x18.meshweb.v1.SyncResponse\x12\x42\n\x0cUpdateChecks\x12\x18.meshweb.v1.CheckUpdates\x1a\x18.meshweb.v1.SyncResponse\x12R\n\x12StreamProxyConfigs\x12\x19.meshweb.v1.StreamRequest\x1a\x1d.meshweb.v1.ProxyConfigUpdate(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ameshproto/proto/mesh.proto\x12\nmeshweb.v1\"\xd9\x01\n\x0bJoinRequest\x12\x12\n\njoin_token\x18\x01 \x01(\t\x12\x11\n\tnode_name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x04 \x01(\t\x12/\n\x04meta\x18\x05 \x03(\x0b\x32!.meshweb.v1.JoinRequest.MetaEntry\x12\x12\n\ndatacenter\x18\x06 \x01(\t\x12\x0f\n\x07replace\x18\x07 \x01(\x08\x1a+\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x80\x01\n\x0cJoinResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x65rt_pem\x18\x02 \x01(\t\x12\x11\n\troots_pem\x18\x03 \x03(\t\x12\x14\n\x0ctrust_domain\x18\x04 \x01(\t\x12\x12\n\ndatacenter\x18\x05 \x01(\t\x12\x10\n\x08services\x18\x06 \x03(\t\"/\n\x0bSignRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\"[\n\x0cSignResponse\x12\x10\n\x08\x63\x65rt_pem\x18\x01 \x01(\t\x12\x11\n\troots_pem\x18\x02 \x03(\t\x12\x0e\n\x06serial\x18\x03 \x01(\t\x12\x16\n\x0enot_after_unix\x18\x04 \x01(\x03\"\xa4\x01\n\tNodeState\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12-\n\x04meta\x18\x02 \x03(\x0b\x32\x1f.meshweb.v1.NodeState.MetaEntry\x12\x15\n\rservices_json\x18\x03 \x03(\t\x12\x13\n\x0b\x63hecks_json\x18\x04 \x03(\t\x1a+\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"?\n\x0b\x43heckStatus\x12\x10\n\x08\x63heck_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\"8\n\x0c\x43heckUpdates\x12(\n\x07updates\x18\x01 \x03(\x0b\x32\x17.meshweb.v1.CheckStatus\"\x1d\n\x0cSyncResponse\x12\r\n\x05index\x18\x01 \x01(\x04\"\x1e\n\tSubscribe\x12\x11\n\tproxy_ids\x18\x01 \x03(\t\"C\n\x03\x41\x63k\x12\x10\n\x08proxy_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"c\n\rStreamRequest\x12*\n\tsubscribe\x18\x01 \x01(\x0b\x32\x15.meshweb.v1.SubscribeH\x00\x12\x1e\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0f.meshweb.v1.AckH\x00\x42\x06\n\x04kind\"\\\n\x11ProxyConfigUpdate\x12\x10\n\x08proxy_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\x0c\x12\x0f\n\x07removed\x18\x04 \x01(\x08\x32\xdd\x02\n\x0c\x41gentControl\x12\x39\n\x04Join\x12\x17.meshweb.v1.JoinRequest\x1a\x18.meshweb.v1.JoinResponse\x12=\n\x08SignLeaf\x12\x17.meshweb.v1.SignRequest\x1a\x18.meshweb.v1.SignResponse\x12;\n\x08SyncNode\x12\x15.meshweb.v1.NodeState\x1a\x18.meshweb.v1.SyncResponse\x12\x42\n\x0cUpdateChecks\x12\x18.meshweb.v1.CheckUpdates\x1a\x18.meshweb.v1.SyncResponse\x12R\n\x12StreamProxyConfigs\x12\x19.meshweb.v1.StreamRequest\x1a\x1d.meshweb.v1.ProxyConfigUpdate(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,33 +36,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODESTATE_METAENTRY']._loaded_options = None
   _globals['_NODESTATE_METAENTRY']._serialized_options = b'8\001'
   _globals['_JOINREQUEST']._serialized_start=43
-  _globals['_JOINREQUEST']._serialized_end=243
-  _globals['_JOINREQUEST_METAENTRY']._serialized_start=200
-  _globals['_JOINREQUEST_METAENTRY']._serialized_end=243
-  _globals['_JOINRESPONSE']._serialized_start=245
-  _globals['_JOINRESPONSE']._serialized_end=355
-  _globals['_SIGNREQUEST']._serialized_start=357
-  _globals['_SIGNREQUEST']._serialized_end=404
-  _globals['_SIGNRESPONSE']._serialized_start=406
-  _globals['_SIGNRESPONSE']._serialized_end=497
-  _globals['_NODESTATE']._serialized_start=500
-  _globals['_NODESTATE']._serialized_end=664
-  _globals['_NODESTATE_METAENTRY']._serialized_start=200
-  _globals['_NODESTATE_METAENTRY']._serialized_end=243
-  _globals['_CHECKSTATUS']._serialized_start=666
-  _globals['_CHECKSTATUS']._serialized_end=729
-  _globals['_CHECKUPDATES']._serialized_start=731
-  _globals['_CHECKUPDATES']._serialized_end=787
-  _globals['_SYNCRESPONSE']._serialized_start=789
-  _globals['_SYNCRESPONSE']._serialized_end=818
-  _globals['_SUBSCRIBE']._serialized_start=820
-  _globals['_SUBSCRIBE']._serialized_end=850
-  _globals['_ACK']._serialized_start=852
-  _globals['_ACK']._serialized_end=919
-  _globals['_STREAMREQUEST']._serialized_start=921
-  _globals['_STREAMREQUEST']._serialized_end=1020
-  _globals['_PROXYCONFIGUPDATE']._serialized_start=1022
-  _globals['_PROXYCONFIGUPDATE']._serialized_end=1114
-  _globals['_AGENTCONTROL']._serialized_start=1117
-  _globals['_AGENTCONTROL']._serialized_end=1466
+  _globals['_JOINREQUEST']._serialized_end=260
+  _globals['_JOINREQUEST_METAENTRY']._serialized_start=217
+  _globals['_JOINREQUEST_METAENTRY']._serialized_end=260
+  _globals['_JOINRESPONSE']._serialized_start=263
+  _globals['_JOINRESPONSE']._serialized_end=391
+  _globals['_SIGNREQUEST']._serialized_start=393
+  _globals['_SIGNREQUEST']._serialized_end=440
+  _globals['_SIGNRESPONSE']._serialized_start=442
+  _globals['_SIGNRESPONSE']._serialized_end=533
+  _globals['_NODESTATE']._serialized_start=536
+  _globals['_NODESTATE']._serialized_end=700
+  _globals['_NODESTATE_METAENTRY']._serialized_start=217
+  _globals['_NODESTATE_METAENTRY']._serialized_end=260
+  _globals['_CHECKSTATUS']._serialized_start=702
+  _globals['_CHECKSTATUS']._serialized_end=765
+  _globals['_CHECKUPDATES']._serialized_start=767
+  _globals['_CHECKUPDATES']._serialized_end=823
+  _globals['_SYNCRESPONSE']._serialized_start=825
+  _globals['_SYNCRESPONSE']._serialized_end=854
+  _globals['_SUBSCRIBE']._serialized_start=856
+  _globals['_SUBSCRIBE']._serialized_end=886
+  _globals['_ACK']._serialized_start=888
+  _globals['_ACK']._serialized_end=955
+  _globals['_STREAMREQUEST']._serialized_start=957
+  _globals['_STREAMREQUEST']._serialized_end=1056
+  _globals['_PROXYCONFIGUPDATE']._serialized_start=1058
+  _globals['_PROXYCONFIGUPDATE']._serialized_end=1150
+  _globals['_AGENTCONTROL']._serialized_start=1153
+  _globals['_AGENTCONTROL']._serialized_end=1502
 # @@protoc_insertion_point(module_scope)

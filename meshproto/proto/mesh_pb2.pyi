@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JoinRequest(_message.Message):
-    __slots__ = ("join_token", "node_name", "address", "csr_pem", "meta", "datacenter")
+    __slots__ = ("join_token", "node_name", "address", "csr_pem", "meta", "datacenter", "replace")
     class MetaEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -21,27 +21,31 @@ class JoinRequest(_message.Message):
     CSR_PEM_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
     DATACENTER_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
     join_token: str
     node_name: str
     address: str
     csr_pem: str
     meta: _containers.ScalarMap[str, str]
     datacenter: str
-    def __init__(self, join_token: _Optional[str] = ..., node_name: _Optional[str] = ..., address: _Optional[str] = ..., csr_pem: _Optional[str] = ..., meta: _Optional[_Mapping[str, str]] = ..., datacenter: _Optional[str] = ...) -> None: ...
+    replace: bool
+    def __init__(self, join_token: _Optional[str] = ..., node_name: _Optional[str] = ..., address: _Optional[str] = ..., csr_pem: _Optional[str] = ..., meta: _Optional[_Mapping[str, str]] = ..., datacenter: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("node_id", "cert_pem", "roots_pem", "trust_domain", "datacenter")
+    __slots__ = ("node_id", "cert_pem", "roots_pem", "trust_domain", "datacenter", "services")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CERT_PEM_FIELD_NUMBER: _ClassVar[int]
     ROOTS_PEM_FIELD_NUMBER: _ClassVar[int]
     TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     DATACENTER_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     cert_pem: str
     roots_pem: _containers.RepeatedScalarFieldContainer[str]
     trust_domain: str
     datacenter: str
-    def __init__(self, node_id: _Optional[str] = ..., cert_pem: _Optional[str] = ..., roots_pem: _Optional[_Iterable[str]] = ..., trust_domain: _Optional[str] = ..., datacenter: _Optional[str] = ...) -> None: ...
+    services: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., cert_pem: _Optional[str] = ..., roots_pem: _Optional[_Iterable[str]] = ..., trust_domain: _Optional[str] = ..., datacenter: _Optional[str] = ..., services: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SignRequest(_message.Message):
     __slots__ = ("csr_pem", "service")

@@ -418,6 +418,31 @@ def api_failure(prefix: str, exc: ApiError, client: Client | None = None) -> Com
     return CommandError(message)
 
 
+def filtered_by_acls(resp: Response) -> bool:
+    """The server left results out because the token may not see them (Consul's header)."""
+    wanted = "x-consul-results-filtered-by-acls"
+    return any(k.lower() == wanted and v.lower() == "true" for k, v in resp.headers.items())
+
+
+def report_nothing(what: str, resp: Response, client: Client) -> int:
+    """Say why a listing is empty; the exit code.
+
+    "No <what> match" when there are none; when ACLs hid some and no token
+    was given, say that instead (and fail: the answer is not "none").
+    """
+    if filtered_by_acls(resp):
+        if not client.token:
+            error(
+                f"No {what} visible: ACLs are enabled and no token was given "
+                "(set MESH_HTTP_TOKEN or -token)"
+            )
+            return 1
+        error(f"No {what} visible to this token: ACLs hid some from it.")
+        return 0
+    error(f"No {what} match the given query - try expanding your search.")
+    return 0
+
+
 # --------------------------------------------------------------------------- flag value types
 
 

@@ -15,11 +15,11 @@ from meshweb.commands.base import (
     add_group,
     api_failure,
     columnize,
-    error,
     key_value,
     out,
     out_json,
     path_escape,
+    report_nothing,
     tabulate,
 )
 
@@ -50,15 +50,15 @@ def cmd_services(args: argparse.Namespace) -> int:
             services.setdefault(svc.get("Service", ""), []).extend(svc.get("Tags") or [])
     else:
         try:
-            services = client.get_json("/v1/catalog/services", _node_meta(args)) or {}
+            resp = client.get("/v1/catalog/services", _node_meta(args))
         except ApiError as exc:
             raise api_failure("Error listing services", exc, client) from None
+        services = resp.json() or {}
     if args.format == "json":
         out_json({name: sorted(set(tags or [])) for name, tags in sorted(services.items())})
         return 0
     if not services:
-        error("No services match the given query - try expanding your search.")
-        return 0
+        return report_nothing("services", resp, client)
     names = sorted(services)
     if args.tags:
         rows = [(name, ",".join(sorted(set(services[name] or [])))) for name in names]
@@ -79,7 +79,8 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     params = [*_node_meta(args), ("filter", args.filter), ("near", args.near)]
     try:
         if args.service:
-            entries = client.get_json("/v1/catalog/service/" + path_escape(args.service), params)
+            resp = client.get("/v1/catalog/service/" + path_escape(args.service), params)
+            entries = resp.json()
             nodes = [
                 {
                     "ID": e.get("ID", ""),
@@ -94,7 +95,8 @@ def cmd_nodes(args: argparse.Namespace) -> int:
                 for e in entries or []
             ]
         else:
-            nodes = client.get_json("/v1/catalog/nodes", params) or []
+            resp = client.get("/v1/catalog/nodes", params)
+            nodes = resp.json() or []
     except ApiError as exc:
         prefix = "Error listing nodes for service" if args.service else "Error listing nodes"
         raise api_failure(prefix, exc, client) from None
@@ -102,8 +104,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         out_json(nodes)
         return 0
     if not nodes:
-        error("No nodes match the given query - try expanding your search.")
-        return 0
+        return report_nothing("nodes", resp, client)
     if args.detailed:
         rows = [("Node", "ID", "Address", "DC", "TaggedAddresses", "Meta")]
         for n in nodes:

@@ -45,7 +45,8 @@ def render_text(data: dict[str, Any]) -> str:
     services = data.get("services") or []
     total = sum(len(s["proxies"]) for s in services)
     lines.append(
-        f"Datacenter {data.get('datacenter', '')}, answered by {data.get('server', '')}: "
+        f"Datacenter {data.get('datacenter', '')}, answered by "
+        f"{data.get('server') or '(a server; naming it needs node:read)'}: "
         f"{len(services)} service{'' if len(services) == 1 else 's'} with sidecars, "
         f"{total} sidecar{'' if total == 1 else 's'}"
     )
@@ -70,13 +71,16 @@ def render_text(data: dict[str, Any]) -> str:
     if not services:
         lines.append("")
         lines.append("(no sidecars registered)")
-    ca = data.get("ca") or {}
+    ca = data.get("ca")
     lines.append("")
-    lines.append(f"CA roots (trust domain {ca.get('trust_domain', '')}):")
-    rows = [["ID", "Name", "Active", "Not after"]]
-    for r in ca.get("roots") or ():
-        rows.append([r["id"], r["name"], "yes" if r["active"] else "no", r["not_after"] or ""])
-    lines.extend("  " + line for line in columnize(rows).splitlines())
+    if ca is None:
+        lines.append("CA roots: not shown (needs operator:read)")
+    else:
+        lines.append(f"CA roots (trust domain {ca.get('trust_domain', '')}):")
+        rows = [["ID", "Name", "Active", "Not after"]]
+        for r in ca.get("roots") or ():
+            rows.append([r["id"], r["name"], "yes" if r["active"] else "no", r["not_after"] or ""])
+        lines.extend("  " + line for line in columnize(rows).splitlines())
     i = data.get("intentions") or {}
     lines.append("")
     lines.append(

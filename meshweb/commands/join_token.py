@@ -3,6 +3,10 @@
 `create` prints the token (shown once), the CA pin the agent checks the
 control plane against, and the `mesh agent` command line to run on the host.
 Needs a token with `acl:write` (`acl:read` to list) when ACLs are on.
+
+Scope: `-service NAME` (repeatable; `api-*` a prefix, `'*'` any) lists what a
+node that joins with the token may register; with none, the node may register
+no services. `-node NAME` binds the token to one node name.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ def cmd_create(args: argparse.Namespace) -> int:
     body = {"ttl": args.ttl, "uses": args.uses, "description": args.description or ""}
     if args.datacenter:
         body["datacenter"] = args.datacenter
+    body["services"] = list(args.services or [])
+    if args.node:
+        body["node"] = args.node
     client = Client.from_args(args)
     client.datacenter = None  # the token's datacenter is in the body; /api has no ?dc=
     try:
@@ -66,6 +73,9 @@ def cmd_create(args: argparse.Namespace) -> int:
     out(f"Datacenter:  {data['datacenter']}")
     out(f"Uses:        {'unlimited' if not data['max_uses'] else data['max_uses']}")
     out(f"Expires:     {data['expires_at']}")
+    out(f"Node:        {data.get('node_name') or '(any name)'}")
+    services = data.get("services") or []
+    out(f"Services:    {', '.join(services) if services else '(none: -service to allow some)'}")
     if data.get("description"):
         out(f"Description: {data['description']}")
     out("")
@@ -94,7 +104,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not tokens:
         out("No join tokens")
         return 0
-    rows = [["ID", "State", "Uses", "Expires", "Datacenter", "Last used by", "Description"]]
+    rows = [
+        ["ID", "State", "Uses", "Expires", "Datacenter", "Services", "Last used by", "Description"]
+    ]
     for t in tokens:
         rows.append(
             [
@@ -103,6 +115,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                 _uses(t),
                 t.get("expires_at") or "never",
                 t.get("datacenter", ""),
+                ",".join(t.get("services") or []) or "-",
                 t.get("last_used_by") or "-",
                 t.get("description", ""),
             ]
@@ -115,11 +128,15 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     token_id = args.id.split(".", 1)[0]  # the whole token works too
     client = Client.from_args(args)
     client.datacenter = None
+    path = f"/api/join-tokens/{path_escape(token_id)}/" + ("?nodes=true" if args.nodes else "")
     try:
-        client.request("DELETE", f"/api/join-tokens/{path_escape(token_id)}/")
+        client.request("DELETE", path)
     except ApiError as exc:
         raise _failure(f"Error revoking join token {token_id}", exc, client) from None
-    out(f"Revoked join token {token_id}")
+    out(
+        f"Revoked join token {token_id}"
+        + (" and the nodes that joined with it" if args.nodes else "")
+    )
     return 0
 
 
@@ -129,10 +146,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "join-token",
         "Create, list and revoke the tokens per-host agents join the mesh with",
         """
-        $ mesh join-token create -ttl 1h
-        $ mesh join-token create -uses 0 -ttl 24h -description "autoscaling group web"
+        $ mesh join-token create -ttl 1h -service web
+        $ mesh join-token create -uses 0 -ttl 24h -service 'web*' -description "autoscaling group web"
         $ mesh join-token list
-        $ mesh join-token revoke 3f9c0a1b2c3d4e5f
+        $ mesh join-token revoke -nodes 3f9c0a1b2c3d4e5f
         """,
     )
     p = add_command(
@@ -141,11 +158,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         cmd_create,
         "Create a join token and print it with the CA pin and the agent command",
         "A single-use token (-uses 1, the default) lets one host join; -uses 0 any number "
-        "until it expires. Needs acl:write.",
+        "until it expires. The joined node may register only the services named with "
+        "-service (none by default; '*' for any). Needs acl:write.",
         """
-        $ mesh join-token create
-        $ mesh join-token create -ttl 30m -uses 5 -description "rack 12"
-        $ mesh join-token create -format=json
+        $ mesh join-token create -service web
+        $ mesh join-token create -ttl 30m -uses 5 -service 'api-*' -description "rack 12"
+        $ mesh join-token create -node web-1 -service web -format=json
         """,
     )
     add_format_option(p)
@@ -162,6 +180,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="how many hosts may join with it; 0 for unlimited (default 1)",
     )
     p.add_argument("-description", "--description", dest="description", default="", metavar="TEXT")
+    p.add_argument(
+        "-service",
+        "--service",
+        dest="services",
+        action="append",
+        metavar="NAME",
+        help="a service the node may register (repeatable; 'api-*' a prefix, '*' any); "
+        "default: none",
+    )
+    p.add_argument(
+        "-node", "--node", dest="node", default="", metavar="NAME", help="the only node name"
+    )
 
     p = add_command(
         group,
@@ -176,7 +206,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         group,
         "revoke",
         cmd_revoke,
-        "Revoke a join token (agents that joined with it stay joined)",
-        examples="$ mesh join-token revoke 3f9c0a1b2c3d4e5f",
+        "Revoke a join token; with -nodes also the nodes that joined with it",
+        "Without -nodes, agents that joined with it stay joined. With -nodes their node "
+        "certificates are refused at once and their services leave the catalog.",
+        examples="$ mesh join-token revoke -nodes 3f9c0a1b2c3d4e5f",
+    )
+    p.add_argument(
+        "-nodes",
+        "--nodes",
+        dest="nodes",
+        action="store_true",
+        help="also revoke every node that joined with the token",
     )
     p.add_argument("id", metavar="ID", help="the token's ID (the part before the dot)")

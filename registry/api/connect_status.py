@@ -15,7 +15,9 @@ config streams *of the server process answering* sent and heard
 (`registry.grpc.status`): an agent streaming to another `mesh server` shows
 `"stream": "not connected here"`. Results are ACL-filtered (sidecars by
 `service:read` on the service they front and `node:read`; intentions by
-`intentions:read`); no token is needed to call it.
+`intentions:read`; `server` by `node:read` on it and `ca` by `operator:read`,
+else `null`); no token is needed to call it, and without one it shows only
+what the anonymous token may read.
 """
 
 from __future__ import annotations

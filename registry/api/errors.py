@@ -3,6 +3,9 @@
 Domain errors (`registry.errors.MeshError`) keep their status and message;
 validation errors (400) name each field (`"fields": {"port": ["..."]}` and a
 one-line summary in `error`); other DRF and Django errors keep their status.
+What escapes DRF (a bug, a refused request before the view) reaches Django's
+error handlers, which `meshweb.urls` points here: JSON under `/api`, Django's
+own pages elsewhere (the UI).
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.http import Http404, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.views import defaults
 from rest_framework import exceptions
 from rest_framework.response import Response
 
@@ -59,7 +63,11 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     if isinstance(exc, exceptions.ValidationError):
         return Response(validation_body(exc.detail), status=400)
     if isinstance(exc, exceptions.ParseError):
-        return Response({"error": f"Invalid request body: {exc.detail}"}, status=400)
+        body: dict[str, Any] = {"error": f"Invalid request body: {exc.detail}"}
+        field = getattr(exc, "field", None)  # registry.api.parsers.BodyParseError
+        if field:
+            body["fields"] = {field: [exc.reason]}
+        return Response(body, status=400)
     if isinstance(exc, exceptions.APIException):
         headers = {}
         if getattr(exc, "auth_header", None):
@@ -78,3 +86,37 @@ def not_found(request, *args: Any, **kwargs: Any) -> JsonResponse:
     if not request.path.endswith("/"):
         hint = f" (paths end with a slash: {request.path}/)"
     return JsonResponse({"error": f"Not found: {request.path}{hint}"}, status=404)
+
+
+def _is_api(request: HttpRequest) -> bool:
+    return request.path.startswith(("/api/", "/v1/")) or request.path == "/api"
+
+
+def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """Django's handler400 (a suspicious or malformed request)."""
+    if _is_api(request):
+        return JsonResponse(
+            {"error": f"Bad request: {exception}" if str(exception) else "Bad request"}, status=400
+        )
+    return defaults.bad_request(request, exception)
+
+
+def permission_denied(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """Django's handler403."""
+    if _is_api(request):
+        return JsonResponse({"error": str(exception) or "Permission denied"}, status=403)
+    return defaults.permission_denied(request, exception)
+
+
+def page_not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """Django's handler404."""
+    if _is_api(request):
+        return JsonResponse({"error": f"Not found: {request.path}"}, status=404)
+    return defaults.page_not_found(request, exception)
+
+
+def server_error(request: HttpRequest) -> HttpResponse:
+    """Django's handler500: the traceback is in the log (django.request), never the body."""
+    if _is_api(request):
+        return JsonResponse({"error": "Internal server error"}, status=500)
+    return defaults.server_error(request)

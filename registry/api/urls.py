@@ -28,8 +28,10 @@ router.register("join-tokens", join_tokens_api.JoinTokenViewSet, basename="joint
 
 # Keys contain slashes (and may end with one), so a key's URL is `kv/<key>`
 # exactly, with no trailing slash added.
-kv_list = views.KVViewSet.as_view({"get": "list"})
-kv_entry = views.KVViewSet.as_view({"get": "retrieve", "put": "update", "delete": "destroy"})
+kv_list = views.KVViewSet.as_view({"get": "list"}, basename="kv")
+kv_entry = views.KVViewSet.as_view(
+    {"get": "retrieve", "put": "update", "delete": "destroy"}, basename="kv"
+)
 
 urlpatterns = [
     path("", views.RootView.as_view(), name="root"),

@@ -331,7 +331,8 @@ class InstanceViewSet(MeshViewSet):
         return inventory.visible_instances(self.authz, qs)
 
     def get_object(self) -> ServiceInstance:
-        svc = self.get_queryset().filter(pk=self.kwargs["pk"]).first()
+        row_id = _row_id(self.kwargs["pk"])
+        svc = self.get_queryset().filter(pk=row_id).first() if row_id is not None else None
         if svc is None:
             raise NotFound(f"Instance {self.kwargs['pk']} not found")
         return svc
@@ -387,10 +388,19 @@ class CheckViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, MeshViewSet
         return inventory.visible_checks(self.authz, Check.objects.select_related("node"))
 
     def get_object(self) -> Check:
-        check = self.get_queryset().filter(pk=self.kwargs["pk"]).first()
+        row_id = _row_id(self.kwargs["pk"])
+        check = self.get_queryset().filter(pk=row_id).first() if row_id is not None else None
         if check is None:
             raise NotFound(f"Check {self.kwargs['pk']} not found")
         return check
+
+
+def _row_id(raw: str) -> int | None:
+    """A row id from the URL, or None for anything that cannot be one (then a 404,
+    never a ValueError or a database overflow answered as a 500)."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+        return None
+    return int(raw)
 
 
 # --- key/value ----------------------------------------------------------------------------

@@ -144,18 +144,21 @@ class Settings:
         return leaf_ttl_override() or self.leaf_ttl
 
 
-def validate_config(raw: Any) -> dict[str, Any]:
-    """A PUT's `Config` map as stored: Consul's key names, defaults for what is missing.
+def validate_config(raw: Any, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A PUT's `Config` map as stored: Consul's key names; what it does not give
+    keeps its value in `base` (the stored configuration), else the default.
 
-    Keys match case-insensitively (as Consul's decoder); unknown keys, wrong
-    types and out-of-range values are a 400 naming the key.
+    A new `PrivateKeyType` without `PrivateKeyBits` takes that type's default
+    size. Keys match case-insensitively (as Consul's decoder); unknown keys,
+    wrong types and out-of-range values are a 400 naming the key.
     """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise BadRequest("Config: expected an object")
     canonical = _canonical_keys()
-    out = default_config()
+    out = {**default_config(), **(base or {})}
+    given = {canonical.get(str(k).lower().replace("_", "")) for k in raw}
     for key, value in raw.items():
         folded = str(key).lower().replace("_", "")
         if folded in _UNSUPPORTED_KEYS:
@@ -189,6 +192,11 @@ def validate_config(raw: Any) -> dict[str, Any]:
             "Config.RootCertTTL: must be longer than LeafCertTTL (and at most 100 years)"
         )
     key_type = out["PrivateKeyType"]
+    sizes = KEY_SIZES.get(key_type, ())
+    if "PrivateKeyType" in given and "PrivateKeyBits" not in given and sizes:
+        out["PrivateKeyBits"] = (
+            sizes[0] if out["PrivateKeyBits"] not in sizes else out["PrivateKeyBits"]
+        )
     if key_type not in KEY_SIZES:
         raise BadRequest(
             f'Config.PrivateKeyType: {key_type!r} is not supported (use "ec" or "rsa")'
@@ -472,16 +480,33 @@ class CAManager:
 
     # -- configuration updates (may rotate) ---------------------------------------------
 
-    def update_config(self, provider: str, config: Any, force_without_cross_signing: bool) -> bool:
+    def update_config(
+        self,
+        provider: str | None,
+        config: Any,
+        force_without_cross_signing: bool | None = None,
+    ) -> bool:
         """Store a new configuration; a new key type or size rotates to a root of
-        that kind in the same transaction, as Consul does. Returns True if it rotated."""
-        if provider not in PROVIDERS:
+        that kind in the same transaction, as Consul does. Returns True if it rotated.
+
+        Only what is given changes: a provider, `Config` key or flag left out
+        (None) keeps its stored value, so a partial body never resets the rest
+        to defaults. An update that changes nothing writes nothing (as Consul's).
+        """
+        if provider is not None and provider not in PROVIDERS:
             raise BadRequest(
                 f"Provider: unknown CA provider {provider!r} (available: {', '.join(sorted(PROVIDERS))})"
             )
-        stored = validate_config(config)
-        new_cfg = settings_of(stored)
         self.ensure_initialized()
+        current = self.config_row()
+        stored = validate_config(config, base=current.config)
+        new_cfg = settings_of(stored)
+        if (
+            (provider or current.provider) == current.provider
+            and stored == current.config
+            and force_without_cross_signing in (None, current.force_without_cross_signing)
+        ):
+            return False  # nothing changes: no index, no announcement, no audit entry
         trust_domain = ClusterIdentity.objects.get(id=1).trust_domain
         active = CARoot.objects.filter(active=True).first()
         needs_root = active is None or (active.private_key_type, active.private_key_bits) != (
@@ -490,7 +515,7 @@ class CAManager:
         )
         material = None
         if needs_root:
-            material = get_provider(provider).generate_root(
+            material = get_provider(provider or current.provider).generate_root(
                 trust_domain,
                 key_type=new_cfg.key_type,
                 key_bits=new_cfg.key_bits,
@@ -498,10 +523,20 @@ class CAManager:
             )
         with Change() as w:
             row = CAConfig.objects.get(id=1)
+            if row.config != current.config:
+                # Another update landed since we read: apply this one on top of it.
+                stored = validate_config(config, base=row.config)
+                if settings_of(stored) != new_cfg:
+                    new_cfg, material = settings_of(stored), None
+            force = (
+                row.force_without_cross_signing
+                if force_without_cross_signing is None
+                else bool(force_without_cross_signing)
+            )
             before = _config_audit(row)
-            row.provider = provider
+            row.provider = provider or row.provider
             row.config = stored
-            row.force_without_cross_signing = bool(force_without_cross_signing)
+            row.force_without_cross_signing = force
             row.modify_index = w.index
             row.save()
             w.touch(TOPIC_CONFIG)

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import unquote_plus
 
 from django.conf import settings
 from django.utils import timezone
@@ -286,6 +287,13 @@ def _expiration(now: datetime, ttl: float, at: datetime | None) -> datetime | No
         raise BadRequest(f"Token Expiration TTL '{format_duration(ttl)}' should be > 0")
     if ttl and at is not None:
         raise BadRequest("Token Expiration TTL and Expiration Time cannot both be set")
+    low = float(getattr(settings, "MESH_ACL_TOKEN_MIN_EXPIRATION_SECONDS", 60))
+    high = float(getattr(settings, "MESH_ACL_TOKEN_MAX_EXPIRATION_SECONDS", 24 * 3600))
+    if ttl > high:
+        # Refused before any date arithmetic: 1e30 seconds does not fit a timedelta.
+        raise BadRequest(
+            f"ExpirationTTL cannot be more than {format_duration(high)} (was {ttl:g}s)"
+        )
     if ttl:
         at = now + timedelta(seconds=ttl)
     if at is None:
@@ -293,8 +301,6 @@ def _expiration(now: datetime, ttl: float, at: datetime | None) -> datetime | No
     if at < now:
         raise BadRequest("ExpirationTime cannot be before CreateTime")
     expires_in = (at - now).total_seconds()
-    low = float(getattr(settings, "MESH_ACL_TOKEN_MIN_EXPIRATION_SECONDS", 60))
-    high = float(getattr(settings, "MESH_ACL_TOKEN_MAX_EXPIRATION_SECONDS", 24 * 3600))
     if expires_in > high:
         raise BadRequest(
             f"ExpirationTime cannot be more than {format_duration(high)} in the future "
@@ -707,6 +713,9 @@ def allowed(authz: Authorizer, permission: str, resource: str | None = None) -> 
     return bool(check(resource) if resource is not None else check())
 
 
+TOKEN_PARAM = "token"
+
+
 def secret_from_request(request: Any) -> str:
     """The token a request carries: `X-Consul-Token`, then `Authorization: Bearer`, then `?token=`."""
     token = request.headers.get("X-Consul-Token", "")
@@ -715,8 +724,22 @@ def secret_from_request(request: Any) -> str:
         if auth.lower().startswith("bearer "):
             token = auth[7:].strip()
     if not token:
-        token = request.GET.get("token", "")
+        token = request.GET.get(TOKEN_PARAM, "")
     return token
+
+
+def strip_token_param(url: str) -> str:
+    """`url` (a path or an absolute URL) without any `?token=`: a URL we build or
+    record from a request (a page link, an audit entry's path) never echoes a secret."""
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url
+    fragment = ""
+    if "#" in query:
+        query, _, fragment = query.partition("#")
+        fragment = "#" + fragment
+    kept = [p for p in query.split("&") if p and unquote_plus(p.partition("=")[0]) != TOKEN_PARAM]
+    return base + ("?" + "&".join(kept) if kept else "") + fragment
 
 
 DNS_POLICY_NAME = "builtin-dns-read"

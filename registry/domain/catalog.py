@@ -1,41 +1,39 @@
 """Catalog writes and reads: nodes, service instances and their checks.
 
-Registration follows Consul's agent: inline checks get IDs `service:<id>`
-(`service:<id>:<n>` for several), new checks are critical until they pass,
-`Connect.SidecarService` registers `<id>-sidecar-proxy` (removed with its
-parent) and maintenance mode is a `_service_maintenance:<id>` check.
+Registration follows Consul's agent, by the rules of
+`meshproto.registration.rules` (shared with the agent): inline checks get IDs
+`service:<id>` (`service:<id>:<n>` for several), new checks are critical
+until they pass, `Connect.SidecarService` registers `<id>-sidecar-proxy`
+(removed with its parent) and maintenance mode is a
+`_service_maintenance:<id>` check. `instance_fields` / `check_fields` say
+what a registration stores; node sync compares with them.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db.models import Q
+from django.db.models.base import ModelState
 from django.utils import timezone
 
+from meshproto import durations
+from meshproto.registration import rules
 from registry import topics as topic
-from registry.domain import shapes
-from registry.errors import BadRequest, NotFound
+from registry.domain import rows, shapes
+from registry.errors import BadRequest, NotFound, rule_errors
 from registry.models import Check, Datacenter, Node, ServiceInstance
 from registry.txn import Change
 
-SIDECAR_PORT_RANGE = range(21000, 21256)
-STATUS_ORDER = {Check.PASSING: 0, Check.WARNING: 1, Check.CRITICAL: 2}
+STATUS_ORDER = rules.STATUS_ORDER
 SERF_CHECK_ID = "serfHealth"
-
-
-def maintenance_check_id(service_id: str) -> str:
-    return f"_service_maintenance:{service_id}"
-
-
-NODE_MAINTENANCE_CHECK_ID = "_node_maintenance"
+NODE_MAINTENANCE_CHECK_ID = rules.NODE_MAINTENANCE_CHECK_ID
+aggregate_status = rules.aggregate_status
 
 
 # --- topics -------------------------------------------------------------------
@@ -62,7 +60,7 @@ def touch_node_services(change: Change, node: Node) -> None:
 
 
 def ensure_datacenter(name: str, change: Change | None = None) -> Datacenter:
-    dc = Datacenter.objects.filter(name=name).first()
+    dc = rows.first(Datacenter, name=name)
     if dc is not None:
         return dc
     if change is None:
@@ -87,12 +85,23 @@ def local_node() -> Node:
     now = time.monotonic()
     cached = _local_node
     if cached is not None and now - cached[0] < _LOCAL_NODE_TTL:
-        return copy.copy(cached[1])
+        return _clone(cached[1])
     node = Node.objects.select_related("datacenter").filter(name=settings.MESH_NODE_NAME).first()
     if node is None:
         node = ensure_local_node()
     _local_node = (now, node)
-    return copy.copy(node)
+    return _clone(node)
+
+
+def _clone(node: Node) -> Node:
+    """A shallow copy of a node and its cached datacenter (cheaper than `copy.copy`,
+    which pickles the model's state: the agent API asks for the local node each request)."""
+    c = Node.__new__(Node)
+    c.__dict__.update(node.__dict__)
+    c._state = ModelState()
+    c._state.adding, c._state.db = False, node._state.db
+    c._state.fields_cache = dict(node._state.fields_cache)
+    return c
 
 
 def forget_local_node() -> None:
@@ -133,8 +142,16 @@ def ensure_local_node() -> Node:
     return Node.objects.select_related("datacenter").get(pk=node.pk)
 
 
+def find_node(name: str) -> Node | None:
+    """The node named `name` with its datacenter, or None (plain SQL: every catalog write asks)."""
+    node = rows.first(Node, name=name)
+    if node is not None:
+        node.datacenter = rows.first(Datacenter, id=node.datacenter_id)
+    return node
+
+
 def get_node(name: str) -> Node:
-    node = Node.objects.select_related("datacenter").filter(name=name).first()
+    node = find_node(name)
     if node is None:
         raise NotFound(f'Node "{name}" not found')
     return node
@@ -143,51 +160,40 @@ def get_node(name: str) -> Node:
 # --- service registration --------------------------------------------------------
 
 
-@dataclass
-class _CheckSpec:
-    check_id: str
-    fields: dict[str, Any]
+class _Unknown:
+    """Marks an argument the caller did not look up (None means "there is none")."""
 
 
 def _check_type(spec: dict[str, Any]) -> str:
-    kinds = [
-        k
-        for k, present in (
-            ("http", spec.get("HTTP")),
-            ("tcp", spec.get("TCP")),
-            ("grpc", spec.get("GRPC")),
-            ("ttl", spec.get("TTL")),
-            ("alias", spec.get("AliasService") or spec.get("AliasNode")),
-            ("script", spec.get("ScriptArgs")),
-        )
-        if present
-    ]
-    if len(kinds) > 1:
-        raise BadRequest(
-            f"Invalid check: only one of HTTP, TCP, GRPC, TTL, alias may be set (got {', '.join(kinds)})"
-        )
-    if not kinds:
-        return ""
-    kind = kinds[0]
-    if kind == "script":
-        raise BadRequest(
-            "Invalid check: script checks are not supported (use HTTP, TCP, GRPC or TTL)"
-        )
-    if kind in ("http", "tcp", "grpc") and not spec.get("Interval"):
-        raise BadRequest(f"Invalid check: {kind.upper()} checks must have an Interval")
-    if kind == "http" and not str(spec["HTTP"]).startswith(("http://", "https://")):
-        raise BadRequest(
-            f"Invalid check: HTTP must be an http:// or https:// URL, got {spec['HTTP']!r}"
-        )
-    if kind == "tcp" and ":" not in spec["TCP"]:
-        raise BadRequest(f"Invalid check: TCP must be host:port, got {spec['TCP']!r}")
-    return kind
+    with rule_errors():
+        return rules.check_kind(spec)
 
 
-def _validate_status(status: str) -> str:
-    if status and status not in STATUS_ORDER:
-        raise BadRequest(f"Invalid check status: {status!r} (use passing, warning or critical)")
-    return status or Check.CRITICAL
+def check_fields(
+    spec: dict[str, Any],
+    *,
+    check_id: str,
+    name: str,
+    service_id: str = "",
+    service_name: str = "",
+    service_tags: list[str] | None = None,
+    agent_local: bool,
+) -> dict[str, Any]:
+    """What registering the check `spec` stores in its row (besides status and output)."""
+    return {
+        "name": name,
+        "notes": spec.get("Notes", ""),
+        "type": "maintenance" if rules.is_maintenance(check_id) else _check_type(spec),
+        "definition": rules.check_definition(spec),
+        "interval": durations.seconds(spec.get("Interval")),
+        "timeout": durations.seconds(spec.get("Timeout")),
+        "ttl": durations.seconds(spec.get("TTL")),
+        "deregister_after": durations.seconds(spec.get("DeregisterCriticalServiceAfter")),
+        "service_id": service_id,
+        "service_name": service_name,
+        "service_tags": list(service_tags or []),
+        "agent_local": agent_local,
+    }
 
 
 def _upsert_check(
@@ -201,30 +207,37 @@ def _upsert_check(
     agent_local: bool,
     status: str | None = None,
     output: str | None = None,
+    existing: Check | None | type[_Unknown] = _Unknown,
 ) -> Check:
-    kind = _check_type(spec)
-    definition = {
-        k: v
-        for k, v in spec.items()
-        if k not in ("CheckID", "Name", "Notes", "Status", "ServiceID", "Node", "Output", "Type")
-    }
-    existing = Check.objects.filter(node=node, check_id=check_id).first()
+    """Insert or update one check (plain SQL: it runs for every registered check).
+
+    `existing` is the stored row when the caller already read it (None: there
+    is none); left out, it is read here.
+    """
+    fields = check_fields(
+        spec,
+        check_id=check_id,
+        name=name,
+        service_id=svc.service_id if svc else "",
+        service_name=svc.name if svc else "",
+        service_tags=list(svc.tags) if svc else [],
+        agent_local=agent_local,
+    )
+    kind = fields["type"]
+    if existing is _Unknown:
+        existing = rows.first(Check, node_id=node.pk, check_id=check_id)
     now = timezone.now()
-    check = existing or Check(node=node, check_id=check_id, create_index=change.index)
-    check.name = name
-    check.notes = spec.get("Notes", "")
-    check.type = kind
-    check.definition = definition
-    check.interval = spec.get("Interval", 0.0)
-    check.timeout = spec.get("Timeout", 0.0)
-    check.ttl = spec.get("TTL", 0.0)
-    check.deregister_after = spec.get("DeregisterCriticalServiceAfter", 0.0)
-    check.service_id = svc.service_id if svc else ""
-    check.service_name = svc.name if svc else ""
-    check.service_tags = list(svc.tags) if svc else []
-    check.agent_local = agent_local
+    check = existing or rows.new(
+        Check, node_id=node.pk, check_id=check_id, create_index=change.index
+    )
+    check.node = node
+    for attr, value in fields.items():
+        setattr(check, attr, value)
     if existing is None or spec.get("Status"):
-        check.status = _validate_status(status if status is not None else spec.get("Status", ""))
+        with rule_errors():
+            check.status = rules.check_status(
+                status if status is not None else spec.get("Status", "")
+            )
         check.critical_since = now if check.status == Check.CRITICAL else None
     if output is not None:
         check.output = output
@@ -233,7 +246,7 @@ def _upsert_check(
     if kind == "ttl" and existing is None:
         check.ttl_expires_at = now + timedelta(seconds=check.ttl)
     check.modify_index = change.index
-    check.save()
+    rows.save(check)
     change.audit(
         "check.register",
         "check",
@@ -249,90 +262,68 @@ def _upsert_check(
     return check
 
 
-def _service_check_specs(service_id: str, spec: dict[str, Any]) -> list[_CheckSpec]:
-    checks = []
-    if spec.get("Check"):
-        checks.append(spec["Check"])
-    checks.extend(spec.get("Checks") or [])
-    out = []
-    for i, c in enumerate(checks, start=1):
-        default_id = f"service:{service_id}" if len(checks) == 1 else f"service:{service_id}:{i}"
-        out.append(_CheckSpec(c.get("CheckID") or default_id, c))
-    return out
+def sidecar_ports(node: Node) -> dict[str, int]:
+    """The ports of the node's saved sidecars, by sidecar ID."""
+    return dict(node.services.filter(kind="connect-proxy").values_list("service_id", "port"))
 
 
-def _free_sidecar_port(node: Node, taken: Iterable[int] = ()) -> int:
-    used = set(node.services.filter(kind="connect-proxy").values_list("port", flat=True)) | set(
-        taken
-    )
-    for port in SIDECAR_PORT_RANGE:
-        if port not in used:
-            return port
-    raise BadRequest("No free sidecar port in 21000-21255 on this node")
+def sidecar_port(
+    node: Node, sidecar_id: str, taken: Iterable[int] = (), ports: dict[str, int] | None = None
+) -> int:
+    """The port of the node's sidecar `sidecar_id`: the one it has, else the first
+    free one of the sidecar range (not a saved sidecar's, nor one in `taken`).
+    `ports` is `sidecar_ports(node)` when the caller already has it."""
+    ports = sidecar_ports(node) if ports is None else ports
+    if ports.get(sidecar_id):
+        return ports[sidecar_id]
+    with rule_errors():
+        return rules.free_sidecar_port(set(ports.values()) | set(taken))
 
 
-def _sidecar_spec(parent: dict[str, Any], node: Node) -> dict[str, Any]:
-    """Expand `Connect.SidecarService` with Consul's defaults."""
-    sidecar = dict(parent["Connect"]["SidecarService"])
-    parent_id = parent["ID"]
-    if sidecar.get("Kind") not in (None, "", "connect-proxy"):
-        raise BadRequest("Invalid SidecarService: Kind must be connect-proxy")
-    sidecar["Kind"] = "connect-proxy"
-    sidecar.setdefault("ID", f"{parent_id}-sidecar-proxy")
-    sidecar["ID"] = sidecar["ID"] or f"{parent_id}-sidecar-proxy"
-    sidecar["Name"] = sidecar.get("Name") or f"{parent['Name']}-sidecar-proxy"
-    if not sidecar.get("Tags") and parent.get("Tags"):
-        sidecar["Tags"] = list(parent["Tags"])
-    if not sidecar.get("Meta") and parent.get("Meta"):
-        sidecar["Meta"] = dict(parent["Meta"])
-    existing = node.services.filter(service_id=sidecar["ID"]).first()
-    if not sidecar.get("Port"):
-        sidecar["Port"] = existing.port if existing else _free_sidecar_port(node)
-    proxy = dict(sidecar.get("Proxy") or {})
-    proxy["DestinationServiceName"] = parent["Name"]
-    proxy["DestinationServiceID"] = parent_id
-    proxy.setdefault("LocalServiceAddress", "127.0.0.1")
-    if not proxy.get("LocalServicePort"):
-        proxy["LocalServicePort"] = parent.get("Port", 0)
-    sidecar["Proxy"] = proxy
-    if not sidecar.get("Check") and not sidecar.get("Checks"):
-        address = sidecar.get("Address") or parent.get("Address") or "127.0.0.1"
-        sidecar["Checks"] = [
-            {
-                "CheckID": f"service:{sidecar['ID']}:1",
-                "Name": "Connect Sidecar Listening",
-                "TCP": f"{address}:{sidecar['Port']}",
-                "Interval": 10.0,
-            },
-            {
-                "CheckID": f"service:{sidecar['ID']}:2",
-                "Name": "Connect Sidecar Aliasing " + parent_id,
-                "AliasService": parent_id,
-                "Status": Check.PASSING,
-            },
-        ]
-    return sidecar
+def expand_sidecar(
+    node: Node,
+    parent: dict[str, Any],
+    taken: Iterable[int] = (),
+    ports: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """`Connect.SidecarService` of `parent` as registered on `node` (Consul's defaults)."""
+    sidecar = parent["Connect"]["SidecarService"]
+    port = sidecar.get("Port") or sidecar_port(node, rules.sidecar_id(parent) or "", taken, ports)
+    return rules.expand_sidecar(parent, port)
 
 
-def _validate_service(spec: dict[str, Any]) -> None:
-    if not spec.get("Name"):
-        raise BadRequest("Missing service name")
+def validate_service(spec: dict[str, Any]) -> None:
+    """Refuse (400) a service definition Consul would refuse."""
+    with rule_errors():
+        rules.validate_service(spec)
+
+
+_validate_service = validate_service
+
+
+def instance_fields(spec: dict[str, Any], *, parent_id: str, agent_local: bool) -> dict[str, Any]:
+    """What registering the service `spec` stores in its row."""
     kind = spec.get("Kind") or "typical"
-    if kind not in ServiceInstance.KINDS:
-        raise BadRequest(f"Invalid service kind: {kind!r}")
-    if not 0 <= spec.get("Port", 0) <= 65535:
-        raise BadRequest(f"Invalid service port: {spec['Port']}")
-    if kind == "connect-proxy":
-        proxy = spec.get("Proxy") or {}
-        if not proxy.get("DestinationServiceName"):
-            raise BadRequest("Proxy.DestinationServiceName must be set for a connect-proxy")
-        if not spec.get("Port"):
-            raise BadRequest("Port must be set for a connect-proxy")
-    if kind == "mesh-gateway" and not spec.get("Port"):
-        raise BadRequest("Port must be set for a mesh-gateway")
-    weights = spec.get("Weights") or {}
-    if weights and weights.get("Passing", 1) < 1:
-        raise BadRequest("Passing weight must be greater than 0")
+    proxy = spec.get("Proxy") or {}
+    return {
+        "name": spec["Name"],
+        "kind": kind,
+        "tags": spec.get("Tags", []),
+        "address": spec.get("Address", ""),
+        "port": spec.get("Port", 0),
+        "meta": spec.get("Meta", {}),
+        "tagged_addresses": spec.get("TaggedAddresses", {}),
+        "weights": spec.get("Weights") or {"Passing": 1, "Warning": 1},
+        "enable_tag_override": spec.get("EnableTagOverride", False),
+        "proxy": proxy,
+        "connect": {k: v for k, v in (spec.get("Connect") or {}).items() if k != "SidecarService"},
+        "namespace": spec.get("Namespace") or "default",
+        "parent_service_id": parent_id,
+        "destination_name": proxy.get("DestinationServiceName", "")
+        if kind == "connect-proxy"
+        else "",
+        "agent_local": agent_local,
+    }
 
 
 def _save_instance(
@@ -340,34 +331,19 @@ def _save_instance(
 ) -> ServiceInstance:
     _validate_service(spec)
     service_id = spec.get("ID") or spec["Name"]
-    kind = spec.get("Kind") or "typical"
-    proxy = spec.get("Proxy") or {}
-    svc = ServiceInstance.objects.filter(node=node, service_id=service_id).first()
+    svc = rows.first(ServiceInstance, node_id=node.pk, service_id=service_id)
     before = shapes.agent_service_json(_with_node(svc, node)) if svc is not None else None
     if svc is not None and svc.name != spec["Name"]:
         # Renaming an instance moves it between services: both lists change.
         change.touch(*service_topics(svc))
-    svc = svc or ServiceInstance(node=node, service_id=service_id, create_index=change.index)
-    svc.name = spec["Name"]
-    svc.kind = kind
-    svc.tags = spec.get("Tags", [])
-    svc.address = spec.get("Address", "")
-    svc.port = spec.get("Port", 0)
-    svc.meta = spec.get("Meta", {})
-    svc.tagged_addresses = spec.get("TaggedAddresses", {})
-    svc.weights = spec.get("Weights") or {"Passing": 1, "Warning": 1}
-    svc.enable_tag_override = spec.get("EnableTagOverride", False)
-    svc.proxy = proxy
-    svc.connect = {k: v for k, v in (spec.get("Connect") or {}).items() if k != "SidecarService"}
-    svc.namespace = spec.get("Namespace") or "default"
-    svc.parent_service_id = parent_id
-    svc.destination_name = (
-        proxy.get("DestinationServiceName", "") if kind == "connect-proxy" else ""
+    svc = svc or rows.new(
+        ServiceInstance, node_id=node.pk, service_id=service_id, create_index=change.index
     )
-    svc.agent_local = agent_local
+    for attr, value in instance_fields(spec, parent_id=parent_id, agent_local=agent_local).items():
+        setattr(svc, attr, value)
     svc.modify_index = change.index
-    svc.save()
     svc.node = node
+    rows.save(svc)
     change.touch(*service_topics(svc))
     change.audit(
         "service.register",
@@ -378,8 +354,11 @@ def _save_instance(
     )
     if before is not None and (before["Service"] != svc.name or before["Tags"] != svc.tags):
         # Checks copy the service's name and tags; keep them current.
-        Check.objects.filter(node=node, service_id=service_id).update(
-            service_name=svc.name, service_tags=svc.tags, modify_index=change.index
+        rows.update_where(
+            Check,
+            {"service_name": svc.name, "service_tags": svc.tags, "modify_index": change.index},
+            node_id=node.pk,
+            service_id=service_id,
         )
     return svc
 
@@ -388,39 +367,40 @@ def register_agent_service(
     node: Node, spec: dict[str, Any], *, replace_existing_checks: bool = False
 ) -> ServiceInstance:
     """`PUT /v1/agent/service/register`: the service, its checks and its sidecar, atomically."""
-    spec = dict(spec)
-    _validate_service(spec)
-    spec["ID"] = spec.get("ID") or spec["Name"]
+    validate_service(spec)
+    spec = dict(spec, ID=rules.service_id(spec))
     with Change() as change:
         svc = _save_instance(change, node, spec, agent_local=True)
         _register_service_checks(change, node, svc, spec, replace_existing_checks)
-        sidecar_spec = (spec.get("Connect") or {}).get("SidecarService")
-        if sidecar_spec is not None:
-            if spec.get("Kind") not in (None, "", "typical"):
-                raise BadRequest("A sidecar can only be registered for a typical service")
-            sc = _sidecar_spec(spec, node)
+        if rules.sidecar_id(spec) is not None:
+            sc = expand_sidecar(node, spec)
             sidecar = _save_instance(change, node, sc, agent_local=True, parent_id=svc.service_id)
             _register_service_checks(change, node, sidecar, sc, replace_existing_checks)
     return svc
 
 
-def _require_check_type(spec: dict[str, Any]) -> None:
-    """Checks registered through the agent API must say how they are run."""
-    if not _check_type(spec):
-        raise BadRequest("Invalid check: must provide one of HTTP, TCP, GRPC, TTL or AliasService")
+def service_checks(service_id: str, spec: dict[str, Any]) -> list[rules.InlineCheck]:
+    """A service's inline checks with the IDs and names Consul gives them (400 if bad)."""
+    with rule_errors():
+        return rules.service_checks(service_id, spec["Name"], spec)
 
 
 def _register_service_checks(
     change: Change, node: Node, svc: ServiceInstance, spec: dict[str, Any], replace: bool
 ) -> None:
-    specs = _service_check_specs(svc.service_id, spec)
+    specs = service_checks(svc.service_id, spec)
+    keep = {s.check_id for s in specs} | {rules.maintenance_check_id(svc.service_id)}
+    stored = _stored_checks(node, [s.check_id for s in specs])
     for s in specs:
-        _require_check_type(s.fields)
-    keep = {s.check_id for s in specs} | {maintenance_check_id(svc.service_id)}
-    for s in specs:
-        name = s.fields.get("Name") or f"Service '{svc.name}' check"
         _upsert_check(
-            change, node, s.fields, check_id=s.check_id, name=name, svc=svc, agent_local=True
+            change,
+            node,
+            s.spec,
+            check_id=s.check_id,
+            name=s.name,
+            svc=svc,
+            agent_local=True,
+            existing=stored.get(s.check_id),
         )
     if replace:
         stale = Check.objects.filter(node=node, service_id=svc.service_id).exclude(
@@ -429,6 +409,15 @@ def _register_service_checks(
         if stale.exists():
             stale.delete()
             change.touch(*service_topics(svc), topic.CHECKS)
+
+
+def _stored_checks(node: Node, check_ids: list[str]) -> dict[str, Check]:
+    """The node's stored checks among `check_ids`, in one query."""
+    if not check_ids:
+        return {}
+    marks = ", ".join(["%s"] * len(check_ids))
+    found = rows.where(Check, f"node_id = %s AND check_id IN ({marks})", [node.pk, *check_ids])
+    return {c.check_id: c for c in found}
 
 
 def _with_node(svc: ServiceInstance, node: Node) -> ServiceInstance:
@@ -450,6 +439,24 @@ def _delete_instance(change: Change, svc: ServiceInstance) -> None:
 
     svc.delete()
     invalidate_sessions_for_checks(change, svc.node, service_ids=[svc.service_id])
+
+
+def save_instance(
+    change: Change, node: Node, spec: dict[str, Any], *, agent_local: bool, parent_id: str = ""
+) -> ServiceInstance:
+    """Write one service instance (validated, `ID` set) in `change`, without its checks."""
+    return _save_instance(change, node, spec, agent_local=agent_local, parent_id=parent_id)
+
+
+def delete_instance(change: Change, svc: ServiceInstance) -> None:
+    """Remove one service instance and its checks in `change` (audited, sessions invalidated)."""
+    _delete_instance(change, svc)
+
+
+# Register or update one check in a change (public for node sync): a new check starts
+# as `spec["Status"]` (critical when absent), an existing one keeps its status unless
+# `Status` (or `status=`) is given.
+upsert_check = _upsert_check
 
 
 def deregister_agent_service(node: Node, service_id: str) -> None:
@@ -485,24 +492,19 @@ def get_instance(node: Node, service_id: str) -> ServiceInstance:
 def set_service_maintenance(node: Node, service_id: str, enable: bool, reason: str = "") -> None:
     """Maintenance mode is a critical `_service_maintenance:<id>` check, as in Consul."""
     svc = get_instance(node, service_id)
-    check_id = maintenance_check_id(service_id)
+    check_id = rules.maintenance_check_id(service_id)
     with Change() as change:
         if enable:
+            spec = rules.maintenance_check(service_id, reason)
             _upsert_check(
                 change,
                 node,
-                {
-                    "Notes": reason
-                    or "Maintenance mode is enabled for this service, but no reason was provided. This is a default message."
-                },
+                spec,
                 check_id=check_id,
-                name="Service Maintenance Mode",
+                name=spec["Name"],
                 svc=svc,
                 agent_local=True,
                 status=Check.CRITICAL,
-            )
-            Check.objects.filter(node=node, check_id=check_id).update(
-                status=Check.CRITICAL, type="maintenance"
             )
         else:
             if Check.objects.filter(node=node, check_id=check_id).delete()[0]:
@@ -512,15 +514,13 @@ def set_service_maintenance(node: Node, service_id: str, enable: bool, reason: s
 def set_node_maintenance(node: Node, enable: bool, reason: str = "") -> None:
     with Change() as change:
         if enable:
+            spec = rules.maintenance_check("", reason)
             _upsert_check(
                 change,
                 node,
-                {
-                    "Notes": reason
-                    or "Maintenance mode is enabled for this node, but no reason was provided. This is a default message."
-                },
+                spec,
                 check_id=NODE_MAINTENANCE_CHECK_ID,
-                name="Node Maintenance Mode",
+                name=spec["Name"],
                 svc=None,
                 agent_local=True,
                 status=Check.CRITICAL,
@@ -536,7 +536,8 @@ def register_agent_check(node: Node, spec: dict[str, Any]) -> Check:
     """`PUT /v1/agent/check/register`."""
     if not spec.get("Name"):
         raise BadRequest("Missing check name")
-    _require_check_type(spec)
+    with rule_errors():
+        rules.require_check_kind(spec)
     check_id = spec.get("CheckID") or spec["Name"]
     with Change() as change:
         svc = None
@@ -560,20 +561,30 @@ def deregister_check(node: Node, check_id: str) -> None:
             raise NotFound(
                 f'Unknown check ID "{check_id}". Ensure that the check ID is passed, not the check name.'
             )
-        _touch_check(change, check)
-        change.audit(
-            "check.deregister", "check", f"{node.name}/{check_id}", {"Status": check.status}, None
-        )
-        check.delete()
-        from registry.domain.sessions import invalidate_sessions_for_checks
+        check.node = node
+        delete_check(change, check)
 
-        invalidate_sessions_for_checks(change, node, check_ids=[check_id])
+
+def delete_check(change: Change, check: Check) -> None:
+    """Remove one check in `change`: audited, watchers woken, its sessions invalidated."""
+    from registry.domain.sessions import invalidate_sessions_for_checks
+
+    _touch_check(change, check)
+    change.audit(
+        "check.deregister",
+        "check",
+        f"{check.node.name}/{check.check_id}",
+        {"Status": check.status},
+        None,
+    )
+    check.delete()
+    invalidate_sessions_for_checks(change, check.node, check_ids=[check.check_id])
 
 
 def _touch_check(change: Change, check: Check) -> None:
     change.touch(topic.CHECKS, topic.node(check.node.name))
     if check.service_id:
-        svc = ServiceInstance.objects.filter(node=check.node, service_id=check.service_id).first()
+        svc = rows.first(ServiceInstance, node_id=check.node_id, service_id=check.service_id)
         if svc is not None:
             svc.node = check.node
             change.touch(*service_topics(svc))
@@ -625,7 +636,7 @@ def apply_check_result(change: Change, check: Check, status: str, output: str | 
             check.output = output
         check.modify_index = change.index
         _touch_check(change, check)
-    check.save()
+    rows.save(check)
     if changed and status == Check.CRITICAL:
         from registry.domain.sessions import invalidate_sessions_for_checks
 
@@ -647,7 +658,7 @@ def agent_register_needs(node: Node, spec: dict[str, Any]) -> list[Need]:
     """
     name = spec.get("Name", "")
     needs: list[Need] = [("service:write", name)]
-    replaced = ServiceInstance.objects.filter(node=node, service_id=spec.get("ID") or name).first()
+    replaced = rows.first(ServiceInstance, node_id=node.pk, service_id=spec.get("ID") or name)
     if replaced is not None and replaced.name != name:
         needs.append(("service:write", replaced.name))
     dest = (spec.get("Proxy") or {}).get("DestinationServiceName")
@@ -668,7 +679,7 @@ def catalog_register_needs(spec: dict[str, Any]) -> list[Need]:
     a check is attached to.
     """
     node = spec.get("Node", "")
-    existing = Node.objects.filter(name=node).first()
+    existing = rows.first(Node, name=node)
     needs: list[Need] = []
     if not spec.get("SkipNodeUpdate"):
         changes_node = (
@@ -687,7 +698,7 @@ def catalog_register_needs(spec: dict[str, Any]) -> list[Need]:
     def on_node(service_id: str) -> ServiceInstance | None:
         if existing is None or not service_id:
             return None
-        return ServiceInstance.objects.filter(node=existing, service_id=service_id).first()
+        return rows.first(ServiceInstance, node_id=existing.pk, service_id=service_id)
 
     service = spec.get("Service") or {}
     service_id = ""
@@ -721,7 +732,7 @@ def catalog_register(spec: dict[str, Any]) -> None:
         raise BadRequest("Must provide node")
     dc_name = spec.get("Datacenter") or settings.MESH_DC
     with Change() as change:
-        node = Node.objects.select_related("datacenter").filter(name=spec["Node"]).first()
+        node = find_node(spec["Node"])
         if node is None:
             if not spec.get("Address"):
                 raise BadRequest("Must provide address if SkipNodeUpdate is not set")
@@ -756,7 +767,9 @@ def catalog_register(spec: dict[str, Any]) -> None:
             if not c.get("CheckID") and not c.get("Name"):
                 raise BadRequest("Missing check ID or name")
             check_svc = svc
-            if c.get("ServiceID"):
+            if c.get("ServiceID") and svc is not None and c["ServiceID"] == svc.service_id:
+                pass  # the service this request registered
+            elif c.get("ServiceID"):
                 check_svc = (
                     ServiceInstance.objects.select_related("node")
                     .filter(node=node, service_id=c["ServiceID"])
@@ -824,14 +837,6 @@ def delete_node(change: Change, node: Node) -> None:
 
 
 # --- reads ------------------------------------------------------------------------------
-
-
-def aggregate_status(statuses: Iterable[str]) -> str:
-    worst = Check.PASSING
-    for s in statuses:
-        if STATUS_ORDER.get(s, 2) > STATUS_ORDER[worst]:
-            worst = s if s in STATUS_ORDER else Check.CRITICAL
-    return worst
 
 
 def instances_query(name: str | None = None, *, connect: bool = False, dc: str | None = None):

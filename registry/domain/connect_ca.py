@@ -143,17 +143,42 @@ def configuration_json() -> tuple[int, dict[str, Any]]:
 # --- writes (through the manager) -------------------------------------------------------
 
 
+# Consul's CAConfiguration fields a PUT may carry (a read-modify-write sends them all back).
+_CONFIG_FIELDS = {
+    "provider": "Provider",
+    "config": "Config",
+    "forcewithoutcrosssigning": "ForceWithoutCrossSigning",
+    "state": "State",
+    "clusterid": "ClusterID",
+    "createindex": "CreateIndex",
+    "modifyindex": "ModifyIndex",
+}
+
+
 def set_configuration(body: dict[str, Any]) -> bool:
-    """Apply a PUT of Consul's CAConfiguration; True if a new key type rotated the root."""
+    """Apply a PUT of Consul's CAConfiguration; True if a new key type rotated the root.
+
+    What the body leaves out keeps its stored value (never a silent reset to
+    defaults); an unknown field or provider is a 400 naming it. `State` is
+    read-only (as Consul's) and `ClusterID` and the indexes are ignored.
+    """
     if not isinstance(body, dict):
         raise BadRequest("Request decode failed: expected an object")
-    fields = {str(k).lower().replace("_", ""): v for k, v in body.items()}
-    provider = fields.get("provider") or "consul"
-    if not isinstance(provider, str):
+    fields: dict[str, Any] = {}
+    for key, value in body.items():
+        folded = str(key).lower().replace("_", "")
+        if folded not in _CONFIG_FIELDS:
+            known = ", ".join(("Provider", "Config", "ForceWithoutCrossSigning"))
+            raise BadRequest(f"{key}: unknown field (known: {known})")
+        fields[folded] = value
+    provider = fields.get("provider")
+    if provider is not None and not isinstance(provider, str):
         raise BadRequest("Provider: expected a string")
-    force = fields.get("forcewithoutcrosssigning", False)
-    if not isinstance(force, bool):
+    force = fields.get("forcewithoutcrosssigning")
+    if force is not None and not isinstance(force, bool):
         raise BadRequest("ForceWithoutCrossSigning: expected a boolean")
+    if fields.get("state") not in (None, {}):
+        raise BadRequest("State: the provider state is read-only; omit it or send it as read")
     return manager.update_config(provider, fields.get("config"), force)
 
 
@@ -392,7 +417,9 @@ def _listed_dns_names(kind: str, name: str) -> set[str]:
     return {n.lower() for n in names if _is_hostname(n)}
 
 
-def _authorise(identity, csr_uri: str, dns_names: list[str], state: SigningState):
+def _authorise(
+    identity, csr_uri: str, dns_names: list[str], state: SigningState, agent: bool = False
+):
     """The identity the CSR asks for, if `identity` may have it (else 403)."""
     try:
         wanted = spiffe.parse(csr_uri)
@@ -419,6 +446,14 @@ def _authorise(identity, csr_uri: str, dns_names: list[str], state: SigningState
         kind, name = "agent", wanted.node
         if not authz.node_write(name):
             raise _denied(identity, "node:write", name)
+        if not agent and not authz.acl_write():
+            # A node identity is minted by the join flow (which binds it to the
+            # node); elsewhere only a token that may mint join tokens gets one.
+            raise PermissionDenied(
+                "Permission denied: node certificates are issued by the join flow "
+                "(mesh join-token create, mesh agent -join-token); signing an agent "
+                "ID here needs acl:write"
+            )
     allowed = allowed_dns_names(kind, name, dc)
     unexpected = [d for d in dns_names if d.lower() not in allowed]
     if unexpected:
@@ -432,11 +467,13 @@ def _authorise(identity, csr_uri: str, dns_names: list[str], state: SigningState
     return wanted, kind, name
 
 
-def sign_csr(identity, csr_pem: str | bytes) -> SignedLeaf:
+def sign_csr(identity, csr_pem: str | bytes, *, agent: bool = False) -> SignedLeaf:
     """Sign a CSR for the identity (service or agent SPIFFE ID) it asks for.
 
     `identity` is the caller's `registry.domain.acl.Identity`: a service ID
-    needs `service:write` on the service, an agent ID `node:write` on the node.
+    needs `service:write` on the service, an agent ID `node:write` on the node
+    and either `agent=True` (the join flow and node renewals, which bind the
+    certificate to the node) or `acl:write`.
     Errors: 429 when the signing rate limit's queue is full; 400 for a CSR
     that is not one (garbage, bad signature, unsupported key, CA:true or
     other extensions, SANs other than URI/DNS); 403 for an identity the
@@ -453,7 +490,7 @@ def sign_csr(identity, csr_pem: str | bytes) -> SignedLeaf:
         raise PermissionDenied(
             f"Permission denied: a CSR must ask for exactly one URI SAN (a SPIFFE ID), not {len(uris)}"
         )
-    wanted, kind, name = _authorise(identity, uris[0], dns_names, state)
+    wanted, kind, name = _authorise(identity, uris[0], dns_names, state, agent)
     cert = state.provider.sign_leaf(
         state.signer,
         csr,

@@ -11,9 +11,14 @@ The push/ack half comes from the caller (`registry.grpc.status.proxy_streams()`
 in a server process) because it lives in the streams' memory, not in the
 database; this function stays a plain read of rows plus that mapping.
 
-ACLs: sidecars are listed when the token may read the service they front and
-their node (as `/v1/health/connect/<service>`); intentions are counted when
-readable (`intentions.visible`); CA roots are public, as in Consul.
+ACLs: a caller learns nothing here it could not read elsewhere with its token.
+Sidecars are listed when the token may read the service they front and their
+node (as `/v1/health/connect/<service>`); intentions are counted when readable
+(`intentions.visible`); the answering server's node name needs `node:read` on
+it (else `null`); the CA section (trust domain, root IDs) needs
+`operator:read`, as the CA configuration does (else `null`). The trust bundle
+itself stays public at `/v1/connect/ca/roots`, as in Consul: clients need it to
+verify certificates. The datacenter name is public (`/v1/catalog/datacenters`).
 """
 
 from __future__ import annotations
@@ -152,10 +157,11 @@ def connect_status(
     a stream open on it. `service` limits the list to one service.
     """
     proxies = _proxies(authz, streams, connected, service)
+    server = settings.MESH_NODE_NAME
     return {
         "datacenter": settings.MESH_DC,
-        "server": settings.MESH_NODE_NAME,
+        "server": server if authz.node_read(server) else None,
         "services": [{"service": name, "proxies": rows} for name, rows in sorted(proxies.items())],
-        "ca": _roots(),
+        "ca": _roots() if authz.operator_read() else None,
         "intentions": _intention_counts(authz),
     }

@@ -60,7 +60,7 @@ from meshproto.probes import (  # noqa: F401 - re-exported for callers and tests
 )
 from meshproto.probes import run as _run_kind
 from registry import topics as topic
-from registry.domain import catalog, connect_ca
+from registry.domain import catalog, connect_ca, enrollment
 from registry.errors import NotFound
 from registry.models import Check, Node, ServiceInstance
 from registry.txn import Change, topic_index
@@ -390,4 +390,5 @@ def tick(*, wait: bool = False) -> dict[str, int]:
         "aliases_updated": update_alias_checks(node_name),
         "services_deregistered": reap_critical_services(dying, now) if dying else 0,
         "sessions_expired": expire_sessions(),
+        "nodes_down": enrollment.sweep_liveness(now),
     }

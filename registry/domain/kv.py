@@ -290,12 +290,24 @@ def apply_lock_delay(keys: Iterable[str], lock_delay_ns: int) -> None:
 # --- writes -------------------------------------------------------------------------------
 
 
+def _audit_state(entry: KVEntry) -> dict[str, Any]:
+    """An entry as the audit log records it (the value is described there, never kept)."""
+    return {
+        "Key": entry.key,
+        "Flags": _flags_from_db(entry.flags),
+        "Session": entry.session_id or None,
+        "LockIndex": entry.lock_index,
+        "Value": _value_bytes(entry) if entry.value is not None else None,
+    }
+
+
 def _save(change: Change, entry: KVEntry, *, created: bool) -> None:
     entry.modify_index = change.index
     if created:
         entry.create_index = change.index
     entry.save()
     change.touch(key_topic(entry.key))
+    change.audit("kv.set", "kv", entry.key, None, _audit_state(entry))
 
 
 def put(
@@ -402,12 +414,18 @@ def delete(key: str, *, recurse: bool = False, cas: int | None = None) -> bool:
             if doomed:
                 KVEntry.objects.filter(pk__in=[e.pk for e in doomed]).delete()
                 change.touch(*(key_topic(e.key) for e in doomed))
+                listed = [e.key for e in doomed[:100]]
+                change.audit(
+                    "kv.delete-tree", "kv", key, {"Count": len(doomed), "Keys": listed}, None
+                )
             return True
         entry = KVEntry.objects.select_for_update().filter(key=key).first()
         if entry is None:
             return True
         if cas is not None and entry.modify_index != cas:
             return False
+        before = _audit_state(entry)
         entry.delete()
         change.touch(key_topic(key))
+        change.audit("kv.delete", "kv", key, before, None)
         return True

@@ -182,10 +182,18 @@ def agent_services(authz, node: Node) -> tuple[int, dict[str, dict]]:
 
 
 def agent_checks(authz, node: Node) -> tuple[int, dict[str, dict]]:
+    """The agent's checks the token may see, as Consul filters them: a service's
+    check needs `service:read` on the service, a node-level one (`serfHealth`)
+    `node:read` on the node (as `/v1/health/node/<node>`)."""
     index = topic_index(topic.node(node.name))
+    node_readable = authz.node_read(node.name)
     out = {}
     for c in Check.objects.filter(node=node).order_by("check_id"):
-        if not c.service_name or authz.service_read(c.service_name):
+        if c.service_id or c.service_name:
+            allowed = authz.service_read(c.service_name or c.service_id)
+        else:
+            allowed = node_readable
+        if allowed:
             out[c.check_id] = shapes.check_json(c, node.name)
     return index, out
 

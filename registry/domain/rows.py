@@ -1,4 +1,8 @@
-"""Hot reads in plain SQL, returning light row objects the shape functions accept.
+"""Hot reads and writes in plain SQL.
+
+Reads return light row objects the shape functions accept; writes (`first`,
+`save`) take and return the registry's models but skip the ORM's query
+compiler, which costs more than the database on every registration.
 
 `/v1/health/service/:name` is the most frequent read in a mesh (every
 watcher, every DNS-less client); building it through the ORM spends more
@@ -10,11 +14,81 @@ names as the models (`svc.node.datacenter.name`, `check.status`, ...), so
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import functools
 import json
+from collections.abc import Iterator
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
-from django.db import connection
+from django.db import connection, models
+from django.utils.dateparse import parse_datetime
+
+M = TypeVar("M", bound=models.Model)
+
+
+@contextlib.contextmanager
+def cursor() -> Iterator[Any]:
+    """A cursor for the hot statements, on the connection's current transaction.
+
+    On PostgreSQL it binds parameters on the server (Django's own cursors
+    quote them into the SQL text client-side): no per-call quoting, and a
+    statement run a few times is prepared once and only executed after
+    that. Errors still come out as Django's database exceptions.
+    """
+    connection.ensure_connection()
+    if connection.vendor == "sqlite":
+        # sqlite3's own cursor: Django's wrapper rewrites every statement's
+        # placeholders with a regular expression.
+        with connection.wrap_database_errors:
+            cur = _SQLiteCursor(connection.connection.cursor())
+            try:
+                yield cur
+            finally:
+                cur.close()
+        return
+    if connection.vendor != "postgresql":
+        with connection.cursor() as cur:
+            yield cur
+        return
+    import psycopg
+
+    with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cur:
+        yield cur
+
+
+@functools.lru_cache(maxsize=512)
+def _qmark(sql: str) -> str:
+    return sql.replace("%s", "?").replace("%%", "%")
+
+
+class _SQLiteCursor:
+    """A sqlite3 cursor taking the `%s` placeholders the rest of the code writes."""
+
+    __slots__ = ("_cur",)
+
+    def __init__(self, cur) -> None:
+        self._cur = cur
+
+    def execute(self, sql: str, params=()) -> Any:
+        return self._cur.execute(_qmark(sql), params)
+
+    def executemany(self, sql: str, seq) -> Any:
+        return self._cur.executemany(_qmark(sql), seq)
+
+    def fetchone(self) -> Any:
+        return self._cur.fetchone()
+
+    def fetchall(self) -> list:
+        return self._cur.fetchall()
+
+    @property
+    def rowcount(self) -> int:
+        return self._cur.rowcount
+
+    def close(self) -> None:
+        self._cur.close()
 
 
 def _json(value: Any) -> Any:
@@ -50,7 +124,7 @@ def instances(name: str, dc: str, *, connect: bool = False) -> list[SimpleNamesp
         where, params = "(s.destination_name = %s OR s.name = %s)", [name, name, dc]
     else:
         where, params = "s.name = %s", [name, dc]
-    with connection.cursor() as cur:
+    with cursor() as cur:
         cur.execute(_INSTANCE_SQL.format(where=where), params)
         rows = cur.fetchall()
     nodes: dict[int, SimpleNamespace] = {}
@@ -100,7 +174,7 @@ def checks(instances: list[SimpleNamespace]) -> dict[int, list[SimpleNamespace]]
     sql = _CHECK_SQL.format(
         nodes=", ".join(["%s"] * len(node_ids)), services=", ".join(["%s"] * len(service_ids))
     )
-    with connection.cursor() as cur:
+    with cursor() as cur:
         cur.execute(sql, [*node_ids, *service_ids])
         rows = cur.fetchall()
     by_node: dict[int, list[SimpleNamespace]] = {}
@@ -120,3 +194,156 @@ def checks(instances: list[SimpleNamespace]) -> dict[int, list[SimpleNamespace]]
         s.pk: by_node.get(s.node_id, []) + by_service.get((s.node_id, s.service_id), [])
         for s in instances
     }
+
+
+# --- model rows by key, without the ORM's compiler -------------------------------------------
+
+
+class _Table:
+    """One model's columns and the SQL for `first` / `save`, built once."""
+
+    def __init__(self, model: type[models.Model]) -> None:
+        self.model = model
+        fields = model._meta.concrete_fields
+        self.table = model._meta.db_table
+        self.pk = model._meta.pk
+        self.fields = fields
+        self.attnames = [f.attname for f in fields]
+        self.data_fields = [f for f in fields if not f.primary_key]
+        self.select = "SELECT {} FROM {}".format(
+            ", ".join(connection.ops.quote_name(f.column) for f in fields), self.table
+        )
+        cols = ", ".join(connection.ops.quote_name(f.column) for f in self.data_fields)
+        marks = ", ".join(["%s"] * len(self.data_fields))
+        self.insert = (
+            f"INSERT INTO {self.table} ({cols}) VALUES ({marks}) "
+            f"RETURNING {connection.ops.quote_name(self.pk.column)}"
+        )
+        sets = ", ".join(f"{connection.ops.quote_name(f.column)} = %s" for f in self.data_fields)
+        self.update = (
+            f"UPDATE {self.table} SET {sets} WHERE {connection.ops.quote_name(self.pk.column)} = %s"
+        )
+        self.load = [_loader(f) for f in fields]
+        self.dump = [_dumper(f) for f in self.data_fields]
+
+
+def _loader(field: models.Field):
+    if isinstance(field, models.JSONField):
+        return _json
+    if isinstance(field, models.DateTimeField):
+        return _datetime
+    if isinstance(field, models.BooleanField):
+        return lambda v: v if v is None else bool(v)
+    return None
+
+
+def _dumper(field: models.Field):
+    if isinstance(field, models.JSONField):
+        return lambda v: None if v is None and field.null else json.dumps(v)
+    if isinstance(field, models.DateTimeField):
+        return lambda v: connection.ops.adapt_datetimefield_value(v)
+    return None
+
+
+def _datetime(value: Any) -> dt.datetime | None:
+    # PostgreSQL hands datetimes back aware; SQLite as naive UTC (parsed by the
+    # connection's converters) or as text: the models hold them aware.
+    if value is None:
+        return None
+    parsed = value if isinstance(value, dt.datetime) else parse_datetime(value)
+    if parsed is not None and parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed
+
+
+_tables: dict[type[models.Model], _Table] = {}
+
+
+def _table(model: type[models.Model]) -> _Table:
+    t = _tables.get(model)
+    if t is None:
+        t = _tables[model] = _Table(model)
+    return t
+
+
+def _row_to_model(t: _Table, row: tuple) -> Any:
+    values = [v if load is None else load(v) for v, load in zip(row, t.load, strict=True)]
+    return t.model.from_db(connection.alias, t.attnames, values)
+
+
+def new(model: type[M], **values: Any) -> M:
+    """A new (unsaved) model with `values` (attribute names), the rest at their defaults.
+
+    Positional construction: `Model(**kwargs)` costs several times more, and
+    the hot writes build one or two per registration.
+    """
+    t = _table(model)
+    args = []
+    for f, name in zip(t.fields, t.attnames, strict=True):
+        if name in values:
+            args.append(values[name])
+        elif f.primary_key:
+            args.append(None)
+        else:
+            args.append(f.get_default())
+    return model(*args)
+
+
+def first(model: type[M], **equal: Any) -> M | None:
+    """The row whose columns equal `equal` (a unique key), as a model, or None.
+
+    Keys are attribute names (`node_id`, not `node`); no ordering is applied,
+    so use it for unique keys only.
+    """
+    t = _table(model)
+    where = " AND ".join(f"{connection.ops.quote_name(k)} = %s" for k in equal)
+    with cursor() as cur:
+        cur.execute(f"{t.select} WHERE {where} LIMIT 1", list(equal.values()))
+        row = cur.fetchone()
+    return None if row is None else _row_to_model(t, row)
+
+
+def where(model: type[M], sql: str, params: list[Any]) -> list[M]:
+    """Rows matching a WHERE clause written in columns, as models."""
+    t = _table(model)
+    with cursor() as cur:
+        cur.execute(f"{t.select} WHERE {sql}", params)
+        return [_row_to_model(t, r) for r in cur.fetchall()]
+
+
+def save(obj: models.Model) -> None:
+    """Insert (no pk yet) or update every column of `obj` in one statement.
+
+    For the catalog's hot writes: the model's own `save()` compiles its SQL
+    anew every time and, for an update, may first try a SELECT.
+    """
+    t = _table(type(obj))
+    values = []
+    for f, dump in zip(t.data_fields, t.dump, strict=True):
+        v = getattr(obj, f.attname)
+        values.append(v if dump is None else dump(v))
+    with cursor() as cur:
+        if obj.pk is None:
+            cur.execute(t.insert, values)
+            obj.pk = cur.fetchone()[0]
+        else:
+            cur.execute(t.update, [*values, obj.pk])
+    obj._state.adding = False
+    obj._state.db = connection.alias
+
+
+def update_where(model: type[models.Model], values: dict[str, Any], **equal: Any) -> int:
+    """`UPDATE ... SET values WHERE equal` in one statement; returns the rows changed."""
+    t = _table(model)
+    by_name = {f.attname: (f, dump) for f, dump in zip(t.data_fields, t.dump, strict=True)}
+    sets, params = [], []
+    for name, v in values.items():
+        field, dump = by_name[name]
+        sets.append(f"{connection.ops.quote_name(field.column)} = %s")
+        params.append(v if dump is None else dump(v))
+    where = " AND ".join(f"{connection.ops.quote_name(k)} = %s" for k in equal)
+    with cursor() as cur:
+        cur.execute(
+            f"UPDATE {t.table} SET {', '.join(sets)} WHERE {where}", [*params, *equal.values()]
+        )
+        return cur.rowcount

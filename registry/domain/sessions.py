@@ -23,6 +23,7 @@ from typing import Any
 from django.conf import settings
 from django.utils import timezone
 
+from meshproto import durations
 from registry import topics as topic
 from registry.decode import format_duration, parse_duration
 from registry.domain.kv import apply_lock_delay, key_topic
@@ -33,6 +34,7 @@ from registry.txn import Change, topic_index
 SERF_CHECK_ID = "serfHealth"
 BEHAVIORS = ("release", "delete")
 DEFAULT_LOCK_DELAY_NS = 15_000_000_000
+MAX_LOCK_DELAY_NS = 60_000_000_000  # Consul's structs.MaxLockDelay
 SESSION_TTL_MAX_SECONDS = 86400.0
 TTL_MULTIPLIER = 2  # Consul's structs.SessionTTLMultiplier
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
@@ -127,24 +129,26 @@ def lock_delay_ns(value: Any) -> int:
     """
     if value is None:
         return DEFAULT_LOCK_DELAY_NS
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise BadRequest("Request decode failed: LockDelay: expected a duration")
-    if isinstance(value, (int, float)):
-        ns = int(value)
-    elif isinstance(value, str):
-        try:
-            ns = int(round(parse_duration(value) * 1e9))
-        except ValueError:
-            raise BadRequest(
-                f"Request decode failed: LockDelay: invalid duration {value!r}"
-            ) from None
-    else:
-        raise BadRequest("Request decode failed: LockDelay: expected a duration")
+    try:
+        ns = durations.parse_ns(value, allow_negative=True)
+    except durations.DurationError as exc:
+        raise BadRequest(f"Request decode failed: LockDelay: {exc}") from None
     if ns < 0:
         raise BadRequest("Request decode failed: LockDelay: must not be negative")
     if ns < 1000:
         ns *= 1_000_000_000
+    if ns > MAX_LOCK_DELAY_NS:
+        raise _lock_delay_too_long(value)
     return ns
+
+
+def _lock_delay_too_long(value: Any) -> BadRequest:
+    return BadRequest(
+        f"Request decode failed: LockDelay: {value!r} is longer than the maximum of "
+        f"{format_duration(MAX_LOCK_DELAY_NS / 1e9)}"
+    )
 
 
 def ttl_seconds(ttl: str) -> float:

@@ -1,6 +1,7 @@
 """Registry rows in Consul's JSON shapes (field names exactly as Consul's).
 
-Pure functions of model rows; `/v1` returns them as they are and `?filter=`
+The shapes themselves are `meshproto.registration.shapes` (the agent serves
+the same); here rows are handed to them. Pure functions of model rows; `/v1` returns them as they are and `?filter=`
 runs over them, so a selector like `Service.Meta.version` means what it means
 in Consul.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from registry.decode import format_duration
+from meshproto.registration import shapes as consul
 from registry.models import Check, Node, ServiceInstance
 
 
@@ -33,43 +34,24 @@ def node_json(node: Node) -> dict[str, Any]:
     }
 
 
-def _weights(svc: ServiceInstance) -> dict[str, int]:
-    w = svc.weights or {}
-    return {"Passing": w.get("Passing", 1), "Warning": w.get("Warning", 1)}
-
-
-def _proxy(svc: ServiceInstance) -> dict[str, Any]:
-    p = dict(svc.proxy or {})
-    if svc.kind in ("connect-proxy", "mesh-gateway") or p:
-        p.setdefault("MeshGateway", {})
-        p.setdefault("Expose", {})
-        if svc.kind == "connect-proxy":
-            p.setdefault("Upstreams", [])
-    return p
-
-
 def agent_service_json(svc: ServiceInstance, *, with_index: bool = False) -> dict[str, Any]:
     """A service as `/v1/agent/services` and `/v1/health/service` show it."""
-    out: dict[str, Any] = {
-        "ID": svc.service_id,
-        "Service": svc.name,
-        "Tags": svc.tags or [],
-        "Address": svc.address,
-        "TaggedAddresses": svc.tagged_addresses or {},
-        "Meta": svc.meta or {},
-        "Port": svc.port,
-        "Weights": _weights(svc),
-        "EnableTagOverride": svc.enable_tag_override,
-        "Datacenter": svc.node.datacenter.name,
-        "Namespace": svc.namespace,
-    }
-    if svc.kind != "typical":
-        out["Kind"] = svc.kind
-    proxy = _proxy(svc)
-    if proxy:
-        out["Proxy"] = proxy
-    if svc.connect:
-        out["Connect"] = svc.connect
+    out = consul.agent_service(
+        service_id=svc.service_id,
+        name=svc.name,
+        kind=svc.kind,
+        tags=svc.tags or (),
+        address=svc.address,
+        port=svc.port,
+        meta=svc.meta,
+        tagged_addresses=svc.tagged_addresses,
+        service_weights=svc.weights,
+        enable_tag_override=svc.enable_tag_override,
+        service_proxy=svc.proxy,
+        connect=svc.connect,
+        datacenter=svc.node.datacenter.name,
+        namespace=svc.namespace,
+    )
     if with_index:
         out["CreateIndex"] = svc.create_index
         out["ModifyIndex"] = svc.modify_index
@@ -92,11 +74,11 @@ def catalog_service_json(svc: ServiceInstance) -> dict[str, Any]:
         "ServiceTags": svc.tags or [],
         "ServiceAddress": svc.address,
         "ServiceTaggedAddresses": svc.tagged_addresses or {},
-        "ServiceWeights": _weights(svc),
+        "ServiceWeights": consul.weights(svc.weights),
         "ServiceMeta": svc.meta or {},
         "ServicePort": svc.port,
         "ServiceEnableTagOverride": svc.enable_tag_override,
-        "ServiceProxy": _proxy(svc),
+        "ServiceProxy": consul.proxy(svc.kind, svc.proxy),
         "ServiceConnect": svc.connect or {},
         "Namespace": svc.namespace,
         "CreateIndex": svc.create_index,
@@ -105,40 +87,19 @@ def catalog_service_json(svc: ServiceInstance) -> dict[str, Any]:
 
 
 def check_json(check: Check, node_name: str | None = None) -> dict[str, Any]:
-    d = check.definition or {}
-    definition: dict[str, Any] = {}
-    for key in (
-        "HTTP",
-        "Method",
-        "Header",
-        "Body",
-        "TCP",
-        "GRPC",
-        "GRPCUseTLS",
-        "TLSServerName",
-        "TLSSkipVerify",
-    ):
-        if d.get(key):
-            definition[key] = d[key]
-    for key in ("Interval", "Timeout", "TTL", "DeregisterCriticalServiceAfter"):
-        if d.get(key):
-            definition[key] = format_duration(d[key])
-    return {
-        "Node": node_name if node_name is not None else check.node.name,
-        "CheckID": check.check_id,
-        "Name": check.name,
-        "Status": check.status,
-        "Notes": check.notes,
-        "Output": check.output,
-        "ServiceID": check.service_id,
-        "ServiceName": check.service_name,
-        "ServiceTags": check.service_tags or [],
-        "Type": check.type,
-        "Interval": format_duration(check.interval) if check.interval else "",
-        "Timeout": format_duration(check.timeout) if check.timeout else "",
-        "ExposedPort": 0,
-        "Definition": definition,
-        "Namespace": "default",
-        "CreateIndex": check.create_index,
-        "ModifyIndex": check.modify_index,
-    }
+    """A check as `/v1/agent/checks`, `/v1/health/...` and `/v1/catalog/...` show it."""
+    return consul.check(
+        node=node_name if node_name is not None else check.node.name,
+        check_id=check.check_id,
+        name=check.name,
+        status=check.status,
+        notes=check.notes,
+        output=check.output,
+        service_id=check.service_id,
+        service_name=check.service_name,
+        service_tags=check.service_tags or (),
+        check_type=check.type,
+        definition=check.definition,
+        create_index=check.create_index,
+        modify_index=check.modify_index,
+    )

@@ -4,6 +4,6 @@
   certificates optional at the TLS layer) in front of a grpc.aio server, run
   by `mesh server` beside its HTTP API on the same event loop;
 - `auth`: the caller's node, from its verified certificate, per RPC;
-- `servicer`: `AgentControl`, adapters onto `registry.domain.agents`;
+- `servicer`: `AgentControl`, adapters onto `registry.domain.enrollment`, `join_tokens` and `node_sync`;
 - `streams`: the proxy-config stream (watch, recompile, push latest-only).
 """

@@ -10,7 +10,10 @@ reaching the internal port directly) has no entry and is refused.
 Per RPC: `Join` needs only a forwarded connection (the join token is its
 credential); everything else needs a certificate whose SPIFFE ID is an agent
 ID of this trust domain (`spiffe://<td>/agent/client/dc/<dc>/id/<node>`),
-which names the caller's node. Anything else: UNAUTHENTICATED (no or an
+which names the caller's node; the servicer then checks, on the database,
+that this very certificate is still the node's (`enrollment.authenticate`:
+issued by the join flow, bound to the node's current ID, not revoked).
+Anything else: UNAUTHENTICATED (no or an
 unusable certificate) or PERMISSION_DENIED (a valid certificate that is not
 an agent's, e.g. a service leaf).
 """
@@ -32,6 +35,7 @@ class Peer:
     host: str  # the client's address
     port: int
     uris: tuple[str, ...] = ()  # URI SANs of a verified client certificate; () without one
+    serial: str = ""  # the verified client certificate's serial (hex), "" without one
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,12 @@ class Caller:
     datacenter: str
     spiffe_id: str
     peer: Peer
+
+    @property
+    def serial(self) -> str:
+        """The certificate's serial: `enrollment.authenticate` checks it is still bound
+        to the node (issued by the join flow, not replaced, not revoked)."""
+        return self.peer.serial
 
 
 class PeerTable:

@@ -49,7 +49,7 @@ from meshproto.proto import mesh_pb2_grpc
 from registry import db
 from registry import topics as topic
 from registry.changes import hub
-from registry.domain import agents
+from registry.domain import enrollment
 from registry.grpc.auth import Peer, PeerTable
 from registry.grpc.servicer import AgentControlServicer
 
@@ -106,7 +106,7 @@ def certificate_hosts(host: str) -> list[str]:
     return [str(ip)]
 
 
-def server_context(cert: agents.ServerCert) -> ssl.SSLContext:
+def server_context(cert: enrollment.ServerCert) -> ssl.SSLContext:
     """TLS 1.2+, h2 only, client certificates asked for and verified against the roots
     when presented (not required)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -132,7 +132,7 @@ class AgentProtocolServer:
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.peers = PeerTable()
-        self.cert: agents.ServerCert | None = None
+        self.cert: enrollment.ServerCert | None = None
         self.ssl_context: ssl.SSLContext | None = None
         self._grpc: grpc.aio.Server | None = None
         self._internal_port = 0
@@ -144,7 +144,7 @@ class AgentProtocolServer:
 
     async def start(self) -> None:
         await self._issue()
-        trust_domain = await db.run(agents.connect_ca.trust_domain)
+        trust_domain = await db.run(enrollment.connect_ca.trust_domain)
         self.servicer = AgentControlServicer(self.peers, trust_domain)
         self._grpc = grpc.aio.server(options=SERVER_OPTIONS)
         mesh_pb2_grpc.add_AgentControlServicer_to_server(self.servicer, self._grpc)
@@ -182,7 +182,7 @@ class AgentProtocolServer:
     # --- certificate -------------------------------------------------------------------
 
     async def _issue(self) -> None:
-        cert = await db.run(agents.issue_server_certificate, certificate_hosts(self.host))
+        cert = await db.run(enrollment.issue_server_certificate, certificate_hosts(self.host))
         self.ssl_context = server_context(cert)  # new handshakes only
         self.cert = cert
         log.info(
@@ -200,7 +200,7 @@ class AgentProtocolServer:
             finally:
                 hub.unwatch(waiter)
             try:
-                roots = await db.run(agents.roots_pem)
+                roots = await db.run(enrollment.roots_pem)
                 due = timezone.now() >= self.cert.renew_at - dt.timedelta(seconds=1)
                 if due or tuple(roots) != self.cert.roots_pem:
                     await self._issue()
@@ -273,7 +273,8 @@ class AgentProtocolServer:
             transport.abort()
             return
         local_port = up_writer.get_extra_info("sockname")[1]
-        self.peers.add(local_port, Peer(str(client[0]), int(client[1]), uris))
+        serial = str(cert.get("serialNumber", "")) if uris else ""
+        self.peers.add(local_port, Peer(str(client[0]), int(client[1]), uris, serial))
         try:
             await _splice(reader, writer, up_reader, up_writer)
         finally:

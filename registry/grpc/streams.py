@@ -47,7 +47,7 @@ from meshproto.proxycfg import ProxyConfig
 from registry import db
 from registry import topics as topic
 from registry.changes import hub
-from registry.domain import agents
+from registry.domain import node_sync
 from registry.domain.proxycfg import compile_proxies, compile_proxy
 from registry.errors import NotFound
 from registry.grpc.auth import Caller
@@ -288,7 +288,7 @@ class ProxyConfigStream:
             try:
                 self._reselect.clear()
                 try:
-                    present = await db.run(agents.node_proxies, self.node)
+                    present = await db.run(node_sync.node_proxies, self.node)
                 except Exception:
                     log.exception("listing the proxies of node %s failed; retrying", self.node)
                     await asyncio.sleep(RETRY_SECONDS)

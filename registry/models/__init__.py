@@ -2,7 +2,7 @@
 taken from the one global index (see `registry.models.index`)."""
 
 from registry.models.acl import ACLPolicy, ACLToken
-from registry.models.agents import JoinToken
+from registry.models.agents import JoinToken, NodeCertificate, NodeEnrollment
 from registry.models.audit import AuditEntry
 from registry.models.catalog import Check, Datacenter, Node, ServiceInstance
 from registry.models.connect import (
@@ -32,6 +32,8 @@ __all__ = [
     "KVEntry",
     "MeshIndex",
     "Node",
+    "NodeCertificate",
+    "NodeEnrollment",
     "ServiceInstance",
     "Session",
     "TopicIndex",

@@ -109,6 +109,8 @@ class Check(Indexed):
         constraints = [
             models.UniqueConstraint(fields=["node", "check_id"], name="uniq_check_per_node")
         ]
+        # A health read fetches its instances' checks by node and service ID.
+        indexes = [models.Index(fields=["node", "service_id"], name="check_node_service")]
 
     def __str__(self) -> str:
         return f"{self.check_id}@{self.node_id}={self.status}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from django.urls import path
 
 from registry import topics as topic
-from registry.decode import Anything, Bool, Duration, ListOf, Str, Struct
+from registry.decode import Anything, Bool, ListOf, Seconds, Str, Struct
 from registry.domain import acl
 from registry.errors import BadRequest, MeshError
 from registry.v1.base import Ctx, Reply, endpoint
@@ -24,7 +24,7 @@ TOKEN = Struct(
         "Policies": ListOf(POLICY_LINK),
         "Local": Bool,
         "ExpirationTime": Str,
-        "ExpirationTTL": Duration,
+        "ExpirationTTL": Seconds,
         # Not supported here; refused when non-empty rather than silently dropped.
         "Roles": ListOf(Anything),
         "ServiceIdentities": ListOf(Anything),

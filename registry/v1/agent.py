@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.conf import settings
 
+from meshproto.registration import rules, shapes
 from registry import decode
 from registry import topics as topic
 from registry.domain import catalog, reads
@@ -30,7 +31,7 @@ def self_(ctx: Ctx) -> Reply:
                 "NodeID": node.node_id,
                 "Server": True,
                 "Revision": "meshweb",
-                "Version": "1.17.0",
+                "Version": shapes.VERSION,
             },
             "DebugConfig": {},
             "Coord": None,
@@ -43,24 +44,14 @@ def self_(ctx: Ctx) -> Reply:
 
 
 def _member(node) -> dict:
-    return {
-        "Name": node.name,
-        "Addr": node.address,
-        "Port": settings.MESH_HTTP_ADDR[1],
-        "Tags": {
-            "role": "consul",
-            "dc": node.datacenter.name,
-            "build": "1.17.0:meshweb",
-            "id": node.node_id,
-        },
-        "Status": 1,
-        "ProtocolMin": 1,
-        "ProtocolMax": 5,
-        "ProtocolCur": 2,
-        "DelegateMin": 2,
-        "DelegateMax": 5,
-        "DelegateCur": 4,
-    }
+    return shapes.member(
+        name=node.name,
+        addr=node.address,
+        port=settings.MESH_HTTP_ADDR[1],
+        role="consul",
+        datacenter=node.datacenter.name,
+        node_id=node.node_id,
+    )
 
 
 @endpoint("GET")
@@ -214,8 +205,8 @@ def check_update(ctx: Ctx, check_id: str) -> Reply:
     if status not in (Check.PASSING, Check.WARNING, Check.CRITICAL):
         raise BadRequest(f"Invalid check status: {status!r}")
     output = body.get("Output")
-    if output is not None and len(output) > 4096:
-        output = output[:4096] + f" ... (captured 4096 of {len(output)} bytes)"
+    if output is not None:
+        output = rules.truncate_output(output)
     return _ttl_update(ctx, check_id, status, output)
 
 

@@ -36,7 +36,7 @@ from registry import topics as topic
 from registry.changes import hub
 from registry.decode import Struct, parse_body_json, parse_duration
 from registry.errors import BadRequest, MeshError, PermissionDenied, TooLarge
-from registry.filtering import FilterError, apply_filter
+from registry.filtering import DEFAULT_BUDGET, FilterError, compile_filter
 from registry.txn import topics_index
 
 MAX_INDEX = 2**63 - 1
@@ -69,6 +69,7 @@ class Ctx:
         self.query = request.GET
         self.token = _token(request)
         self._identity = None
+        self._authz = None
 
     # -- query parameters -----------------------------------------------------
     def has(self, name: str) -> bool:
@@ -129,7 +130,17 @@ class Ctx:
 
     @property
     def authz(self):
-        return self.identity.authorizer
+        if self._authz is None:
+            authz = self.identity.authorizer
+            if settings.MESH_ACL_ENABLED and not authz.is_management():
+                authz = _ReadsNoted(authz)
+            self._authz = authz
+        return self._authz
+
+    @property
+    def results_filtered(self) -> bool:
+        """True when a read permission was refused while answering: results were left out."""
+        return isinstance(self._authz, _ReadsNoted) and self._authz.refused
 
     def require_all(self, needs: Iterable[tuple[str, str]]) -> None:
         """Refuse unless the token has every `(permission, resource)` need."""
@@ -147,6 +158,43 @@ class Ctx:
                 if resource:
                     detail += f' on "{resource}"'
             raise PermissionDenied("Permission denied" + detail)
+
+
+RESULTS_FILTERED_HEADER = "X-Consul-Results-Filtered-By-ACLs"
+
+
+class _ReadsNoted:
+    """A token's authorizer that notes whether any `*_read` check said no.
+
+    Reads filter what the token may not see; Consul then answers
+    `X-Consul-Results-Filtered-By-ACLs: true`, so a client can tell "nothing
+    there" from "nothing you may see" (the CLI says which).
+    """
+
+    def __init__(self, authz) -> None:
+        self._authz = authz
+        self.refused = False
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._authz, name)
+        if not (name.endswith("_read") and callable(attr)):
+            return attr
+
+        def check(*args, **kwargs):
+            ok = attr(*args, **kwargs)
+            if not ok:
+                self.refused = True
+            return ok
+
+        return check
+
+
+def _read(fn: Callable[..., Reply], ctx: Ctx, kwargs: dict) -> Reply:
+    """Run a read endpoint; mark its reply when ACLs left results out."""
+    reply = fn(ctx, **kwargs)
+    if ctx.results_filtered:
+        reply.headers = {**reply.headers, RESULTS_FILTERED_HEADER: "true"}
+    return reply
 
 
 def _token(request: HttpRequest) -> str:
@@ -259,19 +307,8 @@ def _render(ctx: Ctx, reply: Reply) -> HttpResponse:
     elif reply.data is None and reply.status == 404:
         body = b""
     else:
-        data = reply.data
-        if reply.filterable and ctx.query.get("filter"):
-            try:
-                if isinstance(data, dict):
-                    data = {k: v for k, v in data.items() if apply_filter(ctx.query["filter"], [v])}
-                else:
-                    data = apply_filter(ctx.query["filter"], data)
-            except FilterError as exc:
-                return _error(
-                    BadRequest(f"Failed to create boolean expression evaluator: {exc}"), reply.index
-                )
         body = json.dumps(
-            data,
+            reply.data,
             separators=(",", ":") if not ctx.has("pretty") else None,
             indent=4 if ctx.has("pretty") else None,
         ).encode()
@@ -283,6 +320,38 @@ def _render(ctx: Ctx, reply: Reply) -> HttpResponse:
     for k, v in reply.headers.items():
         response[k] = v
     return response
+
+
+def _filtered(ctx: Ctx, reply: Reply) -> Reply:
+    """Apply `?filter=` to a filterable reply; runs on the DB pool, never on the loop.
+
+    The filter language bounds its own work (registry.filtering), so one
+    anonymous `?filter=` costs a pool thread a bounded time and the event
+    loop (DNS, every other request) nothing. A bad or too costly filter is a
+    400 carrying the listing's index, as Consul answers it.
+    """
+    expression = ctx.query.get("filter")
+    if not (reply.filterable and expression) or reply.rendered is not None:
+        return reply
+    try:
+        keep = compile_filter(expression, DEFAULT_BUDGET)
+        data = reply.data
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if keep(v)}
+        else:
+            data = [item for item in data if keep(item)]
+    except FilterError as exc:
+        error = BadRequest(f"Failed to create boolean expression evaluator: {exc}")
+        error.index = reply.index  # type: ignore[attr-defined]
+        raise error from None
+    reply.data = data
+    reply.filterable = False
+    return reply
+
+
+def _read(fn: Callable[..., Reply], ctx: Ctx, kwargs: dict) -> Reply:
+    """A read endpoint's answer, filtered: the whole of a read's work on the pool."""
+    return _filtered(ctx, fn(ctx, **kwargs))
 
 
 def _index_headers(response: HttpResponse, index: int) -> None:
@@ -337,20 +406,21 @@ def endpoint(
             ctx = Ctx(request)
             try:
                 if request.method != "GET":
-                    runner = db.run_write if batched else db.run
+                    runner = db.run_write if batched else db.run_detached
                     reply = await runner(_audited, fn, ctx, kwargs)
                     return _render(ctx, reply)
                 if topics is None:
-                    reply = await db.run(fn, ctx, **kwargs)
+                    reply = await db.run(_read, fn, ctx, kwargs)
                     return _render(ctx, reply)
                 return await _blocking(ctx, fn, kwargs)
             except MeshError as exc:
-                return _error(exc)
+                return _error(exc, getattr(exc, "index", None))
 
         view.__name__ = fn.__name__
         view.__doc__ = fn.__doc__
         view.csrf_exempt = True  # token-authenticated API, no cookies
         view.endpoint = fn
+        view.methods = frozenset(allowed)
         return view
 
     async def _blocking(ctx: Ctx, fn: Callable[..., Reply], kwargs: dict) -> HttpResponse:
@@ -367,7 +437,9 @@ def endpoint(
                     reply = await _compute(
                         key,
                         wake_seq,
-                        lambda: read_cache.read(key, exact, prefixes, lambda: fn(ctx, **kwargs)),
+                        lambda: read_cache.read(
+                            key, exact, prefixes, lambda: _read(fn, ctx, kwargs)
+                        ),
                     )
                 except MeshError as exc:
                     idx = getattr(exc, "index", None)

@@ -2,13 +2,15 @@
 
 from django.urls import path
 
-from registry.v1 import acl, agent, catalog, connect_ca, kv, session, status
+from registry.v1 import acl, agent, catalog, connect_ca, kv, session, status, telemetry
 from registry.v1 import config as config_v1
 from registry.v1 import intentions as intentions_v1
 
 urlpatterns = [
     # agent
     path("agent/self", agent.self_),
+    path("agent/metrics", telemetry.metrics),
+    path("agent/health", telemetry.health),
     path("agent/members", agent.members),
     path("agent/services", agent.services),
     path("agent/service/register", agent.service_register),

@@ -32,6 +32,8 @@ def start_server(tmp: Path, **kw) -> MeshServer:
 
 def join_token(server: MeshServer, *extra: str) -> tuple[str, str]:
     """(token, pin) from `mesh join-token create`, run against the server's HTTP API."""
+    if "-service" not in extra:
+        extra = (*extra, "-service", "*")  # these tests' agents register any service
     out = subprocess.run(
         [sys.executable, "-m", "meshweb.cli", "join-token", "create", "-format", "json", *extra],
         cwd=ROOT,
@@ -144,13 +146,24 @@ class MeshAgent:
                 continue
         return out
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30)
+    @property
+    def local_token(self) -> str:
+        """The agent's local API token, from the file it writes in its data dir."""
+        return (self.data_dir / "agent-token").read_text().strip()
 
-    def consul(self):
+    def client(self, token: str | None = None) -> httpx.Client:
+        tok = self.local_token if token is None else token
+        headers = {"X-Consul-Token": tok} if tok else {}
+        return httpx.Client(base_url=self.url, timeout=30, headers=headers)
+
+    def consul(self, token: str | None = None):
         import consul
 
-        return consul.Consul(host="127.0.0.1", port=self.http_port)
+        return consul.Consul(
+            host="127.0.0.1",
+            port=self.http_port,
+            token=self.local_token if token is None else token,
+        )
 
     def metrics(self) -> str:
         return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
@@ -199,8 +212,14 @@ def make_agent(control_plane, tmp_path, unique):
     """Start agents joined to the module's control plane; all stopped at the end."""
     started: list[MeshAgent] = []
 
-    def make(*, node: str | None = None, files: dict[str, str] | None = None, **kw) -> MeshAgent:
-        token, pin = join_token(control_plane)
+    def make(
+        *,
+        node: str | None = None,
+        files: dict[str, str] | None = None,
+        services: tuple[str, ...] = ("*",),
+        **kw,
+    ) -> MeshAgent:
+        token, pin = join_token(control_plane, *(a for s in services for a in ("-service", s)))
         name = node or unique("node")
         agent = MeshAgent(
             control_plane,

@@ -307,7 +307,7 @@ def test_the_local_api_answers_consuls_errors(make_agent):
     agent = make_agent()
     with agent.client() as http:
         r = http.put("/v1/agent/service/register", content=b'{"Port": 80}')
-        assert (r.status_code, "missing service name" in r.text) == (400, True)
+        assert (r.status_code, "Missing service name" in r.text) == (400, True)
         r = http.put("/v1/agent/service/deregister/nope")
         assert r.status_code == 404
         r = http.put("/v1/agent/check/pass/nope")

@@ -90,8 +90,8 @@ def test_a_file_can_hold_node_checks_and_several_services(tmp_path):
 @pytest.mark.parametrize(
     "text,message",
     [
-        ('{"service": {"port": 80}}', "missing service name"),
-        ('{"service": {"name": "a", "kind": "sidecar"}}', "Kind: 'sidecar' is not a service kind"),
+        ('{"service": {"port": 80}}', "Missing service name"),
+        ('{"service": {"name": "a", "kind": "sidecar"}}', "Invalid service kind: 'sidecar'"),
         ('{"service": {"name": "a", "port": "eighty"}}', "Port: expected an integer"),
         (
             '{"service": {"name": "a", "check": {"http": "http://x/", "ttl": "1s"}}}',

@@ -13,6 +13,8 @@ def test_the_agent_entry_modules_import_neither_django_nor_the_registry():
     code = (
         "import sys, json\n"
         "import agents.cli, agents.agent, agents.http_api, agents.sidecars, agents.checks\n"
+        "import meshproto.registration.decode, meshproto.registration.rules\n"
+        "import meshproto.registration.shapes, meshproto.durations, meshproto.servicedefs\n"
         "import meshweb.cli\n"
         "meshweb.cli.build_parser()\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('django', 'registry'))))\n"

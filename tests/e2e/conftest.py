@@ -255,7 +255,7 @@ class Cluster:
         self.apps[name] = NsProcess(host, name, argv, self.tmp / f"{name}.log").start()
 
     def join_token(self) -> tuple[str, str]:
-        r = self.cp().post("/api/join-tokens/", json={"uses": 1, "ttl": "5m"})
+        r = self.cp().post("/api/join-tokens/", json={"uses": 1, "ttl": "5m", "services": ["*"]})
         assert r.status_code == 201, r.text
         return r.json()["token"], r.json()["ca_pin"]
 

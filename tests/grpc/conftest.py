@@ -22,7 +22,10 @@ from tests.support.servers import MeshServer, make_server
 @pytest.fixture(scope="module")
 def cp(tmp_path_factory) -> MeshServer:
     """A control plane with ACLs on (its management token in `cp.token`)."""
-    srv = make_server(tmp_path_factory.mktemp("cp"), acl=True)
+    # Many tests here fail joins on purpose: the failed-join throttle is tested apart.
+    srv = make_server(
+        tmp_path_factory.mktemp("cp"), acl=True, extra_env={"MESH_JOIN_FAILURE_BURST": "1000"}
+    )
     yield srv
     srv.close()
     log = srv.log_path.read_text(errors="replace")
@@ -30,6 +33,8 @@ def cp(tmp_path_factory) -> MeshServer:
 
 
 def new_token(server: MeshServer, *, uses: int = 1, ttl: str = "1h", **extra) -> dict:
+    """A join token; its scope allows any service unless `services=[...]` says otherwise."""
+    extra.setdefault("services", ["*"])
     with server.client() as http:
         r = http.post("/api/join-tokens/", json={"uses": uses, "ttl": ttl, **extra})
     assert r.status_code == 201, r.text

@@ -392,11 +392,14 @@ def _web(web: str, api: str) -> dict:
     }
 
 
-def _api(api: str, sid: str | None = None, port: int = 9091) -> tuple[dict, dict]:
-    """An api instance with a sidecar, and the status report that makes it healthy."""
+def _api(api: str, sid: str | None = None, port: int = 9091) -> tuple[dict, list[dict]]:
+    """An api instance with a sidecar, and the status reports that make it healthy
+    (its sidecar's listening and alias checks, as an agent reports them once run)."""
     sid = sid or api
     svc = {"ID": sid, "Name": api, "Port": port, "Connect": {"SidecarService": {}}}
-    return svc, {"CheckID": f"service:{sid}-sidecar-proxy:1", "Status": "passing"}
+    return svc, [
+        {"CheckID": f"service:{sid}-sidecar-proxy:{n}", "Status": "passing"} for n in (1, 2)
+    ]
 
 
 def _endpoints(config: dict) -> list[tuple[str, int]]:
@@ -433,7 +436,7 @@ def test_the_stream_sends_the_config_and_pushes_what_changes_it_only(cp, unique)
     a, b = join_now(cp), join_now(cp)
     web, api = unique("web"), unique("api")
     api_svc, api_ok = _api(api)
-    run(b.sync([api_svc], [api_ok]))
+    run(b.sync([api_svc], api_ok))
     run(a.sync([_web(web, api)]))
     proxy_id = f"{web}-sidecar-proxy"
 
@@ -457,7 +460,7 @@ def test_the_stream_sends_the_config_and_pushes_what_changes_it_only(cp, unique)
 
             # Another instance of the upstream registers (healthy).
             api2, api2_ok = _api(api, sid=f"{api}-2", port=9092)
-            register = lambda: asyncio.run(b.sync([api_svc, api2], [api_ok, api2_ok]))  # noqa: E731
+            register = lambda: asyncio.run(b.sync([api_svc, api2], api_ok + api2_ok))  # noqa: E731
             update = await _measured(s, "upstream instance", register)
             assert len(_endpoints(config_of(update))) == 2
             await s.ack(update, ok=False, error="test: rejected on purpose")
@@ -526,7 +529,7 @@ def test_garbage_on_the_stream_does_not_end_it(cp, unique):
     a, b = join_now(cp), join_now(cp)
     web, api = unique("web"), unique("api")
     api_svc, api_ok = _api(api)
-    run(b.sync([api_svc], [api_ok]))
+    run(b.sync([api_svc], api_ok))
 
     async def scenario():
         await a.sync([_web(web, api)])
@@ -548,7 +551,7 @@ def test_the_stream_survives_the_agent_disconnecting_and_reconnecting(cp, unique
     a, b = join_now(cp), join_now(cp)
     web, api = unique("web"), unique("api")
     api_svc, api_ok = _api(api)
-    run(b.sync([api_svc], [api_ok]))
+    run(b.sync([api_svc], api_ok))
 
     async def scenario():
         await a.sync([_web(web, api)])

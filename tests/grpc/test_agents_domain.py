@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from meshproto import pki, spiffe
 from registry import topics as topic
-from registry.domain import agents, catalog, connect_ca
+from registry.domain import catalog, connect_ca, enrollment, join_tokens, node_sync
 from registry.errors import BadRequest, NotFound, PermissionDenied
 from registry.models import AuditEntry, Check, IssuedCert, JoinToken, Node, ServiceInstance
 from registry.txn import current_index, topic_index
@@ -29,12 +29,12 @@ def service_csr(service: str, dc: str = "dc1") -> str:
     )
 
 
-def joined(node: str = "host-a") -> agents.Joined:
-    token = agents.create_token().token
-    return agents.join(token, node, agent_csr(node), address="10.0.0.5")
+def joined(node: str = "host-a") -> enrollment.Joined:
+    token = join_tokens.create_token(services=["*"]).token
+    return enrollment.join(token, node, agent_csr(node), address="10.0.0.5")
 
 
-def web_state(**overrides) -> agents.NodeState:
+def web_state(**overrides) -> node_sync.NodeState:
     web = {
         "Name": "web",
         "Port": 9090,
@@ -49,22 +49,22 @@ def web_state(**overrides) -> agents.NodeState:
     }
     fields = {"address": "10.0.0.5", "meta": {"rack": "r1"}, "services": (web,), "checks": ()}
     fields.update(overrides)
-    return agents.NodeState(**fields)
+    return node_sync.NodeState(**fields)
 
 
 # --- join tokens -------------------------------------------------------------------------
 
 
 def test_a_token_is_its_id_and_a_secret_and_only_the_secrets_hash_is_stored(db):
-    new = agents.create_token(description="rack 1", max_uses=3, ttl_seconds=600)
+    new = join_tokens.create_token(description="rack 1", max_uses=3, ttl_seconds=600)
     token_id, _, secret = new.token.partition(".")
     row = JoinToken.objects.get(id=token_id)
     assert secret not in (row.secret_hash, row.description)
     assert len(row.secret_hash) == 64
     assert (row.max_uses, row.uses, row.datacenter) == (3, 0, "dc1")
     assert dt.timedelta(seconds=590) < row.expires_at - timezone.now() <= dt.timedelta(seconds=600)
-    assert agents.token_json(row)["state"] == "active"
-    assert "secret_hash" not in agents.token_json(row)
+    assert join_tokens.token_json(row)["state"] == "active"
+    assert "secret_hash" not in join_tokens.token_json(row)
 
 
 @pytest.mark.parametrize(
@@ -79,7 +79,7 @@ def test_a_token_is_its_id_and_a_secret_and_only_the_secrets_hash_is_stored(db):
 )
 def test_it_refuses_a_bad_token_request(db, kwargs, message):
     with pytest.raises(BadRequest, match=message):
-        agents.create_token(**kwargs)
+        join_tokens.create_token(**kwargs)
     assert not JoinToken.objects.exists()
 
 
@@ -101,23 +101,23 @@ def test_joining_registers_the_agent_node_and_signs_its_identity(db):
 
 
 def test_a_single_use_token_joins_once(db):
-    token = agents.create_token().token
-    agents.join(token, "host-a", agent_csr("host-a"), address="10.0.0.5")
-    with pytest.raises(agents.Unauthenticated):
-        agents.join(token, "host-b", agent_csr("host-b"), address="10.0.0.6")
+    token = join_tokens.create_token().token
+    enrollment.join(token, "host-a", agent_csr("host-a"), address="10.0.0.5")
+    with pytest.raises(join_tokens.Unauthenticated):
+        enrollment.join(token, "host-b", agent_csr("host-b"), address="10.0.0.6")
     assert not Node.objects.filter(name="host-b").exists()
     assert JoinToken.objects.get().uses == 1
 
 
 def test_a_multi_use_token_joins_until_its_uses_run_out_and_unlimited_ones_do_not(db):
-    two = agents.create_token(max_uses=2).token
-    unlimited = agents.create_token(max_uses=0).token
+    two = join_tokens.create_token(max_uses=2).token
+    unlimited = join_tokens.create_token(max_uses=0).token
     for i in range(2):
-        agents.join(two, f"n{i}", agent_csr(f"n{i}"), address="10.0.0.1")
-    with pytest.raises(agents.Unauthenticated):
-        agents.join(two, "n9", agent_csr("n9"), address="10.0.0.1")
+        enrollment.join(two, f"n{i}", agent_csr(f"n{i}"), address="10.0.0.1")
+    with pytest.raises(join_tokens.Unauthenticated):
+        enrollment.join(two, "n9", agent_csr("n9"), address="10.0.0.1")
     for i in range(5):
-        agents.join(unlimited, f"u{i}", agent_csr(f"u{i}"), address="10.0.0.1")
+        enrollment.join(unlimited, f"u{i}", agent_csr(f"u{i}"), address="10.0.0.1")
     assert JoinToken.objects.get(max_uses=0).uses == 5
 
 
@@ -132,60 +132,61 @@ def test_a_multi_use_token_joins_until_its_uses_run_out_and_unlimited_ones_do_no
     ],
 )
 def test_a_wrong_token_is_refused_and_registers_nothing(db, spoil):
-    token = agents.create_token().token
-    with pytest.raises(agents.Unauthenticated, match="invalid, expired, revoked or used up"):
-        agents.join(spoil(token), "host-a", agent_csr("host-a"), address="10.0.0.5")
+    token = join_tokens.create_token().token
+    with pytest.raises(join_tokens.Unauthenticated, match="invalid, expired, revoked or used up"):
+        enrollment.join(spoil(token), "host-a", agent_csr("host-a"), address="10.0.0.5")
     assert not Node.objects.filter(name="host-a").exists()
     assert JoinToken.objects.get().uses == 0
 
 
 def test_an_expired_or_revoked_token_is_refused(db):
-    expired = agents.create_token()
+    expired = join_tokens.create_token()
     JoinToken.objects.filter(id=expired.row.id).update(
         expires_at=timezone.now() - dt.timedelta(seconds=1)
     )
-    revoked = agents.create_token()
-    agents.revoke_token(revoked.row.id)
+    revoked = join_tokens.create_token()
+    join_tokens.revoke_token(revoked.row.id)
     for new in (expired, revoked):
-        with pytest.raises(agents.Unauthenticated):
-            agents.join(new.token, "host-a", agent_csr("host-a"), address="10.0.0.5")
+        with pytest.raises(join_tokens.Unauthenticated):
+            enrollment.join(new.token, "host-a", agent_csr("host-a"), address="10.0.0.5")
     assert not Node.objects.filter(name="host-a").exists()
     states = {
-        agents.token_json(r)["id"]: agents.token_json(r)["state"] for r in agents.list_tokens()
+        join_tokens.token_json(r)["id"]: join_tokens.token_json(r)["state"]
+        for r in join_tokens.list_tokens()
     }
     assert states == {expired.row.id: "expired", revoked.row.id: "revoked"}
 
 
 def test_revoking_an_unknown_token_is_a_404(db):
     with pytest.raises(NotFound):
-        agents.revoke_token("0123456789abcdef")
+        join_tokens.revoke_token("0123456789abcdef")
 
 
 def test_a_csr_for_another_identity_is_refused_without_using_the_token(db):
-    token = agents.create_token().token
+    token = join_tokens.create_token().token
     for csr in (agent_csr("other-host"), service_csr("web"), agent_csr("host-a", dc="dc9")):
         with pytest.raises(PermissionDenied):
-            agents.join(token, "host-a", csr, address="10.0.0.5")
+            enrollment.join(token, "host-a", csr, address="10.0.0.5")
     with pytest.raises(BadRequest):
-        agents.join(token, "host-a", "not a csr", address="10.0.0.5")
+        enrollment.join(token, "host-a", "not a csr", address="10.0.0.5")
     assert JoinToken.objects.get().uses == 0
     assert not Node.objects.filter(name="host-a").exists()
-    agents.join(token, "host-a", agent_csr("host-a"), address="10.0.0.5")
+    enrollment.join(token, "host-a", agent_csr("host-a"), address="10.0.0.5")
 
 
 def test_an_agent_cannot_join_as_the_servers_node(db):
     catalog.ensure_local_node()
-    token = agents.create_token().token
+    token = join_tokens.create_token().token
     with pytest.raises(PermissionDenied, match="is a server"):
-        agents.join(token, "mesh-server", agent_csr("mesh-server"), address="10.0.0.5")
+        enrollment.join(token, "mesh-server", agent_csr("mesh-server"), address="10.0.0.5")
     assert JoinToken.objects.get().uses == 0
 
 
 @pytest.mark.parametrize("name", ["", "-x", "a b", "a/b", "x" * 200])
 def test_a_bad_node_name_is_refused(db, name):
-    token = agents.create_token().token
+    token = join_tokens.create_token().token
     with pytest.raises(BadRequest, match="invalid node name"):
-        agents.join(token, name, agent_csr("host-a"), address="10.0.0.5")
+        enrollment.join(token, name, agent_csr("host-a"), address="10.0.0.5")
 
 
 def test_the_ca_pin_is_the_sha256_of_the_active_roots_der(db):
@@ -193,15 +194,15 @@ def test_the_ca_pin_is_the_sha256_of_the_active_roots_der(db):
 
     from cryptography.hazmat.primitives import serialization
 
-    pin = agents.ca_pin()
-    der = pki.load_cert(agents.roots_pem()[0]).public_bytes(serialization.Encoding.DER)
+    pin = enrollment.ca_pin()
+    der = pki.load_cert(enrollment.roots_pem()[0]).public_bytes(serialization.Encoding.DER)
     assert pin == "sha256:" + hashlib.sha256(der).hexdigest()
 
 
 def test_the_server_certificate_names_its_hosts_and_chains_to_the_root(db):
     from cryptography import x509
 
-    cert = agents.issue_server_certificate(["127.0.0.1", "cp.example"])
+    cert = enrollment.issue_server_certificate(["127.0.0.1", "cp.example"])
     certs = pki.load_certs(cert.chain_pem)
     leaf, root = certs[0], certs[-1]
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -222,7 +223,7 @@ def test_the_server_certificate_names_its_hosts_and_chains_to_the_root(db):
 
 def test_sync_registers_services_with_their_sidecars_and_checks(db):
     joined("host-a")
-    index = agents.sync_node("host-a", "dc1", web_state())
+    index = node_sync.sync_node("host-a", "dc1", web_state())
     rows = {s.service_id: s for s in ServiceInstance.objects.filter(node__name="host-a")}
     assert set(rows) == {"web", "web-sidecar-proxy"}
     sidecar = rows["web-sidecar-proxy"]
@@ -250,9 +251,9 @@ def test_a_second_identical_sync_writes_nothing(db):
             {"CheckID": "disk", "Name": "disk", "TTL": 30.0, "Status": "warning"},
         )
     )
-    first = agents.sync_node("host-a", "dc1", state)
+    first = node_sync.sync_node("host-a", "dc1", state)
     global_index = current_index()
-    assert agents.sync_node("host-a", "dc1", state) == first
+    assert node_sync.sync_node("host-a", "dc1", state) == first
     assert current_index() == global_index
     check = Check.objects.get(check_id="service:web")
     assert (check.status, check.output) == ("passing", "HTTP 200")
@@ -262,11 +263,11 @@ def test_a_second_identical_sync_writes_nothing(db):
 def test_sync_removes_what_the_agent_no_longer_has_and_restores_what_was_lost(db):
     joined("host-a")
     db_state = {"Name": "db", "Port": 5432, "Check": {"TTL": 30.0}}
-    agents.sync_node("host-a", "dc1", web_state(services=web_state().services + (db_state,)))
+    node_sync.sync_node("host-a", "dc1", web_state(services=web_state().services + (db_state,)))
     assert ServiceInstance.objects.filter(node__name="host-a", service_id="db").exists()
     # Someone deregisters web behind the agent's back; the agent dropped db.
     catalog.deregister_agent_service(Node.objects.get(name="host-a"), "web")
-    agents.sync_node("host-a", "dc1", web_state())
+    node_sync.sync_node("host-a", "dc1", web_state())
     ids = set(
         ServiceInstance.objects.filter(node__name="host-a").values_list("service_id", flat=True)
     )
@@ -277,16 +278,16 @@ def test_sync_removes_what_the_agent_no_longer_has_and_restores_what_was_lost(db
 def test_sync_registers_a_node_the_catalog_lost(db):
     joined("host-a")
     catalog.catalog_deregister({"Node": "host-a"})
-    agents.sync_node("host-a", "dc1", web_state())
+    node_sync.sync_node("host-a", "dc1", web_state())
     assert Node.objects.get(name="host-a").meta["mesh-role"] == "agent"
     assert ServiceInstance.objects.filter(node__name="host-a").count() == 2
 
 
 def test_a_changed_service_is_updated_and_keeps_its_sidecar_port(db):
     joined("host-a")
-    agents.sync_node("host-a", "dc1", web_state())
+    node_sync.sync_node("host-a", "dc1", web_state())
     changed = dict(web_state().services[0], Tags=["v2"])
-    agents.sync_node("host-a", "dc1", web_state(services=(changed,)))
+    node_sync.sync_node("host-a", "dc1", web_state(services=(changed,)))
     web = ServiceInstance.objects.get(node__name="host-a", service_id="web")
     assert web.tags == ["v2"]
     assert ServiceInstance.objects.get(service_id="web-sidecar-proxy").port == 21000
@@ -296,7 +297,7 @@ def test_a_changed_service_is_updated_and_keeps_its_sidecar_port(db):
 def test_two_new_sidecars_in_one_sync_get_different_ports(db):
     joined("host-a")
     api = {"Name": "api", "Port": 9091, "Connect": {"SidecarService": {}}}
-    agents.sync_node("host-a", "dc1", web_state(services=web_state().services + (api,)))
+    node_sync.sync_node("host-a", "dc1", web_state(services=web_state().services + (api,)))
     ports = dict(
         ServiceInstance.objects.filter(kind="connect-proxy").values_list("service_id", "port")
     )
@@ -317,13 +318,13 @@ def test_a_bad_node_state_is_refused_and_writes_nothing(db, state, message):
     joined("host-a")
     index = current_index()
     with pytest.raises(BadRequest, match=message):
-        agents.sync_node("host-a", "dc1", web_state(**state))
+        node_sync.sync_node("host-a", "dc1", web_state(**state))
     assert current_index() == index
     assert not ServiceInstance.objects.filter(node__name="host-a").exists()
 
 
 def test_node_state_is_decoded_with_consuls_field_names_and_durations():
-    state = agents.parse_node_state(
+    state = node_sync.parse_node_state(
         "10.0.0.5",
         {"k": "v"},
         [
@@ -333,12 +334,12 @@ def test_node_state_is_decoded_with_consuls_field_names_and_durations():
         ],
         [json.dumps({"check_id": "service:web", "status": "passing", "output": "ok"})],
     )
-    assert state.services[0]["Check"] == {"HTTP": "http://x/", "Interval": 10.0}
+    assert state.services[0]["Check"] == {"HTTP": "http://x/", "Interval": "10s"}
     assert state.checks[0] == {"CheckID": "service:web", "Status": "passing", "Output": "ok"}
     with pytest.raises(BadRequest, match=r"services_json\[0\]: invalid JSON"):
-        agents.parse_node_state("", {}, ["{"], [])
+        node_sync.parse_node_state("", {}, ["{"], [])
     with pytest.raises(BadRequest, match="expected an object"):
-        agents.parse_node_state("", {}, [], ["[]"])
+        node_sync.parse_node_state("", {}, [], ["[]"])
 
 
 # --- check updates ------------------------------------------------------------------------
@@ -346,17 +347,17 @@ def test_node_state_is_decoded_with_consuls_field_names_and_durations():
 
 def test_update_checks_moves_health_and_an_equal_result_writes_nothing(db):
     joined("host-a")
-    agents.sync_node("host-a", "dc1", web_state())
+    node_sync.sync_node("host-a", "dc1", web_state())
     before = topic_index(topic.service("web"))
-    index = agents.update_checks("host-a", [("service:web", "passing", "HTTP 200 OK")])
+    index = node_sync.update_checks("host-a", [("service:web", "passing", "HTTP 200 OK")])
     assert Check.objects.get(check_id="service:web").status == "passing"
     assert topic_index(topic.service("web")) == index > before
     global_index = current_index()
-    assert agents.update_checks("host-a", [("service:web", "passing", "HTTP 200 OK")]) == index
-    assert agents.update_checks("host-a", [("unknown", "passing", None)]) == index
+    assert node_sync.update_checks("host-a", [("service:web", "passing", "HTTP 200 OK")]) == index
+    assert node_sync.update_checks("host-a", [("unknown", "passing", None)]) == index
     assert current_index() == global_index
     with pytest.raises(BadRequest, match="invalid status"):
-        agents.update_checks("host-a", [("service:web", "green", None)])
+        node_sync.update_checks("host-a", [("service:web", "green", None)])
 
 
 # --- leaves -----------------------------------------------------------------------------
@@ -365,24 +366,24 @@ def test_update_checks_moves_health_and_an_equal_result_writes_nothing(db):
 def test_leaves_are_signed_only_for_services_on_the_callers_node(db):
     joined("host-a")
     joined("host-b")
-    agents.sync_node("host-a", "dc1", web_state())
-    leaf = agents.sign_leaf("host-a", "dc1", service_csr("web"), "web")
+    node_sync.sync_node("host-a", "dc1", web_state())
+    leaf = enrollment.sign_leaf("host-a", "dc1", service_csr("web"), "web")
     assert leaf.spiffe_id.endswith("/svc/web")
     with pytest.raises(PermissionDenied, match='not registered on node "host-b"'):
-        agents.sign_leaf("host-b", "dc1", service_csr("web"), "web")
+        enrollment.sign_leaf("host-b", "dc1", service_csr("web"), "web")
     with pytest.raises(PermissionDenied):
-        agents.sign_leaf("host-a", "dc1", service_csr("api"), "web")
+        enrollment.sign_leaf("host-a", "dc1", service_csr("api"), "web")
     with pytest.raises(PermissionDenied):
-        agents.sign_leaf("host-a", "dc1", agent_csr("host-b"), "")
-    renewed = agents.sign_leaf("host-a", "dc1", agent_csr("host-a"), "")
+        enrollment.sign_leaf("host-a", "dc1", agent_csr("host-b"), "")
+    renewed = enrollment.sign_leaf("host-a", "dc1", agent_csr("host-a"), "")
     assert renewed.spiffe_id.endswith("/id/host-a")
 
 
 def test_the_node_proxies_are_its_connect_proxy_instances(db):
     joined("host-a")
-    agents.sync_node("host-a", "dc1", web_state())
-    assert agents.node_proxies("host-a") == ["web-sidecar-proxy"]
-    assert agents.node_proxies("nobody") == []
+    node_sync.sync_node("host-a", "dc1", web_state())
+    assert node_sync.node_proxies("host-a") == ["web-sidecar-proxy"]
+    assert node_sync.node_proxies("nobody") == []
 
 
 # --- the peer table ----------------------------------------------------------------------

@@ -134,3 +134,33 @@ def test_the_cli_says_what_is_wrong_without_a_traceback(cp):
         )
     )
     assert data["max_uses"] == 0 and data["token"].startswith(data["id"] + ".")
+
+
+def test_the_cli_scopes_a_token_and_revokes_it_with_its_nodes(cp):
+    out = ok(
+        run_mesh(
+            "join-token",
+            "create",
+            "-uses",
+            "2",
+            "-service",
+            "web",
+            "-service",
+            "api-*",
+            server=cp,
+            token=cp.token,
+        )
+    )
+    assert "Services:    web, api-*" in out and "Node:        (any name)" in out
+    value = next(line.split()[1] for line in out.splitlines() if line.startswith("Token:"))
+    default = json.loads(
+        ok(run_mesh("join-token", "create", "-format=json", server=cp, token=cp.token))
+    )
+    assert default["services"] == [] and default["node_name"] == ""
+    agent = Agent(cp, unique_node())
+    asyncio.run(agent.join(value))
+    asyncio.run(agent.sync([{"Name": "web", "Port": 80}]))
+    out = ok(run_mesh("join-token", "revoke", "-nodes", value, server=cp, token=cp.token))
+    assert "and the nodes that joined with it" in out
+    with cp.client() as http:
+        assert http.get(f"/v1/catalog/node/{agent.node}").status_code == 404

@@ -541,3 +541,33 @@ def test_a_catalog_register_cannot_touch_other_services_or_the_node_without_righ
     _, entry = admin.catalog.node(node)
     assert entry["Services"][api]["Service"] == api
     assert entry["Node"]["TaggedAddresses"].get("wan") != "203.0.113.9"
+
+
+# --- the server agent's own checks and services ---------------------------------------------
+
+
+def test_agent_checks_and_services_are_filtered_like_the_catalog(acl_server, scoped, unique):
+    name = unique("agent-web")
+    with acl_server.client() as c:
+        r = c.put(
+            "/v1/agent/service/register",
+            json={"Name": name, "Port": 80, "Check": {"TTL": "30s"}},
+        )
+        assert r.status_code == 200, r.text
+        assert "serfHealth" in c.get("/v1/agent/checks").json()
+    with acl_server.client(token="") as anonymous:
+        assert anonymous.get("/v1/catalog/nodes").json() == []
+        assert anonymous.get("/v1/agent/checks").json() == {}  # no node-level serfHealth
+        assert anonymous.get("/v1/agent/services").json() == {}
+    node_reader = scoped('node_prefix "" { policy = "read" }')
+    with acl_server.client(token=node_reader) as c:
+        checks = c.get("/v1/agent/checks").json()
+        assert "serfHealth" in checks
+        assert not any(ch["ServiceName"] == name for ch in checks.values())
+        assert c.get("/v1/agent/services").json() == {}
+    service_reader = scoped(f'service "{name}" {{ policy = "read" }}')
+    with acl_server.client(token=service_reader) as c:
+        checks = c.get("/v1/agent/checks").json()
+        assert "serfHealth" not in checks
+        assert [ch["ServiceName"] for ch in checks.values()] == [name]
+        assert [s["Service"] for s in c.get("/v1/agent/services").json().values()] == [name]

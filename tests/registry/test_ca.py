@@ -471,6 +471,60 @@ def test_a_bad_configuration_is_refused_and_nothing_changes(ca, body, message):
     assert list(CARoot.objects.values_list("id", flat=True)) == roots
 
 
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ({"Name": "b"}, "Name: unknown field"),
+        ({"Provider": "b"}, "unknown CA provider 'b'"),
+        ({"Provider": ""}, "unknown CA provider ''"),
+        ({"Provider": 7}, "Provider: expected a string"),
+        ({"State": {"x": "y"}}, "State"),
+    ],
+)
+def test_an_unknown_field_or_provider_is_refused_and_never_resets_the_configuration(
+    ca, body, message
+):
+    ca.set_configuration({"Config": {"LeafCertTTL": "24h"}})
+    before = CAConfig.objects.get()
+    with pytest.raises(BadRequest, match=message):
+        ca.set_configuration(body)
+    after = CAConfig.objects.get()
+    assert after.config["LeafCertTTL"] == "24h"
+    assert (after.config, after.modify_index) == (before.config, before.modify_index)
+
+
+def test_a_partial_update_keeps_what_it_does_not_give(ca):
+    ca.set_configuration({"Config": {"LeafCertTTL": "24h", "CSRMaxPerSecond": 7}})
+    ca.set_configuration({"Config": {"CSRMaxConcurrent": 3}})
+    ca.set_configuration({"Provider": "consul"})
+    ca.set_configuration({"ForceWithoutCrossSigning": False})
+    _index, data = ca.configuration_json()
+    assert data["Provider"] == "consul"
+    assert data["Config"]["LeafCertTTL"] == "24h"
+    assert (data["Config"]["CSRMaxPerSecond"], data["Config"]["CSRMaxConcurrent"]) == (7, 3)
+
+
+def test_a_read_modify_write_of_the_whole_configuration_is_accepted(ca):
+    _index, data = ca.configuration_json()
+    data["Config"]["LeafCertTTL"] = "48h"
+    ca.set_configuration(data)
+    assert ca.configuration_json()[1]["Config"]["LeafCertTTL"] == "48h"
+
+
+def test_an_update_that_changes_nothing_writes_nothing(ca):
+    before = CAConfig.objects.get().modify_index
+    assert ca.set_configuration({}) is False
+    assert ca.set_configuration({"Provider": "consul", "Config": {"LeafCertTTL": "72h"}}) is False
+    assert CAConfig.objects.get().modify_index == before
+
+
+def test_a_new_key_type_alone_takes_that_types_default_size(ca):
+    ca.set_configuration({"Config": {"PrivateKeyType": "rsa", "PrivateKeyBits": 4096}})
+    assert ca.set_configuration({"Config": {"PrivateKeyType": "ec"}})
+    root = CARoot.objects.get(active=True)
+    assert (root.private_key_type, root.private_key_bits) == ("ec", 256)
+
+
 def test_validate_config_fills_in_defaults():
     assert validate_config({})["LeafCertTTL"] == "72h"
 
@@ -507,11 +561,15 @@ def test_the_leaf_chain_verifies_against_the_root(ca):
     pki.load_cert(leaf.cert_pem).verify_directly_issued_by(root)
 
 
-def test_an_agent_gets_its_node_identity_with_node_write(ca):
+def test_a_node_identity_needs_the_join_flow_or_acl_write_besides_node_write(ca):
     uri = spiffe.agent_id(ca.trust_domain(), "host-7", "dc1").uri
     token = token_for('node "host-7" { policy = "write" }')
-    leaf = ca.sign_csr(token, csr_for(uri, ("host-7.node.consul",)))
+    with pytest.raises(PermissionDenied, match="issued by the join flow"):
+        ca.sign_csr(token, csr_for(uri, ("host-7.node.consul",)))
+    leaf = ca.sign_csr(token, csr_for(uri, ("host-7.node.consul",)), agent=True)
     assert leaf.kind == "agent" and leaf.name == "host-7" and leaf.spiffe_id == uri
+    operator = token_for('node "host-7" { policy = "write" } acl = "write"')
+    assert ca.sign_csr(operator, csr_for(uri)).name == "host-7"
     with pytest.raises(PermissionDenied, match="lacks permission 'node:write' on \"host-8\""):
         ca.sign_csr(token, csr_for(spiffe.agent_id(ca.trust_domain(), "host-8", "dc1").uri))
 

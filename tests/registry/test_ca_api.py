@@ -171,11 +171,15 @@ def test_the_configuration_needs_operator_read_and_write(ca_server, unique):
         ca_server.consul(token="").connect.ca.configuration()
 
 
-def test_an_agent_gets_its_node_identity_with_node_write(acl_server, unique):
+def test_node_write_alone_gets_no_node_identity_here_acl_write_does(acl_server, unique):
     node = unique("host")
     secret = _policy_token(acl_server, unique, f'node "{node}" {{ policy = "write" }}')
     uri = spiffe.agent_id(_trust_domain(acl_server), node, "dc1").uri
     with acl_server.client(token=secret) as h:
+        r = h.post("/api/ca/sign", json={"csr": pki.make_csr(pki.generate_key(), uri)})
+    assert r.status_code == 403, r.text
+    assert "issued by the join flow" in r.json()["error"]
+    with acl_server.client() as h:  # the management token
         r = h.post("/api/ca/sign", json={"csr": pki.make_csr(pki.generate_key(), uri)})
     assert r.status_code == 200, r.text
     assert r.json()["spiffe_id"] == uri
@@ -241,6 +245,20 @@ def test_a_bad_configuration_is_a_plain_text_400_and_changes_nothing(server):
         r = c.put("/v1/connect/ca/configuration", content=b"{nope")
         assert r.status_code == 400 and "invalid JSON" in r.text
         assert c.get("/v1/connect/ca/configuration").json() == before
+
+
+def test_an_unknown_field_is_a_400_naming_it_and_never_resets_the_configuration(server):
+    with server.client() as c:
+        r = c.put("/v1/connect/ca/configuration", json={"Config": {"LeafCertTTL": "30h"}})
+        assert r.status_code == 200, r.text
+        before = c.get("/v1/connect/ca/configuration").json()
+        r = c.put("/v1/connect/ca/configuration", json={"Name": "b"})
+        assert r.status_code == 400 and r.text.startswith("Name: unknown field"), r.text
+        r = c.put("/v1/connect/ca/configuration", json={"Provider": "b"})
+        assert r.status_code == 400 and "unknown CA provider 'b'" in r.text, r.text
+        after = c.get("/v1/connect/ca/configuration").json()
+    assert after == before
+    assert after["Config"]["LeafCertTTL"] == "30h"
 
 
 # --- configuration writes, rotation, blocking queries -----------------------------------------

@@ -24,7 +24,7 @@ def test_struct_keys_match_in_any_case_and_in_snake_case():
         }
     )
     assert spec["Name"] == "web" and spec["Port"] == 80 and spec["EnableTagOverride"] is True
-    assert spec["Check"] == {"TTL": 10.0, "DeregisterCriticalServiceAfter": 60.0}
+    assert spec["Check"] == {"TTL": "10s", "DeregisterCriticalServiceAfter": "1m0s"}
 
 
 def test_user_map_keys_are_kept_exactly():
@@ -69,7 +69,7 @@ def test_nested_catalog_structures_decode():
     )
     assert spec["Service"] == {"Name": "db", "Port": 5432}
     assert spec["Checks"][0]["CheckID"] == "c1"
-    assert spec["Checks"][0]["Definition"] == {"HTTP": "http://x", "Interval": 5.0}
+    assert spec["Checks"][0]["Definition"] == {"HTTP": "http://x", "Interval": "5s"}
 
 
 @pytest.mark.parametrize(
@@ -107,3 +107,36 @@ def test_malformed_bodies_are_named(body, message):
 
 def test_an_empty_body_is_none():
     assert parse_body_json(b"  ") is None
+
+
+# --- hostile bodies (issue 12, finding 7) --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"[" * 100_000, "body: nested more than 64 levels deep"),
+        (b'{"a":' * 50_000, "body: nested more than 64 levels deep"),
+        (b'{"a":' * 70 + b"1" + b"}" * 70, "nested more than 64 levels deep"),
+        (b'{"Description": NaN}', "Description: number NaN is not a JSON number"),
+        (b'{"Policies": [{"ID": Infinity}]}', "Policies[0].ID: number Infinity"),
+        (b'{"Port": 1e999}', "Port: number 1e999 is out of range"),
+        (b'{"Port": 18446744073709551616}', "Port: number 18446744073709551616 is out of range"),
+        (b'{"Port": ' + b"9" * 5000 + b"}", "Port: number 99999999999999999999... is out of range"),
+        (b'{"Name": "a\\u0000b"}', "Name: NUL characters"),
+        (b'{"Meta": {"k\\u0000": "v"}}', "Meta: NUL characters (\\u0000) are not allowed in keys"),
+        (b'{"Tags": ["ok", "\\u0000"]}', "Tags[1]: NUL characters"),
+    ],
+)
+def test_a_hostile_body_is_a_bad_request_naming_the_field(body, message):
+    with pytest.raises(BadRequest, match="Request decode failed: ") as caught:
+        parse_body_json(body)
+    assert message in caught.value.message
+
+
+def test_a_body_within_the_bounds_parses_as_json():
+    nested = b'{"a":' * 63 + b"[1, 2.5, -9223372036854775808, 18446744073709551615]" + b"}" * 63
+    value = parse_body_json(nested)
+    for _ in range(63):
+        value = value["a"]
+    assert value == [1, 2.5, -(2**63), 2**64 - 1]

@@ -4,7 +4,16 @@ import time
 
 import pytest
 
-from registry.filtering import Filter, FilterError, apply_filter, compile_filter
+from registry.filtering import (
+    MAX_CLAUSES,
+    MAX_EXPRESSION_LENGTH,
+    MAX_PATTERN_LENGTH,
+    Filter,
+    FilterError,
+    FilterTooExpensive,
+    apply_filter,
+    compile_filter,
+)
 
 # A /v1/health/service entry.
 HEALTH = {
@@ -316,3 +325,65 @@ def test_it_filters_ten_thousand_items_quickly():
     elapsed = time.perf_counter() - started
     assert [item["Service"]["Service"] for item in kept][:2] == ["svc-3", "svc-33"]
     assert elapsed < 1.0
+
+
+# --- hostile filters: linear-time matching and bounded work (issue 12, finding 1) ---------
+
+
+@pytest.mark.parametrize(
+    "expression, item",
+    [
+        (
+            'Output matches "^(.*)(.*)(.*)(.*)(.*)(.*)(.*)(.*)(.*)(.*)(.*)Z"',
+            {"Output": "x" * 20_000},
+        ),
+        ('Meta.x matches "(a+)+$"', {"Meta": {"x": "a" * 28 + "!"}}),
+        ('Meta.x matches "(a|aa)*c"', {"Meta": {"x": "a" * 5_000}}),
+    ],
+)
+def test_catastrophic_patterns_run_in_linear_time(expression, item):
+    started = time.perf_counter()
+    assert apply_filter(expression, [item] * 50) == []
+    # Python's backtracking `re` takes many seconds on each of these; RE2 microseconds.
+    assert time.perf_counter() - started < 2.0
+
+
+def test_matches_uses_go_regexp_syntax_and_semantics():
+    # `$` is the end of the text (Go), not "before a final newline" (Python's re).
+    assert apply_filter('Output matches "ok$"', [{"Output": "ok\n"}]) == []
+    assert apply_filter(r"Output matches `\pL+\d`", [{"Output": "é1"}]) == [{"Output": "é1"}]
+    assert apply_filter('Output matches "(?i)^OK"', [{"Output": "ok"}]) == [{"Output": "ok"}]
+
+
+@pytest.mark.parametrize("pattern", [r"(a)\1", "(?=a)", r"a\Z", "(?<=a)b"])
+def test_perl_only_constructs_are_refused_as_consul_does(pattern):
+    with pytest.raises(FilterError, match="Failed to compile regular expression"):
+        compile_filter(f"Output matches `{pattern}`")
+
+
+def test_a_pattern_past_its_length_bound_is_refused():
+    compile_filter(f'Output matches "{"a" * MAX_PATTERN_LENGTH}"')
+    with pytest.raises(FilterTooExpensive, match=f"at most {MAX_PATTERN_LENGTH}"):
+        compile_filter(f'Output matches "{"a" * (MAX_PATTERN_LENGTH + 1)}"')
+
+
+def test_an_expression_past_its_size_bounds_is_refused():
+    clauses = " or ".join(["Port == 1"] * (MAX_CLAUSES + 1))
+    with pytest.raises(FilterTooExpensive, match=f"more than {MAX_CLAUSES} match expressions"):
+        compile_filter(clauses)
+    compile_filter(" or ".join(["Port == 1"] * MAX_CLAUSES))
+    with pytest.raises(FilterTooExpensive, match=f"at most {MAX_EXPRESSION_LENGTH}"):
+        compile_filter("Port == " + "1" * MAX_EXPRESSION_LENGTH)
+
+
+def test_evaluation_stops_at_its_budget_with_a_clear_error():
+    items = [{"Checks": [{"Output": "x" * 1000} for _ in range(20)]} for _ in range(100)]
+    expression = 'Checks.Output matches "y"'
+    assert apply_filter(expression, items, budget=None) == []
+    with pytest.raises(FilterTooExpensive, match="more than 500 evaluation steps"):
+        apply_filter(expression, items, budget=500)
+
+
+def test_a_compiled_filter_without_a_budget_is_unbounded():
+    keep = compile_filter("Port == 1")
+    assert all(not keep({"Port": 2}) for _ in range(10_000))
