@@ -167,7 +167,10 @@ class Fleet:
         async with httpx.AsyncClient(base_url=self.srv.url, timeout=60) as http:
             self.roots = (await http.get("/v1/connect/ca/roots", params={"pem": "true"})).text
             self.trust_domain = (await http.get("/v1/connect/ca/roots")).json()["TrustDomain"]
-            r = await http.post("/api/join-tokens/", json={"uses": self.args.nodes, "ttl": "1h"})
+            r = await http.post(
+                "/api/join-tokens/",
+                json={"uses": self.args.nodes, "ttl": "1h", "services": ["fan-*"]},
+            )
             r.raise_for_status()
             token = r.json()["token"]
         self.nodes = [Node(f"fan-node-{i:04d}") for i in range(self.args.nodes)]
