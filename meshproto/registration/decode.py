@@ -128,7 +128,7 @@ def _parse_float(text: str) -> Any:
 
 
 def _parse_constant(text: str) -> Any:
-    return _BadNumber(text, "is not a JSON number (NaN and Infinity are not JSON)")
+    return _BadNumber(text, "is not valid JSON (NaN and Infinity are not JSON numbers)")
 
 
 def _path_text(base: str, path: tuple) -> str:
@@ -203,7 +203,7 @@ def parse_json(data: bytes | str, path: str = "") -> Any:
             data, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant
         )
     except RecursionError:
-        raise DecodeError(path, f"invalid JSON: nested deeper than {MAX_DEPTH} levels") from None
+        raise DecodeError(path, f"nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as exc:  # syntax, or a number Python refuses to convert
         raise DecodeError(path, f"invalid JSON: {exc}") from None
     _check_tree(value, path)

@@ -115,10 +115,10 @@ def test_an_empty_body_is_none():
 @pytest.mark.parametrize(
     "body, message",
     [
-        (b"[" * 100_000, "body: nested more than 64 levels deep"),
-        (b'{"a":' * 50_000, "body: nested more than 64 levels deep"),
-        (b'{"a":' * 70 + b"1" + b"}" * 70, "nested more than 64 levels deep"),
-        (b'{"Description": NaN}', "Description: number NaN is not a JSON number"),
+        (b"[" * 100_000, "body: nested deeper than 64 levels"),
+        (b'{"a":' * 50_000, "body: nested deeper than 64 levels"),
+        (b'{"a":' * 70 + b"1" + b"}" * 70, "nested deeper than 64 levels"),
+        (b'{"Description": NaN}', "Description: number NaN is not valid JSON"),
         (b'{"Policies": [{"ID": Infinity}]}', "Policies[0].ID: number Infinity"),
         (b'{"Port": 1e999}', "Port: number 1e999 is out of range"),
         (b'{"Port": 18446744073709551616}', "Port: number 18446744073709551616 is out of range"),
