@@ -84,6 +84,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread name of a process (threads of one name summed;
+    the main thread, which runs the event loop, as `main`)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = "main" if task.name == str(pid) else comm.rstrip("0123456789_-") or comm
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf(
+            "SC_CLK_TCK"
+        )
+    return out
+
+
 def own_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -150,7 +167,10 @@ class Fleet:
         async with httpx.AsyncClient(base_url=self.srv.url, timeout=60) as http:
             self.roots = (await http.get("/v1/connect/ca/roots", params={"pem": "true"})).text
             self.trust_domain = (await http.get("/v1/connect/ca/roots")).json()["TrustDomain"]
-            r = await http.post("/api/join-tokens/", json={"uses": self.args.nodes, "ttl": "1h"})
+            r = await http.post(
+                "/api/join-tokens/",
+                json={"uses": self.args.nodes, "ttl": "1h", "services": ["fan-*"]},
+            )
             r.raise_for_status()
             token = r.json()["token"]
         self.nodes = [Node(f"fan-node-{i:04d}") for i in range(self.args.nodes)]
@@ -274,6 +294,7 @@ class Round:
     unexpected: int  # streams outside the expected set that got an update
     compiles: int
     server_cpu_ms: float
+    thread_cpu_ms: dict[str, float] = field(default_factory=dict)  # by thread name
 
     @property
     def last_ms(self) -> float:
@@ -289,6 +310,7 @@ async def one_write(fleet: Fleet, kind: str, n: int, args) -> Round:
     compiles_before = await fleet.compiles()
     await wait_quiet(fleet.srv.proc.pid)
     cpu0 = cpu_seconds(fleet.srv.proc.pid)
+    threads0 = thread_cpu(fleet.srv.proc.pid)
     sampler = None
     if args.profile and n == 0:
         # py-spy (not a dependency: `.venv/bin/pip install py-spy`) on the server for this write.
@@ -306,6 +328,7 @@ async def one_write(fleet: Fleet, kind: str, n: int, args) -> Round:
                 str(out),
                 "-p",
                 str(fleet.srv.proc.pid),
+                *(["--gil"] if args.profile_gil else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -321,6 +344,12 @@ async def one_write(fleet: Fleet, kind: str, n: int, args) -> Round:
     r.raise_for_status()
     await fleet.wait_updates({i: before[i] for i in expected}, args.timeout)
     cpu1 = cpu_seconds(fleet.srv.proc.pid)
+    threads1 = thread_cpu(fleet.srv.proc.pid)
+    by_thread = {
+        k: 1000 * (v - threads0.get(k, 0.0))
+        for k, v in threads1.items()
+        if v > threads0.get(k, 0.0)
+    }
     if sampler is not None:
         sampler.send_signal(signal.SIGINT)
         await asyncio.to_thread(sampler.wait, 30)
@@ -334,7 +363,9 @@ async def one_write(fleet: Fleet, kind: str, n: int, args) -> Round:
         1 for i, s in enumerate(fleet.streams) if i not in expected and len(s.arrivals) > before[i]
     )
     compiles = await fleet.compiles() - compiles_before
-    return Round(kind, len(expected), latencies, unexpected, compiles, 1000 * (cpu1 - cpu0))
+    return Round(
+        kind, len(expected), latencies, unexpected, compiles, 1000 * (cpu1 - cpu0), by_thread
+    )
 
 
 async def run_bench(srv: MeshServer, args) -> dict:
@@ -371,7 +402,12 @@ async def run_bench(srv: MeshServer, args) -> dict:
                 progress(
                     f"write {n + 1} {kind}: {len(rnd.latencies_ms)}/{rnd.expected} streams, "
                     f"last {rnd.last_ms:.0f} ms, {rnd.compiles} compilations, "
-                    f"server CPU {rnd.server_cpu_ms:.0f} ms"
+                    f"server CPU {rnd.server_cpu_ms:.0f} ms ("
+                    + ", ".join(
+                        f"{k} {v:.0f}"
+                        for k, v in sorted(rnd.thread_cpu_ms.items(), key=lambda kv: -kv[1])
+                    )
+                    + ")"
                 )
         out["client_cpu_s"] = own_cpu_seconds() - client0
         out["rounds"] = rounds
@@ -454,6 +490,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--server-env", action="append", default=[], metavar="K=V")
     ap.add_argument(
         "--profile", metavar="DIR", help="py-spy the server during the first write of each kind"
+    )
+    ap.add_argument(
+        "--profile-gil",
+        action="store_true",
+        help="with --profile: only the thread holding the GIL (where the Python CPU goes)",
     )
     args = ap.parse_args(argv)
     if min(args.streams, args.nodes, args.services) < 1:

@@ -197,16 +197,20 @@ class ProxyConfig:
         return _dump(self)
 
     def dumps(self) -> bytes:
-        # The control plane shares one Upstream object among the sidecars a
-        # change reaches: its JSON is built once (kept on the frozen object,
-        # used only here, where nothing can modify it).
-        data = {
-            f.name: _dump(getattr(self, f.name))
-            for f in dataclasses.fields(self)
-            if f.name != "upstreams"
-        }
-        data["upstreams"] = [_dumped_once(u) for u in self.upstreams]
-        return json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
+        """The JSON the stream sends: `json.dumps(to_json(), sort_keys=True)`,
+        compact, byte for byte. The control plane shares one Upstream object
+        among the sidecars a change reaches (its endpoints are most of a
+        config): its JSON text is encoded once, kept on the frozen object,
+        and spliced in, so a fan-out encodes each cluster once, not once per
+        sidecar."""
+        parts = []
+        for name in _CONFIG_KEYS:
+            if name == "upstreams":
+                text = "[" + ",".join(_encoded_once(u) for u in self.upstreams) + "]"
+            else:
+                text = _encode(_dump(getattr(self, name)))
+            parts.append(f'"{name}":{text}')
+        return ("{" + ",".join(parts) + "}").encode()
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ProxyConfig:
@@ -229,11 +233,17 @@ class ProxyConfig:
 _FIELD_NAMES: dict[type, tuple[str, ...] | None] = {}  # None: not a dataclass
 
 
-def _dumped_once(value: Any) -> Any:
-    cached = value.__dict__.get("_dumped")
+_encode = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+# ProxyConfig's field names in JSON order (`sort_keys`); plain identifiers, so
+# they need no escaping.
+_CONFIG_KEYS = tuple(sorted(f.name for f in dataclasses.fields(ProxyConfig)))
+
+
+def _encoded_once(value: Any) -> str:
+    cached = value.__dict__.get("_encoded")
     if cached is None:
-        cached = _dump(value)
-        object.__setattr__(value, "_dumped", cached)  # a cache on a frozen value, not a field
+        cached = _encode(_dump(value))
+        object.__setattr__(value, "_encoded", cached)  # a cache on a frozen value, not a field
     return cached
 
 

@@ -65,6 +65,13 @@ class ChangeHub:
             self._prefix.setdefault(p, set()).add(waiter)
         return waiter
 
+    def rearm(self, waiter: Waiter) -> None:
+        """Give a woken waiter a fresh future, keeping its topics registered
+        (cheaper than unwatch + watch for a reader that waits on the same
+        topics again). A change from now on resolves the new future."""
+        if waiter.future.done():
+            waiter.future = asyncio.get_running_loop().create_future()
+
     def unwatch(self, waiter: Waiter) -> None:
         for table, keys in ((self._exact, waiter.topics), (self._prefix, waiter.prefixes)):
             for k in keys:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
 from meshproto.proxycfg import (
@@ -64,6 +67,19 @@ def test_it_round_trips_through_json_bytes():
 
 def test_serialisation_is_stable_for_equal_configs():
     assert sample().dumps() == sample().dumps()
+
+
+def test_the_bytes_are_the_sorted_compact_json_of_the_config_with_shared_upstreams_spliced_in():
+    cfg = dataclasses.replace(sample(), intentions=({"SourceName": "caf\u00e9", "Action": "deny"},))
+    expected = json.dumps(cfg.to_json(), separators=(",", ":"), sort_keys=True).encode()
+    assert cfg.dumps() == expected
+    # A second config sharing the Upstream object reuses its encoded text.
+    other = dataclasses.replace(cfg, proxy_id="web-2-sidecar-proxy", version=43)
+    assert other.upstreams[0] is cfg.upstreams[0]
+    assert (
+        other.dumps() == json.dumps(other.to_json(), separators=(",", ":"), sort_keys=True).encode()
+    )
+    assert json.loads(other.dumps())["proxy_id"] == "web-2-sidecar-proxy"
 
 
 @pytest.mark.parametrize(

@@ -54,7 +54,7 @@ import dataclasses
 import json
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -961,13 +961,18 @@ def _gather_upstream(
     local_dc: str,
     trust_domain: str,
     entries: Mapping,
+    candidates: Callable[[str, str], tuple[Candidate, ...]] = _target_candidates,
 ) -> UpstreamSnapshot:
+    """`plan_upstream` with the instances of each chain target (`candidates`
+    of (service, datacenter): `gather` shares them among every upstream of a
+    generation that targets them — sidecars of one service differ in their
+    upstreams' local ports, not in where those lead)."""
     planned = plan_upstream(service, proxy_json, upstream, local_dc, trust_domain, entries)
     instances: dict[str, tuple[Candidate, ...]] = {}
     by_service_dc: dict[tuple[str, str], tuple[Candidate, ...]] = {}
     for tid, svc, dc in chain_targets(planned):
         if (svc, dc) not in by_service_dc:
-            by_service_dc[(svc, dc)] = _target_candidates(svc, dc)
+            by_service_dc[(svc, dc)] = candidates(svc, dc)
         instances[tid] = by_service_dc[(svc, dc)]
     return dataclasses.replace(planned, instances=instances)
 
@@ -977,7 +982,7 @@ _rows_lock = threading.Lock()
 _rows: dict[tuple[str, str], tuple[int, _ProxyRows]] = {}
 
 
-def _proxy_rows(node_name: str, proxy_id: str) -> _ProxyRows:
+def _proxy_rows(node_name: str, proxy_id: str, node_index: int | None = None) -> _ProxyRows:
     """The proxy's own rows as JSON: its datacenter, node, registration and the
     instance it fronts. Kept per proxy while its node's topic is unchanged
     (every change to a service or check on the node touches it); the index
@@ -987,7 +992,7 @@ def _proxy_rows(node_name: str, proxy_id: str) -> _ProxyRows:
     from registry.txn import topics_index
 
     key = (node_name, proxy_id)
-    index = topics_index((topic.node(node_name),))
+    index = topics_index((topic.node(node_name),)) if node_index is None else node_index
     with _rows_lock:
         hit = _rows.get(key)
     if hit is not None and hit[0] == index and index:
@@ -1019,14 +1024,24 @@ def _proxy_rows(node_name: str, proxy_id: str) -> _ProxyRows:
     return rows
 
 
-def gather(node_name: str, proxy_id: str) -> ProxySnapshot:
+def gather(
+    node_name: str,
+    proxy_id: str,
+    *,
+    global_index: int | None = None,
+    node_index: int | None = None,
+) -> ProxySnapshot:
     """Read everything `proxy_id` on `node_name` depends on (see the module doc).
-    Raises NotFound if there is no such connect-proxy on that node."""
+    Raises NotFound if there is no such connect-proxy on that node.
+    `global_index` and `node_index`, when given, were read before this call
+    (`compile_proxies` reads them once for many proxies)."""
     from registry.acl_rules import Authorizer
     from registry.domain import config_entries, connect_ca, intentions
 
-    shared = _shared.generation(_global_index())  # read first: see `_SharedReads`
-    local_dc, node_json, proxy_json, destination = _proxy_rows(node_name, proxy_id)
+    if global_index is None:
+        global_index = _global_index()
+    shared = _shared.generation(global_index)  # read first: see `_SharedReads`
+    local_dc, node_json, proxy_json, destination = _proxy_rows(node_name, proxy_id, node_index)
     p = proxy_json.get("Proxy") or {}
     service = p.get("DestinationServiceName") or ""
 
@@ -1044,13 +1059,18 @@ def gather(node_name: str, proxy_id: str) -> ProxySnapshot:
     allow = _once(shared, ("allow-by-default",), intentions.default_allow)
     entries = EntryReads(_once(shared, ("entries",), config_entries.snapshot))
 
+    def target_candidates(svc: str, dc: str) -> tuple[Candidate, ...]:
+        return _once(shared, ("candidates", svc, dc), lambda: _target_candidates(svc, dc))
+
     def upstream(u: Mapping[str, Any]) -> UpstreamSnapshot:
         mode = (p.get("MeshGateway") or {}).get("Mode") or ""
         key = ("upstream", service, json.dumps(u, sort_keys=True), mode, local_dc, trust_domain)
 
         def make() -> tuple[UpstreamSnapshot, frozenset, frozenset]:
             reads = EntryReads(entries.data)
-            us = _gather_upstream(service, proxy_json, u, local_dc, trust_domain, reads)
+            us = _gather_upstream(
+                service, proxy_json, u, local_dc, trust_domain, reads, target_candidates
+            )
             return us, frozenset(reads.names), frozenset(reads.kinds)
 
         us, names, kinds = _once(shared, key, make)
@@ -1109,6 +1129,60 @@ def compile_proxy(node_name: str, proxy_id: str) -> tuple[ProxyConfig, set[str]]
     topics = dependency_topics(snap)
     version = topics_index(tuple(sorted(topics)))
     return dataclasses.replace(config, version=version), topics
+
+
+def _indexes(topics: Iterable[str]) -> dict[str, int]:
+    """The index of each topic that was ever written, in one query."""
+    from django.db import connection
+
+    wanted = sorted(set(topics))
+    if not wanted:
+        return {}
+    marks = ", ".join(["%s"] * len(wanted))
+    with connection.cursor() as cur:
+        cur.execute(
+            f'SELECT topic, "index" FROM registry_topicindex WHERE topic IN ({marks})', wanted
+        )
+        return {t: int(i) for t, i in cur.fetchall()}
+
+
+def compile_proxies(
+    proxies: list[tuple[str, str]],
+) -> list[tuple[ProxyConfig, set[str]] | Exception]:
+    """`compile_proxy` for many (node, proxy ID) pairs at once, as a write that
+    wakes many proxies asks for: the global index and the nodes' indexes are
+    read once before every gather, and the versions in one query after every
+    build (the same order as one compile, so the same guarantees: data never
+    older than its index, a version never lower than its data). Each pair's
+    result, or the exception its compile raised."""
+    from django.db import InterfaceError, OperationalError
+
+    global_index = _global_index()
+    nodes = _indexes(topic.node(n) for n, _ in proxies)
+    built: list[tuple[ProxyConfig, set[str]] | Exception] = []
+    for node_name, proxy_id in proxies:
+        try:
+            snap = gather(
+                node_name,
+                proxy_id,
+                global_index=global_index,
+                node_index=nodes.get(topic.node(node_name), 0),
+            )
+            built.append((build_proxy_config(snap), dependency_topics(snap)))
+        except (OperationalError, InterfaceError):
+            raise  # the connection: the DB pool retries the whole call on a fresh one
+        except Exception as exc:
+            built.append(exc)
+    indexes = _indexes(t for b in built if not isinstance(b, Exception) for t in b[1])
+    return [
+        b
+        if isinstance(b, Exception)
+        else (
+            dataclasses.replace(b[0], version=max((indexes.get(t, 0) for t in b[1]), default=0)),
+            b[1],
+        )
+        for b in built
+    ]
 
 
 def find_proxy(service: str, *, proxy_id: str = "", node: str = "") -> tuple[str, str]:

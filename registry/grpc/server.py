@@ -59,6 +59,7 @@ HANDSHAKE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
 DRAIN_TIMEOUT = 60.0
 CHUNK = 64 * 1024
+DRAIN_ABOVE = 64 * 1024  # asyncio's default high-water mark
 RETRY_SECONDS = 10.0
 GRACE_SECONDS = 2.0
 
@@ -299,8 +300,10 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         if not data:
             return
         writer.write(data)
-        # Flow control: stop reading while the other side is not taking the bytes.
-        await asyncio.wait_for(writer.drain(), DRAIN_TIMEOUT)
+        # Flow control: stop reading while the other side is not taking the
+        # bytes (only then: `wait_for` makes a task, a cost on every message).
+        if writer.transport.get_write_buffer_size() > DRAIN_ABOVE:
+            await asyncio.wait_for(writer.drain(), DRAIN_TIMEOUT)
 
 
 async def _splice(

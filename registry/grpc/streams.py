@@ -9,6 +9,15 @@ sends it, and waits on the change hub for the topics the compile depended
 on; on a wake it compiles again and sends only if the config differs (its
 `version`, the index at compile time, aside).
 
+Cost per woken proxy, since one write can wake 1,000 of them: the compiles
+the watchers ask for in one turn of the event loop go to the DB pool
+together, in a few chunks (`CompileBatcher`), not one thread hop each; a
+watcher whose topics did not change keeps its hub registration and only
+gets a fresh future (`hub.rearm`); a config is compared with the one sent
+field by field (the Upstream objects a fan-out shares compare by identity)
+and dumped only when it changed, with each shared upstream's JSON encoded
+once (`ProxyConfig.dumps`).
+
 Latest-only delivery: a watcher does not compile again until its previous
 send has been written (gRPC flow control holds a slow agent's writes), and
 the hub waiter it registered before compiling stays resolved meanwhile, so a
@@ -31,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
+from django.conf import settings
 
 from meshproto.proto import mesh_pb2
 from meshproto.proxycfg import ProxyConfig
@@ -38,7 +48,7 @@ from registry import db
 from registry import topics as topic
 from registry.changes import hub
 from registry.domain import node_sync
-from registry.domain.proxycfg import compile_proxy
+from registry.domain.proxycfg import compile_proxies, compile_proxy
 from registry.errors import NotFound
 from registry.grpc.auth import Caller
 
@@ -60,19 +70,21 @@ class ProxyState:
     """What the stream sent for one proxy and what the agent said about it."""
 
     sent_version: int = 0
-    sent: ProxyConfig | None = (
-        None  # the config last sent, with version 0 (what "changed" compares)
-    )
+    sent: ProxyConfig | None = None  # the config last sent (what "changed" compares)
     acked_version: int = 0
     nacked_version: int = 0
     last_error: str = ""
     compiles: int = 0  # compilations on this stream (a wake that changed nothing counts too)
 
 
-def _comparable(config: ProxyConfig) -> ProxyConfig:
-    """The config without its version: two compiles of unchanged data compare
-    equal (frozen dataclasses compare field by field, no JSON needed)."""
-    return dataclasses.replace(config, version=0)
+_COMPARED = tuple(f.name for f in dataclasses.fields(ProxyConfig) if f.name != "version")
+
+
+def _same(a: ProxyConfig | None, b: ProxyConfig) -> bool:
+    """Equal but for the version: two compiles of unchanged data compare equal
+    (field by field, no JSON needed; the Upstream objects a fan-out shares
+    compare by identity first)."""
+    return a is not None and all(getattr(a, n) == getattr(b, n) for n in _COMPARED)
 
 
 def _spawn(coro, name: str) -> asyncio.Task:
@@ -92,8 +104,103 @@ def _log_failure(task: asyncio.Task) -> None:
 
 
 async def _wait(waiter, timeout: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+    """Until the waiter is woken or `timeout` passes (the waiter stays usable)."""
+    future = waiter.future
+    if future.done():
+        return
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def wake(_=None) -> None:
+        if not done.done():
+            done.set_result(None)
+
+    timer = loop.call_later(timeout, wake)
+    future.add_done_callback(wake)
+    try:
+        await done
+    finally:
+        timer.cancel()
+        future.remove_done_callback(wake)
+
+
+# Most compiles a batch runs on one DB thread: a wake of 1,000 proxies runs
+# in chunks (spread over the pool) whose results come back as each ends.
+BATCH_MAX = 32
+
+
+class CompileBatcher:
+    """Compiles requested in one turn of the event loop run together.
+
+    One write wakes every proxy that depends on it at once; sending each
+    compile to the DB pool on its own costs a thread hop per proxy (and the
+    pool's threads then fight over the GIL). The batcher gathers the
+    compiles the woken watchers ask for and runs them in a few chunks, one
+    DB-pool call each.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Compile, str, str, asyncio.Future]] = []
+        self._scheduled = False
+
+    def compile(self, compile: Compile, node: str, proxy_id: str) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((compile, node, proxy_id, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        items, self._pending = self._pending, []
+        items = [item for item in items if not item[3].cancelled()]
+        if not items:
+            return
+        threads = settings.MESH_DB_THREADS
+        size = max(1, min(BATCH_MAX, -(-len(items) // threads)))
+        for start in range(0, len(items), size):
+            chunk = items[start : start + size]
+            task = asyncio.ensure_future(db.run(_compile_chunk, [i[:3] for i in chunk]))
+            task.add_done_callback(lambda t, chunk=chunk: _deliver(t, chunk))
+
+
+def _compile_chunk(items: list[tuple[Compile, str, str]]) -> list[tuple[bool, object]]:
+    """Each item's (ok, result or exception), on one DB thread; the real
+    compiler's shared reads (indexes) are made once for the chunk."""
+    if all(c is compile_proxy for c, _, _ in items):
+        results = compile_proxies([(node, proxy_id) for _, node, proxy_id in items])
+        return [(not isinstance(r, Exception), r) for r in results]
+    out: list[tuple[bool, object]] = []
+    for compile, node, proxy_id in items:
+        try:
+            out.append((True, compile(node, proxy_id)))
+        except Exception as exc:
+            out.append((False, exc))
+    return out
+
+
+def _deliver(task: asyncio.Future, chunk: list) -> None:
+    if task.cancelled():
+        for *_, future in chunk:
+            future.cancel()
+        return
+    exc = task.exception()
+    for i, (*_, future) in enumerate(chunk):
+        if future.done():
+            continue
+        if exc is not None:
+            future.set_exception(exc)
+            continue
+        ok, value = task.result()[i]
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+batcher = CompileBatcher()
 
 
 class ProxyConfigStream:
@@ -228,7 +335,7 @@ class ProxyConfigStream:
                 if state is not None:
                     state.compiles += 1
                 try:
-                    config, deps = await db.run(self.compile, self.node, proxy_id)
+                    config, deps = await batcher.compile(self.compile, self.node, proxy_id)
                 except NotFound:
                     # Deregistered between the node's listing and this compile:
                     # the node watcher is about to stop this one.
@@ -257,6 +364,9 @@ class ProxyConfigStream:
 
     @staticmethod
     def _rewatch(waiter, topics: frozenset[str]):
+        if frozenset(waiter.topics) == topics:
+            hub.rearm(waiter)  # the same topics: keep the registration, new future
+            return waiter
         hub.unwatch(waiter)
         return hub.watch(topics)
 
@@ -265,15 +375,14 @@ class ProxyConfigStream:
         state = self.proxies.get(proxy_id)
         if state is None:
             return
-        comparable = _comparable(config)
-        if comparable == state.sent:
+        if _same(state.sent, config):
             return
         await self._send(
             mesh_pb2.ProxyConfigUpdate(
                 proxy_id=proxy_id, version=config.version, config_json=config.dumps()
             )
         )
-        state.sent_version, state.sent = config.version, comparable
+        state.sent_version, state.sent = config.version, config
 
     async def _send(self, update: mesh_pb2.ProxyConfigUpdate) -> None:
         # One writer at a time on a stream; flow control makes a slow agent wait here.

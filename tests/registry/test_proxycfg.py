@@ -925,6 +925,31 @@ def test_proxies_compiled_at_one_index_share_reads_but_keep_their_own_rows(mesh)
     assert again.version > a.version
 
 
+def test_compiling_many_proxies_at_once_answers_what_compiling_each_answers(mesh):
+    register_app(
+        "web",
+        "host-c",
+        "10.0.0.12",
+        port=8081,
+        upstreams=[{"DestinationName": "api", "LocalBindPort": 9292}],
+    )
+    wanted = [
+        ("host-a", "web-sidecar-proxy"),
+        ("nowhere", "web-sidecar-proxy"),
+        ("host-c", "web-sidecar-proxy"),
+        ("host-b", "api-sidecar-proxy"),
+    ]
+    together = proxycfg.compile_proxies(wanted)
+    assert isinstance(together[1], NotFound)
+    for (node, proxy_id), got in zip(wanted, together, strict=True):
+        if node == "nowhere":
+            continue
+        config, topics = got
+        alone, alone_topics = proxycfg.compile_proxy(node, proxy_id)
+        assert (config, topics) == (alone, alone_topics)
+        assert config.version > 0 and config.node == node
+
+
 def test_find_proxy_picks_a_sidecar_and_says_what_is_missing(mesh):
     register_app("web", "host-c", "10.0.0.12", port=8080)
     assert proxycfg.find_proxy("web") == ("host-a", "web-sidecar-proxy")
