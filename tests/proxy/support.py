@@ -15,7 +15,6 @@ import errno
 import hashlib
 import json
 import os
-import random
 import re
 import socket
 import subprocess
@@ -32,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from meshproto.proxycfg import Cluster, Endpoint, Inbound, ProxyConfig, Upstream
+from tests.support.servers import free_port  # noqa: F401 - the one port picker for tests
 
 TRUST_DOMAIN = "11111111-2222-3333-4444-555555555555.mesh"
 DC = "dc1"
@@ -40,21 +40,6 @@ SIDECAR = str(Path(sys.executable).with_name("mesh-sidecar"))
 
 def spiffe(service: str, trust_domain: str = TRUST_DOMAIN, dc: str = DC) -> str:
     return f"spiffe://{trust_domain}/ns/default/dc/{dc}/svc/{service}"
-
-
-def free_port() -> int:
-    """A free loopback port below the ephemeral range (32768+), so that neither
-    outgoing connections' source ports nor other tests' `bind(0)` ports can take
-    it between now and the sidecar's bind."""
-    for _ in range(100):
-        port = random.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -49,18 +50,30 @@ def die_with_parent():
     return _pdeathsig if threading.current_thread() is threading.main_thread() else None
 
 
+# Ports handed to test servers come from below the kernel's ephemeral range
+# (32768-60999 here): a port the kernel gave out as "free" could be taken as
+# the source port of any outgoing connection before the server binds it.
+# Above the sidecar range (21000-21255), which agents use for sidecars.
+_PORTS = range(22000, 32768)
+
+
+def _bindable(port: int) -> bool:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", port))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    return True
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     """A port free for both TCP and UDP on 127.0.0.1 (DNS needs both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                u.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return port
+    for _ in range(200):
+        port = random.choice(_PORTS)
+        if _bindable(port):
+            return port
     raise RuntimeError("no free port")
 
 
