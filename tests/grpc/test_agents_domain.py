@@ -1,4 +1,4 @@
-"""The agent protocol's service layer (`registry.domain.agents`): join tokens,
+"""The agent protocol's service layer (`registry.domain.join_tokens`, `enrollment`, `node_sync`): join tokens,
 joining, anti-entropy, check updates and leaves, against the test database."""
 
 from __future__ import annotations
