@@ -14,9 +14,7 @@ from django.urls import path
 from registry.decode import Anything, MapOf, Str, Struct
 from registry.domain import intentions, reads
 from registry.errors import MeshError, NotFound
-from registry.v1.base import Ctx, Reply, endpoint
-
-FILTERED_HEADER = "X-Consul-Results-Filtered-By-ACLs"
+from registry.v1.base import RESULTS_FILTERED_HEADER, Ctx, Reply, endpoint
 
 INTENTION = Struct(
     {
@@ -66,7 +64,7 @@ def collection(ctx: Ctx) -> Reply:
         row = intentions.create(ctx.authz, ctx.json(INTENTION), _accessor(ctx))
         return Reply({"ID": row.id})
     listing = intentions.list_intentions(ctx.authz)
-    headers = {FILTERED_HEADER: "true"} if listing.filtered else {}
+    headers = {RESULTS_FILTERED_HEADER: "true"} if listing.filtered else {}
     data = [intentions.intention_json(r) for r in listing.rows]
     return Reply(data, listing.index, headers=headers, filterable=True)
 

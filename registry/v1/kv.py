@@ -8,9 +8,7 @@ from django.urls import path
 
 from registry.domain import kv, reads
 from registry.errors import TooLarge
-from registry.v1.base import Ctx, Reply, endpoint
-
-FILTERED_HEADER = "X-Consul-Results-Filtered-By-ACLs"
+from registry.v1.base import RESULTS_FILTERED_HEADER, Ctx, Reply, endpoint
 
 
 def _key(ctx: Ctx, key: str) -> str:
@@ -31,7 +29,7 @@ def _topics(ctx: Ctx, key: str = ""):
 
 
 def _filtered(filtered: bool) -> dict[str, str]:
-    return {FILTERED_HEADER: "true"} if filtered else {}
+    return {RESULTS_FILTERED_HEADER: "true"} if filtered else {}
 
 
 @endpoint("GET", "PUT", "DELETE", topics=_topics)

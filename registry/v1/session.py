@@ -7,9 +7,7 @@ from django.urls import path
 from registry import topics as topic
 from registry.decode import Anything, ListOf, Str, Struct
 from registry.domain import catalog, reads, sessions
-from registry.v1.base import Ctx, Reply, endpoint
-
-FILTERED_HEADER = "X-Consul-Results-Filtered-By-ACLs"
+from registry.v1.base import RESULTS_FILTERED_HEADER, Ctx, Reply, endpoint
 
 SESSION_CREATE = Struct(
     {
@@ -32,7 +30,7 @@ def _check_dc(ctx: Ctx) -> None:
 
 
 def _reads(index: int, data: list, filtered: bool) -> Reply:
-    headers = {FILTERED_HEADER: "true"} if filtered else {}
+    headers = {RESULTS_FILTERED_HEADER: "true"} if filtered else {}
     return Reply(data, index, headers=headers)
 
 

@@ -57,6 +57,16 @@ def unique_node(prefix: str = "host") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
+def acl_token(server: MeshServer, rules: str) -> str:
+    """The secret of a new ACL token with one policy of `rules`."""
+    with server.client() as http:
+        policy = http.put(
+            "/v1/acl/policy", json={"Name": f"p-{unique_node()}", "Rules": rules}
+        ).json()
+        token = http.put("/v1/acl/token", json={"Policies": [{"ID": policy["ID"]}]}).json()
+    return token["SecretID"]
+
+
 @dataclass
 class Agent:
     """What a per-host agent holds: a node name, a key, the certificate Join gave it."""

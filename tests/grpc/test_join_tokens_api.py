@@ -11,19 +11,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from meshproto import pki
-from tests.grpc.conftest import Agent, roots_pem, unique_node
+from tests.grpc.conftest import Agent, acl_token, roots_pem, unique_node
 from tests.test_cli import ok, run_mesh
 
 pytestmark = pytest.mark.slow
-
-
-def _acl_token(server, rules: str) -> str:
-    with server.client() as http:
-        policy = http.put(
-            "/v1/acl/policy", json={"Name": f"p-{unique_node()}", "Rules": rules}
-        ).json()
-        token = http.put("/v1/acl/token", json={"Policies": [{"ID": policy["ID"]}]}).json()
-    return token["SecretID"]
 
 
 def test_creating_a_token_answers_the_secret_once_with_the_pin_and_the_agent_command(cp):
@@ -70,8 +61,8 @@ def test_a_bad_create_is_a_400_and_creates_nothing(cp, body, field):
 
 
 def test_join_tokens_need_acl_write_to_create_and_revoke_and_acl_read_to_list(cp):
-    reader = _acl_token(cp, 'acl = "read"')
-    nobody = _acl_token(cp, 'node_prefix "" { policy = "write" }')
+    reader = acl_token(cp, 'acl = "read"')
+    nobody = acl_token(cp, 'node_prefix "" { policy = "write" }')
     with cp.client(token=nobody) as http:
         assert http.post("/api/join-tokens/", json={}).status_code == 403
         assert http.get("/api/join-tokens/").status_code == 403

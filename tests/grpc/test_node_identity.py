@@ -14,6 +14,7 @@ from meshproto import pki, spiffe
 from meshproto.proto import mesh_pb2
 from tests.grpc.conftest import (
     Agent,
+    acl_token,
     join_now,
     new_token,
     trust_domain,
@@ -24,15 +25,6 @@ from tests.support.servers import make_server
 
 def run(coro):
     return asyncio.run(coro)
-
-
-def _acl_token(server, rules: str) -> str:
-    with server.client() as http:
-        policy = http.put(
-            "/v1/acl/policy", json={"Name": f"p-{unique_node()}", "Rules": rules}
-        ).json()
-        token = http.put("/v1/acl/token", json={"Policies": [{"ID": policy["ID"]}]}).json()
-    return token["SecretID"]
 
 
 def _refused(coro) -> grpc.aio.AioRpcError:
@@ -66,7 +58,7 @@ def _signed_elsewhere(server, node: str, token: str | None = None) -> tuple[int,
 
 
 def test_a_node_write_token_gets_no_node_certificate_from_the_ca_api(cp):
-    token = _acl_token(cp, 'node "n-esc" { policy = "write" }')
+    token = acl_token(cp, 'node "n-esc" { policy = "write" }')
     status, _agent = _signed_elsewhere(cp, "n-esc", token)
     assert status == 403
 
