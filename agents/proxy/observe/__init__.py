@@ -1,0 +1,81 @@
+"""The seam between the sidecar's HTTP path and what watches it.
+
+The HTTP proxy (`agents.proxy.http`) knows requests; metrics, traces and
+access logs know how to report them. They meet here and nowhere else: for each
+request the proxy calls `Observer.begin` when the request head is parsed and
+`RequestSpan.finish` with a `RequestRecord` once the response is done (or
+failed). The proxy sends `RequestSpan.upstream_headers()` with every attempt
+it makes upstream, so a trace follows the call to the next hop.
+
+`NULL_OBSERVER` does nothing and costs one call; the sidecar builds the real
+observer from its configuration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+Headers = list[tuple[bytes, bytes]]  # lower-cased names, as received
+
+
+@dataclass
+class RequestRecord:
+    """One finished HTTP request as the sidecar saw it (either direction)."""
+
+    reporter: str  # "source" (outbound listener) | "destination" (inbound listener)
+    source_service: str
+    destination_service: str
+    method: str
+    path: str
+    authority: str
+    protocol: str  # "http" | "http2" | "grpc"
+    status: int  # 0 when no response was sent (client went away)
+    started: float  # time.time() when the request head arrived
+    duration_s: float
+    request_bytes: int = 0
+    response_bytes: int = 0
+    route: str = ""  # the matched route's name or index, "" for the default
+    cluster: str = ""  # the chosen cluster (target) name
+    upstream: str = ""  # "host:port" of the instance that answered
+    retries: int = 0
+    response_flags: str = "-"  # Envoy-style: UF, UO, URX, UT, DC, NR, RL, UH, ...
+    grpc_status: str = ""
+    request_id: str = ""
+    mtls: bool = True
+    denied_by: str = ""  # intention id when an L7 intention denied it
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class RequestSpan(Protocol):
+    def upstream_headers(self) -> Headers:
+        """Headers to add to each upstream attempt (e.g. `traceparent`)."""
+
+    def finish(self, record: RequestRecord) -> None:
+        """Report the request once it is over; called exactly once."""
+
+
+class Observer(Protocol):
+    def begin(self, reporter: str, headers: Headers) -> RequestSpan:
+        """A request head has been parsed; `headers` are the incoming ones."""
+
+
+class _NullSpan:
+    __slots__ = ()
+
+    def upstream_headers(self) -> Headers:
+        return []
+
+    def finish(self, record: RequestRecord) -> None:
+        return None
+
+
+class _NullObserver:
+    __slots__ = ()
+    _span = _NullSpan()
+
+    def begin(self, reporter: str, headers: Headers) -> RequestSpan:
+        return self._span
+
+
+NULL_OBSERVER: Observer = _NullObserver()
