@@ -326,12 +326,27 @@ def instance_fields(spec: dict[str, Any], *, parent_id: str, agent_local: bool) 
     }
 
 
+def stored_instance(node: Node, spec: dict[str, Any]) -> ServiceInstance | None:
+    """The instance on `node` that registering `spec` would replace (same ID), if any.
+
+    A caller that needs it before the write (the ACL check) passes it on to
+    `register_agent_service` so the write does not read it again.
+    """
+    return rows.first(ServiceInstance, node_id=node.pk, service_id=rules.service_id(spec))
+
+
 def _save_instance(
-    change: Change, node: Node, spec: dict[str, Any], *, agent_local: bool, parent_id: str = ""
+    change: Change,
+    node: Node,
+    spec: dict[str, Any],
+    *,
+    agent_local: bool,
+    parent_id: str = "",
+    stored: ServiceInstance | None | type[_Unknown] = _Unknown,
 ) -> ServiceInstance:
     _validate_service(spec)
     service_id = spec.get("ID") or spec["Name"]
-    svc = rows.first(ServiceInstance, node_id=node.pk, service_id=service_id)
+    svc = stored_instance(node, spec) if stored is _Unknown else stored
     before = shapes.agent_service_json(_with_node(svc, node)) if svc is not None else None
     if svc is not None and svc.name != spec["Name"]:
         # Renaming an instance moves it between services: both lists change.
@@ -364,13 +379,20 @@ def _save_instance(
 
 
 def register_agent_service(
-    node: Node, spec: dict[str, Any], *, replace_existing_checks: bool = False
+    node: Node,
+    spec: dict[str, Any],
+    *,
+    replace_existing_checks: bool = False,
+    stored: ServiceInstance | None | type[_Unknown] = _Unknown,
 ) -> ServiceInstance:
-    """`PUT /v1/agent/service/register`: the service, its checks and its sidecar, atomically."""
+    """`PUT /v1/agent/service/register`: the service, its checks and its sidecar, atomically.
+
+    `stored` is `stored_instance(node, spec)` when the caller has read it already.
+    """
     validate_service(spec)
     spec = dict(spec, ID=rules.service_id(spec))
     with Change() as change:
-        svc = _save_instance(change, node, spec, agent_local=True)
+        svc = _save_instance(change, node, spec, agent_local=True, stored=stored)
         _register_service_checks(change, node, svc, spec, replace_existing_checks)
         if rules.sidecar_id(spec) is not None:
             sc = expand_sidecar(node, spec)
@@ -650,15 +672,22 @@ def apply_check_result(change: Change, check: Check, status: str, output: str | 
 Need = tuple[str, str]  # (permission, resource), e.g. ("service:write", "web")
 
 
-def agent_register_needs(node: Node, spec: dict[str, Any]) -> list[Need]:
+def agent_register_needs(
+    node: Node, spec: dict[str, Any], stored: ServiceInstance | None | type[_Unknown] = _Unknown
+) -> list[Need]:
     """What `register_agent_service(node, spec)` needs from the caller's token.
 
     Write on the service, on any other service whose ID it re-uses (it would
-    replace it), on a proxy's destination and on a named sidecar.
+    replace it), on a proxy's destination and on a named sidecar. `stored`:
+    as for `register_agent_service`.
     """
     name = spec.get("Name", "")
     needs: list[Need] = [("service:write", name)]
-    replaced = rows.first(ServiceInstance, node_id=node.pk, service_id=spec.get("ID") or name)
+    replaced = (
+        rows.first(ServiceInstance, node_id=node.pk, service_id=spec.get("ID") or name)
+        if stored is _Unknown
+        else stored
+    )
     if replaced is not None and replaced.name != name:
         needs.append(("service:write", replaced.name))
     dest = (spec.get("Proxy") or {}).get("DestinationServiceName")

@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 from django.db import connection, models
 from django.utils.dateparse import parse_datetime
 
+from registry.db import note_statement
+
 M = TypeVar("M", bound=models.Model)
 
 
@@ -38,6 +40,7 @@ def cursor() -> Iterator[Any]:
     that. Errors still come out as Django's database exceptions.
     """
     connection.ensure_connection()
+    note_statement()
     if connection.vendor == "sqlite":
         # sqlite3's own cursor: Django's wrapper rewrites every statement's
         # placeholders with a regular expression.
