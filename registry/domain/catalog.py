@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -144,10 +145,7 @@ def ensure_local_node() -> Node:
 
 def find_node(name: str) -> Node | None:
     """The node named `name` with its datacenter, or None (plain SQL: every catalog write asks)."""
-    node = rows.first(Node, name=name)
-    if node is not None:
-        node.datacenter = rows.first(Datacenter, id=node.datacenter_id)
-    return node
+    return rows.first_related(Node, "datacenter", name=name)
 
 
 def get_node(name: str) -> Node:
@@ -699,16 +697,36 @@ def agent_register_needs(
     return needs
 
 
-def catalog_register_needs(spec: dict[str, Any]) -> list[Need]:
+@dataclass(frozen=True)
+class StoredRows:
+    """What a catalog registration would change, read once for its ACL check and its write."""
+
+    node: Node | None  # with its datacenter
+    instance: ServiceInstance | None  # on that node, with the registered service's ID
+
+
+def stored_for_catalog(spec: dict[str, Any]) -> StoredRows:
+    """The stored node and service instance that `catalog_register(spec)` would replace."""
+    node = find_node(spec.get("Node", "")) if spec.get("Node") else None
+    service = spec.get("Service") or {}
+    service_id = service.get("ID") or service.get("Name") or ""
+    instance = None
+    if node is not None and service_id:
+        instance = rows.first(ServiceInstance, node_id=node.pk, service_id=service_id)
+    return StoredRows(node, instance)
+
+
+def catalog_register_needs(spec: dict[str, Any], stored: StoredRows | None = None) -> list[Need]:
     """What `catalog_register(spec)` needs from the caller's token.
 
     node:write when the node is created or any of its fields change; write on
     the service (and on a service whose ID it re-uses, and a proxy's
     destination); node:write for node-level checks and write on the service
-    a check is attached to.
+    a check is attached to. `stored`: `stored_for_catalog(spec)`, if read already.
     """
     node = spec.get("Node", "")
-    existing = rows.first(Node, name=node)
+    stored = stored or stored_for_catalog(spec)
+    existing = stored.node
     needs: list[Need] = []
     if not spec.get("SkipNodeUpdate"):
         changes_node = (
@@ -735,7 +753,7 @@ def catalog_register_needs(spec: dict[str, Any]) -> list[Need]:
         name = service.get("Name", "")
         needs.append(("service:write", name))
         service_id = service.get("ID") or name
-        replaced = on_node(service_id)
+        replaced = stored.instance
         if replaced is not None and replaced.name != name:
             needs.append(("service:write", replaced.name))
         dest = (service.get("Proxy") or {}).get("DestinationServiceName")
@@ -755,13 +773,17 @@ def catalog_register_needs(spec: dict[str, Any]) -> list[Need]:
 # --- catalog register / deregister ------------------------------------------------------
 
 
-def catalog_register(spec: dict[str, Any]) -> None:
-    """`PUT /v1/catalog/register`: node, optional service, optional checks, atomically."""
+def catalog_register(spec: dict[str, Any], stored: StoredRows | None = None) -> None:
+    """`PUT /v1/catalog/register`: node, optional service, optional checks, atomically.
+
+    `stored`: `stored_for_catalog(spec)`, when the caller has read it already.
+    """
     if not spec.get("Node"):
         raise BadRequest("Must provide node")
     dc_name = spec.get("Datacenter") or settings.MESH_DC
     with Change() as change:
-        node = find_node(spec["Node"])
+        stored = stored or stored_for_catalog(spec)
+        node = stored.node
         if node is None:
             if not spec.get("Address"):
                 raise BadRequest("Must provide address if SkipNodeUpdate is not set")
@@ -772,7 +794,8 @@ def catalog_register(spec: dict[str, Any]) -> None:
             before = shapes.node_json(node) if node.pk is not None else None
             node.address = spec.get("Address") or node.address
             node.node_id = spec.get("ID") or node.node_id
-            node.datacenter = ensure_datacenter(dc_name, change)
+            if node.pk is None or node.datacenter.name != dc_name:
+                node.datacenter = ensure_datacenter(dc_name, change)
             if "TaggedAddresses" in spec:
                 node.tagged_addresses = spec["TaggedAddresses"]
             if "NodeMeta" in spec:
@@ -790,7 +813,13 @@ def catalog_register(spec: dict[str, Any]) -> None:
             service = dict(spec["Service"])
             _validate_service(service)
             service["ID"] = service.get("ID") or service["Name"]
-            svc = _save_instance(change, node, service, agent_local=False)
+            svc = _save_instance(
+                change,
+                node,
+                service,
+                agent_local=False,
+                stored=stored.instance if stored.node is not None else None,
+            )
         checks = ([spec["Check"]] if spec.get("Check") else []) + list(spec.get("Checks") or [])
         for c in checks:
             if not c.get("CheckID") and not c.get("Name"):

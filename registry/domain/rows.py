@@ -306,6 +306,34 @@ def first(model: type[M], **equal: Any) -> M | None:
     return None if row is None else _row_to_model(t, row)
 
 
+@functools.lru_cache(maxsize=64)
+def _related_sql(model: type[models.Model], relation: str, keys: tuple[str, ...]) -> str:
+    t = _table(model)
+    related = _table(model._meta.get_field(relation).related_model)
+    q = connection.ops.quote_name
+    cols = [f"a.{q(f.column)}" for f in t.fields] + [f"b.{q(f.column)}" for f in related.fields]
+    fk = q(model._meta.get_field(relation).column)
+    where = " AND ".join(f"a.{q(k)} = %s" for k in keys)
+    return (
+        f"SELECT {', '.join(cols)} FROM {t.table} a JOIN {related.table} b "
+        f"ON b.{q(related.pk.column)} = a.{fk} WHERE {where} LIMIT 1"
+    )
+
+
+def first_related(model: type[M], relation: str, **equal: Any) -> M | None:
+    """Like `first`, with the row its foreign key `relation` points at read in the same statement."""
+    t = _table(model)
+    related = _table(model._meta.get_field(relation).related_model)
+    with cursor() as cur:
+        cur.execute(_related_sql(model, relation, tuple(equal)), list(equal.values()))
+        row = cur.fetchone()
+    if row is None:
+        return None
+    obj = _row_to_model(t, row[: len(t.fields)])
+    setattr(obj, relation, _row_to_model(related, row[len(t.fields) :]))
+    return obj
+
+
 def where(model: type[M], sql: str, params: list[Any]) -> list[M]:
     """Rows matching a WHERE clause written in columns, as models."""
     t = _table(model)

@@ -38,8 +38,9 @@ def register(ctx: Ctx) -> Reply:
     if "NodeMeta" not in spec and ctx.has("node-meta"):
         # py-consul sends catalog.register(node_meta=...) as ?node-meta=k:v.
         spec["NodeMeta"] = _node_meta(ctx)
-    ctx.require_all(catalog.catalog_register_needs(spec))
-    catalog.catalog_register(spec)
+    stored = catalog.stored_for_catalog(spec)
+    ctx.require_all(catalog.catalog_register_needs(spec, stored))
+    catalog.catalog_register(spec, stored)
     return Reply(True)
 
 
