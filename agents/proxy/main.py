@@ -31,7 +31,9 @@ def _host_port(value: str) -> tuple[str, int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mesh-sidecar", description="meshweb sidecar proxy (L4)")
+    p = argparse.ArgumentParser(
+        prog="mesh-sidecar", description="meshweb sidecar proxy (L4 and HTTP)"
+    )
     p.add_argument("--proxy-id", required=True, help="the proxy's service ID")
     p.add_argument("--socket", required=True, help="the agent's Unix socket for this proxy")
     p.add_argument(
@@ -47,6 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds open connections may take to finish after SIGTERM (default 4)",
     )
     p.add_argument("--handshake-timeout", type=float, default=10.0, help="TLS handshake timeout")
+    p.add_argument(
+        "--http-read-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a caller may take to send a whole HTTP request (slowloris guard)",
+    )
     return p.parse_args(argv)
 
 
@@ -58,7 +66,13 @@ async def run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     metrics = Metrics()
     keydir = KeyDir()
-    sidecar = Sidecar(args.proxy_id, metrics, keydir, handshake_timeout=args.handshake_timeout)
+    sidecar = Sidecar(
+        args.proxy_id,
+        metrics,
+        keydir,
+        handshake_timeout=args.handshake_timeout,
+        http_read_timeout=args.http_read_timeout,
+    )
     metrics_server = None
     try:
         if args.metrics_addr is not None:
