@@ -26,6 +26,7 @@ from agents.proxy.balancing import EndpointKey, UpstreamPlan, key_of
 from agents.proxy.listen import listen_socket
 from agents.proxy.logs import log
 from agents.proxy.metrics import Metrics
+from agents.proxy.observe import NULL_OBSERVER, Observer
 from agents.proxy.splice import Conn, Plain, Tls, link, start_pumping
 from agents.proxy.tls import (
     Contexts,
@@ -83,9 +84,11 @@ class Sidecar:
         keydir: KeyDir,
         *,
         handshake_timeout: float = 10.0,
+        observer: Observer = NULL_OBSERVER,
     ) -> None:
         self.proxy_id = proxy_id
         self.metrics = metrics
+        self.observer = observer  # what the HTTP path reports each request to
         self.keydir = keydir
         self.handshake_timeout = handshake_timeout
         self.snapshot: Snapshot | None = None
