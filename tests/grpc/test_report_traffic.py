@@ -5,6 +5,10 @@ same windows, refusals are gRPC status codes, and reads are ACL-filtered."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import time
 
 import grpc
@@ -135,3 +139,46 @@ def test_every_server_process_answers_the_same_windows(tmp_path_factory, unique)
                 answers.append(http.get(f"/api/metrics/services/{api}").json()["windows"]["5m"])
     assert answers[0]["requests"] == answers[1]["requests"] == 50
     assert answers[0]["failures"] == answers[1]["failures"] == 2
+
+
+def _mesh(server, *argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MESH_HTTP_ADDR": server.addr, "MESH_HTTP_TOKEN": server.token or ""}
+    return subprocess.run(
+        [sys.executable, "-m", "meshweb.cli", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_mesh_top_shows_the_reported_services_and_edges(cp, unique):
+    api, web = unique("api"), unique("web")
+    host = join_now(cp)
+    asyncio.run(host.sync([{"Name": api, "Port": 9000}, {"Name": web, "Port": 9001}]))
+    asyncio.run(
+        host.call(
+            "ReportTraffic",
+            traffic(
+                counts("destination", web, api, 200, 4, ms=8.0), counts("source", web, api, 200, 4)
+            ),
+        )
+    )
+    mesh = _mesh(cp, "top", "-once")
+    assert mesh.returncode == 0, mesh.stderr
+    row = next(line.split() for line in mesh.stdout.splitlines() if line.startswith(api))
+    assert row[2] == "98.00%" and row[-1] == "200"
+    assert any(line.split()[:2] == [web, api] for line in mesh.stdout.splitlines())
+    one = _mesh(cp, "top", "-service", api, "-window", "5m", "-count", "2", "-interval", "0.5s")
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.count(f"{api} (as its sidecars answered)") == 2
+    windows = [
+        line.split()[0]
+        for line in one.stdout.splitlines()
+        if line[:3] in ("1m ", "5m ", "15m", "1h ")
+    ]
+    assert windows[:4] == ["1m", "5m", "15m", "1h"]
+    as_json = json.loads(_mesh(cp, "top", "-service", api, "-format", "json").stdout)
+    assert as_json["service"]["windows"]["1m"]["requests"] == 200
+    missing = _mesh(cp, "top", "-service", "no-such-service")
+    assert missing.returncode == 1 and "no-such-service" in missing.stderr
