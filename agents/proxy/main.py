@@ -32,7 +32,9 @@ def _host_port(value: str) -> tuple[str, int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mesh-sidecar", description="meshweb sidecar proxy (L4)")
+    p = argparse.ArgumentParser(
+        prog="mesh-sidecar", description="meshweb sidecar proxy (L4 and HTTP)"
+    )
     p.add_argument("--proxy-id", required=True, help="the proxy's service ID")
     p.add_argument("--socket", required=True, help="the agent's Unix socket for this proxy")
     p.add_argument(
@@ -79,6 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--access-log-keep", type=int, default=env.access_log_keep, help="rotated files kept"
     )
+    p.add_argument(
+        "--http-read-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a caller may take to send a whole HTTP request (slowloris guard)",
+    )
     args = p.parse_args(argv)
     try:
         args.observe = ObserveOptions(
@@ -111,6 +119,7 @@ async def run(args: argparse.Namespace) -> int:
         metrics,
         keydir,
         handshake_timeout=args.handshake_timeout,
+        http_read_timeout=args.http_read_timeout,
         observer=observer,
     )
 

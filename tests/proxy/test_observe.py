@@ -102,25 +102,6 @@ def test_failures_are_5xx_and_unanswered_requests():
     assert (c.requests, c.failures) == (6, 3)
 
 
-def test_meshweb_counters_come_from_the_records():
-    obs = MeshObserver(ObserveOptions())
-    span = obs.begin("source", [])
-    span.finish(record(200, reporter="source", retries=2))
-    obs.begin("source", []).finish(record(503, reporter="source", response_flags="UO"))
-    obs.begin("source", []).finish(record(429, reporter="source", response_flags="RL"))
-    obs.begin("source", []).finish(
-        record(503, reporter="source", retries=1, extra={"retry_budget_exhausted": "1"})
-    )
-    obs.metrics.outlier_ejected("api", "10.0.0.7:21000")
-    assert samples(obs, "mesh_request_retries_total")[0][1] == 3
-    assert samples(obs, "mesh_circuit_breaker_overflows_total")[0][1] == 1
-    assert samples(obs, "mesh_rate_limited_requests_total")[0][1] == 1
-    assert samples(obs, "mesh_retry_budget_exhausted_total")[0][1] == 1
-    assert samples(obs, "mesh_outlier_ejections_total") == [
-        ({"destination_service_name": "api", "upstream": "10.0.0.7:21000"}, 1)
-    ]
-
-
 def test_label_values_are_escaped():
     obs = MeshObserver(ObserveOptions())
     obs.begin("destination", []).finish(record(source_service='we"b\\x'))

@@ -1,5 +1,7 @@
-"""Request metrics under Istio's standard names and labels, and meshweb's own
-request counters, rendered as Prometheus text.
+"""Request metrics under Istio's standard names and labels, rendered as
+Prometheus text. (meshweb's own counters of retries, budget exhaustion,
+breaker overflows, ejections and rate limiting are events of the HTTP path,
+counted where they happen: `agents.proxy.metrics`.)
 
 Istio's names and labels (`istio_requests_total{reporter, source_workload,
 destination_service_name, response_code, ...}`) let existing dashboards and
@@ -17,12 +19,6 @@ from bisect import bisect_left
 
 from agents.proxy.observe import RequestRecord
 from meshproto.golden import BYTES_BOUNDS, DURATION_BOUNDS_MS, le_label
-
-# Envoy response flags that meshweb also counts as events of their own.
-FLAG_COUNTERS = {
-    "UO": "mesh_circuit_breaker_overflows_total",
-    "RL": "mesh_rate_limited_requests_total",
-}
 
 _LABEL_NAMES = (
     "reporter",
@@ -67,10 +63,6 @@ class RequestMetrics:
     def __init__(self, namespace: str = "default") -> None:
         self.namespace = namespace
         self.series: dict[tuple, _Series] = {}
-        self.retries: dict[tuple[str, str, str], int] = {}  # (reporter, src, dst)
-        self.flagged: dict[tuple[str, str, str, str], int] = {}  # (name, reporter, src, dst)
-        self.budget_exhausted: dict[tuple[str, str, str], int] = {}
-        self.outlier_ejections: dict[tuple[str, str], int] = {}  # (destination, upstream)
 
     def record(self, r: RequestRecord) -> None:
         """Count one finished request."""
@@ -95,22 +87,6 @@ class RequestMetrics:
         s.req_sum += r.request_bytes
         s.resp[bisect_left(BYTES_BOUNDS, r.response_bytes)] += 1
         s.resp_sum += r.response_bytes
-        edge = (r.reporter, r.source_service, r.destination_service)
-        if r.retries:
-            self.retries[edge] = self.retries.get(edge, 0) + r.retries
-        if r.response_flags != "-":
-            for flag in r.response_flags.split(","):
-                name = FLAG_COUNTERS.get(flag)
-                if name is not None:
-                    k = (name, *edge)
-                    self.flagged[k] = self.flagged.get(k, 0) + 1
-        if r.extra and r.extra.get("retry_budget_exhausted"):
-            self.budget_exhausted[edge] = self.budget_exhausted.get(edge, 0) + 1
-
-    def outlier_ejected(self, destination: str, upstream: str) -> None:
-        """An upstream instance was ejected by passive health checking."""
-        k = (destination, upstream)
-        self.outlier_ejections[k] = self.outlier_ejections.get(k, 0) + 1
 
     def _labels(self, r: RequestRecord) -> str:
         ns = self.namespace
@@ -164,47 +140,6 @@ class RequestMetrics:
             "resp",
         )
 
-        def edge_family(name: str, help_: str, counts: dict) -> None:
-            out.append(f"# HELP {name} {help_}")
-            out.append(f"# TYPE {name} counter")
-            for (reporter, src, dst), n in sorted(counts.items()):
-                out.append(
-                    f'{name}{{reporter="{_escape(reporter)}",source_canonical_service="{_escape(src)}",'
-                    f'destination_service_name="{_escape(dst)}"}} {n}'
-                )
-
-        edge_family(
-            "mesh_request_retries_total", "Retries made (attempts after the first).", self.retries
-        )
-        edge_family(
-            "mesh_retry_budget_exhausted_total",
-            "Requests that could not be retried because the retry budget was spent.",
-            self.budget_exhausted,
-        )
-        for name, help_ in (
-            (
-                "mesh_circuit_breaker_overflows_total",
-                "Requests refused by a circuit breaker (response flag UO).",
-            ),
-            (
-                "mesh_rate_limited_requests_total",
-                "Requests refused by rate limiting (response flag RL).",
-            ),
-        ):
-            edge_family(
-                name,
-                help_,
-                {k[1:]: n for k, n in self.flagged.items() if k[0] == name},
-            )
-        out.append(
-            "# HELP mesh_outlier_ejections_total Upstream instances ejected by passive health checking."
-        )
-        out.append("# TYPE mesh_outlier_ejections_total counter")
-        for (dst, upstream), n in sorted(self.outlier_ejections.items()):
-            out.append(
-                f'mesh_outlier_ejections_total{{destination_service_name="{_escape(dst)}",'
-                f'upstream="{_escape(upstream)}"}} {n}'
-            )
         return out
 
 
