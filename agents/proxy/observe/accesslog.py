@@ -69,7 +69,7 @@ class AccessLog:
         self.keep = keep
         self.flush_interval_s = flush_interval_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "ab")  # noqa: SIM115 - held open for the process' life
+        self._file = self._open()
         self._size = self._file.tell()
         self._pending: list[bytes] = []
         self._pending_bytes = 0
@@ -126,8 +126,14 @@ class AccessLog:
             if src.exists():
                 os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
         os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
-        self._file = open(self.path, "ab")  # noqa: SIM115
+        self._file = self._open()
         self.rotations += 1
+
+    def _open(self):
+        # 0600 whatever the umask the sidecar inherited: paths and ids are the
+        # operator's business.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return os.fdopen(fd, "ab")
 
     def close(self) -> None:
         self.flush()
