@@ -190,11 +190,12 @@ def build(
         meta[key] = value
     if sidecar_bin and not Path(sidecar_bin).exists():
         raise ConfigError(f"-sidecar-bin: {sidecar_bin} does not exist")
-    report_every = (
-        parse_duration_flag(traffic_report_interval, "-traffic-report-interval")
-        if traffic_report_interval
-        else 10.0
-    )
+    if not traffic_report_interval:
+        report_every = 10.0
+    elif traffic_report_interval.strip() in ("0", "0s"):
+        report_every = 0.0  # no reports
+    else:
+        report_every = parse_duration_flag(traffic_report_interval, "-traffic-report-interval")
     if report_every and not 1.0 <= report_every <= 300.0:
         raise ConfigError("-traffic-report-interval: between 1s and 5m (0s: no reports)")
     endpoint = (otlp_endpoint or "").strip()
