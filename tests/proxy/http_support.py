@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
+import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -41,6 +43,7 @@ class HttpApp:
 
         class H(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # head and body are two writes
 
             def log_message(self, *a) -> None:
                 pass
@@ -60,6 +63,14 @@ class HttpApp:
                     app.in_flight += 1
                     app.max_in_flight = max(app.max_in_flight, app.in_flight)
                 try:
+                    if self.path.startswith("/reset"):
+                        # Half a response head, then a TCP reset.
+                        self.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-len")
+                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                   struct.pack("ii", 1, 0))  # fmt: skip
+                        self.close_connection = True
+                        self.connection.close()
+                        return
                     if app.delay:
                         time.sleep(app.delay)
                     out = json.dumps({"name": app.name, "path": self.path}).encode()
@@ -87,8 +98,12 @@ class HttpApp:
             return len(self.requests)
 
     def reset(self) -> None:
+        deadline = time.monotonic() + 10
+        while self.in_flight and time.monotonic() < deadline:  # earlier slow calls
+            time.sleep(0.02)
         with self.lock:
             self.requests.clear()
+            self.max_in_flight = 0
 
     def close(self) -> None:
         self.server.shutdown()

@@ -249,7 +249,7 @@ class HttpProxy(Handler):
             return False
         metrics = self.sc.metrics
         if conn.direction == "outbound":
-            conn.tag = (snap, conn.tag)  # (snapshot, listener key)
+            conn.tag = (snap, conn.tag)  # (snapshot at accept, listener key)
             return True
         inbound = snap.config.inbound
         limit = inbound.limits.max_connections
@@ -271,7 +271,7 @@ class HttpProxy(Handler):
             )
             return False
         metrics.authz_allowed += 1
-        conn.tag = (snap, verdict)
+        conn.tag = (snap, verdict, uri)
         return True
 
     def bad_request(self, conn: ServerConn, status: int, reason: str) -> None:
@@ -282,8 +282,17 @@ class HttpProxy(Handler):
     # ------------------------------------------------------------------ requests
 
     async def serve(self, conn: ServerConn, req: Request) -> None:
-        snap: Snapshot = conn.tag[0]
+        # Each request follows the current config (a keep-alive connection
+        # lives across pushes); L4 connections keep theirs to the end.
+        snap: Snapshot = self.sc.snapshot or conn.tag[0]
         inbound = conn.direction == "inbound"
+        if inbound and snap is not conn.tag[0]:
+            verdict = snap.authz.check_http(conn.tag[2])
+            conn.tag = (snap, verdict, conn.tag[2])
+            if not verdict.allowed:
+                self.sc.metrics.authz_denials[verdict.source] += 1
+                conn.answer(403, b"denied by intentions\n", close=True)
+                return
         span = self.observer.begin("destination" if inbound else "source", req.headers)
         rid = req.header(b"x-request-id")
         if rid is None:
