@@ -95,6 +95,7 @@ class Sidecar:
     ) -> None:
         self.proxy_id = proxy_id
         self.metrics = metrics
+        self.observer = observer  # what the HTTP path reports each request to
         self.keydir = keydir
         self.handshake_timeout = handshake_timeout
         self.snapshot: Snapshot | None = None
