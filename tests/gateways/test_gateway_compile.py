@@ -120,3 +120,60 @@ def test_a_remote_gateway_registered_later_bumps_the_version(mesh):
     after, _ = proxycfg.compile_gateway("gw-1", "mesh-gateway")
     assert after.version > before.version
     assert [d.datacenter for d in after.datacenters] == ["dc2", "dc3"]
+
+
+# --------------------------------------------------------------------------- modes
+
+
+def _web_calls_api_in_dc2(upstream_mode: str = "") -> None:
+    """web's sidecar (dc1) with an upstream to api in dc2, and api's sidecar in dc2."""
+    upstream = {"DestinationName": "api", "Datacenter": "dc2", "LocalBindPort": 9191}
+    if upstream_mode:
+        upstream["MeshGateway"] = {"Mode": upstream_mode}
+    register_app("web", "host-a", "10.0.0.10", port=8080, upstreams=[upstream])
+    reg(
+        {
+            "Node": "dc2-host",
+            "Address": "10.1.0.11",
+            "Datacenter": "dc2",
+            "Service": {
+                "ID": "api-sidecar-proxy",
+                "Service": "api-sidecar-proxy",
+                "Kind": "connect-proxy",
+                "Port": 21000,
+                "Proxy": {"DestinationServiceName": "api"},
+            },
+        }
+    )
+
+
+def _path() -> tuple[str, list[str]]:
+    config, _ = proxycfg.compile_proxy("host-a", "web-sidecar-proxy")
+    cluster = config.upstreams[0].clusters[0]
+    assert cluster.sni == f"api.default.dc2.internal.{config.trust_domain}"
+    via = f"{cluster.gateway.address}:{cluster.gateway.port}" if cluster.gateway else "direct"
+    return via, [f"{e.address}:{e.port}" for e in cluster.endpoints]
+
+
+def _entry(raw: dict) -> None:
+    config_entries.write(config_entries.decode(raw))
+
+
+def test_mesh_gateway_modes_are_compiled_into_the_sidecars_clusters(mesh):
+    _web_calls_api_in_dc2()
+    # No mode: the remote datacenter's gateway (WAN address).
+    assert _path() == ("198.51.100.2:8443", ["198.51.100.2:8443"])
+    _entry({"Kind": "proxy-defaults", "Name": "global", "MeshGateway": {"Mode": "local"}})
+    # local: our own datacenter's gateway (LAN address), which forwards to dc2's.
+    assert _path() == ("10.0.0.2:8443", ["10.0.0.2:8443"])
+    _entry({"Kind": "service-defaults", "Name": "api", "MeshGateway": {"Mode": "none"}})
+    # none (service-defaults beat proxy-defaults): straight to api's sidecar.
+    assert _path() == ("direct", ["10.1.0.11:21000"])
+    _entry({"Kind": "service-defaults", "Name": "api", "MeshGateway": {"Mode": "remote"}})
+    assert _path() == ("198.51.100.2:8443", ["198.51.100.2:8443"])
+
+
+def test_an_upstreams_own_mode_wins(mesh):
+    _web_calls_api_in_dc2(upstream_mode="local")
+    _entry({"Kind": "proxy-defaults", "Name": "global", "MeshGateway": {"Mode": "remote"}})
+    assert _path() == ("10.0.0.2:8443", ["10.0.0.2:8443"])

@@ -72,13 +72,19 @@ class World:
             endpoints=(Endpoint("127.0.0.1", self.gw1.port),),
             gateway=Gateway("127.0.0.1", self.gw1.port),
         )
-        up = Upstream("api", "127.0.0.1", self.up, "tcp", clusters=(remote,))
-        web = proxy_config("web", version=1, inbound_port=self.web_in, app_port=1, upstreams=(up,))
-        cert, key = self.ca.leaf("web")
-        assert self.web.push(
-            {"config": web, "cert": cert, "key": key, "roots": [self.ca.root_pem]}
-        ) == {"ack": 1}
+        self.remote = remote
+        self.web_version = 0
+        assert self.push_web((remote,)) == {"ack": 1}
         return self
+
+    def push_web(self, clusters: tuple[Cluster, ...]) -> dict:
+        self.web_version += 1
+        up = Upstream("api", "127.0.0.1", self.up, "tcp", clusters=clusters)
+        web = proxy_config(
+            "web", version=self.web_version, inbound_port=self.web_in, app_port=1, upstreams=(up,)
+        )
+        cert, key = self.ca.leaf("web")
+        return self.web.push({"config": web, "cert": cert, "key": key, "roots": [self.ca.root_pem]})
 
     def push_gw1(self, **kw) -> dict:
         self.gw1_version += 1
@@ -233,3 +239,24 @@ def test_losing_the_agent_keeps_the_last_routing_table(world):
         world.gw2.agent.start()
     # It reconnects by itself and takes new configs again.
     assert world.push_gw1() == {"ack": world.gw1_version}
+
+
+def test_a_local_instance_that_stopped_fails_over_through_the_gateways_at_once(world):
+    # The local cluster still lists an endpoint whose sidecar is gone (health
+    # checks have not said so yet): the connection goes to the failover
+    # cluster, in the other datacenter through both gateways, without failing.
+    local = Cluster(
+        name="api.default.dc1",
+        service="api",
+        datacenter="dc1",
+        spiffe_id=spiffe("api"),
+        sni=sni("api", "dc1"),
+        endpoints=(Endpoint("127.0.0.1", free_port()),),
+        failover=(world.remote.name,),
+    )
+    try:
+        assert world.push_web((local, world.remote)) == {"ack": world.web_version}
+        for _ in range(5):
+            assert roundtrip(world.up, b"failover") == b"api-in-dc2"
+    finally:
+        assert world.push_web((world.remote,)) == {"ack": world.web_version}
