@@ -383,8 +383,8 @@ class Sidecar:
             plain.close()  # type: ignore[union-attr]
             return
         name = plan.upstream.destination
-        cluster = plan.choose_cluster()
-        if cluster is None:
+        chosen = plan.choose_cluster()
+        if chosen is None:
             self.metrics.connect_failures[(name, "no_endpoints")] += 1
             self._refused("no healthy endpoint for upstream", upstream=name)
             plain.close()  # type: ignore[union-attr]
@@ -392,7 +392,7 @@ class Sidecar:
         tried: set[EndpointKey] = set()
         # A cluster none of whose endpoints answers hands over to its failover
         # clusters at once (a stopped instance, before health checks say so).
-        for cluster in (first := cluster, *plan.fallbacks(first)):  # noqa: B020
+        for cluster in (chosen, *plan.fallbacks(chosen)):
             for _ in range(MAX_ATTEMPTS):
                 if cluster.gateway is not None:
                     target: EndpointKey = (cluster.gateway.address, cluster.gateway.port)
