@@ -15,6 +15,7 @@ from registry.models.connect import (
 )
 from registry.models.index import MeshIndex, TopicIndex
 from registry.models.kv import KVEntry, Session
+from registry.models.peering import ImportedService, Peering
 
 __all__ = [
     "CAConfig",
@@ -22,6 +23,7 @@ __all__ = [
     "ClusterIdentity",
     "ConfigEntry",
     "Intention",
+    "ImportedService",
     "IssuedCert",
     "JoinToken",
     "ACLPolicy",
@@ -32,6 +34,7 @@ __all__ = [
     "KVEntry",
     "MeshIndex",
     "Node",
+    "Peering",
     "NodeCertificate",
     "NodeEnrollment",
     "ServiceInstance",
