@@ -535,6 +535,7 @@ INTENTION_SOURCE = Struct(
         "Name": Str,
         "Namespace": Str,
         "Partition": Str,
+        "Peer": Str,
         "Action": Enum("allow", "deny"),
         "Permissions": ListOf(INTENTION_PERMISSION),
         "Precedence": Ignored,  # computed, read-only
