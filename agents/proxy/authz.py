@@ -32,7 +32,7 @@ class Verdict:
 class Authorizer:
     """Decisions for one config: who may open connections to `config.service`."""
 
-    __slots__ = ("service", "namespace", "trust_domain", "index", "_cache")
+    __slots__ = ("service", "namespace", "trust_domain", "index", "_cache", "_peers")
 
     def __init__(self, config: ProxyConfig) -> None:
         """Build from the config's intentions; IntentionError (a ValueError) if one is bad."""
@@ -49,6 +49,8 @@ class Authorizer:
             default_allow=config.default_allow,
         )
         self._cache: dict[str, Verdict] = {}
+        # Peered clusters' trust domains -> the peer's name (intentions' SourcePeer).
+        self._peers = {t.trust_domain: t.peer for t in config.peer_trust}
 
     def check(self, uri: str | None) -> Verdict:
         """The verdict for a caller presenting `uri` (None: no usable SPIFFE ID)."""
@@ -71,7 +73,10 @@ class Authorizer:
             return Verdict(False, "", str(exc), False, "bad_spiffe_id")
         if not isinstance(ident, spiffe.ServiceID):
             return Verdict(False, "", f"{uri} is not a service identity", False, "bad_spiffe_id")
+        peer = ""
         if ident.trust_domain != self.trust_domain:
+            peer = self._peers.get(ident.trust_domain, "")
+        if ident.trust_domain != self.trust_domain and not peer:
             return Verdict(
                 False,
                 ident.service,
@@ -84,6 +89,7 @@ class Authorizer:
             self.service,
             source_ns=ident.namespace,
             destination_ns=self.namespace,
+            source_peer=peer,
         )
         reason = decision.reason
         if decision.has_l7:

@@ -156,7 +156,8 @@ def active_trust() -> dict[str, dict[str, Any]]:
     """peer name -> {trust_domain, roots} for every ACTIVE peering (what sidecars
     trust beside their own roots, each for its own trust domain only)."""
     out = {}
-    for row in Peering.objects.filter(state=Peering.ACTIVE).order_by("name"):
+    live = (Peering.ACTIVE, Peering.FAILING, Peering.ESTABLISHING)
+    for row in Peering.objects.filter(state__in=live).order_by("name"):
         if row.peer_trust_domain and row.peer_ca_pems:
             out[row.name] = {
                 "trust_domain": row.peer_trust_domain,
@@ -838,14 +839,37 @@ def peer_catalog(
     return index, out
 
 
-def imported_target(peer: str, name: str) -> dict | None:
-    """How a sidecar reaches `name` imported from `peer` (None: not imported)."""
-    imp = _imports(peer, name).first()
-    if imp is None:
-        return None
-    trust = active_trust().get(peer)
-    return {
-        **imp.connect,
-        "Instances": len(imp.instances),
-        "PeerRoots": trust["roots"] if trust else [],
-    }
+# --------------------------------------------------------------------------- what sidecars need
+
+
+def imported_connect(pairs: set[tuple[str, str]]) -> dict[tuple[str, str], dict]:
+    """(peer, service) -> how to reach it (`ImportedService.connect`), for the
+    pairs that are imported from an ACTIVE (or FAILING: last known) peering."""
+    out: dict[tuple[str, str], dict] = {}
+    peers = {p for p, _ in pairs}
+    if not peers:
+        return out
+    rows = ImportedService.objects.filter(
+        peering__name__in=peers, peering__state__in=(Peering.ACTIVE, Peering.FAILING)
+    ).values_list("peering__name", "name", "connect")
+    for peer, name, connect in rows:
+        if (peer, name) in pairs:
+            out[(peer, name)] = connect
+    return out
+
+
+def peers_exported_to(service: str) -> set[str]:
+    """The peers `service` is exported to (their callers reach its sidecars)."""
+    out: set[str] = set()
+    for svc in (_exported_entry() or {}).get("Services", []):
+        if svc.get("Name") in (service, "*"):
+            out.update(c["Peer"] for c in svc.get("Consumers", []) if c.get("Peer"))
+    return out
+
+
+def trust_for(peers: set[str]) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    """(peer, trust domain, roots) of those `peers` that are ACTIVE peerings."""
+    trust = active_trust()
+    return tuple(
+        (p, trust[p]["trust_domain"], tuple(trust[p]["roots"])) for p in sorted(peers) if p in trust
+    )
