@@ -97,6 +97,44 @@ def _register(server, node: str, service_id: str, status: str, port: int, name="
     assert r.status_code == 200, r.text
 
 
+def _register_connect(server, node, service_id, name, port, *, upstreams) -> None:
+    """A service with a sidecar (port 21000) registered through the catalog."""
+    with server.client() as c:
+        r = c.put(
+            "/v1/catalog/register",
+            json={
+                "Node": node,
+                "Address": "127.0.0.1",
+                "Service": {
+                    "ID": f"{service_id}-sidecar-proxy",
+                    "Service": f"{name}-sidecar-proxy",
+                    "Kind": "connect-proxy",
+                    "Port": 21000,
+                    "Proxy": {
+                        "DestinationServiceName": name,
+                        "DestinationServiceID": service_id,
+                        "LocalServicePort": port,
+                        "Upstreams": upstreams,
+                    },
+                },
+                "Check": {
+                    "CheckID": f"{service_id}-sidecar-check",
+                    "Name": "sidecar alive",
+                    "Status": "passing",
+                    "ServiceID": f"{service_id}-sidecar-proxy",
+                },
+            },
+        )
+    assert r.status_code == 200, r.text
+
+
+def _proxy_config(server, service: str) -> dict:
+    with server.client() as c:
+        r = c.get(f"/api/services/{service}/proxy-config")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
 def _altered(token: str) -> str:
     body = json.loads(base64.b64decode(token))
     body["Payload"]["ServerAddresses"] = ["127.0.0.1:1"]  # signature left as it was
@@ -228,6 +266,35 @@ def test_peer_export_import_and_delete(clusters):
     assert new_index > index
     assert sorted(e["Service"]["ID"] for e in entries) == ["api-1", "api-2"]
 
+    # Sidecars: B's web has an upstream naming the peer; A's api sidecar is exported to B.
+    _register_connect(a, "a-node-1", "api-1", "api", 9001, upstreams=[])
+    _register_connect(
+        b,
+        "b-node-1",
+        "web-1",
+        "web",
+        8080,
+        upstreams=[
+            {"DestinationName": "api", "DestinationPeer": B_NAME_FOR_A, "LocalBindPort": 9191}
+        ],
+    )
+    web_cfg = wait_for(
+        lambda: (lambda cfg: cfg if cfg["upstreams"][0]["clusters"] else None)(
+            _proxy_config(b, "web")
+        ),
+        "B's web sidecar config with the imported api",
+    )
+    up = web_cfg["upstreams"][0]
+    assert up["peer"] == B_NAME_FOR_A and up["local_bind_port"] == 9191
+    cluster = up["clusters"][0]
+    assert cluster["spiffe_id"] == f"spiffe://{td_a}/ns/default/dc/dc1/svc/api"
+    assert cluster["sni"] == f"api.default.dc1.internal.{td_a}"
+    # A has no mesh gateway: B dials A's api sidecar directly.
+    assert [(e["address"], e["port"]) for e in cluster["endpoints"]] == [("127.0.0.1", 21000)]
+    assert web_cfg["peer_trust"] == [{"peer": B_NAME_FOR_A, "trust_domain": td_a, "roots": roots_a}]
+    api_cfg = _proxy_config(a, "api")
+    assert [(t["peer"], t["trust_domain"]) for t in api_cfg["peer_trust"]] == [(A_NAME_FOR_B, td_b)]
+
     # Deleting on B cuts the peering: B's imports go at once, A turns TERMINATED.
     with b.client() as c:
         assert c.delete(f"/v1/peering/{B_NAME_FOR_A}").status_code == 200
@@ -240,6 +307,10 @@ def test_peer_export_import_and_delete(clusters):
         "A's side TERMINATED",
     )
     assert terminated["PeerCAPems"] == []
+    # Both sides' sidecars lose the peer: no cluster, no trust.
+    web_cfg = _proxy_config(b, "web")
+    assert web_cfg["upstreams"][0]["clusters"] == [] and web_cfg["peer_trust"] == []
+    assert _proxy_config(a, "api")["peer_trust"] == []
     # The old stream secret no longer pulls anything from A.
     with a.client() as c:
         r = c.get("/v1/peering/exported", headers={"X-Mesh-Peering-Secret": "x" * 43})
