@@ -189,15 +189,15 @@ def _tls_call(world, cert_key: tuple[str, str]) -> bytes:
     ctx.check_hostname = False
     ctx.load_verify_locations(cadata=world["ca_a"].root_pem)
     ctx.load_cert_chain(str(cert_path), str(key_path))
-    with socket.create_connection(("127.0.0.1", world["ports"]["api_in"]), timeout=5) as raw:
-        with ctx.wrap_socket(raw) as s:
-            data = b""
-            try:
-                while chunk := s.recv(65536):
-                    data += chunk
-            except (ssl.SSLError, ConnectionResetError):
-                pass
-            return data
+    raw = socket.create_connection(("127.0.0.1", world["ports"]["api_in"]), timeout=5)
+    with ctx.wrap_socket(raw) as s:
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except (ssl.SSLError, ConnectionResetError):
+            pass
+        return data
 
 
 def test_the_peers_ca_cannot_vouch_for_one_of_our_identities(world):

@@ -315,3 +315,39 @@ def test_peer_export_import_and_delete(clusters):
     with a.client() as c:
         r = c.get("/v1/peering/exported", headers={"X-Mesh-Peering-Secret": "x" * 43})
     assert r.status_code == 403
+
+
+def test_the_mesh_peering_cli(clusters, tmp_path):
+    from tests.test_cli import run_mesh
+
+    a, b = clusters
+    gen = run_mesh("peering", "generate-token", "-name", "cli-b", "-meta", "team=pay", server=a)
+    assert gen.returncode == 0, gen.stderr
+    token_file = tmp_path / "token"
+    token_file.write_text(gen.stdout)
+
+    bad = run_mesh("peering", "establish", "-name", "cli-a", "-peering-token", "garbage", server=b)
+    assert bad.returncode != 0 and "malformed" in bad.stderr
+
+    est = run_mesh(
+        "peering", "establish", "-name", "cli-a", "-peering-token", f"@{token_file}", server=b
+    )
+    assert est.returncode == 0, est.stderr
+    assert 'established peering connection with "cli-a"' in est.stdout
+    again = run_mesh(
+        "peering", "establish", "-name", "cli-a2", "-peering-token", f"@{token_file}", server=b
+    )
+    assert again.returncode != 0 and "already been used" in again.stderr
+
+    listed = run_mesh("peering", "list", server=b)
+    assert listed.returncode == 0
+    row = next(line for line in listed.stdout.splitlines() if line.startswith("cli-a "))
+    assert "ACTIVE" in row and _trust_domain(a) in row
+    read = run_mesh("peering", "read", "-name", "cli-b", "-format", "json", server=a)
+    assert json.loads(read.stdout)["Meta"] == {"team": "pay"}
+    missing = run_mesh("peering", "read", "-name", "nope", server=a)
+    assert missing.returncode != 0 and 'No peering with name "nope"' in missing.stderr
+
+    gone = run_mesh("peering", "delete", "-name", "cli-a", server=b)
+    assert gone.returncode == 0 and "for deletion" in gone.stdout
+    assert "cli-a " not in run_mesh("peering", "list", server=b).stdout
