@@ -401,39 +401,42 @@ class Sidecar:
             plain.close()  # type: ignore[union-attr]
             return
         name = plan.upstream.destination
-        cluster = plan.choose_cluster()
-        if cluster is None:
+        chosen = plan.choose_cluster()
+        if chosen is None:
             self.metrics.connect_failures[(name, "no_endpoints")] += 1
             self._refused("no healthy endpoint for upstream", upstream=name)
             plain.close()  # type: ignore[union-attr]
             return
         tried: set[EndpointKey] = set()
-        for _ in range(MAX_ATTEMPTS):
-            if cluster.gateway is not None:
-                target: EndpointKey = (cluster.gateway.address, cluster.gateway.port)
-            else:
-                endpoint = plan.balancer(cluster).pick(tried)
-                if endpoint is None:
-                    break
-                target = key_of(endpoint)
-            tried.add(target)
-            tls = await self._attempt(conn, snap, name, cluster, target)
-            if plain.lost:  # type: ignore[union-attr]
+        # A cluster none of whose endpoints answers hands over to its failover
+        # clusters at once (a stopped instance, before health checks say so).
+        for cluster in (chosen, *plan.fallbacks(chosen)):
+            for _ in range(MAX_ATTEMPTS):
+                if cluster.gateway is not None:
+                    target: EndpointKey = (cluster.gateway.address, cluster.gateway.port)
+                else:
+                    endpoint = plan.balancer(cluster).pick(tried)
+                    if endpoint is None:
+                        break
+                    target = key_of(endpoint)
+                tried.add(target)
+                tls = await self._attempt(conn, snap, name, cluster, target)
+                if plain.lost:  # type: ignore[union-attr]
+                    if tls is not None:
+                        self._release_endpoint(target)
+                        tls.close()
+                    return
                 if tls is not None:
-                    self._release_endpoint(target)
-                    tls.close()
-                return
-            if tls is not None:
-                # Adopt the verified TLS half; from here the Conn owns it.
-                conn.endpoint = target
-                tls.conn = conn
-                conn.tls = tls
-                link(plain, tls)  # type: ignore[arg-type]
-                plain.transport.resume_reading()  # type: ignore[union-attr]
-                start_pumping(tls)
-                return
-            if cluster.gateway is not None:
-                break
+                    # Adopt the verified TLS half; from here the Conn owns it.
+                    conn.endpoint = target
+                    tls.conn = conn
+                    conn.tls = tls
+                    link(plain, tls)  # type: ignore[arg-type]
+                    plain.transport.resume_reading()  # type: ignore[union-attr]
+                    start_pumping(tls)
+                    return
+                if cluster.gateway is not None:
+                    break
         self._refused("upstream unreachable", upstream=name, tried=len(tried))
         plain.close()  # type: ignore[union-attr]
 
