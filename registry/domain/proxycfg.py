@@ -870,6 +870,45 @@ def peering_topics(snap: ProxySnapshot) -> set[str]:
     return topics
 
 
+def peer_gateway_routes() -> tuple[tuple[GatewayRoute, ...], set[str]]:
+    """A mesh gateway's routes to services imported from peers, and their topics.
+
+    Each imported service's SNI (the exporter's own gateway SNI, in its trust
+    domain) leads to the exporting cluster's gateways; the gateway there
+    routes it to the service's sidecars as one of its own.
+    """
+    from registry.models import ImportedService, Peering
+
+    live = (Peering.ACTIVE, Peering.FAILING)
+    routes = []
+    topics = {topic.PEERINGS}
+    peers = Peering.objects.filter(state__in=live).values_list("name", flat=True)
+    topics.update(topic.peered_services(p) for p in peers)
+    rows = (
+        ImportedService.objects.filter(peering__state__in=live)
+        .order_by("peering__name", "name")
+        .values_list("peering__name", "name", "connect")
+    )
+    for peer, name, connect in rows:
+        gateways = tuple(
+            Endpoint(str(g["Address"]), int(g["Port"]))
+            for g in connect.get("Gateways") or ()
+            if g.get("Address") and g.get("Port")
+        )
+        if connect.get("SNI") and gateways:
+            routes.append(
+                GatewayRoute(
+                    sni=str(connect["SNI"]),
+                    kind="remote",
+                    service=name,
+                    datacenter=str(connect.get("Datacenter") or ""),
+                    peer=peer,
+                    endpoints=gateways,
+                )
+            )
+    return tuple(routes), topics
+
+
 def gather_peering(
     service: str, proxy: Mapping[str, Any]
 ) -> tuple[dict[tuple[str, str], Mapping[str, Any]], tuple]:
@@ -1507,7 +1546,11 @@ def gather_gateway_config(
 ) -> tuple[GatewayConfig, set[str]]:
     """The gateway's table and its topics, version 0 (the caller stamps it)."""
     snap = gather_gateway(node_name, proxy_id, global_index)
-    return build_gateway_config(snap), gateway_dependency_topics(snap)
+    config, topics = build_gateway_config(snap), gateway_dependency_topics(snap)
+    routes, peer_topics = peer_gateway_routes()
+    if routes:
+        config = dataclasses.replace(config, routes=config.routes + routes)
+    return config, topics | peer_topics
 
 
 def compile_gateway(node_name: str, proxy_id: str) -> tuple[GatewayConfig, set[str]]:
