@@ -38,6 +38,9 @@ ALLOWED_HOSTS = [h for h in env_str("MESH_ALLOWED_HOSTS", "*").split(",") if h]
 MESH_DC = env_str("MESH_DC", "dc1")
 MESH_NODE_NAME = env_str("MESH_NODE_NAME", "mesh-server")
 MESH_HTTP_ADDR = env_addr("MESH_HTTP_ADDR", "127.0.0.1:8500")
+# Cluster peering: the addresses (host:port or URLs) a peer reaches this
+# cluster's API at, put in peering tokens (default: MESH_HTTP_ADDR).
+MESH_PEERING_ADDRESSES = env_str("MESH_PEERING_ADDRESSES", "")
 MESH_DNS_ADDR = (
     env_addr("MESH_DNS_ADDR", "127.0.0.1:8600") if env_str("MESH_DNS_ADDR", "x") else None
 )

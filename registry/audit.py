@@ -132,6 +132,8 @@ CHECK_DEFINITIONS = frozenset({"header", "body"})
 KV_BODY = frozenset({"value"})
 # A join's request carries the join token (`<id>.<secret>`).
 JOIN_REQUEST = frozenset({"jointoken"})
+# Peering requests carry the peering token and the stream secrets.
+PEERING_SECRETS = frozenset({"peeringtoken", "streamsecret", "establishmentsecret"})
 
 # Every action an entry can be recorded for -> the keys, beyond SECRET_KEYS, whose
 # values are secret in its state. NO_MORE means "reviewed: nothing else is secret".
@@ -170,6 +172,11 @@ RULES: dict[str, frozenset[str]] = {
     "config.write": NO_MORE,
     "config.entry": NO_MORE,
     "config.discovery_chain": NO_MORE,
+    "peering.token": PEERING_SECRETS,
+    "peering.establish": PEERING_SECRETS,
+    "peering.exchange": PEERING_SECRETS,
+    "peering.terminate": PEERING_SECRETS,
+    "peering.one": PEERING_SECRETS,
     # /api views
     "api.acltoken.create": NO_MORE,
     "api.acltoken.update": NO_MORE,
@@ -223,6 +230,10 @@ RULES: dict[str, frozenset[str]] = {
     "intention.delete": NO_MORE,
     "config.delete": NO_MORE,
     "config.mesh.allow-by-default": NO_MORE,
+    "peering.accept": PEERING_SECRETS,
+    "peering.active": PEERING_SECRETS,
+    "peering.delete": PEERING_SECRETS,
+    "peering.terminated": PEERING_SECRETS,
     "kv.set": NO_MORE,
     "kv.delete": NO_MORE,
     "kv.delete-tree": NO_MORE,

@@ -24,6 +24,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     from meshweb.commands import config as config_cmd
     from meshweb.commands import connect as connect_cmd
+    from meshweb.commands import peering as peering_cmd
 
     acl.register(sub)
     ca.register(sub)
@@ -36,3 +37,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     join_token.register(sub)
     connect_cmd.register(sub)
     top.register(sub)
+    peering_cmd.register(sub)

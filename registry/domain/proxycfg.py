@@ -75,6 +75,7 @@ from meshproto.proxycfg import (
     Inbound,
     Limits,
     OutlierDetection,
+    PeerTrust,
     ProxyConfig,
     RateLimit,
     RetryPolicy,
@@ -229,6 +230,10 @@ class ProxySnapshot:
     upstreams: tuple[UpstreamSnapshot, ...] = ()
     gateways: Mapping[str, tuple[Candidate, ...]] = field(default_factory=dict)  # by datacenter
     version: int = 0
+    # Cluster peering (`gather_peering`): (peer, service) -> how to reach an
+    # imported service, and the peers' trust (peer, trust domain, roots).
+    peered: Mapping[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
+    peer_trust: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
 
     @property
     def service(self) -> str:
@@ -257,11 +262,13 @@ def build_proxy_config(snap: ProxySnapshot) -> ProxyConfig:
             snap.trust_domain, service, snap.datacenter, snap.namespace
         ).uri,
         inbound=translate_inbound(snap),
-        upstreams=tuple(_translate_shared(snap, u) for u in snap.upstreams),
+        upstreams=tuple(_translate_shared(snap, u) for u in snap.upstreams)
+        + translate_peer_upstreams(snap),
         intentions=tuple(dict(i) for i in snap.intentions),
         default_allow=snap.allow_by_default,
         roots=snap.roots,
         namespace=snap.namespace,
+        peer_trust=tuple(PeerTrust(p, td, roots) for p, td, roots in snap.peer_trust),
     )
 
 
@@ -870,6 +877,7 @@ def dependency_topics(snap: ProxySnapshot) -> set[str]:
             topics.update((topic.service(target["Service"]), topic.connect(target["Service"])))
             if (target.get("Datacenter") or snap.datacenter) != snap.datacenter:
                 cross_dc = True
+    topics.update(peering_topics(snap))
     if cross_dc:
         # A mesh gateway registered later changes the path: any registration
         # touches `services`, a new node `nodes`.
@@ -878,6 +886,146 @@ def dependency_topics(snap: ProxySnapshot) -> set[str]:
             for gw in gws:
                 topics.add(topic.service(gw.entry["Service"]["Service"]))
     return topics
+
+
+# =========================================================================== cluster peering
+
+
+def _peer_upstreams(snap: ProxySnapshot) -> list[Mapping[str, Any]]:
+    upstreams = (snap.proxy.get("Proxy") or {}).get("Upstreams") or ()
+    return [
+        u
+        for u in upstreams
+        if u.get("DestinationPeer")
+        and u.get("DestinationName")
+        and (u.get("DestinationType") or "service") == "service"
+    ]
+
+
+def translate_peer_upstreams(snap: ProxySnapshot) -> tuple[Upstream, ...]:
+    """Upstreams naming a `DestinationPeer` (pure): one TCP cluster each, to
+    the service the peer exports, identified by its SPIFFE ID in the peer's
+    trust domain and sent the exporter's gateway SNI.
+
+    The path: with `MeshGateway.Mode` "local" (the upstream's, else the
+    proxy's) through a healthy local mesh gateway, which routes the SNI to
+    the peer's gateways; otherwise straight to the peer's gateways; a peer
+    with no gateway is dialled at its sidecars. A service not (or no longer)
+    imported keeps its listener with no cluster: connections are refused.
+    """
+    out = []
+    proxy_mode = ((snap.proxy.get("Proxy") or {}).get("MeshGateway") or {}).get("Mode") or ""
+    for u in _peer_upstreams(snap):
+        peer, name = u["DestinationPeer"], u["DestinationName"]
+        common = {
+            "destination": name,
+            "local_bind_address": u.get("LocalBindAddress") or LOCAL_BIND_DEFAULT,
+            "local_bind_port": int(u.get("LocalBindPort") or 0),
+            "datacenter": "",
+            "namespace": u.get("DestinationNamespace") or DEFAULT_NAMESPACE,
+            "peer": peer,
+        }
+        target = snap.peered.get((peer, name))
+        if not target:
+            out.append(Upstream(**common))
+            continue
+        mode = (u.get("MeshGateway") or {}).get("Mode") or proxy_mode
+        local = select_endpoints(snap.gateways.get(snap.datacenter, ()), {}, wan=False)
+        remote = tuple(
+            Endpoint(g["Address"], int(g["Port"]))
+            for g in target.get("Gateways") or ()
+            if g.get("Address") and g.get("Port")
+        )
+        direct = tuple(
+            Endpoint(e["Address"], int(e["Port"]))
+            for e in target.get("Endpoints") or ()
+            if e.get("Address") and e.get("Port")
+        )
+        endpoints = local if mode == "local" and local and remote else remote or direct
+        gateway = Gateway(endpoints[0].address, endpoints[0].port) if remote and endpoints else None
+        dc = str(target.get("Datacenter") or "")
+        cluster_name = f"{name}.default.{peer}.peer"
+        cluster = Cluster(
+            name=cluster_name,
+            service=name,
+            datacenter=dc,
+            spiffe_id=str(target.get("SpiffeID") or ""),
+            sni=str(target.get("SNI") or ""),
+            endpoints=endpoints,
+            gateway=gateway,
+            limits=_limits(u.get("Config") or {}),
+            peer=peer,
+        )
+        routes = (Route(RouteMatch(), (WeightedCluster(cluster_name, 100.0),)),)
+        out.append(Upstream(protocol="tcp", routes=routes, clusters=(cluster,), **common))
+    return tuple(out)
+
+
+def peering_topics(snap: ProxySnapshot) -> set[str]:
+    """What the peering parts of a config depend on (pure)."""
+    topics = {topic.PEERINGS, topic.config_entry("exported-services", "default")}
+    for u in _peer_upstreams(snap):
+        topics.add(topic.peered_service(u["DestinationPeer"], u["DestinationName"]))
+        topics.add(topic.peering(u["DestinationPeer"]))
+    return topics
+
+
+def peer_gateway_routes() -> tuple[tuple[GatewayRoute, ...], set[str]]:
+    """A mesh gateway's routes to services imported from peers, and their topics.
+
+    Each imported service's SNI (the exporter's own gateway SNI, in its trust
+    domain) leads to the exporting cluster's gateways; the gateway there
+    routes it to the service's sidecars as one of its own.
+    """
+    from registry.models import ImportedService, Peering
+
+    live = (Peering.ACTIVE, Peering.FAILING)
+    routes = []
+    topics = {topic.PEERINGS}
+    peers = Peering.objects.filter(state__in=live).values_list("name", flat=True)
+    topics.update(topic.peered_services(p) for p in peers)
+    rows = (
+        ImportedService.objects.filter(peering__state__in=live)
+        .order_by("peering__name", "name")
+        .values_list("peering__name", "name", "connect")
+    )
+    for peer, name, connect in rows:
+        gateways = tuple(
+            Endpoint(str(g["Address"]), int(g["Port"]))
+            for g in connect.get("Gateways") or ()
+            if g.get("Address") and g.get("Port")
+        )
+        if connect.get("SNI") and gateways:
+            routes.append(
+                GatewayRoute(
+                    sni=str(connect["SNI"]),
+                    kind="remote",
+                    service=name,
+                    datacenter=str(connect.get("Datacenter") or ""),
+                    peer=peer,
+                    endpoints=gateways,
+                )
+            )
+    return tuple(routes), topics
+
+
+def gather_peering(
+    service: str, proxy: Mapping[str, Any]
+) -> tuple[dict[tuple[str, str], Mapping[str, Any]], tuple]:
+    """Read what the peering parts of a sidecar's config need: the imported
+    services its `DestinationPeer` upstreams name, and the trust of the peers
+    it calls or is exported to."""
+    from registry.domain import peering
+
+    pairs = {
+        (u["DestinationPeer"], u["DestinationName"])
+        for u in proxy.get("Upstreams") or ()
+        if u.get("DestinationPeer") and u.get("DestinationName")
+    }
+    peers = {p for p, _ in pairs} | (peering.peers_exported_to(service) if service else set())
+    if not peers:
+        return {}, ()
+    return peering.imported_connect(pairs), peering.trust_for(peers)
 
 
 # =========================================================================== gather (database)
@@ -1187,7 +1335,14 @@ def gather(
     upstreams = tuple(
         upstream(u)
         for u in p.get("Upstreams") or ()
-        if (u.get("DestinationType") or "service") == "service" and u.get("DestinationName")
+        if (u.get("DestinationType") or "service") == "service"
+        and u.get("DestinationName")
+        and not u.get("DestinationPeer")  # imported services: `gather_peering`
+    )
+    peered, peer_trust = _once(
+        shared,
+        ("peering", service, json.dumps(p.get("Upstreams") or [], sort_keys=True)),
+        lambda: gather_peering(service, p),
     )
 
     gateway_dcs = {
@@ -1196,7 +1351,7 @@ def gather(
         for t in ((us.chain or {}).get("Targets") or {}).values()
         if t["Datacenter"] != local_dc
     }
-    if gateway_dcs:
+    if gateway_dcs or peered:
         gateway_dcs.add(local_dc)
     gateways = {
         dc: _once(shared, ("gateways", dc), lambda dc=dc: _gateway_candidates(dc))
@@ -1215,6 +1370,8 @@ def gather(
         entries=entries,
         upstreams=upstreams,
         gateways=gateways,
+        peered=peered,
+        peer_trust=peer_trust,
     )
 
 
@@ -1489,7 +1646,11 @@ def gather_gateway_config(
 ) -> tuple[GatewayConfig, set[str]]:
     """The gateway's table and its topics, version 0 (the caller stamps it)."""
     snap = gather_gateway(node_name, proxy_id, global_index)
-    return build_gateway_config(snap), gateway_dependency_topics(snap)
+    config, topics = build_gateway_config(snap), gateway_dependency_topics(snap)
+    routes, peer_topics = peer_gateway_routes()
+    if routes:
+        config = dataclasses.replace(config, routes=config.routes + routes)
+    return config, topics | peer_topics
 
 
 def compile_gateway(node_name: str, proxy_id: str) -> tuple[GatewayConfig, set[str]]:

@@ -15,6 +15,7 @@ from registry.models.connect import (
 )
 from registry.models.index import MeshIndex, TopicIndex
 from registry.models.kv import KVEntry, Session
+from registry.models.peering import ImportedService, Peering
 from registry.models.telemetry import TrafficSample
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "ClusterIdentity",
     "ConfigEntry",
     "Intention",
+    "ImportedService",
     "IssuedCert",
     "JoinToken",
     "ACLPolicy",
@@ -33,6 +35,7 @@ __all__ = [
     "KVEntry",
     "MeshIndex",
     "Node",
+    "Peering",
     "NodeCertificate",
     "NodeEnrollment",
     "ServiceInstance",

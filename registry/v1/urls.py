@@ -5,6 +5,7 @@ from django.urls import path
 from registry.v1 import acl, agent, catalog, connect_ca, kv, session, status, telemetry
 from registry.v1 import config as config_v1
 from registry.v1 import intentions as intentions_v1
+from registry.v1 import peering as peering_v1
 
 urlpatterns = [
     # agent
@@ -51,4 +52,5 @@ urlpatterns = [
     *connect_ca.urlpatterns,
     *intentions_v1.urlpatterns,
     *config_v1.urlpatterns,
+    *peering_v1.urlpatterns,
 ]
