@@ -159,6 +159,7 @@ RULES: dict[str, frozenset[str]] = {
     "catalog.register": CHECK_DEFINITIONS,
     "catalog.deregister": NO_MORE,
     "kv.entry": KV_BODY,
+    "txn.txn_write": CHECK_DEFINITIONS | KV_BODY,
     "session.create": NO_MORE,
     "session.destroy": NO_MORE,
     "session.renew": NO_MORE,

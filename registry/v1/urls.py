@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from registry.v1 import acl, agent, catalog, connect_ca, kv, session, status, telemetry
+from registry.v1 import acl, agent, catalog, connect_ca, kv, session, status, telemetry, txn
 from registry.v1 import config as config_v1
 from registry.v1 import intentions as intentions_v1
 
@@ -46,6 +46,7 @@ urlpatterns = [
     path("status/leader", status.leader),
     path("status/peers", status.peers),
     *kv.urlpatterns,
+    *txn.urlpatterns,
     *session.urlpatterns,
     *acl.urlpatterns,
     *connect_ca.urlpatterns,
