@@ -160,6 +160,8 @@ RULES: dict[str, frozenset[str]] = {
     "catalog.deregister": NO_MORE,
     "kv.entry": KV_BODY,
     "txn.txn_write": CHECK_DEFINITIONS | KV_BODY,
+    # an event's payload is opaque: recorded as its size only
+    "event.fire": frozenset({"payload"}),
     "session.create": NO_MORE,
     "session.destroy": NO_MORE,
     "session.renew": NO_MORE,
@@ -202,6 +204,7 @@ RULES: dict[str, frozenset[str]] = {
     "agent.SyncNode": CHECK_DEFINITIONS,
     "agent.UpdateChecks": NO_MORE,
     "agent.StreamProxyConfigs": NO_MORE,
+    "agent.StreamEvents": NO_MORE,
     # the domain's records
     "agent.join": NO_MORE,
     "agent.join-token.create": NO_MORE,

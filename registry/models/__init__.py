@@ -13,6 +13,7 @@ from registry.models.connect import (
     Intention,
     IssuedCert,
 )
+from registry.models.events import UserEvent
 from registry.models.index import MeshIndex, TopicIndex
 from registry.models.kv import KVEntry, Session
 
@@ -37,4 +38,5 @@ __all__ = [
     "ServiceInstance",
     "Session",
     "TopicIndex",
+    "UserEvent",
 ]

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from registry.v1 import acl, agent, catalog, connect_ca, kv, session, status, telemetry, txn
+from registry.v1 import acl, agent, catalog, connect_ca, event, kv, session, status, telemetry, txn
 from registry.v1 import config as config_v1
 from registry.v1 import intentions as intentions_v1
 
@@ -47,6 +47,7 @@ urlpatterns = [
     path("status/peers", status.peers),
     *kv.urlpatterns,
     *txn.urlpatterns,
+    *event.urlpatterns,
     *session.urlpatterns,
     *acl.urlpatterns,
     *connect_ca.urlpatterns,
