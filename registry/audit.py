@@ -162,6 +162,7 @@ RULES: dict[str, frozenset[str]] = {
     "txn.txn_write": CHECK_DEFINITIONS | KV_BODY,
     # an event's payload is opaque: recorded as its size only
     "event.fire": frozenset({"payload"}),
+    "snapshot.restore": NO_MORE,  # the archive's facts (ID, index, table counts), never its rows
     "session.create": NO_MORE,
     "session.destroy": NO_MORE,
     "session.renew": NO_MORE,

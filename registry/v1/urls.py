@@ -2,7 +2,19 @@
 
 from django.urls import path
 
-from registry.v1 import acl, agent, catalog, connect_ca, event, kv, session, status, telemetry, txn
+from registry.v1 import (
+    acl,
+    agent,
+    catalog,
+    connect_ca,
+    event,
+    kv,
+    session,
+    snapshot,
+    status,
+    telemetry,
+    txn,
+)
 from registry.v1 import config as config_v1
 from registry.v1 import intentions as intentions_v1
 
@@ -48,6 +60,7 @@ urlpatterns = [
     *kv.urlpatterns,
     *txn.urlpatterns,
     *event.urlpatterns,
+    *snapshot.urlpatterns,
     *session.urlpatterns,
     *acl.urlpatterns,
     *connect_ca.urlpatterns,
