@@ -13,9 +13,11 @@ from registry.models.connect import (
     Intention,
     IssuedCert,
 )
+from registry.models.coordinates import NodeCoordinate
 from registry.models.events import UserEvent
 from registry.models.index import MeshIndex, TopicIndex
 from registry.models.kv import KVEntry, Session
+from registry.models.queries import PreparedQuery
 
 __all__ = [
     "CAConfig",
@@ -34,7 +36,9 @@ __all__ = [
     "MeshIndex",
     "Node",
     "NodeCertificate",
+    "NodeCoordinate",
     "NodeEnrollment",
+    "PreparedQuery",
     "ServiceInstance",
     "Session",
     "TopicIndex",
