@@ -45,6 +45,7 @@ from agents.checks import CheckRunner
 from agents.client import Backoff, Identity, IdentityStore, JoinError
 from agents.config import AgentConfig, find_sidecar_bin
 from agents.definitions import read_config_dirs
+from agents.events import EventRunner
 from agents.leaves import Leaf, LeafKeeper, make_leaf, renewal_point
 from agents.metrics import agent_metrics, merge_scrapes
 from agents.sidecars import Sidecars
@@ -118,6 +119,7 @@ class Agent:
         self._proxies_lock = asyncio.Lock()
         self._servers: list[Any] = []
         self.local_token = ""  # the local API's token (`<data-dir>/agent-token`)
+        self.events = EventRunner(config.config_dirs, config.data_dir)  # `watches` of events
 
     # --- facts ------------------------------------------------------------------------
 
@@ -507,6 +509,7 @@ class Agent:
             for e in errors:
                 log.error("reload failed; keeping the previous services", extra={"error": e})
             return errors
+        self.events.reload()
         log.info(
             "reloaded",
             extra={"services": len(self.state.services), "checks": len(self.state.checks)},
@@ -604,7 +607,10 @@ class Agent:
                 await self._sync(stub)
                 backoff.reset()
                 await _first_failure(
-                    self._stream(stub), self._anti_entropy(stub), self._push_checks(stub)
+                    self._stream(stub),
+                    self._anti_entropy(stub),
+                    self._push_checks(stub),
+                    self.events.stream(stub),
                 )
                 reason = "connection ended"
             except asyncio.CancelledError:

@@ -74,6 +74,14 @@ MESH_AUDIT_SENSITIVE_KV_PREFIXES = tuple(
 MESH_MAX_WAIT_SECONDS = env_int("MESH_MAX_WAIT_SECONDS", 600, minimum=1)
 MESH_KV_MAX_VALUE_SIZE = env_int("MESH_KV_MAX_VALUE_SIZE", 512 * 1024, minimum=1)
 MESH_SESSION_TTL_MIN = float(env_str("MESH_SESSION_TTL_MIN", "10s").removesuffix("s") or "10")
+# Consul's limits on `PUT /v1/txn`: operations per transaction, bytes per request.
+MESH_TXN_MAX_OPS = env_int("MESH_TXN_MAX_OPS", 128, minimum=1)
+MESH_TXN_MAX_REQ_LEN = env_int("MESH_TXN_MAX_REQ_LEN", 512 * 1024, minimum=1024)
+# User events: the largest payload (Consul's 512 bytes) and the events kept per datacenter.
+MESH_EVENT_MAX_PAYLOAD = env_int("MESH_EVENT_MAX_PAYLOAD", 512, minimum=1)
+MESH_EVENT_BUFFER = env_int("MESH_EVENT_BUFFER", 256, minimum=1)
+# The largest snapshot `PUT /v1/snapshot` takes (bytes, compressed).
+MESH_SNAPSHOT_MAX_SIZE = env_int("MESH_SNAPSHOT_MAX_SIZE", 1024 * 1024 * 1024, minimum=1024)
 MESH_MAX_BODY_SIZE = env_int("MESH_MAX_BODY_SIZE", 4 * 1024 * 1024, minimum=1024)
 MESH_DB_THREADS = env_int("MESH_DB_THREADS", 8, minimum=1)
 # Threads serving the REST API, docs and UI (sync Django views).

@@ -161,6 +161,16 @@ RULES: dict[str, frozenset[str]] = {
     "catalog.register": CHECK_DEFINITIONS,
     "catalog.deregister": NO_MORE,
     "kv.entry": KV_BODY,
+    "txn.txn_write": CHECK_DEFINITIONS | KV_BODY,
+    # an event's payload is opaque: recorded as its size only
+    "event.fire": frozenset({"payload"}),
+    "snapshot.restore": NO_MORE,
+    # prepared queries: a query's Token is a secret (SECRET_KEYS); the rest is not
+    "query.collection": NO_MORE,
+    "query.one": NO_MORE,
+    "query.write": NO_MORE,
+    "query.delete": NO_MORE,
+    "coordinate.update": NO_MORE,  # the archive's facts (ID, index, table counts), never its rows
     "session.create": NO_MORE,
     "session.destroy": NO_MORE,
     "session.renew": NO_MORE,
@@ -209,6 +219,7 @@ RULES: dict[str, frozenset[str]] = {
     "agent.UpdateChecks": NO_MORE,
     "agent.StreamProxyConfigs": NO_MORE,
     "agent.ReportTraffic": NO_MORE,
+    "agent.StreamEvents": NO_MORE,
     # the domain's records
     "agent.join": NO_MORE,
     "agent.join-token.create": NO_MORE,

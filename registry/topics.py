@@ -26,6 +26,9 @@ CA_ROOTS = "ca-roots"
 CA_CONFIG = "ca-config"
 DISCOVERY_CHAIN = "discovery-chain"  # any write of a kind that shapes chains
 PEERINGS = "peerings"  # any peering created, established, changed or deleted
+EVENTS = "events"  # a user event was fired (`/v1/event`)
+QUERIES = "queries"  # a prepared query was created, changed or deleted
+COORDINATES = "coordinates"  # a node's network coordinate changed
 
 WILDCARD = "*"
 

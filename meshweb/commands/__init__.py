@@ -20,6 +20,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         kv,
         proxy_config,
         services,
+        snapshot,
         top,
     )
     from meshweb.commands import config as config_cmd
@@ -38,3 +39,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     connect_cmd.register(sub)
     top.register(sub)
     peering_cmd.register(sub)
+    snapshot.register(sub)

@@ -13,9 +13,12 @@ from registry.models.connect import (
     Intention,
     IssuedCert,
 )
+from registry.models.coordinates import NodeCoordinate
+from registry.models.events import UserEvent
 from registry.models.index import MeshIndex, TopicIndex
 from registry.models.kv import KVEntry, Session
 from registry.models.peering import ImportedService, Peering
+from registry.models.queries import PreparedQuery
 from registry.models.telemetry import TrafficSample
 
 __all__ = [
@@ -37,9 +40,12 @@ __all__ = [
     "Node",
     "Peering",
     "NodeCertificate",
+    "NodeCoordinate",
     "NodeEnrollment",
+    "PreparedQuery",
     "ServiceInstance",
     "Session",
     "TopicIndex",
     "TrafficSample",
+    "UserEvent",
 ]
