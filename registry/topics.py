@@ -25,6 +25,7 @@ INTENTIONS = "intentions"  # any intention write (the list, match and check read
 CA_ROOTS = "ca-roots"
 CA_CONFIG = "ca-config"
 DISCOVERY_CHAIN = "discovery-chain"  # any write of a kind that shapes chains
+CLOUDS = "clouds"  # cloud accounts and their sync runs
 
 WILDCARD = "*"
 
