@@ -122,6 +122,7 @@ def run_json(run: SyncRun) -> dict[str, Any]:
         "api_calls": run.api_calls,
         "retries": run.retries,
         "errors": run.errors,
+        "notes": run.notes,
     }
 
 

@@ -46,7 +46,6 @@ from clouds.providers.base import (
     ProviderError,
 )
 from registry import audit
-from registry import topics as topic
 from registry.domain import catalog
 from registry.errors import MeshError
 from registry.models import Check, ServiceInstance
@@ -160,8 +159,6 @@ def sync_cloud_account(run_id: int) -> SyncRun | None:
         run.phase = "done"
         run.save()
         _release(account, run)
-        with Change() as change:
-            change.touch(topic.CLOUDS)
     return run
 
 

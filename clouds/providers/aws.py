@@ -120,7 +120,10 @@ class AWSProvider(Provider):
         if key not in self._clients:
             local = bool(self.account.endpoint_url)
             config = Config(
-                retries={"mode": "standard", "max_attempts": settings.MESH_CLOUD_MAX_ATTEMPTS},
+                retries={
+                    "mode": "standard",
+                    "total_max_attempts": settings.MESH_CLOUD_MAX_ATTEMPTS,
+                },
                 connect_timeout=10,
                 read_timeout=60,
                 inject_host_prefix=not local,
@@ -174,6 +177,34 @@ class AWSProvider(Provider):
                 return statuses
             kw["NextToken"] = page["NextToken"]
 
+    def _services_of(self, sd, by_id: dict[str, dict], region: str) -> list[dict]:
+        """The services of the namespaces `by_id`, each with its `NamespaceId`.
+
+        ListServices' summaries do not name their namespace: list per namespace (the
+        NAMESPACE_ID filter). A service listed under several (an endpoint that ignores
+        the filter, as moto does) is resolved with GetService; so that such an endpoint
+        cannot pass one namespace's services off as another's, callers list every
+        namespace of the region (one call each on AWS, where nothing is ambiguous).
+        """
+        listed: dict[str, tuple[dict, list[str]]] = {}
+        for ns_id in by_id:
+            for svc in self._pages(
+                sd,
+                "list_services",
+                "Services",
+                f"Cloud Map ListServices of {by_id[ns_id]['Name']} in {region}",
+                Filters=[{"Name": "NAMESPACE_ID", "Values": [ns_id], "Condition": "EQ"}],
+            ):
+                listed.setdefault(svc["Id"], (svc, []))[1].append(ns_id)
+        services = []
+        for svc, ns_ids in listed.values():
+            ns_id = svc.get("NamespaceId") or (ns_ids[0] if len(ns_ids) == 1 else "")
+            if not ns_id:
+                full = self._call(sd.get_service, f"Cloud Map GetService {svc['Id']}", Id=svc["Id"])
+                ns_id = full["Service"].get("NamespaceId", "")
+            services.append({**svc, "NamespaceId": ns_id})
+        return services
+
     # --- import -----------------------------------------------------------------------
 
     def inventory(self) -> Inventory:
@@ -205,26 +236,8 @@ class AWSProvider(Provider):
         by_id = {ns["Id"]: ns for ns in namespaces if not wanted or ns["Name"] in wanted}
         if not by_id:
             return
-        # ListServices' summaries do not name their namespace: list per namespace (the
-        # NAMESPACE_ID filter). A service listed under several (an endpoint that ignores
-        # the filter) is resolved with GetService.
-        listed: dict[str, tuple[dict, list[str]]] = {}
-        for ns_id in by_id:
-            for svc in self._pages(
-                sd,
-                "list_services",
-                "Services",
-                f"Cloud Map ListServices of {by_id[ns_id]['Name']} in {region}",
-                Filters=[{"Name": "NAMESPACE_ID", "Values": [ns_id], "Condition": "EQ"}],
-            ):
-                listed.setdefault(svc["Id"], (svc, []))[1].append(ns_id)
-        services = []
-        for svc, ns_ids in listed.values():
-            ns_id = svc.get("NamespaceId") or (ns_ids[0] if len(ns_ids) == 1 else "")
-            if not ns_id:
-                full = self._call(sd.get_service, f"Cloud Map GetService {svc['Id']}", Id=svc["Id"])
-                ns_id = full["Service"].get("NamespaceId", "")
-            services.append({**svc, "NamespaceId": ns_id})
+        # Every namespace is listed, wanted or not: see `_services_of`.
+        services = self._services_of(sd, {ns["Id"]: ns for ns in namespaces}, region)
         for svc in services:
             ns = by_id.get(svc.get("NamespaceId", ""))
             if ns is None:
@@ -440,12 +453,9 @@ class AWSProvider(Provider):
         ns = self._namespace(create=bool(conf.get("create_namespace")) and bool(services))
         if ns is None:
             return {}
-        listed = [
-            s
-            for s in self._pages(sd, "list_services", "Services", "Cloud Map ListServices")
-            if s.get("NamespaceId") == ns["Id"]
-        ]
-        by_name = {s["Name"]: s for s in listed}
+        everything = self._pages(sd, "list_namespaces", "Namespaces", "Cloud Map ListNamespaces")
+        listed = self._services_of(sd, {n["Id"]: n for n in everything}, self._export_region())
+        by_name = {s["Name"]: s for s in listed if s["NamespaceId"] == ns["Id"]}
         for name in services:
             if name not in by_name:
                 created = self._call(
