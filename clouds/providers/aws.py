@@ -9,6 +9,7 @@ prefix is not injected, so discovery calls reach that endpoint too.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from typing import Any
@@ -55,14 +56,15 @@ _ACCESS_KEY = re.compile(r"^[A-Z0-9]{16,128}$")
 _HEALTH = {"HEALTHY": PASSING, "UNHEALTHY": CRITICAL, "UNKNOWN": WARNING}
 
 
-def known_regions() -> set[str]:
-    """The regions botocore knows (its bundled endpoint table, no network)."""
+@functools.lru_cache(maxsize=1)
+def known_regions() -> frozenset[str]:
+    """The regions botocore knows (its bundled endpoint table, no network; read once)."""
     session = boto3.session.Session()
     regions: set[str] = set()
     for partition in session.get_available_partitions():
         for svc in ("ec2", "servicediscovery"):
             regions.update(session.get_available_regions(svc, partition_name=partition))
-    return regions
+    return frozenset(regions)
 
 
 def _message(exc: Exception) -> str:
