@@ -406,3 +406,113 @@ def test_removing_an_account_removes_what_it_imported(mesh):
     assert len(instances_on(c, NODE)) == 34  # the other account's imports stay
     listed = cli(mesh, "cloud", "list").stdout
     assert "aws1" in listed and "throttled" not in listed
+
+
+# --- cloud gateway config ------------------------------------------------------------------
+
+
+def register_gateway(c, node: str, dc: str, wan: str, port: int = 8443) -> None:
+    c.catalog.register(
+        node,
+        wan,
+        service={
+            "Service": "mesh-gateway",
+            "ID": "mesh-gateway",
+            "Kind": "mesh-gateway",
+            "Port": port,
+            "TaggedAddresses": {"wan": {"Address": wan, "Port": port}},
+        },
+        dc=dc,
+    )
+
+
+def ingress(moto, group: str) -> list[tuple[int, str]]:
+    sg = moto.client("ec2").describe_security_groups(GroupIds=[group])["SecurityGroups"][0]
+    return sorted(
+        (p["FromPort"], r["CidrIp"]) for p in sg["IpPermissions"] for r in p.get("IpRanges") or []
+    )
+
+
+def test_gateway_config_names_the_peers_and_apply_opens_the_security_group_once(mesh, moto):
+    ec2 = moto.client("ec2")
+    group = ec2.create_security_group(GroupName="mesh-gw", Description="mesh gateways")["GroupId"]
+    ec2.authorize_security_group_ingress(
+        GroupId=group,
+        IpPermissions=[
+            {
+                "IpProtocol": "tcp",
+                "FromPort": 22,
+                "ToPort": 22,
+                "IpRanges": [{"CidrIp": "192.0.2.0/24"}],
+            }
+        ],
+    )
+    c = mesh.consul()
+    register_gateway(c, "gw-east", "aws-east", "203.0.113.5")
+    register_gateway(c, "gw-west", "gcp-west", "198.51.100.7")
+    register_gateway(c, "gw-site", "onprem-1", "198.51.100.20")
+    cli(
+        mesh,
+        "cloud",
+        "add",
+        "-name",
+        "edge",
+        "-datacenter",
+        "aws-east",
+        "-region",
+        "us-east-1",
+        "-endpoint-url",
+        moto.url,
+        "-access-key-id",
+        KEY_ID,
+        "-secret-access-key",
+        SECRET,
+        "-no-cloud-map",
+        "-no-ec2",
+        "-security-group",
+        group,
+    )
+    config = json.loads(cli(mesh, "gateway-config", "-format", "json", "aws-east").stdout)
+    assert config["datacenter"] == "aws-east" and config["port"] == 8443
+    assert config["sni_domain"].startswith("aws-east.internal.") and config["sni_domain"].endswith(
+        ".mesh"
+    )
+    peers = {p["datacenter"]: (p["address"], p["port"], p["sni_domain"]) for p in config["peers"]}
+    assert set(peers) == {"gcp-west", "onprem-1"}
+    assert peers["gcp-west"][:2] == ("198.51.100.7", 8443)
+    assert peers["gcp-west"][2].startswith("gcp-west.internal.")
+    assert config["service_definition"]["service"]["kind"] == "mesh-gateway"
+    assert config["agent_command"].startswith("mesh agent -join ")
+    assert config["firewall"]["security_group"] == group
+    assert sorted(r["cidr"] for r in config["firewall"]["ingress"]) == [
+        "198.51.100.20/32",
+        "198.51.100.7/32",
+    ]
+
+    first = cli(mesh, "gateway-config", "aws-east", "-apply").stdout
+    plan, _, result = first.partition("Applied:")
+    assert "+ tcp/8443 from 198.51.100.7/32" in plan and "+ tcp/8443 from 198.51.100.20/32" in plan
+    assert "2 added, 0 removed" in result
+    assert ingress(moto, group) == [
+        (22, "192.0.2.0/24"),
+        (8443, "198.51.100.20/32"),
+        (8443, "198.51.100.7/32"),
+    ]
+
+    second = cli(mesh, "gateway-config", "aws-east", "-apply").stdout
+    assert "no changes: the rules are in place" in second and "Applied" not in second
+    assert len(ingress(moto, group)) == 3
+
+    # A peer gateway leaves: its rule goes; the hand-made SSH rule stays.
+    c.catalog.deregister("gw-site", dc="onprem-1")
+    third = cli(mesh, "gateway-config", "aws-east", "-apply").stdout
+    assert "- tcp/8443 from 198.51.100.20/32" in third and "0 added, 1 removed" in third
+    assert ingress(moto, group) == [(22, "192.0.2.0/24"), (8443, "198.51.100.7/32")]
+
+
+def test_gateway_config_refuses_an_unknown_datacenter_and_apply_without_an_account(mesh):
+    unknown = cli(mesh, "gateway-config", "nowhere", check=False)
+    assert unknown.returncode != 0 and 'Datacenter "nowhere" not found' in unknown.stderr
+    no_account = cli(mesh, "gateway-config", "gcp-west", "-apply", check=False)
+    assert no_account.returncode != 0
+    assert "No cloud account with a gateway_security_group" in no_account.stderr
