@@ -8,13 +8,16 @@ build on each other (seed, import, re-sync, delete, faults, export).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from tests.support.aws import KEY_ID, SECRET, MotoServer, ThrottlingProxy, seed_cloud_map, seed_ec2
-from tests.support.servers import ROOT, make_server
+from tests.support.servers import ROOT, make_server, postgres_url, require
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +44,12 @@ def mesh(tmp_path_factory):
         tmp_path_factory.mktemp("cp"),
         acl=True,
         # Three attempts per call: a fault that outlasts them shows within seconds.
-        extra_env={"MESH_CLOUD_MAX_ATTEMPTS": "3", "MESH_CLOUD_TICK_SECONDS": "3600"},
+        # A short lease: a run killed with its server gives the account back soon.
+        extra_env={
+            "MESH_CLOUD_MAX_ATTEMPTS": "3",
+            "MESH_CLOUD_TICK_SECONDS": "3600",
+            "MESH_CLOUD_SYNC_LEASE_SECONDS": "10",
+        },
     )
     yield server
     server.close()
@@ -62,10 +70,11 @@ def cli(mesh, *args: str, check: bool = True, stdin: str | None = None):
     return proc
 
 
-def sync(mesh, name: str, *, ok: bool = True) -> dict:
+def sync(mesh, name: str, *, ok: bool | None = True) -> dict:
     proc = cli(mesh, "cloud", "sync", "-format", "json", name, check=False)
     run = json.loads(proc.stdout)
-    assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
+    if ok is not None:
+        assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
     return run
 
 
@@ -516,3 +525,80 @@ def test_gateway_config_refuses_an_unknown_datacenter_and_apply_without_an_accou
     no_account = cli(mesh, "gateway-config", "gcp-west", "-apply", check=False)
     assert no_account.returncode != 0
     assert "No cloud account with a gateway_security_group" in no_account.stderr
+
+
+# --- a run killed half-way ------------------------------------------------------------------
+
+
+def test_a_run_killed_half_way_leaves_the_catalog_as_it_was(mesh, moto, seeded):
+    """The server dies (SIGKILL) while its sync is applying: new instances already
+    inserted, one update waiting on a row the test holds locked. Nothing of it stays."""
+    import psycopg
+
+    require(postgres_url(), "PostgreSQL")
+    cloud_map, _ = seeded
+    web, db = cloud_map.services["web"], cloud_map.services["db"]
+    sync(mesh, "aws1")  # take in what earlier tests added to "AWS" (edge.local)
+    sd = moto.client("servicediscovery")
+    for i in range(3):
+        sd.register_instance(
+            ServiceId=web,
+            InstanceId=f"web-k{i}",
+            Attributes={"AWS_INSTANCE_IPV4": f"10.7.0.{i + 1}", "AWS_INSTANCE_PORT": "80"},
+        )
+    sd.register_instance(
+        ServiceId=web,
+        InstanceId="web-0",
+        Attributes={"AWS_INSTANCE_IPV4": "10.0.0.1", "AWS_INSTANCE_PORT": "8000", "version": "v9"},
+    )
+    sd.deregister_instance(ServiceId=db, InstanceId="db-0")
+    c = mesh.consul()
+    before = instances_on(c, NODE)
+    web0 = f"aws-{web}-web-0"
+    assert before[web0]["Meta"]["version"] == "v0"
+
+    with psycopg.connect(mesh.database_url) as lock:
+        lock.execute(
+            "SELECT id FROM registry_serviceinstance WHERE service_id = %s FOR UPDATE", [web0]
+        )
+        with mesh.client() as http:
+            killed = http.post("/api/clouds/aws1/sync").json()
+        deadline = time.monotonic() + 120
+        with psycopg.connect(mesh.database_url, autocommit=True) as watch:
+            while True:
+                waiting = watch.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'"
+                ).fetchone()[0]
+                if waiting:
+                    break
+                assert time.monotonic() < deadline, "the sync never reached the locked row"
+                time.sleep(0.1)
+            # Half-way: the new instances are inserted in the sync's open transaction.
+            os.killpg(mesh.proc.pid, signal.SIGKILL)
+            mesh.proc.wait(10)
+        lock.rollback()
+    mesh.start()
+
+    assert instances_on(c, NODE) == before
+    with mesh.client() as http:
+        run = http.get(f"/api/clouds/aws1/runs/{killed['id']}/").json()
+    assert run["status"] == "running" and run["phase"] == "applying"
+
+    deadline = time.monotonic() + 120
+    while True:  # the dead run's lease (10 s here) runs out, then a sync may start
+        after = sync(mesh, "aws1", ok=None)
+        if after["status"] != "skipped":
+            break
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    assert after["status"] == "succeeded", after
+    now = instances_on(c, NODE)
+    assert sorted(set(now) - set(before)) == sorted(f"aws-{web}-web-k{i}" for i in range(3))
+    assert sorted(set(before) - set(now)) == [f"aws-{db}-db-0"]
+    assert (after["created"], after["updated"], after["removed"]) == (3, 1, 1)
+    with mesh.client() as http:
+        run = http.get(f"/api/clouds/aws1/runs/{killed['id']}/").json()
+    assert run["status"] == "abandoned"
+    assert "abandoned during applying" in run["errors"][-1]["message"]
+    assert instances_on(c, NODE)[web0]["Meta"]["version"] == "v9"
