@@ -51,6 +51,9 @@ async def _start() -> list[asyncio.Task]:
         from registry.tasks import run_inprocess
 
         tasks.append(asyncio.create_task(run_inprocess(), name="tasks"))
+        from clouds.tasks import run_inprocess as run_cloud_schedule
+
+        tasks.append(asyncio.create_task(run_cloud_schedule(), name="cloud-sync-schedule"))
     return tasks
 
 

@@ -101,6 +101,13 @@ MESH_JOIN_FAILURE_BURST = env_int("MESH_JOIN_FAILURE_BURST", 10, minimum=1)
 MESH_JOIN_FAILURE_REFILL_SECONDS = env_int("MESH_JOIN_FAILURE_REFILL_SECONDS", 6, minimum=1)
 MESH_CA_LEAF_TTL = env_str("MESH_CA_LEAF_TTL")  # a Go duration ("5s"); checked by registry.ca
 
+# Cloud accounts (clouds/): attempts per cloud API call (throttling and transient errors
+# are retried with exponential backoff and jitter), how long a sync may hold its
+# account before another may take it over, how often due accounts are looked for.
+MESH_CLOUD_MAX_ATTEMPTS = env_int("MESH_CLOUD_MAX_ATTEMPTS", 5, minimum=1)
+MESH_CLOUD_SYNC_LEASE_SECONDS = env_int("MESH_CLOUD_SYNC_LEASE_SECONDS", 900, minimum=10)
+MESH_CLOUD_TICK_SECONDS = env_int("MESH_CLOUD_TICK_SECONDS", 15, minimum=1)
+
 REDIS_URL = env_str("REDIS_URL")
 # Tasks run in-process unless a broker is configured (or asked for explicitly).
 MESH_TASKS = env_choice(
@@ -120,6 +127,7 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "registry",
     "frontend",
+    "clouds",
 ]
 
 MIDDLEWARE = [
@@ -228,6 +236,12 @@ CELERY_BEAT_SCHEDULE = {
         # A tick that waited longer than a few periods is stale: the next one
         # does the same work. Beat's ticks need no stored result.
         "options": {"expires": max(5.0, 5 * MESH_TASK_TICK_SECONDS), "ignore_result": True},
+    },
+    # Cloud accounts that are due get a sync run (clouds.tasks).
+    "cloud-sync-schedule": {
+        "task": "clouds.tasks.schedule",
+        "schedule": MESH_CLOUD_TICK_SECONDS,
+        "options": {"expires": 5 * MESH_CLOUD_TICK_SECONDS, "ignore_result": True},
     },
 }
 # Workers and beat of one deployment share a queue; MESH_CELERY_QUEUE separates

@@ -2,6 +2,8 @@ from django.urls import include, path
 
 urlpatterns = [
     path("v1/", include("registry.v1.urls")),
+    # Cloud accounts and gateway config first: `/api/` ends with a catch-all 404.
+    path("api/", include("clouds.urls")),
     path("api/", include("registry.api.urls")),
 ]
 

@@ -212,6 +212,11 @@ RULES: dict[str, frozenset[str]] = {
     "api.configentry.destroy": NO_MORE,
     "ca.sign": NO_MORE,
     "ca.rotate": NO_MORE,
+    # cloud accounts (clouds/): a create body carries credentials, caught by SECRET_KEYS
+    "api.cloudaccount.create": NO_MORE,
+    "api.cloudaccount.destroy": NO_MORE,
+    "api.cloudaccount.sync": NO_MORE,
+    "api.gatewayconfig.apply": NO_MORE,
     # gRPC (agents)
     "agent.Join": JOIN_REQUEST,
     "agent.SignLeaf": NO_MORE,
@@ -248,6 +253,10 @@ RULES: dict[str, frozenset[str]] = {
     "kv.set": NO_MORE,
     "kv.delete": NO_MORE,
     "kv.delete-tree": NO_MORE,
+    "cloud.sync": CHECK_DEFINITIONS,
+    "cloud.account.create": NO_MORE,
+    "cloud.account.delete": NO_MORE,
+    "cloud.firewall.apply": NO_MORE,
 }
 
 

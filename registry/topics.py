@@ -29,6 +29,7 @@ PEERINGS = "peerings"  # any peering created, established, changed or deleted
 EVENTS = "events"  # a user event was fired (`/v1/event`)
 QUERIES = "queries"  # a prepared query was created, changed or deleted
 COORDINATES = "coordinates"  # a node's network coordinate changed
+CLOUDS = "clouds"  # cloud accounts and their sync runs
 
 WILDCARD = "*"
 

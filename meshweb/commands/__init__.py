@@ -15,6 +15,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         acl,
         ca,
         catalog,
+        cloud,
         intention,
         join_token,
         kv,
@@ -40,3 +41,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     top.register(sub)
     peering_cmd.register(sub)
     snapshot.register(sub)
+    cloud.register(sub)
