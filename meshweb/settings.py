@@ -35,6 +35,9 @@ SECRET_KEY = _secret_key()
 DEBUG = env_bool("MESH_DEBUG", False)
 ALLOWED_HOSTS = [h for h in env_str("MESH_ALLOWED_HOSTS", "*").split(",") if h]
 
+# The URL hosts reach this control plane by (a load balancer, a TLS proxy), as the
+# agent install script names it; unset: the URL the script was fetched from.
+MESH_PUBLIC_URL = env_str("MESH_PUBLIC_URL").rstrip("/")
 MESH_DC = env_str("MESH_DC", "dc1")
 MESH_NODE_NAME = env_str("MESH_NODE_NAME", "mesh-server")
 MESH_HTTP_ADDR = env_addr("MESH_HTTP_ADDR", "127.0.0.1:8500")
