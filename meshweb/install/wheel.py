@@ -77,16 +77,18 @@ def _record_hash(data: bytes) -> str:
 
 
 def _metadata(dist: importlib.metadata.Distribution, version: str) -> str:
-    text = dist.read_text("METADATA") or f"Metadata-Version: 2.1\nName: {DIST}\n"
-    lines = text.split("\n")
-    for i, line in enumerate(lines):
-        if line.startswith("Version:"):
-            lines[i] = f"Version: {version}"
-            break
-        if line == "":  # the headers ended without a Version line
-            lines.insert(i, f"Version: {version}")
-            break
-    return "\n".join(lines)
+    """The distribution's metadata with our version and its dependencies.
+
+    From a wheel install it is `METADATA`; from a source checkout it may be an
+    egg-info's `PKG-INFO` (+ `requires.txt`): both become core metadata 2.1.
+    """
+    text = dist.read_text("METADATA") or dist.read_text("PKG-INFO") or ""
+    head, _sep, body = text.partition("\n\n")
+    drop = ("Metadata-Version:", "Name:", "Version:", "Requires-Dist:")
+    kept = [line for line in head.split("\n") if line and not line.startswith(drop)]
+    lines = ["Metadata-Version: 2.1", f"Name: {DIST}", f"Version: {version}", *kept]
+    lines += [f"Requires-Dist: {req}" for req in dist.requires or []]
+    return "\n".join(lines) + "\n\n" + body
 
 
 def build(dest_dir: Path) -> Wheel:
