@@ -3,9 +3,13 @@
 - `GET /livez`: the process and its event loop answer (a liveness probe; it
   never touches the database, so a database outage does not get every
   control plane restarted).
-- `GET /healthz`: ready to serve: the database answers `SELECT 1` and, with
-  `REDIS_URL`, Redis answers `PING` (a readiness probe; 503 with the failing
-  part named, so a load balancer stops sending requests here).
+- `GET /healthz`: ready to serve: the database answers `SELECT 1` (a
+  readiness probe; 503 naming the failure, so a load balancer stops sending
+  requests here). With `REDIS_URL`, Redis must answer `PING` too, but a
+  failing Redis only makes the answer `"status": "degraded"` (still 200): every
+  server shares the one Redis, so failing readiness on it would take every
+  server out of the load balancer at once, while without it they still serve
+  reads and writes (only cross-server wake-ups and Celery work wait).
 
 Why outside Django's URLconf: probes come with the pod's or the balancer's
 address as `Host`, which `MESH_ALLOWED_HOSTS` would refuse, and a probe must
@@ -24,16 +28,18 @@ CHECK_TIMEOUT_SECONDS = 5.0
 
 
 def _database() -> str:
-    from django.db import close_old_connections, connection
+    """`SELECT 1` on a connection of its own, closed after: probes run on whichever
+    executor thread is free, and must not leave an idle connection on each."""
+    from django.db import connection
 
-    close_old_connections()  # drops a connection the database closed
     try:
         with connection.cursor() as cur:
             cur.execute("SELECT 1")
             cur.fetchone()
     except Exception as exc:
-        connection.close()
         return f"error: {exc.__class__.__name__}: {str(exc).strip()[:200]}"
+    finally:
+        connection.close()
     return "ok"
 
 
@@ -68,9 +74,11 @@ async def handle(scope, receive, send) -> None:
             )
         except TimeoutError:
             checks = {"database": f"error: no answer within {CHECK_TIMEOUT_SECONDS:g}s"}
-        ok = all(v == "ok" for v in checks.values())
-        status = 200 if ok else 503
-        body = {"status": "ok" if ok else "unavailable", "checks": checks}
+        if checks["database"] != "ok":
+            status, state = 503, "unavailable"
+        else:
+            state = "ok" if all(v == "ok" for v in checks.values()) else "degraded"
+        body = {"status": state, "checks": checks}
     payload = json.dumps(body).encode()
     head = scope["method"] == "HEAD"
     headers = [

@@ -204,10 +204,33 @@ def test_readiness_checks_the_database_and_names_a_failing_redis(settings):
     assert _call("/healthz") == (200, {"status": "ok", "checks": {"database": "ok"}})
     settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     status, body = _call("/healthz")
-    assert status == 503 and body["status"] == "unavailable"
+    assert status == 200 and body["status"] == "degraded"  # still serving: see meshweb.health
     assert body["checks"]["database"] == "ok"
     assert body["checks"]["redis"].startswith("error: ConnectionError")
     assert _call("/livez") == (200, {"status": "ok"})  # liveness never depends on them
+
+
+@pytest.mark.django_db(transaction=True)
+def test_readiness_fails_while_the_database_is_unreachable(settings):
+    from django.db import connection
+
+    settings.REDIS_URL = ""
+    saved = dict(connection.settings_dict)
+    connection.close()
+    if connection.vendor == "sqlite":
+        connection.settings_dict["NAME"] = "/nonexistent/meshweb/mesh.sqlite3"
+    else:
+        connection.settings_dict.update(HOST="127.0.0.1", PORT=str(free_port()))
+    try:
+        status, body = _call("/healthz")
+        assert status == 503 and body["status"] == "unavailable"
+        assert body["checks"]["database"].startswith("error: OperationalError")
+        assert _call("/livez")[0] == 200
+    finally:
+        connection.close()
+        connection.settings_dict.clear()
+        connection.settings_dict.update(saved)
+    assert _call("/healthz")[0] == 200  # back once the database answers
 
 
 # --------------------------------------------------------------------------- mesh install-script
