@@ -3,9 +3,10 @@
 - `GET /livez`: the process and its event loop answer (a liveness probe; it
   never touches the database, so a database outage does not get every
   control plane restarted).
-- `GET /healthz`: ready to serve: the database answers `SELECT 1` (a
-  readiness probe; 503 naming the failure, so a load balancer stops sending
-  requests here). With `REDIS_URL`, Redis must answer `PING` too, but a
+- `GET /healthz`: ready to serve, judged as `/v1/agent/health` judges it
+  (`registry.server_metrics.health`: the write thread runs and the database
+  answers on the server's own pool; a readiness probe: 503 naming the failure,
+  so a load balancer stops sending requests here). With `REDIS_URL`, Redis must answer `PING` too, but a
   failing Redis only makes the answer `"status": "degraded"` (still 200): every
   server shares the one Redis, so failing readiness on it would take every
   server out of the load balancer at once, while without it they still serve
@@ -24,23 +25,8 @@ import json
 from django.conf import settings
 
 PATHS = ("/livez", "/healthz")
-CHECK_TIMEOUT_SECONDS = 5.0
-
-
-def _database() -> str:
-    """`SELECT 1` on a connection of its own, closed after: probes run on whichever
-    executor thread is free, and must not leave an idle connection on each."""
-    from django.db import connection
-
-    try:
-        with connection.cursor() as cur:
-            cur.execute("SELECT 1")
-            cur.fetchone()
-    except Exception as exc:
-        return f"error: {exc.__class__.__name__}: {str(exc).strip()[:200]}"
-    finally:
-        connection.close()
-    return "ok"
+# As /v1/agent/health: a database that takes longer than this to answer is down for us.
+CHECK_TIMEOUT_SECONDS = 2.0
 
 
 def _redis() -> str:
@@ -56,29 +42,36 @@ def _redis() -> str:
     return "ok"
 
 
-def readiness() -> dict[str, str]:
-    """Each dependency's state, "ok" or "error: ..." (blocking: run it in a thread)."""
-    checks = {"database": _database()}
+async def readiness() -> tuple[int, dict]:
+    """(status, body): this server's health as /v1/agent/health judges it (the writer
+    runs, the database answers on the server's own pool), and Redis's."""
+    from registry import db, server_metrics
+
+    error: str | None = None
+    try:
+        await asyncio.wait_for(db.run(server_metrics.ping_database), CHECK_TIMEOUT_SECONDS)
+    except TimeoutError:
+        error = f"no answer within {CHECK_TIMEOUT_SECONDS:g}s"
+    except Exception as exc:  # noqa: BLE001 - any failure to reach it is the answer
+        error = f"{type(exc).__name__}: {exc}".strip()[:300]
+    state = server_metrics.health(error)
+    checks = {
+        "database": f"error: {error}" if error else "ok",
+        "writer": "ok" if state.writer_alive else "error: the writer thread has stopped",
+    }
     if settings.REDIS_URL:
-        checks["redis"] = _redis()
-    return checks
+        checks["redis"] = await asyncio.to_thread(_redis)
+    if not state.ok:
+        return 503, {"status": "unavailable", "checks": checks}
+    degraded = any(v != "ok" for v in checks.values())
+    return 200, {"status": "degraded" if degraded else "ok", "checks": checks}
 
 
 async def handle(scope, receive, send) -> None:
     """Answer `scope["path"]` (one of PATHS) with a small JSON body."""
     status, body = 200, {"status": "ok"}
     if scope["path"] == "/healthz":
-        try:
-            checks = await asyncio.wait_for(
-                asyncio.to_thread(readiness), timeout=CHECK_TIMEOUT_SECONDS
-            )
-        except TimeoutError:
-            checks = {"database": f"error: no answer within {CHECK_TIMEOUT_SECONDS:g}s"}
-        if checks["database"] != "ok":
-            status, state = 503, "unavailable"
-        else:
-            state = "ok" if all(v == "ok" for v in checks.values()) else "degraded"
-        body = {"status": state, "checks": checks}
+        status, body = await readiness()
     payload = json.dumps(body).encode()
     head = scope["method"] == "HEAD"
     headers = [

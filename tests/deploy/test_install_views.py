@@ -198,16 +198,32 @@ def _call(path: str) -> tuple[int, dict]:
     return sent[0]["status"], json.loads(sent[1]["body"])
 
 
+def _fresh_db_pool() -> None:
+    """Stop the server's database pool (its threads and their connections)."""
+    import gc
+
+    from registry import db
+
+    if db._executor is not None:
+        db._executor.shutdown(wait=True)
+        db._executor = None
+        gc.collect()
+
+
 @pytest.mark.django_db(transaction=True)
 def test_readiness_checks_the_database_and_names_a_failing_redis(settings):
     settings.REDIS_URL = ""
-    assert _call("/healthz") == (200, {"status": "ok", "checks": {"database": "ok"}})
+    assert _call("/healthz") == (
+        200,
+        {"status": "ok", "checks": {"database": "ok", "writer": "ok"}},
+    )
     settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     status, body = _call("/healthz")
     assert status == 200 and body["status"] == "degraded"  # still serving: see meshweb.health
     assert body["checks"]["database"] == "ok"
     assert body["checks"]["redis"].startswith("error: ConnectionError")
     assert _call("/livez") == (200, {"status": "ok"})  # liveness never depends on them
+    _fresh_db_pool()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -215,8 +231,8 @@ def test_readiness_fails_while_the_database_is_unreachable(settings):
     from django.db import connection
 
     settings.REDIS_URL = ""
+    _fresh_db_pool()
     saved = dict(connection.settings_dict)
-    connection.close()
     if connection.vendor == "sqlite":
         connection.settings_dict["NAME"] = "/nonexistent/meshweb/mesh.sqlite3"
     else:
@@ -227,10 +243,11 @@ def test_readiness_fails_while_the_database_is_unreachable(settings):
         assert body["checks"]["database"].startswith("error: OperationalError")
         assert _call("/livez")[0] == 200
     finally:
-        connection.close()
+        _fresh_db_pool()
         connection.settings_dict.clear()
         connection.settings_dict.update(saved)
     assert _call("/healthz")[0] == 200  # back once the database answers
+    _fresh_db_pool()
 
 
 # --------------------------------------------------------------------------- mesh install-script
