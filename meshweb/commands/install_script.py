@@ -23,6 +23,7 @@ from meshweb.commands.base import (
     error,
     out_bytes,
 )
+from meshweb.install.script import one_liner
 
 _CP_URL = re.compile(r"^MESH_CP_URL='([^']*)'$", re.MULTILINE)
 _REFUSAL = re.compile(r"meshweb install: error: (.*?)' >&2")
@@ -74,9 +75,7 @@ def cmd_install_script(args: argparse.Namespace) -> int:
     else:
         out_bytes(script.rstrip(b"\n"))
     url = _CP_URL.search(script.decode("utf-8", "replace"))
-    one_liner = (
-        f"curl -fsS '{url.group(1) if url else client.base_url}/install.sh?token={token}' | sh"
-    )
+    command = one_liner(url.group(1) if url else client.base_url, token)
     if created is not None:
         error(
             f"Created join token {created['id']} (uses: {created['max_uses'] or 'unlimited'}, "
@@ -84,7 +83,7 @@ def cmd_install_script(args: argparse.Namespace) -> int:
         )
     if created is not None or args.output:
         error("Run on the new host, as root:")
-        error(f"  {one_liner}" if not args.output else f"  sh {args.output}")
+        error(f"  {command}" if not args.output else f"  sh {args.output}")
     return 0
 
 

@@ -123,9 +123,14 @@ uninstall() {
     rm -f "$unit"
     systemctl daemon-reload </dev/null || true
     say "stopped and removed meshweb-agent.service"
-  elif [ -f "$data/agent.pid" ] && kill -0 "$(cat "$data/agent.pid")" 2>/dev/null; then
-    kill "$(cat "$data/agent.pid")" 2>/dev/null || true
-    say "stopped the agent (pid $(cat "$data/agent.pid"))"
+  elif [ -f "$data/agent.pid" ]; then
+    pid=$(cat "$data/agent.pid")
+    # Only if that pid is still our agent (a stale pid may belong to anything now).
+    cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)
+    case $cmdline in
+      "$venv/bin/python $venv/bin/mesh agent "*)
+        kill "$pid" 2>/dev/null && say "stopped the agent (pid $pid)" ;;
+    esac
   fi
   rm -rf "$venv" "$base/bin" "$data"
   rm -f "$conf"
@@ -174,7 +179,7 @@ check_control_plane() {
 
 install_wheel() {
   "$py" -c "$PY_FETCH" "$MESH_CP_URL/downloads/$MESH_WHEEL" "$tmp/$MESH_WHEEL" </dev/null 2>"$tmp/err" ||
-    die 4 "downloading the meshweb wheel: $(cat "$tmp/err")"
+    die $? "downloading the meshweb wheel: $(cat "$tmp/err") (if the control plane was just upgraded, fetch this script again)"
   got=$("$py" -c "$PY_SHA256" "$tmp/$MESH_WHEEL" </dev/null)
   [ "$got" = "$MESH_WHEEL_SHA256" ] ||
     die 6 "the downloaded $MESH_WHEEL has SHA-256 $got, not $MESH_WHEEL_SHA256: not installing it"

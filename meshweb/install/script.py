@@ -43,6 +43,11 @@ def check_token(token: str) -> str:
     return token
 
 
+def one_liner(control_plane_url: str, token: str) -> str:
+    """The command that adds a host: `curl -fsS '<cp>/install.sh?token=...' | sh`."""
+    return f"curl -fsS '{control_plane_url.rstrip('/')}/install.sh?token={check_token(token)}' | sh"
+
+
 def template() -> str:
     return resources.files("meshweb.install").joinpath("install.sh").read_text(encoding="utf-8")
 

@@ -26,6 +26,12 @@ def control_plane_url(request_base_url: str) -> str:
     return (settings.MESH_PUBLIC_URL or request_base_url).rstrip("/")
 
 
+def install_command(*, base_url: str, token: str) -> str:
+    """The "add a host" one-liner for `token`, naming MESH_PUBLIC_URL if set, else
+    `base_url` (e.g. `request.build_absolute_uri("/")`); for the UI's "Add a host" page."""
+    return script.one_liner(control_plane_url(base_url), token)
+
+
 def install_script(*, base_url: str, join_address: str, token: str) -> str:
     """The install script for a host joining with `token` ("" : the script asks for one)."""
     from registry.domain import enrollment

@@ -295,6 +295,27 @@ def test_against_an_unreachable_control_plane_the_script_refuses_and_says_so(
     assert token_row(server, token_id)["uses"] == 0
 
 
+def test_with_the_agent_port_unreachable_the_script_refuses_before_sending_the_token(
+    topology,  # noqa: F811
+    server,
+    deps,
+    tmp_path,
+):
+    token, token_id, _pin = new_token(server)
+    script = tmp_path / "install.sh"
+    text = fetch_script(server, script, token)
+    closed = f"{topology.gateway}:{free_port()}"
+    joined = f"MESH_JOIN_ADDR='{topology.gateway}:{server.grpc_port}'"
+    script.write_text(text.replace(joined, f"MESH_JOIN_ADDR='{closed}'"))
+    out = run_script(
+        topology.hosts["B"], script, "--prefix", str(tmp_path / "p"), env=script_env(deps)
+    )
+    assert out.returncode == 4, out.stderr
+    assert f"cannot reach the control plane agent port {closed}" in out.stderr
+    assert not (tmp_path / "p").exists()
+    assert token_row(server, token_id)["uses"] == 0
+
+
 def test_a_malformed_token_is_refused_with_a_script_saying_why(server):
     with server.client(token="") as c:
         r = c.get("/install.sh", params={"token": "abc'; rm -rf /; '"})

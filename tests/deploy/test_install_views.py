@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from meshweb import health
-from meshweb.install import script, wheel
+from meshweb.install import script, service, wheel
 from tests.support.servers import free_port, make_server
 from tests.test_cli import ok, run_mesh
 
@@ -85,6 +85,15 @@ def test_the_public_url_setting_wins_over_the_request(client, ca, data_dir, sett
     settings.MESH_PUBLIC_URL = "https://mesh.example.com"
     text = client.get(f"/install.sh?token={JOIN}").content.decode()
     assert _values(text)["MESH_CP_URL"] == "https://mesh.example.com"
+    assert service.install_command(base_url="http://10.0.0.2:8500/", token=JOIN) == (
+        f"curl -fsS 'https://mesh.example.com/install.sh?token={JOIN}' | sh"
+    )
+    settings.MESH_PUBLIC_URL = ""
+    assert service.install_command(base_url="http://10.0.0.2:8500/", token=JOIN) == (
+        f"curl -fsS 'http://10.0.0.2:8500/install.sh?token={JOIN}' | sh"
+    )
+    with pytest.raises(script.ScriptError):
+        service.install_command(base_url="http://10.0.0.2:8500/", token="x'; reboot")
 
 
 @pytest.mark.parametrize(
