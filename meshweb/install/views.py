@@ -12,7 +12,7 @@ body that is itself a script printing the reason, so `curl ... | sh` without
 from __future__ import annotations
 
 from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_safe
 
 from meshweb.install import service
 from meshweb.install.script import ScriptError, check_token
@@ -28,7 +28,7 @@ def _refusal(status: int, message: str) -> HttpResponse:
     return resp
 
 
-@require_GET
+@require_safe
 def install_script(request: HttpRequest) -> HttpResponse:
     from registry.api.join_tokens import join_address
 
@@ -49,7 +49,7 @@ def install_script(request: HttpRequest) -> HttpResponse:
     return resp
 
 
-@require_GET
+@require_safe
 def download(request: HttpRequest, name: str) -> HttpResponse:
     found = service.wheel_file(name)
     if found is None:

@@ -131,6 +131,11 @@ def build(dest_dir: Path) -> Wheel:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+    # Wheels of earlier code are no longer served (a process still running one
+    # that shares this directory builds it again on its next request).
+    for old in dest_dir.glob(f"{DIST}-*.whl"):
+        if old != path:
+            old.unlink(missing_ok=True)
     return Wheel(path, name, version, hashlib.sha256(path.read_bytes()).hexdigest())
 
 

@@ -117,8 +117,11 @@ def test_a_malformed_token_is_a_400_whose_body_says_why(client, ca, data_dir, ba
     assert body.startswith("#!/bin/sh\n") and body.rstrip().endswith("exit 2")
 
 
-def test_only_get_is_allowed(client, ca, data_dir):
+def test_only_get_and_head_are_allowed(client, ca, data_dir):
     assert client.post(f"/install.sh?token={JOIN}").status_code == 405
+    assert client.delete(f"/install.sh?token={JOIN}").status_code == 405
+    head = client.head(f"/install.sh?token={JOIN}")
+    assert head.status_code == 200 and head.content == b""
 
 
 def test_without_the_agent_protocol_there_is_no_script(client, ca, data_dir, settings):
@@ -185,6 +188,11 @@ def test_downloads_serve_only_the_current_wheel(client, ca, data_dir):
     assert r.status_code == 200
     assert r["X-Checksum-Sha256"] == current.sha256
     assert hashlib.sha256(b"".join(r.streaming_content)).hexdigest() == current.sha256
+    stale = data_dir / "downloads" / "meshweb-0.0.1+gdeadbeef0000-py3-none-any.whl"
+    stale.write_bytes(b"old")
+    wheel._current = None
+    assert wheel.current(data_dir) == current  # rebuilt: same bytes, the old one gone
+    assert not stale.exists()
     for other in ["meshweb-0.0.1-py3-none-any.whl", "secret-key", "mesh.sqlite3"]:
         r = client.get(f"/downloads/{other}")
         assert r.status_code == 404
