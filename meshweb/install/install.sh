@@ -77,7 +77,11 @@ try:
                 chain = tls._sslobj.get_unverified_chain()
             ders = [c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER) for c in chain or []]
 except (OSError, ValueError) as e:
-    print(f"cannot reach the control plane agent port {addr}: {e}", file=sys.stderr)
+    print(
+        f"cannot reach the control plane agent port {addr}: {e} "
+        "(the control plane MESH_GRPC_ADDR must be reachable from this host)",
+        file=sys.stderr,
+    )
     sys.exit(4)
 seen = [hashlib.sha256(d).hexdigest() for d in ders]
 if pin not in seen:
@@ -210,10 +214,10 @@ EOF
   umask "$old_umask"
   cat >"$starter.tmp" <<EOF
 #!/bin/sh
-# Starts the meshweb agent with $conf (written by the meshweb installer).
-set -a
+# Starts the meshweb agent with $conf (written by the meshweb installer). The
+# values are read as shell variables, not exported: the agent's children
+# (sidecars, check scripts) never see the join token.
 . '$conf'
-set +a
 set -- -data-dir '$data' -config-dir '$services' -join "\$MESH_JOIN_ADDR"
 [ -n "\$MESH_NODE" ] && set -- "\$@" -node "\$MESH_NODE"
 # The token is only needed until the agent has joined (its identity is kept in the data dir).
@@ -284,7 +288,11 @@ main() {
     *[!A-Za-z0-9._-]*) die 2 "--node: use letters, digits, '.', '_' and '-'" ;;
   esac
   case $prefix in
-    *"'"*) die 2 "--prefix: a path without quotes, please" ;;
+    "" | /*) ;;
+    *) die 2 "--prefix: give an absolute path" ;;
+  esac
+  case $prefix in
+    *[\'\"\$\`\\[:space:]]*) die 2 "--prefix: a path without quotes, \$, backquotes, backslashes or spaces, please" ;;
   esac
   if [ "$action" = uninstall ]; then
     uninstall

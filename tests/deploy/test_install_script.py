@@ -178,6 +178,8 @@ def test_the_script_installs_an_agent_that_joins_and_registers_its_service(
             pytest.fail(f"the agent never registered web:\n{agent.log()}\n{server.log()}")
         row = token_row(server, token_id)
         assert row["uses"] == 1 and row["last_used_by"] == "host-a"
+        # The agent's children (sidecars, check scripts) never inherit the token.
+        assert token not in Path(f"/proc/{_pid(prefix)}/environ").read_text(errors="replace")
 
         # Re-running is safe: same config, no second join (the identity is kept).
         again = run_script(host, script, "--prefix", str(prefix), "--node", "host-a", env=env)

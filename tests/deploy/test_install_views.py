@@ -11,7 +11,9 @@ import base64
 import hashlib
 import importlib.metadata
 import json
+import os
 import re
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -115,6 +117,36 @@ def test_a_malformed_token_is_a_400_whose_body_says_why(client, ca, data_dir, ba
     assert "the join token is malformed" in body
     assert bad not in body  # never echoed into a script
     assert body.startswith("#!/bin/sh\n") and body.rstrip().endswith("exit 2")
+
+
+@pytest.mark.parametrize(
+    ("args", "edit", "message"),
+    [
+        (["--prefix", "relative/dir"], None, "--prefix: give an absolute path"),
+        (["--prefix", "/tmp/a b"], None, "--prefix: a path without quotes"),
+        (["--node", "a;b"], None, "--node: use letters, digits"),
+        (["--bogus"], None, "unknown option --bogus"),
+        (["--token", "abc"], None, "the join token is malformed"),
+        (["--token", "0123456789abcdef.x'y"], None, "the join token is malformed"),
+        ([], ("sha256:", "sha1:"), "the CA pin in this script is malformed"),
+        ([], ("sha256:", "sha256:zz"), "the CA pin in this script is malformed"),
+    ],
+)
+def test_the_script_refuses_bad_arguments_before_doing_anything(
+    client, ca, data_dir, tmp_path, args, edit, message
+):
+    text = client.get("/install.sh").content.decode()
+    if edit:
+        text = text.replace(f"MESH_CA_PIN='{edit[0]}", f"MESH_CA_PIN='{edit[1]}", 1)
+    path = tmp_path / "install.sh"
+    path.write_text(text)
+    env = {"PATH": os.environ["PATH"], "MESH_JOIN_TOKEN": JOIN}
+    out = subprocess.run(
+        ["sh", str(path), *args], capture_output=True, text=True, env=env, timeout=30
+    )
+    assert out.returncode == 2, out.stderr
+    assert f"meshweb install: error: {message}" in out.stderr
+    assert "reachable" not in out.stderr  # stopped before any network call
 
 
 def test_only_get_and_head_are_allowed(client, ca, data_dir):
