@@ -165,6 +165,26 @@ def test_the_script_installs_an_agent_that_joins_and_registers_its_service(
     )
     assert where.returncode == 0, where.stderr
     assert all(p.startswith(str(prefix / "opt/meshweb/venv/lib")) for p in where.stdout.split())
+    # Packed again from the installed copy (as a control plane installed from a wheel,
+    # the container image, does), the wheel is byte for byte the one served.
+    rebuilt = subprocess.run(
+        [
+            str(venv_python),
+            "-c",
+            "import pathlib, sys; from meshweb.install import wheel; "
+            "w = wheel.build(pathlib.Path(sys.argv[1])); print(w.name, w.sha256)",
+            str(tmp_path / "rebuilt"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd="/",
+        timeout=60,
+    )
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    served = re.search(r"^MESH_WHEEL='(.+)'$", text, re.MULTILINE).group(1)
+    digest = re.search(r"^MESH_WHEEL_SHA256='(.+)'$", text, re.MULTILINE).group(1)
+    assert rebuilt.stdout.split() == [served, digest]
     assert token_row(server, token_id)["uses"] == 0  # installing never sent it
 
     services = prefix / "etc/meshweb/services.d"
