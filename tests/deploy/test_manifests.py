@@ -275,6 +275,19 @@ def test_the_load_balancer_reaches_the_servers_on_their_ports_and_checks_readine
     assert any("haproxy.cfg" in v for v in lb["volumes"])
 
 
+def test_haproxy_accepts_the_load_balancer_config(tmp_path):
+    if shutil.which("haproxy") is None:
+        pytest.skip("haproxy is not installed here")
+    out = subprocess.run(
+        ["haproxy", "-c", "-f", str(DEPLOY / "haproxy.cfg")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Configuration file is valid" in out.stdout + out.stderr
+
+
 def _docker_compose() -> list[str] | None:
     for argv in (["docker", "compose"], ["docker-compose"]):
         if shutil.which(argv[0]) is None:
