@@ -48,6 +48,12 @@ MESH_DNS_ADDR = (
 MESH_GRPC_ADDR = (
     env_addr("MESH_GRPC_ADDR", "127.0.0.1:8502") if env_str("MESH_GRPC_ADDR", "x") else None
 )
+# The agent-protocol address hosts outside reach (a layer-4 load balancer in front of
+# several servers), named by `mesh join-token create` and the install script; unset:
+# MESH_GRPC_ADDR, or for a wildcard listener the host name the request came by.
+MESH_GRPC_ADVERTISE_ADDR = (
+    env_addr("MESH_GRPC_ADVERTISE_ADDR", "") if env_str("MESH_GRPC_ADVERTISE_ADDR") else None
+)
 MESH_DNS_DOMAIN = env_str("MESH_DNS_DOMAIN", "consul").strip(".")
 MESH_DNS_SERVICE_TTL = env_int("MESH_DNS_SERVICE_TTL", 0, minimum=0)
 MESH_ACL_ENABLED = env_bool("MESH_ACL_ENABLED", True)

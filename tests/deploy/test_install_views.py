@@ -83,6 +83,15 @@ def test_the_query_token_is_the_join_token_even_beside_an_acl_header(client, ca,
     assert ACL not in text
 
 
+def test_the_advertised_agent_address_wins_over_the_listen_address(client, ca, data_dir, settings):
+    settings.MESH_GRPC_ADDR = ("0.0.0.0", 8502)
+    text = client.get(f"/install.sh?token={JOIN}", HTTP_HOST="cp.example:8500").content.decode()
+    assert _values(text)["MESH_JOIN_ADDR"] == "cp.example:8502"  # the request's host
+    settings.MESH_GRPC_ADVERTISE_ADDR = ("agents.example.com", 443)
+    text = client.get(f"/install.sh?token={JOIN}", HTTP_HOST="cp.example:8500").content.decode()
+    assert _values(text)["MESH_JOIN_ADDR"] == "agents.example.com:443"
+
+
 def test_the_public_url_setting_wins_over_the_request(client, ca, data_dir, settings):
     settings.MESH_PUBLIC_URL = "https://mesh.example.com"
     text = client.get(f"/install.sh?token={JOIN}").content.decode()
