@@ -35,6 +35,9 @@ SECRET_KEY = _secret_key()
 DEBUG = env_bool("MESH_DEBUG", False)
 ALLOWED_HOSTS = [h for h in env_str("MESH_ALLOWED_HOSTS", "*").split(",") if h]
 
+# The URL hosts reach this control plane by (a load balancer, a TLS proxy), as the
+# agent install script names it; unset: the URL the script was fetched from.
+MESH_PUBLIC_URL = env_str("MESH_PUBLIC_URL").rstrip("/")
 MESH_DC = env_str("MESH_DC", "dc1")
 MESH_NODE_NAME = env_str("MESH_NODE_NAME", "mesh-server")
 MESH_HTTP_ADDR = env_addr("MESH_HTTP_ADDR", "127.0.0.1:8500")
@@ -47,6 +50,12 @@ MESH_DNS_ADDR = (
 # The agent protocol (gRPC over TLS, registry.grpc); "" disables it.
 MESH_GRPC_ADDR = (
     env_addr("MESH_GRPC_ADDR", "127.0.0.1:8502") if env_str("MESH_GRPC_ADDR", "x") else None
+)
+# The agent-protocol address hosts outside reach (a layer-4 load balancer in front of
+# several servers), named by `mesh join-token create` and the install script; unset:
+# MESH_GRPC_ADDR, or for a wildcard listener the host name the request came by.
+MESH_GRPC_ADVERTISE_ADDR = (
+    env_addr("MESH_GRPC_ADVERTISE_ADDR", "") if env_str("MESH_GRPC_ADVERTISE_ADDR") else None
 )
 MESH_DNS_DOMAIN = env_str("MESH_DNS_DOMAIN", "consul").strip(".")
 MESH_DNS_SERVICE_TTL = env_int("MESH_DNS_SERVICE_TTL", 0, minimum=0)

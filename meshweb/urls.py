@@ -1,6 +1,11 @@
 from django.urls import include, path
 
+from meshweb.install import views as install_views
+
 urlpatterns = [
+    # The agent install script (`curl -fsS .../install.sh?token=... | sh`) and its wheel.
+    path("install.sh", install_views.install_script, name="install-script"),
+    path("downloads/<str:name>", install_views.download, name="downloads"),
     path("v1/", include("registry.v1.urls")),
     # Cloud accounts and gateway config first: `/api/` ends with a catch-all 404.
     path("api/", include("clouds.urls")),

@@ -16,6 +16,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         ca,
         catalog,
         cloud,
+        install_script,
         intention,
         join_token,
         kv,
@@ -37,6 +38,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     config_cmd.register(sub)
     proxy_config.register(sub)
     join_token.register(sub)
+    install_script.register(sub)
     connect_cmd.register(sub)
     top.register(sub)
     peering_cmd.register(sub)
