@@ -161,3 +161,132 @@ def deregister_instance(svc: ServiceInstance) -> None:
         catalog.deregister_agent_service(svc.node, svc.service_id)
     else:
         catalog.catalog_deregister({"Node": svc.node.name, "ServiceID": svc.service_id})
+
+
+# --- service lists by name (paged before they are summarised) -------------------------
+
+# Where an instance came from: its agent (`agent_local`), a cloud's registry (the
+# importer marks `Meta["external-source"]`, Consul's convention), or a catalog write.
+SOURCES = ("agent", "cloud", "catalog")
+EXTERNAL_SOURCE = "external-source"
+
+
+def instance_source(svc: ServiceInstance) -> str:
+    if (svc.meta or {}).get(EXTERNAL_SOURCE):
+        return "cloud"
+    return "agent" if svc.agent_local else "catalog"
+
+
+def filter_source(qs: QuerySet[ServiceInstance], source: str) -> QuerySet[ServiceInstance]:
+    """Instances from `source` (one of `SOURCES`; anything else: no filter)."""
+    if source == "cloud":
+        return qs.filter(meta__has_key=EXTERNAL_SOURCE)
+    if source == "agent":
+        return qs.filter(agent_local=True).exclude(meta__has_key=EXTERNAL_SOURCE)
+    if source == "catalog":
+        return qs.filter(agent_local=False).exclude(meta__has_key=EXTERNAL_SOURCE)
+    return qs
+
+
+def worst_status_by_name(instances: QuerySet[ServiceInstance]) -> dict[str, str]:
+    """Each service name's worst instance health (see `worst_status_by`)."""
+    return worst_status_by(instances, "name")
+
+
+def instance_status_counts(instances: QuerySet[ServiceInstance], field: str) -> dict[str, dict]:
+    """Instances by `field` (a `values_list` path) and health: {key: {status: n}}."""
+    out: dict[str, dict] = {}
+    for key, status in _instance_statuses(instances, field):
+        out.setdefault(key, dict.fromkeys(HEALTH_STATES, 0))[status] += 1
+    return out
+
+
+def worst_status_by(instances: QuerySet[ServiceInstance], field: str) -> dict[str, str]:
+    """The worst instance health per `field` value."""
+    rank = {Check.PASSING: 0, Check.WARNING: 1, Check.CRITICAL: 2}
+    out: dict[str, str] = {}
+    for key, status in _instance_statuses(instances, field):
+        if rank[status] >= rank.get(out.get(key, ""), -1):
+            out[key] = status
+    return out
+
+
+def _instance_statuses(instances: QuerySet[ServiceInstance], field: str):
+    """(value of `field`, health) per instance. An instance's health is the worst
+    of its checks and its node's (`instance_status`), here computed from the few
+    non-passing checks so that 10,000 passing instances cost one narrow scan."""
+    bad_node: dict[int, str] = {}
+    bad_service: dict[tuple[int, str], str] = {}
+    rank = {Check.PASSING: 0, Check.WARNING: 1, Check.CRITICAL: 2}
+    for node_id, service_id, status in Check.objects.exclude(status=Check.PASSING).values_list(
+        "node_id", "service_id", "status"
+    ):
+        status = status if status in rank else Check.CRITICAL
+        table, key = (bad_service, (node_id, service_id)) if service_id else (bad_node, node_id)
+        if rank[status] > rank.get(table.get(key, Check.PASSING), 0):
+            table[key] = status
+    for key, node_id, service_id in instances.order_by().values_list(
+        field, "node_id", "service_id"
+    ):
+        yield (
+            key,
+            max(
+                (bad_node.get(node_id, Check.PASSING), bad_service.get((node_id, service_id), "")),
+                key=lambda s: rank.get(s, -1),
+            ),
+        )
+
+
+@dataclass
+class ServicePage:
+    """One page of service summaries, and how many names matched in all."""
+
+    services: list[ServiceSummary]
+    total: int
+    health: dict[str, int]  # matching names by their worst instance health
+
+
+def service_page(
+    instances: QuerySet[ServiceInstance], *, health: str = "", offset: int = 0, limit: int = 50
+) -> ServicePage:
+    """Page service names (already filtered, ACL-restricted instances) and summarise
+    only that page's instances, so the list stays fast with many instances."""
+    worst = worst_status_by_name(instances)
+    counts = dict.fromkeys(HEALTH_STATES, 0)
+    for status in worst.values():
+        counts[status] += 1
+    names = sorted(n for n, s in worst.items() if not health or s == health)
+    page = names[offset : offset + limit]
+    summaries = summarize_services(instances.filter(name__in=page)) if page else []
+    return ServicePage(summaries, len(names), counts)
+
+
+# --- service dependencies (declared by sidecar registrations) -------------------------
+
+
+def _upstream_names(proxy: dict[str, Any]) -> set[str]:
+    return {
+        u.get("DestinationName", "")
+        for u in (proxy or {}).get("Upstreams") or []
+        if isinstance(u, dict) and u.get("DestinationName")
+    }
+
+
+def service_edges(authz: Authorizer) -> set[tuple[str, str]]:
+    """(caller, callee) for every upstream a visible sidecar declares, both ends visible."""
+    rows = visible_instances(authz, ServiceInstance.objects.filter(kind="connect-proxy"))
+    edges: set[tuple[str, str]] = set()
+    for destination, proxy in rows.values_list("destination_name", "proxy"):
+        for upstream in _upstream_names(proxy):
+            if authz.service_read(upstream):
+                edges.add((destination, upstream))
+    return edges
+
+
+def dependencies(authz: Authorizer, name: str) -> tuple[list[str], list[str]]:
+    """(upstreams, downstreams) of service `name` as its and others' sidecars declare them."""
+    edges = service_edges(authz)
+    return (
+        sorted(b for a, b in edges if a == name),
+        sorted(a for a, b in edges if b == name),
+    )

@@ -1,0 +1,17 @@
+"""The web UI's routes, under `/ui/` (`/ui/events` is served by `frontend.events`)."""
+
+from django.urls import path
+
+from frontend.views import overview, services, session
+
+app_name = "ui"
+
+urlpatterns = [
+    path("", overview.overview, name="overview"),
+    path("login", session.login, name="login"),
+    path("logout", session.logout, name="logout"),
+    path("services", services.service_list, name="services"),
+    path("services/<str:name>", services.service_detail, name="service"),
+    path("metrics/services/<str:name>", services.service_metrics, name="service-metrics"),
+    path("metrics/edges", services.edge_metrics, name="edge-metrics"),
+]
