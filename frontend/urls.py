@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from frontend.views import overview, services, session
+from frontend.views import intentions, overview, services, session
 
 app_name = "ui"
 
@@ -14,4 +14,15 @@ urlpatterns = [
     path("services/<str:name>", services.service_detail, name="service"),
     path("metrics/services/<str:name>", services.service_metrics, name="service-metrics"),
     path("metrics/edges", services.edge_metrics, name="edge-metrics"),
+]
+
+urlpatterns += [
+    path("intentions", intentions.intention_list, name="intentions"),
+    path("intentions/matrix", intentions.intention_matrix, name="intention-matrix"),
+    path("intentions/check", intentions.intention_check, name="intention-check"),
+    path("intentions/new", intentions.intention_edit, name="intention-new"),
+    path("intentions/<str:intention_id>/edit", intentions.intention_edit, name="intention-edit"),
+    path(
+        "intentions/<str:intention_id>/delete", intentions.intention_delete, name="intention-delete"
+    ),
 ]

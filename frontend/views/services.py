@@ -72,10 +72,8 @@ def service_detail(request: HttpRequest, name: str) -> HttpResponse:
     upstreams, downstreams = inventory.dependencies(authz, name)
     applying = []
     if authz.intention_read(name):
-        listing = intentions.list_intentions(authz, destination=name)
-        applying = [intentions.intention_json(r) for r in listing.rows]
-        wildcard = intentions.list_intentions(authz, destination="*")
-        applying += [intentions.intention_json(r) for r in wildcard.rows]
+        _index, matched = intentions.match(authz, "destination", [name])
+        applying = [intentions.intention_json(r) for r in matched[name]]
     chain, chain_error = None, ""
     try:
         _index, compiled = config_entries.discovery_chain(name)
