@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from frontend.views import intentions, overview, services, session
+from frontend.views import intentions, overview, services, session, traffic
 
 app_name = "ui"
 
@@ -25,4 +25,11 @@ urlpatterns += [
     path(
         "intentions/<str:intention_id>/delete", intentions.intention_delete, name="intention-delete"
     ),
+]
+
+urlpatterns += [
+    path("traffic", traffic.traffic_index, name="traffic"),
+    path("traffic/go", traffic.traffic_go, name="traffic-go"),
+    path("traffic/<str:name>", traffic.traffic_service, name="traffic-service"),
+    path("traffic/<str:name>/<str:short>", traffic.traffic_edit, name="traffic-edit"),
 ]
