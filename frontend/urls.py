@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from frontend.views import intentions, overview, services, session, traffic
+from frontend.views import intentions, nodes, overview, services, session, traffic
 
 app_name = "ui"
 
@@ -32,4 +32,16 @@ urlpatterns += [
     path("traffic/go", traffic.traffic_go, name="traffic-go"),
     path("traffic/<str:name>", traffic.traffic_service, name="traffic-service"),
     path("traffic/<str:name>/<str:short>", traffic.traffic_edit, name="traffic-edit"),
+]
+
+urlpatterns += [
+    path("nodes", nodes.node_list, name="nodes"),
+    path("nodes/add", nodes.add_host, name="add-host"),
+    path("nodes/join-tokens", nodes.join_token_list, name="join-tokens"),
+    path(
+        "nodes/join-tokens/<str:token_id>/revoke",
+        nodes.join_token_revoke,
+        name="join-token-revoke",
+    ),
+    path("nodes/<str:name>", nodes.node_detail, name="node"),
 ]

@@ -290,3 +290,60 @@ def dependencies(authz: Authorizer, name: str) -> tuple[list[str], list[str]]:
         sorted(b for a, b in edges if a == name),
         sorted(a for a, b in edges if b == name),
     )
+
+
+# --- nodes ----------------------------------------------------------------------------
+
+
+@dataclass
+class NodeSummary:
+    """One node as the nodes list shows it: liveness, checks and services."""
+
+    node: Node
+    role: str
+    last_seen_at: Any = None
+    down: bool = False
+    joined_with: str = ""
+    services: int = 0
+    checks: dict[str, int] = field(default_factory=lambda: dict.fromkeys(HEALTH_STATES, 0))
+
+
+def summarize_nodes(nodes: list[Node]) -> list[NodeSummary]:
+    """Summaries for one page of nodes (a few queries, whatever the page size)."""
+    from django.db.models import Count
+
+    from registry.models.agents import NodeEnrollment
+
+    ids = [n.pk for n in nodes]
+    names = [n.name for n in nodes]
+    enrolled = {e.node: e for e in NodeEnrollment.objects.filter(node__in=names)}
+    services = dict(
+        ServiceInstance.objects.filter(node_id__in=ids)
+        .values_list("node_id")
+        .annotate(n=Count("id"))
+        .values_list("node_id", "n")
+    )
+    checks: dict[int, dict[str, int]] = {}
+    for node_id, status, n in (
+        Check.objects.filter(node_id__in=ids)
+        .values_list("node_id", "status")
+        .annotate(n=Count("id"))
+        .values_list("node_id", "status", "n")
+    ):
+        key = status if status in HEALTH_STATES else Check.CRITICAL
+        checks.setdefault(node_id, dict.fromkeys(HEALTH_STATES, 0))[key] += n
+    out = []
+    for n in nodes:
+        e = enrolled.get(n.name)
+        out.append(
+            NodeSummary(
+                n,
+                (n.meta or {}).get("mesh-role", "") or ("agent" if e else "catalog"),
+                e.last_seen_at if e else None,
+                bool(e and e.down),
+                e.join_token if e else "",
+                services.get(n.pk, 0),
+                checks.get(n.pk, dict.fromkeys(HEALTH_STATES, 0)),
+            )
+        )
+    return out
