@@ -2,7 +2,18 @@
 
 from django.urls import path
 
-from frontend.views import intentions, nodes, overview, services, session, traffic
+from frontend.views import (
+    acl,
+    audit,
+    intentions,
+    kv,
+    nodes,
+    overview,
+    security,
+    services,
+    session,
+    traffic,
+)
 
 app_name = "ui"
 
@@ -44,4 +55,22 @@ urlpatterns += [
         name="join-token-revoke",
     ),
     path("nodes/<str:name>", nodes.node_detail, name="node"),
+]
+
+urlpatterns += [
+    path("kv", kv.kv_browse, name="kv"),
+    path("kv/edit", kv.kv_edit, name="kv-edit"),
+    path("kv/delete", kv.kv_delete, name="kv-delete"),
+]
+
+urlpatterns += [
+    path("acl", acl.acl_index, name="acl"),
+    path("acl/tokens/<str:accessor_id>/delete", acl.token_delete, name="acl-token-delete"),
+    path("acl/policies/<str:policy_id>/delete", acl.policy_delete, name="acl-policy-delete"),
+]
+
+urlpatterns += [
+    path("audit", audit.audit, name="audit"),
+    path("security", security.security, name="security"),
+    path("security/rotate", security.rotate, name="ca-rotate"),
 ]

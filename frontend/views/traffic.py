@@ -15,7 +15,7 @@ from django.views.decorators.http import require_http_methods
 from frontend import diffs, forms, paging
 from frontend.auth import ui_view
 from frontend.render import page
-from registry.domain import config_entries
+from registry.domain import audit_log, config_entries
 from registry.errors import BadRequest, MeshError
 
 KINDS = {
@@ -155,7 +155,9 @@ def traffic_edit(request: HttpRequest, name: str, short: str) -> HttpResponse:
                     raise BadRequest("The entry does not belong to this editor")
                 if config_entries.write(entry, cas=cas):
                     return redirect(f"/ui/traffic/{name}")
-                stale = config_entries.last_writer(kind, name) or {"actor": "someone"}
+                stale = audit_log.last_change("config-entry", f"{kind}/{name}") or {
+                    "actor": "someone"
+                }
                 _index, saved = config_entries.get(kind, name)
                 saved_index = saved["ModifyIndex"] if saved else 0
             else:

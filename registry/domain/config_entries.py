@@ -426,18 +426,3 @@ def require_entry(kind: str, name: str) -> dict:
     if found is None:
         raise NotFound(f'Config entry not found for "{kind}" / "{name}"')
     return found
-
-
-def last_writer(kind: str, name: str) -> dict[str, Any] | None:
-    """Who last wrote or deleted the entry, and when (from the audit log), so that an
-    editor whose compare-and-set failed can say who changed it in between."""
-    from registry.models import AuditEntry
-
-    row = (
-        AuditEntry.objects.filter(resource_type="config-entry", resource_id=f"{kind}/{name}")
-        .order_by("-index", "-id")
-        .first()
-    )
-    if row is None:
-        return None
-    return {"actor": row.actor_name or row.actor, "via": row.via, "at": row.at, "index": row.index}

@@ -112,3 +112,26 @@ def refused_configs(
             if config.get("nacked_version") or config.get("error"):
                 out.append({"service": svc["service"], **proxy})
     return out
+
+
+@dataclass(frozen=True)
+class RotationProgress:
+    """How far the mesh has moved to the active root: the services and agents
+    holding an unexpired leaf, and how many of them have one from the active root."""
+
+    holders: int
+    on_active: int
+
+    @property
+    def done(self) -> bool:
+        return self.on_active >= self.holders
+
+
+def rotation_progress(now: dt.datetime | None = None) -> RotationProgress:
+    from registry.models import IssuedCert
+
+    now = now or timezone.now()
+    live = IssuedCert.objects.filter(not_after__gt=now)
+    holders = set(live.values_list("kind", "name").distinct())
+    active = set(live.filter(root__active=True).values_list("kind", "name").distinct())
+    return RotationProgress(len(holders), len(active & holders))

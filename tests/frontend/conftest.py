@@ -64,14 +64,18 @@ class Browser:
     def url(self, path: str) -> str:
         return self.server.url + path
 
-    def open(self, path: str, *, screenshot: str = "") -> object:
-        """Go to `path`, wait for the page and its live stream, fail on console errors."""
+    def open(self, path: str, *, screenshot: str = "", status: int = 200) -> object:
+        """Go to `path` (answered with `status`), fail on console errors."""
         before = len(self.errors)
-        self.page.goto(self.url(path))
+        response = self.page.goto(self.url(path))
         self.page.wait_for_load_state("load")
+        assert response.status == status, f"{path}: {response.status}"
         if screenshot:
             self.page.screenshot(path=str(output_dir() / f"{screenshot}.png"), full_page=True)
-        assert self.errors[before:] == [], f"console errors on {path}: {self.errors[before:]}"
+        errors = self.errors[before:]
+        if status != 200:  # the browser notes the page's own status as a console error
+            errors = [e for e in errors if f"status of {status}" not in e]
+        assert errors == [], f"console errors on {path}: {errors}"
         return self.page
 
     def sign_in(self, token: str) -> None:

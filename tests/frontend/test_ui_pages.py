@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 READ_ONLY_RULES = """
 service_prefix "" { policy = "read" intentions = "read" }
 node_prefix "" { policy = "read" }
-key_prefix "" { policy = "read" }
+key_prefix "" { policy = "list" }
 operator = "read"
 acl = "read"
 """
