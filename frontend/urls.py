@@ -12,6 +12,7 @@ from frontend.views import (
     security,
     services,
     session,
+    topology,
     traffic,
 )
 
@@ -73,4 +74,9 @@ urlpatterns += [
     path("audit", audit.audit, name="audit"),
     path("security", security.security, name="security"),
     path("security/rotate", security.rotate, name="ca-rotate"),
+]
+
+urlpatterns += [
+    path("topology", topology.topology, name="topology"),
+    path("topology.json", topology.topology_json, name="topology-json"),
 ]
