@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
-from frontend import metrics
+from frontend import layout, metrics
 from frontend.auth import ui_view
 from frontend.render import page
 from registry.domain import topology as topo
@@ -22,6 +22,19 @@ def topology(request: HttpRequest) -> HttpResponse:
     )
 
 
+# Past this many edges the browser's dagre layout takes seconds: lay out here.
+SERVER_LAYOUT_EDGES = 40
+
+
 @ui_view()
 def topology_json(request: HttpRequest) -> JsonResponse:
-    return JsonResponse(topo.graph(request.viewer.authz, request.GET.get("q", "").strip()))
+    graph = topo.graph(request.viewer.authz, request.GET.get("q", "").strip())
+    if len(graph["edges"]) > SERVER_LAYOUT_EDGES or request.GET.get("layout") == "server":
+        placed, width, height = layout.layered(
+            [n["id"] for n in graph["nodes"]],
+            [(e["source"], e["destination"]) for e in graph["edges"]],
+        )
+        graph["layout"] = {"width": width, "height": height}
+        for n in graph["nodes"]:
+            n["x"], n["y"], n["width"], n["height"] = placed[n["id"]]
+    return JsonResponse(graph)

@@ -99,28 +99,53 @@ class ServiceSummary:
 
 
 def summarize_services(instances: QuerySet[ServiceInstance]) -> list[ServiceSummary]:
-    """Aggregate (already filtered and ACL-restricted) instances per service name."""
-    rows = list(instances.select_related("node__datacenter").order_by("name", "node__name"))
-    checks = checks_for(rows)
+    """Aggregate (already filtered and ACL-restricted) instances per service name.
+
+    Reads plain columns, not model rows: a page of a large catalog aggregates
+    thousands of instances, and building a model (with its JSON fields) for
+    each cost most of the time. Health is `instance_status` of each instance's
+    checks (its node's and its own), as `checks_for` pairs them.
+    """
+    rows = list(
+        instances.order_by("name", "node__name").values_list(
+            "name",
+            "tags",
+            "kind",
+            "node__datacenter__name",
+            "modify_index",
+            "node_id",
+            "service_id",
+        )
+    )
+    node_ids = {r[5] for r in rows}
+    node_checks: dict[int, list[str]] = {}
+    own_checks: dict[tuple[int, str], list[str]] = {}
+    for node_id, service_id, status in Check.objects.filter(node_id__in=node_ids).values_list(
+        "node_id", "service_id", "status"
+    ):
+        if service_id:
+            own_checks.setdefault((node_id, service_id), []).append(status)
+        else:
+            node_checks.setdefault(node_id, []).append(status)
     out: dict[str, ServiceSummary] = {}
     tags: dict[str, set[str]] = {}
     kinds: dict[str, set[str]] = {}
     dcs: dict[str, set[str]] = {}
-    for svc in rows:
-        s = out.get(svc.name)
+    for name, svc_tags, kind, dc, modify_index, node_id, service_id in rows:
+        s = out.get(name)
         if s is None:
-            s = out[svc.name] = ServiceSummary(svc.name)
-            tags[svc.name], kinds[svc.name], dcs[svc.name] = set(), set(), set()
+            s = out[name] = ServiceSummary(name)
+            tags[name], kinds[name], dcs[name] = set(), set(), set()
         s.instance_count += 1
-        tags[svc.name].update(svc.tags or [])
-        kinds[svc.name].add(svc.kind)
-        dcs[svc.name].add(svc.node.datacenter.name)
-        own = checks[svc.pk]
-        s.health[instance_status(own)] += 1
-        for status, n in Counter(c.status for c in own).items():
+        tags[name].update(svc_tags or [])
+        kinds[name].add(kind)
+        dcs[name].add(dc)
+        statuses = node_checks.get(node_id, []) + own_checks.get((node_id, service_id), [])
+        s.health[aggregate_status(statuses)] += 1
+        for status, n in Counter(statuses).items():
             key = status if status in s.checks else Check.CRITICAL
             s.checks[key] += n
-        s.modify_index = max(s.modify_index, svc.modify_index)
+        s.modify_index = max(s.modify_index, modify_index)
     for name, s in out.items():
         s.tags, s.kinds, s.datacenters = sorted(tags[name]), sorted(kinds[name]), sorted(dcs[name])
     return list(out.values())
