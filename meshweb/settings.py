@@ -143,6 +143,8 @@ MIDDLEWARE = [
     # First: `?token=` leaves the query before anything can copy it into a link.
     "registry.api.middleware.TokenQueryMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # The web UI's response headers: CSP, frame-ancestors, no-store (see the module).
+    "frontend.middleware.UISecurityHeadersMiddleware",
     # Static files (the admin's, Swagger UI's and Redoc's) served by the ASGI
     # app itself: an async-capable wrapper around WhiteNoise (see the module).
     "meshweb.staticfiles.AsyncWhiteNoiseMiddleware",
@@ -155,6 +157,20 @@ MIDDLEWARE = [
 ]
 
 ROOT_URLCONF = "meshweb.urls"
+
+# The web UI signs in with an ACL token kept in the server-side (database)
+# session; its cookies are Secure, HttpOnly and SameSite=Strict. Set
+# MESH_UI_SECURE_COOKIES=false only to serve the UI over plain HTTP to a
+# browser that refuses Secure cookies from a non-local address.
+SESSION_ENGINE = "django.contrib.sessions.backends.db"
+SESSION_COOKIE_AGE = env_int("MESH_UI_SESSION_SECONDS", 3600, minimum=60)
+SESSION_COOKIE_SECURE = env_bool("MESH_UI_SECURE_COOKIES", True)
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Strict"
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+CSRF_COOKIE_HTTPONLY = True
+CSRF_COOKIE_SAMESITE = "Strict"
+X_FRAME_OPTIONS = "DENY"
 ASGI_APPLICATION = "meshweb.asgi.application"
 APPEND_SLASH = False
 

@@ -1,4 +1,5 @@
 from django.urls import include, path
+from django.views.generic import RedirectView
 
 from meshweb.install import views as install_views
 
@@ -10,6 +11,10 @@ urlpatterns = [
     # Cloud accounts and gateway config first: `/api/` ends with a catch-all 404.
     path("api/", include("clouds.urls")),
     path("api/", include("registry.api.urls")),
+    # The web admin UI; the bare address opens it.
+    path("ui/", include("frontend.urls")),
+    path("ui", RedirectView.as_view(url="/ui/", permanent=False)),
+    path("", RedirectView.as_view(url="/ui/", permanent=False)),
 ]
 
 # JSON errors under /api (HTML pages only for the UI): see registry.api.errors.

@@ -765,6 +765,30 @@ def decide(
     )
 
 
+def decide_request(
+    authz: Authorizer,
+    source: tuple[str, str],
+    destination: tuple[str, str],
+    method: str,
+    path: str,
+    headers: Mapping[str, str] | None = None,
+    accessor: str = "",
+) -> pure.Decision:
+    """Would this HTTP request from `source` to `destination` be allowed, and by which
+    intention? The sidecar's per-request rule (`IntentionIndex.decide_request`) on
+    the control plane's index; needs service:read on the destination, as `decide`."""
+    _denied(authz.service_read(destination[1]), accessor, "service:read", destination[1])
+    return decision_index.get().decide_request(
+        source[1],
+        destination[1],
+        method.upper(),
+        path or "/",
+        headers or {},
+        source_ns=source[0],
+        destination_ns=destination[0],
+    )
+
+
 def check(
     authz: Authorizer,
     source: tuple[str, str],

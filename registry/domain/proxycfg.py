@@ -86,6 +86,7 @@ from meshproto.proxycfg import (
     WeightedCluster,
 )
 from registry import topics as topic
+from registry.acl_rules import Authorizer
 from registry.filtering import FilterError, compile_filter
 
 log = logging.getLogger(__name__)
@@ -1696,6 +1697,7 @@ __all__ = [
     "GatewaySnapshot",
     "build_gateway_config",
     "compile_gateway",
+    "readable_proxy_config",
     "ProxySnapshot",
     "UpstreamSnapshot",
     "build_proxy_config",
@@ -1708,3 +1710,30 @@ __all__ = [
     "translate_routes",
     "upstream_settings",
 ]
+
+
+def readable_proxy_config(
+    authz: Authorizer, service: str, *, proxy_id: str = "", node: str = "", accessor: str = ""
+) -> ProxyConfig:
+    """The compiled config of one of `service`'s sidecars, for a caller who may see it:
+    service:read and intentions:read on the service (the config carries its
+    intentions) and service:read on every upstream it names. The one home of
+    this rule (`/api/services/<name>/proxy-config` and the UI's service page)."""
+    from registry.errors import PermissionDenied
+
+    def refuse(permission: str, resource: str) -> None:
+        who = f"token with AccessorID '{accessor}'" if accessor else "token"
+        raise PermissionDenied(
+            f"Permission denied: {who} lacks permission '{permission}' on \"{resource}\""
+        )
+
+    if not authz.service_read(service):
+        refuse("service:read", service)
+    node_name, pid = find_proxy(service, proxy_id=proxy_id, node=node)
+    config, _topics = compile_proxy(node_name, pid)
+    if not authz.intention_read(service):
+        refuse("intentions:read", service)
+    for upstream in config.upstreams:
+        if not authz.service_read(upstream.destination):
+            refuse("service:read", upstream.destination)
+    return config
