@@ -2,7 +2,7 @@
 # meshweb agent installer, made by the control plane at @@CP_URL@@
 #
 #   curl -fsS '@@CP_URL@@/install.sh?token=<join token>' | sh
-#   sh install.sh [--token TOKEN] [--node NAME] [--prefix DIR] [--no-systemd]
+#   sh install.sh [--token TOKEN] [--node NAME] [--bind IP] [--prefix DIR] [--no-systemd]
 #   sh install.sh --uninstall [--prefix DIR]
 #
 # What it does, in this order (nothing is sent with the join token before the
@@ -34,7 +34,7 @@ die() { code=$1; shift; say "error: $*"; exit "$code"; }
 
 usage() {
   cat >&2 <<'EOF'
-usage: sh install.sh [--token TOKEN] [--node NAME] [--prefix DIR] [--no-systemd]
+usage: sh install.sh [--token TOKEN] [--node NAME] [--bind IP] [--prefix DIR] [--no-systemd]
        sh install.sh --uninstall [--prefix DIR]
 EOF
 }
@@ -209,6 +209,7 @@ MESH_JOIN_ADDR='$MESH_JOIN_ADDR'
 MESH_CA_PIN='$MESH_CA_PIN'
 MESH_JOIN_TOKEN='$token'
 MESH_NODE='$node'
+MESH_BIND='$bind'
 EOF
   mv -f "$conf.tmp" "$conf"
   umask "$old_umask"
@@ -220,6 +221,7 @@ EOF
 . '$conf'
 set -- -data-dir '$data' -config-dir '$services' -join "\$MESH_JOIN_ADDR"
 [ -n "\$MESH_NODE" ] && set -- "\$@" -node "\$MESH_NODE"
+[ -n "\$MESH_BIND" ] && set -- "\$@" -bind "\$MESH_BIND"
 # The token is only needed until the agent has joined (its identity is kept in the data dir).
 if [ ! -f '$data/identity/identity.json' ]; then
   set -- "\$@" -join-token "\$MESH_JOIN_TOKEN" -ca-pin "\$MESH_CA_PIN"
@@ -268,6 +270,7 @@ main() {
   prefix=${MESH_PREFIX:-}
   py=${MESH_PYTHON:-python3}
   node=
+  bind=
   use_systemd=yes
   action=install
   while [ $# -gt 0 ]; do
@@ -276,6 +279,8 @@ main() {
       --token=*) token=${1#--token=}; shift ;;
       --node) [ $# -ge 2 ] || die 2 "--node needs a value"; node=$2; shift 2 ;;
       --node=*) node=${1#--node=}; shift ;;
+      --bind) [ $# -ge 2 ] || die 2 "--bind needs a value"; bind=$2; shift 2 ;;
+      --bind=*) bind=${1#--bind=}; shift ;;
       --prefix) [ $# -ge 2 ] || die 2 "--prefix needs a value"; prefix=$2; shift 2 ;;
       --prefix=*) prefix=${1#--prefix=}; shift ;;
       --no-systemd) use_systemd=no; shift ;;
@@ -286,6 +291,9 @@ main() {
   done
   case $node in
     *[!A-Za-z0-9._-]*) die 2 "--node: use letters, digits, '.', '_' and '-'" ;;
+  esac
+  case $bind in
+    *[!0-9A-Fa-f.:]*) die 2 "--bind: an IP address of this host (the one other hosts reach its sidecars on)" ;;
   esac
   case $prefix in
     "" | /*) ;;

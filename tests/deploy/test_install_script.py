@@ -138,7 +138,9 @@ def test_the_script_installs_an_agent_that_joins_and_registers_its_service(
     prefix = tmp_path / "root"
     env = script_env(deps)
 
-    first = run_script(host, script, "--prefix", str(prefix), "--node", "host-a", env=env)
+    first = run_script(
+        host, script, "--prefix", str(prefix), "--node", "host-a", "--bind", host.address, env=env
+    )
     assert first.returncode == 0, first.stderr
     assert "presented the pinned CA" in first.stderr
     start = _start_command(first.stdout)
@@ -202,7 +204,17 @@ def test_the_script_installs_an_agent_that_joins_and_registers_its_service(
         assert token not in Path(f"/proc/{_pid(prefix)}/environ").read_text(errors="replace")
 
         # Re-running is safe: same config, no second join (the identity is kept).
-        again = run_script(host, script, "--prefix", str(prefix), "--node", "host-a", env=env)
+        again = run_script(
+            host,
+            script,
+            "--prefix",
+            str(prefix),
+            "--node",
+            "host-a",
+            "--bind",
+            host.address,
+            env=env,
+        )
         assert again.returncode == 0, again.stderr
         agent.stop()
         _start_with(agent, env)
