@@ -36,6 +36,7 @@ usage() {
   cat >&2 <<'EOF'
 usage: sh install.sh [--token TOKEN] [--node NAME] [--bind IP] [--prefix DIR] [--no-systemd]
        sh install.sh --uninstall [--prefix DIR]
+       sh install.sh --print-unit [--prefix DIR]   (the systemd unit it installs)
 EOF
 }
 
@@ -234,9 +235,8 @@ EOF
   say "wrote $conf and $starter"
 }
 
-start_agent() {
-  if has_systemd; then
-    cat >"$unit.tmp" <<EOF
+unit_text() {
+  cat <<EOF
 # meshweb agent, installed by the meshweb installer from $MESH_CP_URL
 [Unit]
 Description=meshweb agent
@@ -252,6 +252,11 @@ RestartSec=2
 [Install]
 WantedBy=multi-user.target
 EOF
+}
+
+start_agent() {
+  if has_systemd; then
+    unit_text >"$unit.tmp"
     mv -f "$unit.tmp" "$unit"
     systemctl daemon-reload </dev/null || die 7 "systemctl daemon-reload failed"
     systemctl enable meshweb-agent.service </dev/null >/dev/null 2>&1 || die 7 "systemctl enable meshweb-agent failed"
@@ -285,6 +290,7 @@ main() {
       --prefix=*) prefix=${1#--prefix=}; shift ;;
       --no-systemd) use_systemd=no; shift ;;
       --uninstall) action=uninstall; shift ;;
+      --print-unit) action=print-unit; shift ;;
       -h | --help) usage; exit 0 ;;
       *) usage; die 2 "unknown option $1" ;;
     esac
@@ -304,6 +310,11 @@ main() {
   esac
   if [ "$action" = uninstall ]; then
     uninstall
+    exit 0
+  fi
+  if [ "$action" = print-unit ]; then
+    paths
+    unit_text
     exit 0
   fi
   check_inputs
