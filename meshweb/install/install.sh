@@ -2,7 +2,7 @@
 # meshweb agent installer, made by the control plane at @@CP_URL@@
 #
 #   curl -fsS '@@CP_URL@@/install.sh?token=<join token>' | sh
-#   sh install.sh [--token TOKEN] [--node NAME] [--prefix DIR] [--no-systemd]
+#   sh install.sh [--token TOKEN] [--node NAME] [--bind IP] [--prefix DIR] [--no-systemd]
 #   sh install.sh --uninstall [--prefix DIR]
 #
 # What it does, in this order (nothing is sent with the join token before the
@@ -34,8 +34,9 @@ die() { code=$1; shift; say "error: $*"; exit "$code"; }
 
 usage() {
   cat >&2 <<'EOF'
-usage: sh install.sh [--token TOKEN] [--node NAME] [--prefix DIR] [--no-systemd]
+usage: sh install.sh [--token TOKEN] [--node NAME] [--bind IP] [--prefix DIR] [--no-systemd]
        sh install.sh --uninstall [--prefix DIR]
+       sh install.sh --print-unit [--prefix DIR]   (the systemd unit it installs)
 EOF
 }
 
@@ -209,6 +210,7 @@ MESH_JOIN_ADDR='$MESH_JOIN_ADDR'
 MESH_CA_PIN='$MESH_CA_PIN'
 MESH_JOIN_TOKEN='$token'
 MESH_NODE='$node'
+MESH_BIND='$bind'
 EOF
   mv -f "$conf.tmp" "$conf"
   umask "$old_umask"
@@ -220,6 +222,7 @@ EOF
 . '$conf'
 set -- -data-dir '$data' -config-dir '$services' -join "\$MESH_JOIN_ADDR"
 [ -n "\$MESH_NODE" ] && set -- "\$@" -node "\$MESH_NODE"
+[ -n "\$MESH_BIND" ] && set -- "\$@" -bind "\$MESH_BIND"
 # The token is only needed until the agent has joined (its identity is kept in the data dir).
 if [ ! -f '$data/identity/identity.json' ]; then
   set -- "\$@" -join-token "\$MESH_JOIN_TOKEN" -ca-pin "\$MESH_CA_PIN"
@@ -232,9 +235,8 @@ EOF
   say "wrote $conf and $starter"
 }
 
-start_agent() {
-  if has_systemd; then
-    cat >"$unit.tmp" <<EOF
+unit_text() {
+  cat <<EOF
 # meshweb agent, installed by the meshweb installer from $MESH_CP_URL
 [Unit]
 Description=meshweb agent
@@ -250,6 +252,11 @@ RestartSec=2
 [Install]
 WantedBy=multi-user.target
 EOF
+}
+
+start_agent() {
+  if has_systemd; then
+    unit_text >"$unit.tmp"
     mv -f "$unit.tmp" "$unit"
     systemctl daemon-reload </dev/null || die 7 "systemctl daemon-reload failed"
     systemctl enable meshweb-agent.service </dev/null >/dev/null 2>&1 || die 7 "systemctl enable meshweb-agent failed"
@@ -268,6 +275,7 @@ main() {
   prefix=${MESH_PREFIX:-}
   py=${MESH_PYTHON:-python3}
   node=
+  bind=
   use_systemd=yes
   action=install
   while [ $# -gt 0 ]; do
@@ -276,16 +284,22 @@ main() {
       --token=*) token=${1#--token=}; shift ;;
       --node) [ $# -ge 2 ] || die 2 "--node needs a value"; node=$2; shift 2 ;;
       --node=*) node=${1#--node=}; shift ;;
+      --bind) [ $# -ge 2 ] || die 2 "--bind needs a value"; bind=$2; shift 2 ;;
+      --bind=*) bind=${1#--bind=}; shift ;;
       --prefix) [ $# -ge 2 ] || die 2 "--prefix needs a value"; prefix=$2; shift 2 ;;
       --prefix=*) prefix=${1#--prefix=}; shift ;;
       --no-systemd) use_systemd=no; shift ;;
       --uninstall) action=uninstall; shift ;;
+      --print-unit) action=print-unit; shift ;;
       -h | --help) usage; exit 0 ;;
       *) usage; die 2 "unknown option $1" ;;
     esac
   done
   case $node in
     *[!A-Za-z0-9._-]*) die 2 "--node: use letters, digits, '.', '_' and '-'" ;;
+  esac
+  case $bind in
+    *[!0-9A-Fa-f.:]*) die 2 "--bind: an IP address of this host (the one other hosts reach its sidecars on)" ;;
   esac
   case $prefix in
     "" | /*) ;;
@@ -296,6 +310,11 @@ main() {
   esac
   if [ "$action" = uninstall ]; then
     uninstall
+    exit 0
+  fi
+  if [ "$action" = print-unit ]; then
+    paths
+    unit_text
     exit 0
   fi
   check_inputs

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -138,7 +139,9 @@ def test_the_script_installs_an_agent_that_joins_and_registers_its_service(
     prefix = tmp_path / "root"
     env = script_env(deps)
 
-    first = run_script(host, script, "--prefix", str(prefix), "--node", "host-a", env=env)
+    first = run_script(
+        host, script, "--prefix", str(prefix), "--node", "host-a", "--bind", host.address, env=env
+    )
     assert first.returncode == 0, first.stderr
     assert "presented the pinned CA" in first.stderr
     start = _start_command(first.stdout)
@@ -186,6 +189,20 @@ def test_the_script_installs_an_agent_that_joins_and_registers_its_service(
     digest = re.search(r"^MESH_WHEEL_SHA256='(.+)'$", text, re.MULTILINE).group(1)
     assert rebuilt.stdout.split() == [served, digest]
     assert token_row(server, token_id)["uses"] == 0  # installing never sent it
+    # The systemd unit it installs where systemd runs, checked by systemd itself.
+    unit = run_script(host, script, "--print-unit", "--prefix", str(prefix), env=env)
+    assert unit.returncode == 0, unit.stderr
+    assert f"ExecStart={start}\n" in unit.stdout
+    if shutil.which("systemd-analyze"):
+        unit_file = tmp_path / "meshweb-agent.service"
+        unit_file.write_text(unit.stdout)
+        verified = subprocess.run(
+            ["systemd-analyze", "verify", str(unit_file)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert verified.returncode == 0, verified.stdout + verified.stderr
 
     services = prefix / "etc/meshweb/services.d"
     (services / "web.json").write_text(json.dumps({"service": {"name": "web", "port": 9090}}))
@@ -202,7 +219,17 @@ def test_the_script_installs_an_agent_that_joins_and_registers_its_service(
         assert token not in Path(f"/proc/{_pid(prefix)}/environ").read_text(errors="replace")
 
         # Re-running is safe: same config, no second join (the identity is kept).
-        again = run_script(host, script, "--prefix", str(prefix), "--node", "host-a", env=env)
+        again = run_script(
+            host,
+            script,
+            "--prefix",
+            str(prefix),
+            "--node",
+            "host-a",
+            "--bind",
+            host.address,
+            env=env,
+        )
         assert again.returncode == 0, again.stderr
         agent.stop()
         _start_with(agent, env)

@@ -134,6 +134,7 @@ def test_a_malformed_token_is_a_400_whose_body_says_why(client, ca, data_dir, ba
         (["--prefix", "relative/dir"], None, "--prefix: give an absolute path"),
         (["--prefix", "/tmp/a b"], None, "--prefix: a path without quotes"),
         (["--node", "a;b"], None, "--node: use letters, digits"),
+        (["--bind", "10.0.0.1; reboot"], None, "--bind: an IP address"),
         (["--bogus"], None, "unknown option --bogus"),
         (["--token", "abc"], None, "the join token is malformed"),
         (["--token", "0123456789abcdef.x'y"], None, "the join token is malformed"),
