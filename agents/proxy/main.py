@@ -124,7 +124,7 @@ async def run(args: argparse.Namespace) -> int:
     )
 
     def render() -> str:
-        return metrics.render(sidecar.conns) + "\n".join(observer.render()) + "\n"
+        return metrics.render(sidecar.conns) + "\n".join(observer.render(sidecar.conns)) + "\n"
 
     metrics_server = None
     try:

@@ -335,6 +335,8 @@ class Sidecar:
         m.tx[conn.direction] += conn.tx
         if conn.endpoint is not None:
             self._release_endpoint(conn.endpoint)
+        if conn.istio is not None:
+            self.observer.tcp_closed(conn.istio, conn.rx, conn.tx)
         conn.tag = None
 
     def _spawn(self, coro: Any) -> None:
@@ -398,6 +400,7 @@ class Sidecar:
             tls.close()
             return
         self.metrics.authz_allowed += 1
+        conn.istio = self.observer.tcp_opened("destination", verdict.source, snap.config.service)
         tls.transport.pause_reading()  # type: ignore[union-attr]
         self._spawn(self._connect_app(conn, snap))
 
@@ -439,6 +442,12 @@ class Sidecar:
         plan = snap.plans.get(key) if snap is not None else None  # type: ignore[union-attr]
         conn.tag = (snap, plan)
         self._opened(conn)
+        if plan is not None:
+            conn.istio = self.observer.tcp_opened(
+                "source",
+                snap.config.service,  # type: ignore[union-attr]
+                plan.upstream.destination,
+            )
         return Plain(conn, on_made=self._outbound_accepted)
 
     def _outbound_accepted(self, plain: Plain) -> None:

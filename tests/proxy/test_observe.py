@@ -282,3 +282,20 @@ def test_sampled_requests_reach_an_otlp_receiver_as_sdk_spans(monkeypatch):
     assert srv.attributes["url.path"] == "/items"
     assert srv.attributes["http.response.status_code"] == 200
     assert cli.status_code == 2  # STATUS_CODE_ERROR for a 503
+
+
+def test_tcp_bytes_of_open_connections_are_added_at_scrape_time():
+    obs = MeshObserver(ObserveOptions())
+    closed = obs.tcp_opened("destination", "web", "cache")
+    obs.tcp_closed(closed, 100, 40)
+
+    class Live:  # an open connection as the sidecar keeps it
+        istio = obs.tcp_opened("destination", "web", "cache")
+        rx, tx = 7, 3
+
+    got = {n: v for n, _, v in parse_exposition("\n".join(obs.render([Live()])))}
+    assert got["istio_tcp_connections_opened_total"] == 2
+    assert got["istio_tcp_connections_closed_total"] == 1
+    assert got["istio_tcp_received_bytes_total"] == 107
+    assert got["istio_tcp_sent_bytes_total"] == 43
+    assert NULL_OBSERVER.tcp_opened("source", "a", "b") is None

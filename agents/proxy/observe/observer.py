@@ -10,11 +10,13 @@ the response is over: count it, log it, export its span when sampled.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from agents.proxy.observe import Headers, RequestRecord
 from agents.proxy.observe.accesslog import AccessLog, access_entry
-from agents.proxy.observe.metrics import RequestMetrics
+from agents.proxy.observe.metrics import RequestMetrics, TcpMetrics
 from agents.proxy.observe.tracing import (
     SpanExporter,
     TraceParent,
@@ -103,6 +105,7 @@ class MeshObserver:
     def __init__(self, options: ObserveOptions) -> None:
         self.options = options
         self.metrics = RequestMetrics(options.namespace)
+        self.tcp = TcpMetrics(options.namespace)
         self.exporter = (
             SpanExporter(options.otlp_endpoint, options.sample_ratio)
             if options.otlp_endpoint
@@ -184,8 +187,17 @@ class MeshObserver:
                 r.status == 0 or r.status >= 500,
             )
 
-    def render(self) -> list[str]:
-        return self.metrics.render()
+    def tcp_opened(self, reporter: str, source: str, destination: str) -> object:
+        return self.tcp.opened(reporter, source, destination)
+
+    def tcp_closed(self, handle: object, received: int, sent: int) -> None:
+        if handle is not None:
+            self.tcp.closed(handle, received, sent)  # type: ignore[arg-type]
+
+    def render(self, live: Iterable[Any] = ()) -> list[str]:
+        """Prometheus text lines; `live`: open L4 connections (their `istio`, `rx`, `tx`)."""
+        open_conns = [(c.istio, c.rx, c.tx) for c in live if getattr(c, "istio", None) is not None]
+        return self.metrics.render() + self.tcp.render(open_conns)
 
     def close(self) -> None:
         """Flush the access log and the batched spans (bounded by the exporter's timeout)."""
