@@ -94,12 +94,14 @@ def test_the_duration_histogram_is_cumulative_and_ends_with_the_count():
     assert quantile(0.5, c.buckets) == pytest.approx(40.0 + 10.0 * 0.5 / 2)
 
 
-def test_failures_are_5xx_and_unanswered_requests():
+def test_failures_are_5xx_unanswered_requests_and_grpc_errors():
     obs = MeshObserver(ObserveOptions())
     for status in (200, 500, 503, 0, 404, 302):
         obs.begin("destination", []).finish(record(status))
+    obs.begin("destination", []).finish(record(200, protocol="grpc", grpc_status="0"))
+    obs.begin("destination", []).finish(record(200, protocol="grpc", grpc_status="14"))
     c = istio_counts("\n".join(obs.render()))[("destination", "web", "api")]
-    assert (c.requests, c.failures) == (6, 3)
+    assert (c.requests, c.failures) == (8, 4)
 
 
 def test_label_values_are_escaped():
@@ -299,3 +301,16 @@ def test_tcp_bytes_of_open_connections_are_added_at_scrape_time():
     assert got["istio_tcp_received_bytes_total"] == 107
     assert got["istio_tcp_sent_bytes_total"] == 43
     assert NULL_OBSERVER.tcp_opened("source", "a", "b") is None
+
+
+def test_access_lines_are_json_whatever_the_request_carried(tmp_path):
+    path = tmp_path / "access.log"
+    obs = MeshObserver(ObserveOptions(access_log=str(path)))
+    nasty = 'a"b\\c\nd\x00e\u00e9\u2028'
+    obs.begin("destination", []).finish(
+        record(path=nasty, authority=nasty, request_id=nasty, route=nasty, started=1_800_000_000.5)
+    )
+    obs.close()
+    entry = json.loads(path.read_text())
+    assert entry["path"] == entry["authority"] == entry["request_id"] == entry["route"] == nasty
+    assert entry["time"] == "2027-01-15T08:00:00.500Z"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agents.proxy.observe import Headers, RequestRecord
-from agents.proxy.observe.accesslog import AccessLog, access_entry
+from agents.proxy.observe.accesslog import AccessLog, access_line
 from agents.proxy.observe.metrics import RequestMetrics, TcpMetrics
 from agents.proxy.observe.tracing import (
     SpanExporter,
@@ -146,7 +146,7 @@ class MeshObserver:
     def finished(self, span: Span, r: RequestRecord) -> None:
         self.metrics.record(r)
         if self.access_log is not None:
-            self.access_log.write(access_entry(r, f"{span.trace_id:032x}"))
+            self.access_log.write_line(access_line(r, f"{span.trace_id:032x}"))
         if span.sampled and self.exporter is not None:
             server = r.reporter == "destination"
             start_ns = int(r.started * 1e9)

@@ -18,7 +18,7 @@ over), so the next hop's span names this one as its parent.
 
 from __future__ import annotations
 
-import os
+import random
 import re
 import threading
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ from agents.proxy.logs import log
 
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 _TRACE_ID_LIMIT = (1 << 64) - 1
+_getrandbits = random.getrandbits
 MAX_TRACESTATE = 512  # W3C: a vendor may drop a longer tracestate
 MAX_TRACESTATE_MEMBERS = 32
 _TRACESTATE_MEMBER = re.compile(
@@ -87,9 +88,13 @@ def sampled_by_ratio(trace_id: int, ratio: float) -> bool:
 
 
 def new_id(bits: int) -> int:
-    """A random non-zero id of `bits` bits."""
+    """A random non-zero id of `bits` bits.
+
+    Trace and span ids must be unique, not secret: like the OpenTelemetry
+    SDK's `RandomIdGenerator`, `random.getrandbits` (no system call per
+    request, as `os.urandom` would cost)."""
     while True:
-        value = int.from_bytes(os.urandom(bits // 8), "big")
+        value = _getrandbits(bits)
         if value:
             return value
 
