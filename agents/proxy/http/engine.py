@@ -23,8 +23,17 @@ import random
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
 
-from agents.proxy.balancing import POLICIES, Balancer, RoundRobin, key_of
+from agents.proxy.balancing import (
+    HTTP_POLICIES,
+    Balancer,
+    Maglev,
+    RingHash,
+    RoundRobin,
+    hash_bytes,
+    key_of,
+)
 from agents.proxy.http.guards import Circuit, Outliers, RetryBudget, TokenBucket
 from agents.proxy.http.routes import Router, rewrite_prefix
 from agents.proxy.http.wire import (
@@ -75,7 +84,7 @@ class HttpUpstream:
         self.router = Router(upstream)  # RouteError: the config is refused
         self.clusters = {c.name: c for c in upstream.clusters}
         self.balancers: dict[str, Balancer] = {
-            c.name: POLICIES.get(c.lb_policy, RoundRobin)(c.endpoints, active)
+            c.name: HTTP_POLICIES.get(c.lb_policy, RoundRobin)(c.endpoints, active)
             for c in upstream.clusters
         }
 
@@ -473,6 +482,11 @@ class HttpProxy(Handler):
         may_retry_sent = req.method in IDEMPOTENT or policy.retry_non_idempotent
         balancer = plan.balancers[cluster.name]
         outliers = self._outliers(cluster)
+        hash_key = (
+            _hash_key(cluster, req, conn, query)
+            if isinstance(balancer, RingHash | Maglev) and cluster.hash_policies
+            else None
+        )
         tried: set = set()
         data_cache: dict[str, list[bytes]] = {}
         circuit.active += 1
@@ -481,7 +495,14 @@ class HttpProxy(Handler):
                 exclude = set(tried)
                 if outliers is not None:
                     exclude |= outliers.ejected()
-                endpoint = balancer.pick(exclude) or balancer.pick(tried) or balancer.pick()
+                if hash_key is not None:
+                    endpoint = (
+                        balancer.pick(exclude, hash_key)  # type: ignore[call-arg]
+                        or balancer.pick(tried, hash_key)  # type: ignore[call-arg]
+                        or balancer.pick((), hash_key)  # type: ignore[call-arg]
+                    )
+                else:
+                    endpoint = balancer.pick(exclude) or balancer.pick(tried) or balancer.pick()
                 if endpoint is None and cluster.gateway is None:
                     self._local(conn, rec, 503, "no healthy upstream", "UH")
                     return
@@ -755,6 +776,42 @@ class HttpProxy(Handler):
             rec.response_bytes = att.nbytes
             if conn.paused_writing and client.transport is not None and not client.lost:
                 client.transport.resume_reading()
+
+
+def _hash_key(cluster: Cluster, req: Request, conn: ServerConn, query: str) -> int | None:
+    """The request's hash for ring_hash / maglev, from the cluster's hash
+    policies in order (a terminal policy that yields a value stops the search);
+    None when none yields one (the balancer then picks at random)."""
+    parts: list[bytes] = []
+    for hp in cluster.hash_policies:
+        value: bytes | None = None
+        if hp.source_ip:
+            value = conn.peer[0].encode() if conn.peer else None
+        elif hp.field == "header":
+            value = req.header(hp.field_value.lower().encode())
+        elif hp.field == "cookie":
+            value = _cookie(req, hp.field_value)
+        elif hp.field == "query_parameter":
+            for k, v in parse_qsl(query, keep_blank_values=True):
+                if k == hp.field_value:
+                    value = v.encode()
+                    break
+        if value is not None:
+            parts.append(value)
+            if hp.terminal:
+                break
+    return hash_bytes(b"\x00".join(parts)) if parts else None
+
+
+def _cookie(req: Request, name: str) -> bytes | None:
+    wanted = name.encode() + b"="
+    for n, v in req.headers:
+        if n == b"cookie":
+            for part in v.split(b";"):
+                part = part.strip()
+                if part.startswith(wanted):
+                    return part[len(wanted) :]
+    return None
 
 
 def _content_length(headers: Headers) -> bytes | None:
