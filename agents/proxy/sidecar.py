@@ -290,6 +290,7 @@ class Sidecar:
     async def _bind_http(self, key: ListenerKey, snap: Snapshot) -> asyncio.AbstractServer:
         loop = asyncio.get_running_loop()
         direction, host, port = key
+
         def factory() -> _Sniff:
             return _Sniff(self, direction, key)
 

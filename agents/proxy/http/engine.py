@@ -107,6 +107,7 @@ class Attempt:
         "finished",
         "nbytes",
         "trailer_headers",
+        "first_fut",
     )
 
     def __init__(self, conn: Any) -> None:
@@ -123,6 +124,7 @@ class Attempt:
         self.finished = False
         self.nbytes = 0
         self.trailer_headers: Headers | None = None
+        self.first_fut: asyncio.Future[None] = loop.create_future()  # first body byte or end
 
     def trailers(self, headers: Headers) -> None:
         self.trailer_headers = headers
@@ -133,6 +135,8 @@ class Attempt:
             self.head_fut.set_result(None)
 
     def body(self, data: bytes) -> None:
+        if not self.nbytes and not self.first_fut.done():
+            self.first_fut.set_result(None)
         self.nbytes += len(data)
         if self.sink is not None:
             self.sink.chunk(data)
@@ -141,6 +145,8 @@ class Attempt:
 
     def done(self) -> None:
         self.finished = True
+        if not self.first_fut.done():
+            self.first_fut.set_result(None)
         if self.sink is not None:
             self.sink.end(self.trailer_headers)
         if not self.done_fut.done():
@@ -148,7 +154,7 @@ class Attempt:
 
     def failed(self, kind: str) -> None:
         exc = Failure(kind, "UC" if kind != "protocol" else "UPE")
-        for fut in (self.head_fut, self.done_fut):
+        for fut in (self.head_fut, self.done_fut, self.first_fut):
             if not fut.done():
                 fut.set_exception(exc)
                 fut.exception()  # retrieved: no "never retrieved" warning
@@ -422,7 +428,7 @@ class HttpProxy(Handler):
     async def _app_conn(self, target: tuple[str, int], use_h2: bool) -> Any:
         key = ("app", target)
         if use_h2:
-            return await self._h2_conn(key, target, None, None, None, 5.0)
+            return await self._h2_conn(key, target, None, None, None, None)
         conn = self._idle(key)
         if conn is not None:
             return conn
@@ -504,6 +510,7 @@ class HttpProxy(Handler):
         data_cache: dict[str, list[bytes]] = {}
         use_h2 = plan.upstream.protocol in H2_PROTOCOLS
         rec.protocol = plan.upstream.protocol
+        grpc_retry = use_h2 and any(c in GRPC_CODES for c in conditions)
         circuit.active += 1
         try:
             while True:
@@ -579,14 +586,31 @@ class HttpProxy(Handler):
                     return
                 assert att is not None
                 status = att.status
+                if grpc_retry and att.framing == "stream" and not att.finished and not att.nbytes:
+                    # A gRPC error may come as headers, then trailers: wait for the
+                    # first message or the end before deciding (nothing is sent yet).
+                    try:
+                        await _wait(att.first_fut, _try_deadline(deadline, policy))
+                    except TimeoutError:
+                        att.conn.detach()
+                        self._local(conn, rec, 504, "upstream request timeout", "UT")
+                        return
+                    except Failure:
+                        self._local(conn, rec, 502, "upstream reset before answering", "UC")
+                        return
+                verdict_headers = att.headers
+                if att.finished and not att.nbytes and att.trailer_headers:
+                    verdict_headers = att.headers + att.trailer_headers
                 if outliers is not None:
                     if status >= 500:
                         self._eject_check(outliers, ep, cluster)
                     else:
                         outliers.success(ep)
                 if (
-                    _retriable_status(status, att.headers, policy, conditions)
-                    and may_retry_sent
+                    _retriable_status(status, verdict_headers, policy, conditions)
+                    # gRPC calls are POSTs: a gRPC retry condition is the
+                    # explicit consent to retry them on that status.
+                    and (may_retry_sent or _grpc_status_match(verdict_headers, conditions))
                     and rec.retries < max_retries
                     and (deadline is None or time.monotonic() < deadline)
                 ):
@@ -598,7 +622,7 @@ class HttpProxy(Handler):
                         await _backoff(policy, rec.retries, deadline)
                         continue
                     self.sc.metrics.http_budget_exhausted[cluster.name] += 1
-                if rec.retries and _retriable_status(status, att.headers, policy, conditions):
+                if rec.retries and _retriable_status(status, verdict_headers, policy, conditions):
                     rec.response_flags = "URX"
                 await self._relay(conn, req, att, rec, *resp_mods, deadline)
                 return
@@ -793,6 +817,8 @@ class HttpProxy(Handler):
 
     def _forward_headers(self, conn: ServerConn, req: Request, span, proto: str) -> Headers:
         headers = strip_hop_by_hop(req.headers)
+        if req.header(b"te") == b"trailers":
+            headers.append((b"te", b"trailers"))  # the one TE value that goes on (gRPC needs it)
         peer = conn.peer[0].encode() if conn.peer else b"unknown"
         xff = None
         has_proto = False
@@ -991,6 +1017,11 @@ def _retriable_status(status: int, headers: Headers, policy: RetryPolicy, condit
             if n == b"grpc-status" and v in grpc:
                 return True
     return False
+
+
+def _grpc_status_match(headers: Headers, conditions) -> bool:
+    codes = {GRPC_CODES[c] for c in conditions if c in GRPC_CODES}
+    return bool(codes) and any(n == b"grpc-status" and v in codes for n, v in headers)
 
 
 def _try_deadline(deadline: float | None, policy: RetryPolicy) -> float | None:
