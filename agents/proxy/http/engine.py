@@ -170,24 +170,42 @@ class Attempt:
 
 
 class _Sink:
-    """Writes a streamed response body to the caller, re-framed."""
+    """Writes a streamed response body to the caller, re-framed. While `buf`
+    is set (the head not yet written), pieces are gathered into it, so that a
+    small response that has already arrived whole leaves in one write (one
+    TLS record, one syscall) rather than one per piece."""
 
-    __slots__ = ("conn", "chunked")
+    __slots__ = ("conn", "chunked", "buf")
 
-    def __init__(self, conn: ServerConn, chunked: bool) -> None:
+    def __init__(self, conn: ServerConn, chunked: bool, buf: list[bytes] | None = None) -> None:
         self.conn = conn
         self.chunked = chunked
+        self.buf = buf
 
     def chunk(self, data: bytes) -> None:
         if self.chunked:
             if data:
-                self.conn.writelines([b"%x\r\n" % len(data), data, b"\r\n"])
+                pieces = [b"%x\r\n" % len(data), data, b"\r\n"]
+                if self.buf is not None:
+                    self.buf.extend(pieces)
+                else:
+                    self.conn.writelines(pieces)
+        elif self.buf is not None:
+            self.buf.append(data)
         else:
             self.conn.write(data)
 
     def end(self, trailers: Headers | None = None) -> None:
         if self.chunked:
-            self.conn.write(b"0\r\n\r\n")
+            if self.buf is not None:
+                self.buf.append(b"0\r\n\r\n")
+            else:
+                self.conn.write(b"0\r\n\r\n")
+
+    def flush(self) -> None:
+        buf, self.buf = self.buf, None
+        if buf:
+            self.conn.writelines(buf)
 
 
 def request_id() -> bytes:
@@ -879,7 +897,6 @@ class HttpProxy(Handler):
         if not req.keep_alive:
             out.append(b"connection: close\r\n")
         out.append(b"\r\n")
-        conn.writelines(out)
         client = att.conn
 
         def writable(ok: bool) -> None:
@@ -887,12 +904,14 @@ class HttpProxy(Handler):
                 (client.transport.resume_reading if ok else client.transport.pause_reading)()
 
         conn.on_writable = writable
-        await self._stream_out(conn, att, rec, _Sink(conn, chunked), deadline)
+        await self._stream_out(conn, att, rec, _Sink(conn, chunked, out), deadline)
 
     async def _stream_out(self, conn: Any, att: Attempt, rec: RequestRecord, sink: Any,
                           deadline) -> None:  # fmt: skip
         client = att.conn
         att.commit(sink)
+        if isinstance(sink, _Sink):
+            sink.flush()  # the head, and what arrived with it, in one write
         try:
             await _wait(att.done_fut, deadline)
         except TimeoutError:
