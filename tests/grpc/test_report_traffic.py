@@ -120,6 +120,8 @@ def test_metrics_reads_follow_acls(cp, unique):
     with cp.client() as http:
         assert len(http.get("/api/metrics/edges", params={"source": web}).json()["edges"]) == 1
         assert http.get("/api/metrics/services/no-such-service").status_code == 404
+        refused = http.post("/api/metrics/edges", json={})
+        assert refused.status_code == 405 and refused.json()["error"]
 
 
 @pytest.mark.postgres
