@@ -338,7 +338,8 @@ class Agent:
         while True:
             await asyncio.sleep(interval)
             try:
-                self.traffic.collect(await self._scrape_sidecars())
+                adopted = frozenset(p for p, proc in self.sidecars.procs.items() if proc.adopted)
+                self.traffic.collect(await self._scrape_sidecars(), adopted=adopted)
                 report = self.traffic.report()
                 stub = self.stub
                 if report is None:

@@ -264,6 +264,7 @@ class SidecarProcess:
         self.pid_path = state_dir / f"{proxy_id}.pid"
         self.log_path = state_dir / f"{proxy_id}.log"
         self.metrics_port = 0
+        self.adopted = False  # a sidecar a previous agent started (and reported on)
         self.pid: int | None = None
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
@@ -292,6 +293,8 @@ class SidecarProcess:
         adopted = self._adoptable()
         if adopted is not None:
             self.pid, self.metrics_port = adopted
+            # Its counters include what a previous agent already reported.
+            self.adopted = True
             log.info("adopted running sidecar", extra={"proxy_id": self.proxy_id, "pid": self.pid})
             while not self.stopping and _alive(self.pid):
                 await asyncio.sleep(1.0)

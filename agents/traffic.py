@@ -32,8 +32,17 @@ class TrafficReporter:
         self.start: float | None = None  # where the pending interval begins
         self.reported = 0  # entries accepted by the control plane so far
 
-    def collect(self, scrapes: dict[str, str], now: float | None = None) -> None:
-        """Fold one scrape of every sidecar (proxy ID -> Prometheus text) into the pending counts."""
+    def collect(
+        self,
+        scrapes: dict[str, str],
+        now: float | None = None,
+        adopted: frozenset[str] = frozenset(),
+    ) -> None:
+        """Fold one scrape of every sidecar (proxy ID -> Prometheus text) into the pending counts.
+
+        The first scrape of an `adopted` sidecar (one a previous agent started,
+        and reported on) is only a baseline: its counters since it started were
+        reported already."""
         now = time.time() if now is None else now
         if self.start is None:
             self.start = now
@@ -46,6 +55,9 @@ class TrafficReporter:
                 current = istio_counts(text)
             except ValueError:
                 continue  # a garbled scrape: skip it, the next one catches up
+            if proxy_id not in self.last and proxy_id in adopted:
+                self.last[proxy_id] = current
+                continue
             for key, counts in delta(current, self.last.get(proxy_id, {})).items():
                 self.pending.setdefault(key, Counts()).add(counts)
             self.last[proxy_id] = current

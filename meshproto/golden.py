@@ -69,7 +69,8 @@ class Counts:
     `buckets[i]` counts requests whose duration fell in bucket i, NOT
     cumulative: bucket i is (DURATION_BOUNDS_MS[i-1], DURATION_BOUNDS_MS[i]],
     the last one (index len(DURATION_BOUNDS_MS)) is above every bound.
-    A failure is a request answered 5xx or not answered at all (status 0).
+    A failure is a request answered 5xx, not answered at all (status 0), or
+    ended with a gRPC status other than OK.
     """
 
     requests: int = 0
@@ -86,9 +87,12 @@ class Counts:
         return self.requests == 0 and self.failures == 0 and not any(self.buckets)
 
 
-def is_failure(response_code: str) -> bool:
-    """A 5xx, or no response at all ("0"), is a failure; anything else succeeded."""
-    return response_code.startswith("5") or response_code in ("0", "")
+def is_failure(response_code: str, grpc_status: str = "") -> bool:
+    """A 5xx, no response at all ("0"), or a gRPC status other than OK is a
+    failure (as Linkerd classifies them); anything else succeeded."""
+    return (
+        response_code.startswith("5") or response_code in ("0", "") or grpc_status not in ("", "0")
+    )
 
 
 def bucket_index(duration_ms: float) -> int:
@@ -185,7 +189,7 @@ def istio_counts(text: str) -> dict[Key, Counts]:
             counts = out.setdefault(key, Counts())
             n = int(value)
             counts.requests += n
-            if is_failure(labels.get("response_code", "")):
+            if is_failure(labels.get("response_code", ""), labels.get("grpc_response_status", "")):
                 counts.failures += n
         elif name == "istio_request_duration_milliseconds_bucket":
             le = labels.pop("le", "")

@@ -54,7 +54,7 @@ class Conn:
     `owner.conn_done(conn)` is called exactly once, when both halves are gone
     (or the one that ever existed is)."""
 
-    __slots__ = ("owner", "direction", "plain", "tls", "endpoint", "done", "tag")
+    __slots__ = ("owner", "direction", "plain", "tls", "endpoint", "done", "tag", "istio")
 
     def __init__(self, owner: Any, direction: str) -> None:
         self.owner = owner
@@ -64,6 +64,7 @@ class Conn:
         self.endpoint: tuple[str, int] | None = None
         self.done = False
         self.tag: Any = None  # the owner's per-connection data (state snapshot, task)
+        self.istio: Any = None  # the observer's handle once the connection is allowed
 
     @property
     def rx(self) -> int:

@@ -20,7 +20,17 @@ import pytest
 
 from meshproto.golden import istio_counts, parse_exposition
 from tests.proxy.http_support import Client, HttpApp, cluster, config, http_upstream
-from tests.proxy.support import SidecarProcess, TestCA, allow, free_port, wait_until
+from tests.proxy.support import (
+    App,
+    SidecarProcess,
+    TestCA,
+    allow,
+    free_port,
+    proxy_config,
+    roundtrip,
+    upstream,
+    wait_until,
+)
 from tests.support.otlp import OtlpReceiver
 
 pytestmark = pytest.mark.slow
@@ -76,12 +86,16 @@ def chain(tmp_path_factory):
     saved = os.environ.get("OTEL_BSP_SCHEDULE_DELAY")
     os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "200"  # the sidecars batch spans for 0.2 s
     receiver = OtlpReceiver().__enter__()
-    ports = {name: free_port() for name in ("web_up", "api_in", "api_up", "db_in")}
+    ports = {
+        name: free_port()
+        for name in ("web_up", "api_in", "api_up", "db_in", "cache_up", "cache_in")
+    }
     db_app = HttpApp("db")
+    cache_app = App("echo")
     api_app = ApiApp(ports["api_up"])
     procs = {}
     try:
-        for name in ("web", "api", "db"):
+        for name in ("web", "api", "db", "cache"):
             procs[name] = SidecarProcess(
                 tmp,
                 f"{name}-sidecar-proxy",
@@ -116,7 +130,19 @@ def chain(tmp_path_factory):
             app_port=1,
             upstreams=(
                 http_upstream("api", ports["web_up"], (cluster("api", [ports["api_in"]]),)),
+                upstream("cache", ports["cache_up"], [ports["cache_in"]]),  # L4
             ),
+        )
+        cert, key = ca.leaf("cache")
+        tcp = proxy_config(
+            "cache",
+            version=1,
+            inbound_port=ports["cache_in"],
+            app_port=cache_app.port,
+            intentions=(allow("web"),),
+        )
+        assert "ack" in procs["cache"].push(
+            {"config": tcp, "cert": cert, "key": key, "roots": [ca.root_pem]}
         )
         yield {
             "procs": procs,
@@ -124,12 +150,14 @@ def chain(tmp_path_factory):
             "client": Client(ports["web_up"]),
             "db_app": db_app,
             "logs": {name: tmp / f"{name}.access.log" for name in procs},
+            "cache_up": ports["cache_up"],
         }
     finally:
         for p in procs.values():
             p.stop()
         db_app.close()
         api_app.close()
+        cache_app.close()
         receiver.__exit__(None, None, None)
         if saved is None:
             os.environ.pop("OTEL_BSP_SCHEDULE_DELAY", None)
@@ -254,3 +282,38 @@ def test_each_request_is_one_access_log_line_with_its_trace(chain):
     for e in api:  # the caller's side logged the same request, in the same trace
         assert by_request[e["request_id"]]["reporter"] == "source"
         assert by_request[e["request_id"]]["trace_id"] == e["trace_id"]
+
+
+def tcp_totals(proc: SidecarProcess, reporter: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name, labels, value in parse_exposition(_scrape(proc), ("istio_tcp_",)):
+        if labels["reporter"] == reporter and labels["destination_service_name"] == "cache":
+            assert labels["source_canonical_service"] == "web"
+            out[name] = out.get(name, 0) + int(value)
+    return out
+
+
+def test_l4_connections_and_bytes_are_counted_exactly_as_istio_tcp_metrics(chain):
+    web, cache = chain["procs"]["web"], chain["procs"]["cache"]
+    before = {"source": tcp_totals(web, "source"), "destination": tcp_totals(cache, "destination")}
+    payload = b"x" * 1000
+    for _ in range(6):
+        assert roundtrip(chain["cache_up"], payload) == payload
+    for proc, reporter in ((web, "source"), (cache, "destination")):
+
+        def grown_by(proc=proc, reporter=reporter) -> dict[str, int]:
+            now = tcp_totals(proc, reporter)
+            return {k: v - before[reporter].get(k, 0) for k, v in now.items()}
+
+        g = wait_until(
+            lambda grown_by=grown_by: (
+                grown_by()["istio_tcp_connections_closed_total"] == 6 and grown_by()
+            ),
+            what=f"{reporter}'s closed connections",
+        )
+        assert g == {
+            "istio_tcp_connections_opened_total": 6,
+            "istio_tcp_connections_closed_total": 6,
+            "istio_tcp_received_bytes_total": 6000,
+            "istio_tcp_sent_bytes_total": 6000,
+        }

@@ -87,6 +87,16 @@ def test_a_restarted_sidecar_counts_from_zero_and_sidecars_add_up():
     assert entries(reporter.report(now=3.0)) == {("destination", "web", "api"): (2, 0)}
 
 
+def test_an_adopted_sidecars_first_scrape_is_only_a_baseline():
+    sidecar, reporter = RequestMetrics(), TrafficReporter()
+    served(sidecar, 50)  # reported by the agent that started it
+    reporter.collect({"p": scrape_of(sidecar)}, now=1.0, adopted=frozenset({"p"}))
+    assert reporter.report(now=2.0) is None
+    served(sidecar, 3)
+    reporter.collect({"p": scrape_of(sidecar)}, now=3.0, adopted=frozenset({"p"}))
+    assert entries(reporter.report(now=3.0)) == {("destination", "web", "api"): (3, 0)}
+
+
 def test_a_garbled_scrape_is_skipped():
     reporter = TrafficReporter()
     reporter.collect({"p": 'istio_requests_total{reporter="destination" 3\n'}, now=1.0)

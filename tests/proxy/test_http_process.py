@@ -14,6 +14,7 @@ import pytest
 
 from meshproto.proxycfg import (
     FaultInjection,
+    HashPolicy,
     HeaderMatch,
     Limits,
     OutlierDetection,
@@ -186,6 +187,19 @@ def test_header_and_path_routes_go_where_configured_and_a_prefix_rewrite_arrives
     assert body(raw)["path"] == "/v2/items?q=1"
     assert m.apps["v2"].requests[-1][2]["x-route"] == "new"
     assert m.client.get("/other")[1]["x-served-by"] in ("v1a", "v1b")
+
+
+def test_ring_hash_on_a_header_keeps_each_user_on_one_instance(m):
+    sticky = (HashPolicy(field="header", field_value="x-user"),)
+    v1, v2 = m.clusters(lb_policy="ring_hash", hash_policies=sticky)
+    assert "ack" in m.push_web((Route(ALL, (WeightedCluster(v1.name, 100.0),)),), (v1, v2))
+    where = {}
+    for user in range(12):
+        seen = {m.client.get("/", headers={"x-user": f"u{user}"})[1]["x-served-by"]
+                for _ in range(5)}  # fmt: skip
+        assert len(seen) == 1, (user, seen)
+        where[user] = seen.pop()
+    assert set(where.values()) == {"v1a", "v1b"}
 
 
 # ----------------------------------------------------------------------------- retries

@@ -94,12 +94,14 @@ def test_the_duration_histogram_is_cumulative_and_ends_with_the_count():
     assert quantile(0.5, c.buckets) == pytest.approx(40.0 + 10.0 * 0.5 / 2)
 
 
-def test_failures_are_5xx_and_unanswered_requests():
+def test_failures_are_5xx_unanswered_requests_and_grpc_errors():
     obs = MeshObserver(ObserveOptions())
     for status in (200, 500, 503, 0, 404, 302):
         obs.begin("destination", []).finish(record(status))
+    obs.begin("destination", []).finish(record(200, protocol="grpc", grpc_status="0"))
+    obs.begin("destination", []).finish(record(200, protocol="grpc", grpc_status="14"))
     c = istio_counts("\n".join(obs.render()))[("destination", "web", "api")]
-    assert (c.requests, c.failures) == (6, 3)
+    assert (c.requests, c.failures) == (8, 4)
 
 
 def test_label_values_are_escaped():
@@ -282,3 +284,47 @@ def test_sampled_requests_reach_an_otlp_receiver_as_sdk_spans(monkeypatch):
     assert srv.attributes["url.path"] == "/items"
     assert srv.attributes["http.response.status_code"] == 200
     assert cli.status_code == 2  # STATUS_CODE_ERROR for a 503
+
+
+def test_tcp_bytes_of_open_connections_are_added_at_scrape_time():
+    obs = MeshObserver(ObserveOptions())
+    closed = obs.tcp_opened("destination", "web", "cache")
+    obs.tcp_closed(closed, 100, 40)
+
+    class Live:  # an open connection as the sidecar keeps it
+        istio = obs.tcp_opened("destination", "web", "cache")
+        rx, tx = 7, 3
+
+    got = {n: v for n, _, v in parse_exposition("\n".join(obs.render([Live()])))}
+    assert got["istio_tcp_connections_opened_total"] == 2
+    assert got["istio_tcp_connections_closed_total"] == 1
+    assert got["istio_tcp_received_bytes_total"] == 107
+    assert got["istio_tcp_sent_bytes_total"] == 43
+    assert NULL_OBSERVER.tcp_opened("source", "a", "b") is None
+
+
+def test_access_lines_are_json_whatever_the_request_carried(tmp_path):
+    path = tmp_path / "access.log"
+    obs = MeshObserver(ObserveOptions(access_log=str(path)))
+    nasty = 'a"b\\c\nd\x00e\u00e9\u2028'
+    obs.begin("destination", []).finish(
+        record(path=nasty, authority=nasty, request_id=nasty, route=nasty, started=1_800_000_000.5)
+    )
+    obs.close()
+    entry = json.loads(path.read_text())
+    assert entry["path"] == entry["authority"] == entry["request_id"] == entry["route"] == nasty
+    assert entry["time"] == "2027-01-15T08:00:00.500Z"
+
+
+def test_the_ratio_decision_is_the_sdks_trace_id_ratio_sampler():
+    import random
+
+    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+
+    rng = random.Random(7)
+    for ratio in (0.0, 0.01, 0.3, 0.5, 1.0):
+        sdk = TraceIdRatioBased(ratio)
+        for _ in range(2000):
+            trace_id = rng.getrandbits(128)
+            want = sdk.should_sample(None, trace_id, "x").decision.is_sampled()
+            assert sampled_by_ratio(trace_id, ratio) is want

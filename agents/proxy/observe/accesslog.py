@@ -19,34 +19,35 @@ from pathlib import Path
 from agents.proxy.logs import log
 from agents.proxy.observe import RequestRecord
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_quote = json.encoder.encode_basestring  # C: a JSON string literal, quotes included
+_second = [-1, ""]  # the last whole second formatted, and its text
 
 
-def access_entry(r: RequestRecord, trace_id: str) -> dict:
-    """The fields of one access-log line (documented in docs/observability.md)."""
-    t = time.gmtime(r.started)
-    return {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(r.started % 1 * 1000):03d}Z",
-        "trace_id": trace_id,
-        "request_id": r.request_id,
-        "reporter": r.reporter,
-        "source": r.source_service,
-        "destination": r.destination_service,
-        "route": r.route,
-        "method": r.method,
-        "path": r.path,
-        "authority": r.authority,
-        "protocol": r.protocol,
-        "status": r.status,
-        "grpc_status": r.grpc_status,
-        "response_flags": r.response_flags,
-        "duration_ms": round(r.duration_s * 1000.0, 3),
-        "bytes_received": r.request_bytes,
-        "bytes_sent": r.response_bytes,
-        "cluster": r.cluster,
-        "upstream": r.upstream,
-        "retries": r.retries,
-    }
+def _time(started: float) -> str:
+    """RFC 3339 UTC with milliseconds; the seconds part formatted once per second."""
+    whole = int(started)
+    if whole != _second[0]:
+        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_second[1]}.{int((started - whole) * 1000):03d}Z"
+
+
+def access_line(r: RequestRecord, trace_id: str) -> bytes:
+    """One access-log line (fields documented in docs/observability.md), JSON.
+
+    Formatted directly rather than through a dict and `json.dumps`: this runs
+    for every request. Every string a caller or app can influence goes
+    through the JSON encoder's own string quoting."""
+    q = _quote
+    return (
+        f'{{"time":"{_time(r.started)}","trace_id":"{trace_id}","request_id":{q(r.request_id)},'
+        f'"reporter":{q(r.reporter)},"source":{q(r.source_service)},'
+        f'"destination":{q(r.destination_service)},"route":{q(r.route)},"method":{q(r.method)},'
+        f'"path":{q(r.path)},"authority":{q(r.authority)},"protocol":{q(r.protocol)},'
+        f'"status":{int(r.status)},"grpc_status":{q(r.grpc_status)},'
+        f'"response_flags":{q(r.response_flags)},"duration_ms":{round(r.duration_s * 1000.0, 3)!r},'
+        f'"bytes_received":{int(r.request_bytes)},"bytes_sent":{int(r.response_bytes)},'
+        f'"cluster":{q(r.cluster)},"upstream":{q(r.upstream)},"retries":{int(r.retries)}}}\n'
+    ).encode()
 
 
 class AccessLog:
@@ -78,7 +79,11 @@ class AccessLog:
         self.rotations = 0
 
     def write(self, entry: dict) -> None:
-        line = _dumps(entry).encode() + b"\n"
+        """Append one line made of `entry` (a dict)."""
+        self.write_line(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+
+    def write_line(self, line: bytes) -> None:
+        """Append one line (bytes, newline included)."""
         self._pending.append(line)
         self._pending_bytes += len(line)
         self.lines += 1

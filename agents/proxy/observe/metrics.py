@@ -160,3 +160,72 @@ def _histogram(
         shown = f"{total:.3f}" if isinstance(total, float) else str(total)
         out.append(f"{name}_sum{{{s.labels}}} {shown}")
         out.append(f"{name}_count{{{s.labels}}} {s.count}")
+
+
+class _TcpSeries:
+    __slots__ = ("labels", "opened", "closed", "received", "sent")
+
+    def __init__(self, labels: str) -> None:
+        self.labels = labels
+        self.opened = 0
+        self.closed = 0
+        self.received = 0  # bytes from the calling side, of closed connections
+        self.sent = 0  # bytes back to the calling side, of closed connections
+
+
+class TcpMetrics:
+    """`istio_tcp_*` for L4 connections, by reporter, source and destination.
+
+    A connection's bytes are folded in when it closes; a scrape adds the open
+    connections' live counters (`render(live)`), so bytes are exact at any time."""
+
+    def __init__(self, namespace: str = "default") -> None:
+        self.namespace = namespace
+        self.series: dict[tuple[str, str, str], _TcpSeries] = {}
+
+    def opened(self, reporter: str, source: str, destination: str) -> _TcpSeries:
+        key = (reporter, source, destination)
+        s = self.series.get(key)
+        if s is None:
+            ns = self.namespace
+            src, dst = source or "unknown", destination or "unknown"
+            values = (reporter, src, ns, src, dst, ns, f"{dst}.{ns}.svc", dst, ns, dst)
+            names = _LABEL_NAMES[:10]
+            labels = ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True))
+            s = self.series[key] = _TcpSeries(
+                labels + ',request_protocol="tcp",connection_security_policy="mutual_tls"'
+            )
+        s.opened += 1
+        return s
+
+    def closed(self, series: _TcpSeries, received: int, sent: int) -> None:
+        series.closed += 1
+        series.received += received
+        series.sent += sent
+
+    def render(self, live: list[tuple[_TcpSeries, int, int]]) -> list[str]:
+        received = {id(s): s.received for s in self.series.values()}
+        sent = {id(s): s.sent for s in self.series.values()}
+        for s, rx, tx in live:
+            if id(s) in received:
+                received[id(s)] += rx
+                sent[id(s)] += tx
+        out: list[str] = []
+        for name, help_, value in (
+            ("istio_tcp_connections_opened_total", "L4 connections opened.", lambda s: s.opened),
+            ("istio_tcp_connections_closed_total", "L4 connections closed.", lambda s: s.closed),
+            (
+                "istio_tcp_received_bytes_total",
+                "Bytes received from the calling side of L4 connections.",
+                lambda s: received[id(s)],
+            ),
+            (
+                "istio_tcp_sent_bytes_total",
+                "Bytes sent back to the calling side of L4 connections.",
+                lambda s: sent[id(s)],
+            ),
+        ):
+            out.append(f"# HELP {name} {help_}")
+            out.append(f"# TYPE {name} counter")
+            out += [f"{name}{{{s.labels}}} {value(s)}" for s in self.series.values()]
+        return out

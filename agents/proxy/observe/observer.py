@@ -10,11 +10,13 @@ the response is over: count it, log it, export its span when sampled.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from agents.proxy.observe import Headers, RequestRecord
-from agents.proxy.observe.accesslog import AccessLog, access_entry
-from agents.proxy.observe.metrics import RequestMetrics
+from agents.proxy.observe.accesslog import AccessLog, access_line
+from agents.proxy.observe.metrics import RequestMetrics, TcpMetrics
 from agents.proxy.observe.tracing import (
     SpanExporter,
     TraceParent,
@@ -25,6 +27,10 @@ from agents.proxy.observe.tracing import (
     sampled_by_ratio,
 )
 
+# Exporting a span costs the sidecar far more than counting the request (the
+# SDK builds, checks and batches it): 1 % of new traces by default, as Istio.
+DEFAULT_SAMPLE_RATIO = 0.01
+
 
 @dataclass(frozen=True)
 class ObserveOptions:
@@ -32,7 +38,7 @@ class ObserveOptions:
     OpenTelemetry environment variables as defaults)."""
 
     otlp_endpoint: str = ""  # "" : no span export (trace context still propagates)
-    sample_ratio: float = 1.0
+    sample_ratio: float = DEFAULT_SAMPLE_RATIO
     access_log: str = ""  # file path; "" : no access log
     access_log_max_bytes: int = 50 * 1024 * 1024
     access_log_keep: int = 5
@@ -55,7 +61,7 @@ class ObserveOptions:
         )
         raw = env.get("OTEL_TRACES_SAMPLER_ARG", "")
         try:
-            ratio = float(raw) if raw else 1.0
+            ratio = float(raw) if raw else DEFAULT_SAMPLE_RATIO
         except ValueError:
             raise ValueError(f"OTEL_TRACES_SAMPLER_ARG must be a number, got {raw!r}") from None
         return cls(
@@ -103,6 +109,7 @@ class MeshObserver:
     def __init__(self, options: ObserveOptions) -> None:
         self.options = options
         self.metrics = RequestMetrics(options.namespace)
+        self.tcp = TcpMetrics(options.namespace)
         self.exporter = (
             SpanExporter(options.otlp_endpoint, options.sample_ratio)
             if options.otlp_endpoint
@@ -143,7 +150,7 @@ class MeshObserver:
     def finished(self, span: Span, r: RequestRecord) -> None:
         self.metrics.record(r)
         if self.access_log is not None:
-            self.access_log.write(access_entry(r, f"{span.trace_id:032x}"))
+            self.access_log.write_line(access_line(r, f"{span.trace_id:032x}"))
         if span.sampled and self.exporter is not None:
             server = r.reporter == "destination"
             start_ns = int(r.started * 1e9)
@@ -184,8 +191,17 @@ class MeshObserver:
                 r.status == 0 or r.status >= 500,
             )
 
-    def render(self) -> list[str]:
-        return self.metrics.render()
+    def tcp_opened(self, reporter: str, source: str, destination: str) -> object:
+        return self.tcp.opened(reporter, source, destination)
+
+    def tcp_closed(self, handle: object, received: int, sent: int) -> None:
+        if handle is not None:
+            self.tcp.closed(handle, received, sent)  # type: ignore[arg-type]
+
+    def render(self, live: Iterable[Any] = ()) -> list[str]:
+        """Prometheus text lines; `live`: open L4 connections (their `istio`, `rx`, `tx`)."""
+        open_conns = [(c.istio, c.rx, c.tx) for c in live if getattr(c, "istio", None) is not None]
+        return self.metrics.render() + self.tcp.render(open_conns)
 
     def close(self) -> None:
         """Flush the access log and the batched spans (bounded by the exporter's timeout)."""
