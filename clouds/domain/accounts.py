@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import timedelta
 from typing import Any
 
 from cryptography.fernet import InvalidToken
-from django.utils import timezone
 
 from clouds.models import CloudAccount, SyncRun
 from clouds.providers import PROVIDERS, provider_class
@@ -241,8 +239,8 @@ def create_account(
             gateway_security_group=gateway_security_group,
             interval_seconds=interval,
             enabled=enabled,
-            # The first scheduled sync one interval from now (`mesh cloud sync` runs one at once).
-            next_sync_at=timezone.now() + timedelta(seconds=interval),
+            # Due at once: the scheduler's next tick queues its first sync.
+            next_sync_at=None,
         )
         change.touch(topic.CLOUDS)
         change.audit("cloud.account.create", "cloud-account", name, None, account_json(account))
