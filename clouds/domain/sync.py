@@ -122,13 +122,18 @@ def sync_cloud_account(run_id: int) -> SyncRun | None:
         run.save()
         return run
     # Runs that still say "running" lost their process: their lease ran out before ours.
-    for stale in SyncRun.objects.filter(account=account, status=SyncRun.RUNNING).exclude(pk=run.pk):
+    # Runs queued longer than a lease ago were lost before any worker took them.
+    stale_runs = SyncRun.objects.filter(account=account).exclude(pk=run.pk)
+    stale_runs = stale_runs.filter(
+        Q(status=SyncRun.RUNNING) | Q(status=SyncRun.QUEUED, queued_at__lt=now - _lease())
+    )
+    for stale in stale_runs:
         stale.status, stale.finished_at = SyncRun.ABANDONED, now
         stale.errors = [
             *stale.errors,
             _error(
                 f"run:{stale.pk}",
-                f"abandoned during {stale.phase or 'start'}: its process stopped; "
+                f"abandoned during {stale.phase or 'the queue'}: its process stopped; "
                 "nothing it had not committed was applied",
             ),
         ]

@@ -152,6 +152,9 @@ def test_a_second_run_is_skipped_while_one_holds_the_account(db):
 def test_a_run_whose_process_died_is_abandoned_when_its_lease_ran_out(db, settings):
     account = make()
     dead = SyncRun.objects.create(account=account, status=SyncRun.RUNNING, phase="applying")
+    lost = SyncRun.objects.create(account=account)  # queued, never taken by a worker
+    SyncRun.objects.filter(pk=lost.pk).update(queued_at=timezone.now() - timedelta(hours=1))
+    fresh = SyncRun.objects.create(account=account)  # queued just now: still waiting
     CloudAccount.objects.filter(pk=account.pk).update(
         lease_until=timezone.now() - timedelta(seconds=1), lease_run=dead.pk
     )
@@ -161,6 +164,9 @@ def test_a_run_whose_process_died_is_abandoned_when_its_lease_ran_out(db, settin
     dead.refresh_from_db()
     assert dead.status == SyncRun.ABANDONED
     assert "abandoned during applying" in dead.errors[-1]["message"]
+    lost.refresh_from_db()
+    fresh.refresh_from_db()
+    assert (lost.status, fresh.status) == (SyncRun.ABANDONED, SyncRun.QUEUED)
     assert run.status == SyncRun.FAILED
     assert "cannot decrypt the stored cloud credentials" in run.errors[0]["message"]
     account.refresh_from_db()
