@@ -111,6 +111,8 @@ def sync_cloud_account(run_id: int) -> SyncRun | None:
     now = timezone.now()
     if not _claim(account, run):
         holder = CloudAccount.objects.filter(pk=account.pk).values_list("lease_run", flat=True)
+        if holder.first() == run.pk:
+            return run  # this very run, delivered twice: another worker has it
         run.status, run.finished_at = SyncRun.SKIPPED, now
         run.errors = [
             _error(

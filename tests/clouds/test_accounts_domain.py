@@ -180,3 +180,13 @@ def test_removing_an_account_removes_its_node_and_runs(db):
     accounts.delete_account("acct")
     assert catalog.find_node("cloud-acct") is None
     assert not SyncRun.objects.exists()
+
+
+def test_a_run_delivered_twice_is_left_to_the_worker_that_holds_it(db):
+    account = make()
+    run = sync.request_sync("acct")
+    CloudAccount.objects.filter(pk=account.pk).update(
+        lease_until=timezone.now() + timedelta(minutes=5), lease_run=run.pk
+    )
+    again = sync.sync_cloud_account(run.pk)
+    assert again.status == SyncRun.QUEUED and again.errors == []
