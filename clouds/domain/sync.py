@@ -312,7 +312,7 @@ def apply_import(
         node = _ensure_node(account)
         for w in plan.create:
             svc = catalog.save_instance(change, node, _spec(w), agent_local=False)
-            _health(change, node, svc, w)
+            _health(change, node, svc, w, new=True)
         for w in plan.update:
             s = stored[w.service_id]
             svc = None
@@ -353,7 +353,11 @@ def _ensure_node(account: CloudAccount):
     return node
 
 
-def _health(change: Change, node, svc: ServiceInstance, w: ImportedInstance) -> None:
+def _health(
+    change: Change, node, svc: ServiceInstance, w: ImportedInstance, new: bool = False
+) -> None:
+    # A new instance has no check yet: say so, and spare the lookup.
+    known = {"existing": None} if new else {}
     catalog.upsert_check(
         change,
         node,
@@ -367,4 +371,5 @@ def _health(change: Change, node, svc: ServiceInstance, w: ImportedInstance) -> 
         agent_local=False,
         status=w.health,
         output=w.health_output,
+        **known,
     )
