@@ -20,9 +20,9 @@ from clouds.providers import PROVIDERS, provider_class
 from clouds.providers.base import AccountSpec
 from registry import topics as topic
 from registry.ca import secrets
-from registry.domain import catalog
+from registry.domain import catalog, datacenters
 from registry.errors import BadRequest, Conflict, NotFound
-from registry.models import Node
+from registry.models import Datacenter, Node
 from registry.txn import Change
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -223,7 +223,13 @@ def create_account(
             raise Conflict(f'Cloud account "{name}" already exists')
         if Node.objects.filter(name=node_name(name)).exists():
             raise Conflict(f'Node "{node_name(name)}" exists: choose another account name')
-        catalog.ensure_datacenter(datacenter, change)
+        if not Datacenter.objects.filter(name=datacenter).exists():
+            # A new datacenter is this cloud's region (400 for a name DNS cannot carry).
+            datacenters.create_datacenter(
+                datacenter,
+                provider=provider if provider in Datacenter.PROVIDERS else "other",
+                region=regions[0],
+            )
         account = CloudAccount.objects.create(
             name=name,
             provider=provider,

@@ -53,6 +53,16 @@ def test_it_stores_credentials_only_encrypted_and_never_shows_them(db):
     assert shown["credentials"] == "stored" and SECRET not in str(shown)
 
 
+def test_a_new_datacenter_is_the_clouds_region(db):
+    from registry.models import Datacenter
+
+    make("east", datacenter="aws-east", regions=["us-east-2"])
+    dc = Datacenter.objects.get(name="aws-east")
+    assert (dc.provider, dc.region) == ("aws", "us-east-2")
+    with pytest.raises(BadRequest, match="Invalid datacenter name"):
+        make("west", datacenter="no such dc")
+
+
 def test_an_account_without_credentials_uses_the_environment(db):
     account = make("envy", credentials=None)
     assert account.credentials_encrypted == ""
