@@ -28,6 +28,7 @@ from registry.txn import Change
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 PREFIX = "fernet:"
 MIN_INTERVAL = 30
+MAX_INTERVAL = 7 * 24 * 3600
 IMPORT_KEYS = {"cloud_map", "ec2"}
 EXPORT_KEYS = {"namespace", "create_namespace", "services", "region"}
 
@@ -214,8 +215,12 @@ def create_account(
         raise BadRequest(f"Unknown provider {provider!r} (use one of {', '.join(PROVIDERS)})")
     _str_list(regions, "regions")
     _validate(provider, regions, credentials, endpoint_url)
-    if interval < MIN_INTERVAL:
-        raise BadRequest(f"interval: at least {MIN_INTERVAL} seconds")
+    if not MIN_INTERVAL <= interval <= MAX_INTERVAL:
+        raise BadRequest(f"interval: {MIN_INTERVAL} to {MAX_INTERVAL} seconds")
+    if len(endpoint_url) > 512 or len(gateway_security_group) > 64 or len(datacenter) > 128:
+        raise BadRequest(
+            "endpoint_url (512), gateway_security_group (64), datacenter (128): too long"
+        )
     imports = _import_config(import_config if import_config is not None else {})
     exports = _export_config(export_config if export_config is not None else {})
     with Change() as change:

@@ -80,6 +80,8 @@ def test_an_account_without_credentials_uses_the_environment(db):
         ({"credentials": {"access_key_id": "AKIAUNITTESTKEY00001"}}, "secret_access_key"),
         ({"endpoint_url": "ftp://x"}, "endpoint_url"),
         ({"interval": 5}, "interval"),
+        ({"interval": 10**12}, "interval"),
+        ({"endpoint_url": "http://x/" + "a" * 600}, "too long"),
         ({"import_config": {"s3": {}}}, "unknown key(s) s3"),
         ({"import_config": {"cloud_map": {"namespaces": "ns"}}}, "namespaces"),
         ({"import_config": {"cloud_map": {"service_name": "{nope}"}}}, "service_name"),

@@ -49,6 +49,9 @@ def mesh(tmp_path_factory):
             "MESH_CLOUD_MAX_ATTEMPTS": "3",
             "MESH_CLOUD_TICK_SECONDS": "3600",
             "MESH_CLOUD_SYNC_LEASE_SECONDS": "10",
+            # An account without credentials must not look for an instance role off this
+            # host (botocore would ask 169.254.169.254): the environment has none.
+            "AWS_EC2_METADATA_DISABLED": "true",
         },
     )
     yield server
