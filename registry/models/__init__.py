@@ -18,6 +18,7 @@ from registry.models.events import UserEvent
 from registry.models.index import MeshIndex, TopicIndex
 from registry.models.kv import KVEntry, Session
 from registry.models.queries import PreparedQuery
+from registry.models.servers import ServerProcess
 
 __all__ = [
     "CAConfig",
@@ -39,6 +40,7 @@ __all__ = [
     "NodeCoordinate",
     "NodeEnrollment",
     "PreparedQuery",
+    "ServerProcess",
     "ServiceInstance",
     "Session",
     "TopicIndex",
