@@ -264,7 +264,10 @@ def restore(snap: archive.Snapshot) -> int:
 
 
 def _forget_cached_rows() -> None:
-    from registry.domain import catalog, proxycfg
+    """After a restore: what this process keeps in memory of the old rows goes (the
+    trust domain may have changed with the cluster identity)."""
+    from registry.domain import catalog, intentions, proxycfg
 
     catalog.forget_local_node()
     proxycfg.forget_shared_reads()
+    intentions.reset_caches()

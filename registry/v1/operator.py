@@ -61,7 +61,7 @@ def agent_reload(ctx: Ctx) -> Reply:
     """
     node = _agent_node(ctx)
     ctx.require(ctx.authz.agent_write(node), "agent:write", node)
-    from registry.domain import acl, proxycfg
+    from registry.domain import acl, intentions, proxycfg
     from registry.v1 import base
 
     with acl._cache_lock:
@@ -70,6 +70,7 @@ def agent_reload(ctx: Ctx) -> Reply:
         base.read_cache._entries.clear()
     catalog.forget_local_node()
     proxycfg.forget_shared_reads()
+    intentions.reset_caches()
     return Reply(raw=b"", content_type="text/plain")
 
 

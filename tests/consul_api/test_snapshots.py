@@ -141,6 +141,12 @@ def test_round_trip_sqlite_to_postgresql_keeps_every_table(source, target):
         # the restored CA (its key decrypted with the shared secret) still signs leaves
         leaf = http.get("/v1/agent/connect/ca/leaf/snap-web")
         assert leaf.status_code == 200, leaf.text
+        from cryptography import x509
+
+        active = next(r for r in roots["Roots"] if r["Active"])
+        cert = x509.load_pem_x509_certificate(leaf.json()["CertPEM"].encode())
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(active["RootCert"].encode()))
+        assert made["roots"]["TrustDomain"] in leaf.json()["ServiceURI"]
         ixn = http.get(
             "/v1/connect/intentions/exact", params={"source": "snap-web", "destination": "snap-db"}
         )
