@@ -19,6 +19,8 @@ import logging
 import random
 import time
 
+import grpc
+
 from meshproto import vivaldi
 from meshproto.proto import mesh_pb2
 
@@ -90,14 +92,25 @@ class CoordinateKeeper:
         await asyncio.sleep(random.uniform(0.0, min(self.interval, 1.0)))
         while True:
             samples = await self._measure()
-            answer = await stub.ReportRTT(
-                mesh_pb2.RTTReport(
-                    coordinate=_to_proto(self.client.coord),
-                    samples=samples,
-                    probe_port=self.probe_port,
-                ),
-                timeout=rpc_timeout,
-            )
-            self.peers = list(answer.peers)
-            self.reports += 1
+            try:
+                answer = await stub.ReportRTT(
+                    mesh_pb2.RTTReport(
+                        coordinate=_to_proto(self.client.coord),
+                        samples=samples,
+                        probe_port=self.probe_port,
+                    ),
+                    timeout=rpc_timeout,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    log.warning("the control plane does not take coordinates")
+                    await asyncio.Event().wait()  # the other streams decide the connection
+                if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                # A report refused (a coordinate gone bad): start again, keep the connection.
+                log.error("coordinate report refused", extra={"error": exc.details()})
+                self.client = vivaldi.Client()
+            else:
+                self.peers = list(answer.peers)
+                self.reports += 1
             await asyncio.sleep(self.interval * random.uniform(0.75, 1.25))
