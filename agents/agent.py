@@ -51,7 +51,9 @@ from agents.leaves import Leaf, LeafKeeper, make_leaf, renewal_point
 from agents.metrics import agent_metrics, merge_scrapes
 from agents.sidecars import Sidecars
 from agents.state import LocalState, StateError, UnknownError
+from agents.traffic import TrafficReporter
 from meshproto import pki, scope, spiffe
+from meshproto.gatewaycfg import GatewayConfig
 from meshproto.proto import mesh_pb2, mesh_pb2_grpc
 from meshproto.proxycfg import ProxyConfig
 
@@ -83,7 +85,24 @@ class Agent:
         self.checks = CheckRunner(self.state, self._check_changed, record=self._record_check)
         self.checks.state_node_name = config.node
         self.sidecar_command = find_sidecar_bin(config.sidecar_bin)
-        self.sidecars = Sidecars(config.sidecar_dir, self.sidecar_command, self._sidecar_answered)
+        self.sidecars = Sidecars(
+            config.sidecar_dir,
+            self.sidecar_command,
+            self._sidecar_answered,
+            otlp_endpoint=config.otlp_endpoint,
+            trace_sample_ratio=config.trace_sample_ratio,
+            access_log_dir=config.access_log_dir,
+        )
+        self.traffic = TrafficReporter()
+        # Mesh gateways (`kind: mesh-gateway` definitions): fed like sidecars, without keys.
+        self.gateway_command = find_sidecar_bin("", "mesh-gateway")
+        self.gateways = Sidecars(
+            config.gateway_dir,
+            self.gateway_command,
+            self._sidecar_answered,
+            keyless=True,
+            what="mesh-gateway",
+        )
         self.leaves = LeafKeeper(config.data_dir / "leaves", self._sign, self._leaf_ready)
         self.configs: dict[str, dict[str, Any]] = {}  # proxy ID -> last valid config received
         self.service_leaves: dict[str, tuple[Leaf, float]] = {}  # service -> (leaf, renew at)
@@ -212,6 +231,8 @@ class Agent:
         )
         self._tasks.append(loop.create_task(self._control_loop(), name="control"))
         self._tasks.append(loop.create_task(self._renew_node_cert(), name="node-cert"))
+        if self.config.traffic_report_interval:
+            self._tasks.append(loop.create_task(self._report_traffic(), name="traffic"))
         await self._stop.wait()
         await self.shutdown()
         return 0
@@ -234,7 +255,11 @@ class Agent:
         await _bounded("checks", self.checks.close(), 1.0)
         await _bounded("leaves", self.leaves.close(), 1.0)
         # The sidecars get SIGTERM, their grace, then SIGKILL (agents.sidecars).
-        await _bounded("sidecars", self.sidecars.close(), SIDECAR_STOP_SECONDS)
+        await _bounded(
+            "sidecars",
+            asyncio.gather(self.sidecars.close(), self.gateways.close()),
+            SIDECAR_STOP_SECONDS,
+        )
         self.state.save()
         log.info("agent stopped", extra={"seconds": round(time.monotonic() - started, 2)})
 
@@ -300,7 +325,8 @@ class Agent:
             head, _, body = raw.partition(b"\r\n\r\n")
             return body.decode(errors="replace") if b" 200 " in head.split(b"\r\n", 1)[0] else ""
 
-        ports = {pid: p.metrics_port for pid, p in self.sidecars.procs.items() if p.metrics_port}
+        procs = {**self.sidecars.procs, **self.gateways.procs}
+        ports = {pid: p.metrics_port for pid, p in procs.items() if p.metrics_port}
         results = await asyncio.gather(
             *(scrape(port) for port in ports.values()), return_exceptions=True
         )
@@ -309,6 +335,40 @@ class Agent:
             for pid, text in zip(ports, results, strict=True)
             if isinstance(text, str) and text
         }
+
+    async def _report_traffic(self) -> None:
+        """Every interval: scrape the sidecars and report what changed (`agents.traffic`)."""
+        interval = self.config.traffic_report_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.traffic.collect(await self._scrape_sidecars())
+                report = self.traffic.report()
+                stub = self.stub
+                if report is None:
+                    self.traffic.idle()
+                    continue
+                if stub is None or not self.connected:
+                    continue  # kept pending until the connection is back
+                try:
+                    ack = await stub.ReportTraffic(report, timeout=self.config.rpc_timeout)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() in (
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        grpc.StatusCode.PERMISSION_DENIED,
+                    ):
+                        # Sending it again would be refused again: drop it, say why.
+                        self.traffic.sent(report, 0)
+                    log.warning(
+                        "traffic report not stored",
+                        extra={"code": exc.code().name, "error": exc.details()},
+                    )
+                    continue
+                self.traffic.sent(report, ack.accepted)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # reporting must never stop the agent
+                log.exception("traffic report failed")
 
     # --- identity -------------------------------------------------------------------------
 
@@ -485,6 +545,8 @@ class Agent:
     async def _apply_proxies_now(self) -> None:
         proxies = {p.id: p for p in self.state.proxies()}
         added, removed = await self.sidecars.ensure(set(proxies))
+        gw_added, gw_removed = await self.gateways.ensure({g.id for g in self.state.gateways()})
+        added, removed = added | gw_added, removed | gw_removed
         for pid in removed:
             self.configs.pop(pid, None)
             with contextlib.suppress(FileNotFoundError):
@@ -492,7 +554,7 @@ class Agent:
             for name in ("mesh_agent_proxy_config_version", "mesh_agent_proxy_cert_expiry_seconds"):
                 self.metrics.remove(name, proxy_id=pid)
         for pid in added:
-            feed = self.sidecars.feeds.get(pid)
+            feed = self._feed(pid)
             if feed is None:  # its socket could not be served (logged)
                 continue
             saved = self._load_config(pid)
@@ -501,7 +563,7 @@ class Agent:
                 # even before (or without) the control plane answering.
                 self.configs[pid] = saved
                 feed.set_config(saved, int(saved.get("version", 0)))
-            if self.identity is not None:
+            if self.identity is not None and not feed.keyless:
                 feed.set_roots(self.identity.roots_pem)
             leaf = self.leaves.leaves.get(pid)
             if leaf is not None:
@@ -712,11 +774,12 @@ class Agent:
             # config (anti-entropy will register it again if it is still ours).
             log.info("proxy removed by the control plane", extra={"proxy_id": pid})
             return
-        feed = self.sidecars.feeds.get(pid)
+        feed = self._feed(pid)
         try:
-            cfg = ProxyConfig.loads(update.config_json)
             if feed is None:
                 raise ValueError(f"proxy {pid!r} is not on this agent")
+            kind = GatewayConfig if feed.keyless else ProxyConfig
+            cfg = kind.loads(update.config_json)
             if cfg.proxy_id != pid:
                 raise ValueError(f"config for {cfg.proxy_id!r} sent as {pid!r}")
         except ValueError as exc:
@@ -730,9 +793,10 @@ class Agent:
         data = cfg.to_json()
         self.configs[pid] = data
         self.metrics.set("mesh_agent_proxy_config_received_version", version, proxy_id=pid)
-        self._update_roots(cfg.roots)
+        if isinstance(cfg, ProxyConfig):
+            self._update_roots(cfg.roots)
         feed.set_config(data, version)
-        if not self.sidecar_command:
+        if not (self.gateway_command if feed.keyless else self.sidecar_command):
             # Nobody to hand it to but the socket: the agent's own validation is the ack.
             self._ack(pid, version, True)
             self._save_config(pid, data)
@@ -747,15 +811,21 @@ class Agent:
         client.write_private(path, json.dumps(data, separators=(",", ":")))
 
     def _load_config(self, proxy_id: str) -> dict[str, Any] | None:
+        feed = self._feed(proxy_id)
+        kind = GatewayConfig if feed is not None and feed.keyless else ProxyConfig
         try:
-            return ProxyConfig.loads(self._config_path(proxy_id).read_bytes()).to_json()
+            return kind.loads(self._config_path(proxy_id).read_bytes()).to_json()
         except (OSError, ValueError):
             return None
+
+    def _feed(self, proxy_id: str):
+        """The socket feed of a sidecar or mesh gateway on this host (None if neither)."""
+        return self.sidecars.feeds.get(proxy_id) or self.gateways.feeds.get(proxy_id)
 
     def _sidecar_answered(self, proxy_id: str, version: int, ok: bool, error: str) -> None:
         if ok:
             self.metrics.set("mesh_agent_proxy_config_version", version, proxy_id=proxy_id)
-            feed = self.sidecars.feeds.get(proxy_id)
+            feed = self._feed(proxy_id)
             if feed is not None and feed.good_config is not None and feed.good_version == version:
                 self._save_config(proxy_id, feed.good_config)
             # It listens now: check it at once rather than an interval later, so

@@ -58,6 +58,8 @@ class Bundle:
     cert_not_after: float
 
     def line(self) -> bytes:
+        if not self.key:  # a mesh gateway's feed: it holds no key material
+            return json.dumps({"config": self.config}, separators=(",", ":")).encode() + b"\n"
         return (
             json.dumps(
                 {
@@ -76,8 +78,11 @@ class Bundle:
 class SidecarFeed:
     """One proxy's Unix socket: the current bundle out, acks and nacks in."""
 
-    def __init__(self, proxy_id: str, path: Path, on_ack: AckHandler) -> None:
+    def __init__(
+        self, proxy_id: str, path: Path, on_ack: AckHandler, keyless: bool = False
+    ) -> None:
         self.proxy_id = proxy_id
+        self.keyless = keyless  # a mesh gateway: config only, never a leaf
         self.path = path
         self.on_ack = on_ack
         self.server: asyncio.base_events.Server | None = None
@@ -132,6 +137,8 @@ class SidecarFeed:
         self.push()
 
     def bundle(self) -> Bundle | None:
+        if self.config is not None and self.keyless:
+            return Bundle(self.config, self.version, "", "", (), 0.0)
         if self.config is None or self.leaf is None:
             return None
         roots = tuple(self.config.get("roots") or ()) or self.roots
@@ -243,10 +250,16 @@ class SidecarProcess:
     """One `mesh-sidecar` child: started, restarted with backoff, stopped with grace."""
 
     def __init__(
-        self, proxy_id: str, command: list[str], socket_path: Path, state_dir: Path
+        self,
+        proxy_id: str,
+        command: list[str],
+        socket_path: Path,
+        state_dir: Path,
+        extra_args: list[str] | None = None,
     ) -> None:
         self.proxy_id = proxy_id
         self.command = command
+        self.extra_args = extra_args or []  # observability flags (`Sidecars.args_for`)
         self.socket_path = socket_path
         self.pid_path = state_dir / f"{proxy_id}.pid"
         self.log_path = state_dir / f"{proxy_id}.log"
@@ -292,6 +305,7 @@ class SidecarProcess:
                 str(self.socket_path),
                 "--metrics-addr",
                 f"127.0.0.1:{self.metrics_port}",
+                *self.extra_args,
             ]
             started = time.monotonic()
             try:
@@ -374,14 +388,42 @@ def _alive(pid: int) -> bool:
 
 
 class Sidecars:
-    """The feeds and processes of the proxies on this host, kept equal to the local state."""
+    """The feeds and processes of the proxies on this host, kept equal to the local state.
+    With `keyless`, the mesh gateways': their feeds carry configs only."""
 
-    def __init__(self, directory: Path, command: list[str] | None, on_ack: AckHandler) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        command: list[str] | None,
+        on_ack: AckHandler,
+        *,
+        otlp_endpoint: str = "",
+        trace_sample_ratio: float | None = None,
+        access_log_dir: Path | None = None,
+        keyless: bool = False,
+        what: str = "mesh-sidecar",
+    ) -> None:
         self.dir = directory
         self.command = command
         self.on_ack = on_ack
+        self.otlp_endpoint = otlp_endpoint
+        self.trace_sample_ratio = trace_sample_ratio
+        self.access_log_dir = access_log_dir
+        self.keyless = keyless
+        self.what = what
         self.feeds: dict[str, SidecarFeed] = {}
         self.procs: dict[str, SidecarProcess] = {}
+
+    def args_for(self, proxy_id: str) -> list[str]:
+        """The observability flags of one sidecar (unset ones: the sidecar's own defaults)."""
+        args: list[str] = []
+        if self.otlp_endpoint:
+            args += ["--otlp-endpoint", self.otlp_endpoint]
+        if self.trace_sample_ratio is not None:
+            args += ["--trace-sample-ratio", repr(self.trace_sample_ratio)]
+        if self.access_log_dir is not None:
+            args += ["--access-log", str(self.access_log_dir / f"{proxy_id}.log")]
+        return args
 
     async def ensure(self, proxy_ids: set[str]) -> tuple[set[str], set[str]]:
         """Start what is new, stop what is gone; returns (added, removed)."""
@@ -397,7 +439,7 @@ class Sidecars:
             path = socket_path(self.dir, pid)
             if path.parent != self.dir:
                 log.info("socket path shortened", extra={"proxy_id": pid, "socket": str(path)})
-            feed = SidecarFeed(pid, path, self.on_ack)
+            feed = SidecarFeed(pid, path, self.on_ack, keyless=self.keyless)
             try:
                 await feed.start()
             except OSError as exc:
@@ -407,12 +449,12 @@ class Sidecars:
                 continue
             self.feeds[pid] = feed
             if self.command:
-                proc = SidecarProcess(pid, self.command, feed.path, self.dir)
+                proc = SidecarProcess(pid, self.command, feed.path, self.dir, self.args_for(pid))
                 proc.start()
                 self.procs[pid] = proc
         if added and not self.command:
             log.warning(
-                "mesh-sidecar not found: serving sidecar sockets without starting sidecars",
+                f"{self.what} not found: serving its sockets without starting processes",
                 extra={"proxies": sorted(added)},
             )
         return added, removed

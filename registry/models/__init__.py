@@ -17,8 +17,10 @@ from registry.models.coordinates import NodeCoordinate
 from registry.models.events import UserEvent
 from registry.models.index import MeshIndex, TopicIndex
 from registry.models.kv import KVEntry, Session
+from registry.models.peering import ImportedService, Peering
 from registry.models.queries import PreparedQuery
 from registry.models.servers import ServerProcess
+from registry.models.telemetry import TrafficSample
 
 __all__ = [
     "CAConfig",
@@ -26,6 +28,7 @@ __all__ = [
     "ClusterIdentity",
     "ConfigEntry",
     "Intention",
+    "ImportedService",
     "IssuedCert",
     "JoinToken",
     "ACLPolicy",
@@ -36,6 +39,7 @@ __all__ = [
     "KVEntry",
     "MeshIndex",
     "Node",
+    "Peering",
     "NodeCertificate",
     "NodeCoordinate",
     "NodeEnrollment",
@@ -44,5 +48,6 @@ __all__ = [
     "ServiceInstance",
     "Session",
     "TopicIndex",
+    "TrafficSample",
     "UserEvent",
 ]

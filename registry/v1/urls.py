@@ -20,6 +20,7 @@ from registry.v1 import (
 )
 from registry.v1 import config as config_v1
 from registry.v1 import intentions as intentions_v1
+from registry.v1 import peering as peering_v1
 
 urlpatterns = [
     # agent
@@ -72,4 +73,5 @@ urlpatterns = [
     *connect_ca.urlpatterns,
     *intentions_v1.urlpatterns,
     *config_v1.urlpatterns,
+    *peering_v1.urlpatterns,
 ]

@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('registry', '0008_user_events'),
+        ('registry', '0010_user_events'),
     ]
 
     operations = [

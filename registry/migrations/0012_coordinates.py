@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('registry', '0009_prepared_queries'),
+        ('registry', '0011_prepared_queries'),
     ]
 
     operations = [

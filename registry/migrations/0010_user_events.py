@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('registry', '0007_node_enrollment'),
+        ('registry', '0009_peering'),
     ]
 
     operations = [
