@@ -44,6 +44,7 @@ from agents import client
 from agents.checks import CheckRunner
 from agents.client import Backoff, Identity, IdentityStore, JoinError
 from agents.config import AgentConfig, find_sidecar_bin
+from agents.coordinates import CoordinateKeeper
 from agents.definitions import read_config_dirs
 from agents.events import EventRunner
 from agents.leaves import Leaf, LeafKeeper, make_leaf, renewal_point
@@ -120,6 +121,9 @@ class Agent:
         self._servers: list[Any] = []
         self.local_token = ""  # the local API's token (`<data-dir>/agent-token`)
         self.events = EventRunner(config.config_dirs, config.data_dir)  # `watches` of events
+        self.coordinates = CoordinateKeeper(
+            config.join_host, config.join_port, config.http_port, config.rtt_interval
+        )
 
     # --- facts ------------------------------------------------------------------------
 
@@ -612,6 +616,7 @@ class Agent:
                     self._anti_entropy(stub),
                     self._push_checks(stub),
                     self.events.stream(stub),
+                    self.coordinates.run(stub, self.config.rpc_timeout),
                 )
                 reason = "connection ended"
             except asyncio.CancelledError:

@@ -81,6 +81,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="anti-entropy full sync interval (default 30s)",
     )
     p.add_argument(
+        "-rtt-interval",
+        "--rtt-interval",
+        dest="rtt_interval",
+        help="how often round trips are measured for network coordinates (default 10s)",
+    )
+    p.add_argument(
         "-rpc-timeout",
         "--rpc-timeout",
         dest="rpc_timeout",
@@ -152,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
             metrics_addr=args.metrics_addr,
             dc=args.dc,
             sync_interval=args.sync_interval,
+            rtt_interval=args.rtt_interval,
             rpc_timeout=args.rpc_timeout,
             sidecar_bin=args.sidecar_bin,
             log_level=args.log_level,

@@ -40,6 +40,7 @@ class AgentConfig:
     metrics_port: int
     datacenter: str  # "" until learnt from the server's certificate or the join answer
     sync_interval: float = 30.0  # anti-entropy full sync, jittered
+    rtt_interval: float = 10.0  # round-trip probes for network coordinates, jittered
     rpc_timeout: float = 10.0  # deadline of every unary RPC
     sidecar_bin: str = ""  # "" finds mesh-sidecar next to the interpreter or on PATH
     log_level: str = "info"
@@ -124,6 +125,7 @@ def build(
     metrics_addr: str | None,
     dc: str | None,
     sync_interval: str | None = None,
+    rtt_interval: str | None = None,
     rpc_timeout: str | None = None,
     sidecar_bin: str | None = None,
     log_level: str | None = None,
@@ -236,6 +238,7 @@ def build(
         sync_interval=parse_duration_flag(sync_interval, "-sync-interval")
         if sync_interval
         else 30.0,
+        rtt_interval=parse_duration_flag(rtt_interval, "-rtt-interval") if rtt_interval else 10.0,
         rpc_timeout=parse_duration_flag(rpc_timeout, "-rpc-timeout") if rpc_timeout else 10.0,
         sidecar_bin=sidecar_bin or "",
         log_level=level,

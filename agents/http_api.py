@@ -171,7 +171,7 @@ async def self_(agent: Agent, req: Request) -> Reply:
                 "Version": VERSION,
             },
             "DebugConfig": {},
-            "Coord": None,
+            "Coord": agent.coordinates.coordinate.to_json(),
             "Member": member(agent),
             "Stats": {"agent": {"connected": str(agent.connected).lower()}},
             "Meta": {},

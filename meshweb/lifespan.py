@@ -44,6 +44,9 @@ async def _start() -> list[asyncio.Task]:
         from registry.grpc.server import start_grpc
 
         tasks.append(await start_grpc(*settings.MESH_GRPC_ADDR))
+    from registry.domain.servers import heartbeat
+
+    tasks.append(asyncio.create_task(heartbeat(), name="server-heartbeat"))
     from registry.peering_replication import run as run_peering
 
     tasks.append(asyncio.create_task(run_peering(), name="peering"))

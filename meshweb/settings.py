@@ -90,7 +90,7 @@ MESH_TXN_MAX_REQ_LEN = env_int("MESH_TXN_MAX_REQ_LEN", 512 * 1024, minimum=1024)
 MESH_EVENT_MAX_PAYLOAD = env_int("MESH_EVENT_MAX_PAYLOAD", 512, minimum=1)
 MESH_EVENT_BUFFER = env_int("MESH_EVENT_BUFFER", 256, minimum=1)
 # The largest snapshot `PUT /v1/snapshot` takes (bytes, compressed).
-MESH_SNAPSHOT_MAX_SIZE = env_int("MESH_SNAPSHOT_MAX_SIZE", 1024 * 1024 * 1024, minimum=1024)
+MESH_SNAPSHOT_MAX_SIZE = env_int("MESH_SNAPSHOT_MAX_SIZE", 256 * 1024 * 1024, minimum=1024)
 MESH_MAX_BODY_SIZE = env_int("MESH_MAX_BODY_SIZE", 4 * 1024 * 1024, minimum=1024)
 MESH_DB_THREADS = env_int("MESH_DB_THREADS", 8, minimum=1)
 # Threads serving the REST API, docs and UI (sync Django views).

@@ -170,7 +170,8 @@ RULES: dict[str, frozenset[str]] = {
     "query.one": NO_MORE,
     "query.write": NO_MORE,
     "query.delete": NO_MORE,
-    "coordinate.update": NO_MORE,  # the archive's facts (ID, index, table counts), never its rows
+    "coordinate.update": NO_MORE,
+    "operator.agent_reload": NO_MORE,  # the archive's facts (ID, index, table counts), never its rows
     "session.create": NO_MORE,
     "session.destroy": NO_MORE,
     "session.renew": NO_MORE,

@@ -11,6 +11,7 @@ between any two nodes, which orders `?near=` answers, prepared queries'
 
 from __future__ import annotations
 
+import random
 import statistics
 import threading
 from collections.abc import Callable, Iterable
@@ -178,3 +179,48 @@ class ServerCoordinate:
 
 
 server_coordinate = ServerCoordinate()
+
+
+# --- agents' reports ---------------------------------------------------------------------------
+
+PEERS_PER_REPORT = 4
+
+
+def report(
+    node: str,
+    coord: vivaldi.Coordinate,
+    samples: list[tuple[str, float]],
+    probe_port: int,
+    rng: random.Random | None = None,
+) -> list[dict[str, Any]]:
+    """An agent's `ReportRTT`: store its coordinate, move the control plane's from the
+    round trips measured to it (sample node ""), and name the peers to probe next.
+
+    Returns the peers as `{"Node", "Address", "Port", "Coord"}`; the control plane
+    is the one with no address (agents reach it at their join address).
+    """
+    if not coord.valid():
+        raise BadRequest("Invalid coordinate")
+    if not 0 <= probe_port <= 65535:
+        raise BadRequest("Invalid probe port")
+    set_coordinate(node, coord, probe_port=probe_port)
+    here = settings.MESH_NODE_NAME
+    to_server = [rtt for peer, rtt in samples if peer == "" and 0 <= rtt <= vivaldi.MAX_RTT]
+    for rtt in to_server:
+        server = server_coordinate.observe(node, coord, rtt)
+        set_coordinate(here, server)
+    located = NodeCoordinate.objects.exclude(node__in=[node, here]).filter(probe_port__gt=0)
+    candidates = list(located)
+    (rng or random).shuffle(candidates)
+    addresses = dict(
+        Node.objects.filter(name__in=[c.node for c in candidates]).values_list("name", "address")
+    )
+    peers = [
+        {"Node": c.node, "Address": addresses[c.node], "Port": c.probe_port, "Coord": c.coord}
+        for c in candidates
+        if addresses.get(c.node)
+    ][:PEERS_PER_REPORT]
+    server_row = NodeCoordinate.objects.filter(node=here).first()
+    if server_row is not None:
+        peers.append({"Node": here, "Address": "", "Port": 0, "Coord": server_row.coord})
+    return peers

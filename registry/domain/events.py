@@ -16,6 +16,7 @@ matches everything.
 from __future__ import annotations
 
 import base64
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,8 @@ from registry import topics as topic
 from registry.errors import BadRequest, TooLarge
 from registry.models import Node, ServiceInstance, UserEvent
 from registry.txn import Change, topic_index
+
+log = logging.getLogger("meshweb.events")
 
 MAX_NAME = 256
 MAX_FILTER = 512
@@ -111,6 +114,7 @@ def fire(
         change.touch(topic.EVENTS)
         state = {**event_json(event), "Payload": f"<{len(payload)} bytes>"}
         change.audit("event.fire", "event", name, None, state)
+    log.info("user event %r fired (%s, %d bytes)", name, event.id, len(payload))
     return event
 
 

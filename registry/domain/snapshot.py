@@ -44,6 +44,8 @@ from registry.errors import BadRequest
 from registry.txn import Change, current_index
 
 APP = "registry"
+# Tables that describe running processes, not state: never saved nor replaced.
+EPHEMERAL = frozenset({"serverprocess"})
 
 
 def _models(include_audit: bool = True) -> list[type[models.Model]]:
@@ -51,7 +53,8 @@ def _models(include_audit: bool = True) -> list[type[models.Model]]:
     found = [
         m
         for m in apps.get_app_config(APP).get_models(include_auto_created=True)
-        if include_audit or m._meta.model_name != "auditentry"
+        if (include_audit or m._meta.model_name != "auditentry")
+        and m._meta.model_name not in EPHEMERAL
     ]
     ordered: list[type[models.Model]] = []
     seen: set[type[models.Model]] = set()
@@ -261,7 +264,10 @@ def restore(snap: archive.Snapshot) -> int:
 
 
 def _forget_cached_rows() -> None:
-    from registry.domain import catalog, proxycfg
+    """After a restore: what this process keeps in memory of the old rows goes (the
+    trust domain may have changed with the cluster identity)."""
+    from registry.domain import catalog, intentions, proxycfg
 
     catalog.forget_local_node()
     proxycfg.forget_shared_reads()
+    intentions.reset_caches()

@@ -19,6 +19,7 @@ from registry.models.index import MeshIndex, TopicIndex
 from registry.models.kv import KVEntry, Session
 from registry.models.peering import ImportedService, Peering
 from registry.models.queries import PreparedQuery
+from registry.models.servers import ServerProcess
 from registry.models.telemetry import TrafficSample
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "NodeCoordinate",
     "NodeEnrollment",
     "PreparedQuery",
+    "ServerProcess",
     "ServiceInstance",
     "Session",
     "TopicIndex",

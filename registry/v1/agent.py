@@ -17,6 +17,14 @@ def _local_topics(ctx: Ctx, **_):
     return [topic.node(settings.MESH_NODE_NAME)], []
 
 
+def _coord(node: str) -> dict | None:
+    """This server's network coordinate (see `registry.domain.coordinates`), if it has one."""
+    from registry.domain.coordinates import coordinates
+
+    found = coordinates([node]).get(node)
+    return found.to_json() if found is not None else None
+
+
 @endpoint("GET")
 def self_(ctx: Ctx) -> Reply:
     node = catalog.local_node()
@@ -34,7 +42,7 @@ def self_(ctx: Ctx) -> Reply:
                 "Version": shapes.VERSION,
             },
             "DebugConfig": {},
-            "Coord": None,
+            "Coord": _coord(node.name),
             "Member": _member(node),
             "Stats": {},
             "Meta": node.meta,
