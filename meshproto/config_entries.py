@@ -426,6 +426,19 @@ ROUTE_DESTINATION = Struct(
         "RetryOnStatusCodes": ListOf(Int(100, 599)),
         "RequestHeaders": HEADER_MODIFIERS,
         "ResponseHeaders": HEADER_MODIFIERS,
+        # meshweb's extensions (docs/proxy-config.md): per-try timeout, retrying
+        # non-idempotent methods, the retry budget, and fault injection.
+        "PerTryTimeout": Duration,
+        "RetryNonIdempotent": Bool,
+        "RetryBudget": Struct({"Percent": Number(0, 100), "MinRetriesPerSecond": Number(0, 1e6)}),
+        "Fault": Struct(
+            {
+                "Delay": Duration,
+                "DelayPercent": Number(0, 100),
+                "AbortStatus": Int(200, 599),
+                "AbortPercent": Number(0, 100),
+            }
+        ),
     }
 )
 SERVICE_ROUTER = _entry(

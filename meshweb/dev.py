@@ -5,12 +5,21 @@ It starts, each as its own child process with its log in `<data-dir>/dev/`:
 1. the control plane (`mesh server`, embedded: SQLite in the data dir,
    in-process tasks, ACLs on — it bootstraps on first start and the token is
    read back from `<data-dir>/bootstrap-token`);
-2. the demo services (`mesh demo-app`): `api` on :9091 and `web` on :9090,
-   which calls `api` through its upstream listener 127.0.0.1:9191;
+2. the demo services (`mesh demo-app`): `api` v1 on :9091, `api` v2 on
+   :9092 (it fails 10 % of its calls on purpose) and `web` on :9090, which
+   calls `api` through its upstream listener 127.0.0.1:9191;
 3. one `mesh agent` (node `dev`, data in `<data-dir>/dev/agent`), joined with
    a single-use join token created here, whose config dir declares `web` and
-   `api` with sidecars (the agent runs the `mesh-sidecar` processes).
+   both `api` instances with sidecars (the agent runs the `mesh-sidecar`
+   processes, writes their access logs to `<data-dir>/dev/agent/access-logs/`
+   and reports their request counts every 5 s);
+4. once web answers, generated traffic (`mesh demo-app traffic`, 5 calls a
+   second to web), so golden metrics, `mesh top` and the access logs show
+   something from the first minute.
 
+Before the agent starts it writes the demo's config entries: `web` and `api`
+speak `http`; `api` has subsets `v1` and `v2` (by `Service.Meta.version`),
+a 90/10 split between them and a route that retries a `503` twice.
 Then it writes the intention `web -> api` (allow), waits until
 `GET http://127.0.0.1:9090/` answers with api's answer inside — the call
 went web -> web's sidecar -> mTLS -> api's sidecar -> api — prints how to
@@ -66,6 +75,9 @@ class DevConfig:
     upstream_port: int = 9191
     web_sidecar_port: int = 21000
     api_sidecar_port: int = 21001
+    api_v2_port: int = 9092
+    api_v2_sidecar_port: int = 21002
+    traffic_rate: float = 5.0  # calls a second to web; 0: no generated traffic
 
     @property
     def dev_dir(self) -> Path:
@@ -85,7 +97,8 @@ class DevConfig:
 
 
 def service_definitions(cfg: DevConfig) -> dict[str, dict[str, Any]]:
-    """The agent's config dir: `web` (upstream api) and `api`, each with a sidecar and a check."""
+    """The agent's config dir: `web` (upstream api) and `api` v1 and v2, each with a
+    sidecar and a check."""
     return {
         "web.json": {
             "service": {
@@ -104,13 +117,21 @@ def service_definitions(cfg: DevConfig) -> dict[str, dict[str, Any]]:
                 },
             }
         },
-        "api.json": {
-            "service": {
-                "name": "api",
-                "port": cfg.api_port,
-                "check": {"http": f"http://127.0.0.1:{cfg.api_port}/healthz", "interval": "2s"},
-                "connect": {"sidecar_service": {"port": cfg.api_sidecar_port}},
+        **{
+            f"api-{version}.json": {
+                "service": {
+                    "name": "api",
+                    "id": f"api-{version}",
+                    "port": port,
+                    "meta": {"version": version},
+                    "check": {"http": f"http://127.0.0.1:{port}/healthz", "interval": "2s"},
+                    "connect": {"sidecar_service": {"port": sidecar_port}},
+                }
             }
+            for version, port, sidecar_port in (
+                ("v1", cfg.api_port, cfg.api_sidecar_port),
+                ("v2", cfg.api_v2_port, cfg.api_v2_sidecar_port),
+            )
         },
     }
 
@@ -296,6 +317,53 @@ def _create_join_token(cfg: DevConfig, token: str | None) -> tuple[str, str]:
     return data["token"], data["ca_pin"]
 
 
+def demo_config_entries() -> list[dict[str, Any]]:
+    """HTTP for web and api; api's v1/v2 subsets, its 90/10 split and a retrying route."""
+    return [
+        {"Kind": "service-defaults", "Name": "api", "Protocol": "http"},
+        {"Kind": "service-defaults", "Name": "web", "Protocol": "http"},
+        {
+            "Kind": "service-resolver",
+            "Name": "api",
+            "DefaultSubset": "v1",
+            "Subsets": {
+                "v1": {"Filter": "Service.Meta.version == v1"},
+                "v2": {"Filter": "Service.Meta.version == v2"},
+            },
+        },
+        {
+            "Kind": "service-splitter",
+            "Name": "api",
+            "Splits": [
+                {"Weight": 90, "ServiceSubset": "v1"},
+                {"Weight": 10, "ServiceSubset": "v2"},
+            ],
+        },
+        {
+            "Kind": "service-router",
+            "Name": "api",
+            "Routes": [
+                {
+                    "Match": {"HTTP": {"PathPrefix": "/"}},
+                    "Destination": {
+                        "Service": "api",
+                        "NumRetries": 2,
+                        "RetryOnConnectFailure": True,
+                        "RetryOnStatusCodes": [503],
+                    },
+                }
+            ],
+        },
+    ]
+
+
+def write_config_entries(cfg: DevConfig, token: str | None) -> None:
+    """The demo's config entries, as `mesh config write` would write them."""
+    client = _api(cfg, token)
+    for entry in demo_config_entries():
+        client.put_json("/v1/config", entry)
+
+
 def allow_web_to_api(cfg: DevConfig, token: str | None) -> None:
     """The intention `web -> api` (allow), written as `mesh intention create -replace` would."""
     _api(cfg, token).put_json(
@@ -359,10 +427,27 @@ class DevMesh:
         cfg.config_dir.mkdir(parents=True, exist_ok=True)
         for name, definition in service_definitions(cfg).items():
             (cfg.config_dir / name).write_text(json.dumps(definition, indent=2) + "\n")
-        _say(f"starting the demo services api (:{cfg.api_port}) and web (:{cfg.web_port}) ...")
+        write_config_entries(cfg, self.token)
+        _say(
+            f"starting the demo services api v1 (:{cfg.api_port}), api v2 (:{cfg.api_v2_port}) "
+            f"and web (:{cfg.web_port}) ..."
+        )
         self._child(
-            "api",
-            _mesh("demo-app", "api", "--port", str(cfg.api_port), "--name", "api-1"),
+            "api-v1",
+            _mesh("demo-app", "api", "--port", str(cfg.api_port), "--name", "api-v1"),
+        )
+        self._child(
+            "api-v2",
+            _mesh(
+                "demo-app",
+                "api",
+                "--port",
+                str(cfg.api_v2_port),
+                "--name",
+                "api-v2",
+                "--fail-percent",
+                "10",
+            ),
         )
         self._child(
             "web",
@@ -377,7 +462,7 @@ class DevMesh:
                 "web-1",
             ),
         )
-        _say("starting the agent (node dev) with sidecars for web and api ...")
+        _say("starting the agent (node dev) with sidecars for web and both api ...")
         # The agent's environment carries no MESH_*: its flags say everything.
         self._child(
             "agent",
@@ -401,6 +486,8 @@ class DevMesh:
                 cfg.agent_http_addr,
                 "-metrics-addr",
                 cfg.agent_metrics_addr,
+                "-traffic-report-interval",
+                "5s",
             ),
             drop=("MESH_", "CONSUL_"),
         )
@@ -413,6 +500,18 @@ class DevMesh:
             self.children,
             0.3,
         )
+        if cfg.traffic_rate:
+            self._child(
+                "traffic",
+                _mesh(
+                    "demo-app",
+                    "traffic",
+                    "--target",
+                    f"http://127.0.0.1:{cfg.web_port}/",
+                    "--rate",
+                    f"{cfg.traffic_rate:g}",
+                ),
+            )
         print(banner(cfg, self.token, answer), flush=True)
         print(READY_LINE + " (Ctrl-C stops everything)", flush=True)
 
@@ -450,11 +549,13 @@ def banner(cfg: DevConfig, token: str | None, answer: dict[str, Any]) -> str:
     mesh = mesh_command()
     lines = [
         "",
-        "meshweb dev mesh: control plane + agent (node dev) + web and api with sidecars",
+        "meshweb dev mesh: control plane + agent (node dev) + web, api v1 and v2 with sidecars",
         f"  call web:   curl http://127.0.0.1:{cfg.web_port}/",
         f"              web calls api at 127.0.0.1:{cfg.upstream_port} (its sidecar) -> mTLS -> "
         f"api's sidecar (:{cfg.api_sidecar_port}) -> api (:{cfg.api_port})",
         f"              it answered: {json.dumps(answer)}",
+        f"  split:      api is 90 % v1 (:{cfg.api_port}), 10 % v2 (:{cfg.api_v2_port}, fails 10 % "
+        "on purpose; a 503 is retried twice)",
     ]
     if token:
         lines.append(f"  token:      export MESH_HTTP_TOKEN={token}")
@@ -472,6 +573,13 @@ def banner(cfg: DevConfig, token: str | None, answer: dict[str, Any]) -> str:
         f"  agent:      http://{cfg.agent_http_addr}/v1/agent/services, "
         f"metrics http://{cfg.agent_metrics_addr}/metrics",
         f"  logs:       {cfg.dev_dir}/*.log",
+        f"  traffic:    {cfg.traffic_rate:g} calls a second to web (log {cfg.dev_dir / 'traffic.log'})"
+        if cfg.traffic_rate
+        else "  traffic:    none generated (--traffic-rate 0)",
+        f"  top:        {mesh} top{addr_flag}      (live requests/s, success rate, latency)",
+        f"  metrics:    {cfg.http_url}/api/metrics/services/api  and  {cfg.http_url}/api/metrics/edges",
+        f"  access log: {cfg.agent_dir / 'access-logs'}/<proxy-id>.log  (one JSON line per request)",
+        "  traces:     start mesh dev with OTEL_EXPORTER_OTLP_ENDPOINT=http://HOST:4318 to export spans",
         "",
     ]
     return "\n".join(lines)
@@ -506,6 +614,8 @@ PORT_FLAGS: dict[str, tuple[str, str | int]] = {
     "--upstream-port": ("upstream_port", 9191),
     "--web-sidecar-port": ("web_sidecar_port", 21000),
     "--api-sidecar-port": ("api_sidecar_port", 21001),
+    "--api-v2-port": ("api_v2_port", 9092),
+    "--api-v2-sidecar-port": ("api_v2_sidecar_port", 21002),
 }
 
 
@@ -581,6 +691,8 @@ def check_ports(cfg: DevConfig) -> None:
         "--upstream-port": f"127.0.0.1:{cfg.upstream_port}",
         "--web-sidecar-port": f"127.0.0.1:{cfg.web_sidecar_port}",
         "--api-sidecar-port": f"127.0.0.1:{cfg.api_sidecar_port}",
+        "--api-v2-port": f"127.0.0.1:{cfg.api_v2_port}",
+        "--api-v2-sidecar-port": f"127.0.0.1:{cfg.api_v2_sidecar_port}",
     }
     if cfg.dns_addr:
         wanted["--dns-addr"] = cfg.dns_addr
@@ -599,7 +711,14 @@ def run(args: argparse.Namespace) -> int:
     values, moved = choose_ports(
         {flag: getattr(args, field_name) for flag, (field_name, _d) in PORT_FLAGS.items()}
     )
-    cfg = DevConfig(data_dir=Path(args.data_dir).expanduser().resolve(), **values)
+    if not 0 <= args.traffic_rate <= 1000:
+        print("mesh dev: --traffic-rate must be within 0..1000", file=sys.stderr)
+        return 2
+    cfg = DevConfig(
+        data_dir=Path(args.data_dir).expanduser().resolve(),
+        traffic_rate=args.traffic_rate,
+        **values,
+    )
     for line in moved:
         _say(line)
     mesh = DevMesh(cfg)
@@ -670,7 +789,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the agent's Prometheus metrics (default 127.0.0.1:9102)",
     )
     p.add_argument("--web-port", type=int, default=None, help="web's port (default 9090)")
-    p.add_argument("--api-port", type=int, default=None, help="api's port (default 9091)")
+    p.add_argument("--api-port", type=int, default=None, help="api v1's port (default 9091)")
     p.add_argument(
         "--upstream-port",
         type=int,
@@ -687,6 +806,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--api-sidecar-port",
         type=int,
         default=None,
-        help="api's sidecar inbound port (default 21001)",
+        help="api v1's sidecar inbound port (default 21001)",
+    )
+    p.add_argument("--api-v2-port", type=int, default=None, help="api v2's port (default 9092)")
+    p.add_argument(
+        "--api-v2-sidecar-port",
+        type=int,
+        default=None,
+        help="api v2's sidecar inbound port (default 21002)",
+    )
+    p.add_argument(
+        "--traffic-rate",
+        type=float,
+        default=5.0,
+        help="generated calls a second to web (default 5; 0: none)",
     )
     p.set_defaults(func=run)

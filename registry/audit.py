@@ -201,6 +201,7 @@ RULES: dict[str, frozenset[str]] = {
     "agent.SyncNode": CHECK_DEFINITIONS,
     "agent.UpdateChecks": NO_MORE,
     "agent.StreamProxyConfigs": NO_MORE,
+    "agent.ReportTraffic": NO_MORE,
     # the domain's records
     "agent.join": NO_MORE,
     "agent.join-token.create": NO_MORE,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from meshproto import spiffe
-from meshproto.intentions import IntentionIndex, from_consul_json
+from meshproto.intentions import Decision, IntentionIndex, from_consul_json
 from meshproto.proxycfg import ProxyConfig
 
 MAX_CACHED = 4096  # distinct callers; the cache is cleared (not grown) past this
@@ -27,12 +27,15 @@ class Verdict:
     # service's, another trust domain): refused before intentions are asked.
     identity_ok: bool = True
     code: str = ""  # a short metric label for identity refusals
+    # HTTP listeners only: an L7 intention decides each request (`Authorizer.request`).
+    l7: bool = False
+    source_ns: str = "default"
 
 
 class Authorizer:
     """Decisions for one config: who may open connections to `config.service`."""
 
-    __slots__ = ("service", "namespace", "trust_domain", "index", "_cache")
+    __slots__ = ("service", "namespace", "trust_domain", "index", "_cache", "_http_cache")
 
     def __init__(self, config: ProxyConfig) -> None:
         """Build from the config's intentions; IntentionError (a ValueError) if one is bad."""
@@ -49,6 +52,29 @@ class Authorizer:
             default_allow=config.default_allow,
         )
         self._cache: dict[str, Verdict] = {}
+        self._http_cache: dict[str, Verdict] = {}
+
+    def check_http(self, uri: str | None) -> Verdict:
+        """`check` for an HTTP listener: a caller whose intention is L7 is let in
+        (`l7` set), and each of its requests is decided by `request`."""
+        if uri is None:
+            return self.check(uri)
+        verdict = self._http_cache.get(uri)
+        if verdict is None:
+            verdict = self._decide(uri, http=True)
+            if len(self._http_cache) >= MAX_CACHED:
+                self._http_cache.clear()
+            self._http_cache[uri] = verdict
+        return verdict
+
+    def request(
+        self, source: str, source_ns: str, method: str, path: str, headers: dict[str, str]
+    ) -> Decision:
+        """The decision for one request of an L7-authorised caller."""
+        return self.index.decide_request(
+            source, self.service, method, path, headers,
+            source_ns=source_ns, destination_ns=self.namespace,
+        )  # fmt: skip
 
     def check(self, uri: str | None) -> Verdict:
         """The verdict for a caller presenting `uri` (None: no usable SPIFFE ID)."""
@@ -64,7 +90,7 @@ class Authorizer:
             self._cache[uri] = verdict
         return verdict
 
-    def _decide(self, uri: str) -> Verdict:
+    def _decide(self, uri: str, http: bool = False) -> Verdict:
         try:
             ident = spiffe.parse(uri)
         except spiffe.SpiffeError as exc:
@@ -86,6 +112,8 @@ class Authorizer:
             destination_ns=self.namespace,
         )
         reason = decision.reason
+        if decision.has_l7 and http:
+            return Verdict(True, ident.service, reason, l7=True, source_ns=ident.namespace)
         if decision.has_l7:
             reason += " (L7 intentions need the HTTP proxy; an L4 connection is denied)"
-        return Verdict(decision.allowed, ident.service, reason)
+        return Verdict(decision.allowed, ident.service, reason, source_ns=ident.namespace)

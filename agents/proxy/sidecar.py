@@ -23,9 +23,13 @@ from typing import Any
 
 from agents.proxy.authz import Authorizer
 from agents.proxy.balancing import EndpointKey, UpstreamPlan, key_of
+from agents.proxy.http.engine import HTTP_PROTOCOLS, HttpProxy, HttpUpstream
+from agents.proxy.http.routes import RouteError, RouteLimit
+from agents.proxy.http.wire import ServerConn
 from agents.proxy.listen import listen_socket
 from agents.proxy.logs import log
 from agents.proxy.metrics import Metrics
+from agents.proxy.observe import NULL_OBSERVER, Observer
 from agents.proxy.splice import Conn, Plain, Tls, link, start_pumping
 from agents.proxy.tls import (
     Contexts,
@@ -51,6 +55,9 @@ class Snapshot:
     contexts: Contexts
     authz: Authorizer
     plans: dict[ListenerKey, UpstreamPlan]
+    # HTTP listeners: outbound routing per upstream listener, inbound route limits.
+    http: dict[ListenerKey, HttpUpstream]
+    route_limits: tuple[RouteLimit, ...]
 
     @property
     def version(self) -> int:
@@ -83,14 +90,21 @@ class Sidecar:
         keydir: KeyDir,
         *,
         handshake_timeout: float = 10.0,
+        observer: Observer = NULL_OBSERVER,
+        http_read_timeout: float = 10.0,
     ) -> None:
         self.proxy_id = proxy_id
         self.metrics = metrics
+        self.observer = observer  # what the HTTP path reports each request to
         self.keydir = keydir
         self.handshake_timeout = handshake_timeout
         self.snapshot: Snapshot | None = None
         self.staged = Staged()
         self.listeners: dict[ListenerKey, asyncio.AbstractServer] = {}
+        self.listener_kinds: dict[ListenerKey, str] = {}  # "tcp" | "http"
+        self.http = HttpProxy(self, observer)
+        self.http.read_timeout = http_read_timeout
+        self.http_conns: set[ServerConn] = set()
         self.conns: set[Conn] = set()
         self.open_counts: dict[EndpointKey, int] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -111,7 +125,7 @@ class Sidecar:
         try:
             async with self._lock:
                 await self._apply(msg)
-        except (Refused, MaterialError, ValueError, OSError) as exc:
+        except (Refused, MaterialError, RouteError, ValueError, OSError) as exc:
             return self._nack(version, str(exc))
         self.metrics.config_applied += 1
         current = self.snapshot.version if self.snapshot else version
@@ -145,11 +159,19 @@ class Sidecar:
                 f"the leaf certificate is for {contexts.leaf_uri}, the config for {config.spiffe_id}"
             )
         if old is not None and old.config == config:
-            authz, plans = old.authz, old.plans
+            authz, plans, http, limits = old.authz, old.plans, old.http, old.route_limits
         else:
             authz = Authorizer(config)  # a fresh decision cache for every new config
             plans = self._plans(config)
-        snapshot = Snapshot(config, material, contexts, authz, plans)
+            # Routes and limits compile here: a regex that does not compile
+            # refuses the whole config (RouteError) before anything is swapped.
+            http = {
+                key: self.http.plan(plan.upstream)
+                for key, plan in plans.items()
+                if plan.upstream.protocol in HTTP_PROTOCOLS
+            }
+            limits = tuple(RouteLimit(r) for r in config.inbound.route_rate_limits)
+        snapshot = Snapshot(config, material, contexts, authz, plans, http, limits)
         await self._install(snapshot)
         self.staged = staged
         self.metrics.config_version = config.version
@@ -219,12 +241,22 @@ class Sidecar:
 
     async def _install(self, snapshot: Snapshot) -> None:
         config = snapshot.config
-        wanted: set[ListenerKey] = {("inbound", config.inbound.bind_address, config.inbound.port)}
-        wanted.update(snapshot.plans)
+        inbound_key = ("inbound", config.inbound.bind_address, config.inbound.port)
+        kinds: dict[ListenerKey, str] = {
+            inbound_key: "http" if config.inbound.protocol in HTTP_PROTOCOLS else "tcp"
+        }
+        for key in snapshot.plans:
+            kinds[key] = "http" if key in snapshot.http else "tcp"
+        wanted: set[ListenerKey] = set(kinds)
+        # A listener whose protocol changes is rebound: the old one goes first.
+        for key in [k for k in wanted & set(self.listeners) if self.listener_kinds[k] != kinds[k]]:
+            self.listeners.pop(key).close()
+            log.info("listener rebound for a protocol change", direction=key[0],
+                     address=f"{key[1]}:{key[2]}", protocol=kinds[key])  # fmt: skip
         fresh: dict[ListenerKey, asyncio.AbstractServer] = {}
         try:
             for key in wanted - set(self.listeners):
-                fresh[key] = await self._bind(key)
+                fresh[key] = await self._bind(key, kinds[key], snapshot)
         except OSError as exc:
             for server in fresh.values():
                 server.close()
@@ -232,15 +264,19 @@ class Sidecar:
         # Commit: one assignment makes every listener see the new snapshot.
         self.snapshot = snapshot
         self.listeners.update(fresh)
+        self.listener_kinds.update(kinds)
         for key in set(self.listeners) - wanted:
             self.listeners.pop(key).close()  # stops accepting; its connections drain
+            self.listener_kinds.pop(key, None)
             log.info("listener removed", direction=key[0], address=f"{key[1]}:{key[2]}")
         for key in fresh:
             log.info("listening", direction=key[0], address=f"{key[1]}:{key[2]}")
 
-    async def _bind(self, key: ListenerKey) -> asyncio.AbstractServer:
+    async def _bind(self, key: ListenerKey, kind: str, snap: Snapshot) -> asyncio.AbstractServer:
         loop = asyncio.get_running_loop()
         direction, host, port = key
+        if kind == "http":
+            return await self._bind_http(key, snap)
         if direction == "inbound":
             factory = self._accept_inbound
         else:
@@ -249,6 +285,41 @@ class Sidecar:
                 return self._accept_outbound(key)
 
         return await loop.create_server(factory, sock=listen_socket(host, port))
+
+    async def _bind_http(self, key: ListenerKey, snap: Snapshot) -> asyncio.AbstractServer:
+        loop = asyncio.get_running_loop()
+        direction, host, port = key
+        http = self.http
+
+        def factory() -> ServerConn:
+            conn = _HttpServerConn(self, direction, read_timeout=http.read_timeout,
+                                   idle_timeout=self._idle_timeout())  # fmt: skip
+            conn.tag = key
+            return conn
+
+        if direction == "outbound":
+            return await loop.create_server(factory, sock=listen_socket(host, port))
+        ctx = snap.contexts.server
+        # Certificates rotate under a listening socket: each handshake switches
+        # to the current snapshot's context (SNI callback, before the
+        # certificate is chosen and before the client's chain is verified).
+        ctx.sni_callback = self._current_server_context
+        return await loop.create_server(
+            factory,
+            sock=listen_socket(host, port),
+            ssl=ctx,
+            ssl_handshake_timeout=self.handshake_timeout,
+        )
+
+    def _current_server_context(self, sslobj: Any, name: str | None, ctx: Any) -> None:
+        snap = self.snapshot
+        if snap is not None and ctx is not snap.contexts.server:
+            snap.contexts.server.sni_callback = self._current_server_context
+            sslobj.context = snap.contexts.server
+
+    def _idle_timeout(self) -> float:
+        snap = self.snapshot
+        return snap.config.inbound.idle_timeout_s if snap is not None else 300.0
 
     def _opened(self, conn: Conn) -> None:
         self.conns.add(conn)
@@ -264,6 +335,8 @@ class Sidecar:
         m.tx[conn.direction] += conn.tx
         if conn.endpoint is not None:
             self._release_endpoint(conn.endpoint)
+        if conn.istio is not None:
+            self.observer.tcp_closed(conn.istio, conn.rx, conn.tx)
         conn.tag = None
 
     def _spawn(self, coro: Any) -> None:
@@ -327,6 +400,7 @@ class Sidecar:
             tls.close()
             return
         self.metrics.authz_allowed += 1
+        conn.istio = self.observer.tcp_opened("destination", verdict.source, snap.config.service)
         tls.transport.pause_reading()  # type: ignore[union-attr]
         self._spawn(self._connect_app(conn, snap))
 
@@ -368,6 +442,12 @@ class Sidecar:
         plan = snap.plans.get(key) if snap is not None else None  # type: ignore[union-attr]
         conn.tag = (snap, plan)
         self._opened(conn)
+        if plan is not None:
+            conn.istio = self.observer.tcp_opened(
+                "source",
+                snap.config.service,  # type: ignore[union-attr]
+                plan.upstream.destination,
+            )
         return Plain(conn, on_made=self._outbound_accepted)
 
     def _outbound_accepted(self, plain: Plain) -> None:
@@ -500,18 +580,45 @@ class Sidecar:
             server.close()
         self.listeners.clear()
         deadline = time.monotonic() + grace
-        if self.conns:
-            log.info("draining", connections=len(self.conns), grace_s=grace)
-        while self.conns and time.monotonic() < deadline:
+        if self.conns or self.http_conns:
+            log.info("draining", connections=len(self.conns) + len(self.http_conns), grace_s=grace)
+        for hconn in list(self.http_conns):
+            hconn.drain()
+        while (self.conns or self.http_conns) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         left = list(self.conns)
         for conn in left:
             conn.abort()
+        for hconn in list(self.http_conns):
+            hconn.abort()
+        self.http.close_idle()
         for task in list(self._tasks):
             task.cancel()
         if left:
             log.warning("grace period over; connections cut", connections=len(left))
             await asyncio.sleep(0)  # let the aborts run their connection_lost
+
+
+class _HttpServerConn(ServerConn):
+    """An HTTP listener's connection, counted like the L4 ones."""
+
+    def __init__(self, sidecar: Sidecar, direction: str, **kw: Any) -> None:
+        super().__init__(sidecar.http, direction, **kw)
+        self.sidecar = sidecar
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sc = self.sidecar
+        sc.http_conns.add(self)
+        sc.metrics.opened[self.direction] += 1
+        sc.metrics.active[self.direction] += 1
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        sc = self.sidecar
+        if self in sc.http_conns:
+            sc.http_conns.discard(self)
+            sc.metrics.active[self.direction] -= 1
+        super().connection_lost(exc)
 
 
 class _NoOwner:

@@ -145,3 +145,35 @@ class ProxyConfigUpdate(_message.Message):
     config_json: bytes
     removed: bool
     def __init__(self, proxy_id: _Optional[str] = ..., version: _Optional[int] = ..., config_json: _Optional[bytes] = ..., removed: _Optional[bool] = ...) -> None: ...
+
+class TrafficCounts(_message.Message):
+    __slots__ = ("reporter", "source", "destination", "requests", "failures", "latency_buckets")
+    REPORTER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    reporter: str
+    source: str
+    destination: str
+    requests: int
+    failures: int
+    latency_buckets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, reporter: _Optional[str] = ..., source: _Optional[str] = ..., destination: _Optional[str] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., latency_buckets: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TrafficReport(_message.Message):
+    __slots__ = ("start_unix", "end_unix", "counts")
+    START_UNIX_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    start_unix: float
+    end_unix: float
+    counts: _containers.RepeatedCompositeFieldContainer[TrafficCounts]
+    def __init__(self, start_unix: _Optional[float] = ..., end_unix: _Optional[float] = ..., counts: _Optional[_Iterable[_Union[TrafficCounts, _Mapping]]] = ...) -> None: ...
+
+class TrafficAck(_message.Message):
+    __slots__ = ("accepted",)
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    def __init__(self, accepted: _Optional[int] = ...) -> None: ...

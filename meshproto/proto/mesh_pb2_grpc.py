@@ -59,6 +59,11 @@ class AgentControlStub:
                 request_serializer=meshproto_dot_proto_dot_mesh__pb2.StreamRequest.SerializeToString,
                 response_deserializer=meshproto_dot_proto_dot_mesh__pb2.ProxyConfigUpdate.FromString,
                 _registered_method=True)
+        self.ReportTraffic = channel.unary_unary(
+                '/meshweb.v1.AgentControl/ReportTraffic',
+                request_serializer=meshproto_dot_proto_dot_mesh__pb2.TrafficReport.SerializeToString,
+                response_deserializer=meshproto_dot_proto_dot_mesh__pb2.TrafficAck.FromString,
+                _registered_method=True)
 
 
 class AgentControlServicer:
@@ -101,6 +106,14 @@ class AgentControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportTraffic(self, request, context):
+        """Golden metrics: what the node's sidecars counted since the last report
+        (scraped from their istio_* metrics), per (reporter, source, destination).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +141,11 @@ def add_AgentControlServicer_to_server(servicer, server):
                     servicer.StreamProxyConfigs,
                     request_deserializer=meshproto_dot_proto_dot_mesh__pb2.StreamRequest.FromString,
                     response_serializer=meshproto_dot_proto_dot_mesh__pb2.ProxyConfigUpdate.SerializeToString,
+            ),
+            'ReportTraffic': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportTraffic,
+                    request_deserializer=meshproto_dot_proto_dot_mesh__pb2.TrafficReport.FromString,
+                    response_serializer=meshproto_dot_proto_dot_mesh__pb2.TrafficAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +283,33 @@ class AgentControl:
             '/meshweb.v1.AgentControl/StreamProxyConfigs',
             meshproto_dot_proto_dot_mesh__pb2.StreamRequest.SerializeToString,
             meshproto_dot_proto_dot_mesh__pb2.ProxyConfigUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportTraffic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshweb.v1.AgentControl/ReportTraffic',
+            meshproto_dot_proto_dot_mesh__pb2.TrafficReport.SerializeToString,
+            meshproto_dot_proto_dot_mesh__pb2.TrafficAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,7 +11,17 @@ import argparse
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add every client command to `mesh`'s subcommands."""
-    from meshweb.commands import acl, ca, catalog, intention, join_token, kv, proxy_config, services
+    from meshweb.commands import (
+        acl,
+        ca,
+        catalog,
+        intention,
+        join_token,
+        kv,
+        proxy_config,
+        services,
+        top,
+    )
     from meshweb.commands import config as config_cmd
     from meshweb.commands import connect as connect_cmd
 
@@ -25,3 +35,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     proxy_config.register(sub)
     join_token.register(sub)
     connect_cmd.register(sub)
+    top.register(sub)

@@ -9,6 +9,7 @@ from registry.api import config_entries as config_entries_api
 from registry.api import connect_status as connect_status_api
 from registry.api import intentions as intentions_api
 from registry.api import join_tokens as join_tokens_api
+from registry.api import metrics as metrics_api
 from registry.api import proxycfg as proxycfg_api
 from registry.api.errors import not_found
 
@@ -46,6 +47,17 @@ urlpatterns = [
         proxycfg_api.ProxyConfigView.as_view(),
         name="service-proxy-config",
     ),
+    re_path(
+        r"^metrics/services/?$",
+        metrics_api.ServiceMetricsListView.as_view(),
+        name="metrics-services",
+    ),
+    re_path(
+        r"^metrics/services/(?P<name>[^/]+)/?$",
+        metrics_api.ServiceMetricsView.as_view(),
+        name="metrics-service",
+    ),
+    re_path(r"^metrics/edges/?$", metrics_api.EdgeMetricsView.as_view(), name="metrics-edges"),
     *router.urls,
     re_path(r"^ca/sign/?$", ca.SignView.as_view(), name="ca-sign"),
     re_path(r"^ca/roots/?$", ca.RootsView.as_view(), name="ca-roots"),

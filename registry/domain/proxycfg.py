@@ -64,9 +64,12 @@ from meshproto import config_entries as pure_entries
 from meshproto import discovery_chain as chains
 from meshproto import spiffe
 from meshproto.proxycfg import (
+    RETRY_ON,
     Cluster,
     Endpoint,
+    FaultInjection,
     Gateway,
+    HashPolicy,
     HeaderMatch,
     Inbound,
     Limits,
@@ -76,6 +79,7 @@ from meshproto.proxycfg import (
     RetryPolicy,
     Route,
     RouteMatch,
+    RouteRateLimit,
     Upstream,
     WeightedCluster,
 )
@@ -306,6 +310,18 @@ def translate_inbound(snap: ProxySnapshot) -> Inbound:
             burst=int(instance.get("RequestsMaxBurst") or 0),
         ),
         limits=Limits(max_connections=int(sd.get("MaxInboundConnections") or 0)),
+        route_rate_limits=tuple(
+            RouteRateLimit(
+                requests_per_second=float(r.get("RequestsPerSecond") or 0),
+                burst=int(r.get("RequestsMaxBurst") or 0),
+                path_exact=r.get("PathExact") or "",
+                path_prefix=r.get("PathPrefix") or "",
+                path_regex=r.get("PathRegex") or "",
+            )
+            for r in instance.get("Routes") or ()
+            if r.get("RequestsPerSecond")
+        ),
+        request_timeout_s=int(sd.get("LocalRequestTimeoutMs") or 0) / 1000.0,
     )
 
 
@@ -389,6 +405,11 @@ def _outlier(settings: Mapping[str, Any]) -> OutlierDetection | None:
         base_ejection_s=pure_entries.duration_seconds(phc.get("BaseEjectionTime"))
         or default.base_ejection_s,
         max_ejection_percent=int(phc.get("MaxEjectionPercent") or default.max_ejection_percent),
+        enforcing_consecutive_5xx=int(
+            phc["EnforcingConsecutive5xx"]
+            if phc.get("EnforcingConsecutive5xx") is not None
+            else default.enforcing_consecutive_5xx
+        ),
     )
 
 
@@ -544,15 +565,75 @@ def _splits(node: Mapping[str, Any], nodes: Mapping[str, Any]) -> tuple[Weighted
     out = []
     for split in node.get("Splits") or ():
         nxt = nodes[split["NextNode"]]
-        out.append(WeightedCluster(nxt["Resolver"]["Target"], float(split["Weight"])))
+        definition = split.get("Definition") or {}
+        req_set, req_remove = _headers(definition.get("RequestHeaders"))
+        resp_set, resp_remove = _headers(definition.get("ResponseHeaders"))
+        out.append(
+            WeightedCluster(
+                nxt["Resolver"]["Target"],
+                float(split["Weight"]),
+                request_headers_set=req_set,
+                request_headers_remove=req_remove,
+                response_headers_set=resp_set,
+                response_headers_remove=resp_remove,
+            )
+        )
     return tuple(out)
 
 
 def _headers(mods: Mapping[str, Any] | None) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
-    """Consul's header modifiers as (set, remove); `Add` is applied as a set."""
+    """Consul's header modifiers as (set, remove); `Add` is applied as a set
+    (see `_header_adds` for the routes, which keep `Add` apart)."""
     mods = mods or {}
     merged = {**(mods.get("Add") or {}), **(mods.get("Set") or {})}
     return tuple(merged.items()), tuple(mods.get("Remove") or ())
+
+
+def _route_headers(mods: Mapping[str, Any] | None) -> tuple[tuple, tuple, tuple]:
+    """A route's header modifiers as (add, set, remove): `Add` appends a value."""
+    mods = mods or {}
+    return (
+        tuple((mods.get("Add") or {}).items()),
+        tuple((mods.get("Set") or {}).items()),
+        tuple(mods.get("Remove") or ()),
+    )
+
+
+def _retry_policy(dest: Mapping[str, Any]) -> RetryPolicy:
+    """A router destination's retry settings, with meshweb's extensions
+    (`PerTryTimeout`, `RetryNonIdempotent`, `RetryBudget`)."""
+    retry_on = tuple(dest.get("RetryOn") or ())
+    budget = dest.get("RetryBudget") or {}
+    default = RetryPolicy()
+    return RetryPolicy(
+        num_retries=int(dest.get("NumRetries") or 0),
+        on_connect_failure=bool(dest.get("RetryOnConnectFailure")) or "connect-failure" in retry_on,
+        on_status_codes=tuple(int(c) for c in dest.get("RetryOnStatusCodes") or ()),
+        retry_on=tuple(r for r in retry_on if r in RETRY_ON),
+        per_try_timeout_s=_duration(dest.get("PerTryTimeout")),
+        retry_non_idempotent=bool(dest.get("RetryNonIdempotent")),
+        budget_percent=float(
+            budget["Percent"] if budget.get("Percent") is not None else default.budget_percent
+        ),
+        budget_min_per_s=float(
+            budget["MinRetriesPerSecond"]
+            if budget.get("MinRetriesPerSecond") is not None
+            else default.budget_min_per_s
+        ),
+    )
+
+
+def _fault(dest: Mapping[str, Any]) -> FaultInjection | None:
+    """meshweb's `Fault` extension of a router destination."""
+    fault = dest.get("Fault")
+    if not fault:
+        return None
+    return FaultInjection(
+        delay_s=_duration(fault.get("Delay")),
+        delay_percent=float(fault.get("DelayPercent") or 0),
+        abort_status=int(fault.get("AbortStatus") or 0),
+        abort_percent=float(fault.get("AbortPercent") or 0),
+    )
 
 
 def _resolver_timeout(node: Mapping[str, Any]) -> float:
@@ -591,24 +672,23 @@ def translate_routes(chain: Mapping[str, Any]) -> tuple[Route, ...]:
             continue
         nxt = nodes[r["NextNode"]]
         dest = definition.get("Destination") or {}
-        req_set, req_remove = _headers(dest.get("RequestHeaders"))
-        resp_set, resp_remove = _headers(dest.get("ResponseHeaders"))
+        req_add, req_set, req_remove = _route_headers(dest.get("RequestHeaders"))
+        resp_add, resp_set, resp_remove = _route_headers(dest.get("ResponseHeaders"))
         routes.append(
             Route(
                 match=_route_match(http),
                 splits=_splits(nxt, nodes),
                 prefix_rewrite=dest.get("PrefixRewrite") or "",
                 timeout_s=_duration(dest.get("RequestTimeout")) or _resolver_timeout(nxt),
-                retry=RetryPolicy(
-                    num_retries=int(dest.get("NumRetries") or 0),
-                    on_connect_failure=bool(dest.get("RetryOnConnectFailure"))
-                    or "connect-failure" in (dest.get("RetryOn") or ()),
-                    on_status_codes=tuple(int(c) for c in dest.get("RetryOnStatusCodes") or ()),
-                ),
+                retry=_retry_policy(dest),
                 request_headers_set=req_set,
                 request_headers_remove=req_remove,
                 response_headers_set=resp_set,
                 response_headers_remove=resp_remove,
+                name=str(len(routes)),
+                fault=_fault(dest),
+                request_headers_add=req_add,
+                response_headers_add=resp_add,
             )
         )
     return tuple(routes)
@@ -653,6 +733,24 @@ def _lb_policy(chain: Mapping[str, Any], target: Mapping[str, Any], entries: Map
     return (lb or {}).get("Policy") or "round_robin"
 
 
+def _hash_policies(
+    chain: Mapping[str, Any], target: Mapping[str, Any], entries: Mapping
+) -> tuple[HashPolicy, ...]:
+    node = chain["Nodes"].get(f"resolver:{target['ID']}")
+    lb = (node or {}).get("LoadBalancer")
+    if lb is None:
+        lb = _entry(entries, "service-resolver", target["Service"]).get("LoadBalancer")
+    return tuple(
+        HashPolicy(
+            field=hp.get("Field") or "",
+            field_value=hp.get("FieldValue") or "",
+            source_ip=bool(hp.get("SourceIP")),
+            terminal=bool(hp.get("Terminal")),
+        )
+        for hp in (lb or {}).get("HashPolicies") or ()
+    )
+
+
 def translate_cluster(
     snap: ProxySnapshot, us: UpstreamSnapshot, target: Mapping[str, Any]
 ) -> Cluster:
@@ -689,6 +787,8 @@ def translate_cluster(
         failover=tuple(failover),
         limits=_limits(us.settings),
         outlier=_outlier(us.settings),
+        hash_policies=_hash_policies(us.chain, target, snap.entries),
+        request_timeout_s=_duration((node.get("Resolver") or {}).get("RequestTimeout")),
     )
 
 

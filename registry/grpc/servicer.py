@@ -25,7 +25,7 @@ from django.conf import settings
 
 from meshproto.proto import mesh_pb2, mesh_pb2_grpc
 from registry import audit, db
-from registry.domain import enrollment, join_tokens, node_sync
+from registry.domain import enrollment, golden, join_tokens, node_sync
 from registry.errors import MeshError
 from registry.grpc import status
 from registry.grpc.auth import AuthError, Caller, PeerTable, caller_of, peer_of
@@ -212,3 +212,30 @@ class AgentControlServicer(mesh_pb2_grpc.AgentControlServicer):
         finally:
             self.streams.discard(stream)
             log.info("node %s closed its config stream", caller.node)
+
+    async def ReportTraffic(self, request: mesh_pb2.TrafficReport, context) -> mesh_pb2.TrafficAck:
+        caller = await self._caller(context)
+        entries = [
+            golden.Reported(
+                c.reporter,
+                c.source,
+                c.destination,
+                c.requests,
+                c.failures,
+                tuple(c.latency_buckets),
+            )
+            for c in request.counts
+        ]
+        accepted = await self._run(
+            context,
+            self._agent(caller),
+            "ReportTraffic",
+            golden.record_report,
+            caller.node,
+            request.start_unix,
+            request.end_unix,
+            entries,
+            write=True,
+            caller=caller,
+        )
+        return mesh_pb2.TrafficAck(accepted=accepted)

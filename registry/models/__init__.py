@@ -15,6 +15,7 @@ from registry.models.connect import (
 )
 from registry.models.index import MeshIndex, TopicIndex
 from registry.models.kv import KVEntry, Session
+from registry.models.telemetry import TrafficSample
 
 __all__ = [
     "CAConfig",
@@ -37,4 +38,5 @@ __all__ = [
     "ServiceInstance",
     "Session",
     "TopicIndex",
+    "TrafficSample",
 ]
