@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from tests.frontend.conftest import XSS, new_browser
+from tests.frontend.conftest import KV_LIMIT, XSS, new_browser
 from tests.frontend.test_ui_pages import read_only_token
 
 pytestmark = pytest.mark.slow
@@ -55,24 +55,15 @@ def test_a_kv_save_uses_cas_and_a_stale_one_says_who_changed_the_key(browser, ui
     assert c.kv.get(key)[1]["Value"] == b"25"
 
 
-def test_a_kv_value_over_the_limit_is_refused_inline(playwright_browser, tmp_path_factory):
-    from tests.support.servers import make_server
-
-    srv = make_server(
-        tmp_path_factory.mktemp("kv-limit"), acl=True, extra_env={"MESH_KV_MAX_VALUE_SIZE": "16"}
-    )
-    b = new_browser(playwright_browser, srv)
-    try:
-        b.sign_in(srv.token)
-        page = b.open("/ui/kv/edit?new=1&key=")
-        page.fill("#kv-key", "big")
-        page.fill("#kv-value", "x" * 17)
-        page.click("main form.stacked button[type=submit]")
-        assert "too large" in page.locator("#kv-error").text_content()
-        assert srv.consul().kv.get("big")[1] is None
-    finally:
-        b.context.close()
-        srv.close()
+def test_a_kv_value_over_the_limit_is_refused_inline(browser, ui_server):
+    key = unique("big")
+    browser.sign_in(ui_server.token)
+    page = browser.open("/ui/kv/edit?new=1&key=")
+    page.fill("#kv-key", key)
+    page.fill("#kv-value", "x" * (KV_LIMIT + 1))
+    page.click("main form.stacked button[type=submit]")
+    assert "too large" in page.locator("#kv-error").text_content()
+    assert ui_server.consul().kv.get(key)[1] is None
 
 
 def test_a_token_secret_is_shown_once_and_bad_rules_are_refused_inline(browser, ui_server):

@@ -4,6 +4,7 @@ refusals, and the live-update stream's topic parsing and refusals."""
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -86,7 +87,10 @@ def _call(scope) -> list[dict]:
     async def send(message):
         sent.append(message)
 
-    asyncio.run(events.handle(scope, receive, send))
+    # On a thread of its own: the browser tests' Playwright keeps an event loop
+    # running on this one.
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, events.handle(scope, receive, send)).result(timeout=30)
     return sent
 
 
