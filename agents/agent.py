@@ -45,12 +45,14 @@ from agents.checks import CheckRunner
 from agents.client import Backoff, Identity, IdentityStore, JoinError
 from agents.config import AgentConfig, find_sidecar_bin
 from agents.definitions import read_config_dirs
+from agents.events import EventRunner
 from agents.leaves import Leaf, LeafKeeper, make_leaf, renewal_point
 from agents.metrics import agent_metrics, merge_scrapes
 from agents.sidecars import Sidecars
 from agents.state import LocalState, StateError, UnknownError
 from agents.traffic import TrafficReporter
 from meshproto import pki, scope, spiffe
+from meshproto.gatewaycfg import GatewayConfig
 from meshproto.proto import mesh_pb2, mesh_pb2_grpc
 from meshproto.proxycfg import ProxyConfig
 
@@ -91,6 +93,15 @@ class Agent:
             access_log_dir=config.access_log_dir,
         )
         self.traffic = TrafficReporter()
+        # Mesh gateways (`kind: mesh-gateway` definitions): fed like sidecars, without keys.
+        self.gateway_command = find_sidecar_bin("", "mesh-gateway")
+        self.gateways = Sidecars(
+            config.gateway_dir,
+            self.gateway_command,
+            self._sidecar_answered,
+            keyless=True,
+            what="mesh-gateway",
+        )
         self.leaves = LeafKeeper(config.data_dir / "leaves", self._sign, self._leaf_ready)
         self.configs: dict[str, dict[str, Any]] = {}  # proxy ID -> last valid config received
         self.service_leaves: dict[str, tuple[Leaf, float]] = {}  # service -> (leaf, renew at)
@@ -108,6 +119,7 @@ class Agent:
         self._proxies_lock = asyncio.Lock()
         self._servers: list[Any] = []
         self.local_token = ""  # the local API's token (`<data-dir>/agent-token`)
+        self.events = EventRunner(config.config_dirs, config.data_dir)  # `watches` of events
 
     # --- facts ------------------------------------------------------------------------
 
@@ -239,7 +251,11 @@ class Agent:
         await _bounded("checks", self.checks.close(), 1.0)
         await _bounded("leaves", self.leaves.close(), 1.0)
         # The sidecars get SIGTERM, their grace, then SIGKILL (agents.sidecars).
-        await _bounded("sidecars", self.sidecars.close(), SIDECAR_STOP_SECONDS)
+        await _bounded(
+            "sidecars",
+            asyncio.gather(self.sidecars.close(), self.gateways.close()),
+            SIDECAR_STOP_SECONDS,
+        )
         self.state.save()
         log.info("agent stopped", extra={"seconds": round(time.monotonic() - started, 2)})
 
@@ -305,7 +321,8 @@ class Agent:
             head, _, body = raw.partition(b"\r\n\r\n")
             return body.decode(errors="replace") if b" 200 " in head.split(b"\r\n", 1)[0] else ""
 
-        ports = {pid: p.metrics_port for pid, p in self.sidecars.procs.items() if p.metrics_port}
+        procs = {**self.sidecars.procs, **self.gateways.procs}
+        ports = {pid: p.metrics_port for pid, p in procs.items() if p.metrics_port}
         results = await asyncio.gather(
             *(scrape(port) for port in ports.values()), return_exceptions=True
         )
@@ -493,6 +510,7 @@ class Agent:
             for e in errors:
                 log.error("reload failed; keeping the previous services", extra={"error": e})
             return errors
+        self.events.reload()
         log.info(
             "reloaded",
             extra={"services": len(self.state.services), "checks": len(self.state.checks)},
@@ -524,6 +542,8 @@ class Agent:
     async def _apply_proxies_now(self) -> None:
         proxies = {p.id: p for p in self.state.proxies()}
         added, removed = await self.sidecars.ensure(set(proxies))
+        gw_added, gw_removed = await self.gateways.ensure({g.id for g in self.state.gateways()})
+        added, removed = added | gw_added, removed | gw_removed
         for pid in removed:
             self.configs.pop(pid, None)
             with contextlib.suppress(FileNotFoundError):
@@ -531,7 +551,7 @@ class Agent:
             for name in ("mesh_agent_proxy_config_version", "mesh_agent_proxy_cert_expiry_seconds"):
                 self.metrics.remove(name, proxy_id=pid)
         for pid in added:
-            feed = self.sidecars.feeds.get(pid)
+            feed = self._feed(pid)
             if feed is None:  # its socket could not be served (logged)
                 continue
             saved = self._load_config(pid)
@@ -540,7 +560,7 @@ class Agent:
                 # even before (or without) the control plane answering.
                 self.configs[pid] = saved
                 feed.set_config(saved, int(saved.get("version", 0)))
-            if self.identity is not None:
+            if self.identity is not None and not feed.keyless:
                 feed.set_roots(self.identity.roots_pem)
             leaf = self.leaves.leaves.get(pid)
             if leaf is not None:
@@ -588,7 +608,10 @@ class Agent:
                 await self._sync(stub)
                 backoff.reset()
                 await _first_failure(
-                    self._stream(stub), self._anti_entropy(stub), self._push_checks(stub)
+                    self._stream(stub),
+                    self._anti_entropy(stub),
+                    self._push_checks(stub),
+                    self.events.stream(stub),
                 )
                 reason = "connection ended"
             except asyncio.CancelledError:
@@ -747,11 +770,12 @@ class Agent:
             # config (anti-entropy will register it again if it is still ours).
             log.info("proxy removed by the control plane", extra={"proxy_id": pid})
             return
-        feed = self.sidecars.feeds.get(pid)
+        feed = self._feed(pid)
         try:
-            cfg = ProxyConfig.loads(update.config_json)
             if feed is None:
                 raise ValueError(f"proxy {pid!r} is not on this agent")
+            kind = GatewayConfig if feed.keyless else ProxyConfig
+            cfg = kind.loads(update.config_json)
             if cfg.proxy_id != pid:
                 raise ValueError(f"config for {cfg.proxy_id!r} sent as {pid!r}")
         except ValueError as exc:
@@ -765,9 +789,10 @@ class Agent:
         data = cfg.to_json()
         self.configs[pid] = data
         self.metrics.set("mesh_agent_proxy_config_received_version", version, proxy_id=pid)
-        self._update_roots(cfg.roots)
+        if isinstance(cfg, ProxyConfig):
+            self._update_roots(cfg.roots)
         feed.set_config(data, version)
-        if not self.sidecar_command:
+        if not (self.gateway_command if feed.keyless else self.sidecar_command):
             # Nobody to hand it to but the socket: the agent's own validation is the ack.
             self._ack(pid, version, True)
             self._save_config(pid, data)
@@ -782,15 +807,21 @@ class Agent:
         client.write_private(path, json.dumps(data, separators=(",", ":")))
 
     def _load_config(self, proxy_id: str) -> dict[str, Any] | None:
+        feed = self._feed(proxy_id)
+        kind = GatewayConfig if feed is not None and feed.keyless else ProxyConfig
         try:
-            return ProxyConfig.loads(self._config_path(proxy_id).read_bytes()).to_json()
+            return kind.loads(self._config_path(proxy_id).read_bytes()).to_json()
         except (OSError, ValueError):
             return None
+
+    def _feed(self, proxy_id: str):
+        """The socket feed of a sidecar or mesh gateway on this host (None if neither)."""
+        return self.sidecars.feeds.get(proxy_id) or self.gateways.feeds.get(proxy_id)
 
     def _sidecar_answered(self, proxy_id: str, version: int, ok: bool, error: str) -> None:
         if ok:
             self.metrics.set("mesh_agent_proxy_config_version", version, proxy_id=proxy_id)
-            feed = self.sidecars.feeds.get(proxy_id)
+            feed = self._feed(proxy_id)
             if feed is not None and feed.good_config is not None and feed.good_version == version:
                 self._save_config(proxy_id, feed.good_config)
             # It listens now: check it at once rather than an interval later, so

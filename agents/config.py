@@ -59,6 +59,10 @@ class AgentConfig:
     def sidecar_dir(self) -> Path:
         return self.data_dir / "sidecars"
 
+    @property
+    def gateway_dir(self) -> Path:
+        return self.data_dir / "gateways"
+
 
 def split_addr(value: str, flag: str, *, default_port: int | None = None) -> tuple[str, int]:
     """`host:port` (or `[v6]:port`) with a port in range; the error names the flag."""
@@ -244,15 +248,16 @@ def build(
     )
 
 
-def find_sidecar_bin(configured: str) -> list[str] | None:
-    """The command that starts a sidecar: -sidecar-bin, else `mesh-sidecar` beside the
-    interpreter, else on PATH; None when there is none (sockets are still served)."""
+def find_sidecar_bin(configured: str, name: str = "mesh-sidecar") -> list[str] | None:
+    """The command that starts a sidecar (or, `name="mesh-gateway"`, a mesh gateway):
+    -sidecar-bin, else `name` beside the interpreter, else on PATH; None when there
+    is none (sockets are still served)."""
     import shutil
 
     if configured:
         return [configured]
-    beside = Path(sys.executable).parent / "mesh-sidecar"
+    beside = Path(sys.executable).parent / name
     if beside.exists():
         return [str(beside)]
-    found = shutil.which("mesh-sidecar")
+    found = shutil.which(name)
     return [found] if found else None

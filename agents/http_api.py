@@ -191,6 +191,12 @@ def member(agent: Agent) -> dict[str, Any]:
     )
 
 
+@route("GET", "/v1/event/list")
+async def event_list(agent: Agent, req: Request) -> Reply:
+    """The events this agent received (its own buffer, as a Consul agent answers)."""
+    return Reply(agent.events.list(req.param("name")))
+
+
 @route("GET", "/v1/agent/members")
 async def members(agent: Agent, req: Request) -> Reply:
     return Reply([member(agent)])

@@ -58,6 +58,8 @@ class Bundle:
     cert_not_after: float
 
     def line(self) -> bytes:
+        if not self.key:  # a mesh gateway's feed: it holds no key material
+            return json.dumps({"config": self.config}, separators=(",", ":")).encode() + b"\n"
         return (
             json.dumps(
                 {
@@ -76,8 +78,11 @@ class Bundle:
 class SidecarFeed:
     """One proxy's Unix socket: the current bundle out, acks and nacks in."""
 
-    def __init__(self, proxy_id: str, path: Path, on_ack: AckHandler) -> None:
+    def __init__(
+        self, proxy_id: str, path: Path, on_ack: AckHandler, keyless: bool = False
+    ) -> None:
         self.proxy_id = proxy_id
+        self.keyless = keyless  # a mesh gateway: config only, never a leaf
         self.path = path
         self.on_ack = on_ack
         self.server: asyncio.base_events.Server | None = None
@@ -132,6 +137,8 @@ class SidecarFeed:
         self.push()
 
     def bundle(self) -> Bundle | None:
+        if self.config is not None and self.keyless:
+            return Bundle(self.config, self.version, "", "", (), 0.0)
         if self.config is None or self.leaf is None:
             return None
         roots = tuple(self.config.get("roots") or ()) or self.roots
@@ -384,7 +391,8 @@ def _alive(pid: int) -> bool:
 
 
 class Sidecars:
-    """The feeds and processes of the proxies on this host, kept equal to the local state."""
+    """The feeds and processes of the proxies on this host, kept equal to the local state.
+    With `keyless`, the mesh gateways': their feeds carry configs only."""
 
     def __init__(
         self,
@@ -395,6 +403,8 @@ class Sidecars:
         otlp_endpoint: str = "",
         trace_sample_ratio: float | None = None,
         access_log_dir: Path | None = None,
+        keyless: bool = False,
+        what: str = "mesh-sidecar",
     ) -> None:
         self.dir = directory
         self.command = command
@@ -402,6 +412,8 @@ class Sidecars:
         self.otlp_endpoint = otlp_endpoint
         self.trace_sample_ratio = trace_sample_ratio
         self.access_log_dir = access_log_dir
+        self.keyless = keyless
+        self.what = what
         self.feeds: dict[str, SidecarFeed] = {}
         self.procs: dict[str, SidecarProcess] = {}
 
@@ -430,7 +442,7 @@ class Sidecars:
             path = socket_path(self.dir, pid)
             if path.parent != self.dir:
                 log.info("socket path shortened", extra={"proxy_id": pid, "socket": str(path)})
-            feed = SidecarFeed(pid, path, self.on_ack)
+            feed = SidecarFeed(pid, path, self.on_ack, keyless=self.keyless)
             try:
                 await feed.start()
             except OSError as exc:
@@ -445,7 +457,7 @@ class Sidecars:
                 self.procs[pid] = proc
         if added and not self.command:
             log.warning(
-                "mesh-sidecar not found: serving sidecar sockets without starting sidecars",
+                f"{self.what} not found: serving its sockets without starting processes",
                 extra={"proxies": sorted(added)},
             )
         return added, removed

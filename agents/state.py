@@ -482,6 +482,10 @@ class LocalState:
     def proxies(self) -> list[ServiceState]:
         return [s for s in self.services.values() if s.kind == "connect-proxy"]
 
+    def gateways(self) -> list[ServiceState]:
+        """The mesh gateways defined here (the agent runs one process each)."""
+        return [s for s in self.services.values() if s.kind == "mesh-gateway"]
+
     def service_checks(self, service_id: str) -> Iterable[CheckState]:
         return (c for c in self.checks.values() if c.service_id == service_id)
 

@@ -12,7 +12,9 @@ A sidecar sees:
   weighted splits for HTTP) to `clusters`: resolved targets with their healthy
   endpoints, the SPIFFE ID their sidecars must present, and how to reach them
   (directly, or through a mesh gateway with an SNI);
-- `roots`: the CA roots (PEM) to verify peers with.
+- `roots`: the CA roots (PEM) to verify peers with;
+- `peer_trust`: peered clusters' roots, each trusted only for certificates
+  naming a SPIFFE ID of that cluster's trust domain.
 Its own leaf certificate is not in it: the agent makes that key on the host.
 """
 
@@ -105,6 +107,9 @@ class Cluster:
     outlier: OutlierDetection | None = None
     hash_policies: tuple[HashPolicy, ...] = ()
     request_timeout_s: float = 0.0  # the resolver's RequestTimeout (0: none)
+    # Set for a service imported from a peered cluster: its `spiffe_id` is in
+    # that peer's trust domain, verified against the peer's roots only.
+    peer: str = ""
 
 
 @dataclass(frozen=True)
@@ -213,6 +218,7 @@ class Upstream:
     protocol: str = "tcp"  # tcp | http | http2 | grpc
     datacenter: str = ""
     namespace: str = "default"
+    peer: str = ""  # `DestinationPeer`: the service is imported from that peering
     # TCP: the single cluster; HTTP: the routes (the last one catches all).
     routes: tuple[Route, ...] = ()
     clusters: tuple[Cluster, ...] = ()
@@ -251,6 +257,15 @@ class Inbound:
 
 
 @dataclass(frozen=True)
+class PeerTrust:
+    """A peered cluster's CA roots, trusted for SPIFFE IDs of its trust domain only."""
+
+    peer: str
+    trust_domain: str
+    roots: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
     """Everything one sidecar enforces, at one version."""
 
@@ -269,6 +284,8 @@ class ProxyConfig:
     default_allow: bool = False
     roots: tuple[str, ...] = ()  # PEM, active root first
     namespace: str = "default"
+    # Peers whose services this sidecar calls or is exported to.
+    peer_trust: tuple[PeerTrust, ...] = ()
     schema: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:

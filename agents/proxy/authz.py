@@ -30,12 +30,13 @@ class Verdict:
     # HTTP listeners only: an L7 intention decides each request (`Authorizer.request`).
     l7: bool = False
     source_ns: str = "default"
+    source_peer: str = ""  # the peered cluster the caller belongs to ("" for this one)
 
 
 class Authorizer:
     """Decisions for one config: who may open connections to `config.service`."""
 
-    __slots__ = ("service", "namespace", "trust_domain", "index", "_cache", "_http_cache")
+    __slots__ = ("service", "namespace", "trust_domain", "index", "_cache", "_http_cache", "_peers")
 
     def __init__(self, config: ProxyConfig) -> None:
         """Build from the config's intentions; IntentionError (a ValueError) if one is bad."""
@@ -53,6 +54,8 @@ class Authorizer:
         )
         self._cache: dict[str, Verdict] = {}
         self._http_cache: dict[str, Verdict] = {}
+        # Peered clusters' trust domains -> the peer's name (intentions' SourcePeer).
+        self._peers = {t.trust_domain: t.peer for t in config.peer_trust}
 
     def check_http(self, uri: str | None) -> Verdict:
         """`check` for an HTTP listener: a caller whose intention is L7 is let in
@@ -68,12 +71,13 @@ class Authorizer:
         return verdict
 
     def request(
-        self, source: str, source_ns: str, method: str, path: str, headers: dict[str, str]
+        self, verdict: Verdict, method: str, path: str, headers: dict[str, str]
     ) -> Decision:
-        """The decision for one request of an L7-authorised caller."""
+        """The decision for one request of a caller `check_http` let in with `l7` set."""
         return self.index.decide_request(
-            source, self.service, method, path, headers,
-            source_ns=source_ns, destination_ns=self.namespace,
+            verdict.source, self.service, method, path, headers,
+            source_ns=verdict.source_ns, destination_ns=self.namespace,
+            source_peer=verdict.source_peer,
         )  # fmt: skip
 
     def check(self, uri: str | None) -> Verdict:
@@ -97,7 +101,10 @@ class Authorizer:
             return Verdict(False, "", str(exc), False, "bad_spiffe_id")
         if not isinstance(ident, spiffe.ServiceID):
             return Verdict(False, "", f"{uri} is not a service identity", False, "bad_spiffe_id")
+        peer = ""
         if ident.trust_domain != self.trust_domain:
+            peer = self._peers.get(ident.trust_domain, "")
+        if ident.trust_domain != self.trust_domain and not peer:
             return Verdict(
                 False,
                 ident.service,
@@ -110,10 +117,13 @@ class Authorizer:
             self.service,
             source_ns=ident.namespace,
             destination_ns=self.namespace,
+            source_peer=peer,
         )
         reason = decision.reason
         if decision.has_l7 and http:
-            return Verdict(True, ident.service, reason, l7=True, source_ns=ident.namespace)
+            return Verdict(
+                True, ident.service, reason, l7=True, source_ns=ident.namespace, source_peer=peer
+            )
         if decision.has_l7:
             reason += " (L7 intentions need the HTTP proxy; an L4 connection is denied)"
         return Verdict(decision.allowed, ident.service, reason, source_ns=ident.namespace)

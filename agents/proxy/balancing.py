@@ -261,5 +261,15 @@ class UpstreamPlan:
                 return other
         return None
 
+    def fallbacks(self, cluster: Cluster) -> list[Cluster]:
+        """`cluster`'s usable failover clusters, in order: where a connection goes
+        when no endpoint of `cluster` could be reached."""
+        out = []
+        for alt in cluster.failover:
+            other = self.clusters.get(alt)
+            if other is not None and other is not cluster and _usable(other):
+                out.append(other)
+        return out
+
     def balancer(self, cluster: Cluster) -> Balancer:
         return self.balancers[cluster.name]

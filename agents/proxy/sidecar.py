@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from agents.proxy.authz import Authorizer
+from agents.proxy.authz import Authorizer, Verdict
 from agents.proxy.balancing import EndpointKey, UpstreamPlan, key_of
 from agents.proxy.http.engine import HTTP_PROTOCOLS, HttpProxy, HttpUpstream
 from agents.proxy.http.routes import RouteError, RouteLimit
@@ -36,6 +36,7 @@ from agents.proxy.tls import (
     KeyDir,
     Material,
     MaterialError,
+    TrustDomains,
     build_contexts,
     peer_spiffe_id,
 )
@@ -58,6 +59,8 @@ class Snapshot:
     # HTTP listeners: outbound routing per upstream listener, inbound route limits.
     http: dict[ListenerKey, HttpUpstream]
     route_limits: tuple[RouteLimit, ...]
+    # With peered clusters trusted: which roots vouch for which trust domain.
+    domains: TrustDomains | None = None
 
     @property
     def version(self) -> int:
@@ -148,12 +151,13 @@ class Sidecar:
             self.staged = staged  # incomplete: keep the pieces, serve nothing new yet
             log.info("waiting for the rest of the proxy's state", has=sorted(msg))
             return
-        material = Material(staged.cert, staged.key, staged.roots)
+        config = staged.config
+        peer_roots = tuple(r for t in config.peer_trust for r in t.roots)
+        material = Material(staged.cert, staged.key, staged.roots + peer_roots)
         if old is not None and old.material == material:
             contexts = old.contexts
         else:
             contexts = build_contexts(material, self.keydir)
-        config = staged.config
         if contexts.leaf_uri is not None and contexts.leaf_uri != config.spiffe_id:
             raise Refused(
                 f"the leaf certificate is for {contexts.leaf_uri}, the config for {config.spiffe_id}"
@@ -171,7 +175,18 @@ class Sidecar:
                 if plan.upstream.protocol in HTTP_PROTOCOLS
             }
             limits = tuple(RouteLimit(r) for r in config.inbound.route_rate_limits)
-        snapshot = Snapshot(config, material, contexts, authz, plans, http, limits)
+        domains = None
+        if config.peer_trust:
+            if old is not None and old.domains is not None and old.material == material:
+                domains = old.domains
+            else:
+                domains = TrustDomains(
+                    {
+                        config.trust_domain: staged.roots,
+                        **{t.trust_domain: t.roots for t in config.peer_trust},
+                    }
+                )
+        snapshot = Snapshot(config, material, contexts, authz, plans, http, limits, domains)
         await self._install(snapshot)
         self.staged = staged
         self.metrics.config_version = config.version
@@ -382,6 +397,9 @@ class Sidecar:
         snap: Snapshot = conn.tag
         uri = peer_spiffe_id(tls.peer_certificate())
         verdict = snap.authz.check(uri)
+        wrong = snap.domains.check(uri, _leaf_der(tls)) if snap.domains else None
+        if wrong is not None and verdict.identity_ok:
+            verdict = Verdict(False, verdict.source, f"{uri}: {wrong}", False, wrong)
         if not verdict.allowed:
             if verdict.identity_ok:
                 self.metrics.authz_denials[verdict.source] += 1
@@ -463,39 +481,42 @@ class Sidecar:
             plain.close()  # type: ignore[union-attr]
             return
         name = plan.upstream.destination
-        cluster = plan.choose_cluster()
-        if cluster is None:
+        chosen = plan.choose_cluster()
+        if chosen is None:
             self.metrics.connect_failures[(name, "no_endpoints")] += 1
             self._refused("no healthy endpoint for upstream", upstream=name)
             plain.close()  # type: ignore[union-attr]
             return
         tried: set[EndpointKey] = set()
-        for _ in range(MAX_ATTEMPTS):
-            if cluster.gateway is not None:
-                target: EndpointKey = (cluster.gateway.address, cluster.gateway.port)
-            else:
-                endpoint = plan.balancer(cluster).pick(tried)
-                if endpoint is None:
-                    break
-                target = key_of(endpoint)
-            tried.add(target)
-            tls = await self._attempt(conn, snap, name, cluster, target)
-            if plain.lost:  # type: ignore[union-attr]
+        # A cluster none of whose endpoints answers hands over to its failover
+        # clusters at once (a stopped instance, before health checks say so).
+        for cluster in (chosen, *plan.fallbacks(chosen)):
+            for _ in range(MAX_ATTEMPTS):
+                if cluster.gateway is not None:
+                    target: EndpointKey = (cluster.gateway.address, cluster.gateway.port)
+                else:
+                    endpoint = plan.balancer(cluster).pick(tried)
+                    if endpoint is None:
+                        break
+                    target = key_of(endpoint)
+                tried.add(target)
+                tls = await self._attempt(conn, snap, name, cluster, target)
+                if plain.lost:  # type: ignore[union-attr]
+                    if tls is not None:
+                        self._release_endpoint(target)
+                        tls.close()
+                    return
                 if tls is not None:
-                    self._release_endpoint(target)
-                    tls.close()
-                return
-            if tls is not None:
-                # Adopt the verified TLS half; from here the Conn owns it.
-                conn.endpoint = target
-                tls.conn = conn
-                conn.tls = tls
-                link(plain, tls)  # type: ignore[arg-type]
-                plain.transport.resume_reading()  # type: ignore[union-attr]
-                start_pumping(tls)
-                return
-            if cluster.gateway is not None:
-                break
+                    # Adopt the verified TLS half; from here the Conn owns it.
+                    conn.endpoint = target
+                    tls.conn = conn
+                    conn.tls = tls
+                    link(plain, tls)  # type: ignore[arg-type]
+                    plain.transport.resume_reading()  # type: ignore[union-attr]
+                    start_pumping(tls)
+                    return
+                if cluster.gateway is not None:
+                    break
         self._refused("upstream unreachable", upstream=name, tried=len(tried))
         plain.close()  # type: ignore[union-attr]
 
@@ -542,7 +563,17 @@ class Sidecar:
         reason = await done
         if reason is None:
             uri = peer_spiffe_id(tls.peer_certificate())
-            if uri != cluster.spiffe_id:
+            wrong = snap.domains.check(uri, _leaf_der(tls)) if snap.domains else None
+            if uri == cluster.spiffe_id and wrong is not None:
+                reason = wrong
+                self._refused(
+                    "upstream refused: server certificate not issued by its trust domain's CA",
+                    upstream=name,
+                    endpoint=_addr(target),
+                    presented=uri,
+                )
+                tls.close()
+            elif uri != cluster.spiffe_id:
                 reason = "spiffe_id_mismatch"
                 self._refused(
                     "upstream refused: unexpected server identity",
@@ -674,3 +705,11 @@ def _errno_name(exc: OSError) -> str:
     if isinstance(exc, ConnectionRefusedError):
         return "refused"
     return errno.errorcode.get(exc.errno or 0, type(exc).__name__).lower()
+
+
+def _leaf_der(tls: Tls) -> bytes | None:
+    """The peer's leaf certificate, DER (None when it cannot be read)."""
+    try:
+        return tls.sslobj.getpeercert(True)
+    except (ValueError, AttributeError, OSError):
+        return None

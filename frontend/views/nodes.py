@@ -105,7 +105,7 @@ def add_host(request: HttpRequest) -> HttpResponse:
                 "row": new.row,
                 "token": new.token,
                 "command": join_tokens.agent_command(address, new.token, enrollment.ca_pin()),
-                "install": installs.install_script_url(request, new.token),
+                "install": installs.install_line(request, new.token),
             }
         except MeshError as err:
             if err.status == 403:

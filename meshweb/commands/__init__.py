@@ -15,15 +15,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         acl,
         ca,
         catalog,
+        cloud,
+        install_script,
         intention,
         join_token,
         kv,
         proxy_config,
         services,
+        snapshot,
         top,
     )
     from meshweb.commands import config as config_cmd
     from meshweb.commands import connect as connect_cmd
+    from meshweb.commands import peering as peering_cmd
 
     acl.register(sub)
     ca.register(sub)
@@ -34,5 +38,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     config_cmd.register(sub)
     proxy_config.register(sub)
     join_token.register(sub)
+    install_script.register(sub)
     connect_cmd.register(sub)
     top.register(sub)
+    peering_cmd.register(sub)
+    snapshot.register(sub)
+    cloud.register(sub)

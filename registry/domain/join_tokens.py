@@ -247,11 +247,12 @@ AGENT_CONFIG_DIR = "/etc/mesh-agent.d"
 
 
 def join_address(request_host: str) -> str:
-    """The gRPC address to give agents: the listen address, or for a wildcard
-    listener the host the operator's request reached us by (`Host` header)."""
+    """The gRPC address to give agents: MESH_GRPC_ADVERTISE_ADDR (a load balancer),
+    else the listen address, or for a wildcard listener the host the operator's
+    request reached us by (`Host` header)."""
     if not settings.MESH_GRPC_ADDR:
         return ""
-    host, port = settings.MESH_GRPC_ADDR
+    host, port = settings.MESH_GRPC_ADVERTISE_ADDR or settings.MESH_GRPC_ADDR
     if host in ("", "0.0.0.0", "::"):
         host = request_host.rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

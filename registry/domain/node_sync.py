@@ -346,9 +346,12 @@ def update_checks(node_name: str, updates: Sequence[tuple[str, str, str | None]]
 
 
 def node_proxies(node_name: str) -> list[str]:
-    """IDs of the sidecar proxies (`connect-proxy` instances) registered on the node."""
+    """IDs of the sidecar proxies (`connect-proxy` instances) and mesh gateways
+    registered on the node: the config stream compiles a config for each."""
     return list(
-        ServiceInstance.objects.filter(node__name=node_name, kind="connect-proxy")
+        ServiceInstance.objects.filter(
+            node__name=node_name, kind__in=("connect-proxy", "mesh-gateway")
+        )
         .order_by("service_id")
         .values_list("service_id", flat=True)
     )

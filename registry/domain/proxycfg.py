@@ -63,6 +63,7 @@ from django.db.models import Q
 from meshproto import config_entries as pure_entries
 from meshproto import discovery_chain as chains
 from meshproto import spiffe
+from meshproto.gatewaycfg import LOCAL, GatewayConfig, GatewayRoute, RemoteDatacenter
 from meshproto.proxycfg import (
     RETRY_ON,
     Cluster,
@@ -74,6 +75,7 @@ from meshproto.proxycfg import (
     Inbound,
     Limits,
     OutlierDetection,
+    PeerTrust,
     ProxyConfig,
     RateLimit,
     RetryPolicy,
@@ -90,6 +92,7 @@ from registry.filtering import FilterError, compile_filter
 log = logging.getLogger(__name__)
 
 DEFAULT_NAMESPACE = pure_entries.DEFAULT_NAMESPACE
+MESH_GATEWAY = "mesh-gateway"
 HTTP_PROTOCOLS = pure_entries.HTTP_PROTOCOLS
 INBOUND_BIND_DEFAULT = "0.0.0.0"
 LOCAL_BIND_DEFAULT = "127.0.0.1"
@@ -228,6 +231,10 @@ class ProxySnapshot:
     upstreams: tuple[UpstreamSnapshot, ...] = ()
     gateways: Mapping[str, tuple[Candidate, ...]] = field(default_factory=dict)  # by datacenter
     version: int = 0
+    # Cluster peering (`gather_peering`): (peer, service) -> how to reach an
+    # imported service, and the peers' trust (peer, trust domain, roots).
+    peered: Mapping[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
+    peer_trust: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
 
     @property
     def service(self) -> str:
@@ -256,11 +263,13 @@ def build_proxy_config(snap: ProxySnapshot) -> ProxyConfig:
             snap.trust_domain, service, snap.datacenter, snap.namespace
         ).uri,
         inbound=translate_inbound(snap),
-        upstreams=tuple(_translate_shared(snap, u) for u in snap.upstreams),
+        upstreams=tuple(_translate_shared(snap, u) for u in snap.upstreams)
+        + translate_peer_upstreams(snap),
         intentions=tuple(dict(i) for i in snap.intentions),
         default_allow=snap.allow_by_default,
         roots=snap.roots,
         namespace=snap.namespace,
+        peer_trust=tuple(PeerTrust(p, td, roots) for p, td, roots in snap.peer_trust),
     )
 
 
@@ -869,6 +878,7 @@ def dependency_topics(snap: ProxySnapshot) -> set[str]:
             topics.update((topic.service(target["Service"]), topic.connect(target["Service"])))
             if (target.get("Datacenter") or snap.datacenter) != snap.datacenter:
                 cross_dc = True
+    topics.update(peering_topics(snap))
     if cross_dc:
         # A mesh gateway registered later changes the path: any registration
         # touches `services`, a new node `nodes`.
@@ -877,6 +887,146 @@ def dependency_topics(snap: ProxySnapshot) -> set[str]:
             for gw in gws:
                 topics.add(topic.service(gw.entry["Service"]["Service"]))
     return topics
+
+
+# =========================================================================== cluster peering
+
+
+def _peer_upstreams(snap: ProxySnapshot) -> list[Mapping[str, Any]]:
+    upstreams = (snap.proxy.get("Proxy") or {}).get("Upstreams") or ()
+    return [
+        u
+        for u in upstreams
+        if u.get("DestinationPeer")
+        and u.get("DestinationName")
+        and (u.get("DestinationType") or "service") == "service"
+    ]
+
+
+def translate_peer_upstreams(snap: ProxySnapshot) -> tuple[Upstream, ...]:
+    """Upstreams naming a `DestinationPeer` (pure): one TCP cluster each, to
+    the service the peer exports, identified by its SPIFFE ID in the peer's
+    trust domain and sent the exporter's gateway SNI.
+
+    The path: with `MeshGateway.Mode` "local" (the upstream's, else the
+    proxy's) through a healthy local mesh gateway, which routes the SNI to
+    the peer's gateways; otherwise straight to the peer's gateways; a peer
+    with no gateway is dialled at its sidecars. A service not (or no longer)
+    imported keeps its listener with no cluster: connections are refused.
+    """
+    out = []
+    proxy_mode = ((snap.proxy.get("Proxy") or {}).get("MeshGateway") or {}).get("Mode") or ""
+    for u in _peer_upstreams(snap):
+        peer, name = u["DestinationPeer"], u["DestinationName"]
+        common = {
+            "destination": name,
+            "local_bind_address": u.get("LocalBindAddress") or LOCAL_BIND_DEFAULT,
+            "local_bind_port": int(u.get("LocalBindPort") or 0),
+            "datacenter": "",
+            "namespace": u.get("DestinationNamespace") or DEFAULT_NAMESPACE,
+            "peer": peer,
+        }
+        target = snap.peered.get((peer, name))
+        if not target:
+            out.append(Upstream(**common))
+            continue
+        mode = (u.get("MeshGateway") or {}).get("Mode") or proxy_mode
+        local = select_endpoints(snap.gateways.get(snap.datacenter, ()), {}, wan=False)
+        remote = tuple(
+            Endpoint(g["Address"], int(g["Port"]))
+            for g in target.get("Gateways") or ()
+            if g.get("Address") and g.get("Port")
+        )
+        direct = tuple(
+            Endpoint(e["Address"], int(e["Port"]))
+            for e in target.get("Endpoints") or ()
+            if e.get("Address") and e.get("Port")
+        )
+        endpoints = local if mode == "local" and local and remote else remote or direct
+        gateway = Gateway(endpoints[0].address, endpoints[0].port) if remote and endpoints else None
+        dc = str(target.get("Datacenter") or "")
+        cluster_name = f"{name}.default.{peer}.peer"
+        cluster = Cluster(
+            name=cluster_name,
+            service=name,
+            datacenter=dc,
+            spiffe_id=str(target.get("SpiffeID") or ""),
+            sni=str(target.get("SNI") or ""),
+            endpoints=endpoints,
+            gateway=gateway,
+            limits=_limits(u.get("Config") or {}),
+            peer=peer,
+        )
+        routes = (Route(RouteMatch(), (WeightedCluster(cluster_name, 100.0),)),)
+        out.append(Upstream(protocol="tcp", routes=routes, clusters=(cluster,), **common))
+    return tuple(out)
+
+
+def peering_topics(snap: ProxySnapshot) -> set[str]:
+    """What the peering parts of a config depend on (pure)."""
+    topics = {topic.PEERINGS, topic.config_entry("exported-services", "default")}
+    for u in _peer_upstreams(snap):
+        topics.add(topic.peered_service(u["DestinationPeer"], u["DestinationName"]))
+        topics.add(topic.peering(u["DestinationPeer"]))
+    return topics
+
+
+def peer_gateway_routes() -> tuple[tuple[GatewayRoute, ...], set[str]]:
+    """A mesh gateway's routes to services imported from peers, and their topics.
+
+    Each imported service's SNI (the exporter's own gateway SNI, in its trust
+    domain) leads to the exporting cluster's gateways; the gateway there
+    routes it to the service's sidecars as one of its own.
+    """
+    from registry.models import ImportedService, Peering
+
+    live = (Peering.ACTIVE, Peering.FAILING)
+    routes = []
+    topics = {topic.PEERINGS}
+    peers = Peering.objects.filter(state__in=live).values_list("name", flat=True)
+    topics.update(topic.peered_services(p) for p in peers)
+    rows = (
+        ImportedService.objects.filter(peering__state__in=live)
+        .order_by("peering__name", "name")
+        .values_list("peering__name", "name", "connect")
+    )
+    for peer, name, connect in rows:
+        gateways = tuple(
+            Endpoint(str(g["Address"]), int(g["Port"]))
+            for g in connect.get("Gateways") or ()
+            if g.get("Address") and g.get("Port")
+        )
+        if connect.get("SNI") and gateways:
+            routes.append(
+                GatewayRoute(
+                    sni=str(connect["SNI"]),
+                    kind="remote",
+                    service=name,
+                    datacenter=str(connect.get("Datacenter") or ""),
+                    peer=peer,
+                    endpoints=gateways,
+                )
+            )
+    return tuple(routes), topics
+
+
+def gather_peering(
+    service: str, proxy: Mapping[str, Any]
+) -> tuple[dict[tuple[str, str], Mapping[str, Any]], tuple]:
+    """Read what the peering parts of a sidecar's config need: the imported
+    services its `DestinationPeer` upstreams name, and the trust of the peers
+    it calls or is exported to."""
+    from registry.domain import peering
+
+    pairs = {
+        (u["DestinationPeer"], u["DestinationName"])
+        for u in proxy.get("Upstreams") or ()
+        if u.get("DestinationPeer") and u.get("DestinationName")
+    }
+    peers = {p for p, _ in pairs} | (peering.peers_exported_to(service) if service else set())
+    if not peers:
+        return {}, ()
+    return peering.imported_connect(pairs), peering.trust_for(peers)
 
 
 # =========================================================================== gather (database)
@@ -953,12 +1103,16 @@ def _find_proxy_row(node_name: str, proxy_id: str):
 
     row = (
         ServiceInstance.objects.select_related("node__datacenter")
-        .filter(node__name=node_name, service_id=proxy_id, kind="connect-proxy")
+        .filter(node__name=node_name, service_id=proxy_id, kind__in=_COMPILED_KINDS)
         .first()
     )
     if row is None:
         raise NotFound(f'No connect-proxy "{proxy_id}" on node "{node_name}"')
     return row
+
+
+# The instance kinds the config stream compiles a config for.
+_COMPILED_KINDS = ("connect-proxy", MESH_GATEWAY)
 
 
 def _candidates(instances: list) -> tuple[Candidate, ...]:
@@ -1182,7 +1336,14 @@ def gather(
     upstreams = tuple(
         upstream(u)
         for u in p.get("Upstreams") or ()
-        if (u.get("DestinationType") or "service") == "service" and u.get("DestinationName")
+        if (u.get("DestinationType") or "service") == "service"
+        and u.get("DestinationName")
+        and not u.get("DestinationPeer")  # imported services: `gather_peering`
+    )
+    peered, peer_trust = _once(
+        shared,
+        ("peering", service, json.dumps(p.get("Upstreams") or [], sort_keys=True)),
+        lambda: gather_peering(service, p),
     )
 
     gateway_dcs = {
@@ -1191,7 +1352,7 @@ def gather(
         for t in ((us.chain or {}).get("Targets") or {}).values()
         if t["Datacenter"] != local_dc
     }
-    if gateway_dcs:
+    if gateway_dcs or peered:
         gateway_dcs.add(local_dc)
     gateways = {
         dc: _once(shared, ("gateways", dc), lambda dc=dc: _gateway_candidates(dc))
@@ -1210,6 +1371,8 @@ def gather(
         entries=entries,
         upstreams=upstreams,
         gateways=gateways,
+        peered=peered,
+        peer_trust=peer_trust,
     )
 
 
@@ -1225,6 +1388,8 @@ def compile_proxy(node_name: str, proxy_id: str) -> tuple[ProxyConfig, set[str]]
     """
     from registry.txn import topics_index
 
+    if _is_gateway(node_name, proxy_id):
+        return compile_gateway(node_name, proxy_id)
     snap = gather(node_name, proxy_id)
     config = build_proxy_config(snap)  # before the topics: its entry lookups count
     topics = dependency_topics(snap)
@@ -1263,6 +1428,10 @@ def compile_proxies(
     built: list[tuple[ProxyConfig, set[str]] | Exception] = []
     for node_name, proxy_id in proxies:
         try:
+            if _is_gateway(node_name, proxy_id, nodes.get(topic.node(node_name), 0)):
+                gw_config, gw_topics = gather_gateway_config(node_name, proxy_id, global_index)
+                built.append((gw_config, gw_topics))  # type: ignore[arg-type]
+                continue
             snap = gather(
                 node_name,
                 proxy_id,
@@ -1284,6 +1453,215 @@ def compile_proxies(
         )
         for b in built
     ]
+
+
+# =========================================================================== mesh gateways
+
+
+@dataclass(frozen=True)
+class GatewaySnapshot:
+    """Everything one mesh gateway's routing table is translated from."""
+
+    datacenter: str
+    trust_domain: str
+    node: Mapping[str, Any]  # the gateway's node, Consul's JSON
+    gateway: Mapping[str, Any]  # the gateway instance, `/v1/agent/service` JSON
+    # Connect-capable instances (sidecars, Connect-native) of this datacenter, by
+    # (service, namespace): what local routes lead to.
+    local: Mapping[tuple[str, str], tuple[Candidate, ...]]
+    # The mesh gateways of every other datacenter, by datacenter.
+    remote_gateways: Mapping[str, tuple[Candidate, ...]]
+    entries: Mapping[str, Mapping[str, Mapping[str, Any]]]  # kind -> name -> data
+    version: int = 0
+
+
+GATEWAY_BIND_DEFAULT = "0.0.0.0"
+# What a gateway's table depends on: any instance, check, node or datacenter of
+# the mesh (its local routes span every service here; its remote ones every
+# other datacenter's gateways), resolver subsets, and the trust domain.
+GATEWAY_TOPICS = frozenset(
+    {
+        topic.SERVICES,
+        topic.CHECKS,
+        topic.NODES,
+        topic.DATACENTERS,
+        topic.CA_ROOTS,
+        topic.config_kind("service-resolver"),
+    }
+)
+
+
+def _candidate_key(c: Candidate) -> tuple[str, str]:
+    svc = c.entry.get("Service") or {}
+    name = (svc.get("Proxy") or {}).get("DestinationServiceName") or svc.get("Service") or ""
+    return name, svc.get("Namespace") or DEFAULT_NAMESPACE
+
+
+def build_gateway_config(snap: GatewaySnapshot) -> GatewayConfig:
+    """A mesh gateway's routing table (pure).
+
+    Local routes: for every service with Connect-capable instances here, its
+    SNI (`<svc>.<ns>.<dc>.internal.<td>`) leads to its healthy instances'
+    sidecars (LAN addresses), and each subset of its `service-resolver` to
+    the instances the subset's `Filter`/`OnlyPassing` select (`<subset>.` in
+    front, Consul's subset SNI). A service whose instances are all unhealthy
+    keeps its route with no endpoint, so the gateway refuses its streams as
+    `no_healthy_endpoint` rather than `unknown_sni`. Remote datacenters: each
+    other datacenter with a healthy gateway gets its SNI suffix, leading to
+    its gateways' WAN addresses (the gateway there resolves the service).
+    """
+    gw = snap.gateway
+    td, dc = snap.trust_domain, snap.datacenter
+    routes: list[GatewayRoute] = []
+    for (service, ns), candidates in sorted(snap.local.items()):
+        if not service:
+            continue
+        base = spiffe.gateway_sni(service, ns, dc, td)
+        routes.append(
+            GatewayRoute(
+                sni=base,
+                kind=LOCAL,
+                service=service,
+                datacenter=dc,
+                namespace=ns,
+                endpoints=select_endpoints(candidates, {}),
+            )
+        )
+        resolver = _entry(snap.entries, "service-resolver", service)
+        for name, subset in sorted((resolver.get("Subsets") or {}).items()):
+            routes.append(
+                GatewayRoute(
+                    sni=f"{name}.{base}",
+                    kind=LOCAL,
+                    service=service,
+                    datacenter=dc,
+                    namespace=ns,
+                    subset=name,
+                    endpoints=select_endpoints(candidates, subset or {}),
+                )
+            )
+    remotes = []
+    for other, gateways in sorted(snap.remote_gateways.items()):
+        if other == dc:
+            continue
+        endpoints = select_endpoints(gateways, {}, wan=True)
+        if endpoints:
+            remotes.append(
+                RemoteDatacenter(
+                    datacenter=other, sni_suffix=f".{other}.internal.{td}", gateways=endpoints
+                )
+            )
+    proxy_cfg = (gw.get("Proxy") or {}).get("Config") or {}
+    timeout_ms = _fold_get(proxy_cfg, "connect_timeout_ms", 0)
+    return GatewayConfig(
+        version=snap.version,
+        proxy_id=gw["ID"],
+        service=gw.get("Service") or MESH_GATEWAY,
+        node=snap.node["Node"],
+        datacenter=dc,
+        trust_domain=td,
+        bind_address=str(_fold_get(proxy_cfg, "bind_address", "") or GATEWAY_BIND_DEFAULT),
+        port=int(gw.get("Port") or 0),
+        routes=tuple(routes),
+        datacenters=tuple(remotes),
+        connect_timeout_s=(
+            int(timeout_ms) / 1000
+            if isinstance(timeout_ms, int) and not isinstance(timeout_ms, bool) and timeout_ms > 0
+            else 5.0
+        ),
+    )
+
+
+def gateway_dependency_topics(snap: GatewaySnapshot) -> set[str]:
+    """The topics whose change may change a gateway's table (coarse: gateways are few)."""
+    return {*GATEWAY_TOPICS, topic.node(snap.node["Node"])}
+
+
+def _is_gateway(node_name: str, proxy_id: str, node_index: int | None = None) -> bool:
+    """Whether `proxy_id` on the node is a mesh gateway (its rows are kept per node index)."""
+    try:
+        _dc, _node, instance, _dest = _proxy_rows(node_name, proxy_id, node_index)
+    except Exception:
+        return False  # the sidecar path raises the proper NotFound
+    return instance.get("Kind") == MESH_GATEWAY
+
+
+def _local_candidates(dc: str) -> dict[tuple[str, str], tuple[Candidate, ...]]:
+    from registry.models import ServiceInstance
+
+    rows = (
+        ServiceInstance.objects.select_related("node__datacenter")
+        .filter(node__datacenter__name=dc)
+        .filter(Q(kind="connect-proxy") | Q(connect__Native=True))
+        .order_by("node__name", "service_id")
+    )
+    out: dict[tuple[str, str], list[Candidate]] = {}
+    for c in _candidates(list(rows)):
+        out.setdefault(_candidate_key(c), []).append(c)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def gather_gateway(
+    node_name: str, proxy_id: str, global_index: int | None = None
+) -> GatewaySnapshot:
+    """Read what a mesh gateway's table is built from (shared per global index)."""
+    from registry.domain import config_entries, connect_ca
+    from registry.models import Datacenter
+
+    if global_index is None:
+        global_index = _global_index()
+    shared = _shared.generation(global_index)
+    local_dc, node_json, gw_json, _ = _proxy_rows(node_name, proxy_id)
+    if gw_json.get("Kind") != MESH_GATEWAY:
+        from registry.errors import NotFound
+
+        raise NotFound(f'No mesh-gateway "{proxy_id}" on node "{node_name}"')
+    trust_domain = _once(
+        shared, ("trust-domain",), lambda: connect_ca.roots_json()[1]["TrustDomain"]
+    )
+    local = _once(shared, ("gateway-local", local_dc), lambda: _local_candidates(local_dc))
+    names = _once(
+        shared,
+        ("datacenter-names",),
+        lambda: tuple(Datacenter.objects.values_list("name", flat=True)),
+    )
+    remote = {
+        dc: _once(shared, ("gateways", dc), lambda dc=dc: _gateway_candidates(dc))
+        for dc in sorted(names)
+        if dc != local_dc
+    }
+    entries = _once(shared, ("entries",), config_entries.snapshot)
+    return GatewaySnapshot(
+        datacenter=local_dc,
+        trust_domain=trust_domain,
+        node=node_json,
+        gateway=gw_json,
+        local=local,
+        remote_gateways=remote,
+        entries=entries,
+    )
+
+
+def gather_gateway_config(
+    node_name: str, proxy_id: str, global_index: int | None = None
+) -> tuple[GatewayConfig, set[str]]:
+    """The gateway's table and its topics, version 0 (the caller stamps it)."""
+    snap = gather_gateway(node_name, proxy_id, global_index)
+    config, topics = build_gateway_config(snap), gateway_dependency_topics(snap)
+    routes, peer_topics = peer_gateway_routes()
+    if routes:
+        config = dataclasses.replace(config, routes=config.routes + routes)
+    return config, topics | peer_topics
+
+
+def compile_gateway(node_name: str, proxy_id: str) -> tuple[GatewayConfig, set[str]]:
+    """What mesh gateway `proxy_id` on `node_name` routes, and the topics it depends
+    on; versioned as `compile_proxy` versions a sidecar's config."""
+    from registry.txn import topics_index
+
+    config, topics = gather_gateway_config(node_name, proxy_id)
+    version = topics_index(tuple(sorted(topics)))
+    return dataclasses.replace(config, version=version), topics
 
 
 def find_proxy(service: str, *, proxy_id: str = "", node: str = "") -> tuple[str, str]:
@@ -1316,6 +1694,9 @@ def find_proxy(service: str, *, proxy_id: str = "", node: str = "") -> tuple[str
 
 __all__ = [
     "Candidate",
+    "GatewaySnapshot",
+    "build_gateway_config",
+    "compile_gateway",
     "readable_proxy_config",
     "ProxySnapshot",
     "UpstreamSnapshot",

@@ -29,6 +29,7 @@ from registry.domain import enrollment, golden, join_tokens, node_sync
 from registry.errors import MeshError
 from registry.grpc import status
 from registry.grpc.auth import AuthError, Caller, PeerTable, caller_of, peer_of
+from registry.grpc.events import event_stream
 from registry.grpc.streams import ProxyConfigStream
 from registry.grpc.throttle import JoinThrottle
 
@@ -239,3 +240,13 @@ class AgentControlServicer(mesh_pb2_grpc.AgentControlServicer):
             caller=caller,
         )
         return mesh_pb2.TrafficAck(accepted=accepted)
+
+    async def StreamEvents(self, request: mesh_pb2.EventSubscribe, context):
+        caller = await self._caller(context)
+        await self._run(context, self._agent(caller), "StreamEvents", lambda: None, caller=caller)
+        log.info("node %s opened its event stream", caller.node)
+        try:
+            async for event in event_stream(caller, request.after_ltime):
+                yield event
+        finally:
+            log.info("node %s closed its event stream", caller.node)

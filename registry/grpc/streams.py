@@ -2,7 +2,8 @@
 
 The agent sends `Subscribe` (proxy IDs, or none for every proxy on its node).
 The stream then follows the node (topic `node:<name>`): a watcher starts for
-each `connect-proxy` instance on it and stops (sending `removed=True`) when
+each `connect-proxy` and `mesh-gateway` instance on it (a gateway's config is
+a `GatewayConfig`, its routing table) and stops (sending `removed=True`) when
 the instance goes. A watcher compiles its proxy's config
 (`compile_proxy(node, proxy_id) -> (ProxyConfig, topics)`, on the DB pool),
 sends it, and waits on the change hub for the topics the compile depended
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 import grpc
 from django.conf import settings
 
+from meshproto.gatewaycfg import GatewayConfig
 from meshproto.proto import mesh_pb2
 from meshproto.proxycfg import ProxyConfig
 from registry import db
@@ -70,7 +72,9 @@ class ProxyState:
     """What the stream sent for one proxy and what the agent said about it."""
 
     sent_version: int = 0
-    sent: ProxyConfig | None = None  # the config last sent (what "changed" compares)
+    sent: ProxyConfig | GatewayConfig | None = (
+        None  # the config last sent (what "changed" compares)
+    )
     acked_version: int = 0
     nacked_version: int = 0
     last_error: str = ""
@@ -80,11 +84,15 @@ class ProxyState:
 _COMPARED = tuple(f.name for f in dataclasses.fields(ProxyConfig) if f.name != "version")
 
 
-def _same(a: ProxyConfig | None, b: ProxyConfig) -> bool:
+def _same(a: ProxyConfig | GatewayConfig | None, b: ProxyConfig | GatewayConfig) -> bool:
     """Equal but for the version: two compiles of unchanged data compare equal
     (field by field, no JSON needed; the Upstream objects a fan-out shares
-    compare by identity first)."""
-    return a is not None and all(getattr(a, n) == getattr(b, n) for n in _COMPARED)
+    compare by identity first). A mesh gateway's config compares the same way."""
+    if a is None or type(a) is not type(b):
+        return False
+    if isinstance(b, GatewayConfig):
+        return dataclasses.replace(a, version=b.version) == b
+    return all(getattr(a, n) == getattr(b, n) for n in _COMPARED)
 
 
 def _spawn(coro, name: str) -> asyncio.Task:

@@ -13,8 +13,12 @@ from registry.models.connect import (
     Intention,
     IssuedCert,
 )
+from registry.models.coordinates import NodeCoordinate
+from registry.models.events import UserEvent
 from registry.models.index import MeshIndex, TopicIndex
 from registry.models.kv import KVEntry, Session
+from registry.models.peering import ImportedService, Peering
+from registry.models.queries import PreparedQuery
 from registry.models.telemetry import TrafficSample
 
 __all__ = [
@@ -23,6 +27,7 @@ __all__ = [
     "ClusterIdentity",
     "ConfigEntry",
     "Intention",
+    "ImportedService",
     "IssuedCert",
     "JoinToken",
     "ACLPolicy",
@@ -33,10 +38,14 @@ __all__ = [
     "KVEntry",
     "MeshIndex",
     "Node",
+    "Peering",
     "NodeCertificate",
+    "NodeCoordinate",
     "NodeEnrollment",
+    "PreparedQuery",
     "ServiceInstance",
     "Session",
     "TopicIndex",
     "TrafficSample",
+    "UserEvent",
 ]

@@ -92,9 +92,10 @@ def service_register(ctx: Ctx) -> Reply:
     if not name:
         raise BadRequest("Missing service name")
     node = catalog.local_node()
-    ctx.require_all(catalog.agent_register_needs(node, spec))
+    stored = catalog.stored_instance(node, spec)
+    ctx.require_all(catalog.agent_register_needs(node, spec, stored))
     catalog.register_agent_service(
-        node, spec, replace_existing_checks=ctx.flag("replace-existing-checks")
+        node, spec, replace_existing_checks=ctx.flag("replace-existing-checks"), stored=stored
     )
     return Reply(None, raw=b"")
 

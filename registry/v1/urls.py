@@ -2,9 +2,24 @@
 
 from django.urls import path
 
-from registry.v1 import acl, agent, catalog, connect_ca, kv, session, status, telemetry
+from registry.v1 import (
+    acl,
+    agent,
+    catalog,
+    connect_ca,
+    coordinate,
+    event,
+    kv,
+    query,
+    session,
+    snapshot,
+    status,
+    telemetry,
+    txn,
+)
 from registry.v1 import config as config_v1
 from registry.v1 import intentions as intentions_v1
+from registry.v1 import peering as peering_v1
 
 urlpatterns = [
     # agent
@@ -46,9 +61,15 @@ urlpatterns = [
     path("status/leader", status.leader),
     path("status/peers", status.peers),
     *kv.urlpatterns,
+    *txn.urlpatterns,
+    *event.urlpatterns,
+    *snapshot.urlpatterns,
+    *query.urlpatterns,
+    *coordinate.urlpatterns,
     *session.urlpatterns,
     *acl.urlpatterns,
     *connect_ca.urlpatterns,
     *intentions_v1.urlpatterns,
     *config_v1.urlpatterns,
+    *peering_v1.urlpatterns,
 ]

@@ -25,6 +25,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
+from agents.proxy.authz import Verdict
 from agents.proxy.balancing import (
     HTTP_POLICIES,
     Balancer,
@@ -268,6 +269,9 @@ class HttpProxy(Handler):
         cert = conn.transport.get_extra_info("peercert")  # type: ignore[union-attr]
         uri = peer_spiffe_id(cert)
         verdict = snap.authz.check_http(uri)
+        wrong = _wrong_issuer(snap, uri, conn.transport)
+        if wrong is not None and verdict.identity_ok:
+            verdict = Verdict(False, verdict.source, f"{uri}: {wrong}", False, wrong)
         if not verdict.allowed:
             if verdict.identity_ok:
                 metrics.authz_denials[verdict.source] += 1
@@ -355,9 +359,7 @@ class HttpProxy(Handler):
         verdict = conn.tag[1]
         inbound = snap.config.inbound
         if verdict.l7:
-            decision = snap.authz.request(
-                verdict.source, verdict.source_ns, req.method, path, _text_headers(req.headers)
-            )
+            decision = snap.authz.request(verdict, req.method, path, _text_headers(req.headers))
             if not decision.allowed:
                 rec.denied_by = decision.intention_id or "default"
                 self.sc.metrics.http_denied[verdict.source] += 1
@@ -656,6 +658,13 @@ class HttpProxy(Handler):
         conn.key = key
         conn.cluster = circuit
         uri = peer_spiffe_id(conn.transport.get_extra_info("peercert"))  # type: ignore[union-attr]
+        wrong = _wrong_issuer(snap, uri, conn.transport) if uri == cluster.spiffe_id else None
+        if wrong is not None:
+            self.sc.metrics.handshake_failed("outbound", wrong)
+            self.sc._refused("upstream refused: server certificate not issued by its trust "
+                             "domain's CA", upstream=cluster.name, presented=uri)  # fmt: skip
+            conn.close()
+            raise Failure("connect", "UF", wrong)
         if uri != cluster.spiffe_id:
             self.sc.metrics.handshake_failed("outbound", "spiffe_id_mismatch")
             self.sc._refused("upstream refused: unexpected server identity", upstream=cluster.name,
@@ -896,3 +905,20 @@ async def _backoff(policy: RetryPolicy, n: int, deadline: float | None) -> None:
         delay = min(delay, max(0.0, deadline - time.monotonic()))
     if delay > 0:
         await asyncio.sleep(delay)
+
+
+def _wrong_issuer(snap, uri: str | None, transport) -> str | None:
+    """With peers trusted, why the peer's leaf may not carry `uri` (None: it may).
+
+    A peer's roots are in the TLS trust store, so the handshake alone would let
+    a peer's CA vouch for any identity: each trust domain's own CA must have
+    issued the leaf (`agents.proxy.tls.TrustDomains`), as on the L4 path.
+    """
+    if snap.domains is None:
+        return None
+    ssl_object = transport.get_extra_info("ssl_object")
+    try:
+        der = ssl_object.getpeercert(True) if ssl_object is not None else None
+    except (ValueError, OSError):
+        der = None
+    return snap.domains.check(uri, der)
