@@ -63,7 +63,7 @@ def test_the_root_opens_the_sign_in_page_and_a_bad_token_is_refused_inline(brows
     assert page.url.endswith("/ui/login?next=/ui/") or "/ui/login" in page.url
     page.fill("#token", "not-a-token")
     page.click("main button[type=submit]")
-    assert page.locator("#token-error").is_visible()
+    page.wait_for_selector("#token-error")
     assert "not valid" in page.locator("#token-error").text_content()
     assert "/ui/login" in page.url
 
@@ -202,14 +202,14 @@ def test_a_duplicate_intention_and_a_bad_regex_are_refused_inline_and_nothing_is
     page.fill("#f-source", web)
     page.fill("#f-destination", api)
     page.click("main button[type=submit]")
-    assert page.locator(".field-error").first.is_visible()
+    page.wait_for_selector(".field-error")
     assert "duplicate" in page.locator(".field-error").first.text_content().lower()
     # L7 permissions with a malformed regex: the error sits by the permissions field.
     page.fill("#f-source", unique("other"))
     page.select_option("#f-action", "l7")
     page.fill("#f-permissions", '[{"Action": "allow", "HTTP": {"PathRegex": "(["}}]')
     page.click("main button[type=submit]")
-    assert page.locator("#e-permissions").is_visible()
+    page.wait_for_selector("#e-permissions")
     with ui_server.client() as http:
         rows = http.get("/v1/connect/intentions", params={"filter": f'DestinationName == "{api}"'})
         assert [(i["SourceName"], i["Action"]) for i in rows.json()] == [(web, "allow")]

@@ -45,6 +45,7 @@ def test_a_50_50_split_is_previewed_as_a_diff_and_saved_for_py_consul(browser, u
     page.fill('input[name="weight-1"]', "50")
     assert page.locator("button[data-needs-weights]").is_enabled()
     page.click("button[data-needs-weights]")
+    page.wait_for_selector("#preview")
     assert page.locator("#preview pre.diff .add").count() >= 2
     browser.page.screenshot(path=str(_out() / "traffic-diff.png"), full_page=True)
     page.click("#save")
@@ -87,6 +88,7 @@ def test_a_stale_editor_is_told_who_changed_the_entry_and_overwrites_nothing(bro
     page = browser.open(f"/ui/traffic/{name}/splitter")
     fill_splits(page, [("50", f"{name}-v1"), ("50", f"{name}-v2")])
     page.click("button[data-needs-weights]")
+    page.wait_for_selector("#save")
     # Meanwhile someone else writes the splitter through the Consul API.
     with ui_server.client() as http:
         r = http.put(
@@ -99,7 +101,7 @@ def test_a_stale_editor_is_told_who_changed_the_entry_and_overwrites_nothing(bro
         )
         assert r.status_code == 200
     page.click("#save")
-    assert page.locator("#stale").is_visible()
+    page.wait_for_selector("#stale")
     assert "Initial Management Token" in page.locator("#stale").text_content()
     entry = ui_server.consul().config.get("service-splitter", name)
     splits = entry["Splits"] if isinstance(entry, dict) else entry.Splits
