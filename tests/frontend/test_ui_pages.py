@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -283,25 +284,42 @@ def test_a_management_token_sees_write_controls(browser, ui_server):
 
 def test_html_in_every_user_controlled_field_stays_text(browser, ui_server):
     name = unique("xss")
+    evil = f"{name}<img src=x onerror=window.__xss=1>"
     sid = register(ui_server, name, tags=[XSS], meta={"note": XSS})
     ui_server.consul().agent.check.ttl_fail(f"service:{sid}", XSS)
+    evil_id = register(ui_server, evil)
+    ui_server.consul().agent.check.ttl_fail(f"service:{evil_id}", "down")
     with ui_server.client() as http:
         http.put(
             "/v1/connect/intentions/exact",
             params={"source": name, "destination": name + "-dst"},
             json={"Action": "deny", "Description": XSS},
         )
+    ui_server.consul().kv.put(f"{name}/value", XSS)
     browser.sign_in(ui_server.token)
-    for path in ["/ui/", f"/ui/services?q={name}", f"/ui/services/{name}", "/ui/intentions"]:
+    pages = [
+        "/ui/",
+        f"/ui/services?q={name}",
+        f"/ui/services/{name}",
+        "/ui/services/" + quote(evil, safe=""),
+        "/ui/intentions",
+        f"/ui/topology?q={name}",
+        f"/ui/kv?prefix={name}/",
+        f"/ui/kv/edit?key={name}/value",
+        "/ui/audit",
+    ]
+    for path in pages:
         page = browser.open(path)
+        page.wait_for_timeout(200)  # scripts that render data (topology) have run
         assert page.evaluate("window.__xss === undefined"), path
         assert page.locator("main img[src=x]").count() == 0, path
     page = browser.open(f"/ui/services/{name}")
     assert XSS in page.locator("span.tag").first.text_content()
     assert XSS in page.locator("dl.meta").text_content()
-    assert (
-        XSS
-        in page.locator(
-            f'tr[data-instance="{sid}"] [data-check="service:{sid}"] pre.output'
-        ).text_content()
-    )
+    check = page.locator(f'tr[data-instance="{sid}"] [data-check="service:{sid}"] pre.output')
+    assert XSS in check.text_content()
+    page = browser.open(f"/ui/services?q={name}")
+    assert evil in page.locator("main table").text_content()
+    page = browser.open(f"/ui/topology?q={name}")
+    page.wait_for_selector("#topology[data-drawn]", state="attached")
+    assert page.locator(f'g.node[data-node="{evil}"]').count() == 1
