@@ -12,7 +12,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect
 from django.views.decorators.http import require_http_methods
 
-from frontend import diffs, forms, paging
+from frontend import chains, diffs, forms, paging
 from frontend.auth import ui_view
 from frontend.render import page
 from registry.domain import audit_log, config_entries
@@ -78,8 +78,6 @@ def traffic_service(request: HttpRequest, name: str) -> HttpResponse:
         current[short] = diffs.canonical(entry) if entry else ""
     chain, chain_error = None, ""
     try:
-        from frontend import chains
-
         chain = chains.layout(config_entries.discovery_chain(name)[1])
     except MeshError as err:
         chain_error = err.message
