@@ -116,9 +116,121 @@ def _splits_from_form(post) -> list[dict[str, Any]]:
     return splits
 
 
+# What the route form edits; a router using anything else is edited as JSON.
+ROUTE_MATCHES = {"prefix": "PathPrefix", "exact": "PathExact", "regex": "PathRegex"}
+ROUTE_DESTINATION_FIELDS = {
+    "Service",
+    "ServiceSubset",
+    "PrefixRewrite",
+    "RequestTimeout",
+    "NumRetries",
+    "RetryOnConnectFailure",
+}
+
+
+def route_form_fits(entry: dict[str, Any] | None) -> bool:
+    """Can the route form show (and so save) every field of this router?"""
+    if not entry:
+        return True
+    if set(entry) - {"Kind", "Name", "Routes", *diffs.INDEX_FIELDS}:
+        return False
+    for route in entry.get("Routes") or []:
+        if set(route) - {"Match", "Destination"}:
+            return False
+        match = route.get("Match") or {}
+        if set(match) - {"HTTP"}:
+            return False
+        http = match.get("HTTP") or {}
+        if set(http) - {*ROUTE_MATCHES.values(), "Methods"}:
+            return False
+        if sum(1 for k in ROUTE_MATCHES.values() if k in http) > 1:
+            return False
+        if set(route.get("Destination") or {}) - ROUTE_DESTINATION_FIELDS:
+            return False
+    return True
+
+
+def _route_rows(entry: dict[str, Any] | None) -> list[dict[str, Any]]:
+    rows = []
+    for route in (entry or {}).get("Routes") or []:
+        http = (route.get("Match") or {}).get("HTTP") or {}
+        dest = route.get("Destination") or {}
+        kind = next((k for k, v in ROUTE_MATCHES.items() if v in http), "prefix")
+        rows.append(
+            {
+                "kind": kind,
+                "path": http.get(ROUTE_MATCHES[kind], ""),
+                "methods": " ".join(http.get("Methods") or []),
+                "service": dest.get("Service", ""),
+                "subset": dest.get("ServiceSubset", ""),
+                "rewrite": dest.get("PrefixRewrite", ""),
+                "timeout": dest.get("RequestTimeout", ""),
+                "retries": dest.get("NumRetries", ""),
+                "retry_connect": bool(dest.get("RetryOnConnectFailure")),
+            }
+        )
+    return rows
+
+
+def _route_rows_from_post(post) -> list[dict[str, Any]]:
+    rows = []
+    for i in range(int(post.get("rows", "0") or 0)):
+        row = {
+            "kind": post.get(f"kind-{i}", "prefix"),
+            "path": post.get(f"path-{i}", "").strip(),
+            "methods": post.get(f"methods-{i}", "").strip(),
+            "service": post.get(f"service-{i}", "").strip(),
+            "subset": post.get(f"subset-{i}", "").strip(),
+            "rewrite": post.get(f"rewrite-{i}", "").strip(),
+            "timeout": post.get(f"timeout-{i}", "").strip(),
+            "retries": post.get(f"retries-{i}", "").strip(),
+            "retry_connect": post.get(f"retry-connect-{i}") == "on",
+        }
+        if row["path"] or row["methods"] or row["service"] or row["subset"]:
+            rows.append(row)
+    return rows
+
+
+def _routes_from_form(post) -> list[dict[str, Any]]:
+    routes = []
+    for i, row in enumerate(_route_rows_from_post(post)):
+        http: dict[str, Any] = {}
+        if row["path"]:
+            if row["kind"] not in ROUTE_MATCHES:
+                raise BadRequest(f"Routes[{i}].Match: unknown match {row['kind']!r}")
+            http[ROUTE_MATCHES[row["kind"]]] = row["path"]
+        if row["methods"]:
+            http["Methods"] = row["methods"].replace(",", " ").upper().split()
+        dest: dict[str, Any] = {}
+        for key, field in (
+            ("service", "Service"),
+            ("subset", "ServiceSubset"),
+            ("rewrite", "PrefixRewrite"),
+            ("timeout", "RequestTimeout"),
+        ):
+            if row[key]:
+                dest[field] = row[key]
+        if row["retries"]:
+            try:
+                dest["NumRetries"] = int(row["retries"])
+            except ValueError:
+                raise BadRequest(f"Routes[{i}].Destination.NumRetries: not a number") from None
+        if row["retry_connect"]:
+            dest["RetryOnConnectFailure"] = True
+        route: dict[str, Any] = {}
+        if http:
+            route["Match"] = {"HTTP": http}
+        if dest:
+            route["Destination"] = dest
+        routes.append(route)
+    return routes
+
+
 def _entry_from_form(kind: str, name: str, post) -> dict[str, Any]:
     if kind == "service-splitter":
         return {"Kind": kind, "Name": name, "Splits": _splits_from_form(post)}
+    if kind == "service-router" and post.get("mode") == "form":
+        return {"Kind": kind, "Name": name, "Routes": _routes_from_form(post)}
     body = forms.json_field(post.get("body", ""), kind) or {}
     if not isinstance(body, dict):
         raise BadRequest(f"{kind}: the body must be a JSON object")
@@ -181,6 +293,16 @@ def traffic_edit(request: HttpRequest, name: str, short: str) -> HttpResponse:
             else json.dumps(EXAMPLES.get(kind, {}), indent=2)
         )
     rows = [*splits, {}, {}]
+    route_form = kind == "service-router" and request.GET.get("mode") != "json"
+    route_form = (
+        route_form and route_form_fits(saved) and request.POST.get("mode", "form") == "form"
+    )
+    if route_form:
+        typed = request.method == "POST" and step != "save"
+        route_rows = _route_rows_from_post(request.POST) if typed else _route_rows(entry or saved)
+        route_rows = [*route_rows, {"kind": "prefix"}, {"kind": "prefix"}]
+    else:
+        route_rows = []
     return page(
         request,
         "frontend/traffic_edit.html",
@@ -192,6 +314,10 @@ def traffic_edit(request: HttpRequest, name: str, short: str) -> HttpResponse:
             "cas": saved_index if stale else cas,
             "rows": rows,
             "row_count": len(rows),
+            "route_form": route_form,
+            "route_rows": route_rows,
+            "route_row_count": len(route_rows),
+            "route_matches": list(ROUTE_MATCHES),
             "body": body,
             "error": error,
             "stale": stale,

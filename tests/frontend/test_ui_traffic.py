@@ -112,3 +112,59 @@ def _out():
     from tests.frontend.conftest import output_dir
 
     return output_dir()
+
+
+def test_routes_are_edited_in_a_form_and_a_malformed_regex_is_refused_inline(browser, ui_server):
+    name = http_service(ui_server)
+    browser.sign_in(ui_server.token)
+    page = browser.open(f"/ui/traffic/{name}/router", screenshot="traffic-router")
+    page.select_option('select[name="kind-0"]', "regex")
+    page.fill('input[name="path-0"]', "/admin/([")
+    page.fill('input[name="service-0"]', f"{name}-v2")
+    page.click("button[data-needs-weights]")
+    page.wait_for_selector("#entry-error")
+    assert "PathRegex" in page.locator("#entry-error").text_content()
+    assert page.locator('input[name="path-0"]').input_value() == "/admin/(["  # kept as typed
+    page.select_option('select[name="kind-0"]', "prefix")
+    page.fill('input[name="path-0"]', "/admin")
+    page.fill('input[name="methods-0"]', "get, post")
+    page.fill('input[name="timeout-0"]', "2s")
+    page.fill('input[name="retries-0"]', "2")
+    page.check('input[name="retry-connect-0"]')
+    page.click("button[data-needs-weights]")
+    page.wait_for_selector("#save")
+    page.click("#save")
+    page.wait_for_url(re.compile(f".*/ui/traffic/{name}$"))
+    entry = ui_server.consul().config.get("service-router", name)
+    routes = entry["Routes"] if isinstance(entry, dict) else entry.Routes
+    assert routes == [
+        {
+            "Match": {"HTTP": {"PathPrefix": "/admin", "Methods": ["GET", "POST"]}},
+            "Destination": {
+                "Service": f"{name}-v2",
+                "RequestTimeout": "2s",
+                "NumRetries": 2,
+                "RetryOnConnectFailure": True,
+            },
+        }
+    ]
+    # The form shows the saved routes again; a router it cannot show goes to JSON.
+    page = browser.open(f"/ui/traffic/{name}/router")
+    assert page.locator('input[name="path-0"]').input_value() == "/admin"
+    with ui_server.client() as http:
+        r = http.put(
+            "/v1/config",
+            json={
+                "Kind": "service-router",
+                "Name": name,
+                "Routes": [
+                    {
+                        "Match": {"HTTP": {"Header": [{"Name": "x-canary", "Present": True}]}},
+                        "Destination": {"Service": f"{name}-v2"},
+                    }
+                ],
+            },
+        )
+        assert r.status_code == 200, r.text
+    page = browser.open(f"/ui/traffic/{name}/router")
+    assert page.locator("#body").count() == 1 and "x-canary" in page.locator("#body").input_value()
