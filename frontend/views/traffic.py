@@ -226,7 +226,85 @@ def _routes_from_form(post) -> list[dict[str, Any]]:
     return routes
 
 
+RESOLVER_FIELDS = {"DefaultSubset", "Subsets", "Failover", "ConnectTimeout"}
+
+
+def resolver_form_fits(entry: dict[str, Any] | None) -> bool:
+    """Can the resolver form show every field of this resolver?"""
+    if not entry:
+        return True
+    if set(entry) - {"Kind", "Name", *RESOLVER_FIELDS, *diffs.INDEX_FIELDS}:
+        return False
+    if any(set(v or {}) - {"Filter", "OnlyPassing"} for v in (entry.get("Subsets") or {}).values()):
+        return False
+    failover = entry.get("Failover") or {}
+    return set(failover) <= {"*"} and set(failover.get("*") or {}) <= {"Datacenters"}
+
+
+def _resolver_values(entry: dict[str, Any] | None) -> dict[str, Any]:
+    entry = entry or {}
+    subsets = [
+        {
+            "name": k,
+            "filter": (v or {}).get("Filter", ""),
+            "only_passing": (v or {}).get("OnlyPassing"),
+        }
+        for k, v in sorted((entry.get("Subsets") or {}).items())
+    ]
+    failover = ((entry.get("Failover") or {}).get("*") or {}).get("Datacenters") or []
+    return {
+        "default_subset": entry.get("DefaultSubset", ""),
+        "connect_timeout": entry.get("ConnectTimeout", ""),
+        "failover": " ".join(failover),
+        "subsets": subsets,
+    }
+
+
+def _resolver_values_from_post(post) -> dict[str, Any]:
+    subsets = []
+    for i in range(int(post.get("rows", "0") or 0)):
+        row = {
+            "name": post.get(f"subset-name-{i}", "").strip(),
+            "filter": post.get(f"subset-filter-{i}", "").strip(),
+            "only_passing": post.get(f"subset-passing-{i}") == "on",
+        }
+        if row["name"] or row["filter"]:
+            subsets.append(row)
+    return {
+        "default_subset": post.get("default_subset", "").strip(),
+        "connect_timeout": post.get("connect_timeout", "").strip(),
+        "failover": post.get("failover", "").strip(),
+        "subsets": subsets,
+    }
+
+
+def _resolver_from_form(post) -> dict[str, Any]:
+    values = _resolver_values_from_post(post)
+    out: dict[str, Any] = {}
+    if values["subsets"]:
+        out["Subsets"] = {}
+        for i, row in enumerate(values["subsets"]):
+            if not row["name"]:
+                raise BadRequest(f"Subsets[{i}]: a subset needs a name")
+            subset: dict[str, Any] = {}
+            if row["filter"]:
+                subset["Filter"] = row["filter"]
+            if row["only_passing"]:
+                subset["OnlyPassing"] = True
+            out["Subsets"][row["name"]] = subset
+    if values["default_subset"]:
+        out["DefaultSubset"] = values["default_subset"]
+    if values["connect_timeout"]:
+        out["ConnectTimeout"] = values["connect_timeout"]
+    dcs = values["failover"].replace(",", " ").split()
+    if dcs:
+        out["Failover"] = {"*": {"Datacenters": dcs}}
+    return out
+
+
 def _entry_from_form(kind: str, name: str, post) -> dict[str, Any]:
+    if kind == "service-resolver" and post.get("mode") == "form":
+        return {"Kind": kind, "Name": name, **_resolver_from_form(post)}
     if kind == "service-splitter":
         return {"Kind": kind, "Name": name, "Splits": _splits_from_form(post)}
     if kind == "service-router" and post.get("mode") == "form":
@@ -303,6 +381,17 @@ def traffic_edit(request: HttpRequest, name: str, short: str) -> HttpResponse:
         route_rows = [*route_rows, {"kind": "prefix"}, {"kind": "prefix"}]
     else:
         route_rows = []
+    resolver_form = kind == "service-resolver" and request.GET.get("mode") != "json"
+    resolver_form = (
+        resolver_form and resolver_form_fits(saved) and request.POST.get("mode", "form") == "form"
+    )
+    resolver = {}
+    if resolver_form:
+        typed = request.method == "POST" and step != "save"
+        resolver = (
+            _resolver_values_from_post(request.POST) if typed else _resolver_values(entry or saved)
+        )
+        resolver["subsets"] = [*resolver["subsets"], {}, {}]
     return page(
         request,
         "frontend/traffic_edit.html",
@@ -318,6 +407,8 @@ def traffic_edit(request: HttpRequest, name: str, short: str) -> HttpResponse:
             "route_rows": route_rows,
             "route_row_count": len(route_rows),
             "route_matches": list(ROUTE_MATCHES),
+            "resolver_form": resolver_form,
+            "resolver": resolver,
             "body": body,
             "error": error,
             "stale": stale,

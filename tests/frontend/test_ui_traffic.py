@@ -168,3 +168,38 @@ def test_routes_are_edited_in_a_form_and_a_malformed_regex_is_refused_inline(bro
         assert r.status_code == 200, r.text
     page = browser.open(f"/ui/traffic/{name}/router")
     assert page.locator("#body").count() == 1 and "x-canary" in page.locator("#body").input_value()
+
+
+def test_a_resolver_with_subsets_and_failover_is_edited_in_a_form(browser, ui_server):
+    name = http_service(ui_server)
+    browser.sign_in(ui_server.token)
+    page = browser.open(f"/ui/traffic/{name}/resolver", screenshot="traffic-resolver")
+    page.fill('input[name="subset-name-0"]', "v1")
+    page.fill('input[name="subset-filter-0"]', 'Service.Meta.version == "1"')
+    page.fill('input[name="subset-name-1"]', "v2")
+    page.fill('input[name="subset-filter-1"]', 'Service.Meta.version == "2"')
+    page.check('input[name="subset-passing-1"]')
+    page.fill("#r-default", "v1")
+    page.fill("#r-timeout", "3s")
+    page.fill("#r-failover", "dc2, dc3")
+    page.click("button[data-needs-weights]")
+    page.wait_for_selector("#save")
+    page.click("#save")
+    page.wait_for_url(re.compile(f".*/ui/traffic/{name}$"))
+    entry = ui_server.consul().config.get("service-resolver", name)
+    entry = entry if isinstance(entry, dict) else entry.__dict__
+    assert entry["DefaultSubset"] == "v1"
+    assert entry["Subsets"] == {
+        "v1": {"Filter": 'Service.Meta.version == "1"'},
+        "v2": {"Filter": 'Service.Meta.version == "2"', "OnlyPassing": True},
+    }
+    assert entry["Failover"] == {"*": {"Datacenters": ["dc2", "dc3"]}}
+    # A default subset that is not defined is refused inline, nothing saved.
+    page = browser.open(f"/ui/traffic/{name}/resolver")
+    assert page.locator('input[name="subset-name-1"]').input_value() == "v2"
+    page.fill("#r-default", "v9")
+    page.click("button[data-needs-weights]")
+    page.wait_for_selector("#entry-error")
+    entry = ui_server.consul().config.get("service-resolver", name)
+    entry = entry if isinstance(entry, dict) else entry.__dict__
+    assert entry["DefaultSubset"] == "v1"
