@@ -117,7 +117,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "-trace-sample-ratio",
         "--trace-sample-ratio",
         dest="trace_sample_ratio",
-        help="share of new traces the sidecars sample, 0..1 (default 1)",
+        help="share of new traces the sidecars sample, 0..1 (default 0.01, as Istio)",
     )
     p.add_argument(
         "-access-log-dir",

@@ -86,22 +86,24 @@ class CloudAccountSerializer(serializers.Serializer):
 
 
 class CredentialsSerializer(serializers.Serializer):
-    access_key_id = Text()
-    secret_access_key = Text(write_only=True)
-    session_token = Text(required=False, allow_blank=True, write_only=True)
+    access_key_id = Text(max_length=128)
+    secret_access_key = Text(write_only=True, max_length=1024)
+    session_token = Text(required=False, allow_blank=True, write_only=True, max_length=4096)
 
 
 class CloudAccountCreateSerializer(serializers.Serializer):
-    name = Text(help_text="lowercase letters, digits and '-'")
+    name = Text(max_length=63, help_text="lowercase letters, digits and '-'")
     provider = serializers.ChoiceField(list(PROVIDERS), default="aws")
-    datacenter = Text(help_text="the datacenter its imports join (created if new)")
-    regions = serializers.ListField(child=Text(), min_length=1, max_length=32)
-    endpoint_url = Text(required=False, allow_blank=True, default="")
+    datacenter = Text(max_length=128, help_text="the datacenter its imports join (created if new)")
+    regions = serializers.ListField(child=Text(max_length=64), min_length=1, max_length=32)
+    endpoint_url = Text(required=False, allow_blank=True, default="", max_length=512)
     credentials = CredentialsSerializer(
         required=False, allow_null=True, default=None, help_text="omit: the environment's"
     )
-    gateway_security_group = Text(required=False, allow_blank=True, default="")
-    interval = serializers.IntegerField(required=False, default=300, min_value=30)
+    gateway_security_group = Text(required=False, allow_blank=True, default="", max_length=64)
+    interval = serializers.IntegerField(
+        required=False, default=300, min_value=30, max_value=accounts.MAX_INTERVAL
+    )
     enabled = serializers.BooleanField(required=False, default=True)
 
     def get_fields(self) -> dict[str, serializers.Field]:

@@ -4,7 +4,7 @@
   every MESH_CLOUD_TICK_SECONDS; it queues a run for each account that is due
   and sends `clouds.tasks.sync_cloud_account` for it to the workers.
 - Embedded (MESH_TASKS=inprocess): `run_inprocess()` in the server process
-  does the same, and runs go to a small thread pool of the server.
+  does the same, and runs go to threads of the server (two at a time).
 
 On-demand syncs (`POST /api/clouds/<name>/sync`) are queued and dispatched the
 same way. However many are dispatched, one run per account works at a time
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from datetime import timedelta
 
 from django.conf import settings
@@ -27,7 +27,9 @@ from clouds.models import CloudAccount, SyncRun
 from meshweb.celery import app
 
 log = logging.getLogger(__name__)
-_pool: ThreadPoolExecutor | None = None
+# In-process runs: at most two at once, on daemon threads, so that stopping the server
+# never waits for a sync (a run cut short commits nothing; the next run marks it abandoned).
+_slots = threading.BoundedSemaphore(2)
 
 
 @app.task(name="clouds.tasks.sync_cloud_account")
@@ -42,13 +44,14 @@ def sync_cloud_account(run_id: int) -> dict | None:
 def _in_thread(run_id: int) -> None:
     from clouds.domain import sync
 
-    close_old_connections()
-    try:
-        sync.sync_cloud_account(run_id)
-    except Exception:
-        log.exception("cloud sync run %s failed", run_id)
-    finally:
-        connection.close()
+    with _slots:
+        close_old_connections()
+        try:
+            sync.sync_cloud_account(run_id)
+        except Exception:
+            log.exception("cloud sync run %s failed", run_id)
+        finally:
+            connection.close()
 
 
 def dispatch(run: SyncRun) -> None:
@@ -57,11 +60,11 @@ def dispatch(run: SyncRun) -> None:
     if settings.MESH_TASKS == "celery":
         transaction.on_commit(lambda: sync_cloud_account.apply_async(args=[run_id]))
         return
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cloud-sync")
-    pool = _pool
-    transaction.on_commit(lambda: pool.submit(_in_thread, run_id))
+    transaction.on_commit(
+        lambda: threading.Thread(
+            target=_in_thread, args=(run_id,), name=f"cloud-sync-{run_id}", daemon=True
+        ).start()
+    )
 
 
 @app.task(name="clouds.tasks.schedule")

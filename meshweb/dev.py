@@ -488,6 +488,9 @@ class DevMesh:
                 cfg.agent_metrics_addr,
                 "-traffic-report-interval",
                 "5s",
+                # Every demo call is traced when spans are exported (5 calls a second).
+                "-trace-sample-ratio",
+                "1",
             ),
             drop=("MESH_", "CONSUL_"),
         )

@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=env.sample_ratio,
         help="share of new traces sampled, 0..1; a caller's decision is followed "
-        "(default $OTEL_TRACES_SAMPLER_ARG or 1)",
+        "(default $OTEL_TRACES_SAMPLER_ARG or 0.01)",
     )
     p.add_argument(
         "--access-log",

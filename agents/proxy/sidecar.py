@@ -24,6 +24,8 @@ from typing import Any
 from agents.proxy.authz import Authorizer, Verdict
 from agents.proxy.balancing import EndpointKey, UpstreamPlan, key_of
 from agents.proxy.http.engine import HTTP_PROTOCOLS, HttpProxy, HttpUpstream
+from agents.proxy.http.h2wire import PREFACE as H2_PREFACE
+from agents.proxy.http.h2wire import H2Server
 from agents.proxy.http.routes import RouteError, RouteLimit
 from agents.proxy.http.wire import ServerConn
 from agents.proxy.listen import listen_socket
@@ -107,7 +109,7 @@ class Sidecar:
         self.listener_kinds: dict[ListenerKey, str] = {}  # "tcp" | "http"
         self.http = HttpProxy(self, observer)
         self.http.read_timeout = http_read_timeout
-        self.http_conns: set[ServerConn] = set()
+        self.http_conns: set[Any] = set()  # ServerConn | H2Server
         self.conns: set[Conn] = set()
         self.open_counts: dict[EndpointKey, int] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -304,13 +306,9 @@ class Sidecar:
     async def _bind_http(self, key: ListenerKey, snap: Snapshot) -> asyncio.AbstractServer:
         loop = asyncio.get_running_loop()
         direction, host, port = key
-        http = self.http
 
-        def factory() -> ServerConn:
-            conn = _HttpServerConn(self, direction, read_timeout=http.read_timeout,
-                                   idle_timeout=self._idle_timeout())  # fmt: skip
-            conn.tag = key
-            return conn
+        def factory() -> _Sniff:
+            return _Sniff(self, direction, key)
 
         if direction == "outbound":
             return await loop.create_server(factory, sock=listen_socket(host, port))
@@ -628,6 +626,82 @@ class Sidecar:
         if left:
             log.warning("grace period over; connections cut", connections=len(left))
             await asyncio.sleep(0)  # let the aborts run their connection_lost
+
+
+class _Sniff(asyncio.Protocol):
+    """A new HTTP listener connection, before its HTTP version is known: by
+    ALPN (inbound, once the TLS handshake is done) or by the HTTP/2 preface
+    (outbound: an app speaking h2c with prior knowledge, as gRPC clients do).
+    It then hands the transport to the real protocol."""
+
+    def __init__(self, sidecar: Sidecar, direction: str, key: ListenerKey) -> None:
+        self.sidecar = sidecar
+        self.direction = direction
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.real: asyncio.Protocol | None = None
+        self.early = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self.direction == "inbound":
+            sslobj = transport.get_extra_info("ssl_object")
+            alpn = sslobj.selected_alpn_protocol() if sslobj is not None else None
+            self._switch(alpn == "h2")
+
+    def data_received(self, data: bytes) -> None:
+        if self.real is not None:  # pragma: no cover - the transport moved on
+            self.real.data_received(data)
+            return
+        data = self.early + data
+        if len(data) < 4 and H2_PREFACE.startswith(data):
+            self.early = data  # too short to tell yet
+            return
+        self._switch(data.startswith(b"PRI "))
+        if self.real is not None and not getattr(self.real, "lost", False):
+            self.real.data_received(data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.real is not None:
+            self.real.connection_lost(exc)
+
+    def _switch(self, use_h2: bool) -> None:
+        sc = self.sidecar
+        real: asyncio.Protocol
+        if use_h2:
+            real = _H2ServerConn(sc, self.direction, self.key)
+        else:
+            real = _HttpServerConn(sc, self.direction, read_timeout=sc.http.read_timeout,
+                                   idle_timeout=sc._idle_timeout())  # fmt: skip
+            real.tag = self.key
+        self.real = real
+        self.transport.set_protocol(real)  # type: ignore[union-attr]
+        real.connection_made(self.transport)  # type: ignore[arg-type]
+
+
+class _H2ServerConn(H2Server):
+    """An HTTP listener's HTTP/2 connection, counted like the others."""
+
+    def __init__(self, sidecar: Sidecar, direction: str, key: ListenerKey) -> None:
+        super().__init__(sidecar.http, direction, key)
+        self.sidecar = sidecar
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sc = self.sidecar
+        sc.http_conns.add(self)
+        sc.metrics.opened[self.direction] += 1
+        sc.metrics.active[self.direction] += 1
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        sc = self.sidecar
+        if self in sc.http_conns:
+            sc.http_conns.discard(self)
+            sc.metrics.active[self.direction] -= 1
+        super().connection_lost(exc)
 
 
 class _HttpServerConn(ServerConn):

@@ -41,6 +41,7 @@ class Contexts:
     # The HTTP listeners' client side: offers ALPN `http/1.1` (the server offers
     # `h2` and `http/1.1`; L4 clients offer nothing and get nothing).
     client_h1: ssl.SSLContext
+    client_h2: ssl.SSLContext  # offers ALPN `h2` (http2 and grpc upstreams)
     leaf_uri: str | None  # the leaf's own SPIFFE ID, when it could be read
     not_after: float | None  # unix seconds
 
@@ -97,12 +98,14 @@ def build_contexts(material: Material, keydir: KeyDir) -> Contexts:
         server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         client_h1 = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        for ctx in (server, client, client_h1):
+        client_h2 = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        for ctx in (server, client, client_h1, client_h2):
             _base(ctx, material.roots)
             ctx.load_cert_chain(cert_path, key_path)
-        client.check_hostname = client_h1.check_hostname = False
-        server.set_alpn_protocols(["http/1.1"])
+        client.check_hostname = client_h1.check_hostname = client_h2.check_hostname = False
+        server.set_alpn_protocols(["h2", "http/1.1"])
         client_h1.set_alpn_protocols(["http/1.1"])
+        client_h2.set_alpn_protocols(["h2"])
         server.num_tickets = 0
         leaf_uri, not_after = _leaf_facts(cert_path)
     except (ssl.SSLError, ValueError, OSError) as exc:
@@ -111,7 +114,7 @@ def build_contexts(material: Material, keydir: KeyDir) -> Contexts:
         for path in (cert_path, key_path):
             with contextlib.suppress(OSError):
                 os.unlink(path)
-    return Contexts(server, client, client_h1, leaf_uri, not_after)
+    return Contexts(server, client, client_h1, client_h2, leaf_uri, not_after)
 
 
 def _leaf_facts(cert_path: str) -> tuple[str | None, float | None]:

@@ -11,25 +11,24 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import timedelta
 from typing import Any
 
 from cryptography.fernet import InvalidToken
-from django.utils import timezone
 
 from clouds.models import CloudAccount, SyncRun
 from clouds.providers import PROVIDERS, provider_class
 from clouds.providers.base import AccountSpec
 from registry import topics as topic
 from registry.ca import secrets
-from registry.domain import catalog
+from registry.domain import catalog, datacenters
 from registry.errors import BadRequest, Conflict, NotFound
-from registry.models import Node
+from registry.models import Datacenter, Node
 from registry.txn import Change
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 PREFIX = "fernet:"
 MIN_INTERVAL = 30
+MAX_INTERVAL = 7 * 24 * 3600
 IMPORT_KEYS = {"cloud_map", "ec2"}
 EXPORT_KEYS = {"namespace", "create_namespace", "services", "region"}
 
@@ -216,8 +215,12 @@ def create_account(
         raise BadRequest(f"Unknown provider {provider!r} (use one of {', '.join(PROVIDERS)})")
     _str_list(regions, "regions")
     _validate(provider, regions, credentials, endpoint_url)
-    if interval < MIN_INTERVAL:
-        raise BadRequest(f"interval: at least {MIN_INTERVAL} seconds")
+    if not MIN_INTERVAL <= interval <= MAX_INTERVAL:
+        raise BadRequest(f"interval: {MIN_INTERVAL} to {MAX_INTERVAL} seconds")
+    if len(endpoint_url) > 512 or len(gateway_security_group) > 64 or len(datacenter) > 128:
+        raise BadRequest(
+            "endpoint_url (512), gateway_security_group (64), datacenter (128): too long"
+        )
     imports = _import_config(import_config if import_config is not None else {})
     exports = _export_config(export_config if export_config is not None else {})
     with Change() as change:
@@ -225,7 +228,13 @@ def create_account(
             raise Conflict(f'Cloud account "{name}" already exists')
         if Node.objects.filter(name=node_name(name)).exists():
             raise Conflict(f'Node "{node_name(name)}" exists: choose another account name')
-        catalog.ensure_datacenter(datacenter, change)
+        if not Datacenter.objects.filter(name=datacenter).exists():
+            # A new datacenter is this cloud's region (400 for a name DNS cannot carry).
+            datacenters.create_datacenter(
+                datacenter,
+                provider=provider if provider in Datacenter.PROVIDERS else "other",
+                region=regions[0],
+            )
         account = CloudAccount.objects.create(
             name=name,
             provider=provider,
@@ -241,8 +250,8 @@ def create_account(
             gateway_security_group=gateway_security_group,
             interval_seconds=interval,
             enabled=enabled,
-            # The first scheduled sync one interval from now (`mesh cloud sync` runs one at once).
-            next_sync_at=timezone.now() + timedelta(seconds=interval),
+            # Due at once: the scheduler's next tick queues its first sync.
+            next_sync_at=None,
         )
         change.touch(topic.CLOUDS)
         change.audit("cloud.account.create", "cloud-account", name, None, account_json(account))

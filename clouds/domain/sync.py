@@ -111,6 +111,8 @@ def sync_cloud_account(run_id: int) -> SyncRun | None:
     now = timezone.now()
     if not _claim(account, run):
         holder = CloudAccount.objects.filter(pk=account.pk).values_list("lease_run", flat=True)
+        if holder.first() == run.pk:
+            return run  # this very run, delivered twice: another worker has it
         run.status, run.finished_at = SyncRun.SKIPPED, now
         run.errors = [
             _error(
@@ -122,13 +124,18 @@ def sync_cloud_account(run_id: int) -> SyncRun | None:
         run.save()
         return run
     # Runs that still say "running" lost their process: their lease ran out before ours.
-    for stale in SyncRun.objects.filter(account=account, status=SyncRun.RUNNING).exclude(pk=run.pk):
+    # Runs queued longer than a lease ago were lost before any worker took them.
+    stale_runs = SyncRun.objects.filter(account=account).exclude(pk=run.pk)
+    stale_runs = stale_runs.filter(
+        Q(status=SyncRun.RUNNING) | Q(status=SyncRun.QUEUED, queued_at__lt=now - _lease())
+    )
+    for stale in stale_runs:
         stale.status, stale.finished_at = SyncRun.ABANDONED, now
         stale.errors = [
             *stale.errors,
             _error(
                 f"run:{stale.pk}",
-                f"abandoned during {stale.phase or 'start'}: its process stopped; "
+                f"abandoned during {stale.phase or 'the queue'}: its process stopped; "
                 "nothing it had not committed was applied",
             ),
         ]
@@ -305,7 +312,7 @@ def apply_import(
         node = _ensure_node(account)
         for w in plan.create:
             svc = catalog.save_instance(change, node, _spec(w), agent_local=False)
-            _health(change, node, svc, w)
+            _health(change, node, svc, w, new=True)
         for w in plan.update:
             s = stored[w.service_id]
             svc = None
@@ -346,7 +353,11 @@ def _ensure_node(account: CloudAccount):
     return node
 
 
-def _health(change: Change, node, svc: ServiceInstance, w: ImportedInstance) -> None:
+def _health(
+    change: Change, node, svc: ServiceInstance, w: ImportedInstance, new: bool = False
+) -> None:
+    # A new instance has no check yet: say so, and spare the lookup.
+    known = {"existing": None} if new else {}
     catalog.upsert_check(
         change,
         node,
@@ -360,4 +371,5 @@ def _health(change: Change, node, svc: ServiceInstance, w: ImportedInstance) -> 
         agent_local=False,
         status=w.health,
         output=w.health_output,
+        **known,
     )

@@ -116,9 +116,10 @@ def cmd_add(args: argparse.Namespace) -> int:
         return 0
     out(f"Added cloud account {data['name']} ({data['provider']}, datacenter {data['datacenter']})")
     out(f"Credentials: {data['credentials']}")
-    out(
-        f"Next scheduled sync: {data['next_sync_at']} (mesh cloud sync {data['name']} runs one now)"
-    )
+    if data["enabled"]:
+        out(
+            f"Its first sync starts shortly; then every {data['interval']}s (mesh cloud show {data['name']})"
+        )
     return 0
 
 

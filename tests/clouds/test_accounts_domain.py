@@ -53,6 +53,16 @@ def test_it_stores_credentials_only_encrypted_and_never_shows_them(db):
     assert shown["credentials"] == "stored" and SECRET not in str(shown)
 
 
+def test_a_new_datacenter_is_the_clouds_region(db):
+    from registry.models import Datacenter
+
+    make("east", datacenter="aws-east", regions=["us-east-2"])
+    dc = Datacenter.objects.get(name="aws-east")
+    assert (dc.provider, dc.region) == ("aws", "us-east-2")
+    with pytest.raises(BadRequest, match="Invalid datacenter name"):
+        make("west", datacenter="no such dc")
+
+
 def test_an_account_without_credentials_uses_the_environment(db):
     account = make("envy", credentials=None)
     assert account.credentials_encrypted == ""
@@ -70,6 +80,8 @@ def test_an_account_without_credentials_uses_the_environment(db):
         ({"credentials": {"access_key_id": "AKIAUNITTESTKEY00001"}}, "secret_access_key"),
         ({"endpoint_url": "ftp://x"}, "endpoint_url"),
         ({"interval": 5}, "interval"),
+        ({"interval": 10**12}, "interval"),
+        ({"endpoint_url": "http://x/" + "a" * 600}, "too long"),
         ({"import_config": {"s3": {}}}, "unknown key(s) s3"),
         ({"import_config": {"cloud_map": {"namespaces": "ns"}}}, "namespaces"),
         ({"import_config": {"cloud_map": {"service_name": "{nope}"}}}, "service_name"),
@@ -152,6 +164,9 @@ def test_a_second_run_is_skipped_while_one_holds_the_account(db):
 def test_a_run_whose_process_died_is_abandoned_when_its_lease_ran_out(db, settings):
     account = make()
     dead = SyncRun.objects.create(account=account, status=SyncRun.RUNNING, phase="applying")
+    lost = SyncRun.objects.create(account=account)  # queued, never taken by a worker
+    SyncRun.objects.filter(pk=lost.pk).update(queued_at=timezone.now() - timedelta(hours=1))
+    fresh = SyncRun.objects.create(account=account)  # queued just now: still waiting
     CloudAccount.objects.filter(pk=account.pk).update(
         lease_until=timezone.now() - timedelta(seconds=1), lease_run=dead.pk
     )
@@ -161,6 +176,9 @@ def test_a_run_whose_process_died_is_abandoned_when_its_lease_ran_out(db, settin
     dead.refresh_from_db()
     assert dead.status == SyncRun.ABANDONED
     assert "abandoned during applying" in dead.errors[-1]["message"]
+    lost.refresh_from_db()
+    fresh.refresh_from_db()
+    assert (lost.status, fresh.status) == (SyncRun.ABANDONED, SyncRun.QUEUED)
     assert run.status == SyncRun.FAILED
     assert "cannot decrypt the stored cloud credentials" in run.errors[0]["message"]
     account.refresh_from_db()
@@ -174,3 +192,13 @@ def test_removing_an_account_removes_its_node_and_runs(db):
     accounts.delete_account("acct")
     assert catalog.find_node("cloud-acct") is None
     assert not SyncRun.objects.exists()
+
+
+def test_a_run_delivered_twice_is_left_to_the_worker_that_holds_it(db):
+    account = make()
+    run = sync.request_sync("acct")
+    CloudAccount.objects.filter(pk=account.pk).update(
+        lease_until=timezone.now() + timedelta(minutes=5), lease_run=run.pk
+    )
+    again = sync.sync_cloud_account(run.pk)
+    assert again.status == SyncRun.QUEUED and again.errors == []

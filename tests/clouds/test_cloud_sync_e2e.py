@@ -49,6 +49,9 @@ def mesh(tmp_path_factory):
             "MESH_CLOUD_MAX_ATTEMPTS": "3",
             "MESH_CLOUD_TICK_SECONDS": "3600",
             "MESH_CLOUD_SYNC_LEASE_SECONDS": "10",
+            # An account without credentials must not look for an instance role off this
+            # host (botocore would ask 169.254.169.254): the environment has none.
+            "AWS_EC2_METADATA_DISABLED": "true",
         },
     )
     yield server
@@ -385,6 +388,11 @@ def test_bad_input_is_refused_with_a_message(mesh, moto):
         )
         assert r.status_code == 400 and "error" in r.json()
         assert http.post("/api/clouds/nope/sync").status_code == 404
+    with mesh.client(token="") as anonymous:  # ACLs on: no operator token, no accounts
+        denied = anonymous.get("/api/clouds/")
+        assert denied.status_code == 403 and "operator:read" in denied.json()["error"]
+        assert anonymous.post("/api/clouds/aws1/sync").status_code == 403
+    with mesh.client() as http:
         assert http.get("/api/clouds/").json()["count"] == 2
     # Without credentials (the server's environment has none) a sync fails with a message.
     cli(
@@ -456,10 +464,6 @@ def test_gateway_config_names_the_peers_and_apply_opens_the_security_group_once(
             }
         ],
     )
-    c = mesh.consul()
-    register_gateway(c, "gw-east", "aws-east", "203.0.113.5")
-    register_gateway(c, "gw-west", "gcp-west", "198.51.100.7")
-    register_gateway(c, "gw-site", "onprem-1", "198.51.100.20")
     cli(
         mesh,
         "cloud",
@@ -481,8 +485,13 @@ def test_gateway_config_names_the_peers_and_apply_opens_the_security_group_once(
         "-security-group",
         group,
     )
+    c = mesh.consul()
+    register_gateway(c, "gw-east", "aws-east", "203.0.113.5")
+    register_gateway(c, "gw-west", "gcp-west", "198.51.100.7")
+    register_gateway(c, "gw-site", "onprem-1", "198.51.100.20")
     config = json.loads(cli(mesh, "gateway-config", "-format", "json", "aws-east").stdout)
     assert config["datacenter"] == "aws-east" and config["port"] == 8443
+    assert (config["provider"], config["region"]) == ("aws", "us-east-1")
     assert config["sni_domain"].startswith("aws-east.internal.") and config["sni_domain"].endswith(
         ".mesh"
     )

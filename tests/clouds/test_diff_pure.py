@@ -113,3 +113,30 @@ def test_a_firewall_plan_adds_missing_rules_and_removes_only_its_own_stale_ones(
     # Descriptions do not make rules differ: the same rule with another text is in place.
     again = diff.firewall_plan("sg-1", wanted, [rule("198.51.100.1/32", "x"), *wanted[1:]])
     assert again.empty
+
+
+def test_ingress_rules_come_from_peer_gateway_addresses_and_name_what_they_skip():
+    from clouds.domain.gateway import Gateway, ingress_rules
+
+    peers = [
+        Gateway("gcp-west", "gw-1", "mesh-gateway", "198.51.100.7", 8443),
+        Gateway("gcp-west", "gw-2", "mesh-gateway", "198.51.100.7", 8443),  # same address
+        Gateway("onprem", "gw-3", "mesh-gateway", "gw.example.net", 8443),
+        Gateway("azure", "gw-4", "mesh-gateway", "2001:db8::1", 8443),
+    ]
+    rules, notes = ingress_rules(9443, peers)
+    assert [(r.protocol, r.port, r.cidr) for r in rules] == [("tcp", 9443, "198.51.100.7/32")]
+    assert rules[0].description.startswith(diff.RULE_PREFIX)
+    assert len(notes) == 2
+    assert "gw.example.net" in notes[0] and "not an IP" in notes[0]
+    assert "IPv6" in notes[1]
+
+
+def test_exported_instance_ids_fit_cloud_map_and_stay_stable():
+    from clouds.providers.aws import export_instance_id
+
+    assert export_instance_id("host-1", "web-1") == "host-1.web-1"
+    assert export_instance_id("host 1", "web#1") == "host_1.web_1"
+    long = export_instance_id("n" * 50, "s" * 50)
+    assert len(long) == 64 and long == export_instance_id("n" * 50, "s" * 50)
+    assert long != export_instance_id("n" * 50, "s" * 49 + "t")

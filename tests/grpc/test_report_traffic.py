@@ -120,6 +120,8 @@ def test_metrics_reads_follow_acls(cp, unique):
     with cp.client() as http:
         assert len(http.get("/api/metrics/edges", params={"source": web}).json()["edges"]) == 1
         assert http.get("/api/metrics/services/no-such-service").status_code == 404
+        refused = http.post("/api/metrics/edges", json={})
+        assert refused.status_code == 405 and refused.json()["error"]
 
 
 @pytest.mark.postgres
@@ -182,3 +184,39 @@ def test_mesh_top_shows_the_reported_services_and_edges(cp, unique):
     assert as_json["service"]["windows"]["1m"]["requests"] == 200
     missing = _mesh(cp, "top", "-service", "no-such-service")
     assert missing.returncode == 1 and "no-such-service" in missing.stderr
+
+
+def test_mesh_top_on_a_terminal_redraws_until_stopped(cp, unique):
+    import pty
+
+    api = unique("api")
+    host = join_now(cp)
+    asyncio.run(host.sync([{"Name": api, "Port": 9000}]))
+    asyncio.run(host.call("ReportTraffic", traffic(counts("destination", "web", api, 10))))
+    env = {**os.environ, "MESH_HTTP_ADDR": cp.addr, "MESH_HTTP_TOKEN": cp.token or ""}
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshweb.cli", "top", "-count", "3", "-interval", "0.5s"],
+        stdout=follower,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    os.close(follower)
+    output = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closed: the command is done
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert proc.wait(60) == 0, proc.stderr.read()
+    finally:
+        os.close(leader)
+        if proc.poll() is None:
+            proc.kill()
+    text = output.decode(errors="replace")
+    assert text.count("\x1b[H\x1b[2J") == 3  # each table redrawn over the last
+    assert text.count("Services (as their sidecars answered)") == 3

@@ -181,8 +181,12 @@ def config(service: str, *, version: int, inbound_port: int, app_port: int,
         trust_domain=TRUST_DOMAIN,
         spiffe_id=spiffe(service),
         inbound=Inbound(
-            "127.0.0.1", inbound_port, "127.0.0.1", app_port, "http", **(inbound or {})
-        ),
+            "127.0.0.1",
+            inbound_port,
+            "127.0.0.1",
+            app_port,
+            **{"protocol": "http", **(inbound or {})},
+        ),  # fmt: skip
         upstreams=upstreams,
         intentions=intentions,
     ).to_json()

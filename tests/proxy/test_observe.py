@@ -314,3 +314,17 @@ def test_access_lines_are_json_whatever_the_request_carried(tmp_path):
     entry = json.loads(path.read_text())
     assert entry["path"] == entry["authority"] == entry["request_id"] == entry["route"] == nasty
     assert entry["time"] == "2027-01-15T08:00:00.500Z"
+
+
+def test_the_ratio_decision_is_the_sdks_trace_id_ratio_sampler():
+    import random
+
+    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+
+    rng = random.Random(7)
+    for ratio in (0.0, 0.01, 0.3, 0.5, 1.0):
+        sdk = TraceIdRatioBased(ratio)
+        for _ in range(2000):
+            trace_id = rng.getrandbits(128)
+            want = sdk.should_sample(None, trace_id, "x").decision.is_sampled()
+            assert sampled_by_ratio(trace_id, ratio) is want

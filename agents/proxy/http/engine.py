@@ -36,6 +36,7 @@ from agents.proxy.balancing import (
     key_of,
 )
 from agents.proxy.http.guards import Circuit, Outliers, RetryBudget, TokenBucket
+from agents.proxy.http.h2wire import H2Client, H2Stream
 from agents.proxy.http.routes import Router, rewrite_prefix
 from agents.proxy.http.wire import (
     REASONS,
@@ -65,6 +66,7 @@ GRPC_CODES = {
 MAX_IDLE_PER_POOL = 64
 POOL_IDLE_TIMEOUT = 60.0
 HTTP_PROTOCOLS = frozenset({"http", "http2", "grpc"})
+H2_PROTOCOLS = frozenset({"http2", "grpc"})
 
 
 class Failure(Exception):
@@ -105,9 +107,11 @@ class Attempt:
         "early",
         "finished",
         "nbytes",
+        "trailer_headers",
+        "first_fut",
     )
 
-    def __init__(self, conn: ClientConn) -> None:
+    def __init__(self, conn: Any) -> None:
         loop = asyncio.get_running_loop()
         self.conn = conn
         self.head_fut: asyncio.Future[None] = loop.create_future()
@@ -120,6 +124,11 @@ class Attempt:
         self.early: list[bytes] = []
         self.finished = False
         self.nbytes = 0
+        self.trailer_headers: Headers | None = None
+        self.first_fut: asyncio.Future[None] = loop.create_future()  # first body byte or end
+
+    def trailers(self, headers: Headers) -> None:
+        self.trailer_headers = headers
 
     def head(self, status: int, reason: bytes, headers: Headers, framing: str) -> None:
         self.status, self.reason, self.headers, self.framing = status, reason, headers, framing
@@ -127,6 +136,8 @@ class Attempt:
             self.head_fut.set_result(None)
 
     def body(self, data: bytes) -> None:
+        if not self.nbytes and not self.first_fut.done():
+            self.first_fut.set_result(None)
         self.nbytes += len(data)
         if self.sink is not None:
             self.sink.chunk(data)
@@ -135,47 +146,67 @@ class Attempt:
 
     def done(self) -> None:
         self.finished = True
+        if not self.first_fut.done():
+            self.first_fut.set_result(None)
         if self.sink is not None:
-            self.sink.end()
+            self.sink.end(self.trailer_headers)
         if not self.done_fut.done():
             self.done_fut.set_result(None)
 
     def failed(self, kind: str) -> None:
         exc = Failure(kind, "UC" if kind != "protocol" else "UPE")
-        for fut in (self.head_fut, self.done_fut):
+        for fut in (self.head_fut, self.done_fut, self.first_fut):
             if not fut.done():
                 fut.set_exception(exc)
                 fut.exception()  # retrieved: no "never retrieved" warning
 
-    def commit(self, sink: _Sink) -> None:
+    def commit(self, sink: Any) -> None:
         """From now on the body goes to the caller."""
         self.sink = sink
         for data in self.early:
             sink.chunk(data)
         self.early = []
         if self.finished:
-            sink.end()
+            sink.end(self.trailer_headers)
 
 
 class _Sink:
-    """Writes a streamed response body to the caller, re-framed."""
+    """Writes a streamed response body to the caller, re-framed. While `buf`
+    is set (the head not yet written), pieces are gathered into it, so that a
+    small response that has already arrived whole leaves in one write (one
+    TLS record, one syscall) rather than one per piece."""
 
-    __slots__ = ("conn", "chunked")
+    __slots__ = ("conn", "chunked", "buf")
 
-    def __init__(self, conn: ServerConn, chunked: bool) -> None:
+    def __init__(self, conn: ServerConn, chunked: bool, buf: list[bytes] | None = None) -> None:
         self.conn = conn
         self.chunked = chunked
+        self.buf = buf
 
     def chunk(self, data: bytes) -> None:
         if self.chunked:
             if data:
-                self.conn.writelines([b"%x\r\n" % len(data), data, b"\r\n"])
+                pieces = [b"%x\r\n" % len(data), data, b"\r\n"]
+                if self.buf is not None:
+                    self.buf.extend(pieces)
+                else:
+                    self.conn.writelines(pieces)
+        elif self.buf is not None:
+            self.buf.append(data)
         else:
             self.conn.write(data)
 
-    def end(self) -> None:
+    def end(self, trailers: Headers | None = None) -> None:
         if self.chunked:
-            self.conn.write(b"0\r\n\r\n")
+            if self.buf is not None:
+                self.buf.append(b"0\r\n\r\n")
+            else:
+                self.conn.write(b"0\r\n\r\n")
+
+    def flush(self) -> None:
+        buf, self.buf = self.buf, None
+        if buf:
+            self.conn.writelines(buf)
 
 
 def request_id() -> bytes:
@@ -213,6 +244,8 @@ class HttpProxy(Handler):
         self.budgets: dict[tuple, RetryBudget] = {}
         self.active: dict = {}  # endpoint → requests in flight (least_request)
         self.limiters: dict[Any, TokenBucket] = {}
+        self.h2pool: dict[Any, H2Client] = {}
+        self.h2dialing: dict[Any, asyncio.Future] = {}
         self.read_timeout = 10.0
 
     # ------------------------------------------------------------------ state
@@ -387,15 +420,17 @@ class HttpProxy(Handler):
         deadline = (
             (time.monotonic() + inbound.request_timeout_s) if inbound.request_timeout_s else None
         )
+        use_h2 = inbound.protocol in H2_PROTOCOLS
+        rec.protocol = inbound.protocol
         for stale_retry in (False, True):
             try:
-                client = await self._app_conn(target)
+                client = await self._app_conn(target, use_h2)
             except Failure as f:
                 self.sc.metrics.connect_failures[("local_app", f.kind)] += 1
                 self._local(conn, rec, 503, "cannot reach the local app", "UF")
                 return
             att = Attempt(client)
-            client.send(_serialize(req, req.target, headers), att, req.method == "HEAD")
+            _send(client, att, req, req.target, headers)
             try:
                 await _wait(att.head_fut, deadline)
             except Failure as f:
@@ -410,8 +445,10 @@ class HttpProxy(Handler):
             await self._relay(conn, req, att, rec, (), (), (), deadline)
             return
 
-    async def _app_conn(self, target: tuple[str, int]) -> ClientConn:
+    async def _app_conn(self, target: tuple[str, int], use_h2: bool) -> Any:
         key = ("app", target)
+        if use_h2:
+            return await self._h2_conn(key, target, None, None, None, None)
         conn = self._idle(key)
         if conn is not None:
             return conn
@@ -491,6 +528,9 @@ class HttpProxy(Handler):
         )
         tried: set = set()
         data_cache: dict[str, list[bytes]] = {}
+        use_h2 = plan.upstream.protocol in H2_PROTOCOLS
+        rec.protocol = plan.upstream.protocol
+        grpc_retry = use_h2 and any(c in GRPC_CODES for c in conditions)
         circuit.active += 1
         try:
             while True:
@@ -516,11 +556,9 @@ class HttpProxy(Handler):
                 att: Attempt | None = None
                 self.active[ep] = self.active.get(ep, 0) + 1
                 try:
-                    client = await self._peer_conn(snap, cluster, ep, circuit, deadline)
-                    if "d" not in data_cache:
-                        data_cache["d"] = _serialize(req, target, headers)
+                    client = await self._peer_conn(snap, cluster, ep, circuit, deadline, use_h2)
                     att = Attempt(client)
-                    client.send(data_cache["d"], att, req.method == "HEAD")
+                    _send(client, att, req, target, headers, data_cache)
                     try:
                         await _wait(att.head_fut, _try_deadline(deadline, policy))
                     except TimeoutError:
@@ -568,14 +606,31 @@ class HttpProxy(Handler):
                     return
                 assert att is not None
                 status = att.status
+                if grpc_retry and att.framing == "stream" and not att.finished and not att.nbytes:
+                    # A gRPC error may come as headers, then trailers: wait for the
+                    # first message or the end before deciding (nothing is sent yet).
+                    try:
+                        await _wait(att.first_fut, _try_deadline(deadline, policy))
+                    except TimeoutError:
+                        att.conn.detach()
+                        self._local(conn, rec, 504, "upstream request timeout", "UT")
+                        return
+                    except Failure:
+                        self._local(conn, rec, 502, "upstream reset before answering", "UC")
+                        return
+                verdict_headers = att.headers
+                if att.finished and not att.nbytes and att.trailer_headers:
+                    verdict_headers = att.headers + att.trailer_headers
                 if outliers is not None:
                     if status >= 500:
                         self._eject_check(outliers, ep, cluster)
                     else:
                         outliers.success(ep)
                 if (
-                    _retriable_status(status, att.headers, policy, conditions)
-                    and may_retry_sent
+                    _retriable_status(status, verdict_headers, policy, conditions)
+                    # gRPC calls are POSTs: a gRPC retry condition is the
+                    # explicit consent to retry them on that status.
+                    and (may_retry_sent or _grpc_status_match(verdict_headers, conditions))
                     and rec.retries < max_retries
                     and (deadline is None or time.monotonic() < deadline)
                 ):
@@ -587,7 +642,7 @@ class HttpProxy(Handler):
                         await _backoff(policy, rec.retries, deadline)
                         continue
                     self.sc.metrics.http_budget_exhausted[cluster.name] += 1
-                if rec.retries and _retriable_status(status, att.headers, policy, conditions):
+                if rec.retries and _retriable_status(status, verdict_headers, policy, conditions):
                     rec.response_flags = "URX"
                 await self._relay(conn, req, att, rec, *resp_mods, deadline)
                 return
@@ -610,9 +665,11 @@ class HttpProxy(Handler):
                         endpoint=f"{ep[0]}:{ep[1]}")  # fmt: skip
 
     async def _peer_conn(
-        self, snap, cluster: Cluster, ep, circuit: Circuit, deadline
-    ) -> ClientConn:
+        self, snap, cluster: Cluster, ep, circuit: Circuit, deadline, use_h2: bool = False
+    ) -> Any:
         key = (cluster.name, ep, cluster.sni, cluster.spiffe_id, id(snap.contexts))
+        if use_h2:
+            return await self._h2_conn(key, ep, snap, cluster, circuit, deadline)
         conn = self._idle(key)
         if conn is not None:
             return conn
@@ -673,6 +730,76 @@ class HttpProxy(Handler):
             raise Failure("connect", "UF", "spiffe_id_mismatch")
         return conn
 
+    async def _h2_conn(self, key, ep, snap, cluster: Cluster | None, circuit: Circuit | None,
+                       deadline) -> H2Client:  # fmt: skip
+        """The multiplexed HTTP/2 connection for `key` (one per endpoint), dialled
+        when there is none usable: mTLS with ALPN h2 to a peer sidecar, or h2c
+        (prior knowledge) to the local app when `cluster` is None."""
+        conn = self.h2pool.get(key)
+        if conn is not None and conn.usable:
+            return conn
+        waiting = self.h2dialing.get(key)
+        if waiting is not None:
+            return await asyncio.shield(waiting)
+        fut: asyncio.Future[H2Client] = asyncio.get_running_loop().create_future()
+        self.h2dialing[key] = fut
+        try:
+            conn = await self._h2_dial(key, ep, snap, cluster, circuit, deadline)
+        except BaseException as exc:
+            fut.set_exception(exc if isinstance(exc, Failure) else Failure("connect", "UF"))
+            fut.exception()
+            raise
+        finally:
+            self.h2dialing.pop(key, None)
+        fut.set_result(conn)
+        self.h2pool[key] = conn
+        return conn
+
+    async def _h2_dial(self, key, ep, snap, cluster, circuit, deadline) -> H2Client:
+        loop = asyncio.get_running_loop()
+        timeout = cluster.connect_timeout_s if cluster is not None else 5.0
+        if deadline is not None:
+            timeout = max(0.001, min(timeout, deadline - time.monotonic()))
+        kw: dict[str, Any] = {}
+        if cluster is not None:
+            kw = {"ssl": snap.contexts.client_h2, "server_hostname": cluster.sni or None,
+                  "ssl_handshake_timeout": self.sc.handshake_timeout}  # fmt: skip
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(H2Client, ep[0], ep[1], **kw), timeout
+            )
+        except (TimeoutError, OSError) as exc:
+            reason = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+            if cluster is not None:
+                self.sc.metrics.connect_failures[(cluster.service, reason)] += 1
+            raise Failure("connect", "UF", reason) from None
+        conn.key = key
+
+        def lost(c: H2Client) -> None:
+            if self.h2pool.get(c.key) is c:
+                del self.h2pool[c.key]
+            if c.cluster is not None:
+                c.cluster.connections -= 1
+                c.cluster = None
+
+        conn.on_lost = lost
+        if cluster is not None:
+            sslobj = conn.transport.get_extra_info("ssl_object")  # type: ignore[union-attr]
+            uri = peer_spiffe_id(conn.transport.get_extra_info("peercert"))  # type: ignore[union-attr]
+            alpn = sslobj.selected_alpn_protocol() if sslobj is not None else None
+            wrong = _wrong_issuer(snap, uri, conn.transport) if uri == cluster.spiffe_id else None
+            if uri != cluster.spiffe_id or wrong is not None or alpn != "h2":
+                reason = "spiffe_id_mismatch" if uri != cluster.spiffe_id else wrong or "no_h2_alpn"
+                self.sc.metrics.handshake_failed("outbound", reason)
+                self.sc._refused("upstream refused", upstream=cluster.name, reason=reason,
+                                 expected=cluster.spiffe_id, presented=uri)  # fmt: skip
+                conn.close()
+                raise Failure("connect", "UF", reason)
+            if circuit is not None:
+                circuit.connections += 1
+                conn.cluster = circuit
+        return conn
+
     # ---------------------------------------------------------------- pools
 
     def _idle(self, key) -> ClientConn | None:
@@ -710,11 +837,16 @@ class HttpProxy(Handler):
             for conn in list(pool):
                 conn.close()
         self.pools.clear()
+        for h2conn in list(self.h2pool.values()):
+            h2conn.close()
+        self.h2pool.clear()
 
     # ---------------------------------------------------------------- answers
 
     def _forward_headers(self, conn: ServerConn, req: Request, span, proto: str) -> Headers:
         headers = strip_hop_by_hop(req.headers)
+        if req.header(b"te") == b"trailers":
+            headers.append((b"te", b"trailers"))  # the one TE value that goes on (gRPC needs it)
         peer = conn.peer[0].encode() if conn.peer else b"unknown"
         xff = None
         has_proto = False
@@ -743,7 +875,20 @@ class HttpProxy(Handler):
         headers = strip_hop_by_hop(att.headers)
         if remove or set_ or add:
             headers = _apply(headers, remove, set_, add)
+        for n, v in att.trailer_headers or att.headers:
+            if n == b"grpc-status":
+                rec.grpc_status = v.decode("latin-1")
         framing = att.framing
+        if isinstance(conn, H2Stream):
+            if framing == "length":
+                cl = _content_length(att.headers)
+                if cl is not None:
+                    headers.append((b"content-length", cl))
+            await self._stream_out(conn, att, rec, conn.start_response(
+                att.status, att.reason, headers, framing, req), deadline)  # fmt: skip
+            return
+        if framing == "stream":  # an HTTP/2 upstream: length unknown
+            framing = "chunked" if req.version == "1.1" else "close"
         out = [b"HTTP/1.1 %d %s\r\n" % (att.status, att.reason or REASONS.get(att.status, b""))]
         for n, v in headers:
             out.append(n + b": " + v + b"\r\n")
@@ -762,7 +907,6 @@ class HttpProxy(Handler):
         if not req.keep_alive:
             out.append(b"connection: close\r\n")
         out.append(b"\r\n")
-        conn.writelines(out)
         client = att.conn
 
         def writable(ok: bool) -> None:
@@ -770,7 +914,14 @@ class HttpProxy(Handler):
                 (client.transport.resume_reading if ok else client.transport.pause_reading)()
 
         conn.on_writable = writable
-        att.commit(_Sink(conn, chunked))
+        await self._stream_out(conn, att, rec, _Sink(conn, chunked, out), deadline)
+
+    async def _stream_out(self, conn: Any, att: Attempt, rec: RequestRecord, sink: Any,
+                          deadline) -> None:  # fmt: skip
+        client = att.conn
+        att.commit(sink)
+        if isinstance(sink, _Sink):
+            sink.flush()  # the head, and what arrived with it, in one write
         try:
             await _wait(att.done_fut, deadline)
         except TimeoutError:
@@ -783,6 +934,10 @@ class HttpProxy(Handler):
         finally:
             conn.on_writable = None
             rec.response_bytes = att.nbytes
+            if att.trailer_headers:
+                for n, v in att.trailer_headers:
+                    if n == b"grpc-status":
+                        rec.grpc_status = v.decode("latin-1")
             if conn.paused_writing and client.transport is not None and not client.lost:
                 client.transport.resume_reading()
 
@@ -828,6 +983,19 @@ def _content_length(headers: Headers) -> bytes | None:
         if n == b"content-length":
             return v.strip()
     return None
+
+
+def _send(client: Any, att: Attempt, req: Request, target: str, headers: Headers,
+          cache: dict | None = None) -> None:  # fmt: skip
+    """Start the request on `client`: an HTTP/2 stream, or HTTP/1.1 bytes."""
+    if isinstance(client, H2Client):
+        att.conn = client.open(req.method, target, headers, req.body, att)
+        return
+    if cache is None:
+        data = _serialize(req, target, headers)
+    else:
+        data = cache.get("d") or cache.setdefault("d", _serialize(req, target, headers))
+    client.send(data, att, req.method == "HEAD")
 
 
 def _serialize(req: Request, target: str, headers: Headers) -> list[bytes]:
@@ -878,6 +1046,11 @@ def _retriable_status(status: int, headers: Headers, policy: RetryPolicy, condit
             if n == b"grpc-status" and v in grpc:
                 return True
     return False
+
+
+def _grpc_status_match(headers: Headers, conditions) -> bool:
+    codes = {GRPC_CODES[c] for c in conditions if c in GRPC_CODES}
+    return bool(codes) and any(n == b"grpc-status" and v in codes for n, v in headers)
 
 
 def _try_deadline(deadline: float | None, policy: RetryPolicy) -> float | None:

@@ -8,19 +8,18 @@ below `ratio` of the range (the OpenTelemetry SDK's `TraceIdRatioBased` rule,
 so the SDK, which decides again when the span is made, always agrees).
 
 Export is optional: with an OTLP/HTTP endpoint, each sampled request becomes
-one span (SERVER on the inbound side, CLIENT on the outbound side) made with
-the OpenTelemetry SDK, batched (`BatchSpanProcessor`) and posted by
-`opentelemetry-exporter-otlp-proto-http`. The SDK is imported on the first
-sampled span only, so a sidecar without tracing never loads it; its span ids
-are the ones `begin` already sent upstream (a one-slot id generator hands them
-over), so the next hop's span names this one as its parent.
+one span (SERVER on the inbound side, CLIENT on the outbound side): an
+OpenTelemetry SDK `ReadableSpan`, batched by the SDK's `BatchSpanProcessor`
+and posted by `opentelemetry-exporter-otlp-proto-http`. The SDK is imported
+on the first sampled span only, so a sidecar without tracing never loads it.
+A span's ids are the ones `begin` already sent upstream, so the next hop's
+span names this one as its parent.
 """
 
 from __future__ import annotations
 
 import random
 import re
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,12 +98,34 @@ def new_id(bits: int) -> int:
             return value
 
 
+def _sdk_logs_as_json() -> None:
+    """The SDK reports through `logging` (an unreachable collector, dropped
+    spans): turn its records into the sidecar's JSON lines on stderr."""
+    import logging
+
+    class ToJson(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            level = "error" if record.levelno >= logging.ERROR else "warning"
+            getattr(log, level)("tracing: " + record.getMessage(), component=record.name)
+
+    sdk = logging.getLogger("opentelemetry")
+    sdk.handlers[:] = [ToJson(level=logging.WARNING)]
+    sdk.setLevel(logging.WARNING)
+    sdk.propagate = False
+
+
 class SpanExporter:
-    """Makes and exports SDK spans for sampled requests (see the module docstring).
+    """Exports sampled requests as spans with the OpenTelemetry SDK (see the module docstring).
 
     `endpoint` is the collector's OTLP/HTTP base URL (`http://host:4318`) or its
-    full traces URL (`.../v1/traces`). Thread-safety: `export` runs on the event
-    loop only; the SDK's batch processor posts from its own thread.
+    full traces URL (`.../v1/traces`). Each span is the SDK's `ReadableSpan`
+    — the finished span a `Tracer` would hand its processors — made directly
+    from the request: its ids and sampling were decided in `begin`, so the
+    tracer's id generation and second sampling pass would only cost time (a
+    tracer-made span costs several times more, mostly checking attributes we
+    build ourselves). It goes to the SDK's `BatchSpanProcessor` and
+    `OTLPSpanExporter`, which post from their own thread. `export` runs on the
+    event loop only.
     """
 
     def __init__(self, endpoint: str, ratio: float, *, timeout_s: float = 5.0) -> None:
@@ -113,46 +134,60 @@ class SpanExporter:
             self.endpoint += "/v1/traces"
         self.ratio = ratio
         self.timeout_s = timeout_s
-        self._provider: Any = None
-        self._tracer: Any = None
-        self._ids: Any = None
-        self._api: Any = None
-        self._lock = threading.Lock()
+        self._processor: Any = None
+        self._make: Any = None
         self.failed = False
 
     def _start(self, service: str) -> None:
-        """Load the SDK and build the provider (once, on the first sampled span)."""
+        """Load the SDK and build the processor (once, on the first sampled span)."""
         from opentelemetry import trace as api
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace import ReadableSpan
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.sdk.trace.id_generator import IdGenerator
-        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+        from opentelemetry.trace.status import Status, StatusCode
 
-        class _Handed(IdGenerator):
-            """Hands the SDK the ids `begin` chose (set just before `start_span`)."""
+        resource = Resource.create({"service.name": service or "unknown"})
+        scope = InstrumentationScope("meshweb.sidecar")
+        sampled, unsampled = api.TraceFlags(1), api.TraceFlags(0)
+        kinds = {True: api.SpanKind.SERVER, False: api.SpanKind.CLIENT}
+        error, unset = Status(StatusCode.ERROR), Status(StatusCode.UNSET)
+        SpanContext, TraceState = api.SpanContext, api.TraceState  # noqa: N806
 
-            trace_id = 0
-            span_id = 0
+        def make(
+            name, server, trace_id, span_id, parent, tracestate, start_ns, end_ns, attrs, failed
+        ):
+            state = TraceState.from_header([tracestate.decode("latin-1")]) if tracestate else None
+            parent_ctx = (
+                SpanContext(
+                    trace_id,
+                    parent.span_id,
+                    is_remote=True,
+                    trace_flags=sampled if parent.sampled else unsampled,
+                    trace_state=state,
+                )
+                if parent is not None
+                else None
+            )
+            return ReadableSpan(
+                name,
+                context=SpanContext(trace_id, span_id, False, sampled, state),
+                parent=parent_ctx,
+                resource=resource,
+                attributes=attrs,
+                kind=kinds[server],
+                status=error if failed else unset,
+                start_time=start_ns,
+                end_time=end_ns,
+                instrumentation_scope=scope,
+            )
 
-            def generate_trace_id(self) -> int:
-                return self.trace_id
-
-            def generate_span_id(self) -> int:
-                return self.span_id
-
-        self._ids = _Handed()
-        self._provider = TracerProvider(
-            resource=Resource.create({"service.name": service or "unknown"}),
-            sampler=ParentBased(TraceIdRatioBased(self.ratio)),
-            id_generator=self._ids,
+        self._make = make
+        self._processor = BatchSpanProcessor(
+            OTLPSpanExporter(endpoint=self.endpoint, timeout=self.timeout_s)
         )
-        self._provider.add_span_processor(
-            BatchSpanProcessor(OTLPSpanExporter(endpoint=self.endpoint, timeout=self.timeout_s))
-        )
-        self._tracer = self._provider.get_tracer("meshweb.sidecar")
-        self._api = api
+        _sdk_logs_as_json()
         log.info("tracing", endpoint=self.endpoint, ratio=self.ratio, service=service)
 
     def export(
@@ -172,41 +207,27 @@ class SpanExporter:
         if self.failed:
             return
         try:
-            if self._tracer is None:
+            if self._processor is None:
                 self._start(service)
-            api = self._api
-            if parent is not None:
-                state = api.TraceState.from_header([tracestate.decode()]) if tracestate else None
-                parent_span = api.NonRecordingSpan(
-                    api.SpanContext(
-                        parent.trace_id,
-                        parent.span_id,
-                        is_remote=True,
-                        trace_flags=api.TraceFlags(1 if parent.sampled else 0),
-                        trace_state=state,
-                    )
-                )
-                context = api.set_span_in_context(parent_span)
-            else:
-                from opentelemetry.context import Context
-
-                context = Context()
-            self._ids.trace_id, self._ids.span_id = trace_id, span_id
-            span = self._tracer.start_span(
-                name,
-                context=context,
-                kind=api.SpanKind.SERVER if server else api.SpanKind.CLIENT,
-                attributes=attributes,
-                start_time=start_ns,
+            self._processor.on_end(
+                self._make(
+                    name,
+                    server,
+                    trace_id,
+                    span_id,
+                    parent,
+                    tracestate,
+                    start_ns,
+                    end_ns,
+                    attributes,
+                    error,
+                )  # fmt: skip
             )
-            if error:
-                span.set_status(api.Status(api.StatusCode.ERROR))
-            span.end(end_time=end_ns)
         except Exception as exc:  # tracing must never break the data path
             self.failed = True
             log.error("tracing disabled after an error", error=repr(exc))
 
     def close(self) -> None:
         """Flush what is batched and stop the SDK's thread (bounded by the exporter's timeout)."""
-        if self._provider is not None:
-            self._provider.shutdown()
+        if self._processor is not None:
+            self._processor.shutdown()
