@@ -20,7 +20,8 @@ from django.urls import Resolver404, resolve
 from frontend.auth import SESSION_KEY
 from registry.api.errors import not_found
 
-WINDOWS = ("15m", "1h", "24h")
+# The telemetry store's rolling windows (`registry.domain.golden`).
+WINDOWS = ("1m", "5m", "15m", "1h")
 
 
 def service_path(name: str) -> str:

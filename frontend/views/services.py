@@ -120,15 +120,11 @@ def service_detail(request: HttpRequest, name: str) -> HttpResponse:
 def service_metrics(request: HttpRequest, name: str) -> JsonResponse:
     """The service's golden metrics (JSON for the chart), or an empty answer."""
     request.viewer.require("service_read", name)
-    window = request.GET.get("window", "15m")
-    window = window if window in metrics.WINDOWS else "15m"
-    status, data = metrics.fetch(request, metrics.service_path(name), {"window": window})
+    status, data = metrics.fetch(request, metrics.service_path(name), {})
     return JsonResponse({"status": status, "data": data if status == 200 else None})
 
 
 @ui_view()
 def edge_metrics(request: HttpRequest) -> JsonResponse:
-    window = request.GET.get("window", "15m")
-    window = window if window in metrics.WINDOWS else "15m"
-    status, data = metrics.fetch(request, metrics.edges_path(), {"window": window})
+    status, data = metrics.fetch(request, metrics.edges_path(), {})
     return JsonResponse({"status": status, "data": data if status == 200 else None})

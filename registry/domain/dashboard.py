@@ -103,14 +103,29 @@ def quiet_agents(authz: Authorizer, now: dt.datetime | None = None) -> list[Quie
 def refused_configs(
     authz: Authorizer, streams: Mapping[tuple[str, str], Any], connected: Collection[str]
 ) -> list[dict[str, Any]]:
-    """Sidecars whose last pushed config their agent refused (nacked), with the error."""
-    status = connect_status.connect_status(authz, streams, connected)
+    """Sidecars whose last pushed config their agent refused (nacked), with the error.
+
+    The streams' memory says which proxies refused something; only their
+    services' status is read (the whole mesh's would cost a snapshot per sidecar).
+    """
+    refused = {key for key, s in streams.items() if getattr(s, "nacked_version", 0) or s.last_error}
+    if not refused:
+        return []
+    services = set(
+        ServiceInstance.objects.filter(
+            kind="connect-proxy",
+            node__name__in={node for node, _ in refused},
+            service_id__in={pid for _, pid in refused},
+        ).values_list("destination_name", flat=True)
+    )
     out = []
-    for svc in status["services"]:
-        for proxy in svc["proxies"]:
-            config = proxy.get("config") or {}
-            if config.get("nacked_version") or config.get("error"):
-                out.append({"service": svc["service"], **proxy})
+    for service in sorted(services):
+        status = connect_status.connect_status(authz, streams, connected, service=service)
+        for svc in status["services"]:
+            for proxy in svc["proxies"]:
+                config = proxy.get("config") or {}
+                if config.get("nacked_version") or config.get("error"):
+                    out.append({"service": svc["service"], **proxy})
     return out
 
 

@@ -2,7 +2,7 @@
 
 The browser is `/usr/bin/chromium` (the `chromium` package), never a
 downloaded one; without it these tests skip and say so (under CI they fail).
-Each test module starts its own `mesh server` with ACLs on. Every page a test
+The tests share one `mesh server` with ACLs on (`ui_server`). Every page a test
 opens is checked for console errors and CSP violations (`Browser.open`), and
 the main pages are saved as PNG screenshots under the test run's output
 folder: `$MESH_TEST_OUTPUT/ui/` (default `test-output/ui/` in the checkout).
@@ -93,9 +93,18 @@ class Browser:
         self.page.wait_for_selector("#live-status[data-state=live]", timeout=15000)
 
 
-@pytest.fixture(scope="module")
+# A small KV value limit, so a test can go over it without a megabyte of typing.
+KV_LIMIT = 4096
+
+
+@pytest.fixture(scope="session")
 def ui_server(tmp_path_factory) -> MeshServer:
-    srv = make_server(tmp_path_factory.mktemp("ui-server"), acl=True)
+    """One `mesh server` (ACLs on) for the browser tests; they use unique names."""
+    srv = make_server(
+        tmp_path_factory.mktemp("ui-server"),
+        acl=True,
+        extra_env={"MESH_KV_MAX_VALUE_SIZE": str(KV_LIMIT)},
+    )
     yield srv
     srv.close()
 

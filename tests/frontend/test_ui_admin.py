@@ -9,7 +9,8 @@ import uuid
 
 import pytest
 
-from tests.frontend.conftest import XSS, new_browser
+from tests.e2e.conftest import wait_for
+from tests.frontend.conftest import KV_LIMIT, XSS, new_browser
 from tests.frontend.test_ui_pages import read_only_token
 
 pytestmark = pytest.mark.slow
@@ -46,33 +47,25 @@ def test_a_kv_save_uses_cas_and_a_stale_one_says_who_changed_the_key(browser, ui
     page = browser.open(f"/ui/kv/edit?key={key}")
     page.fill("#kv-value", "20")
     page.click("main form.stacked button[type=submit]")
-    assert c.kv.get(key)[1]["Value"] == b"20"
+    wait_for(lambda: c.kv.get(key)[1]["Value"] == b"20", timeout=15)
+    page = browser.open(f"/ui/kv/edit?key={key}")
     page.fill("#kv-value", "30")
     c.kv.put(key, "25")  # someone else, meanwhile
     page.click("main form.stacked button[type=submit]")
-    assert page.locator("#stale").is_visible()
+    page.wait_for_selector("#stale")
     assert "Initial Management Token" in page.locator("#stale").text_content()
     assert c.kv.get(key)[1]["Value"] == b"25"
 
 
-def test_a_kv_value_over_the_limit_is_refused_inline(playwright_browser, tmp_path_factory):
-    from tests.support.servers import make_server
-
-    srv = make_server(
-        tmp_path_factory.mktemp("kv-limit"), acl=True, extra_env={"MESH_KV_MAX_VALUE_SIZE": "16"}
-    )
-    b = new_browser(playwright_browser, srv)
-    try:
-        b.sign_in(srv.token)
-        page = b.open("/ui/kv/edit?new=1&key=")
-        page.fill("#kv-key", "big")
-        page.fill("#kv-value", "x" * 17)
-        page.click("main form.stacked button[type=submit]")
-        assert "too large" in page.locator("#kv-error").text_content()
-        assert srv.consul().kv.get("big")[1] is None
-    finally:
-        b.context.close()
-        srv.close()
+def test_a_kv_value_over_the_limit_is_refused_inline(browser, ui_server):
+    key = unique("big")
+    browser.sign_in(ui_server.token)
+    page = browser.open("/ui/kv/edit?new=1&key=")
+    page.fill("#kv-key", key)
+    page.fill("#kv-value", "x" * (KV_LIMIT + 1))
+    page.click("main form.stacked button[type=submit]")
+    assert "too large" in page.locator("#kv-error").text_content()
+    assert ui_server.consul().kv.get(key)[1] is None
 
 
 def test_a_token_secret_is_shown_once_and_bad_rules_are_refused_inline(browser, ui_server):
@@ -82,7 +75,7 @@ def test_a_token_secret_is_shown_once_and_bad_rules_are_refused_inline(browser, 
     page.fill("#p-name", name)
     page.fill("#p-rules", 'service_prefix "" { policy = "sideways" }')
     page.click("form:has(#p-name) button[type=submit]")
-    assert page.locator("#e-policy").is_visible()
+    page.wait_for_selector("#e-policy")
     page.fill("#p-rules", 'service_prefix "" { policy = "read" }')
     page.click("form:has(#p-name) button[type=submit]")
     page.wait_for_selector(f'tr[data-policy="{name}"]')
@@ -102,6 +95,7 @@ def test_the_audit_log_filters_and_shows_each_change_as_a_diff(browser, ui_serve
     page = browser.open(f"/ui/kv/edit?new=1&key={key}")
     page.fill("#kv-value", "v1")
     page.click("main form.stacked button[type=submit]")
+    page.wait_for_selector("text=Modify index")
     page = browser.open(f"/ui/audit?resource_type=kv&resource_id={key}", screenshot="audit")
     rows = page.locator("tr[data-audit]")
     assert rows.count() == 1
@@ -109,7 +103,7 @@ def test_the_audit_log_filters_and_shows_each_change_as_a_diff(browser, ui_serve
     rows.first.locator("summary").click()
     assert rows.first.locator("pre.diff .add").count() >= 1
     page = browser.open("/ui/audit?since=yesterday", status=400)
-    assert page.locator(".field-error").is_visible()
+    page.wait_for_selector(".field-error")
 
 
 def test_rotating_the_ca_asks_for_confirmation_and_shows_the_new_active_root(browser, ui_server):

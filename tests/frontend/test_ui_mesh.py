@@ -100,3 +100,46 @@ def test_denying_web_to_api_in_the_ui_stops_the_calls_and_the_edge_turns_denied(
         assert page.locator("pre.config").count() == 1  # the effective proxy config
     finally:
         caller.close()
+
+
+def test_the_service_page_charts_golden_metrics_from_real_traffic(cluster, mesh_browser):
+    with cluster.cp() as c:
+        for name in ("web", "api"):
+            r = c.put(
+                "/v1/config", json={"Kind": "service-defaults", "Name": name, "Protocol": "http"}
+            )
+            assert r.status_code == 200, r.text
+    caller = Caller(cluster)
+    b = mesh_browser
+    try:
+        # Calls through the sidecars (now on their HTTP path) until the agents have
+        # reported some (every 10 s by default) and the control plane shows them.
+        b.sign_in(cluster.server.token)
+
+        def reported() -> bool:
+            for _ in range(10):
+                caller.call()
+            with cluster.cp() as c:
+                r = c.get("/api/metrics/services/api")
+            return r.status_code == 200 and bool(r.json()["windows"]["1m"]["requests"])
+
+        wait_for(reported, timeout=90, interval=0.5)
+        page = b.open("/ui/services/api")
+        page.wait_for_selector(".chart[data-state=data]", state="attached", timeout=20000)
+        row = page.locator('.chart table.metrics tr[data-window="1m"]')
+        assert row.is_visible()
+        assert float(row.locator("td").nth(1).text_content()) > 0  # requests per second
+        assert page.locator(".chart .plot").count() == 3
+        page.screenshot(path=str(_out() / "mesh-service-metrics.png"), full_page=True)
+        page = b.open("/ui/topology")
+        page.wait_for_selector('g.edge[data-edge="web->api"] text', state="attached", timeout=20000)
+        assert "rps" in page.locator('g.edge[data-edge="web->api"] text').text_content()
+        page.screenshot(path=str(_out() / "mesh-topology-metrics.png"), full_page=True)
+    finally:
+        caller.close()
+
+
+def _out():
+    from tests.frontend.conftest import output_dir
+
+    return output_dir()

@@ -100,7 +100,7 @@ def test_a_bad_duration_is_refused_next_to_its_field(browser, ui_server):
     page = browser.open("/ui/nodes/add")
     page.fill("#h-ttl", "ten minutes")
     page.click("main button[type=submit]")
-    assert page.locator("#e-ttl").is_visible()
+    page.wait_for_selector("#e-ttl")
     assert page.locator("#agent-command").count() == 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -63,7 +64,7 @@ def test_the_root_opens_the_sign_in_page_and_a_bad_token_is_refused_inline(brows
     assert page.url.endswith("/ui/login?next=/ui/") or "/ui/login" in page.url
     page.fill("#token", "not-a-token")
     page.click("main button[type=submit]")
-    assert page.locator("#token-error").is_visible()
+    page.wait_for_selector("#token-error")
     assert "not valid" in page.locator("#token-error").text_content()
     assert "/ui/login" in page.url
 
@@ -124,8 +125,6 @@ def test_a_failing_check_turns_red_on_the_open_page_without_a_reload(browser, ui
 
 def test_the_services_list_filters_and_pages_on_the_server(browser, ui_server):
     stem = unique("many")
-    import consul
-
     c = ui_server.consul()
     for i in range(55):
         c.agent.service.register(
@@ -136,12 +135,12 @@ def test_the_services_list_filters_and_pages_on_the_server(browser, ui_server):
     assert page.locator("tbody tr").count() == 50
     assert "1–50 of 55" in page.locator(".pager").first.text_content()
     page.click("a[rel=next]")
+    page.wait_for_url(re.compile(r".*page=2.*"))
     assert page.locator("tbody tr").count() == 5
     page = browser.open(f"/ui/services?q={stem}&tag=blue")
     assert "of 27" in page.locator(".pager").text_content()
     page = browser.open(f"/ui/services?q={stem}-nothing")
     assert page.locator(".empty").is_visible()
-    del consul
 
 
 def test_the_service_page_shows_instances_checks_chain_and_an_empty_metrics_state(
@@ -204,14 +203,14 @@ def test_a_duplicate_intention_and_a_bad_regex_are_refused_inline_and_nothing_is
     page.fill("#f-source", web)
     page.fill("#f-destination", api)
     page.click("main button[type=submit]")
-    assert page.locator(".field-error").first.is_visible()
+    page.wait_for_selector(".field-error")
     assert "duplicate" in page.locator(".field-error").first.text_content().lower()
     # L7 permissions with a malformed regex: the error sits by the permissions field.
     page.fill("#f-source", unique("other"))
     page.select_option("#f-action", "l7")
     page.fill("#f-permissions", '[{"Action": "allow", "HTTP": {"PathRegex": "(["}}]')
     page.click("main button[type=submit]")
-    assert page.locator("#e-permissions").is_visible()
+    page.wait_for_selector("#e-permissions")
     with ui_server.client() as http:
         rows = http.get("/v1/connect/intentions", params={"filter": f'DestinationName == "{api}"'})
         assert [(i["SourceName"], i["Action"]) for i in rows.json()] == [(web, "allow")]
@@ -285,25 +284,42 @@ def test_a_management_token_sees_write_controls(browser, ui_server):
 
 def test_html_in_every_user_controlled_field_stays_text(browser, ui_server):
     name = unique("xss")
+    evil = f"{name}<img src=x onerror=window.__xss=1>"
     sid = register(ui_server, name, tags=[XSS], meta={"note": XSS})
     ui_server.consul().agent.check.ttl_fail(f"service:{sid}", XSS)
+    evil_id = register(ui_server, evil)
+    ui_server.consul().agent.check.ttl_fail(f"service:{evil_id}", "down")
     with ui_server.client() as http:
         http.put(
             "/v1/connect/intentions/exact",
             params={"source": name, "destination": name + "-dst"},
             json={"Action": "deny", "Description": XSS},
         )
+    ui_server.consul().kv.put(f"{name}/value", XSS)
     browser.sign_in(ui_server.token)
-    for path in ["/ui/", f"/ui/services?q={name}", f"/ui/services/{name}", "/ui/intentions"]:
+    pages = [
+        "/ui/",
+        f"/ui/services?q={name}",
+        f"/ui/services/{name}",
+        "/ui/services/" + quote(evil, safe=""),
+        "/ui/intentions",
+        f"/ui/topology?q={name}",
+        f"/ui/kv?prefix={name}/",
+        f"/ui/kv/edit?key={name}/value",
+        "/ui/audit",
+    ]
+    for path in pages:
         page = browser.open(path)
+        page.wait_for_timeout(200)  # scripts that render data (topology) have run
         assert page.evaluate("window.__xss === undefined"), path
         assert page.locator("main img[src=x]").count() == 0, path
     page = browser.open(f"/ui/services/{name}")
     assert XSS in page.locator("span.tag").first.text_content()
     assert XSS in page.locator("dl.meta").text_content()
-    assert (
-        XSS
-        in page.locator(
-            f'tr[data-instance="{sid}"] [data-check="service:{sid}"] pre.output'
-        ).text_content()
-    )
+    check = page.locator(f'tr[data-instance="{sid}"] [data-check="service:{sid}"] pre.output')
+    assert XSS in check.text_content()
+    page = browser.open(f"/ui/services?q={name}")
+    assert evil in page.locator("main table").text_content()
+    page = browser.open(f"/ui/topology?q={name}")
+    page.wait_for_selector("#topology[data-drawn]", state="attached")
+    assert page.locator(f'g.node[data-node="{evil}"]').count() == 1

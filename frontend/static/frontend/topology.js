@@ -17,7 +17,10 @@
     var out = {};
     var d = payload && payload.data;
     var rows = d ? (Array.isArray(d) ? d : (d.edges || [])) : [];
-    rows.forEach(function (e) { out[e.source + "\u0000" + e.destination] = e; });
+    rows.forEach(function (e) {
+      var w = (e.windows || {})["1m"];
+      if (w && w.requests) { out[e.source + "\u0000" + e.destination] = w; }
+    });
     return out;
   }
 
