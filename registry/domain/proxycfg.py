@@ -808,14 +808,29 @@ def translate_peer_upstreams(snap: ProxySnapshot) -> tuple[Upstream, ...]:
     trust domain and sent the exporter's gateway SNI.
 
     The path: with `MeshGateway.Mode` "local" (the upstream's, else the
-    proxy's) through a healthy local mesh gateway, which routes the SNI to
+    proxy's, else the service's `service-defaults`, else `proxy-defaults`) through a healthy local mesh gateway, which routes the SNI to
     the peer's gateways; otherwise straight to the peer's gateways; a peer
     with no gateway is dialled at its sidecars. A service not (or no longer)
     imported keeps its listener with no cluster: connections are refused.
     """
     out = []
-    proxy_mode = ((snap.proxy.get("Proxy") or {}).get("MeshGateway") or {}).get("Mode") or ""
-    for u in _peer_upstreams(snap):
+    upstreams = _peer_upstreams(snap)
+    proxy_mode = ""
+    if upstreams:
+        proxy_mode = (
+            ((snap.proxy.get("Proxy") or {}).get("MeshGateway") or {}).get("Mode")
+            or (
+                _entry(snap.entries, "service-defaults", snap.service).get("MeshGateway") or {}
+            ).get("Mode")
+            or (
+                _entry(snap.entries, "proxy-defaults", pure_entries.PROXY_DEFAULTS_NAME).get(
+                    "MeshGateway"
+                )
+                or {}
+            ).get("Mode")
+            or ""
+        )
+    for u in upstreams:
         peer, name = u["DestinationPeer"], u["DestinationName"]
         common = {
             "destination": name,
