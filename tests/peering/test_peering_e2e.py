@@ -225,6 +225,11 @@ def _step(world: Peered, what: str, fn, timeout: float = 60.0):
 
 def test_an_exported_service_is_callable_from_the_peer_only_with_a_peer_intention(peered):
     w = peered
+    # ACLs are on: peering needs peering:write, listing peering:read.
+    with w.servers["A"].client(token="") as anonymous:
+        r = anonymous.post("/v1/peering/token", json={"PeerName": "cluster-b"})
+        assert r.status_code == 403 and "peering:write" in r.text
+        assert anonymous.get("/v1/peerings").status_code == 403
     with w.cp("A") as c:
         td_a = c.get("/v1/connect/ca/roots").json()["TrustDomain"]
         r = c.post("/v1/peering/token", json={"PeerName": "cluster-b"})
@@ -261,7 +266,8 @@ def test_an_exported_service_is_callable_from_the_peer_only_with_a_peer_intentio
         with w.cp("B") as c:
             return c.get("/v1/health/service/api", params={"peer": "cluster-a"}).json()
 
-    _step(w, "api imported into B", imported)
+    took = _step(w, "api imported into B", imported)
+    report("export on A visible on B (?peer=)", f"{took:.2f} s")
     assert [e["Service"]["PeerName"] for e in imported()] == ["cluster-a"]
     with w.cp("B") as c:
         peering = c.get("/v1/peering/cluster-a").json()
@@ -287,7 +293,8 @@ def test_an_exported_service_is_callable_from_the_peer_only_with_a_peer_intentio
             },
         )
         assert r.status_code == 200, r.text
-    _step(w, "B's web calling A's api", lambda: w.call() == (True, "api-a"), timeout=60)
+    took = _step(w, "B's web calling A's api", lambda: w.call() == (True, "api-a"), timeout=60)
+    report("peer intention written on A to first call from B", f"{took:.2f} s")
     answers = [w.call() for _ in range(20)]
     assert answers == [(True, "api-a")] * 20
 
@@ -298,7 +305,8 @@ def test_an_exported_service_is_callable_from_the_peer_only_with_a_peer_intentio
     # Deleting the peering (on either side; here B) stops the calls.
     with w.cp("B") as c:
         assert c.delete("/v1/peering/cluster-a").status_code == 200
-    _step(w, "calls refused after the peering is deleted", lambda: not w.call()[0], timeout=30)
+    took = _step(w, "calls refused after the peering is deleted", lambda: not w.call()[0], 30)
+    report("peering deleted on B to calls refused", f"{took:.2f} s")
     for _ in range(5):
         ok, detail = w.call()
         assert not ok, detail
@@ -308,6 +316,10 @@ def test_an_exported_service_is_callable_from_the_peer_only_with_a_peer_intentio
             return c.get("/v1/peering/cluster-b").json()["State"]
 
     _step(w, "A's side terminated", lambda: a_side() == "TERMINATED")
+
+
+def report(what: str, value: str) -> None:
+    print(f"\n[e2e peering] {what}: {value}")
 
 
 def metric_sum(text: str, name: str, service: str) -> float:
