@@ -14,6 +14,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     from meshweb.commands import acl, ca, catalog, intention, join_token, kv, proxy_config, services
     from meshweb.commands import config as config_cmd
     from meshweb.commands import connect as connect_cmd
+    from meshweb.commands import gateway as gateway_cmd
     from meshweb.commands import peering as peering_cmd
 
     acl.register(sub)
@@ -26,4 +27,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     proxy_config.register(sub)
     join_token.register(sub)
     connect_cmd.register(sub)
+    gateway_cmd.register(sub)
     peering_cmd.register(sub)

@@ -85,13 +85,21 @@ def cmd_write(args: argparse.Namespace) -> int:
     client = Client.from_args(args)
     params = {"cas": args.modify_index} if args.cas else None
     try:
-        ok = client.put_json("/v1/config", entry, params)
+        resp = client.request("PUT", "/v1/config", params, body=json.dumps(entry).encode())
     except ApiError as exc:
         raise api_failure(f"Error writing config entry {_label(entry)}", exc, client) from None
-    if ok is not True:
+    if resp.json() is not True:
         raise CommandError(f"Config entry not updated: {_label(entry)}")
     out(f"Config entry written: {_label(entry)}")
+    _warn(resp)
     return 0
+
+
+def _warn(resp) -> None:
+    """The server's warnings about the entry (a failover that can never trigger)."""
+    text = next((v for k, v in resp.headers.items() if k.lower() == "x-mesh-warning"), "")
+    for line in filter(None, (w.strip() for w in text.split(" | "))):
+        print(f"Warning: {line}", file=sys.stderr)
 
 
 def _need(args: argparse.Namespace, *names: str) -> None:
@@ -104,12 +112,13 @@ def cmd_read(args: argparse.Namespace) -> int:
     _need(args, "kind", "name")
     client = Client.from_args(args)
     try:
-        entry = client.get_json(f"/v1/config/{path_escape(args.kind)}/{path_escape(args.name)}")
+        resp = client.get(f"/v1/config/{path_escape(args.kind)}/{path_escape(args.name)}")
     except ApiError as exc:
         raise api_failure(
             f"Error reading config entry {args.kind}/{args.name}", exc, client
         ) from None
-    out_json(entry)
+    out_json(resp.json())
+    _warn(resp)
     return 0
 
 

@@ -30,6 +30,7 @@ from rest_framework.response import Response
 from registry.api.auth import identity_of
 from registry.api.views import ERROR, WRITE_ERRORS, MeshViewSet
 from registry.domain import config_entries as entries
+from registry.domain import failover
 from registry.errors import BadRequest, Conflict, PermissionDenied
 from registry.models import ConfigEntry
 
@@ -157,7 +158,7 @@ class ConfigEntryViewSet(MeshViewSet):
         if not entries.write(entry, cas=cas):
             raise Conflict(f'Config entry "{kind}/{name}" was not written: cas {cas} did not match')
         found = entries.require_entry(entry["Kind"], entry["Name"])
-        return Response(ConfigEntrySerializer.from_entry(found))
+        return Response(ConfigEntrySerializer.from_entry(found), headers=failover.header(entry))
 
     @extend_schema(
         parameters=[

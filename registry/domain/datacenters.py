@@ -80,3 +80,66 @@ def update_datacenter(
         dc.save()
         change.touch(topic.DATACENTERS, topic.datacenter(name))
     return dc
+
+
+# --- round-trip estimate ---------------------------------------------------------------
+#
+# `/v1/catalog/datacenters` lists datacenters nearest first, as Consul sorts them by
+# the median round trip from the agent's datacenter. Until network coordinates are
+# measured, the distance is estimated from what the catalog knows of each datacenter
+# (see docs/gateways.md, "Datacenter order"):
+#
+#   same datacenter                                  0 ms
+#   same provider, same region                       2 ms
+#   same provider, same geography, other region     30 ms
+#   other provider, same geography                  40 ms
+#   same provider, other geography                 120 ms
+#   anything else (or a region unknown)            150 ms
+#
+# Geography is read from the region's leading word (`us-east-1`, `europe-west1`,
+# `westeurope`, ...). Ties are broken by name.
+
+_GEOGRAPHIES = {
+    "na": ("us", "usgov", "ca", "northamerica", "eastus", "westus", "centralus", "canada"),
+    "eu": ("eu", "europe", "westeurope", "northeurope", "uk", "france", "germany", "swiss"),
+    "ap": ("ap", "asia", "australia", "japan", "korea", "india", "southeastasia", "eastasia"),
+    "sa": ("sa", "southamerica", "brazil"),
+    "me": ("me", "middleeast", "uae", "il"),
+    "af": ("af", "africa", "southafrica"),
+}
+_WORD_GEO = {word: geo for geo, words in _GEOGRAPHIES.items() for word in words}
+
+
+def geography(region: str) -> str:
+    """The continent-level area a region is in ("" when it cannot be told)."""
+    word = re.split(r"[-_\d\s]", (region or "").lower(), maxsplit=1)[0]
+    if word in _WORD_GEO:
+        return _WORD_GEO[word]
+    for prefix, geo in sorted(_WORD_GEO.items(), key=lambda kv: -len(kv[0])):
+        if len(prefix) > 3 and word.startswith(prefix):
+            return geo
+    return ""
+
+
+def rtt_estimate_ms(a: Datacenter, b: Datacenter) -> float:
+    """The estimated round trip between two datacenters, in milliseconds (table above)."""
+    if a.name == b.name:
+        return 0.0
+    same_provider = a.provider == b.provider
+    if same_provider and a.region and a.region == b.region:
+        return 2.0
+    geo_a, geo_b = geography(a.region), geography(b.region)
+    same_geo = bool(geo_a) and geo_a == geo_b
+    if same_geo:
+        return 30.0 if same_provider else 40.0
+    if same_provider and geo_a and geo_b:
+        return 120.0
+    return 150.0
+
+
+def by_distance(origin: str) -> list[tuple[str, float]]:
+    """Every datacenter's name and estimated round trip from `origin`, nearest first."""
+    rows = list(Datacenter.objects.all())
+    here = next((d for d in rows if d.name == origin), None) or Datacenter(name=origin)
+    ranked = [(d.name, rtt_estimate_ms(here, d)) for d in rows]
+    return sorted(ranked, key=lambda item: (item[1], item[0]))

@@ -1423,6 +1423,8 @@ def build_gateway_config(snap: GatewaySnapshot) -> GatewayConfig:
     `no_healthy_endpoint` rather than `unknown_sni`. Remote datacenters: each
     other datacenter with a healthy gateway gets its SNI suffix, leading to
     its gateways' WAN addresses (the gateway there resolves the service).
+    The gateway listens on its LAN address and on its WAN address when that
+    differs (`Proxy.Config.bind_address` overrides the LAN one, `0.0.0.0` for all).
     """
     gw = snap.gateway
     td, dc = snap.trust_domain, snap.datacenter
@@ -1467,6 +1469,8 @@ def build_gateway_config(snap: GatewaySnapshot) -> GatewayConfig:
             )
     proxy_cfg = (gw.get("Proxy") or {}).get("Config") or {}
     timeout_ms = _fold_get(proxy_cfg, "connect_timeout_ms", 0)
+    lan_address, port = best_address({"Node": snap.node, "Service": gw}, wan=False)
+    wan_address, wan_port = best_address({"Node": snap.node, "Service": gw}, wan=True)
     return GatewayConfig(
         version=snap.version,
         proxy_id=gw["ID"],
@@ -1474,8 +1478,10 @@ def build_gateway_config(snap: GatewaySnapshot) -> GatewayConfig:
         node=snap.node["Node"],
         datacenter=dc,
         trust_domain=td,
-        bind_address=str(_fold_get(proxy_cfg, "bind_address", "") or GATEWAY_BIND_DEFAULT),
-        port=int(gw.get("Port") or 0),
+        bind_address=str(
+            _fold_get(proxy_cfg, "bind_address", "") or lan_address or GATEWAY_BIND_DEFAULT
+        ),
+        port=port,
         routes=tuple(routes),
         datacenters=tuple(remotes),
         connect_timeout_s=(
@@ -1483,6 +1489,8 @@ def build_gateway_config(snap: GatewaySnapshot) -> GatewayConfig:
             if isinstance(timeout_ms, int) and not isinstance(timeout_ms, bool) and timeout_ms > 0
             else 5.0
         ),
+        wan_address=wan_address if (wan_address, wan_port) != (lan_address, port) else "",
+        wan_port=wan_port if (wan_address, wan_port) != (lan_address, port) else 0,
     )
 
 

@@ -16,8 +16,14 @@ from registry.models import Check, Datacenter, Node, ServiceInstance
 from registry.txn import topic_index
 
 
-def datacenters() -> list[str]:
-    return list(Datacenter.objects.order_by("name").values_list("name", flat=True))
+def datacenters(origin: str = "") -> list[str]:
+    """Datacenter names nearest first from `origin` (the server's own by default),
+    by the estimate in `registry.domain.datacenters` (Consul sorts by round trip)."""
+    from django.conf import settings
+
+    from registry.domain.datacenters import by_distance
+
+    return [name for name, _ in by_distance(origin or settings.MESH_DC)]
 
 
 def check_datacenter(dc: str) -> None:

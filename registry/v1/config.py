@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.urls import path
 
 from registry.domain import config_entries as entries
+from registry.domain import failover
 from registry.domain.kv import parse_uint64
 from registry.v1.base import Ctx, Reply, endpoint
 
@@ -20,7 +21,9 @@ def write(ctx: Ctx) -> Reply:
     entry = entries.decode(ctx.json())
     allowed, permission, resource = entries.can_write(ctx.authz, entry["Kind"], entry["Name"])
     ctx.require(allowed, permission, resource)
-    return Reply(entries.write(entry, cas=cas))
+    written = entries.write(entry, cas=cas)
+    # A failover that can never trigger is accepted (as Consul does) but flagged.
+    return Reply(written, headers=failover.header(entry) if written else {})
 
 
 def _kind_topics(ctx: Ctx, kind: str):
@@ -59,7 +62,7 @@ def entry(ctx: Ctx, kind: str, name: str) -> Reply:
             status=404,
             content_type="text/plain; charset=utf-8",
         )
-    return Reply(found, index)
+    return Reply(found, index, headers=failover.header(found))
 
 
 def _chain_topics(ctx: Ctx, service: str):
