@@ -1532,12 +1532,16 @@ def gather_gateway(
 
     if global_index is None:
         global_index = _global_index()
-    shared = _shared.generation(global_index)
-    local_dc, node_json, gw_json, _ = _proxy_rows(node_name, proxy_id)
-    if gw_json.get("Kind") != MESH_GATEWAY:
-        from registry.errors import NotFound
+    from registry.errors import NotFound
 
-        raise NotFound(f'No mesh-gateway "{proxy_id}" on node "{node_name}"')
+    shared = _shared.generation(global_index)
+    missing = NotFound(f'No mesh-gateway "{proxy_id}" on node "{node_name}"')
+    try:
+        local_dc, node_json, gw_json, _ = _proxy_rows(node_name, proxy_id)
+    except NotFound:
+        raise missing from None
+    if gw_json.get("Kind") != MESH_GATEWAY:
+        raise missing
     trust_domain = _once(
         shared, ("trust-domain",), lambda: connect_ca.roots_json()[1]["TrustDomain"]
     )

@@ -179,3 +179,12 @@ def test_an_upstreams_own_mode_wins(mesh):
     _web_calls_api_in_dc2(upstream_mode="local")
     _entry({"Kind": "proxy-defaults", "Name": "global", "MeshGateway": {"Mode": "remote"}})
     assert _path() == ("10.0.0.2:8443", ["10.0.0.2:8443"])
+
+
+def test_an_unknown_gateway_or_a_sidecar_is_not_a_gateway(mesh):
+    from registry.errors import NotFound
+
+    with pytest.raises(NotFound, match='No mesh-gateway "mesh-gateway" on node "nowhere"'):
+        proxycfg.compile_gateway("nowhere", "mesh-gateway")
+    with pytest.raises(NotFound, match='No mesh-gateway "web-sidecar-proxy"'):
+        proxycfg.compile_gateway("host-a", "web-sidecar-proxy")
