@@ -21,7 +21,9 @@ bound. A new config swaps the table for new connections; open ones go on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import time
 from collections import Counter
 
@@ -221,6 +223,7 @@ class Inbound(_Side):
     def connection_made(self, transport) -> None:
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH)
+        _nodelay(transport)
         self.gw.conns.add(self)
         self.gw.metrics.accepted += 1
         peer = transport.get_extra_info("peername")
@@ -345,6 +348,14 @@ class Inbound(_Side):
             self.other.transport.abort()
 
 
+def _nodelay(transport) -> None:
+    """Segments go out as they come in: a spliced TLS record must not wait for Nagle."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def _half_close(side: _Side, other: _Side) -> bool:
     """`side` read EOF: pass it on; once both directions ended, close both.
     True keeps `side`'s transport open (the answer may still come back)."""
@@ -367,6 +378,7 @@ class Outbound(_Side):
     def connection_made(self, transport) -> None:
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH)
+        _nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
         inbound = self.inbound

@@ -65,12 +65,24 @@ class GatewayConfig:
     node: str
     datacenter: str
     trust_domain: str
-    bind_address: str
+    bind_address: str  # its LAN address (where local sidecars dial it)
     port: int
     routes: tuple[GatewayRoute, ...] = ()
     datacenters: tuple[RemoteDatacenter, ...] = ()
     connect_timeout_s: float = 5.0
+    # Its WAN address when it differs (where other datacenters' gateways dial it):
+    # the gateway listens on both.
+    wan_address: str = ""
+    wan_port: int = 0
     schema: int = SCHEMA_VERSION
+
+    def listen_addresses(self) -> list[tuple[str, int]]:
+        """Where the gateway listens: its LAN address and, if another, its WAN one."""
+        out = [(self.bind_address or "0.0.0.0", self.port)]
+        wan = (self.wan_address, self.wan_port or self.port)
+        if self.wan_address and wan not in out and out[0][0] not in ("0.0.0.0", "::"):
+            out.append(wan)
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return _dump(self)

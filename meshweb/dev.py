@@ -78,6 +78,15 @@ class DevConfig:
     api_v2_port: int = 9092
     api_v2_sidecar_port: int = 21002
     traffic_rate: float = 5.0  # calls a second to web; 0: no generated traffic
+    # `--datacenters 2`: a second datacenter (dc2) with its own agent, api
+    # instance and mesh gateway, and dc1's gateway; api fails over to dc2.
+    datacenters: int = 1
+    gateway_port: int = 8443
+    dc2_gateway_port: int = 8444
+    dc2_agent_http_addr: str = "127.0.0.1:8511"
+    dc2_agent_metrics_addr: str = "127.0.0.1:9103"
+    dc2_api_port: int = 9093
+    dc2_api_sidecar_port: int = 21003
 
     @property
     def dev_dir(self) -> Path:
@@ -92,13 +101,64 @@ class DevConfig:
         return self.dev_dir / "config.d"
 
     @property
+    def dc2_agent_dir(self) -> Path:
+        return self.dev_dir / "agent-dc2"
+
+    @property
+    def dc2_config_dir(self) -> Path:
+        return self.dev_dir / "config-dc2.d"
+
+    @property
+    def fail_file(self) -> Path:
+        """While it exists, dc1's api fails its health check (`--datacenters 2`)."""
+        return self.dev_dir / "api-dc1.fail"
+
+    @property
     def http_url(self) -> str:
         return f"http://{self.http_addr}"
 
 
+def gateway_definition(port: int) -> dict[str, Any]:
+    """A mesh gateway on loopback (LAN and WAN alike: one machine plays both clouds)."""
+    return {
+        "service": {
+            "kind": "mesh-gateway",
+            "name": "mesh-gateway",
+            "port": port,
+            "address": "127.0.0.1",
+            "tagged_addresses": {"wan": {"address": "127.0.0.1", "port": port}},
+            "check": {"tcp": f"127.0.0.1:{port}", "interval": "2s"},
+        }
+    }
+
+
+def dc2_definitions(cfg: DevConfig) -> dict[str, dict[str, Any]]:
+    """The dc2 agent's config dir: api (instance api-dc2) and dc2's mesh gateway."""
+    return {
+        "api.json": {
+            "service": {
+                "id": "api-dc2",
+                "name": "api",
+                "port": cfg.dc2_api_port,
+                "meta": {"version": "v1"},  # dc1's v1 subset fails over to it
+                "check": {"http": f"http://127.0.0.1:{cfg.dc2_api_port}/healthz", "interval": "2s"},
+                "connect": {"sidecar_service": {"port": cfg.dc2_api_sidecar_port}},
+            }
+        },
+        "gateway.json": gateway_definition(cfg.dc2_gateway_port),
+    }
+
+
 def service_definitions(cfg: DevConfig) -> dict[str, dict[str, Any]]:
     """The agent's config dir: `web` (upstream api) and `api` v1 and v2, each with a
-    sidecar and a check."""
+    sidecar and a check (and, with two datacenters, dc1's mesh gateway)."""
+    out = _dc1_definitions(cfg)
+    if cfg.datacenters > 1:
+        out["gateway.json"] = gateway_definition(cfg.gateway_port)
+    return out
+
+
+def _dc1_definitions(cfg: DevConfig) -> dict[str, dict[str, Any]]:
     return {
         "web.json": {
             "service": {
@@ -298,11 +358,19 @@ def _management_token(cfg: DevConfig) -> str | None:
     )
 
 
-def _create_join_token(cfg: DevConfig, token: str | None) -> tuple[str, str]:
-    # The dev agent registers exactly the two demo services (and their sidecars).
-    body = json.dumps(
-        {"ttl": "10m", "uses": 1, "description": "mesh dev agent", "services": ["web", "api"]}
-    ).encode()
+def _create_join_token(
+    cfg: DevConfig, token: str | None, dc: str = "", services: tuple[str, ...] = ("web", "api")
+) -> tuple[str, str]:
+    # The dev agent registers exactly the demo services (and their sidecars).
+    spec: dict[str, Any] = {
+        "ttl": "10m",
+        "uses": 1,
+        "description": f"mesh dev agent {dc}".strip(),
+        "services": list(services),
+    }
+    if dc:
+        spec["datacenter"] = dc
+    body = json.dumps(spec).encode()
     data = (
         _api(cfg, token)
         .request(
@@ -317,8 +385,10 @@ def _create_join_token(cfg: DevConfig, token: str | None) -> tuple[str, str]:
     return data["token"], data["ca_pin"]
 
 
-def demo_config_entries() -> list[dict[str, Any]]:
-    """HTTP for web and api; api's v1/v2 subsets, its 90/10 split and a retrying route."""
+def demo_config_entries(datacenters: int = 1) -> list[dict[str, Any]]:
+    """HTTP for web and api; api's v1/v2 subsets, its 90/10 split and a retrying route
+    (and, with two datacenters, api failing over to dc2)."""
+    failover = {"Failover": {"*": {"Datacenters": ["dc2"]}}} if datacenters > 1 else {}
     return [
         {"Kind": "service-defaults", "Name": "api", "Protocol": "http"},
         {"Kind": "service-defaults", "Name": "web", "Protocol": "http"},
@@ -330,6 +400,7 @@ def demo_config_entries() -> list[dict[str, Any]]:
                 "v1": {"Filter": "Service.Meta.version == v1"},
                 "v2": {"Filter": "Service.Meta.version == v2"},
             },
+            **failover,
         },
         {
             "Kind": "service-splitter",
@@ -360,7 +431,7 @@ def demo_config_entries() -> list[dict[str, Any]]:
 def write_config_entries(cfg: DevConfig, token: str | None) -> None:
     """The demo's config entries, as `mesh config write` would write them."""
     client = _api(cfg, token)
-    for entry in demo_config_entries():
+    for entry in demo_config_entries(cfg.datacenters):
         client.put_json("/v1/config", entry)
 
 
@@ -370,6 +441,35 @@ def allow_web_to_api(cfg: DevConfig, token: str | None) -> None:
         "/v1/connect/intentions/exact",
         {"Action": "allow", "Description": "mesh dev: web calls api"},
         params={"source": "web", "destination": "api"},
+    )
+
+
+def prepare_second_datacenter(cfg: DevConfig, token: str | None) -> None:
+    """dc2, and sidecars leaving through their own datacenter's gateway (api's
+    failover to dc2 is in `demo_config_entries`)."""
+    api = _api(cfg, token)
+    api.request(
+        "POST",
+        "/api/datacenters/",
+        body=json.dumps({"name": "dc2", "provider": "onprem", "region": "dev"}).encode(),
+        ok=(201, 409),
+        content_type="application/json",
+    )
+    api.put_json(
+        "/v1/config", {"Kind": "proxy-defaults", "Name": "global", "MeshGateway": {"Mode": "local"}}
+    )
+
+
+def gateways_ready(cfg: DevConfig, token: str | None) -> bool:
+    """dc1's gateway knows dc2's, and dc2's routes api to a healthy instance."""
+    api = _api(cfg, token)
+    try:
+        dc1 = api.get_json("/api/gateways/dev/mesh-gateway/config")
+        dc2 = api.get_json("/api/gateways/dev-dc2/mesh-gateway/config")
+    except Exception:
+        return False
+    return bool(dc1.get("datacenters")) and any(
+        r["service"] == "api" and r["endpoints"] for r in dc2.get("routes", ())
     )
 
 
@@ -422,7 +522,11 @@ class DevMesh:
         )
         _wait("the control plane", lambda: _server_up(cfg), START_TIMEOUT, [server])
         self.token = _management_token(cfg)
-        join_token, pin = _create_join_token(cfg, self.token)
+        two = cfg.datacenters > 1
+        if two:
+            prepare_second_datacenter(cfg, self.token)
+        services = ("web", "api", "mesh-gateway") if two else ("web", "api")
+        join_token, pin = _create_join_token(cfg, self.token, services=services)
 
         cfg.config_dir.mkdir(parents=True, exist_ok=True)
         for name, definition in service_definitions(cfg).items():
@@ -432,9 +536,12 @@ class DevMesh:
             f"starting the demo services api v1 (:{cfg.api_port}), api v2 (:{cfg.api_v2_port}) "
             f"and web (:{cfg.web_port}) ..."
         )
+        # With two datacenters, touching the fail file fails dc1's api (both
+        # versions): calls fail over to dc2.
+        fail = ["--fail-file", str(cfg.fail_file)] if two else []
         self._child(
             "api-v1",
-            _mesh("demo-app", "api", "--port", str(cfg.api_port), "--name", "api-v1"),
+            _mesh("demo-app", "api", "--port", str(cfg.api_port), "--name", "api-v1", *fail),
         )
         self._child(
             "api-v2",
@@ -447,6 +554,7 @@ class DevMesh:
                 "api-v2",
                 "--fail-percent",
                 "10",
+                *fail,
             ),
         )
         self._child(
@@ -494,6 +602,8 @@ class DevMesh:
             ),
             drop=("MESH_", "CONSUL_"),
         )
+        if two:
+            self._start_dc2()
         allow_web_to_api(cfg, self.token)
         _say("waiting for web to reach api through the sidecars ...")
         answer = _wait(
@@ -503,6 +613,15 @@ class DevMesh:
             self.children,
             0.3,
         )
+        if two:
+            _say("waiting for the mesh gateways of dc1 and dc2 ...")
+            _wait(
+                "the mesh gateways",
+                lambda: gateways_ready(cfg, self.token),
+                START_TIMEOUT,
+                self.children,
+                0.5,
+            )
         if cfg.traffic_rate:
             self._child(
                 "traffic",
@@ -517,6 +636,45 @@ class DevMesh:
             )
         print(banner(cfg, self.token, answer), flush=True)
         print(READY_LINE + " (Ctrl-C stops everything)", flush=True)
+
+    def _start_dc2(self) -> None:
+        cfg = self.cfg
+        cfg.dc2_config_dir.mkdir(parents=True, exist_ok=True)
+        for name, definition in dc2_definitions(cfg).items():
+            (cfg.dc2_config_dir / name).write_text(json.dumps(definition, indent=2) + "\n")
+        join_token, pin = _create_join_token(
+            cfg, self.token, dc="dc2", services=("api", "mesh-gateway")
+        )
+        _say(f"starting dc2: api (:{cfg.dc2_api_port}) and an agent (node dev-dc2) ...")
+        argv = _mesh("demo-app", "api", "--port", str(cfg.dc2_api_port), "--name", "api-dc2")
+        self._child("api-dc2", argv)
+        self._child(
+            "agent-dc2",
+            _mesh(
+                "agent",
+                "-data-dir",
+                str(cfg.dc2_agent_dir),
+                "-config-dir",
+                str(cfg.dc2_config_dir),
+                "-join",
+                cfg.grpc_addr,
+                "-join-token",
+                join_token,
+                "-ca-pin",
+                pin,
+                "-node",
+                "dev-dc2",
+                "-dc",
+                "dc2",
+                "-bind",
+                "127.0.0.1",
+                "-http-addr",
+                cfg.dc2_agent_http_addr,
+                "-metrics-addr",
+                cfg.dc2_agent_metrics_addr,
+            ),  # fmt: skip
+            drop=("MESH_", "CONSUL_"),
+        )
 
     def wait(self) -> int:
         """Until a signal (0) or a child's unexpected exit (1)."""
@@ -540,7 +698,7 @@ class DevMesh:
         deadline = time.monotonic() + STOP_GRACE
         for child in reversed(self.children):
             child.finish(deadline)
-        for pid in sidecar_pids(self.cfg.agent_dir):
+        for pid in [*sidecar_pids(self.cfg.agent_dir), *sidecar_pids(self.cfg.dc2_agent_dir)]:
             if _pid_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -585,6 +743,14 @@ def banner(cfg: DevConfig, token: str | None, answer: dict[str, Any]) -> str:
         "  traces:     start mesh dev with OTEL_EXPORTER_OTLP_ENDPOINT=http://HOST:4318 to export spans",
         "",
     ]
+    if cfg.datacenters > 1:
+        lines[-1:-1] = [
+            f"  dc2:        api-dc2 (:{cfg.dc2_api_port}) behind node dev-dc2; mesh gateways "
+            f"dc1 :{cfg.gateway_port}, dc2 :{cfg.dc2_gateway_port}",
+            f"  failover:   touch {cfg.fail_file}   (dc1's api fails its check: calls go to "
+            "dc2 through both gateways; rm it to come back)",
+            f"  gateways:   {mesh} gateway list{addr_flag}; {mesh} gateway routes -node dev{addr_flag}",
+        ]
     return "\n".join(lines)
 
 
@@ -620,6 +786,15 @@ PORT_FLAGS: dict[str, tuple[str, str | int]] = {
     "--api-v2-port": ("api_v2_port", 9092),
     "--api-v2-sidecar-port": ("api_v2_sidecar_port", 21002),
 }
+# With `--datacenters 2`, these too.
+DC2_PORT_FLAGS: dict[str, tuple[str, str | int]] = {
+    "--gateway-port": ("gateway_port", 8443),
+    "--dc2-gateway-port": ("dc2_gateway_port", 8444),
+    "--dc2-agent-http-addr": ("dc2_agent_http_addr", "127.0.0.1:8511"),
+    "--dc2-agent-metrics-addr": ("dc2_agent_metrics_addr", "127.0.0.1:9103"),
+    "--dc2-api-port": ("dc2_api_port", 9093),
+    "--dc2-api-sidecar-port": ("dc2_api_sidecar_port", 21003),
+}
 
 
 def _free_port(host: str, taken: set[int], udp: bool = False) -> int:
@@ -640,7 +815,9 @@ def _free_port(host: str, taken: set[int], udp: bool = False) -> int:
     raise DevError(f"no free port on {host}")
 
 
-def choose_ports(given: dict[str, str | int | None]) -> tuple[dict[str, str | int], list[str]]:
+def choose_ports(
+    given: dict[str, str | int | None], flags: dict[str, tuple[str, str | int]] | None = None
+) -> tuple[dict[str, str | int], list[str]]:
     """Each flag's value: as given, else its default, else (default taken) a free port.
 
     `given` maps a flag to its value, None when not given. Returns the values
@@ -649,7 +826,7 @@ def choose_ports(given: dict[str, str | int | None]) -> tuple[dict[str, str | in
     values: dict[str, str | int] = {}
     moved: list[str] = []
     taken: set[int] = set()
-    for flag, (field_name, default) in PORT_FLAGS.items():
+    for flag, (field_name, default) in (flags or PORT_FLAGS).items():
         value = given.get(flag)
         if value is None:
             value = default
@@ -699,6 +876,10 @@ def check_ports(cfg: DevConfig) -> None:
     }
     if cfg.dns_addr:
         wanted["--dns-addr"] = cfg.dns_addr
+    if cfg.datacenters > 1:
+        for flag, (field_name, _default) in DC2_PORT_FLAGS.items():
+            value = getattr(cfg, field_name)
+            wanted[flag] = value if isinstance(value, str) else f"127.0.0.1:{value}"
     taken = [f"{flag} {addr}" for flag, addr in wanted.items() if not _free(addr)]
     if taken:
         raise DevError(
@@ -711,16 +892,21 @@ def run(args: argparse.Namespace) -> int:
     """Start the dev mesh, print how to use it, run until Ctrl-C; the exit code."""
     from meshweb.commands.base import ApiError, ConnectError
 
+    if args.datacenters not in (1, 2):
+        print("mesh dev: --datacenters must be 1 or 2", file=sys.stderr)
+        return 2
+    flags = {**PORT_FLAGS, **(DC2_PORT_FLAGS if args.datacenters == 2 else {})}
     values, moved = choose_ports(
-        {flag: getattr(args, field_name) for flag, (field_name, _d) in PORT_FLAGS.items()}
+        {flag: getattr(args, field_name, None) for flag, (field_name, _d) in flags.items()}, flags
     )
     if not 0 <= args.traffic_rate <= 1000:
         print("mesh dev: --traffic-rate must be within 0..1000", file=sys.stderr)
         return 2
     cfg = DevConfig(
         data_dir=Path(args.data_dir).expanduser().resolve(),
+        datacenters=args.datacenters,
         traffic_rate=args.traffic_rate,
-        **values,
+        **values,  # type: ignore[arg-type]
     )
     for line in moved:
         _say(line)
@@ -824,4 +1010,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=5.0,
         help="generated calls a second to web (default 5; 0: none)",
     )
+    p.add_argument(
+        "--datacenters",
+        "-datacenters",
+        type=int,
+        default=1,
+        help="1, or 2 for a second datacenter (dc2) with its own agent, api and mesh "
+        "gateway, dc1's gateway, and api failing over to dc2 (default 1)",
+    )
+    for flag, (field_name, default) in DC2_PORT_FLAGS.items():
+        p.add_argument(
+            flag,
+            dest=field_name,
+            type=type(default),
+            default=None,
+            help=f"with two datacenters (default {default})",
+        )
     p.set_defaults(func=run)

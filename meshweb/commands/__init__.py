@@ -27,6 +27,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     from meshweb.commands import config as config_cmd
     from meshweb.commands import connect as connect_cmd
+    from meshweb.commands import gateway as gateway_cmd
     from meshweb.commands import peering as peering_cmd
 
     acl.register(sub)
@@ -41,6 +42,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     install_script.register(sub)
     connect_cmd.register(sub)
     top.register(sub)
+    gateway_cmd.register(sub)
     peering_cmd.register(sub)
     snapshot.register(sub)
     cloud.register(sub)

@@ -7,6 +7,7 @@ from rest_framework.routers import SimpleRouter
 from registry.api import audit, ca, views
 from registry.api import config_entries as config_entries_api
 from registry.api import connect_status as connect_status_api
+from registry.api import gateways as gateways_api
 from registry.api import intentions as intentions_api
 from registry.api import join_tokens as join_tokens_api
 from registry.api import metrics as metrics_api
@@ -58,6 +59,12 @@ urlpatterns = [
         name="metrics-service",
     ),
     re_path(r"^metrics/edges/?$", metrics_api.EdgeMetricsView.as_view(), name="metrics-edges"),
+    re_path(r"^gateways/?$", gateways_api.GatewayListView.as_view(), name="gateway-list"),
+    re_path(
+        r"^gateways/(?P<node>[^/]+)/(?P<gateway_id>[^/]+)/config/?$",
+        gateways_api.GatewayConfigView.as_view(),
+        name="gateway-config",
+    ),
     *router.urls,
     re_path(r"^ca/sign/?$", ca.SignView.as_view(), name="ca-sign"),
     re_path(r"^ca/roots/?$", ca.RootsView.as_view(), name="ca-roots"),

@@ -909,14 +909,29 @@ def translate_peer_upstreams(snap: ProxySnapshot) -> tuple[Upstream, ...]:
     trust domain and sent the exporter's gateway SNI.
 
     The path: with `MeshGateway.Mode` "local" (the upstream's, else the
-    proxy's) through a healthy local mesh gateway, which routes the SNI to
+    proxy's, else the service's `service-defaults`, else `proxy-defaults`) through a healthy local mesh gateway, which routes the SNI to
     the peer's gateways; otherwise straight to the peer's gateways; a peer
     with no gateway is dialled at its sidecars. A service not (or no longer)
     imported keeps its listener with no cluster: connections are refused.
     """
     out = []
-    proxy_mode = ((snap.proxy.get("Proxy") or {}).get("MeshGateway") or {}).get("Mode") or ""
-    for u in _peer_upstreams(snap):
+    upstreams = _peer_upstreams(snap)
+    proxy_mode = ""
+    if upstreams:
+        proxy_mode = (
+            ((snap.proxy.get("Proxy") or {}).get("MeshGateway") or {}).get("Mode")
+            or (
+                _entry(snap.entries, "service-defaults", snap.service).get("MeshGateway") or {}
+            ).get("Mode")
+            or (
+                _entry(snap.entries, "proxy-defaults", pure_entries.PROXY_DEFAULTS_NAME).get(
+                    "MeshGateway"
+                )
+                or {}
+            ).get("Mode")
+            or ""
+        )
+    for u in upstreams:
         peer, name = u["DestinationPeer"], u["DestinationName"]
         common = {
             "destination": name,
@@ -1509,6 +1524,8 @@ def build_gateway_config(snap: GatewaySnapshot) -> GatewayConfig:
     `no_healthy_endpoint` rather than `unknown_sni`. Remote datacenters: each
     other datacenter with a healthy gateway gets its SNI suffix, leading to
     its gateways' WAN addresses (the gateway there resolves the service).
+    The gateway listens on its LAN address and on its WAN address when that
+    differs (`Proxy.Config.bind_address` overrides the LAN one, `0.0.0.0` for all).
     """
     gw = snap.gateway
     td, dc = snap.trust_domain, snap.datacenter
@@ -1553,6 +1570,8 @@ def build_gateway_config(snap: GatewaySnapshot) -> GatewayConfig:
             )
     proxy_cfg = (gw.get("Proxy") or {}).get("Config") or {}
     timeout_ms = _fold_get(proxy_cfg, "connect_timeout_ms", 0)
+    lan_address, port = best_address({"Node": snap.node, "Service": gw}, wan=False)
+    wan_address, wan_port = best_address({"Node": snap.node, "Service": gw}, wan=True)
     return GatewayConfig(
         version=snap.version,
         proxy_id=gw["ID"],
@@ -1560,8 +1579,10 @@ def build_gateway_config(snap: GatewaySnapshot) -> GatewayConfig:
         node=snap.node["Node"],
         datacenter=dc,
         trust_domain=td,
-        bind_address=str(_fold_get(proxy_cfg, "bind_address", "") or GATEWAY_BIND_DEFAULT),
-        port=int(gw.get("Port") or 0),
+        bind_address=str(
+            _fold_get(proxy_cfg, "bind_address", "") or lan_address or GATEWAY_BIND_DEFAULT
+        ),
+        port=port,
         routes=tuple(routes),
         datacenters=tuple(remotes),
         connect_timeout_s=(
@@ -1569,6 +1590,8 @@ def build_gateway_config(snap: GatewaySnapshot) -> GatewayConfig:
             if isinstance(timeout_ms, int) and not isinstance(timeout_ms, bool) and timeout_ms > 0
             else 5.0
         ),
+        wan_address=wan_address if (wan_address, wan_port) != (lan_address, port) else "",
+        wan_port=wan_port if (wan_address, wan_port) != (lan_address, port) else 0,
     )
 
 
@@ -1610,12 +1633,16 @@ def gather_gateway(
 
     if global_index is None:
         global_index = _global_index()
-    shared = _shared.generation(global_index)
-    local_dc, node_json, gw_json, _ = _proxy_rows(node_name, proxy_id)
-    if gw_json.get("Kind") != MESH_GATEWAY:
-        from registry.errors import NotFound
+    from registry.errors import NotFound
 
-        raise NotFound(f'No mesh-gateway "{proxy_id}" on node "{node_name}"')
+    shared = _shared.generation(global_index)
+    missing = NotFound(f'No mesh-gateway "{proxy_id}" on node "{node_name}"')
+    try:
+        local_dc, node_json, gw_json, _ = _proxy_rows(node_name, proxy_id)
+    except NotFound:
+        raise missing from None
+    if gw_json.get("Kind") != MESH_GATEWAY:
+        raise missing
     trust_domain = _once(
         shared, ("trust-domain",), lambda: connect_ca.roots_json()[1]["TrustDomain"]
     )

@@ -116,3 +116,21 @@ def test_catalog_health_and_dns_read_another_datacenter(server, http, unique):
     resolver.nameservers, resolver.port = ["127.0.0.1"], server.dns_port
     answer = resolver.resolve(f"{svc}.service.dc2.consul", "A")
     assert [a.to_text() for a in answer] == ["10.9.0.7"]
+
+
+# --------------------------------------------------------------------------- mesh dev
+
+
+def test_mesh_dev_with_two_datacenters_defines_a_gateway_in_each_and_refuses_three(tmp_path):
+    from meshweb import dev
+
+    cfg = dev.DevConfig(data_dir=tmp_path, datacenters=2, gateway_port=18443, dc2_api_port=19092)
+    dc1, dc2 = dev.service_definitions(cfg), dev.dc2_definitions(cfg)
+    assert sorted(dc1) == ["api.json", "gateway.json", "web.json"]
+    assert dc1["gateway.json"]["service"]["kind"] == "mesh-gateway"
+    assert dc1["gateway.json"]["service"]["port"] == 18443
+    assert dc2["api.json"]["service"]["port"] == 19092
+    assert dc2["gateway.json"]["service"]["port"] == cfg.dc2_gateway_port
+    assert "gateway.json" not in dev.service_definitions(dev.DevConfig(data_dir=tmp_path))
+    result = run_mesh("dev", "--data-dir", str(tmp_path), "--datacenters", "3")
+    assert result.returncode == 2 and "--datacenters must be 1 or 2" in result.stderr

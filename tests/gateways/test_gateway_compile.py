@@ -53,6 +53,8 @@ def test_a_gateway_routes_local_services_to_their_sidecars_and_other_dcs_to_thei
     td = connect_ca.trust_domain()
     assert isinstance(config, GatewayConfig)
     assert (config.datacenter, config.port, config.trust_domain) == ("dc1", 8443, td)
+    # It listens on its LAN and its WAN address.
+    assert config.listen_addresses() == [("10.0.0.2", 8443), ("192.0.2.1", 8443)]
     assert _routes(config) == {
         f"api.default.dc1.internal.{td}": ["10.0.0.11:21000"],
         f"web.default.dc1.internal.{td}": ["10.0.0.10:21000"],
@@ -177,3 +179,12 @@ def test_an_upstreams_own_mode_wins(mesh):
     _web_calls_api_in_dc2(upstream_mode="local")
     _entry({"Kind": "proxy-defaults", "Name": "global", "MeshGateway": {"Mode": "remote"}})
     assert _path() == ("10.0.0.2:8443", ["10.0.0.2:8443"])
+
+
+def test_an_unknown_gateway_or_a_sidecar_is_not_a_gateway(mesh):
+    from registry.errors import NotFound
+
+    with pytest.raises(NotFound, match='No mesh-gateway "mesh-gateway" on node "nowhere"'):
+        proxycfg.compile_gateway("nowhere", "mesh-gateway")
+    with pytest.raises(NotFound, match='No mesh-gateway "web-sidecar-proxy"'):
+        proxycfg.compile_gateway("host-a", "web-sidecar-proxy")

@@ -22,7 +22,7 @@ A_NAME_FOR_B = "cluster-b"  # what A calls B
 B_NAME_FOR_A = "cluster-a"  # what B calls A
 
 
-def wait_for(fn, what: str, timeout: float = 30.0):
+def wait_for(fn, what: str, timeout: float = 45.0):
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -351,3 +351,37 @@ def test_the_mesh_peering_cli(clusters, tmp_path):
     gone = run_mesh("peering", "delete", "-name", "cli-a", server=b)
     assert gone.returncode == 0 and "for deletion" in gone.stdout
     assert "cli-a " not in run_mesh("peering", "list", server=b).stdout
+
+
+def test_a_peer_that_goes_away_leaves_its_imports_served_and_the_peering_failing(clusters):
+    """Runs last: it stops cluster A."""
+    a, b = clusters
+    _register(a, "a-node-3", "api-3", "passing", 9003)
+    r = _establish(b, "late-a", _token(a, "late-b"))
+    assert r.status_code == 200, r.text
+    with a.client() as c:
+        ok = c.put(
+            "/v1/config",
+            json={
+                "Kind": "exported-services",
+                "Name": "default",
+                "Services": [{"Name": "api", "Consumers": [{"Peer": "late-b"}]}],
+            },
+        )
+        assert ok.status_code == 200
+
+    def imported():
+        with b.client() as c:
+            return c.get("/v1/health/service/api", params={"peer": "late-a"}).json()
+
+    before = wait_for(imported, "api imported from late-a", timeout=60)
+    a.stop()
+    failing = wait_for(
+        lambda: (lambda p: p if p["State"] == "FAILING" else None)(_peering(b, "late-a").json()),
+        "B's peering FAILING",
+        timeout=60,
+    )
+    # Why it fails is shown (a refused connection, or the dying server's last answer).
+    assert "cannot reach" in failing["LastError"] or "peer answered" in failing["LastError"]
+    # Static stability: what was imported stays served while the peer is away.
+    assert imported() == before
