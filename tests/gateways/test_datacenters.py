@@ -126,10 +126,15 @@ def test_mesh_dev_with_two_datacenters_defines_a_gateway_in_each_and_refuses_thr
 
     cfg = dev.DevConfig(data_dir=tmp_path, datacenters=2, gateway_port=18443, dc2_api_port=19092)
     dc1, dc2 = dev.service_definitions(cfg), dev.dc2_definitions(cfg)
-    assert sorted(dc1) == ["api.json", "gateway.json", "web.json"]
+    assert sorted(dc1) == ["api-v1.json", "api-v2.json", "gateway.json", "web.json"]
     assert dc1["gateway.json"]["service"]["kind"] == "mesh-gateway"
     assert dc1["gateway.json"]["service"]["port"] == 18443
     assert dc2["api.json"]["service"]["port"] == 19092
+    # dc2's api is a v1 instance: api's v1 subset fails over to it.
+    assert dc2["api.json"]["service"]["meta"] == {"version": "v1"}
+    (resolver,) = [e for e in dev.demo_config_entries(2) if e["Kind"] == "service-resolver"]
+    assert resolver["Failover"] == {"*": {"Datacenters": ["dc2"]}}
+    assert set(resolver["Subsets"]) == {"v1", "v2"}
     assert dc2["gateway.json"]["service"]["port"] == cfg.dc2_gateway_port
     assert "gateway.json" not in dev.service_definitions(dev.DevConfig(data_dir=tmp_path))
     result = run_mesh("dev", "--data-dir", str(tmp_path), "--datacenters", "3")
