@@ -486,3 +486,19 @@ def test_mesh_gateway_register_refuses_an_agent_of_another_datacenter(world):
     )  # fmt: skip
     assert result.returncode == 1
     assert '"dc1", not "dc2"' in result.stderr
+
+
+# --------------------------------------------------------------------------- last: no control plane
+
+
+def test_calls_through_the_gateways_go_on_without_the_control_plane(world):
+    """Last in the module: the control plane stops for good."""
+    a = world.topo.hosts["A"].address
+    world.server.close()  # type: ignore[attr-defined]
+    world.server = None
+    time.sleep(1.0)  # the agents notice; the gateways keep their last table
+    with httpx.Client(timeout=5, trust_env=False) as client:
+        answers = [call(client, f"http://{a}:9093/") for _ in range(20)]
+    assert answers == [(True, "api-dc2")] * 20
+    m = world.gateway_metrics("G1")
+    assert metric(m, "mesh_gateway_control_connected", proxy_id="mesh-gateway") == 1  # its agent
