@@ -44,11 +44,14 @@ from agents import client
 from agents.checks import CheckRunner
 from agents.client import Backoff, Identity, IdentityStore, JoinError
 from agents.config import AgentConfig, find_sidecar_bin
+from agents.coordinates import CoordinateKeeper
 from agents.definitions import read_config_dirs
+from agents.events import EventRunner
 from agents.leaves import Leaf, LeafKeeper, make_leaf, renewal_point
 from agents.metrics import agent_metrics, merge_scrapes
 from agents.sidecars import Sidecars
 from agents.state import LocalState, StateError, UnknownError
+from agents.traffic import TrafficReporter
 from meshproto import pki, scope, spiffe
 from meshproto.gatewaycfg import GatewayConfig
 from meshproto.proto import mesh_pb2, mesh_pb2_grpc
@@ -82,7 +85,15 @@ class Agent:
         self.checks = CheckRunner(self.state, self._check_changed, record=self._record_check)
         self.checks.state_node_name = config.node
         self.sidecar_command = find_sidecar_bin(config.sidecar_bin)
-        self.sidecars = Sidecars(config.sidecar_dir, self.sidecar_command, self._sidecar_answered)
+        self.sidecars = Sidecars(
+            config.sidecar_dir,
+            self.sidecar_command,
+            self._sidecar_answered,
+            otlp_endpoint=config.otlp_endpoint,
+            trace_sample_ratio=config.trace_sample_ratio,
+            access_log_dir=config.access_log_dir,
+        )
+        self.traffic = TrafficReporter()
         # Mesh gateways (`kind: mesh-gateway` definitions): fed like sidecars, without keys.
         self.gateway_command = find_sidecar_bin("", "mesh-gateway")
         self.gateways = Sidecars(
@@ -109,6 +120,10 @@ class Agent:
         self._proxies_lock = asyncio.Lock()
         self._servers: list[Any] = []
         self.local_token = ""  # the local API's token (`<data-dir>/agent-token`)
+        self.events = EventRunner(config.config_dirs, config.data_dir)  # `watches` of events
+        self.coordinates = CoordinateKeeper(
+            config.join_host, config.join_port, config.http_port, config.rtt_interval
+        )
 
     # --- facts ------------------------------------------------------------------------
 
@@ -216,6 +231,8 @@ class Agent:
         )
         self._tasks.append(loop.create_task(self._control_loop(), name="control"))
         self._tasks.append(loop.create_task(self._renew_node_cert(), name="node-cert"))
+        if self.config.traffic_report_interval:
+            self._tasks.append(loop.create_task(self._report_traffic(), name="traffic"))
         await self._stop.wait()
         await self.shutdown()
         return 0
@@ -318,6 +335,41 @@ class Agent:
             for pid, text in zip(ports, results, strict=True)
             if isinstance(text, str) and text
         }
+
+    async def _report_traffic(self) -> None:
+        """Every interval: scrape the sidecars and report what changed (`agents.traffic`)."""
+        interval = self.config.traffic_report_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                adopted = frozenset(p for p, proc in self.sidecars.procs.items() if proc.adopted)
+                self.traffic.collect(await self._scrape_sidecars(), adopted=adopted)
+                report = self.traffic.report()
+                stub = self.stub
+                if report is None:
+                    self.traffic.idle()
+                    continue
+                if stub is None or not self.connected:
+                    continue  # kept pending until the connection is back
+                try:
+                    ack = await stub.ReportTraffic(report, timeout=self.config.rpc_timeout)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() in (
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        grpc.StatusCode.PERMISSION_DENIED,
+                    ):
+                        # Sending it again would be refused again: drop it, say why.
+                        self.traffic.sent(report, 0)
+                    log.warning(
+                        "traffic report not stored",
+                        extra={"code": exc.code().name, "error": exc.details()},
+                    )
+                    continue
+                self.traffic.sent(report, ack.accepted)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # reporting must never stop the agent
+                log.exception("traffic report failed")
 
     # --- identity -------------------------------------------------------------------------
 
@@ -462,6 +514,7 @@ class Agent:
             for e in errors:
                 log.error("reload failed; keeping the previous services", extra={"error": e})
             return errors
+        self.events.reload()
         log.info(
             "reloaded",
             extra={"services": len(self.state.services), "checks": len(self.state.checks)},
@@ -559,7 +612,11 @@ class Agent:
                 await self._sync(stub)
                 backoff.reset()
                 await _first_failure(
-                    self._stream(stub), self._anti_entropy(stub), self._push_checks(stub)
+                    self._stream(stub),
+                    self._anti_entropy(stub),
+                    self._push_checks(stub),
+                    self.events.stream(stub),
+                    self.coordinates.run(stub, self.config.rpc_timeout),
                 )
                 reason = "connection ended"
             except asyncio.CancelledError:

@@ -81,6 +81,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="anti-entropy full sync interval (default 30s)",
     )
     p.add_argument(
+        "-rtt-interval",
+        "--rtt-interval",
+        dest="rtt_interval",
+        help="how often round trips are measured for network coordinates (default 10s)",
+    )
+    p.add_argument(
         "-rpc-timeout",
         "--rpc-timeout",
         dest="rpc_timeout",
@@ -98,6 +104,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         dest="replace",
         action="store_true",
         help="join even when a live node holds the -node name (that node is cut off)",
+    )
+    p.add_argument(
+        "-traffic-report-interval",
+        "--traffic-report-interval",
+        dest="traffic_report_interval",
+        help="how often the sidecars' request counts are reported for golden metrics "
+        "(default 10s; 0s: never)",
+    )
+    p.add_argument(
+        "-otlp-endpoint",
+        "--otlp-endpoint",
+        dest="otlp_endpoint",
+        help="OTLP/HTTP collector URL the sidecars export spans to "
+        "(default: $OTEL_EXPORTER_OTLP_ENDPOINT in the sidecars' environment)",
+    )
+    p.add_argument(
+        "-trace-sample-ratio",
+        "--trace-sample-ratio",
+        dest="trace_sample_ratio",
+        help="share of new traces the sidecars sample, 0..1 (default 0.01, as Istio)",
+    )
+    p.add_argument(
+        "-access-log-dir",
+        "--access-log-dir",
+        dest="access_log_dir",
+        help="directory of the sidecars' JSON access logs, <proxy-id>.log "
+        "(default <data-dir>/access-logs; none: no access logs)",
     )
     p.add_argument(
         "-log-level",
@@ -125,11 +158,16 @@ def run(args: argparse.Namespace) -> int:
             metrics_addr=args.metrics_addr,
             dc=args.dc,
             sync_interval=args.sync_interval,
+            rtt_interval=args.rtt_interval,
             rpc_timeout=args.rpc_timeout,
             sidecar_bin=args.sidecar_bin,
             log_level=args.log_level,
             node_meta=args.node_meta,
             replace=args.replace,
+            traffic_report_interval=args.traffic_report_interval,
+            otlp_endpoint=args.otlp_endpoint,
+            trace_sample_ratio=args.trace_sample_ratio,
+            access_log_dir=args.access_log_dir,
         )
     except agent_config.ConfigError as exc:
         print(f"mesh agent: {exc}", file=sys.stderr)

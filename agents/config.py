@@ -40,11 +40,17 @@ class AgentConfig:
     metrics_port: int
     datacenter: str  # "" until learnt from the server's certificate or the join answer
     sync_interval: float = 30.0  # anti-entropy full sync, jittered
+    rtt_interval: float = 10.0  # round-trip probes for network coordinates, jittered
     rpc_timeout: float = 10.0  # deadline of every unary RPC
     sidecar_bin: str = ""  # "" finds mesh-sidecar next to the interpreter or on PATH
     log_level: str = "info"
     node_meta: tuple[tuple[str, str], ...] = ()  # -node-meta key:value, sent with the node
     replace: bool = False  # -replace: join even if a live node holds the name (it is cut off)
+    # Observability: golden-metric reports, spans and access logs of the sidecars.
+    traffic_report_interval: float = 10.0  # -traffic-report-interval; 0: no reports
+    otlp_endpoint: str = ""  # -otlp-endpoint, passed to every sidecar ("" : theirs from env)
+    trace_sample_ratio: float | None = None  # -trace-sample-ratio (None: the sidecar's default)
+    access_log_dir: Path | None = None  # -access-log-dir: <dir>/<proxy_id>.log ; None: none
 
     @property
     def join_target(self) -> str:
@@ -119,11 +125,16 @@ def build(
     metrics_addr: str | None,
     dc: str | None,
     sync_interval: str | None = None,
+    rtt_interval: str | None = None,
     rpc_timeout: str | None = None,
     sidecar_bin: str | None = None,
     log_level: str | None = None,
     node_meta: list[str] | None = None,
     replace: bool = False,
+    traffic_report_interval: str | None = None,
+    otlp_endpoint: str | None = None,
+    trace_sample_ratio: str | None = None,
+    access_log_dir: str | None = None,
 ) -> AgentConfig:
     """Validate the flags into an AgentConfig; raises ConfigError naming the flag."""
     if not data_dir:
@@ -185,6 +196,31 @@ def build(
         meta[key] = value
     if sidecar_bin and not Path(sidecar_bin).exists():
         raise ConfigError(f"-sidecar-bin: {sidecar_bin} does not exist")
+    if not traffic_report_interval:
+        report_every = 10.0
+    elif traffic_report_interval.strip() in ("0", "0s"):
+        report_every = 0.0  # no reports
+    else:
+        report_every = parse_duration_flag(traffic_report_interval, "-traffic-report-interval")
+    if report_every and not 1.0 <= report_every <= 300.0:
+        raise ConfigError("-traffic-report-interval: between 1s and 5m (0s: no reports)")
+    endpoint = (otlp_endpoint or "").strip()
+    if endpoint and not endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"-otlp-endpoint: {endpoint!r} is not an http(s) URL")
+    ratio: float | None = None
+    if trace_sample_ratio:
+        try:
+            ratio = float(trace_sample_ratio)
+        except ValueError:
+            ratio = -1.0
+        if not 0.0 <= ratio <= 1.0:
+            raise ConfigError(f"-trace-sample-ratio: {trace_sample_ratio!r} (a number within 0..1)")
+    if access_log_dir == "none":
+        logs_dir = None
+    else:
+        logs_dir = (
+            Path(access_log_dir).expanduser().resolve() if access_log_dir else data / "access-logs"
+        )
     return AgentConfig(
         data_dir=data,
         config_dirs=tuple(dirs),
@@ -202,11 +238,16 @@ def build(
         sync_interval=parse_duration_flag(sync_interval, "-sync-interval")
         if sync_interval
         else 30.0,
+        rtt_interval=parse_duration_flag(rtt_interval, "-rtt-interval") if rtt_interval else 10.0,
         rpc_timeout=parse_duration_flag(rpc_timeout, "-rpc-timeout") if rpc_timeout else 10.0,
         sidecar_bin=sidecar_bin or "",
         log_level=level,
         node_meta=tuple(sorted(meta.items())),
         replace=bool(replace),
+        traffic_report_interval=report_every,
+        otlp_endpoint=endpoint,
+        trace_sample_ratio=ratio,
+        access_log_dir=logs_dir,
     )
 
 

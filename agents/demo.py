@@ -5,6 +5,8 @@
   `--fail-file` exists: touch the file to make its HTTP health check fail,
   remove it to heal (no extra port, and nothing a caller through the mesh
   can flip).
+  With `--fail-percent P` it answers `503` to about P % of `GET /` (a
+  flaky version, for retries to hide).
 - `web` answers `GET /` by calling its upstream (`--upstream`, default
   `127.0.0.1:9191`: the local listener of its sidecar for `api`) on a fresh
   connection each time, and returns both answers:
@@ -13,8 +15,15 @@
   intention, no healthy endpoint, ...). A fresh connection per call is what
   makes an intention change visible on the very next call.
 
+  It passes the caller's `traceparent`, `tracestate` and `x-request-id` on
+  to api, as an application in a mesh does, so one trace spans both hops.
+- `traffic` calls `--target` about `--rate` times a second until stopped
+  (the demo's generated load; one request at a time, each bounded by a
+  timeout), and prints a line of counts every 10 s.
+
     mesh demo-app api --port 9091
     mesh demo-app web --port 9090 --upstream 127.0.0.1:9191
+    mesh demo-app traffic --target http://127.0.0.1:9090/ --rate 5
 
 Both are stdlib `http.server` apps (a thread per connection, HTTP/1.1 with
 keep-alive); neither is meant to be fast, only obvious.
@@ -28,13 +37,18 @@ import http.client
 import http.server
 import json
 import os
+import random
 import signal
 import socket
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 UPSTREAM_TIMEOUT = 3.0  # seconds: connect + answer of one upstream call
+PROPAGATED = ("traceparent", "tracestate", "x-request-id")  # passed on to the upstream
 
 
 def _now() -> str:
@@ -57,8 +71,10 @@ class DemoApp:
         instance: str,
         upstream: tuple[str, int] | None = None,
         fail_file: Path | None = None,
+        fail_percent: float = 0.0,
     ) -> None:
         self.role = role
+        self.fail_percent = fail_percent
         self.instance = instance
         self.host = socket.gethostname()
         self.upstream = upstream
@@ -75,12 +91,15 @@ class DemoApp:
     def healthy(self) -> bool:
         return self.fail_file is None or not self.fail_file.exists()
 
-    def index(self) -> tuple[int, dict[str, Any]]:
+    def index(self, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
         body = self.identity()
         if self.upstream is None:
+            if self.fail_percent and random.random() * 100 < self.fail_percent:
+                body["error"] = "failing on purpose (--fail-percent)"
+                return 503, body
             return 200, body
         try:
-            body["upstream"] = self.call_upstream()
+            body["upstream"] = self.call_upstream(headers or {})
             return 200, body
         except (OSError, http.client.HTTPException, ValueError) as exc:
             body["error"] = (
@@ -88,12 +107,14 @@ class DemoApp:
             )
             return 502, body
 
-    def call_upstream(self) -> dict[str, Any]:
+    def call_upstream(self, incoming: dict[str, str] | None = None) -> dict[str, Any]:
         """One call on a new connection (closed after): each call is a new mTLS session."""
         assert self.upstream is not None
+        headers = {k: v for k, v in (incoming or {}).items() if k in PROPAGATED}
+        headers["Connection"] = "close"
         conn = http.client.HTTPConnection(*self.upstream, timeout=UPSTREAM_TIMEOUT)
         try:
-            conn.request("GET", "/", headers={"Connection": "close"})
+            conn.request("GET", "/", headers=headers)
             resp = conn.getresponse()
             data = resp.read()
         finally:
@@ -114,7 +135,7 @@ def _handler(app: DemoApp) -> type[http.server.BaseHTTPRequestHandler]:
                 ok = app.healthy()
                 self._send(200 if ok else 500, b"ok\n" if ok else b"failing\n", "text/plain")
             elif path == "/":
-                status, body = app.index()
+                status, body = app.index({k.lower(): v for k, v in self.headers.items()})
                 self._send(status, json.dumps(body).encode() + b"\n", "application/json")
             else:
                 self._send(404, b'{"error": "not found"}\n', "application/json")
@@ -156,9 +177,43 @@ def serve(app: DemoApp, bind: str, port: int) -> None:
         server.server_close()
 
 
+def generate_traffic(
+    target: str, rate: float, *, limit: int | None = None, stopped=lambda: False
+) -> dict[int, int]:
+    """Call `target` about `rate` times a second (one call at a time) until `stopped()`
+    or `limit` calls; the count of answers by status (0: no answer)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    counts: dict[int, int] = {}
+    print(f"demo traffic: calling {target} about {rate:g} times a second", flush=True)
+    period, sent, next_at, next_report = 1.0 / rate, 0, time.monotonic(), time.monotonic() + 10
+    try:
+        while not stopped() and (limit is None or sent < limit):
+            try:
+                with opener.open(target, timeout=UPSTREAM_TIMEOUT * 2) as resp:
+                    resp.read()
+                    status = resp.status
+            except urllib.error.HTTPError as exc:
+                status = exc.code
+            except (OSError, http.client.HTTPException):
+                status = 0
+            counts[status] = counts.get(status, 0) + 1
+            sent += 1
+            now = time.monotonic()
+            if now >= next_report:
+                print(f"demo traffic: answers by status {dict(sorted(counts.items()))}", flush=True)
+                next_report = now + 10
+            next_at += period
+            time.sleep(max(0.0, next_at - now))
+    except KeyboardInterrupt:
+        pass
+    return counts
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("role", choices=("web", "api"), help="which demo service to run")
-    p.add_argument("--port", "-port", type=int, required=True, help="listen port")
+    p.add_argument(
+        "role", choices=("web", "api", "traffic"), help="which demo service (or load) to run"
+    )
+    p.add_argument("--port", "-port", type=int, help="listen port (web and api)")
     p.add_argument(
         "--bind", "-bind", default="127.0.0.1", help="listen address (default 127.0.0.1)"
     )
@@ -174,9 +229,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "-fail-file",
         help="GET /healthz answers 500 while this file exists",
     )
+    p.add_argument(
+        "--fail-percent",
+        "-fail-percent",
+        type=float,
+        default=0.0,
+        help="api only: answer 503 to about this share (0-100) of GET /",
+    )
+    p.add_argument("--target", "-target", help="traffic only: the URL to call")
+    p.add_argument(
+        "--rate",
+        "-rate",
+        type=float,
+        default=5.0,
+        help="traffic only: calls per second (default 5)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.role == "traffic":
+        if not args.target or not args.target.startswith(("http://", "https://")):
+            print("mesh demo-app: traffic needs --target http://HOST:PORT/...", file=sys.stderr)
+            return 2
+        if not 0.1 <= args.rate <= 1000:
+            print("mesh demo-app: --rate must be within 0.1..1000", file=sys.stderr)
+            return 2
+        stop: list[int] = []
+        signal.signal(signal.SIGTERM, lambda signum, _frame: stop.append(signum))
+        generate_traffic(args.target, args.rate, stopped=lambda: bool(stop))
+        return 0
+    if args.port is None:
+        print(f"mesh demo-app: {args.role} needs --port", file=sys.stderr)
+        return 2
+    if not 0 <= args.fail_percent <= 100:
+        print("mesh demo-app: --fail-percent must be within 0..100", file=sys.stderr)
+        return 2
     upstream = None
     if args.role == "web":
         try:
@@ -189,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
         args.name or f"{args.role}-{args.port}",
         upstream=upstream,
         fail_file=Path(args.fail_file) if args.fail_file else None,
+        fail_percent=args.fail_percent,
     )
     try:
         serve(app, args.bind, args.port)

@@ -171,7 +171,7 @@ async def self_(agent: Agent, req: Request) -> Reply:
                 "Version": VERSION,
             },
             "DebugConfig": {},
-            "Coord": None,
+            "Coord": agent.coordinates.coordinate.to_json(),
             "Member": member(agent),
             "Stats": {"agent": {"connected": str(agent.connected).lower()}},
             "Meta": {},
@@ -189,6 +189,12 @@ def member(agent: Agent) -> dict[str, Any]:
         datacenter=agent.datacenter,
         node_id=agent.node_id,
     )
+
+
+@route("GET", "/v1/event/list")
+async def event_list(agent: Agent, req: Request) -> Reply:
+    """The events this agent received (its own buffer, as a Consul agent answers)."""
+    return Reply(agent.events.list(req.param("name")))
 
 
 @route("GET", "/v1/agent/members")

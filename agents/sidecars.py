@@ -250,14 +250,21 @@ class SidecarProcess:
     """One `mesh-sidecar` child: started, restarted with backoff, stopped with grace."""
 
     def __init__(
-        self, proxy_id: str, command: list[str], socket_path: Path, state_dir: Path
+        self,
+        proxy_id: str,
+        command: list[str],
+        socket_path: Path,
+        state_dir: Path,
+        extra_args: list[str] | None = None,
     ) -> None:
         self.proxy_id = proxy_id
         self.command = command
+        self.extra_args = extra_args or []  # observability flags (`Sidecars.args_for`)
         self.socket_path = socket_path
         self.pid_path = state_dir / f"{proxy_id}.pid"
         self.log_path = state_dir / f"{proxy_id}.log"
         self.metrics_port = 0
+        self.adopted = False  # a sidecar a previous agent started (and reported on)
         self.pid: int | None = None
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
@@ -286,6 +293,8 @@ class SidecarProcess:
         adopted = self._adoptable()
         if adopted is not None:
             self.pid, self.metrics_port = adopted
+            # Its counters include what a previous agent already reported.
+            self.adopted = True
             log.info("adopted running sidecar", extra={"proxy_id": self.proxy_id, "pid": self.pid})
             while not self.stopping and _alive(self.pid):
                 await asyncio.sleep(1.0)
@@ -299,6 +308,7 @@ class SidecarProcess:
                 str(self.socket_path),
                 "--metrics-addr",
                 f"127.0.0.1:{self.metrics_port}",
+                *self.extra_args,
             ]
             started = time.monotonic()
             try:
@@ -389,16 +399,34 @@ class Sidecars:
         directory: Path,
         command: list[str] | None,
         on_ack: AckHandler,
+        *,
+        otlp_endpoint: str = "",
+        trace_sample_ratio: float | None = None,
+        access_log_dir: Path | None = None,
         keyless: bool = False,
         what: str = "mesh-sidecar",
     ) -> None:
         self.dir = directory
         self.command = command
         self.on_ack = on_ack
+        self.otlp_endpoint = otlp_endpoint
+        self.trace_sample_ratio = trace_sample_ratio
+        self.access_log_dir = access_log_dir
         self.keyless = keyless
         self.what = what
         self.feeds: dict[str, SidecarFeed] = {}
         self.procs: dict[str, SidecarProcess] = {}
+
+    def args_for(self, proxy_id: str) -> list[str]:
+        """The observability flags of one sidecar (unset ones: the sidecar's own defaults)."""
+        args: list[str] = []
+        if self.otlp_endpoint:
+            args += ["--otlp-endpoint", self.otlp_endpoint]
+        if self.trace_sample_ratio is not None:
+            args += ["--trace-sample-ratio", repr(self.trace_sample_ratio)]
+        if self.access_log_dir is not None:
+            args += ["--access-log", str(self.access_log_dir / f"{proxy_id}.log")]
+        return args
 
     async def ensure(self, proxy_ids: set[str]) -> tuple[set[str], set[str]]:
         """Start what is new, stop what is gone; returns (added, removed)."""
@@ -424,7 +452,7 @@ class Sidecars:
                 continue
             self.feeds[pid] = feed
             if self.command:
-                proc = SidecarProcess(pid, self.command, feed.path, self.dir)
+                proc = SidecarProcess(pid, self.command, feed.path, self.dir, self.args_for(pid))
                 proc.start()
                 self.procs[pid] = proc
         if added and not self.command:

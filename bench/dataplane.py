@@ -25,6 +25,20 @@ Three topologies, run interleaved for `--rounds` rounds (medians printed):
   ca-file roots.pem verify required`), with leaves for `client` and `server`
   from the same control plane's CA (`/v1/agent/connect/ca/leaf/<service>`).
 
+`--mode` picks what the pairs proxy (the L4 figures above are `--mode tcp`,
+the default):
+
+- `http`: the service is `http` (a `service-defaults` entry `Protocol: http`
+  written to the control plane): the sidecars run their HTTP/1.1 proxy
+  (parse, route, pool, re-frame); HAProxy runs `mode http` with the same mTLS
+  (ALPN http/1.1 between the pair). Same load tools (wrk, h2load --h1);
+- `h2`: the service is `http2`: the client speaks h2c (prior knowledge) to the
+  client-side proxy, the pair speaks HTTP/2 over mTLS (ALPN h2), and the
+  server side speaks h2c to a second nginx listener (`listen ... http2`).
+  HAProxy: `mode http`, `alpn h2` between the pair, `proto h2` to nginx.
+  Throughput is measured with h2load (`-c<connections> -m1`, no wrk), latency
+  with h2load over h2; the memory figure is skipped.
+
 Proxy CPU per request: utime+stime of both proxies of a pair from
 /proc/<pid>/stat before and after each measured run, divided by the requests
 the run completed. Memory: the sidecars' VmRSS idle and with `--hold` (1,000)
@@ -292,8 +306,8 @@ class Stack:
                     os.kill(pid, signal.SIGKILL)
 
 
-def start_nginx(stack: Stack) -> tuple[int, list[int]]:
-    """nginx serving a 1 KiB file on a free port; (port, [worker pid])."""
+def start_nginx(stack: Stack) -> tuple[int, list[int], int]:
+    """nginx serving a 1 KiB file on a free port; (port, [worker pid], h2c port)."""
     d = stack.tmp / "nginx"
     (d / "tmp").mkdir(parents=True)
     # nginx's worker drops root for an unprivileged user: let it reach its files.
@@ -301,6 +315,7 @@ def start_nginx(stack: Stack) -> tuple[int, list[int]]:
     d.chmod(0o755)
     (d / "1k").write_bytes(b"x" * BODY_SIZE)
     port = free_port()
+    h2_port = free_port()
     conf = d / "nginx.conf"
     conf.write_text(
         f"""
@@ -330,6 +345,13 @@ http {{
     root {d};
     location = {PATH} {{ }}
   }}
+  # h2c with prior knowledge, for --mode h2.
+  http2_max_requests 100000000;
+  server {{
+    listen 127.0.0.1:{h2_port} http2 backlog=4096;
+    root {d};
+    location = {PATH} {{ }}
+  }}
 }}
 """
     )
@@ -343,7 +365,7 @@ http {{
             ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
         ).stdout.split()
     ]
-    return port, workers
+    return port, workers, h2_port
 
 
 @dataclass
@@ -383,8 +405,12 @@ def start_control_plane(stack: Stack) -> ControlPlane:
     return ControlPlane(server, roots_pem, leaves)
 
 
-def start_haproxy(stack: Stack, cp: ControlPlane, nginx_port: int) -> tuple[int, list[int]]:
-    """The HAProxy pair; (client-side port, [client-side pid, server-side pid])."""
+def start_haproxy(
+    stack: Stack, cp: ControlPlane, nginx_port: int, mode: str = "tcp"
+) -> tuple[int, list[int]]:
+    """The HAProxy pair; (client-side port, [client-side pid, server-side pid]).
+    `mode`: tcp (L4), http (mode http, HTTP/1.1 between) or h2 (mode http,
+    HTTP/2 between and to nginx's h2c listener)."""
     d = stack.tmp / "haproxy"
     d.mkdir()
     roots = d / "roots.pem"
@@ -397,20 +423,26 @@ def start_haproxy(stack: Stack, cp: ControlPlane, nginx_port: int) -> tuple[int,
     inbound, outbound = free_port(), free_port()
     common = (
         "global\n  nbthread 1\n  maxconn 8000\n"
-        "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 10m\n  timeout server 10m\n"
+        f"defaults\n  mode {'tcp' if mode == 'tcp' else 'http'}\n  timeout connect 5s\n"
+        "  timeout client 10m\n  timeout server 10m\n"
     )
+    if mode != "tcp":
+        common += "  http-reuse always\n  option http-keep-alive\n"
+    alpn = {"tcp": "", "http": " alpn http/1.1", "h2": " alpn h2"}[mode]
+    bind_alpn = "" if mode == "tcp" else " alpn h2,http/1.1"
+    app_proto = " proto h2" if mode == "h2" else ""
     configs = {
         "haproxy-client": common
         + (
             f"frontend upstream\n  bind 127.0.0.1:{outbound}\n  default_backend server\n"
             f"backend server\n  server server 127.0.0.1:{inbound} ssl crt {pems['client']} "
-            f"ca-file {roots} verify required\n"
+            f"ca-file {roots} verify required{alpn}\n"
         ),
         "haproxy-server": common
         + (
             f"frontend inbound\n  bind 127.0.0.1:{inbound} ssl crt {pems['server']} "
-            f"ca-file {roots} verify required\n  default_backend app\n"
-            f"backend app\n  server nginx 127.0.0.1:{nginx_port}\n"
+            f"ca-file {roots} verify required{bind_alpn}\n  default_backend app\n"
+            f"backend app\n  server nginx 127.0.0.1:{nginx_port}{app_proto}\n"
         ),
     }
     pids = []
@@ -435,7 +467,7 @@ def start_haproxy(stack: Stack, cp: ControlPlane, nginx_port: int) -> tuple[int,
 
 
 def start_sidecars(
-    stack: Stack, cp: ControlPlane, nginx_port: int, timeout: float
+    stack: Stack, cp: ControlPlane, nginx_port: int, timeout: float, mode: str = "tcp"
 ) -> tuple[int, list[int]]:
     """A real `mesh agent` with `client` and `server`; (upstream port, [client pid, server pid])."""
     from tests.agents.conftest import MeshAgent, join_token
@@ -485,6 +517,13 @@ def start_sidecars(
             json={"Action": "allow"},
         )
         r.raise_for_status()
+        if mode != "tcp":
+            protocol = "http2" if mode == "h2" else "http"
+            r = http.put(
+                "/v1/config",
+                json={"Kind": "service-defaults", "Name": "server", "Protocol": protocol},
+            )
+            r.raise_for_status()
     stack.closers.append(agent.stop)
     agent.start(wait=False)
     pid_dir = agent.data_dir / "sidecars"
@@ -561,7 +600,14 @@ def run_wrk(
 
 
 def run_h2load(
-    port: int, rate: int, clients: int, duration: float, warmup: float, pids: list[int], log: Path
+    port: int,
+    rate: int,
+    clients: int,
+    duration: float,
+    warmup: float,
+    pids: list[int],
+    log: Path,
+    h2: bool = False,
 ) -> dict:
     """Latency at a fixed rate: h2load over HTTP/1.1, `clients` keep-alive
     connections at rate/clients req/s each, started 1 ms apart so requests are
@@ -574,7 +620,7 @@ def run_h2load(
     out = subprocess.run(
         [
             tool("h2load"),
-            "--h1",
+            *([] if h2 else ["--h1"]),
             "-c",
             str(clients),
             "-n",
@@ -628,6 +674,46 @@ def run_h2load(
         "achieved_rps": len(lat) / span if span > 0 else float("nan"),
         "errors": total - succeeded,
         **per_request_us(before, after, done),
+    }
+
+
+def run_h2load_max(
+    port: int, connections: int, duration: float, pids: list[int], nginx: list[int]
+) -> dict:
+    """Maximum throughput over HTTP/2 (h2c): h2load, one thread, `connections`
+    connections, one stream each at a time (as wrk's one request per connection)."""
+    before, nginx_before = cpu_times(pids), cpu_times(nginx)
+    out = subprocess.run(
+        [
+            tool("h2load"),
+            "-c",
+            str(connections),
+            "-m",
+            "1",
+            "-D",
+            f"{duration:g}",
+            "-T",
+            "5s",
+            f"http://127.0.0.1:{port}{PATH}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=duration + 60,
+    )
+    after, nginx_after = cpu_times(pids), cpu_times(nginx)
+    if out.returncode != 0:
+        raise RuntimeError(f"h2load failed ({out.returncode}): {out.stderr or out.stdout}")
+    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded", out.stdout)
+    rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out.stdout)
+    if not m or not rps:
+        raise RuntimeError(f"cannot read h2load's output:\n{out.stdout}")
+    done, succeeded = int(m.group(3)), int(m.group(4))
+    return {
+        "rps": float(rps.group(1)),
+        "requests": done,
+        "errors": done - succeeded,
+        **per_request_us(before, after, done),
+        "nginx_cpu_us": per_request_us(nginx_before, nginx_after, done)["cpu_us"],
     }
 
 
@@ -788,6 +874,7 @@ def profile_sidecars(
                     args.warmup,
                     t.proxy_pids,
                     stack.tmp / "h2load.log",
+                    h2=args.mode == "h2",
                 )
             for side, path, proc in samplers:
                 proc.send_signal(signal.SIGINT)  # both write their output on Ctrl-C
@@ -890,21 +977,23 @@ def bench(args: argparse.Namespace, stack: Stack) -> dict:
         raise SystemExit("dataplane: --rate must be a multiple of --clients")
     load_at_start = os.getloadavg()
     t0 = time.monotonic()
-    nginx_port, nginx_pids = start_nginx(stack)
-    progress(f"nginx on 127.0.0.1:{nginx_port} (worker {nginx_pids})")
-    topo = {"direct": Topology("direct", nginx_port, [])}
+    nginx_port, nginx_pids, nginx_h2 = start_nginx(stack)
+    progress(f"nginx on 127.0.0.1:{nginx_port}, h2c :{nginx_h2} (worker {nginx_pids})")
+    h2 = args.mode == "h2"
+    app_port = nginx_h2 if h2 else nginx_port
+    topo = {"direct": Topology("direct", app_port, [])}
     cp = None
     if "sidecar" in names or "haproxy" in names:
         progress("starting the control plane (mesh server)")
         cp = start_control_plane(stack)
     if "haproxy" in names:
-        port, pids = start_haproxy(stack, cp, nginx_port)
+        port, pids = start_haproxy(stack, cp, app_port, args.mode)
         topo["haproxy"] = Topology("haproxy", port, pids)
         progress(f"HAProxy pair serving on 127.0.0.1:{port} (pids {pids})")
     sidecar_idle_fresh = None
     if "sidecar" in names:
         progress("starting the agent; it spawns and configures both sidecars")
-        port, pids = start_sidecars(stack, cp, nginx_port, args.setup_timeout)
+        port, pids = start_sidecars(stack, cp, app_port, args.setup_timeout, args.mode)
         topo["sidecar"] = Topology("sidecar", port, pids)
         progress(f"sidecar pair serving on 127.0.0.1:{port} (pids {pids})")
         time.sleep(1.0)
@@ -921,7 +1010,12 @@ def bench(args: argparse.Namespace, stack: Stack) -> dict:
                     raise RuntimeError(f"{name}: proxy pid {pid} died")
             load = os.getloadavg()[0]
             with Others() as o:
-                w = run_wrk(t.port, args.connections, args.duration, t.proxy_pids, nginx_pids)
+                if h2:
+                    w = run_h2load_max(
+                        t.port, args.connections, args.duration, t.proxy_pids, nginx_pids
+                    )
+                else:
+                    w = run_wrk(t.port, args.connections, args.duration, t.proxy_pids, nginx_pids)
             w["others"] = o.cores
             with Others() as o:
                 h = run_h2load(
@@ -932,6 +1026,7 @@ def bench(args: argparse.Namespace, stack: Stack) -> dict:
                     args.warmup,
                     t.proxy_pids,
                     stack.tmp / "h2load.log",
+                    h2=h2,
                 )
             h["others"] = o.cores
             run = {"load": load, "wrk": w, "h2load": h}
@@ -950,7 +1045,7 @@ def bench(args: argparse.Namespace, stack: Stack) -> dict:
 
     memory = {}
     for name in ("sidecar", "haproxy"):
-        if name in names and args.hold > 0:
+        if name in names and args.hold > 0 and not h2:
             progress(f"memory: {name} pair with {args.hold} open connections")
             memory[name] = hold_connections(
                 stack, topo[name].port, args.hold, topo[name].proxy_pids
@@ -980,8 +1075,13 @@ def report(args: argparse.Namespace, res: dict) -> None:
     loads = [r["load"] for n in names for r in runs[n]]
     la = res["load_at_start"]
     print()
+    what = {
+        "tcp": "keep-alive HTTP/1.1, proxied at L4",
+        "http": "keep-alive HTTP/1.1, proxied as HTTP/1.1 (mode http)",
+        "h2": "HTTP/2 (h2c to the proxies and nginx, h2 over mTLS between them)",
+    }[args.mode]
     print(
-        f"data plane: 1 KiB over keep-alive HTTP/1.1 from nginx; {os.cpu_count()} cores; "
+        f"data plane --mode {args.mode}: 1 KiB from nginx over {what}; {os.cpu_count()} cores; "
         f"medians of {args.rounds} interleaved rounds"
     )
     print(
@@ -989,7 +1089,8 @@ def report(args: argparse.Namespace, res: dict) -> None:
         f"{min(loads):.2f}–{max(loads):.2f}; whole run {res['elapsed']:.0f}s"
     )
     print(
-        f"max throughput: wrk -t1 -c{args.connections} -d{args.duration:g}s; latency: h2load --h1 "
+        f"max throughput: {'h2load -m1' if args.mode == 'h2' else 'wrk -t1'} "
+        f"-c{args.connections} -d{args.duration:g}s; latency: h2load{'' if args.mode == 'h2' else ' --h1'} "
         f"-c{args.clients} at {args.rate:,} req/s for {args.duration:g}s (+{args.warmup:g}s warm-up left out)"
     )
     print()
@@ -1191,6 +1292,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="See bench/README.md for what each figure means.",
     )
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument(
+        "--mode",
+        choices=("tcp", "http", "h2"),
+        default="tcp",
+        help="what the pairs proxy: tcp (L4, default), http (HTTP/1.1 proxy), h2 (HTTP/2)",
+    )
     p.add_argument(
         "--duration",
         type=float,

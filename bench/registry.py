@@ -14,7 +14,9 @@ default (SQLite) and/or a fresh PostgreSQL database, and measures:
 3. blocking-query fan-out: 1,000 watchers of one service (in a separate
    process), one write, time from the write's response to each watcher's
    answer, over several rounds;
-4. server RSS per waiting blocking query.
+4. server RSS per waiting blocking query;
+5. transactions per second through `PUT /v1/txn`, each of 10 KV `set`
+   operations (one index, all or nothing), over N keep-alive connections.
 
 Run from the repository root: `.venv/bin/python bench/registry.py --help`.
 Progress goes to stderr, the figures to stdout. See bench/README.md.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import math
@@ -340,6 +343,66 @@ async def bench_registrations(servers: list[MeshServer], fig: Figures, args) -> 
         f"  {n} registrations in {elapsed:.1f}s: {n / elapsed:.0f}/s, "
         f"p50 {fig.values['reg_p50_ms']:.1f} ms, p99 {fig.values['reg_p99_ms']:.1f} ms, "
         f"server CPU {fig.values['reg_cpu_ms']:.2f} ms each"
+    )
+
+
+# --- 5. transactions ------------------------------------------------------------------------
+
+
+def txn_body(i: int, ops: int) -> bytes:
+    """One transaction: `ops` KV sets on keys of its own (values change every time)."""
+    value = base64.b64encode(f"value-{i}".encode()).decode()
+    return json.dumps(
+        [
+            {"KV": {"Verb": "set", "Key": f"bench/txn/{i % 1000}/{k}", "Value": value}}
+            for k in range(ops)
+        ]
+    ).encode()
+
+
+async def bench_transactions(servers: list[MeshServer], fig: Figures, args) -> None:
+    """`PUT /v1/txn` of `--txn-ops` KV sets each, over `--concurrency` connections."""
+    conns = await open_conns("127.0.0.1", servers[0].http_port, args.concurrency)
+    latencies: list[float] = []
+    errors: list[str] = []
+    counter = iter(range(10**9))
+
+    async def worker(c: HttpConn, deadline: float, limit: int, record: bool) -> None:
+        while time.monotonic() < deadline:
+            i = next(counter)
+            if i >= limit:
+                return
+            t = time.perf_counter()
+            r = await c.request("PUT", "/v1/txn", txn_body(i, args.txn_ops))
+            if r.status != 200:
+                errors.append(f"{r.status} {r.body[:200]!r}")
+                continue
+            if record:
+                latencies.append(time.perf_counter() - t)
+
+    try:
+        await asyncio.gather(*(worker(c, time.monotonic() + 10, 64, False) for c in conns))
+        cpu0 = cpu_of(servers)
+        start = time.perf_counter()
+        deadline = time.monotonic() + args.txn_seconds
+        await asyncio.gather(*(worker(c, deadline, 64 + args.txn_count, True) for c in conns))
+        elapsed = time.perf_counter() - start
+        cpu = cpu_of(servers) - cpu0
+    finally:
+        for c in conns:
+            c.close()
+    n = len(latencies)
+    fig.values["txn_per_s"] = n / elapsed
+    fig.values["txn_ops_per_s"] = n * args.txn_ops / elapsed
+    fig.values["txn_p50_ms"] = pct(latencies, 0.5) * 1000
+    fig.values["txn_p99_ms"] = pct(latencies, 0.99) * 1000
+    fig.values["txn_cpu_ms"] = cpu / max(n, 1) * 1000
+    if errors:
+        fig.notes.append(f"transactions: {len(errors)} errors, first: {errors[0]}")
+    progress(
+        f"  {n} transactions of {args.txn_ops} ops in {elapsed:.1f}s: {n / elapsed:.0f}/s, "
+        f"p50 {fig.values['txn_p50_ms']:.1f} ms, p99 {fig.values['txn_p99_ms']:.1f} ms, "
+        f"server CPU {fig.values['txn_cpu_ms']:.2f} ms each"
     )
 
 
@@ -780,6 +843,13 @@ async def run_phases(servers: list[MeshServer], fig: Figures, args, phases: set[
         progress(f"[{db}] 3. fan-out to {args.watchers} watchers, {args.rounds} rounds")
         async with profiled(srv, args, f"{db}-3-fanout"):
             await bench_fanout(srv, fig, args)
+    if "txn" in phases:
+        progress(
+            f"[{db}] 5. transactions of {args.txn_ops} KV ops, {args.concurrency} connections, "
+            f"{args.txn_seconds:.0f}s"
+        )
+        async with profiled(srv, args, f"{db}-5-txn"):
+            await bench_transactions(servers, fig, args)
 
 
 def run_db(db: str, args, servers: int = 1, phases: set[str] | None = None) -> Figures:
@@ -948,6 +1018,13 @@ def report(figs: list[Figures], args) -> None:
             "< 50 KB",
         ),
         row(f"  RSS growth for {args.watchers} waiters MB", vals("waiter_total_mb")),
+        row(
+            f"transactions/s ({args.txn_ops} KV ops each, {args.concurrency} conns)",
+            vals("txn_per_s", spec=".0f"),
+        ),
+        row("  KV ops/s in transactions", vals("txn_ops_per_s", spec=".0f")),
+        row("  latency p50 / p99 ms", vals("txn_p50_ms", "txn_p99_ms")),
+        row("  server CPU ms per transaction", vals("txn_cpu_ms", spec=".2f")),
     ]
     for f in figs:
         for note in f.notes:
@@ -969,8 +1046,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--phases",
         type=lambda v: set(v.split(",")),
-        default={"register", "sync", "health", "fanout"},
-        help="comma-separated subset of register,sync,health,fanout (health loads the catalog first)",
+        default={"register", "sync", "health", "fanout", "txn"},
+        help="comma-separated subset of register,sync,health,fanout,txn "
+        "(health loads the catalog first)",
     )
     p.add_argument(
         "--servers",
@@ -991,6 +1069,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=16, help="connections for writes")
     p.add_argument("--reg-seconds", type=float, default=10, help="registration phase length")
     p.add_argument("--reg-count", type=int, default=20000, help="registration phase cap")
+    p.add_argument("--txn-ops", type=int, default=10, help="KV operations per transaction")
+    p.add_argument("--txn-seconds", type=float, default=10, help="transaction phase length")
+    p.add_argument("--txn-count", type=int, default=20000, help="transaction phase cap")
     p.add_argument("--instances", type=int, default=10000)
     p.add_argument("--services", type=int, default=1000)
     p.add_argument("--nodes", type=int, default=200, help="nodes the instances spread over")
@@ -1020,7 +1101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--server-env takes NAME=VALUE")
     if args.profile and py_spy() is None:
         p.error("--profile needs py-spy: .venv/bin/pip install py-spy")
-    unknown = args.phases - {"register", "sync", "health", "fanout"}
+    unknown = args.phases - {"register", "sync", "health", "fanout", "txn"}
     if unknown:
         p.error(f"unknown phase(s): {', '.join(sorted(unknown))}")
     return args

@@ -35,6 +35,7 @@ KINDS = (
     "service-resolver",
     "service-intentions",
     "mesh",
+    "exported-services",
 )
 # Kinds whose entries shape discovery chains (writing one changes compiled chains).
 CHAIN_KINDS = frozenset(
@@ -426,6 +427,19 @@ ROUTE_DESTINATION = Struct(
         "RetryOnStatusCodes": ListOf(Int(100, 599)),
         "RequestHeaders": HEADER_MODIFIERS,
         "ResponseHeaders": HEADER_MODIFIERS,
+        # meshweb's extensions (docs/proxy-config.md): per-try timeout, retrying
+        # non-idempotent methods, the retry budget, and fault injection.
+        "PerTryTimeout": Duration,
+        "RetryNonIdempotent": Bool,
+        "RetryBudget": Struct({"Percent": Number(0, 100), "MinRetriesPerSecond": Number(0, 1e6)}),
+        "Fault": Struct(
+            {
+                "Delay": Duration,
+                "DelayPercent": Number(0, 100),
+                "AbortStatus": Int(200, 599),
+                "AbortPercent": Number(0, 100),
+            }
+        ),
     }
 )
 SERVICE_ROUTER = _entry(
@@ -534,6 +548,7 @@ INTENTION_SOURCE = Struct(
         "Name": Str,
         "Namespace": Str,
         "Partition": Str,
+        "Peer": Str,
         "Action": Enum("allow", "deny"),
         "Permissions": ListOf(INTENTION_PERMISSION),
         "Precedence": Ignored,  # computed, read-only
@@ -567,6 +582,23 @@ MESH = _entry(
     }
 )
 
+EXPORTED_SERVICES_NAME = "default"  # the partition's name (one partition: "default")
+EXPORTED_SERVICES = _entry(
+    {
+        "Services": ListOf(
+            Struct(
+                {
+                    "Name": Str,
+                    "Namespace": Str,
+                    "Consumers": ListOf(
+                        Struct({"Peer": Str, "Partition": Str, "SamenessGroup": Str})
+                    ),
+                }
+            )
+        )
+    }
+)
+
 SPECS: dict[str, Struct] = {
     "proxy-defaults": PROXY_DEFAULTS,
     "service-defaults": SERVICE_DEFAULTS,
@@ -575,6 +607,7 @@ SPECS: dict[str, Struct] = {
     "service-resolver": SERVICE_RESOLVER,
     "service-intentions": SERVICE_INTENTIONS,
     "mesh": MESH,
+    "exported-services": EXPORTED_SERVICES,
 }
 
 
@@ -603,6 +636,11 @@ def normalize_name(kind: str, name: Any) -> str:
     if kind == "proxy-defaults" and name != PROXY_DEFAULTS_NAME:
         raise ConfigEntryError(
             f'Name: invalid name "{name}": a proxy-defaults entry must be named "{PROXY_DEFAULTS_NAME}"'
+        )
+    if kind == "exported-services" and name != EXPORTED_SERVICES_NAME:
+        raise ConfigEntryError(
+            f'Name: invalid name "{name}": the exported-services entry is named after its '
+            f'partition, "{EXPORTED_SERVICES_NAME}"'
         )
     if kind == "mesh" and name != MESH_NAME:
         raise ConfigEntryError(
@@ -950,6 +988,58 @@ def _validate_mesh(e: dict) -> None:
             raise fail(f"TLS.{direction}", f"TLSMinVersion {lo} is above TLSMaxVersion {hi}")
 
 
+_PEER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def _validate_exported_services(e: dict) -> None:
+    """Each service once, named (or `*`), in the default namespace, with at
+    least one consumer, and each consumer a peer (partitions and sameness
+    groups are not served: one partition per control plane)."""
+    seen: set[str] = set()
+    for i, svc in enumerate(e.get("Services", [])):
+        p = f"Services[{i}]"
+        name = svc.get("Name", "")
+        if not name:
+            raise fail(f"{p}.Name", "is required")
+        if name != "*" and (len(name) > 256 or "/" in name or any(c.isspace() for c in name)):
+            raise fail(f"{p}.Name", f"invalid service name {name!r}")
+        if svc.get("Namespace", "") not in ("", DEFAULT_NAMESPACE, "*"):
+            raise fail(f"{p}.Namespace", f'only "{DEFAULT_NAMESPACE}" is supported')
+        svc.pop("Namespace", None)
+        if name in seen:
+            raise fail(f"{p}.Name", f'service "{name}" is listed more than once')
+        seen.add(name)
+        consumers = svc.get("Consumers") or []
+        if not consumers:
+            raise fail(f"{p}.Consumers", f'service "{name}" must have at least one consumer')
+        peers: set[str] = set()
+        for j, c in enumerate(consumers):
+            cp = f"{p}.Consumers[{j}]"
+            if c.get("Partition") or c.get("SamenessGroup"):
+                raise fail(cp, "only Peer consumers are supported (one partition per cluster)")
+            peer = c.get("Peer", "")
+            if not peer:
+                raise fail(f"{cp}.Peer", "is required")
+            if not _PEER_NAME.match(peer):
+                raise fail(f"{cp}.Peer", f"invalid peer name {peer!r}")
+            if peer in peers:
+                raise fail(f"{cp}.Peer", f'peer "{peer}" is listed more than once')
+            peers.add(peer)
+
+
+def exported_to(entry: dict | None, peer: str) -> tuple[bool, set[str]]:
+    """(all services?, the names) an exported-services entry exports to `peer`."""
+    names: set[str] = set()
+    everything = False
+    for svc in (entry or {}).get("Services", []):
+        if any(c.get("Peer") == peer for c in svc.get("Consumers", [])):
+            if svc.get("Name") == "*":
+                everything = True
+            else:
+                names.add(svc["Name"])
+    return everything, names
+
+
 _VALIDATORS: dict[str, Callable[[dict], None]] = {
     "proxy-defaults": _validate_proxy_defaults,
     "service-defaults": _validate_service_defaults,
@@ -958,6 +1048,7 @@ _VALIDATORS: dict[str, Callable[[dict], None]] = {
     "service-resolver": _validate_service_resolver,
     "service-intentions": _validate_service_intentions,
     "mesh": _validate_mesh,
+    "exported-services": _validate_exported_services,
 }
 
 

@@ -105,9 +105,22 @@ def check_name(namespace: str, name: str, what: str) -> None:
             )
 
 
-def display_name(namespace: str, name: str) -> str:
-    """A service as Consul prints it: the bare name in the default namespace."""
-    return name if namespace == DEFAULT_NAMESPACE else f"{namespace}/{name}"
+def display_name(namespace: str, name: str, peer: str = "") -> str:
+    """A service as Consul prints it: the bare name in the default namespace,
+    `peer:<peer>/<name>` for a source in a peered cluster."""
+    shown = name if namespace == DEFAULT_NAMESPACE else f"{namespace}/{name}"
+    return f"peer:{peer}/{shown}" if peer else shown
+
+
+_PEER = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def check_peer(peer: str) -> None:
+    """A `SourcePeer`: a peering's name (a DNS label), or "" for this cluster."""
+    if not isinstance(peer, str):
+        raise IntentionError("SourcePeer must be a string")
+    if peer and not _PEER.match(peer):
+        raise IntentionError(f"SourcePeer {peer!r} is not a valid peer name")
 
 
 # --------------------------------------------------------------------------- L7 permissions
@@ -383,6 +396,9 @@ class Intention:
     source_ns: str = DEFAULT_NAMESPACE
     destination_ns: str = DEFAULT_NAMESPACE
     source_type: str = "consul"
+    # The peering the source is in ("" : this cluster). A peer's services match
+    # only intentions naming that peer; a `*` source here never covers them.
+    source_peer: str = ""
     precedence: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
@@ -407,7 +423,7 @@ class Intention:
             else f"Action: {self.action.upper()}"
         )
         return (
-            f"{display_name(self.source_ns, self.source_name)} => "
+            f"{display_name(self.source_ns, self.source_name, self.source_peer)} => "
             f"{display_name(self.destination_ns, self.destination_name)} "
             f"({id_part}Precedence: {self.precedence}, {detail})"
         )
@@ -425,6 +441,7 @@ def validate(
     id: str = "",
     description: str = "",
     meta: Any = None,
+    source_peer: str = "",
 ) -> Intention:
     """Check one intention as Consul does and return it (IntentionError if bad).
 
@@ -433,6 +450,7 @@ def validate(
     """
     check_name(source_ns, source_name, "Source")
     check_name(destination_ns, destination_name, "Destination")
+    check_peer(source_peer)
     perms = parse_permissions(permissions)
     if perms:
         if action:
@@ -460,6 +478,7 @@ def validate(
         source_ns=source_ns,
         destination_ns=destination_ns,
         source_type=source_type,
+        source_peer=source_peer,
     )
 
 
@@ -494,6 +513,7 @@ def from_consul_json(
         destination_ns=text("DestinationNS", destination_ns),
         source_type=text("SourceType", "consul"),
         id=text("ID", ""),
+        source_peer=text("SourcePeer", ""),
     )
 
 
@@ -518,11 +538,20 @@ def check_meta(meta: Any, what: str = "Meta") -> None:
 
 def sort_key(ix: Intention) -> tuple:
     """Consul's listing order: precedence, then the four names."""
-    return (-ix.precedence, ix.source_ns, ix.source_name, ix.destination_ns, ix.destination_name)
+    return (
+        -ix.precedence,
+        ix.source_peer,
+        ix.source_ns,
+        ix.source_name,
+        ix.destination_ns,
+        ix.destination_name,
+    )
 
 
-def matches_source(ix: Intention, namespace: str, name: str) -> bool:
-    """Whether `ix`'s source covers the service `namespace/name`."""
+def matches_source(ix: Intention, namespace: str, name: str, peer: str = "") -> bool:
+    """Whether `ix`'s source covers the service `namespace/name` (of `peer`)."""
+    if ix.source_peer != peer:
+        return False
     if ix.source_ns == WILDCARD:
         return True
     return ix.source_ns == namespace and ix.source_name in (WILDCARD, name)
@@ -582,14 +611,17 @@ class IntentionIndex:
 
     def __init__(self, intentions: Iterable[Intention], *, default_allow: bool = False) -> None:
         self.default_allow = default_allow
-        self._by_destination: dict[tuple[str, str], dict[tuple[str, str], Intention]] = {}
+        self._by_destination: dict[tuple[str, str], dict[tuple[str, ...], Intention]] = {}
         self._all: list[Intention] = []
         for ix in intentions:
             bucket = self._by_destination.setdefault((ix.destination_ns, ix.destination_name), {})
-            key = (ix.source_ns, ix.source_name)
+            # Sources of this cluster keyed (ns, name); a peer's (ns, name, peer).
+            key: tuple[str, ...] = (ix.source_ns, ix.source_name)
+            if ix.source_peer:
+                key = (*key, ix.source_peer)
             if key in bucket:
                 raise IntentionError(
-                    f"duplicate intention {display_name(*key)} => "
+                    f"duplicate intention {display_name(ix.source_ns, ix.source_name, ix.source_peer)} => "
                     f"{display_name(ix.destination_ns, ix.destination_name)}"
                 )
             bucket[key] = ix
@@ -606,8 +638,11 @@ class IntentionIndex:
         *,
         source_ns: str = DEFAULT_NAMESPACE,
         destination_ns: str = DEFAULT_NAMESPACE,
+        source_peer: str = "",
     ) -> Intention | None:
         """The highest-precedence intention matching the pair, or None."""
+        if source_peer:
+            return self._find_peer(source, destination, source_ns, destination_ns, source_peer)
         buckets = self._by_destination
         for dkey in (
             (destination_ns, destination),
@@ -626,6 +661,27 @@ class IntentionIndex:
                 return ix
         return None
 
+    def _find_peer(
+        self, source: str, destination: str, source_ns: str, destination_ns: str, peer: str
+    ) -> Intention | None:
+        buckets = self._by_destination
+        for dkey in (
+            (destination_ns, destination),
+            (destination_ns, WILDCARD),
+            (WILDCARD, WILDCARD),
+        ):
+            bucket = buckets.get(dkey)
+            if bucket is None:
+                continue
+            ix = (
+                bucket.get((source_ns, source, peer))
+                or bucket.get((source_ns, WILDCARD, peer))
+                or bucket.get((WILDCARD, WILDCARD, peer))
+            )
+            if ix is not None:
+                return ix
+        return None
+
     def decide(
         self,
         source: str,
@@ -633,17 +689,25 @@ class IntentionIndex:
         *,
         source_ns: str = DEFAULT_NAMESPACE,
         destination_ns: str = DEFAULT_NAMESPACE,
+        source_peer: str = "",
     ) -> Decision:
-        """The L4 decision for a connection from `source` to `destination`."""
-        ix = self.find(source, destination, source_ns=source_ns, destination_ns=destination_ns)
+        """The L4 decision for a connection from `source` (of `source_peer`,
+        "" for this cluster) to `destination`."""
+        ix = self.find(
+            source,
+            destination,
+            source_ns=source_ns,
+            destination_ns=destination_ns,
+            source_peer=source_peer,
+        )
         if ix is None:
             return Decision(
-                self.default_allow,
+                self.default_allow and not source_peer,
                 None,
                 default_reason(
-                    display_name(source_ns, source),
+                    display_name(source_ns, source, source_peer),
                     display_name(destination_ns, destination),
-                    self.default_allow,
+                    self.default_allow and not source_peer,
                 ),
                 default=True,
             )
@@ -674,12 +738,17 @@ class IntentionIndex:
         *,
         source_ns: str = DEFAULT_NAMESPACE,
         destination_ns: str = DEFAULT_NAMESPACE,
+        source_peer: str = "",
     ) -> Decision:
         """The decision for one HTTP request: L4 intentions decide as for a
         connection; an L7 intention's first matching permission decides, and a
         request no permission matches gets the default."""
         decision = self.decide(
-            source, destination, source_ns=source_ns, destination_ns=destination_ns
+            source,
+            destination,
+            source_ns=source_ns,
+            destination_ns=destination_ns,
+            source_peer=source_peer,
         )
         ix = decision.intention
         if ix is None or not ix.permissions:
@@ -689,13 +758,19 @@ class IntentionIndex:
             reason = (
                 f"No permission of L7 intention {ix} matches {method} {path}; "
                 + default_reason(
-                    display_name(source_ns, source),
+                    display_name(source_ns, source, source_peer),
                     display_name(destination_ns, destination),
-                    self.default_allow,
+                    self.default_allow and not source_peer,
                 )
             )
             return Decision(
-                self.default_allow, ix.id or None, reason, ix.precedence, True, True, ix
+                self.default_allow and not source_peer,
+                ix.id or None,
+                reason,
+                ix.precedence,
+                True,
+                True,
+                ix,
             )
         word = "allows" if verdict else "denies"
         return Decision(

@@ -12,7 +12,9 @@ A sidecar sees:
   weighted splits for HTTP) to `clusters`: resolved targets with their healthy
   endpoints, the SPIFFE ID their sidecars must present, and how to reach them
   (directly, or through a mesh gateway with an SNI);
-- `roots`: the CA roots (PEM) to verify peers with.
+- `roots`: the CA roots (PEM) to verify peers with;
+- `peer_trust`: peered clusters' roots, each trusted only for certificates
+  naming a SPIFFE ID of that cluster's trust domain.
 Its own leaf certificate is not in it: the agent makes that key on the host.
 """
 
@@ -66,6 +68,23 @@ class OutlierDetection:
     max_failures: int = 5
     base_ejection_s: float = 30.0
     max_ejection_percent: int = 10
+    # The chance (percent) that an endpoint reaching `max_failures` consecutive
+    # 5xx / gateway errors is actually ejected (Envoy's enforcing_consecutive_5xx).
+    enforcing_consecutive_5xx: int = 100
+
+
+@dataclass(frozen=True)
+class HashPolicy:
+    """What a ring_hash / maglev cluster hashes to pick an endpoint (sticky sessions).
+
+    `field` is header | cookie | query_parameter (named by `field_value`), or
+    `source_ip` is set; policies are tried in order, and a `terminal` one that
+    yields a value stops the search."""
+
+    field: str = ""
+    field_value: str = ""
+    source_ip: bool = False
+    terminal: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +105,11 @@ class Cluster:
     failover: tuple[str, ...] = ()  # names of clusters to use when this one has no endpoints
     limits: Limits = field(default_factory=Limits)
     outlier: OutlierDetection | None = None
+    hash_policies: tuple[HashPolicy, ...] = ()
+    request_timeout_s: float = 0.0  # the resolver's RequestTimeout (0: none)
+    # Set for a service imported from a peered cluster: its `spiffe_id` is in
+    # that peer's trust domain, verified against the peer's roots only.
+    peer: str = ""
 
 
 @dataclass(frozen=True)
@@ -113,6 +137,27 @@ class RouteMatch:
 class WeightedCluster:
     cluster: str
     weight: float  # percent; a route's splits add up to 100
+    request_headers_set: tuple[tuple[str, str], ...] = ()
+    request_headers_remove: tuple[str, ...] = ()
+    response_headers_set: tuple[tuple[str, str], ...] = ()
+    response_headers_remove: tuple[str, ...] = ()
+
+
+# What `RetryPolicy.retry_on` may name (Envoy's retry conditions, HTTP and gRPC).
+RETRY_ON = (
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "retriable-4xx",
+    "refused-stream",
+    "retriable-status-codes",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+)
 
 
 @dataclass(frozen=True)
@@ -120,9 +165,28 @@ class RetryPolicy:
     num_retries: int = 0
     on_connect_failure: bool = False
     on_status_codes: tuple[int, ...] = ()
+    retry_on: tuple[str, ...] = ()  # names from RETRY_ON
+    per_try_timeout_s: float = 0.0  # 0: only the route's timeout
+    # Non-idempotent methods (POST, PATCH, ...) are retried only when set (a
+    # connect failure, where nothing was sent, is always retriable).
+    retry_non_idempotent: bool = False
     backoff_base_s: float = 0.025
     backoff_max_s: float = 0.25
-    budget_percent: float = 20.0  # at most this share of requests may be retries
+    # The retry budget (Linkerd's): retries may be at most `budget_percent` of
+    # the requests of the last `budget_window_s`, plus `budget_min_per_s`.
+    budget_percent: float = 20.0
+    budget_min_per_s: float = 10.0
+    budget_window_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Resilience testing on a route: delay and/or abort a share of requests."""
+
+    delay_s: float = 0.0
+    delay_percent: float = 0.0
+    abort_status: int = 0  # HTTP status answered (gRPC: mapped to a grpc-status)
+    abort_percent: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +202,10 @@ class Route:
     request_headers_remove: tuple[str, ...] = ()
     response_headers_set: tuple[tuple[str, str], ...] = ()
     response_headers_remove: tuple[str, ...] = ()
+    name: str = ""  # for metrics and logs ("" : its index)
+    fault: FaultInjection | None = None
+    request_headers_add: tuple[tuple[str, str], ...] = ()  # appended, not replaced
+    response_headers_add: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -150,6 +218,7 @@ class Upstream:
     protocol: str = "tcp"  # tcp | http | http2 | grpc
     datacenter: str = ""
     namespace: str = "default"
+    peer: str = ""  # `DestinationPeer`: the service is imported from that peering
     # TCP: the single cluster; HTTP: the routes (the last one catches all).
     routes: tuple[Route, ...] = ()
     clusters: tuple[Cluster, ...] = ()
@@ -162,6 +231,18 @@ class RateLimit:
 
 
 @dataclass(frozen=True)
+class RouteRateLimit:
+    """A rate limit for the inbound requests whose path matches (service-defaults
+    `RateLimits.Routes`); checked before the instance-level one."""
+
+    requests_per_second: float
+    burst: int = 0
+    path_exact: str = ""
+    path_prefix: str = ""
+    path_regex: str = ""
+
+
+@dataclass(frozen=True)
 class Inbound:
     bind_address: str
     port: int
@@ -170,6 +251,18 @@ class Inbound:
     protocol: str = "tcp"
     rate_limit: RateLimit = field(default_factory=RateLimit)
     limits: Limits = field(default_factory=Limits)
+    route_rate_limits: tuple[RouteRateLimit, ...] = ()
+    request_timeout_s: float = 0.0  # to the local app (0: none)
+    idle_timeout_s: float = 300.0  # a keep-alive connection idle this long is closed
+
+
+@dataclass(frozen=True)
+class PeerTrust:
+    """A peered cluster's CA roots, trusted for SPIFFE IDs of its trust domain only."""
+
+    peer: str
+    trust_domain: str
+    roots: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -191,6 +284,8 @@ class ProxyConfig:
     default_allow: bool = False
     roots: tuple[str, ...] = ()  # PEM, active root first
     namespace: str = "default"
+    # Peers whose services this sidecar calls or is exported to.
+    peer_trust: tuple[PeerTrust, ...] = ()
     schema: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:

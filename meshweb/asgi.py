@@ -30,6 +30,8 @@ from django.core.wsgi import get_wsgi_application  # noqa: E402
 
 django_app = WSGIMiddleware(get_wsgi_application(), workers=settings.MESH_API_THREADS)
 
+from frontend import events as ui_events  # noqa: E402  (needs Django set up)
+from meshweb import health  # noqa: E402
 from meshweb.fastpath import handle_v1, read_body  # noqa: E402  (needs Django set up)
 
 
@@ -110,5 +112,12 @@ async def application(scope, receive, send):
         return
     if scope["type"] == "http" and scope["path"].startswith("/v1/"):
         await handle_v1(scope, receive, send)
+        return
+    if scope["type"] == "http" and scope["path"] in health.PATHS:
+        await health.handle(scope, receive, send)
+        return
+    if scope["type"] == "http" and scope["path"] == ui_events.PATH:
+        # The UI's live-update stream lives on the loop, beside the change hub.
+        await ui_events.handle(scope, receive, send)
         return
     await django_with_length(scope, receive, send)

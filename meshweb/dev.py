@@ -5,12 +5,21 @@ It starts, each as its own child process with its log in `<data-dir>/dev/`:
 1. the control plane (`mesh server`, embedded: SQLite in the data dir,
    in-process tasks, ACLs on — it bootstraps on first start and the token is
    read back from `<data-dir>/bootstrap-token`);
-2. the demo services (`mesh demo-app`): `api` on :9091 and `web` on :9090,
-   which calls `api` through its upstream listener 127.0.0.1:9191;
+2. the demo services (`mesh demo-app`): `api` v1 on :9091, `api` v2 on
+   :9092 (it fails 10 % of its calls on purpose) and `web` on :9090, which
+   calls `api` through its upstream listener 127.0.0.1:9191;
 3. one `mesh agent` (node `dev`, data in `<data-dir>/dev/agent`), joined with
    a single-use join token created here, whose config dir declares `web` and
-   `api` with sidecars (the agent runs the `mesh-sidecar` processes).
+   both `api` instances with sidecars (the agent runs the `mesh-sidecar`
+   processes, writes their access logs to `<data-dir>/dev/agent/access-logs/`
+   and reports their request counts every 5 s);
+4. once web answers, generated traffic (`mesh demo-app traffic`, 5 calls a
+   second to web), so golden metrics, `mesh top` and the access logs show
+   something from the first minute.
 
+Before the agent starts it writes the demo's config entries: `web` and `api`
+speak `http`; `api` has subsets `v1` and `v2` (by `Service.Meta.version`),
+a 90/10 split between them and a route that retries a `503` twice.
 Then it writes the intention `web -> api` (allow), waits until
 `GET http://127.0.0.1:9090/` answers with api's answer inside — the call
 went web -> web's sidecar -> mTLS -> api's sidecar -> api — prints how to
@@ -66,6 +75,9 @@ class DevConfig:
     upstream_port: int = 9191
     web_sidecar_port: int = 21000
     api_sidecar_port: int = 21001
+    api_v2_port: int = 9092
+    api_v2_sidecar_port: int = 21002
+    traffic_rate: float = 5.0  # calls a second to web; 0: no generated traffic
     # `--datacenters 2`: a second datacenter (dc2) with its own agent, api
     # instance and mesh gateway, and dc1's gateway; api fails over to dc2.
     datacenters: int = 1
@@ -73,8 +85,8 @@ class DevConfig:
     dc2_gateway_port: int = 8444
     dc2_agent_http_addr: str = "127.0.0.1:8511"
     dc2_agent_metrics_addr: str = "127.0.0.1:9103"
-    dc2_api_port: int = 9092
-    dc2_api_sidecar_port: int = 21002
+    dc2_api_port: int = 9093
+    dc2_api_sidecar_port: int = 21003
 
     @property
     def dev_dir(self) -> Path:
@@ -128,6 +140,7 @@ def dc2_definitions(cfg: DevConfig) -> dict[str, dict[str, Any]]:
                 "id": "api-dc2",
                 "name": "api",
                 "port": cfg.dc2_api_port,
+                "meta": {"version": "v1"},  # dc1's v1 subset fails over to it
                 "check": {"http": f"http://127.0.0.1:{cfg.dc2_api_port}/healthz", "interval": "2s"},
                 "connect": {"sidecar_service": {"port": cfg.dc2_api_sidecar_port}},
             }
@@ -137,8 +150,8 @@ def dc2_definitions(cfg: DevConfig) -> dict[str, dict[str, Any]]:
 
 
 def service_definitions(cfg: DevConfig) -> dict[str, dict[str, Any]]:
-    """The agent's config dir: `web` (upstream api) and `api`, each with a sidecar and a
-    check (and, with two datacenters, dc1's mesh gateway)."""
+    """The agent's config dir: `web` (upstream api) and `api` v1 and v2, each with a
+    sidecar and a check (and, with two datacenters, dc1's mesh gateway)."""
     out = _dc1_definitions(cfg)
     if cfg.datacenters > 1:
         out["gateway.json"] = gateway_definition(cfg.gateway_port)
@@ -164,13 +177,21 @@ def _dc1_definitions(cfg: DevConfig) -> dict[str, dict[str, Any]]:
                 },
             }
         },
-        "api.json": {
-            "service": {
-                "name": "api",
-                "port": cfg.api_port,
-                "check": {"http": f"http://127.0.0.1:{cfg.api_port}/healthz", "interval": "2s"},
-                "connect": {"sidecar_service": {"port": cfg.api_sidecar_port}},
+        **{
+            f"api-{version}.json": {
+                "service": {
+                    "name": "api",
+                    "id": f"api-{version}",
+                    "port": port,
+                    "meta": {"version": version},
+                    "check": {"http": f"http://127.0.0.1:{port}/healthz", "interval": "2s"},
+                    "connect": {"sidecar_service": {"port": sidecar_port}},
+                }
             }
+            for version, port, sidecar_port in (
+                ("v1", cfg.api_port, cfg.api_sidecar_port),
+                ("v2", cfg.api_v2_port, cfg.api_v2_sidecar_port),
+            )
         },
     }
 
@@ -364,6 +385,56 @@ def _create_join_token(
     return data["token"], data["ca_pin"]
 
 
+def demo_config_entries(datacenters: int = 1) -> list[dict[str, Any]]:
+    """HTTP for web and api; api's v1/v2 subsets, its 90/10 split and a retrying route
+    (and, with two datacenters, api failing over to dc2)."""
+    failover = {"Failover": {"*": {"Datacenters": ["dc2"]}}} if datacenters > 1 else {}
+    return [
+        {"Kind": "service-defaults", "Name": "api", "Protocol": "http"},
+        {"Kind": "service-defaults", "Name": "web", "Protocol": "http"},
+        {
+            "Kind": "service-resolver",
+            "Name": "api",
+            "DefaultSubset": "v1",
+            "Subsets": {
+                "v1": {"Filter": "Service.Meta.version == v1"},
+                "v2": {"Filter": "Service.Meta.version == v2"},
+            },
+            **failover,
+        },
+        {
+            "Kind": "service-splitter",
+            "Name": "api",
+            "Splits": [
+                {"Weight": 90, "ServiceSubset": "v1"},
+                {"Weight": 10, "ServiceSubset": "v2"},
+            ],
+        },
+        {
+            "Kind": "service-router",
+            "Name": "api",
+            "Routes": [
+                {
+                    "Match": {"HTTP": {"PathPrefix": "/"}},
+                    "Destination": {
+                        "Service": "api",
+                        "NumRetries": 2,
+                        "RetryOnConnectFailure": True,
+                        "RetryOnStatusCodes": [503],
+                    },
+                }
+            ],
+        },
+    ]
+
+
+def write_config_entries(cfg: DevConfig, token: str | None) -> None:
+    """The demo's config entries, as `mesh config write` would write them."""
+    client = _api(cfg, token)
+    for entry in demo_config_entries(cfg.datacenters):
+        client.put_json("/v1/config", entry)
+
+
 def allow_web_to_api(cfg: DevConfig, token: str | None) -> None:
     """The intention `web -> api` (allow), written as `mesh intention create -replace` would."""
     _api(cfg, token).put_json(
@@ -374,8 +445,8 @@ def allow_web_to_api(cfg: DevConfig, token: str | None) -> None:
 
 
 def prepare_second_datacenter(cfg: DevConfig, token: str | None) -> None:
-    """dc2, sidecars leaving through their own datacenter's gateway, and api
-    failing over to dc2 when dc1 has no healthy instance."""
+    """dc2, and sidecars leaving through their own datacenter's gateway (api's
+    failover to dc2 is in `demo_config_entries`)."""
     api = _api(cfg, token)
     api.request(
         "POST",
@@ -386,10 +457,6 @@ def prepare_second_datacenter(cfg: DevConfig, token: str | None) -> None:
     )
     api.put_json(
         "/v1/config", {"Kind": "proxy-defaults", "Name": "global", "MeshGateway": {"Mode": "local"}}
-    )
-    api.put_json(
-        "/v1/config",
-        {"Kind": "service-resolver", "Name": "api", "Failover": {"*": {"Datacenters": ["dc2"]}}},
     )
 
 
@@ -464,11 +531,32 @@ class DevMesh:
         cfg.config_dir.mkdir(parents=True, exist_ok=True)
         for name, definition in service_definitions(cfg).items():
             (cfg.config_dir / name).write_text(json.dumps(definition, indent=2) + "\n")
-        _say(f"starting the demo services api (:{cfg.api_port}) and web (:{cfg.web_port}) ...")
-        api_argv = _mesh("demo-app", "api", "--port", str(cfg.api_port), "--name", "api-1")
-        if two:
-            api_argv += ["--fail-file", str(cfg.fail_file)]
-        self._child("api", api_argv)
+        write_config_entries(cfg, self.token)
+        _say(
+            f"starting the demo services api v1 (:{cfg.api_port}), api v2 (:{cfg.api_v2_port}) "
+            f"and web (:{cfg.web_port}) ..."
+        )
+        # With two datacenters, touching the fail file fails dc1's api (both
+        # versions): calls fail over to dc2.
+        fail = ["--fail-file", str(cfg.fail_file)] if two else []
+        self._child(
+            "api-v1",
+            _mesh("demo-app", "api", "--port", str(cfg.api_port), "--name", "api-v1", *fail),
+        )
+        self._child(
+            "api-v2",
+            _mesh(
+                "demo-app",
+                "api",
+                "--port",
+                str(cfg.api_v2_port),
+                "--name",
+                "api-v2",
+                "--fail-percent",
+                "10",
+                *fail,
+            ),
+        )
         self._child(
             "web",
             _mesh(
@@ -482,7 +570,7 @@ class DevMesh:
                 "web-1",
             ),
         )
-        _say("starting the agent (node dev) with sidecars for web and api ...")
+        _say("starting the agent (node dev) with sidecars for web and both api ...")
         # The agent's environment carries no MESH_*: its flags say everything.
         self._child(
             "agent",
@@ -506,6 +594,11 @@ class DevMesh:
                 cfg.agent_http_addr,
                 "-metrics-addr",
                 cfg.agent_metrics_addr,
+                "-traffic-report-interval",
+                "5s",
+                # Every demo call is traced when spans are exported (5 calls a second).
+                "-trace-sample-ratio",
+                "1",
             ),
             drop=("MESH_", "CONSUL_"),
         )
@@ -528,6 +621,18 @@ class DevMesh:
                 START_TIMEOUT,
                 self.children,
                 0.5,
+            )
+        if cfg.traffic_rate:
+            self._child(
+                "traffic",
+                _mesh(
+                    "demo-app",
+                    "traffic",
+                    "--target",
+                    f"http://127.0.0.1:{cfg.web_port}/",
+                    "--rate",
+                    f"{cfg.traffic_rate:g}",
+                ),
             )
         print(banner(cfg, self.token, answer), flush=True)
         print(READY_LINE + " (Ctrl-C stops everything)", flush=True)
@@ -605,11 +710,13 @@ def banner(cfg: DevConfig, token: str | None, answer: dict[str, Any]) -> str:
     mesh = mesh_command()
     lines = [
         "",
-        "meshweb dev mesh: control plane + agent (node dev) + web and api with sidecars",
+        "meshweb dev mesh: control plane + agent (node dev) + web, api v1 and v2 with sidecars",
         f"  call web:   curl http://127.0.0.1:{cfg.web_port}/",
         f"              web calls api at 127.0.0.1:{cfg.upstream_port} (its sidecar) -> mTLS -> "
         f"api's sidecar (:{cfg.api_sidecar_port}) -> api (:{cfg.api_port})",
         f"              it answered: {json.dumps(answer)}",
+        f"  split:      api is 90 % v1 (:{cfg.api_port}), 10 % v2 (:{cfg.api_v2_port}, fails 10 % "
+        "on purpose; a 503 is retried twice)",
     ]
     if token:
         lines.append(f"  token:      export MESH_HTTP_TOKEN={token}")
@@ -627,6 +734,13 @@ def banner(cfg: DevConfig, token: str | None, answer: dict[str, Any]) -> str:
         f"  agent:      http://{cfg.agent_http_addr}/v1/agent/services, "
         f"metrics http://{cfg.agent_metrics_addr}/metrics",
         f"  logs:       {cfg.dev_dir}/*.log",
+        f"  traffic:    {cfg.traffic_rate:g} calls a second to web (log {cfg.dev_dir / 'traffic.log'})"
+        if cfg.traffic_rate
+        else "  traffic:    none generated (--traffic-rate 0)",
+        f"  top:        {mesh} top{addr_flag}      (live requests/s, success rate, latency)",
+        f"  metrics:    {cfg.http_url}/api/metrics/services/api  and  {cfg.http_url}/api/metrics/edges",
+        f"  access log: {cfg.agent_dir / 'access-logs'}/<proxy-id>.log  (one JSON line per request)",
+        "  traces:     start mesh dev with OTEL_EXPORTER_OTLP_ENDPOINT=http://HOST:4318 to export spans",
         "",
     ]
     if cfg.datacenters > 1:
@@ -669,6 +783,8 @@ PORT_FLAGS: dict[str, tuple[str, str | int]] = {
     "--upstream-port": ("upstream_port", 9191),
     "--web-sidecar-port": ("web_sidecar_port", 21000),
     "--api-sidecar-port": ("api_sidecar_port", 21001),
+    "--api-v2-port": ("api_v2_port", 9092),
+    "--api-v2-sidecar-port": ("api_v2_sidecar_port", 21002),
 }
 # With `--datacenters 2`, these too.
 DC2_PORT_FLAGS: dict[str, tuple[str, str | int]] = {
@@ -676,8 +792,8 @@ DC2_PORT_FLAGS: dict[str, tuple[str, str | int]] = {
     "--dc2-gateway-port": ("dc2_gateway_port", 8444),
     "--dc2-agent-http-addr": ("dc2_agent_http_addr", "127.0.0.1:8511"),
     "--dc2-agent-metrics-addr": ("dc2_agent_metrics_addr", "127.0.0.1:9103"),
-    "--dc2-api-port": ("dc2_api_port", 9092),
-    "--dc2-api-sidecar-port": ("dc2_api_sidecar_port", 21002),
+    "--dc2-api-port": ("dc2_api_port", 9093),
+    "--dc2-api-sidecar-port": ("dc2_api_sidecar_port", 21003),
 }
 
 
@@ -755,6 +871,8 @@ def check_ports(cfg: DevConfig) -> None:
         "--upstream-port": f"127.0.0.1:{cfg.upstream_port}",
         "--web-sidecar-port": f"127.0.0.1:{cfg.web_sidecar_port}",
         "--api-sidecar-port": f"127.0.0.1:{cfg.api_sidecar_port}",
+        "--api-v2-port": f"127.0.0.1:{cfg.api_v2_port}",
+        "--api-v2-sidecar-port": f"127.0.0.1:{cfg.api_v2_sidecar_port}",
     }
     if cfg.dns_addr:
         wanted["--dns-addr"] = cfg.dns_addr
@@ -781,9 +899,13 @@ def run(args: argparse.Namespace) -> int:
     values, moved = choose_ports(
         {flag: getattr(args, field_name, None) for flag, (field_name, _d) in flags.items()}, flags
     )
+    if not 0 <= args.traffic_rate <= 1000:
+        print("mesh dev: --traffic-rate must be within 0..1000", file=sys.stderr)
+        return 2
     cfg = DevConfig(
         data_dir=Path(args.data_dir).expanduser().resolve(),
         datacenters=args.datacenters,
+        traffic_rate=args.traffic_rate,
         **values,  # type: ignore[arg-type]
     )
     for line in moved:
@@ -856,7 +978,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the agent's Prometheus metrics (default 127.0.0.1:9102)",
     )
     p.add_argument("--web-port", type=int, default=None, help="web's port (default 9090)")
-    p.add_argument("--api-port", type=int, default=None, help="api's port (default 9091)")
+    p.add_argument("--api-port", type=int, default=None, help="api v1's port (default 9091)")
     p.add_argument(
         "--upstream-port",
         type=int,
@@ -873,7 +995,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--api-sidecar-port",
         type=int,
         default=None,
-        help="api's sidecar inbound port (default 21001)",
+        help="api v1's sidecar inbound port (default 21001)",
+    )
+    p.add_argument("--api-v2-port", type=int, default=None, help="api v2's port (default 9092)")
+    p.add_argument(
+        "--api-v2-sidecar-port",
+        type=int,
+        default=None,
+        help="api v2's sidecar inbound port (default 21002)",
+    )
+    p.add_argument(
+        "--traffic-rate",
+        type=float,
+        default=5.0,
+        help="generated calls a second to web (default 5; 0: none)",
     )
     p.add_argument(
         "--datacenters",

@@ -45,6 +45,16 @@ async def read_body(receive, limit: int) -> tuple[io.BytesIO | None, bool]:
 
 async def _send(send, response: HttpResponse) -> None:
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.items()]
+    if getattr(response, "streaming", False):
+        # A stream (`/v1/agent/monitor`): chunks as they come, until the view's
+        # iterator ends or the client goes away (which cancels this task).
+        await send(
+            {"type": "http.response.start", "status": response.status_code, "headers": headers}
+        )
+        async for chunk in response.streaming_content:
+            await send({"type": "http.response.body", "body": bytes(chunk), "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
     body = response.content
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
@@ -56,14 +66,17 @@ def _text(status: int, message: str) -> HttpResponse:
 
 
 async def handle_v1(scope, receive, send) -> None:
-    body, too_large = await read_body(receive, settings.MESH_MAX_BODY_SIZE)
+    # A snapshot restore is the one body allowed past MESH_MAX_BODY_SIZE.
+    limit = (
+        settings.MESH_SNAPSHOT_MAX_SIZE
+        if scope["path"] == "/v1/snapshot"
+        else settings.MESH_MAX_BODY_SIZE
+    )
+    body, too_large = await read_body(receive, limit)
     if body is None:
         return
     if too_large:
-        await _send(
-            send,
-            _text(413, f"Request body too large, max size: {settings.MESH_MAX_BODY_SIZE} bytes"),
-        )
+        await _send(send, _text(413, f"Request body too large, max size: {limit} bytes"))
         return
     request = ASGIRequest(scope, body)
     try:

@@ -44,10 +44,19 @@ async def _start() -> list[asyncio.Task]:
         from registry.grpc.server import start_grpc
 
         tasks.append(await start_grpc(*settings.MESH_GRPC_ADDR))
+    from registry.domain.servers import heartbeat
+
+    tasks.append(asyncio.create_task(heartbeat(), name="server-heartbeat"))
+    from registry.peering_replication import run as run_peering
+
+    tasks.append(asyncio.create_task(run_peering(), name="peering"))
     if settings.MESH_TASKS == "inprocess":
         from registry.tasks import run_inprocess
 
         tasks.append(asyncio.create_task(run_inprocess(), name="tasks"))
+        from clouds.tasks import run_inprocess as run_cloud_schedule
+
+        tasks.append(asyncio.create_task(run_cloud_schedule(), name="cloud-sync-schedule"))
     return tasks
 
 

@@ -35,15 +35,27 @@ SECRET_KEY = _secret_key()
 DEBUG = env_bool("MESH_DEBUG", False)
 ALLOWED_HOSTS = [h for h in env_str("MESH_ALLOWED_HOSTS", "*").split(",") if h]
 
+# The URL hosts reach this control plane by (a load balancer, a TLS proxy), as the
+# agent install script names it; unset: the URL the script was fetched from.
+MESH_PUBLIC_URL = env_str("MESH_PUBLIC_URL").rstrip("/")
 MESH_DC = env_str("MESH_DC", "dc1")
 MESH_NODE_NAME = env_str("MESH_NODE_NAME", "mesh-server")
 MESH_HTTP_ADDR = env_addr("MESH_HTTP_ADDR", "127.0.0.1:8500")
+# Cluster peering: the addresses (host:port or URLs) a peer reaches this
+# cluster's API at, put in peering tokens (default: MESH_HTTP_ADDR).
+MESH_PEERING_ADDRESSES = env_str("MESH_PEERING_ADDRESSES", "")
 MESH_DNS_ADDR = (
     env_addr("MESH_DNS_ADDR", "127.0.0.1:8600") if env_str("MESH_DNS_ADDR", "x") else None
 )
 # The agent protocol (gRPC over TLS, registry.grpc); "" disables it.
 MESH_GRPC_ADDR = (
     env_addr("MESH_GRPC_ADDR", "127.0.0.1:8502") if env_str("MESH_GRPC_ADDR", "x") else None
+)
+# The agent-protocol address hosts outside reach (a layer-4 load balancer in front of
+# several servers), named by `mesh join-token create` and the install script; unset:
+# MESH_GRPC_ADDR, or for a wildcard listener the host name the request came by.
+MESH_GRPC_ADVERTISE_ADDR = (
+    env_addr("MESH_GRPC_ADVERTISE_ADDR", "") if env_str("MESH_GRPC_ADVERTISE_ADDR") else None
 )
 MESH_DNS_DOMAIN = env_str("MESH_DNS_DOMAIN", "consul").strip(".")
 MESH_DNS_SERVICE_TTL = env_int("MESH_DNS_SERVICE_TTL", 0, minimum=0)
@@ -71,6 +83,14 @@ MESH_AUDIT_SENSITIVE_KV_PREFIXES = tuple(
 MESH_MAX_WAIT_SECONDS = env_int("MESH_MAX_WAIT_SECONDS", 600, minimum=1)
 MESH_KV_MAX_VALUE_SIZE = env_int("MESH_KV_MAX_VALUE_SIZE", 512 * 1024, minimum=1)
 MESH_SESSION_TTL_MIN = float(env_str("MESH_SESSION_TTL_MIN", "10s").removesuffix("s") or "10")
+# Consul's limits on `PUT /v1/txn`: operations per transaction, bytes per request.
+MESH_TXN_MAX_OPS = env_int("MESH_TXN_MAX_OPS", 128, minimum=1)
+MESH_TXN_MAX_REQ_LEN = env_int("MESH_TXN_MAX_REQ_LEN", 512 * 1024, minimum=1024)
+# User events: the largest payload (Consul's 512 bytes) and the events kept per datacenter.
+MESH_EVENT_MAX_PAYLOAD = env_int("MESH_EVENT_MAX_PAYLOAD", 512, minimum=1)
+MESH_EVENT_BUFFER = env_int("MESH_EVENT_BUFFER", 256, minimum=1)
+# The largest snapshot `PUT /v1/snapshot` takes (bytes, compressed).
+MESH_SNAPSHOT_MAX_SIZE = env_int("MESH_SNAPSHOT_MAX_SIZE", 256 * 1024 * 1024, minimum=1024)
 MESH_MAX_BODY_SIZE = env_int("MESH_MAX_BODY_SIZE", 4 * 1024 * 1024, minimum=1024)
 MESH_DB_THREADS = env_int("MESH_DB_THREADS", 8, minimum=1)
 # Threads serving the REST API, docs and UI (sync Django views).
@@ -89,6 +109,13 @@ MESH_NODE_LIVENESS_TIMEOUT = env_int("MESH_NODE_LIVENESS_TIMEOUT", 60, minimum=2
 MESH_JOIN_FAILURE_BURST = env_int("MESH_JOIN_FAILURE_BURST", 10, minimum=1)
 MESH_JOIN_FAILURE_REFILL_SECONDS = env_int("MESH_JOIN_FAILURE_REFILL_SECONDS", 6, minimum=1)
 MESH_CA_LEAF_TTL = env_str("MESH_CA_LEAF_TTL")  # a Go duration ("5s"); checked by registry.ca
+
+# Cloud accounts (clouds/): attempts per cloud API call (throttling and transient errors
+# are retried with exponential backoff and jitter), how long a sync may hold its
+# account before another may take it over, how often due accounts are looked for.
+MESH_CLOUD_MAX_ATTEMPTS = env_int("MESH_CLOUD_MAX_ATTEMPTS", 5, minimum=1)
+MESH_CLOUD_SYNC_LEASE_SECONDS = env_int("MESH_CLOUD_SYNC_LEASE_SECONDS", 900, minimum=10)
+MESH_CLOUD_TICK_SECONDS = env_int("MESH_CLOUD_TICK_SECONDS", 15, minimum=1)
 
 REDIS_URL = env_str("REDIS_URL")
 # Tasks run in-process unless a broker is configured (or asked for explicitly).
@@ -109,12 +136,15 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "registry",
     "frontend",
+    "clouds",
 ]
 
 MIDDLEWARE = [
     # First: `?token=` leaves the query before anything can copy it into a link.
     "registry.api.middleware.TokenQueryMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # The web UI's response headers: CSP, frame-ancestors, no-store (see the module).
+    "frontend.middleware.UISecurityHeadersMiddleware",
     # Static files (the admin's, Swagger UI's and Redoc's) served by the ASGI
     # app itself: an async-capable wrapper around WhiteNoise (see the module).
     "meshweb.staticfiles.AsyncWhiteNoiseMiddleware",
@@ -127,6 +157,20 @@ MIDDLEWARE = [
 ]
 
 ROOT_URLCONF = "meshweb.urls"
+
+# The web UI signs in with an ACL token kept in the server-side (database)
+# session; its cookies are Secure, HttpOnly and SameSite=Strict. Set
+# MESH_UI_SECURE_COOKIES=false only to serve the UI over plain HTTP to a
+# browser that refuses Secure cookies from a non-local address.
+SESSION_ENGINE = "django.contrib.sessions.backends.db"
+SESSION_COOKIE_AGE = env_int("MESH_UI_SESSION_SECONDS", 3600, minimum=60)
+SESSION_COOKIE_SECURE = env_bool("MESH_UI_SECURE_COOKIES", True)
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Strict"
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+CSRF_COOKIE_HTTPONLY = True
+CSRF_COOKIE_SAMESITE = "Strict"
+X_FRAME_OPTIONS = "DENY"
 ASGI_APPLICATION = "meshweb.asgi.application"
 APPEND_SLASH = False
 
@@ -217,6 +261,12 @@ CELERY_BEAT_SCHEDULE = {
         # A tick that waited longer than a few periods is stale: the next one
         # does the same work. Beat's ticks need no stored result.
         "options": {"expires": max(5.0, 5 * MESH_TASK_TICK_SECONDS), "ignore_result": True},
+    },
+    # Cloud accounts that are due get a sync run (clouds.tasks).
+    "cloud-sync-schedule": {
+        "task": "clouds.tasks.schedule",
+        "schedule": MESH_CLOUD_TICK_SECONDS,
+        "options": {"expires": 5 * MESH_CLOUD_TICK_SECONDS, "ignore_result": True},
     },
 }
 # Workers and beat of one deployment share a queue; MESH_CELERY_QUEUE separates

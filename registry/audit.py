@@ -132,6 +132,8 @@ CHECK_DEFINITIONS = frozenset({"header", "body"})
 KV_BODY = frozenset({"value"})
 # A join's request carries the join token (`<id>.<secret>`).
 JOIN_REQUEST = frozenset({"jointoken"})
+# Peering requests carry the peering token and the stream secrets.
+PEERING_SECRETS = frozenset({"peeringtoken", "streamsecret", "establishmentsecret"})
 
 # Every action an entry can be recorded for -> the keys, beyond SECRET_KEYS, whose
 # values are secret in its state. NO_MORE means "reviewed: nothing else is secret".
@@ -159,6 +161,17 @@ RULES: dict[str, frozenset[str]] = {
     "catalog.register": CHECK_DEFINITIONS,
     "catalog.deregister": NO_MORE,
     "kv.entry": KV_BODY,
+    "txn.txn_write": CHECK_DEFINITIONS | KV_BODY,
+    # an event's payload is opaque: recorded as its size only
+    "event.fire": frozenset({"payload"}),
+    "snapshot.restore": NO_MORE,
+    # prepared queries: a query's Token is a secret (SECRET_KEYS); the rest is not
+    "query.collection": NO_MORE,
+    "query.one": NO_MORE,
+    "query.write": NO_MORE,
+    "query.delete": NO_MORE,
+    "coordinate.update": NO_MORE,
+    "operator.agent_reload": NO_MORE,  # the archive's facts (ID, index, table counts), never its rows
     "session.create": NO_MORE,
     "session.destroy": NO_MORE,
     "session.renew": NO_MORE,
@@ -170,6 +183,11 @@ RULES: dict[str, frozenset[str]] = {
     "config.write": NO_MORE,
     "config.entry": NO_MORE,
     "config.discovery_chain": NO_MORE,
+    "peering.token": PEERING_SECRETS,
+    "peering.establish": PEERING_SECRETS,
+    "peering.exchange": PEERING_SECRETS,
+    "peering.terminate": PEERING_SECRETS,
+    "peering.one": PEERING_SECRETS,
     # /api views
     "api.acltoken.create": NO_MORE,
     "api.acltoken.update": NO_MORE,
@@ -195,12 +213,19 @@ RULES: dict[str, frozenset[str]] = {
     "api.configentry.destroy": NO_MORE,
     "ca.sign": NO_MORE,
     "ca.rotate": NO_MORE,
+    # cloud accounts (clouds/): a create body carries credentials, caught by SECRET_KEYS
+    "api.cloudaccount.create": NO_MORE,
+    "api.cloudaccount.destroy": NO_MORE,
+    "api.cloudaccount.sync": NO_MORE,
+    "api.gatewayconfig.apply": NO_MORE,
     # gRPC (agents)
     "agent.Join": JOIN_REQUEST,
     "agent.SignLeaf": NO_MORE,
     "agent.SyncNode": CHECK_DEFINITIONS,
     "agent.UpdateChecks": NO_MORE,
     "agent.StreamProxyConfigs": NO_MORE,
+    "agent.ReportTraffic": NO_MORE,
+    "agent.StreamEvents": NO_MORE,
     # the domain's records
     "agent.join": NO_MORE,
     "agent.join-token.create": NO_MORE,
@@ -222,9 +247,17 @@ RULES: dict[str, frozenset[str]] = {
     "intention.delete": NO_MORE,
     "config.delete": NO_MORE,
     "config.mesh.allow-by-default": NO_MORE,
+    "peering.accept": PEERING_SECRETS,
+    "peering.active": PEERING_SECRETS,
+    "peering.delete": PEERING_SECRETS,
+    "peering.terminated": PEERING_SECRETS,
     "kv.set": NO_MORE,
     "kv.delete": NO_MORE,
     "kv.delete-tree": NO_MORE,
+    "cloud.sync": CHECK_DEFINITIONS,
+    "cloud.account.create": NO_MORE,
+    "cloud.account.delete": NO_MORE,
+    "cloud.firewall.apply": NO_MORE,
 }
 
 

@@ -8,8 +8,12 @@ Writes go to a single writer thread that commits them in batches (group
 commit): every write takes the global index row lock, so concurrent writers
 on several threads would only queue on that lock (PostgreSQL) or on the
 database file lock (SQLite) while each paid for its own commit. One writer
-takes whatever writes are waiting, runs each in its own savepoint (a failing
-write rolls back alone) and commits them together.
+takes whatever writes are waiting and commits them together. A batch first
+runs without savepoints (each one is a round trip to the database): a write
+that fails before it sent any statement just drops what it handed over; one
+that fails after, or leaves the transaction needing a rollback, rolls the
+whole batch back, and the batch runs again with each write in its own
+savepoint, so that a failing write rolls back alone.
 
 Within a batch the writer also shares what every write would otherwise pay
 for alone (see `Batch`): one `UPDATE` reserves the global indexes for the
@@ -197,6 +201,7 @@ class WriterStats:
     writes_committed: int = 0
     writes_failed: int = 0
     batch_retries: int = 0
+    batch_redos: int = 0  # batches run again with savepoints after a failed write
 
 
 class Writer:
@@ -337,6 +342,12 @@ class Writer:
         """Commit `batch` sharing its index reservation, audit rows and topics;
         should storing those fail, run it again write by write."""
         try:
+            if len(batch) > 1:
+                try:
+                    return self._commit(batch, shared=True, savepoints=False)
+                except _RedoWithSavepoints:
+                    self.stats.batch_redos += 1
+                    _reset_audit_scopes(batch)
             return self._commit(batch, shared=True)
         except (OperationalError, InterfaceError):
             raise
@@ -347,25 +358,40 @@ class Writer:
 
     @staticmethod
     def _commit(
-        batch: list[_Write], shared: bool = False
+        batch: list[_Write], shared: bool = False, savepoints: bool = True
     ) -> list[tuple[Any, BaseException | None]]:
+        """Run `batch` in one transaction; each write in a savepoint, or (with
+        `savepoints` off) none, raising `_RedoWithSavepoints` when a write that
+        fails may have changed something."""
         results: list[tuple[Any, BaseException | None]] = []
         state = Batch(len(batch)) if shared else None
         _local.batch = state
+        _local.statements = 0
+        conn = connections["default"]
         try:
-            with transaction.atomic():
+            with transaction.atomic(), conn.execute_wrapper(_count_statement):
                 for n, item in enumerate(batch):
                     mark = None
                     if state is not None:
                         state.remaining = len(batch) - n
                         mark = state.mark()
+                    sent, callbacks = _local.statements, len(conn.run_on_commit)
                     try:
-                        with _savepoint():  # a failing write rolls back alone
+                        if savepoints:
+                            with _savepoint():  # a failing write rolls back alone
+                                value = item.context.run(item.fn, *item.args, **item.kwargs)
+                        else:
                             value = item.context.run(item.fn, *item.args, **item.kwargs)
+                            if conn.needs_rollback:
+                                raise _RedoWithSavepoints
                         results.append((value, None))
-                    except (OperationalError, InterfaceError):
+                    except (OperationalError, InterfaceError, _RedoWithSavepoints):
                         raise
                     except BaseException as exc:  # noqa: BLE001 - returned to its caller
+                        if not savepoints:
+                            if _local.statements != sent or conn.needs_rollback:
+                                raise _RedoWithSavepoints from exc
+                            del conn.run_on_commit[callbacks:]
                         if state is not None:
                             state.undo(mark)
                         results.append((None, _for_caller(exc)))
@@ -373,9 +399,30 @@ class Writer:
                     state.store()
         finally:
             _local.batch = None
+            _local.statements = None
         if state is not None:
             state.announce()
         return results
+
+
+class _RedoWithSavepoints(Exception):
+    """A write failed after it may have changed something in a batch run
+    without savepoints: roll the batch back and run it with them."""
+
+
+def note_statement() -> None:
+    """Count a statement sent on the writer's connection (see `Writer._commit`).
+
+    Django's cursors are counted by an execute wrapper; code that talks to
+    the driver directly (`registry.domain.rows`) calls this.
+    """
+    if getattr(_local, "statements", None) is not None:
+        _local.statements += 1
+
+
+def _count_statement(execute, sql, params, many, context):
+    note_statement()
+    return execute(sql, params, many, context)
 
 
 @contextlib.contextmanager

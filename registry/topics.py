@@ -25,6 +25,11 @@ INTENTIONS = "intentions"  # any intention write (the list, match and check read
 CA_ROOTS = "ca-roots"
 CA_CONFIG = "ca-config"
 DISCOVERY_CHAIN = "discovery-chain"  # any write of a kind that shapes chains
+PEERINGS = "peerings"  # any peering created, established, changed or deleted
+EVENTS = "events"  # a user event was fired (`/v1/event`)
+QUERIES = "queries"  # a prepared query was created, changed or deleted
+COORDINATES = "coordinates"  # a node's network coordinate changed
+CLOUDS = "clouds"  # cloud accounts and their sync runs
 
 WILDCARD = "*"
 
@@ -91,3 +96,21 @@ def config_entry(kind: str, name: str) -> str:
 def ca_leaf(service_name: str) -> str:
     """A leaf certificate was signed for `service_name`."""
     return f"ca-leaf:{service_name}"
+
+
+# --- cluster peering -----------------------------------------------------------------
+
+
+def peering(name: str) -> str:
+    """The peering `name` (its state, trust bundle, secrets)."""
+    return f"peering:{name}"
+
+
+def peered_service(peer: str, name: str) -> str:
+    """The service `name` imported from peer `peer` (its instances, how to reach it)."""
+    return f"peered-service:{peer}/{name}"
+
+
+def peered_services(peer: str) -> str:
+    """Any service imported from `peer` (the `?peer=` listing)."""
+    return f"peered-services:{peer}"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+from collections.abc import Iterator
 
 from django.db import connection, transaction
 from django.utils import timezone
@@ -10,6 +13,8 @@ from django.utils import timezone
 from registry import audit, changes, db
 from registry.domain import rows
 from registry.models import TopicIndex
+
+_joined = threading.local()  # the open `one_index()` Change of this thread, if any
 
 
 def next_index() -> int:
@@ -55,12 +60,20 @@ class Change:
         self.index = 0
         self.topics: set[str] = set()
         self._audit: list[tuple[str, str, str, object, object]] = []
+        # Inside `one_index()` every Change is part of the outer one: same
+        # index, its topics and audit entries handed to it (see `_Joined`).
+        self._outer: Change | None = getattr(_joined, "change", None)
+        if self._outer is not None:
+            return
         self._batch = db.current_batch()
         # A write's first Change needs no savepoint of its own: the writer
         # runs each write in one, which rolls back exactly what this would.
         self._atomic = transaction.atomic(savepoint=self._batch is None or self._batch.depth > 0)
 
     def __enter__(self) -> Change:
+        if self._outer is not None:
+            self.index = self._outer.index
+            return self
         self._atomic.__enter__()
         try:
             self.index = self._batch.take_index() if self._batch else next_index()
@@ -117,6 +130,13 @@ class Change:
         ]
 
     def __exit__(self, exc_type, exc, tb) -> bool | None:
+        if self._outer is not None:
+            # The caller of `one_index()` runs each step in its own savepoint:
+            # a failed step's rows roll back there, and it hands nothing over.
+            if exc_type is None:
+                self._outer.topics.update(self.topics)
+                self._outer._audit.extend(self._audit)
+            return None
         if self._batch is not None:
             self._batch.depth -= 1
         if exc_type is None and (self.topics or self._audit):
@@ -143,6 +163,24 @@ class Change:
             except BaseException as err:
                 return self._atomic.__exit__(type(err), err, err.__traceback__)
         return self._atomic.__exit__(exc_type, exc, tb)
+
+
+@contextlib.contextmanager
+def one_index() -> Iterator[Change]:
+    """One write made of several: every `Change` opened inside shares this one's
+    index and transaction (a multi-operation transaction, `PUT /v1/txn`).
+
+    The caller wraps each step in `transaction.atomic()` if a failed step must
+    roll back alone; the whole rolls back when the block raises.
+    """
+    if getattr(_joined, "change", None) is not None:
+        raise RuntimeError("one_index() does not nest")
+    with Change() as outer:
+        _joined.change = outer
+        try:
+            yield outer
+        finally:
+            _joined.change = None
 
 
 def _give_back(index: int) -> None:

@@ -74,6 +74,8 @@ class DevProcess:
                 "upstream",
                 "web_sidecar",
                 "api_sidecar",
+                "api_v2",
+                "api_v2_sidecar",
             )
         }
         p = self.ports
@@ -104,6 +106,10 @@ class DevProcess:
             str(p["web_sidecar"]),
             "--api-sidecar-port",
             str(p["api_sidecar"]),
+            "--api-v2-port",
+            str(p["api_v2"]),
+            "--api-v2-sidecar-port",
+            str(p["api_v2_sidecar"]),
         ]
         env = {
             k: v
@@ -175,7 +181,7 @@ def test_mesh_dev_serves_web_calling_api_through_the_sidecars_and_ctrl_c_stops_e
     body = r.json()
     assert body["service"] == "web"
     assert body["upstream"]["service"] == "api"
-    assert body["upstream"]["instance"] == "api-1"
+    assert body["upstream"]["instance"] in ("api-v1", "api-v2")
 
     # api's sidecar speaks only mTLS: a plaintext request to it gets no HTTP answer.
     with socket.create_connection(("127.0.0.1", dev.ports["api_sidecar"]), timeout=5) as s:
@@ -187,15 +193,17 @@ def test_mesh_dev_serves_web_calling_api_through_the_sidecars_and_ctrl_c_stops_e
             data = b""
     assert not data.startswith(b"HTTP/")
 
+    _the_demo_shows_golden_metrics_top_and_access_logs(dev, text)
+
     children = _descendants(dev.proc.pid)
-    # server, agent, web, api and the two sidecars (at least).
-    assert len(children) >= 6, children
+    # server, agent, web, api v1 and v2, the traffic and the three sidecars (at least).
+    assert len(children) >= 9, children
     names = {
         pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         for pid in children
         if _running(pid)
     }
-    assert sum("mesh-sidecar" in cmd for cmd in names.values()) == 2, names
+    assert sum("mesh-sidecar" in cmd for cmd in names.values()) == 3, names
 
     dev.proc.send_signal(signal.SIGINT)
     assert dev.proc.wait(60) == 0, "".join(dev.output)[-4000:]
@@ -207,6 +215,56 @@ def test_mesh_dev_serves_web_calling_api_through_the_sidecars_and_ctrl_c_stops_e
     assert "mesh dev: stopped" in "".join(dev.output)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{web}/", timeout=2)
+
+
+def _the_demo_shows_golden_metrics_top_and_access_logs(dev: DevProcess, banner: str) -> None:
+    """Generated traffic, the 90/10 split and the agent's reports: what a first run shows."""
+    token = banner.split("MESH_HTTP_TOKEN=", 1)[1].split()[0]
+    http = f"127.0.0.1:{dev.ports['http']}"
+    headers = {"X-Consul-Token": token}
+
+    def service() -> dict | None:
+        r = httpx.get(f"http://{http}/api/metrics/services/api", headers=headers, timeout=10)
+        return (
+            r.json()
+            if r.status_code == 200 and r.json()["windows"]["1m"]["requests"] >= 20
+            else None
+        )
+
+    deadline = time.monotonic() + 90
+    got = None
+    while got is None and time.monotonic() < deadline:
+        got = service()
+        time.sleep(1)
+    assert got is not None, "".join(dev.output)[-3000:]
+    one = got["windows"]["1m"]
+    assert one["rps"] > 0 and one["latency_ms"]["p50"] is not None
+    assert [s["source"] for s in got["sources"]] == ["web"]
+    edges = httpx.get(f"http://{http}/api/metrics/edges", headers=headers, timeout=10).json()
+    assert [(e["source"], e["destination"]) for e in edges["edges"]] == [("web", "api")]
+    env = {**os.environ, "MESH_HTTP_TOKEN": token, "MESH_HTTP_ADDR": http}
+    top = subprocess.run(
+        [sys.executable, "-m", "meshweb.cli", "top", "-once"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert top.returncode == 0, top.stderr
+    assert any(line.split()[:1] == ["api"] for line in top.stdout.splitlines()), top.stdout
+    logs = Path(banner.split("access log: ", 1)[1].split("/<proxy-id>", 1)[0])
+    lines = {
+        name: [
+            json.loads(line)
+            for line in (logs / f"{name}-sidecar-proxy.log").read_text().splitlines()
+        ]
+        for name in ("web", "api-v1", "api-v2")
+    }
+    assert lines["web"] and all(e["destination"] == "api" for e in lines["web"])
+    clusters = {e["cluster"] for e in lines["web"]}
+    assert clusters <= {"v1.api.default.dc1", "v2.api.default.dc1"}
+    # The split: v1 takes most of the calls (v2's 10 % plus its retries).
+    assert len(lines["api-v1"]) > len(lines["api-v2"])
 
 
 def test_mesh_dev_refuses_to_start_on_a_taken_port_and_starts_nothing(tmp_path):
@@ -346,3 +404,47 @@ def test_make_run_passes_its_args_to_mesh_dev():
         timeout=60,
     ).stdout
     assert ".venv/bin/mesh dev --http-addr 127.0.0.1:18500" in out
+
+
+def test_the_demo_traffic_counts_answers_and_a_flaky_api_fails_as_told(tmp_path):
+    """`mesh demo-app traffic` against an api failing 100 % and 0 %; bad flags refused."""
+    from agents.demo import generate_traffic
+
+    ports = {percent: free_port() for percent in (100, 0)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "agents.demo", "api", "--port", str(port)]
+            + ["--fail-percent", str(percent)],
+            cwd=ROOT,
+        )
+        for percent, port in ports.items()
+    ]
+    try:
+        for port in ports.values():
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                    break
+                time.sleep(0.1)
+        failing = generate_traffic(f"http://127.0.0.1:{ports[100]}/", 50, limit=10)
+        healthy = generate_traffic(f"http://127.0.0.1:{ports[0]}/", 50, limit=10)
+        assert failing == {503: 10}
+        assert healthy == {200: 10}
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+    for argv in (
+        ["traffic"],
+        ["traffic", "--target", "x"],
+        ["api", "--port", "1", "--fail-percent", "200"],
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "agents.demo", *argv],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 2 and "mesh demo-app" in out.stderr

@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 from bisect import bisect_right
 from collections.abc import Collection
+from hashlib import blake2b
 
 from meshproto.proxycfg import Cluster, Endpoint, Upstream
 
@@ -97,8 +98,103 @@ class RandomOfTwo(Balancer):
         return a if counts.get(key_of(a), 0) <= counts.get(key_of(b), 0) else b
 
 
+def hash_bytes(data: bytes) -> int:
+    """A 64-bit hash, the same in every process (Python's hash() is salted)."""
+    return int.from_bytes(blake2b(data, digest_size=8).digest(), "big")
+
+
+class RingHash(Balancer):
+    """Consistent hashing on a ring (Ketama-like): each endpoint owns many
+    points; a request's hash goes to the next point clockwise, skipping
+    excluded endpoints. Adding or removing one endpoint moves only its share.
+    Without a hash key (no hash policy yielded a value) it picks at random."""
+
+    POINTS = 1024  # ring size, shared by the endpoints (weighted)
+
+    def __init__(self, endpoints: tuple[Endpoint, ...], open_counts: dict[EndpointKey, int]):
+        super().__init__(endpoints, open_counts)
+        total = sum(max(e.weight, 1) for e in endpoints) or 1
+        ring: list[tuple[int, int]] = []
+        for i, e in enumerate(endpoints):
+            n = max(1, self.POINTS * max(e.weight, 1) // total)
+            base = f"{e.address}:{e.port}_".encode()
+            ring.extend((hash_bytes(base + str(k).encode()), i) for k in range(n))
+        ring.sort()
+        self._points = [p for p, _ in ring]
+        self._owners = [i for _, i in ring]
+
+    def pick(
+        self, exclude: Collection[EndpointKey] = (), key: int | None = None
+    ) -> Endpoint | None:
+        if not self.endpoints:
+            return None
+        if key is None:
+            candidates = self._candidates(exclude)
+            return random.choice(candidates) if candidates else None
+        n = len(self._points)
+        start = bisect_right(self._points, key & 0xFFFFFFFFFFFFFFFF) % n
+        for j in range(n):
+            endpoint = self.endpoints[self._owners[(start + j) % n]]
+            if not exclude or key_of(endpoint) not in exclude:
+                return endpoint
+        return None
+
+
+class Maglev(Balancer):
+    """Google's Maglev hashing: a lookup table (a prime size) filled from each
+    endpoint's permutation, so that endpoints own near-equal shares and a
+    change of endpoints moves few entries. Excluded endpoints: the next
+    entries of the table. Without a hash key: at random."""
+
+    TABLE = 5003  # prime; Envoy's default is 65537 — smaller builds faster here
+
+    def __init__(self, endpoints: tuple[Endpoint, ...], open_counts: dict[EndpointKey, int]):
+        super().__init__(endpoints, open_counts)
+        m = self.TABLE
+        n = len(endpoints)
+        table = [-1] * m
+        if n:
+            offsets, skips = [], []
+            for e in endpoints:
+                name = f"{e.address}:{e.port}".encode()
+                offsets.append(hash_bytes(b"o" + name) % m)
+                skips.append(hash_bytes(b"s" + name) % (m - 1) + 1)
+            nexts = [0] * n
+            filled = 0
+            while True:
+                for i in range(n):
+                    c = (offsets[i] + nexts[i] * skips[i]) % m
+                    while table[c] >= 0:
+                        nexts[i] += 1
+                        c = (offsets[i] + nexts[i] * skips[i]) % m
+                    table[c] = i
+                    nexts[i] += 1
+                    filled += 1
+                    if filled == m:
+                        break
+                if filled == m:
+                    break
+        self._table = table
+
+    def pick(
+        self, exclude: Collection[EndpointKey] = (), key: int | None = None
+    ) -> Endpoint | None:
+        if not self.endpoints:
+            return None
+        if key is None:
+            candidates = self._candidates(exclude)
+            return random.choice(candidates) if candidates else None
+        m = self.TABLE
+        start = key % m
+        for j in range(m):
+            endpoint = self.endpoints[self._table[(start + j) % m]]
+            if not exclude or key_of(endpoint) not in exclude:
+                return endpoint
+        return None
+
+
 # The policy table (name → class). ring_hash and maglev hash a request
-# attribute, which needs the L7 proxy; at L4 they balance round robin.
+# attribute (HTTP listeners); an L4 connection has none: round robin there.
 POLICIES: dict[str, type[Balancer]] = {
     "round_robin": RoundRobin,
     "least_request": LeastRequest,
@@ -106,6 +202,8 @@ POLICIES: dict[str, type[Balancer]] = {
     "ring_hash": RoundRobin,
     "maglev": RoundRobin,
 }
+# HTTP listeners: the hashing policies for real.
+HTTP_POLICIES: dict[str, type[Balancer]] = {**POLICIES, "ring_hash": RingHash, "maglev": Maglev}
 
 
 def _usable(cluster: Cluster) -> bool:

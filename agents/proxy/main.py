@@ -19,6 +19,7 @@ from agents.proxy.control import ControlClient
 from agents.proxy.logs import LEVELS, log
 from agents.proxy.memory import Trimmer
 from agents.proxy.metrics import Metrics, serve_metrics
+from agents.proxy.observe.observer import MeshObserver, ObserveOptions
 from agents.proxy.sidecar import Sidecar
 from agents.proxy.tls import KeyDir
 
@@ -31,7 +32,9 @@ def _host_port(value: str) -> tuple[str, int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mesh-sidecar", description="meshweb sidecar proxy (L4)")
+    p = argparse.ArgumentParser(
+        prog="mesh-sidecar", description="meshweb sidecar proxy (L4 and HTTP)"
+    )
     p.add_argument("--proxy-id", required=True, help="the proxy's service ID")
     p.add_argument("--socket", required=True, help="the agent's Unix socket for this proxy")
     p.add_argument(
@@ -47,7 +50,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds open connections may take to finish after SIGTERM (default 4)",
     )
     p.add_argument("--handshake-timeout", type=float, default=10.0, help="TLS handshake timeout")
-    return p.parse_args(argv)
+    try:
+        env = ObserveOptions.from_env()
+    except ValueError as exc:
+        p.error(str(exc))
+    p.add_argument(
+        "--otlp-endpoint",
+        default=env.otlp_endpoint,
+        help="OTLP/HTTP collector URL for spans (default $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT "
+        "or $OTEL_EXPORTER_OTLP_ENDPOINT; empty: no export, trace context still propagates)",
+    )
+    p.add_argument(
+        "--trace-sample-ratio",
+        type=float,
+        default=env.sample_ratio,
+        help="share of new traces sampled, 0..1; a caller's decision is followed "
+        "(default $OTEL_TRACES_SAMPLER_ARG or 0.01)",
+    )
+    p.add_argument(
+        "--access-log",
+        default=env.access_log,
+        help="file for JSON access log lines (default $MESH_ACCESS_LOG; empty: none)",
+    )
+    p.add_argument(
+        "--access-log-max-bytes",
+        type=int,
+        default=env.access_log_max_bytes,
+        help="rotate the access log when it would pass this size (default 50 MiB)",
+    )
+    p.add_argument(
+        "--access-log-keep", type=int, default=env.access_log_keep, help="rotated files kept"
+    )
+    p.add_argument(
+        "--http-read-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a caller may take to send a whole HTTP request (slowloris guard)",
+    )
+    args = p.parse_args(argv)
+    try:
+        args.observe = ObserveOptions(
+            otlp_endpoint=args.otlp_endpoint,
+            sample_ratio=args.trace_sample_ratio,
+            access_log=args.access_log,
+            access_log_max_bytes=args.access_log_max_bytes,
+            access_log_keep=args.access_log_keep,
+        )
+    except ValueError as exc:
+        p.error(str(exc))
+    return args
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -58,12 +109,28 @@ async def run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     metrics = Metrics()
     keydir = KeyDir()
-    sidecar = Sidecar(args.proxy_id, metrics, keydir, handshake_timeout=args.handshake_timeout)
+    try:
+        observer = MeshObserver(args.observe)
+    except (OSError, ValueError) as exc:
+        log.error("cannot set up observability", error=str(exc))
+        return 2
+    sidecar = Sidecar(
+        args.proxy_id,
+        metrics,
+        keydir,
+        handshake_timeout=args.handshake_timeout,
+        http_read_timeout=args.http_read_timeout,
+        observer=observer,
+    )
+
+    def render() -> str:
+        return metrics.render(sidecar.conns) + "\n".join(observer.render(sidecar.conns)) + "\n"
+
     metrics_server = None
     try:
         if args.metrics_addr is not None:
             host, port = args.metrics_addr
-            metrics_server = await serve_metrics(host, port, lambda: metrics.render(sidecar.conns))
+            metrics_server = await serve_metrics(host, port, render)
             bound = metrics_server.sockets[0].getsockname()
             log.info("metrics", address=f"{bound[0]}:{bound[1]}")
         # Start-up objects live forever: keep them out of the collector's way, so
@@ -86,12 +153,24 @@ async def run(args: argparse.Namespace) -> int:
         control_task.cancel()
         trim_task.cancel()
         await sidecar.shutdown(args.drain_timeout)
+        # Last access-log lines and batched spans; a collector that does not
+        # answer costs at most the bound, never a hung stop.
+        await _bounded(loop.run_in_executor(None, observer.close), 3.0)
     finally:
         if metrics_server is not None:
             metrics_server.close()
         keydir.remove()
     log.info("stopped")
     return 0
+
+
+async def _bounded(awaitable, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(awaitable, seconds)
+    except TimeoutError:
+        log.warning("observability flush did not finish in time", seconds=seconds)
+    except Exception as exc:
+        log.error("observability flush failed", error=repr(exc))
 
 
 def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:

@@ -42,6 +42,16 @@ class Metrics:
         self.leaf_not_after: float | None = None
         self.control_connected = 0
         self.started = time.time()
+        # HTTP (L7) listeners: requests by (reporter, status), and what the
+        # resilience features did.
+        self.http_requests: Counter[tuple[str, int]] = Counter()
+        self.http_bad_requests: Counter[tuple[str, int]] = Counter()  # (direction, status)
+        self.http_denied: Counter[str] = Counter()  # L7 intention denials, by source
+        self.http_rate_limited = 0
+        self.http_overflows: Counter[tuple[str, str]] = Counter()  # (cluster, breaker)
+        self.http_retries: Counter[str] = Counter()  # by cluster
+        self.http_budget_exhausted: Counter[str] = Counter()
+        self.http_ejections: Counter[str] = Counter()
 
     def closed(self) -> int:
         """Connections closed so far (both directions)."""
@@ -149,6 +159,60 @@ class Metrics:
                 "Seconds until the leaf certificate expires (negative once expired).",
                 [("", float(round(self.leaf_not_after - time.time(), 3)))],
             )
+        family(
+            "mesh_sidecar_http_requests_total",
+            "counter",
+            "HTTP requests answered by the sidecar's HTTP listeners, by reporter and status.",
+            [
+                (lab(reporter=r, status=str(c)), n)
+                for (r, c), n in sorted(self.http_requests.items())
+            ],
+        )
+        family(
+            "mesh_sidecar_http_malformed_total",
+            "counter",
+            "Requests refused before they were parsed whole (400, 408, 413, 431...).",
+            [
+                (lab(direction=d, status=str(c)), n)
+                for (d, c), n in sorted(self.http_bad_requests.items())
+            ],
+        )
+        family(
+            "mesh_sidecar_http_denied_total",
+            "counter",
+            "Requests denied (403) by L7 intentions, by source service.",
+            [(lab(source=s), n) for s, n in sorted(self.http_denied.items())],
+        )
+        family(
+            "mesh_sidecar_http_rate_limited_total",
+            "counter",
+            "Inbound requests answered 429 by a rate limit.",
+            [("", self.http_rate_limited)],
+        )
+        family(
+            "mesh_sidecar_http_overflows_total",
+            "counter",
+            "Requests answered 503 by an open circuit breaker, by cluster and breaker.",
+            [(lab(cluster=c, breaker=b), n) for (c, b), n in sorted(self.http_overflows.items())],
+        )
+        family(
+            "mesh_sidecar_http_retries_total",
+            "counter",
+            "Retried attempts, by cluster.",
+            [(lab(cluster=c), n) for c, n in sorted(self.http_retries.items())],
+        )
+        family(
+            "mesh_sidecar_http_retry_budget_exhausted_total",
+            "counter",
+            "Retries not made because the retry budget was spent, by cluster.",
+            [(lab(cluster=c), n) for c, n in sorted(self.http_budget_exhausted.items())],
+        )
+        family(
+            "mesh_sidecar_http_outlier_ejections_total",
+            "counter",
+            "Endpoints ejected by outlier detection, by cluster.",
+            [(lab(cluster=c), n) for c, n in sorted(self.http_ejections.items())],
+        )
         family(
             "mesh_sidecar_control_connected",
             "gauge",

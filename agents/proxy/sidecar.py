@@ -21,17 +21,24 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from agents.proxy.authz import Authorizer
+from agents.proxy.authz import Authorizer, Verdict
 from agents.proxy.balancing import EndpointKey, UpstreamPlan, key_of
+from agents.proxy.http.engine import HTTP_PROTOCOLS, HttpProxy, HttpUpstream
+from agents.proxy.http.h2wire import PREFACE as H2_PREFACE
+from agents.proxy.http.h2wire import H2Server
+from agents.proxy.http.routes import RouteError, RouteLimit
+from agents.proxy.http.wire import ServerConn
 from agents.proxy.listen import listen_socket
 from agents.proxy.logs import log
 from agents.proxy.metrics import Metrics
+from agents.proxy.observe import NULL_OBSERVER, Observer
 from agents.proxy.splice import Conn, Plain, Tls, link, start_pumping
 from agents.proxy.tls import (
     Contexts,
     KeyDir,
     Material,
     MaterialError,
+    TrustDomains,
     build_contexts,
     peer_spiffe_id,
 )
@@ -51,6 +58,11 @@ class Snapshot:
     contexts: Contexts
     authz: Authorizer
     plans: dict[ListenerKey, UpstreamPlan]
+    # HTTP listeners: outbound routing per upstream listener, inbound route limits.
+    http: dict[ListenerKey, HttpUpstream]
+    route_limits: tuple[RouteLimit, ...]
+    # With peered clusters trusted: which roots vouch for which trust domain.
+    domains: TrustDomains | None = None
 
     @property
     def version(self) -> int:
@@ -83,14 +95,21 @@ class Sidecar:
         keydir: KeyDir,
         *,
         handshake_timeout: float = 10.0,
+        observer: Observer = NULL_OBSERVER,
+        http_read_timeout: float = 10.0,
     ) -> None:
         self.proxy_id = proxy_id
         self.metrics = metrics
+        self.observer = observer  # what the HTTP path reports each request to
         self.keydir = keydir
         self.handshake_timeout = handshake_timeout
         self.snapshot: Snapshot | None = None
         self.staged = Staged()
         self.listeners: dict[ListenerKey, asyncio.AbstractServer] = {}
+        self.listener_kinds: dict[ListenerKey, str] = {}  # "tcp" | "http"
+        self.http = HttpProxy(self, observer)
+        self.http.read_timeout = http_read_timeout
+        self.http_conns: set[Any] = set()  # ServerConn | H2Server
         self.conns: set[Conn] = set()
         self.open_counts: dict[EndpointKey, int] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -111,7 +130,7 @@ class Sidecar:
         try:
             async with self._lock:
                 await self._apply(msg)
-        except (Refused, MaterialError, ValueError, OSError) as exc:
+        except (Refused, MaterialError, RouteError, ValueError, OSError) as exc:
             return self._nack(version, str(exc))
         self.metrics.config_applied += 1
         current = self.snapshot.version if self.snapshot else version
@@ -134,22 +153,42 @@ class Sidecar:
             self.staged = staged  # incomplete: keep the pieces, serve nothing new yet
             log.info("waiting for the rest of the proxy's state", has=sorted(msg))
             return
-        material = Material(staged.cert, staged.key, staged.roots)
+        config = staged.config
+        peer_roots = tuple(r for t in config.peer_trust for r in t.roots)
+        material = Material(staged.cert, staged.key, staged.roots + peer_roots)
         if old is not None and old.material == material:
             contexts = old.contexts
         else:
             contexts = build_contexts(material, self.keydir)
-        config = staged.config
         if contexts.leaf_uri is not None and contexts.leaf_uri != config.spiffe_id:
             raise Refused(
                 f"the leaf certificate is for {contexts.leaf_uri}, the config for {config.spiffe_id}"
             )
         if old is not None and old.config == config:
-            authz, plans = old.authz, old.plans
+            authz, plans, http, limits = old.authz, old.plans, old.http, old.route_limits
         else:
             authz = Authorizer(config)  # a fresh decision cache for every new config
             plans = self._plans(config)
-        snapshot = Snapshot(config, material, contexts, authz, plans)
+            # Routes and limits compile here: a regex that does not compile
+            # refuses the whole config (RouteError) before anything is swapped.
+            http = {
+                key: self.http.plan(plan.upstream)
+                for key, plan in plans.items()
+                if plan.upstream.protocol in HTTP_PROTOCOLS
+            }
+            limits = tuple(RouteLimit(r) for r in config.inbound.route_rate_limits)
+        domains = None
+        if config.peer_trust:
+            if old is not None and old.domains is not None and old.material == material:
+                domains = old.domains
+            else:
+                domains = TrustDomains(
+                    {
+                        config.trust_domain: staged.roots,
+                        **{t.trust_domain: t.roots for t in config.peer_trust},
+                    }
+                )
+        snapshot = Snapshot(config, material, contexts, authz, plans, http, limits, domains)
         await self._install(snapshot)
         self.staged = staged
         self.metrics.config_version = config.version
@@ -219,12 +258,22 @@ class Sidecar:
 
     async def _install(self, snapshot: Snapshot) -> None:
         config = snapshot.config
-        wanted: set[ListenerKey] = {("inbound", config.inbound.bind_address, config.inbound.port)}
-        wanted.update(snapshot.plans)
+        inbound_key = ("inbound", config.inbound.bind_address, config.inbound.port)
+        kinds: dict[ListenerKey, str] = {
+            inbound_key: "http" if config.inbound.protocol in HTTP_PROTOCOLS else "tcp"
+        }
+        for key in snapshot.plans:
+            kinds[key] = "http" if key in snapshot.http else "tcp"
+        wanted: set[ListenerKey] = set(kinds)
+        # A listener whose protocol changes is rebound: the old one goes first.
+        for key in [k for k in wanted & set(self.listeners) if self.listener_kinds[k] != kinds[k]]:
+            self.listeners.pop(key).close()
+            log.info("listener rebound for a protocol change", direction=key[0],
+                     address=f"{key[1]}:{key[2]}", protocol=kinds[key])  # fmt: skip
         fresh: dict[ListenerKey, asyncio.AbstractServer] = {}
         try:
             for key in wanted - set(self.listeners):
-                fresh[key] = await self._bind(key)
+                fresh[key] = await self._bind(key, kinds[key], snapshot)
         except OSError as exc:
             for server in fresh.values():
                 server.close()
@@ -232,15 +281,19 @@ class Sidecar:
         # Commit: one assignment makes every listener see the new snapshot.
         self.snapshot = snapshot
         self.listeners.update(fresh)
+        self.listener_kinds.update(kinds)
         for key in set(self.listeners) - wanted:
             self.listeners.pop(key).close()  # stops accepting; its connections drain
+            self.listener_kinds.pop(key, None)
             log.info("listener removed", direction=key[0], address=f"{key[1]}:{key[2]}")
         for key in fresh:
             log.info("listening", direction=key[0], address=f"{key[1]}:{key[2]}")
 
-    async def _bind(self, key: ListenerKey) -> asyncio.AbstractServer:
+    async def _bind(self, key: ListenerKey, kind: str, snap: Snapshot) -> asyncio.AbstractServer:
         loop = asyncio.get_running_loop()
         direction, host, port = key
+        if kind == "http":
+            return await self._bind_http(key, snap)
         if direction == "inbound":
             factory = self._accept_inbound
         else:
@@ -249,6 +302,37 @@ class Sidecar:
                 return self._accept_outbound(key)
 
         return await loop.create_server(factory, sock=listen_socket(host, port))
+
+    async def _bind_http(self, key: ListenerKey, snap: Snapshot) -> asyncio.AbstractServer:
+        loop = asyncio.get_running_loop()
+        direction, host, port = key
+
+        def factory() -> _Sniff:
+            return _Sniff(self, direction, key)
+
+        if direction == "outbound":
+            return await loop.create_server(factory, sock=listen_socket(host, port))
+        ctx = snap.contexts.server
+        # Certificates rotate under a listening socket: each handshake switches
+        # to the current snapshot's context (SNI callback, before the
+        # certificate is chosen and before the client's chain is verified).
+        ctx.sni_callback = self._current_server_context
+        return await loop.create_server(
+            factory,
+            sock=listen_socket(host, port),
+            ssl=ctx,
+            ssl_handshake_timeout=self.handshake_timeout,
+        )
+
+    def _current_server_context(self, sslobj: Any, name: str | None, ctx: Any) -> None:
+        snap = self.snapshot
+        if snap is not None and ctx is not snap.contexts.server:
+            snap.contexts.server.sni_callback = self._current_server_context
+            sslobj.context = snap.contexts.server
+
+    def _idle_timeout(self) -> float:
+        snap = self.snapshot
+        return snap.config.inbound.idle_timeout_s if snap is not None else 300.0
 
     def _opened(self, conn: Conn) -> None:
         self.conns.add(conn)
@@ -264,6 +348,8 @@ class Sidecar:
         m.tx[conn.direction] += conn.tx
         if conn.endpoint is not None:
             self._release_endpoint(conn.endpoint)
+        if conn.istio is not None:
+            self.observer.tcp_closed(conn.istio, conn.rx, conn.tx)
         conn.tag = None
 
     def _spawn(self, coro: Any) -> None:
@@ -309,6 +395,9 @@ class Sidecar:
         snap: Snapshot = conn.tag
         uri = peer_spiffe_id(tls.peer_certificate())
         verdict = snap.authz.check(uri)
+        wrong = snap.domains.check(uri, _leaf_der(tls)) if snap.domains else None
+        if wrong is not None and verdict.identity_ok:
+            verdict = Verdict(False, verdict.source, f"{uri}: {wrong}", False, wrong)
         if not verdict.allowed:
             if verdict.identity_ok:
                 self.metrics.authz_denials[verdict.source] += 1
@@ -327,6 +416,7 @@ class Sidecar:
             tls.close()
             return
         self.metrics.authz_allowed += 1
+        conn.istio = self.observer.tcp_opened("destination", verdict.source, snap.config.service)
         tls.transport.pause_reading()  # type: ignore[union-attr]
         self._spawn(self._connect_app(conn, snap))
 
@@ -368,6 +458,12 @@ class Sidecar:
         plan = snap.plans.get(key) if snap is not None else None  # type: ignore[union-attr]
         conn.tag = (snap, plan)
         self._opened(conn)
+        if plan is not None:
+            conn.istio = self.observer.tcp_opened(
+                "source",
+                snap.config.service,  # type: ignore[union-attr]
+                plan.upstream.destination,
+            )
         return Plain(conn, on_made=self._outbound_accepted)
 
     def _outbound_accepted(self, plain: Plain) -> None:
@@ -465,7 +561,17 @@ class Sidecar:
         reason = await done
         if reason is None:
             uri = peer_spiffe_id(tls.peer_certificate())
-            if uri != cluster.spiffe_id:
+            wrong = snap.domains.check(uri, _leaf_der(tls)) if snap.domains else None
+            if uri == cluster.spiffe_id and wrong is not None:
+                reason = wrong
+                self._refused(
+                    "upstream refused: server certificate not issued by its trust domain's CA",
+                    upstream=name,
+                    endpoint=_addr(target),
+                    presented=uri,
+                )
+                tls.close()
+            elif uri != cluster.spiffe_id:
                 reason = "spiffe_id_mismatch"
                 self._refused(
                     "upstream refused: unexpected server identity",
@@ -503,18 +609,121 @@ class Sidecar:
             server.close()
         self.listeners.clear()
         deadline = time.monotonic() + grace
-        if self.conns:
-            log.info("draining", connections=len(self.conns), grace_s=grace)
-        while self.conns and time.monotonic() < deadline:
+        if self.conns or self.http_conns:
+            log.info("draining", connections=len(self.conns) + len(self.http_conns), grace_s=grace)
+        for hconn in list(self.http_conns):
+            hconn.drain()
+        while (self.conns or self.http_conns) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         left = list(self.conns)
         for conn in left:
             conn.abort()
+        for hconn in list(self.http_conns):
+            hconn.abort()
+        self.http.close_idle()
         for task in list(self._tasks):
             task.cancel()
         if left:
             log.warning("grace period over; connections cut", connections=len(left))
             await asyncio.sleep(0)  # let the aborts run their connection_lost
+
+
+class _Sniff(asyncio.Protocol):
+    """A new HTTP listener connection, before its HTTP version is known: by
+    ALPN (inbound, once the TLS handshake is done) or by the HTTP/2 preface
+    (outbound: an app speaking h2c with prior knowledge, as gRPC clients do).
+    It then hands the transport to the real protocol."""
+
+    def __init__(self, sidecar: Sidecar, direction: str, key: ListenerKey) -> None:
+        self.sidecar = sidecar
+        self.direction = direction
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.real: asyncio.Protocol | None = None
+        self.early = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self.direction == "inbound":
+            sslobj = transport.get_extra_info("ssl_object")
+            alpn = sslobj.selected_alpn_protocol() if sslobj is not None else None
+            self._switch(alpn == "h2")
+
+    def data_received(self, data: bytes) -> None:
+        if self.real is not None:  # pragma: no cover - the transport moved on
+            self.real.data_received(data)
+            return
+        data = self.early + data
+        if len(data) < 4 and H2_PREFACE.startswith(data):
+            self.early = data  # too short to tell yet
+            return
+        self._switch(data.startswith(b"PRI "))
+        if self.real is not None and not getattr(self.real, "lost", False):
+            self.real.data_received(data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.real is not None:
+            self.real.connection_lost(exc)
+
+    def _switch(self, use_h2: bool) -> None:
+        sc = self.sidecar
+        real: asyncio.Protocol
+        if use_h2:
+            real = _H2ServerConn(sc, self.direction, self.key)
+        else:
+            real = _HttpServerConn(sc, self.direction, read_timeout=sc.http.read_timeout,
+                                   idle_timeout=sc._idle_timeout())  # fmt: skip
+            real.tag = self.key
+        self.real = real
+        self.transport.set_protocol(real)  # type: ignore[union-attr]
+        real.connection_made(self.transport)  # type: ignore[arg-type]
+
+
+class _H2ServerConn(H2Server):
+    """An HTTP listener's HTTP/2 connection, counted like the others."""
+
+    def __init__(self, sidecar: Sidecar, direction: str, key: ListenerKey) -> None:
+        super().__init__(sidecar.http, direction, key)
+        self.sidecar = sidecar
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sc = self.sidecar
+        sc.http_conns.add(self)
+        sc.metrics.opened[self.direction] += 1
+        sc.metrics.active[self.direction] += 1
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        sc = self.sidecar
+        if self in sc.http_conns:
+            sc.http_conns.discard(self)
+            sc.metrics.active[self.direction] -= 1
+        super().connection_lost(exc)
+
+
+class _HttpServerConn(ServerConn):
+    """An HTTP listener's connection, counted like the L4 ones."""
+
+    def __init__(self, sidecar: Sidecar, direction: str, **kw: Any) -> None:
+        super().__init__(sidecar.http, direction, **kw)
+        self.sidecar = sidecar
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sc = self.sidecar
+        sc.http_conns.add(self)
+        sc.metrics.opened[self.direction] += 1
+        sc.metrics.active[self.direction] += 1
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        sc = self.sidecar
+        if self in sc.http_conns:
+            sc.http_conns.discard(self)
+            sc.metrics.active[self.direction] -= 1
+        super().connection_lost(exc)
 
 
 class _NoOwner:
@@ -570,3 +779,11 @@ def _errno_name(exc: OSError) -> str:
     if isinstance(exc, ConnectionRefusedError):
         return "refused"
     return errno.errorcode.get(exc.errno or 0, type(exc).__name__).lower()
+
+
+def _leaf_der(tls: Tls) -> bytes | None:
+    """The peer's leaf certificate, DER (None when it cannot be read)."""
+    try:
+        return tls.sslobj.getpeercert(True)
+    except (ValueError, AttributeError, OSError):
+        return None

@@ -54,7 +54,7 @@ class Conn:
     `owner.conn_done(conn)` is called exactly once, when both halves are gone
     (or the one that ever existed is)."""
 
-    __slots__ = ("owner", "direction", "plain", "tls", "endpoint", "done", "tag")
+    __slots__ = ("owner", "direction", "plain", "tls", "endpoint", "done", "tag", "istio")
 
     def __init__(self, owner: Any, direction: str) -> None:
         self.owner = owner
@@ -64,6 +64,7 @@ class Conn:
         self.endpoint: tuple[str, int] | None = None
         self.done = False
         self.tag: Any = None  # the owner's per-connection data (state snapshot, task)
+        self.istio: Any = None  # the observer's handle once the connection is allowed
 
     @property
     def rx(self) -> int:
@@ -526,6 +527,14 @@ class Tls(asyncio.Protocol):
         if self.notify_sent or not self.secure or self.lost:
             return
         self.notify_sent = True
+        # CPython's shutdown() calls SSL_shutdown twice: the first sends our
+        # close_notify, the second reads the incoming BIO looking for the
+        # peer's — and OpenSSL *discards* every application-data record it
+        # meets on the way. Records that wait in the BIO (a TLS half not yet
+        # linked, or paused) would be lost: the caller would get an empty
+        # answer. So the BIO is emptied around the call and refilled after,
+        # and those records are read by the normal path.
+        held = self._in.read() if self._in is not None and self._in.pending else b""
         try:
             if _C_LEVEL:
                 self.sslobj.shutdown()
@@ -535,6 +544,8 @@ class Tls(asyncio.Protocol):
             pass  # sent; the peer's close_notify comes later (or never: fine)
         except SSLError:
             pass
+        if held:
+            self._in.write(held)
         self._flush()
 
     def eof_received(self) -> bool:

@@ -38,6 +38,10 @@ class Contexts:
 
     server: ssl.SSLContext
     client: ssl.SSLContext
+    # The HTTP listeners' client side: offers ALPN `http/1.1` (the server offers
+    # `h2` and `http/1.1`; L4 clients offer nothing and get nothing).
+    client_h1: ssl.SSLContext
+    client_h2: ssl.SSLContext  # offers ALPN `h2` (http2 and grpc upstreams)
     leaf_uri: str | None  # the leaf's own SPIFFE ID, when it could be read
     not_after: float | None  # unix seconds
 
@@ -93,10 +97,15 @@ def build_contexts(material: Material, keydir: KeyDir) -> Contexts:
     try:
         server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        client.check_hostname = False
-        for ctx in (server, client):
+        client_h1 = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client_h2 = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        for ctx in (server, client, client_h1, client_h2):
             _base(ctx, material.roots)
             ctx.load_cert_chain(cert_path, key_path)
+        client.check_hostname = client_h1.check_hostname = client_h2.check_hostname = False
+        server.set_alpn_protocols(["h2", "http/1.1"])
+        client_h1.set_alpn_protocols(["http/1.1"])
+        client_h2.set_alpn_protocols(["h2"])
         server.num_tickets = 0
         leaf_uri, not_after = _leaf_facts(cert_path)
     except (ssl.SSLError, ValueError, OSError) as exc:
@@ -105,7 +114,7 @@ def build_contexts(material: Material, keydir: KeyDir) -> Contexts:
         for path in (cert_path, key_path):
             with contextlib.suppress(OSError):
                 os.unlink(path)
-    return Contexts(server, client, leaf_uri, not_after)
+    return Contexts(server, client, client_h1, client_h2, leaf_uri, not_after)
 
 
 def _leaf_facts(cert_path: str) -> tuple[str | None, float | None]:
@@ -146,3 +155,69 @@ def peer_spiffe_id(cert: dict | None) -> str | None:
     if len(uris) != 1 or not uris[0].startswith("spiffe://"):
         return None
     return uris[0]
+
+
+class TrustDomains:
+    """Which roots may vouch for which trust domain, once peers are trusted.
+
+    A sidecar that calls (or is exported to) a peered cluster loads that
+    cluster's roots into its TLS contexts beside its own, so OpenSSL accepts
+    a chain ending at either. That alone would let a peer's CA vouch for a
+    SPIFFE ID of *our* trust domain (or another peer's); so each handshake's
+    leaf must also be issued directly by a root of the trust domain its
+    SPIFFE ID names. Without peers this is never consulted (the roots are
+    ours alone). `cryptography` is imported on first use: sidecars without
+    peers never load it.
+    """
+
+    MAX_CACHED = 4096
+
+    def __init__(self, domains: dict[str, tuple[str, ...]]) -> None:
+        self.domains = domains
+        self._roots: dict[str, list] | None = None
+        self._cache: dict[bytes, str | None] = {}
+
+    def check(self, uri: str | None, leaf_der: bytes | None) -> str | None:
+        """None when the leaf may carry `uri`; else why not (a refusal reason)."""
+        if uri is None or leaf_der is None:
+            return "no_spiffe_id"
+        domain = uri[len("spiffe://") :].split("/", 1)[0] if uri.startswith("spiffe://") else ""
+        if domain not in self.domains:
+            return "foreign_trust_domain"
+        key = domain.encode() + b"\0" + leaf_der
+        if key in self._cache:
+            return self._cache[key]
+        verdict = None if self._issued_by(domain, leaf_der) else "wrong_issuer_for_trust_domain"
+        if len(self._cache) >= self.MAX_CACHED:
+            self._cache.clear()
+        self._cache[key] = verdict
+        return verdict
+
+    def _issued_by(self, domain: str, leaf_der: bytes) -> bool:
+        from cryptography import x509  # lazily: only sidecars with peers get here
+
+        if self._roots is None:
+            self._roots = {
+                d: [
+                    x509.load_pem_x509_certificate(block.encode())
+                    for pem in pems
+                    for block in _pem_blocks(pem)
+                ]
+                for d, pems in self.domains.items()
+            }
+        try:
+            leaf = x509.load_der_x509_certificate(leaf_der)
+        except ValueError:
+            return False
+        for root in self._roots.get(domain, ()):
+            try:
+                leaf.verify_directly_issued_by(root)
+                return True
+            except (ValueError, TypeError, Exception):  # InvalidSignature, wrong issuer
+                continue
+        return False
+
+
+def _pem_blocks(pem: str) -> list[str]:
+    end = "-----END CERTIFICATE-----"
+    return [part + end for part in pem.split(end) if "-----BEGIN CERTIFICATE-----" in part]

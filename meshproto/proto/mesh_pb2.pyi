@@ -145,3 +145,107 @@ class ProxyConfigUpdate(_message.Message):
     config_json: bytes
     removed: bool
     def __init__(self, proxy_id: _Optional[str] = ..., version: _Optional[int] = ..., config_json: _Optional[bytes] = ..., removed: _Optional[bool] = ...) -> None: ...
+
+class TrafficCounts(_message.Message):
+    __slots__ = ("reporter", "source", "destination", "requests", "failures", "latency_buckets")
+    REPORTER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    reporter: str
+    source: str
+    destination: str
+    requests: int
+    failures: int
+    latency_buckets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, reporter: _Optional[str] = ..., source: _Optional[str] = ..., destination: _Optional[str] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., latency_buckets: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TrafficReport(_message.Message):
+    __slots__ = ("start_unix", "end_unix", "counts")
+    START_UNIX_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    start_unix: float
+    end_unix: float
+    counts: _containers.RepeatedCompositeFieldContainer[TrafficCounts]
+    def __init__(self, start_unix: _Optional[float] = ..., end_unix: _Optional[float] = ..., counts: _Optional[_Iterable[_Union[TrafficCounts, _Mapping]]] = ...) -> None: ...
+
+class TrafficAck(_message.Message):
+    __slots__ = ("accepted",)
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    def __init__(self, accepted: _Optional[int] = ...) -> None: ...
+
+class EventSubscribe(_message.Message):
+    __slots__ = ("after_ltime",)
+    AFTER_LTIME_FIELD_NUMBER: _ClassVar[int]
+    after_ltime: int
+    def __init__(self, after_ltime: _Optional[int] = ...) -> None: ...
+
+class UserEvent(_message.Message):
+    __slots__ = ("id", "name", "payload", "node_filter", "service_filter", "tag_filter", "ltime")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    NODE_FILTER_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FILTER_FIELD_NUMBER: _ClassVar[int]
+    TAG_FILTER_FIELD_NUMBER: _ClassVar[int]
+    LTIME_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    payload: bytes
+    node_filter: str
+    service_filter: str
+    tag_filter: str
+    ltime: int
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., payload: _Optional[bytes] = ..., node_filter: _Optional[str] = ..., service_filter: _Optional[str] = ..., tag_filter: _Optional[str] = ..., ltime: _Optional[int] = ...) -> None: ...
+
+class Coordinate(_message.Message):
+    __slots__ = ("vec", "error", "adjustment", "height")
+    VEC_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ADJUSTMENT_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    vec: _containers.RepeatedScalarFieldContainer[float]
+    error: float
+    adjustment: float
+    height: float
+    def __init__(self, vec: _Optional[_Iterable[float]] = ..., error: _Optional[float] = ..., adjustment: _Optional[float] = ..., height: _Optional[float] = ...) -> None: ...
+
+class RTTSample(_message.Message):
+    __slots__ = ("node", "rtt_seconds")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    RTT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    rtt_seconds: float
+    def __init__(self, node: _Optional[str] = ..., rtt_seconds: _Optional[float] = ...) -> None: ...
+
+class RTTReport(_message.Message):
+    __slots__ = ("coordinate", "samples", "probe_port")
+    COORDINATE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PROBE_PORT_FIELD_NUMBER: _ClassVar[int]
+    coordinate: Coordinate
+    samples: _containers.RepeatedCompositeFieldContainer[RTTSample]
+    probe_port: int
+    def __init__(self, coordinate: _Optional[_Union[Coordinate, _Mapping]] = ..., samples: _Optional[_Iterable[_Union[RTTSample, _Mapping]]] = ..., probe_port: _Optional[int] = ...) -> None: ...
+
+class RTTPeer(_message.Message):
+    __slots__ = ("node", "address", "port", "coordinate")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    COORDINATE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    address: str
+    port: int
+    coordinate: Coordinate
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., coordinate: _Optional[_Union[Coordinate, _Mapping]] = ...) -> None: ...
+
+class RTTPeers(_message.Message):
+    __slots__ = ("peers",)
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    peers: _containers.RepeatedCompositeFieldContainer[RTTPeer]
+    def __init__(self, peers: _Optional[_Iterable[_Union[RTTPeer, _Mapping]]] = ...) -> None: ...

@@ -59,6 +59,21 @@ class AgentControlStub:
                 request_serializer=meshproto_dot_proto_dot_mesh__pb2.StreamRequest.SerializeToString,
                 response_deserializer=meshproto_dot_proto_dot_mesh__pb2.ProxyConfigUpdate.FromString,
                 _registered_method=True)
+        self.ReportTraffic = channel.unary_unary(
+                '/meshweb.v1.AgentControl/ReportTraffic',
+                request_serializer=meshproto_dot_proto_dot_mesh__pb2.TrafficReport.SerializeToString,
+                response_deserializer=meshproto_dot_proto_dot_mesh__pb2.TrafficAck.FromString,
+                _registered_method=True)
+        self.StreamEvents = channel.unary_stream(
+                '/meshweb.v1.AgentControl/StreamEvents',
+                request_serializer=meshproto_dot_proto_dot_mesh__pb2.EventSubscribe.SerializeToString,
+                response_deserializer=meshproto_dot_proto_dot_mesh__pb2.UserEvent.FromString,
+                _registered_method=True)
+        self.ReportRTT = channel.unary_unary(
+                '/meshweb.v1.AgentControl/ReportRTT',
+                request_serializer=meshproto_dot_proto_dot_mesh__pb2.RTTReport.SerializeToString,
+                response_deserializer=meshproto_dot_proto_dot_mesh__pb2.RTTPeers.FromString,
+                _registered_method=True)
 
 
 class AgentControlServicer:
@@ -101,6 +116,30 @@ class AgentControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportTraffic(self, request, context):
+        """Golden metrics: what the node's sidecars counted since the last report
+        (scraped from their istio_* metrics), per (reporter, source, destination).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamEvents(self, request, context):
+        """User events for the caller's node (its name, services and tags matching
+        the event's filters), oldest first, then each one as it is fired.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportRTT(self, request, context):
+        """Network coordinates: the agent reports the round-trip times it measured
+        and its updated coordinate; the answer names the peers to probe next.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +167,21 @@ def add_AgentControlServicer_to_server(servicer, server):
                     servicer.StreamProxyConfigs,
                     request_deserializer=meshproto_dot_proto_dot_mesh__pb2.StreamRequest.FromString,
                     response_serializer=meshproto_dot_proto_dot_mesh__pb2.ProxyConfigUpdate.SerializeToString,
+            ),
+            'ReportTraffic': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportTraffic,
+                    request_deserializer=meshproto_dot_proto_dot_mesh__pb2.TrafficReport.FromString,
+                    response_serializer=meshproto_dot_proto_dot_mesh__pb2.TrafficAck.SerializeToString,
+            ),
+            'StreamEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamEvents,
+                    request_deserializer=meshproto_dot_proto_dot_mesh__pb2.EventSubscribe.FromString,
+                    response_serializer=meshproto_dot_proto_dot_mesh__pb2.UserEvent.SerializeToString,
+            ),
+            'ReportRTT': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportRTT,
+                    request_deserializer=meshproto_dot_proto_dot_mesh__pb2.RTTReport.FromString,
+                    response_serializer=meshproto_dot_proto_dot_mesh__pb2.RTTPeers.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +319,87 @@ class AgentControl:
             '/meshweb.v1.AgentControl/StreamProxyConfigs',
             meshproto_dot_proto_dot_mesh__pb2.StreamRequest.SerializeToString,
             meshproto_dot_proto_dot_mesh__pb2.ProxyConfigUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportTraffic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshweb.v1.AgentControl/ReportTraffic',
+            meshproto_dot_proto_dot_mesh__pb2.TrafficReport.SerializeToString,
+            meshproto_dot_proto_dot_mesh__pb2.TrafficAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/meshweb.v1.AgentControl/StreamEvents',
+            meshproto_dot_proto_dot_mesh__pb2.EventSubscribe.SerializeToString,
+            meshproto_dot_proto_dot_mesh__pb2.UserEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportRTT(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshweb.v1.AgentControl/ReportRTT',
+            meshproto_dot_proto_dot_mesh__pb2.RTTReport.SerializeToString,
+            meshproto_dot_proto_dot_mesh__pb2.RTTPeers.FromString,
             options,
             channel_credentials,
             insecure,

@@ -424,6 +424,7 @@ UPSTREAM = Struct(
         "DestinationType": Str,
         "DestinationNamespace": Str,
         "DestinationPartition": Str,
+        "DestinationPeer": Str,
         "DestinationName": Str,
         "Datacenter": Str,
         "LocalBindAddress": Str,

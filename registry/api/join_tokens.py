@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.conf import settings
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import mixins, serializers, status
 from rest_framework.request import Request
@@ -37,9 +36,6 @@ from registry.api.views import ERROR, WRITE_ERRORS, MeshViewSet
 from registry.domain import enrollment, join_tokens
 from registry.errors import NotFound
 from registry.models import JoinToken
-
-AGENT_DATA_DIR = "/var/lib/mesh-agent"
-AGENT_CONFIG_DIR = "/etc/mesh-agent.d"
 
 
 class JoinTokenSerializer(serializers.Serializer):
@@ -100,21 +96,10 @@ class JoinTokenCreateSerializer(serializers.Serializer):
 
 
 def join_address(request: Request) -> str:
-    """The gRPC address to give agents: the listen address, or for a wildcard
-    listener the host this request reached us by."""
-    if not settings.MESH_GRPC_ADDR:
-        return ""
-    host, port = settings.MESH_GRPC_ADDR
-    if host in ("", "0.0.0.0", "::"):
-        host = request.get_host().rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return join_tokens.join_address(request.get_host())
 
 
-def agent_command(address: str, token: str, pin: str) -> str:
-    return (
-        f"mesh agent -join {address} -join-token {token} -ca-pin {pin} "
-        f"-data-dir {AGENT_DATA_DIR} -config-dir {AGENT_CONFIG_DIR}"
-    )
+agent_command = join_tokens.agent_command
 
 
 @extend_schema_view(

@@ -7,7 +7,9 @@ be copied into every page it renders, where browsers, proxies and screen
 shares keep it. This middleware takes the token out of the query before any
 view runs and hands it on in `X-Consul-Token` (unless the request already
 carries a header token, which wins anyway: `registry.domain.acl.secret_from_request`),
-so no URL built from the request can carry it. `/v1` builds no links and
+so no URL built from the request can carry it. The value also stays on the
+request as `request.query_token`, for the one view whose `?token=` is not an
+ACL token (`/install.sh`, a join token: `meshweb.install.views`). `/v1` builds no links and
 bypasses Django's middleware (`meshweb.fastpath`); its audit paths are
 stripped where entries are written (`registry.audit.redact_path`).
 """
@@ -28,6 +30,7 @@ def take_token_from_query(request: HttpRequest) -> None:
     if TOKEN_PARAM not in request.GET:
         return
     token = request.GET.get(TOKEN_PARAM, "")
+    request.query_token = token  # type: ignore[attr-defined]
     has_header = request.META.get("HTTP_X_CONSUL_TOKEN") or request.META.get(
         "HTTP_AUTHORIZATION", ""
     ).lower().startswith("bearer ")

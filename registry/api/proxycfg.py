@@ -19,9 +19,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from registry.api.auth import Need, authz_of, identity_of, kwarg, require
+from registry.api.auth import Need, authz_of, identity_of, kwarg
 from registry.domain import proxycfg
-from registry.errors import PermissionDenied
 
 ERROR = OpenApiResponse(description='An error: `{"error": "<message>"}`.')
 CONFIG = OpenApiResponse(
@@ -46,16 +45,11 @@ class ProxyConfigView(APIView):
     )
     def get(self, request: Request, name: str) -> Response:
         q = request.query_params
-        node, proxy_id = proxycfg.find_proxy(
-            name, proxy_id=q.get("proxy_id", ""), node=q.get("node", "")
+        config = proxycfg.readable_proxy_config(
+            authz_of(request),
+            name,
+            proxy_id=q.get("proxy_id", ""),
+            node=q.get("node", ""),
+            accessor=identity_of(request).accessor_id,
         )
-        config, _topics = proxycfg.compile_proxy(node, proxy_id)
-        if not authz_of(request).intention_read(name):
-            accessor = identity_of(request).accessor_id
-            raise PermissionDenied(
-                f"Permission denied: token with AccessorID '{accessor}' lacks permission "
-                f"'intentions:read' on \"{name}\""
-            )
-        for upstream in config.upstreams:
-            require(request, "service:read", upstream.destination)
         return Response(config.to_json(), headers={"X-Consul-Index": str(config.version)})

@@ -10,6 +10,7 @@ from registry.api import connect_status as connect_status_api
 from registry.api import gateways as gateways_api
 from registry.api import intentions as intentions_api
 from registry.api import join_tokens as join_tokens_api
+from registry.api import metrics as metrics_api
 from registry.api import proxycfg as proxycfg_api
 from registry.api.errors import not_found
 
@@ -47,6 +48,17 @@ urlpatterns = [
         proxycfg_api.ProxyConfigView.as_view(),
         name="service-proxy-config",
     ),
+    re_path(
+        r"^metrics/services/?$",
+        metrics_api.ServiceMetricsListView.as_view(),
+        name="metrics-services",
+    ),
+    re_path(
+        r"^metrics/services/(?P<name>[^/]+)/?$",
+        metrics_api.ServiceMetricsView.as_view(),
+        name="metrics-service",
+    ),
+    re_path(r"^metrics/edges/?$", metrics_api.EdgeMetricsView.as_view(), name="metrics-edges"),
     re_path(r"^gateways/?$", gateways_api.GatewayListView.as_view(), name="gateway-list"),
     re_path(
         r"^gateways/(?P<node>[^/]+)/(?P<gateway_id>[^/]+)/config/?$",

@@ -24,6 +24,7 @@ TC set when it does not. What goes in follows Consul's DNS interface:
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ from registry.dns.names import (
     NodeLookup,
     NotFound,
     PtrLookup,
+    QueryLookup,
     ServiceLookup,
     ZoneLookup,
     hex_ip,
@@ -113,6 +115,16 @@ class PtrName:
     kind: str  # "node" | "service"
     name: str
     dc: str
+
+
+@dataclass(frozen=True)
+class QueryAnswer:
+    """What a prepared query selected: its instances, the datacenter that served
+    them (after any failover) and the query's own DNS TTL (None: the default)."""
+
+    endpoints: list[Endpoint]
+    dc: str
+    ttl: int | None = None
 
 
 Record = tuple[dns.name.Name, int, dns.rdata.Rdata]
@@ -220,6 +232,8 @@ def answer(
     qname, qtype = question.name, question.rdtype
     if isinstance(lookup, ServiceLookup):
         return answer_service(qname, qtype, lookup, data, cfg, now=now, rng=rng)  # type: ignore[arg-type]
+    if isinstance(lookup, QueryLookup):
+        return answer_query(qname, qtype, data, cfg, now=now, rng=rng)  # type: ignore[arg-type]
     if isinstance(lookup, NodeLookup):
         return answer_node(qname, qtype, data, cfg, now=now)  # type: ignore[arg-type]
     if isinstance(lookup, AddrLookup):
@@ -264,6 +278,25 @@ def answer_service(
     else:
         reply = Reply()
     return reply if reply.answer else negative(cfg, now, dns.rcode.NOERROR)
+
+
+def answer_query(
+    qname: dns.name.Name,
+    qtype: int,
+    found: QueryAnswer | None,
+    cfg: DNSConfig,
+    *,
+    now: float,
+    rng: random.Random | None = None,
+) -> Reply:
+    """A prepared query's answer: as a service's, from the datacenter that served it."""
+    if found is None:
+        return negative(cfg, now)
+    if found.ttl is not None:
+        cfg = dataclasses.replace(cfg, service_ttl=found.ttl)
+    return answer_service(
+        qname, qtype, ServiceLookup("", "", found.dc), found.endpoints, cfg, now=now, rng=rng
+    )
 
 
 def _address_records(

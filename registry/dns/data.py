@@ -15,11 +15,12 @@ from django.conf import settings
 from django.db.models import Q
 
 from registry.acl_rules import Authorizer
-from registry.dns.answers import Endpoint, NodeInfo, PtrName
+from registry.dns.answers import Endpoint, NodeInfo, PtrName, QueryAnswer
 from registry.dns.names import (
     Lookup,
     NodeLookup,
     PtrLookup,
+    QueryLookup,
     ServiceLookup,
     ZoneLookup,
 )
@@ -89,6 +90,41 @@ def service_endpoints(lookup: ServiceLookup) -> list[Endpoint]:
     return out
 
 
+def query_answer(lookup: QueryLookup) -> QueryAnswer | None:
+    """Run the prepared query named in the lookup, as the DNS token (None: no such query)."""
+    from meshproto.durations import parse_duration
+    from registry.domain import queries
+    from registry.errors import MeshError
+
+    authz = _authorizer()
+    if authz is None:
+        return None
+    try:
+        result = queries.execute(authz, lookup.name, dc=lookup.dc)
+    except MeshError:
+        return None
+    endpoints = []
+    for entry in result["Nodes"]:
+        node, svc = entry["Node"], entry["Service"]
+        meta = tuple(sorted((str(k), str(v)) for k, v in (node.get("Meta") or {}).items()))
+        weights = svc.get("Weights") or {}
+        endpoints.append(
+            Endpoint(
+                node=NodeInfo(node["Node"], node["Address"], node["Datacenter"], meta),
+                address=svc.get("Address") or "",
+                port=svc.get("Port") or 0,
+                tags=tuple(str(t) for t in svc.get("Tags") or ()),
+                status=aggregate_status(c["Status"] for c in entry["Checks"]),
+                weight_passing=_int(weights.get("Passing", 1)),
+                weight_warning=_int(weights.get("Warning", 1)),
+            )
+        )
+    ttl = None
+    if result["DNS"]["TTL"]:
+        ttl = int(parse_duration(result["DNS"]["TTL"]))
+    return QueryAnswer(endpoints, result["Datacenter"], ttl)
+
+
 def node_info(lookup: NodeLookup) -> NodeInfo | None:
     authz = _authorizer()
     node = (
@@ -129,7 +165,7 @@ def name_servers() -> list[NodeInfo]:
 
 
 def needs_read(lookup: Lookup) -> bool:
-    return isinstance(lookup, ServiceLookup | NodeLookup | PtrLookup | ZoneLookup)
+    return isinstance(lookup, ServiceLookup | QueryLookup | NodeLookup | PtrLookup | ZoneLookup)
 
 
 def read(lookup: Lookup) -> object:
@@ -138,6 +174,8 @@ def read(lookup: Lookup) -> object:
         return service_endpoints(lookup)
     if isinstance(lookup, NodeLookup):
         return node_info(lookup)
+    if isinstance(lookup, QueryLookup):
+        return query_answer(lookup)
     if isinstance(lookup, PtrLookup):
         return ptr_names(lookup.ip)
     if isinstance(lookup, ZoneLookup):

@@ -43,6 +43,14 @@ class ServiceLookup:
 
 
 @dataclass(frozen=True)
+class QueryLookup:
+    """`<query>.query[.<dc>].<domain>`: a prepared query by name (or ID), run in `dc`."""
+
+    name: str
+    dc: str
+
+
+@dataclass(frozen=True)
 class NodeLookup:
     node: str
     dc: str
@@ -74,7 +82,7 @@ class NotFound:
     reason: str
 
 
-Lookup = ServiceLookup | NodeLookup | AddrLookup | PtrLookup | ZoneLookup | NotFound
+Lookup = ServiceLookup | QueryLookup | NodeLookup | AddrLookup | PtrLookup | ZoneLookup | NotFound
 
 
 def _text(label: bytes) -> str:
@@ -144,6 +152,8 @@ def parse_labels(labels: list[str], qtype: int, default_dc: str) -> Lookup:
         return ServiceLookup(parts[-1], "", dc, connect=True)
     if kind == "node":
         return NodeLookup(".".join(parts), dc)
+    if kind == "query":
+        return QueryLookup(".".join(parts), dc)
     if kind == "addr":
         ip = _hex_ip(parts)
         return AddrLookup(ip) if ip else NotFound("bad address")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -144,10 +145,7 @@ def ensure_local_node() -> Node:
 
 def find_node(name: str) -> Node | None:
     """The node named `name` with its datacenter, or None (plain SQL: every catalog write asks)."""
-    node = rows.first(Node, name=name)
-    if node is not None:
-        node.datacenter = rows.first(Datacenter, id=node.datacenter_id)
-    return node
+    return rows.first_related(Node, "datacenter", name=name)
 
 
 def get_node(name: str) -> Node:
@@ -326,12 +324,27 @@ def instance_fields(spec: dict[str, Any], *, parent_id: str, agent_local: bool) 
     }
 
 
+def stored_instance(node: Node, spec: dict[str, Any]) -> ServiceInstance | None:
+    """The instance on `node` that registering `spec` would replace (same ID), if any.
+
+    A caller that needs it before the write (the ACL check) passes it on to
+    `register_agent_service` so the write does not read it again.
+    """
+    return rows.first(ServiceInstance, node_id=node.pk, service_id=rules.service_id(spec))
+
+
 def _save_instance(
-    change: Change, node: Node, spec: dict[str, Any], *, agent_local: bool, parent_id: str = ""
+    change: Change,
+    node: Node,
+    spec: dict[str, Any],
+    *,
+    agent_local: bool,
+    parent_id: str = "",
+    stored: ServiceInstance | None | type[_Unknown] = _Unknown,
 ) -> ServiceInstance:
     _validate_service(spec)
     service_id = spec.get("ID") or spec["Name"]
-    svc = rows.first(ServiceInstance, node_id=node.pk, service_id=service_id)
+    svc = stored_instance(node, spec) if stored is _Unknown else stored
     before = shapes.agent_service_json(_with_node(svc, node)) if svc is not None else None
     if svc is not None and svc.name != spec["Name"]:
         # Renaming an instance moves it between services: both lists change.
@@ -364,13 +377,20 @@ def _save_instance(
 
 
 def register_agent_service(
-    node: Node, spec: dict[str, Any], *, replace_existing_checks: bool = False
+    node: Node,
+    spec: dict[str, Any],
+    *,
+    replace_existing_checks: bool = False,
+    stored: ServiceInstance | None | type[_Unknown] = _Unknown,
 ) -> ServiceInstance:
-    """`PUT /v1/agent/service/register`: the service, its checks and its sidecar, atomically."""
+    """`PUT /v1/agent/service/register`: the service, its checks and its sidecar, atomically.
+
+    `stored` is `stored_instance(node, spec)` when the caller has read it already.
+    """
     validate_service(spec)
     spec = dict(spec, ID=rules.service_id(spec))
     with Change() as change:
-        svc = _save_instance(change, node, spec, agent_local=True)
+        svc = _save_instance(change, node, spec, agent_local=True, stored=stored)
         _register_service_checks(change, node, svc, spec, replace_existing_checks)
         if rules.sidecar_id(spec) is not None:
             sc = expand_sidecar(node, spec)
@@ -650,15 +670,22 @@ def apply_check_result(change: Change, check: Check, status: str, output: str | 
 Need = tuple[str, str]  # (permission, resource), e.g. ("service:write", "web")
 
 
-def agent_register_needs(node: Node, spec: dict[str, Any]) -> list[Need]:
+def agent_register_needs(
+    node: Node, spec: dict[str, Any], stored: ServiceInstance | None | type[_Unknown] = _Unknown
+) -> list[Need]:
     """What `register_agent_service(node, spec)` needs from the caller's token.
 
     Write on the service, on any other service whose ID it re-uses (it would
-    replace it), on a proxy's destination and on a named sidecar.
+    replace it), on a proxy's destination and on a named sidecar. `stored`:
+    as for `register_agent_service`.
     """
     name = spec.get("Name", "")
     needs: list[Need] = [("service:write", name)]
-    replaced = rows.first(ServiceInstance, node_id=node.pk, service_id=spec.get("ID") or name)
+    replaced = (
+        rows.first(ServiceInstance, node_id=node.pk, service_id=spec.get("ID") or name)
+        if stored is _Unknown
+        else stored
+    )
     if replaced is not None and replaced.name != name:
         needs.append(("service:write", replaced.name))
     dest = (spec.get("Proxy") or {}).get("DestinationServiceName")
@@ -670,16 +697,36 @@ def agent_register_needs(node: Node, spec: dict[str, Any]) -> list[Need]:
     return needs
 
 
-def catalog_register_needs(spec: dict[str, Any]) -> list[Need]:
+@dataclass(frozen=True)
+class StoredRows:
+    """What a catalog registration would change, read once for its ACL check and its write."""
+
+    node: Node | None  # with its datacenter
+    instance: ServiceInstance | None  # on that node, with the registered service's ID
+
+
+def stored_for_catalog(spec: dict[str, Any]) -> StoredRows:
+    """The stored node and service instance that `catalog_register(spec)` would replace."""
+    node = find_node(spec.get("Node", "")) if spec.get("Node") else None
+    service = spec.get("Service") or {}
+    service_id = service.get("ID") or service.get("Name") or ""
+    instance = None
+    if node is not None and service_id:
+        instance = rows.first(ServiceInstance, node_id=node.pk, service_id=service_id)
+    return StoredRows(node, instance)
+
+
+def catalog_register_needs(spec: dict[str, Any], stored: StoredRows | None = None) -> list[Need]:
     """What `catalog_register(spec)` needs from the caller's token.
 
     node:write when the node is created or any of its fields change; write on
     the service (and on a service whose ID it re-uses, and a proxy's
     destination); node:write for node-level checks and write on the service
-    a check is attached to.
+    a check is attached to. `stored`: `stored_for_catalog(spec)`, if read already.
     """
     node = spec.get("Node", "")
-    existing = rows.first(Node, name=node)
+    stored = stored or stored_for_catalog(spec)
+    existing = stored.node
     needs: list[Need] = []
     if not spec.get("SkipNodeUpdate"):
         changes_node = (
@@ -706,7 +753,7 @@ def catalog_register_needs(spec: dict[str, Any]) -> list[Need]:
         name = service.get("Name", "")
         needs.append(("service:write", name))
         service_id = service.get("ID") or name
-        replaced = on_node(service_id)
+        replaced = stored.instance
         if replaced is not None and replaced.name != name:
             needs.append(("service:write", replaced.name))
         dest = (service.get("Proxy") or {}).get("DestinationServiceName")
@@ -726,13 +773,17 @@ def catalog_register_needs(spec: dict[str, Any]) -> list[Need]:
 # --- catalog register / deregister ------------------------------------------------------
 
 
-def catalog_register(spec: dict[str, Any]) -> None:
-    """`PUT /v1/catalog/register`: node, optional service, optional checks, atomically."""
+def catalog_register(spec: dict[str, Any], stored: StoredRows | None = None) -> None:
+    """`PUT /v1/catalog/register`: node, optional service, optional checks, atomically.
+
+    `stored`: `stored_for_catalog(spec)`, when the caller has read it already.
+    """
     if not spec.get("Node"):
         raise BadRequest("Must provide node")
     dc_name = spec.get("Datacenter") or settings.MESH_DC
     with Change() as change:
-        node = find_node(spec["Node"])
+        stored = stored or stored_for_catalog(spec)
+        node = stored.node
         if node is None:
             if not spec.get("Address"):
                 raise BadRequest("Must provide address if SkipNodeUpdate is not set")
@@ -743,7 +794,8 @@ def catalog_register(spec: dict[str, Any]) -> None:
             before = shapes.node_json(node) if node.pk is not None else None
             node.address = spec.get("Address") or node.address
             node.node_id = spec.get("ID") or node.node_id
-            node.datacenter = ensure_datacenter(dc_name, change)
+            if node.pk is None or node.datacenter.name != dc_name:
+                node.datacenter = ensure_datacenter(dc_name, change)
             if "TaggedAddresses" in spec:
                 node.tagged_addresses = spec["TaggedAddresses"]
             if "NodeMeta" in spec:
@@ -761,7 +813,13 @@ def catalog_register(spec: dict[str, Any]) -> None:
             service = dict(spec["Service"])
             _validate_service(service)
             service["ID"] = service.get("ID") or service["Name"]
-            svc = _save_instance(change, node, service, agent_local=False)
+            svc = _save_instance(
+                change,
+                node,
+                service,
+                agent_local=False,
+                stored=stored.instance if stored.node is not None else None,
+            )
         checks = ([spec["Check"]] if spec.get("Check") else []) + list(spec.get("Checks") or [])
         for c in checks:
             if not c.get("CheckID") and not c.get("Name"):

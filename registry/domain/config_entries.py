@@ -144,7 +144,7 @@ def can_read(authz: Authorizer, kind: str, name: str) -> tuple[bool, str, str]:
     intentions:read, proxy-defaults operator:read, mesh mesh:read."""
     if kind == "proxy-defaults":
         return authz.operator_read(), "operator:read", ""
-    if kind == "mesh":
+    if kind in ("mesh", "exported-services"):
         return authz.mesh_read(), "mesh:read", ""
     if kind == INTENTIONS_KIND:
         return authz.intention_read(name), "intentions:read", name
@@ -155,7 +155,7 @@ def can_write(authz: Authorizer, kind: str, name: str) -> tuple[bool, str, str]:
     """(allowed, permission, resource) to write or delete an entry (see `can_read`)."""
     if kind == "proxy-defaults":
         return authz.operator_write(), "operator:write", ""
-    if kind == "mesh":
+    if kind in ("mesh", "exported-services"):
         return authz.mesh_write(), "mesh:write", ""
     if kind == INTENTIONS_KIND:
         return authz.intention_write(name), "intentions:write", name

@@ -97,6 +97,7 @@ def _hash(row: Intention) -> str:
             row.destination_ns,
             row.destination_name,
             row.source_type,
+            *([row.source_peer] if row.source_peer else []),
             row.action,
             row.permissions,
             row.description,
@@ -119,6 +120,8 @@ def intention_json(row: Intention) -> dict[str, Any]:
         "SourceType": row.source_type,
         "Action": row.action,
     }
+    if row.source_peer:
+        out["SourcePeer"] = row.source_peer
     if row.permissions:
         out["Permissions"] = row.permissions
     out.update(
@@ -138,6 +141,8 @@ def intention_json(row: Intention) -> dict[str, Any]:
 def source_json(row: Intention) -> dict[str, Any]:
     """One intention as a `Sources[]` item of its destination's `service-intentions` entry."""
     out: dict[str, Any] = {"Name": row.source_name}
+    if row.source_peer:
+        out["Peer"] = row.source_peer
     if row.source_ns != row.destination_ns:
         out["Namespace"] = row.source_ns
     if row.action:
@@ -162,6 +167,7 @@ def to_pure(row: Intention) -> pure.Intention:
         source_ns=row.source_ns,
         destination_ns=row.destination_ns,
         source_type=row.source_type,
+        source_peer=row.source_peer,
     )
 
 
@@ -225,6 +231,7 @@ def propose(
             source_type=spec.get("SourceType") or "consul",
             description=spec.get("Description") or "",
             meta=spec.get("Meta"),
+            source_peer=spec.get("SourcePeer") or "",
         )
     except pure.IntentionError as err:
         raise _bad(err, prefix) from None
@@ -341,6 +348,7 @@ def get_by_id(intention_id: str) -> Intention:
 
 def find_exact(source: tuple[str, str], destination: tuple[str, str]) -> Intention | None:
     return Intention.objects.filter(
+        source_peer="",
         source_ns=source[0],
         source_name=source[1],
         destination_ns=destination[0],
@@ -422,6 +430,7 @@ def _insert(change: Change, p: Proposed, intention_id: str | None = None) -> Int
         source_ns=ix.source_ns,
         source_name=ix.source_name,
         source_type=ix.source_type,
+        source_peer=ix.source_peer,
         destination_ns=ix.destination_ns,
         destination_name=ix.destination_name,
         action=ix.action,
@@ -452,6 +461,7 @@ def _update(change: Change, row: Intention, p: Proposed) -> Intention:
     old_destination = row.destination_name
     ix = p.intention
     row.source_ns, row.source_name, row.source_type = ix.source_ns, ix.source_name, ix.source_type
+    row.source_peer = ix.source_peer
     row.destination_ns, row.destination_name = ix.destination_ns, ix.destination_name
     row.action, row.permissions = ix.action, p.permissions
     row.description, row.meta = p.description, p.meta
@@ -593,9 +603,7 @@ def _source_spec(raw: Any, i: int, destination_ns: str) -> dict[str, Any]:
         raise BadRequest(f"Invalid intention: {where}.LegacyMeta must be omitted")
     if f.get("Partition") not in (None, "", "default"):
         raise BadRequest(f"Invalid intention: {where}.Partition is not supported")
-    if f.get("Peer"):
-        raise BadRequest(f"Invalid intention: {where}.Peer is not supported")
-    for name in ("Name", "Namespace", "Action", "Description", "Type"):
+    for name in ("Name", "Namespace", "Action", "Description", "Type", "Peer"):
         if f.get(name) is not None and not isinstance(f[name], str):
             raise BadRequest(f"Invalid intention: {where}.{name} must be a string")
     return {
@@ -605,6 +613,7 @@ def _source_spec(raw: Any, i: int, destination_ns: str) -> dict[str, Any]:
         "Permissions": f.get("Permissions"),
         "Description": f.get("Description") or "",
         "SourceType": f.get("Type") or "consul",
+        "SourcePeer": f.get("Peer") or "",
     }
 
 
@@ -634,13 +643,13 @@ def replace_for_destination(
     if not isinstance(sources, list):
         raise BadRequest("Invalid intention: Sources must be a list")
     proposed: list[Proposed] = []
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, str, str]] = set()
     for i, raw in enumerate(sources):
         spec = _source_spec(raw, i, namespace)
         if meta is not None:
             spec["Meta"] = dict(meta)
         p = propose(spec, destination=(namespace, destination), prefix=f"Sources[{i}].")
-        key = (p.intention.source_ns, p.intention.source_name)
+        key = (p.intention.source_ns, p.intention.source_name, p.intention.source_peer)
         if key in seen:
             raise BadRequest(
                 f'Invalid intention: Sources[{i}] defines "{pure.display_name(*key)}" more than once'
@@ -648,14 +657,14 @@ def replace_for_destination(
         seen.add(key)
         proposed.append(p)
     existing = {
-        (r.source_ns, r.source_name): r
+        (r.source_ns, r.source_name, r.source_peer): r
         for r in Intention.objects.select_for_update().filter(
             destination_ns=namespace, destination_name=destination
         )
     }
     out: list[Intention] = []
     for p in proposed:
-        key = (p.intention.source_ns, p.intention.source_name)
+        key = (p.intention.source_ns, p.intention.source_name, p.intention.source_peer)
         row = existing.pop(key, None)
         if row is None:
             out.append(_insert(change, p))
@@ -753,6 +762,30 @@ def decide(
     _denied(authz.service_read(destination[1]), accessor, "service:read", destination[1])
     return decision_index.get().decide(
         source[1], destination[1], source_ns=source[0], destination_ns=destination[0]
+    )
+
+
+def decide_request(
+    authz: Authorizer,
+    source: tuple[str, str],
+    destination: tuple[str, str],
+    method: str,
+    path: str,
+    headers: Mapping[str, str] | None = None,
+    accessor: str = "",
+) -> pure.Decision:
+    """Would this HTTP request from `source` to `destination` be allowed, and by which
+    intention? The sidecar's per-request rule (`IntentionIndex.decide_request`) on
+    the control plane's index; needs service:read on the destination, as `decide`."""
+    _denied(authz.service_read(destination[1]), accessor, "service:read", destination[1])
+    return decision_index.get().decide_request(
+        source[1],
+        destination[1],
+        method.upper(),
+        path or "/",
+        headers or {},
+        source_ns=source[0],
+        destination_ns=destination[0],
     )
 
 

@@ -99,28 +99,53 @@ class ServiceSummary:
 
 
 def summarize_services(instances: QuerySet[ServiceInstance]) -> list[ServiceSummary]:
-    """Aggregate (already filtered and ACL-restricted) instances per service name."""
-    rows = list(instances.select_related("node__datacenter").order_by("name", "node__name"))
-    checks = checks_for(rows)
+    """Aggregate (already filtered and ACL-restricted) instances per service name.
+
+    Reads plain columns, not model rows: a page of a large catalog aggregates
+    thousands of instances, and building a model (with its JSON fields) for
+    each cost most of the time. Health is `instance_status` of each instance's
+    checks (its node's and its own), as `checks_for` pairs them.
+    """
+    rows = list(
+        instances.order_by("name", "node__name").values_list(
+            "name",
+            "tags",
+            "kind",
+            "node__datacenter__name",
+            "modify_index",
+            "node_id",
+            "service_id",
+        )
+    )
+    node_ids = {r[5] for r in rows}
+    node_checks: dict[int, list[str]] = {}
+    own_checks: dict[tuple[int, str], list[str]] = {}
+    for node_id, service_id, status in Check.objects.filter(node_id__in=node_ids).values_list(
+        "node_id", "service_id", "status"
+    ):
+        if service_id:
+            own_checks.setdefault((node_id, service_id), []).append(status)
+        else:
+            node_checks.setdefault(node_id, []).append(status)
     out: dict[str, ServiceSummary] = {}
     tags: dict[str, set[str]] = {}
     kinds: dict[str, set[str]] = {}
     dcs: dict[str, set[str]] = {}
-    for svc in rows:
-        s = out.get(svc.name)
+    for name, svc_tags, kind, dc, modify_index, node_id, service_id in rows:
+        s = out.get(name)
         if s is None:
-            s = out[svc.name] = ServiceSummary(svc.name)
-            tags[svc.name], kinds[svc.name], dcs[svc.name] = set(), set(), set()
+            s = out[name] = ServiceSummary(name)
+            tags[name], kinds[name], dcs[name] = set(), set(), set()
         s.instance_count += 1
-        tags[svc.name].update(svc.tags or [])
-        kinds[svc.name].add(svc.kind)
-        dcs[svc.name].add(svc.node.datacenter.name)
-        own = checks[svc.pk]
-        s.health[instance_status(own)] += 1
-        for status, n in Counter(c.status for c in own).items():
+        tags[name].update(svc_tags or [])
+        kinds[name].add(kind)
+        dcs[name].add(dc)
+        statuses = node_checks.get(node_id, []) + own_checks.get((node_id, service_id), [])
+        s.health[aggregate_status(statuses)] += 1
+        for status, n in Counter(statuses).items():
             key = status if status in s.checks else Check.CRITICAL
             s.checks[key] += n
-        s.modify_index = max(s.modify_index, svc.modify_index)
+        s.modify_index = max(s.modify_index, modify_index)
     for name, s in out.items():
         s.tags, s.kinds, s.datacenters = sorted(tags[name]), sorted(kinds[name]), sorted(dcs[name])
     return list(out.values())
@@ -161,3 +186,189 @@ def deregister_instance(svc: ServiceInstance) -> None:
         catalog.deregister_agent_service(svc.node, svc.service_id)
     else:
         catalog.catalog_deregister({"Node": svc.node.name, "ServiceID": svc.service_id})
+
+
+# --- service lists by name (paged before they are summarised) -------------------------
+
+# Where an instance came from: its agent (`agent_local`), a cloud's registry (the
+# importer marks `Meta["external-source"]`, Consul's convention), or a catalog write.
+SOURCES = ("agent", "cloud", "catalog")
+EXTERNAL_SOURCE = "external-source"
+
+
+def instance_source(svc: ServiceInstance) -> str:
+    if (svc.meta or {}).get(EXTERNAL_SOURCE):
+        return "cloud"
+    return "agent" if svc.agent_local else "catalog"
+
+
+def filter_source(qs: QuerySet[ServiceInstance], source: str) -> QuerySet[ServiceInstance]:
+    """Instances from `source` (one of `SOURCES`; anything else: no filter)."""
+    if source == "cloud":
+        return qs.filter(meta__has_key=EXTERNAL_SOURCE)
+    if source == "agent":
+        return qs.filter(agent_local=True).exclude(meta__has_key=EXTERNAL_SOURCE)
+    if source == "catalog":
+        return qs.filter(agent_local=False).exclude(meta__has_key=EXTERNAL_SOURCE)
+    return qs
+
+
+def worst_status_by_name(instances: QuerySet[ServiceInstance]) -> dict[str, str]:
+    """Each service name's worst instance health (see `worst_status_by`)."""
+    return worst_status_by(instances, "name")
+
+
+def instance_status_counts(instances: QuerySet[ServiceInstance], field: str) -> dict[str, dict]:
+    """Instances by `field` (a `values_list` path) and health: {key: {status: n}}."""
+    out: dict[str, dict] = {}
+    for key, status in _instance_statuses(instances, field):
+        out.setdefault(key, dict.fromkeys(HEALTH_STATES, 0))[status] += 1
+    return out
+
+
+def worst_status_by(instances: QuerySet[ServiceInstance], field: str) -> dict[str, str]:
+    """The worst instance health per `field` value."""
+    rank = {Check.PASSING: 0, Check.WARNING: 1, Check.CRITICAL: 2}
+    out: dict[str, str] = {}
+    for key, status in _instance_statuses(instances, field):
+        if rank[status] >= rank.get(out.get(key, ""), -1):
+            out[key] = status
+    return out
+
+
+def _instance_statuses(instances: QuerySet[ServiceInstance], field: str):
+    """(value of `field`, health) per instance. An instance's health is the worst
+    of its checks and its node's (`instance_status`), here computed from the few
+    non-passing checks so that 10,000 passing instances cost one narrow scan."""
+    bad_node: dict[int, str] = {}
+    bad_service: dict[tuple[int, str], str] = {}
+    rank = {Check.PASSING: 0, Check.WARNING: 1, Check.CRITICAL: 2}
+    for node_id, service_id, status in Check.objects.exclude(status=Check.PASSING).values_list(
+        "node_id", "service_id", "status"
+    ):
+        status = status if status in rank else Check.CRITICAL
+        table, key = (bad_service, (node_id, service_id)) if service_id else (bad_node, node_id)
+        if rank[status] > rank.get(table.get(key, Check.PASSING), 0):
+            table[key] = status
+    for key, node_id, service_id in instances.order_by().values_list(
+        field, "node_id", "service_id"
+    ):
+        yield (
+            key,
+            max(
+                (bad_node.get(node_id, Check.PASSING), bad_service.get((node_id, service_id), "")),
+                key=lambda s: rank.get(s, -1),
+            ),
+        )
+
+
+@dataclass
+class ServicePage:
+    """One page of service summaries, and how many names matched in all."""
+
+    services: list[ServiceSummary]
+    total: int
+    health: dict[str, int]  # matching names by their worst instance health
+
+
+def service_page(
+    instances: QuerySet[ServiceInstance], *, health: str = "", offset: int = 0, limit: int = 50
+) -> ServicePage:
+    """Page service names (already filtered, ACL-restricted instances) and summarise
+    only that page's instances, so the list stays fast with many instances."""
+    worst = worst_status_by_name(instances)
+    counts = dict.fromkeys(HEALTH_STATES, 0)
+    for status in worst.values():
+        counts[status] += 1
+    names = sorted(n for n, s in worst.items() if not health or s == health)
+    page = names[offset : offset + limit]
+    summaries = summarize_services(instances.filter(name__in=page)) if page else []
+    return ServicePage(summaries, len(names), counts)
+
+
+# --- service dependencies (declared by sidecar registrations) -------------------------
+
+
+def _upstream_names(proxy: dict[str, Any]) -> set[str]:
+    return {
+        u.get("DestinationName", "")
+        for u in (proxy or {}).get("Upstreams") or []
+        if isinstance(u, dict) and u.get("DestinationName")
+    }
+
+
+def service_edges(authz: Authorizer) -> set[tuple[str, str]]:
+    """(caller, callee) for every upstream a visible sidecar declares, both ends visible."""
+    rows = visible_instances(authz, ServiceInstance.objects.filter(kind="connect-proxy"))
+    edges: set[tuple[str, str]] = set()
+    for destination, proxy in rows.values_list("destination_name", "proxy"):
+        for upstream in _upstream_names(proxy):
+            if authz.service_read(upstream):
+                edges.add((destination, upstream))
+    return edges
+
+
+def dependencies(authz: Authorizer, name: str) -> tuple[list[str], list[str]]:
+    """(upstreams, downstreams) of service `name` as its and others' sidecars declare them."""
+    edges = service_edges(authz)
+    return (
+        sorted(b for a, b in edges if a == name),
+        sorted(a for a, b in edges if b == name),
+    )
+
+
+# --- nodes ----------------------------------------------------------------------------
+
+
+@dataclass
+class NodeSummary:
+    """One node as the nodes list shows it: liveness, checks and services."""
+
+    node: Node
+    role: str
+    last_seen_at: Any = None
+    down: bool = False
+    joined_with: str = ""
+    services: int = 0
+    checks: dict[str, int] = field(default_factory=lambda: dict.fromkeys(HEALTH_STATES, 0))
+
+
+def summarize_nodes(nodes: list[Node]) -> list[NodeSummary]:
+    """Summaries for one page of nodes (a few queries, whatever the page size)."""
+    from django.db.models import Count
+
+    from registry.models.agents import NodeEnrollment
+
+    ids = [n.pk for n in nodes]
+    names = [n.name for n in nodes]
+    enrolled = {e.node: e for e in NodeEnrollment.objects.filter(node__in=names)}
+    services = dict(
+        ServiceInstance.objects.filter(node_id__in=ids)
+        .values_list("node_id")
+        .annotate(n=Count("id"))
+        .values_list("node_id", "n")
+    )
+    checks: dict[int, dict[str, int]] = {}
+    for node_id, status, n in (
+        Check.objects.filter(node_id__in=ids)
+        .values_list("node_id", "status")
+        .annotate(n=Count("id"))
+        .values_list("node_id", "status", "n")
+    ):
+        key = status if status in HEALTH_STATES else Check.CRITICAL
+        checks.setdefault(node_id, dict.fromkeys(HEALTH_STATES, 0))[key] += n
+    out = []
+    for n in nodes:
+        e = enrolled.get(n.name)
+        out.append(
+            NodeSummary(
+                n,
+                (n.meta or {}).get("mesh-role", "") or ("agent" if e else "catalog"),
+                e.last_seen_at if e else None,
+                bool(e and e.down),
+                e.join_token if e else "",
+                services.get(n.pk, 0),
+                checks.get(n.pk, dict.fromkeys(HEALTH_STATES, 0)),
+            )
+        )
+    return out

@@ -238,3 +238,29 @@ def check_scope_patterns(services: Sequence[str]) -> list[str]:
 def scope_allows(patterns: Sequence[str], service: str) -> bool:
     """Whether a scope allows a service name (the rule: `meshproto.scope.allows`)."""
     return scope.allows(patterns, service)
+
+
+# Where `mesh agent` keeps its state and reads its definitions on a host (the
+# deploy/ packages' paths), as shown in the command an operator copies.
+AGENT_DATA_DIR = "/var/lib/mesh-agent"
+AGENT_CONFIG_DIR = "/etc/mesh-agent.d"
+
+
+def join_address(request_host: str) -> str:
+    """The gRPC address to give agents: MESH_GRPC_ADVERTISE_ADDR (a load balancer),
+    else the listen address, or for a wildcard listener the host the operator's
+    request reached us by (`Host` header)."""
+    if not settings.MESH_GRPC_ADDR:
+        return ""
+    host, port = settings.MESH_GRPC_ADVERTISE_ADDR or settings.MESH_GRPC_ADDR
+    if host in ("", "0.0.0.0", "::"):
+        host = request_host.rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def agent_command(address: str, token: str, pin: str) -> str:
+    """The one-line `mesh agent` command that joins a host with `token`."""
+    return (
+        f"mesh agent -join {address} -join-token {token} -ca-pin {pin} "
+        f"-data-dir {AGENT_DATA_DIR} -config-dir {AGENT_CONFIG_DIR}"
+    )

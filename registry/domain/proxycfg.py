@@ -65,22 +65,28 @@ from meshproto import discovery_chain as chains
 from meshproto import spiffe
 from meshproto.gatewaycfg import LOCAL, GatewayConfig, GatewayRoute, RemoteDatacenter
 from meshproto.proxycfg import (
+    RETRY_ON,
     Cluster,
     Endpoint,
+    FaultInjection,
     Gateway,
+    HashPolicy,
     HeaderMatch,
     Inbound,
     Limits,
     OutlierDetection,
+    PeerTrust,
     ProxyConfig,
     RateLimit,
     RetryPolicy,
     Route,
     RouteMatch,
+    RouteRateLimit,
     Upstream,
     WeightedCluster,
 )
 from registry import topics as topic
+from registry.acl_rules import Authorizer
 from registry.filtering import FilterError, compile_filter
 
 log = logging.getLogger(__name__)
@@ -225,6 +231,10 @@ class ProxySnapshot:
     upstreams: tuple[UpstreamSnapshot, ...] = ()
     gateways: Mapping[str, tuple[Candidate, ...]] = field(default_factory=dict)  # by datacenter
     version: int = 0
+    # Cluster peering (`gather_peering`): (peer, service) -> how to reach an
+    # imported service, and the peers' trust (peer, trust domain, roots).
+    peered: Mapping[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
+    peer_trust: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
 
     @property
     def service(self) -> str:
@@ -253,11 +263,13 @@ def build_proxy_config(snap: ProxySnapshot) -> ProxyConfig:
             snap.trust_domain, service, snap.datacenter, snap.namespace
         ).uri,
         inbound=translate_inbound(snap),
-        upstreams=tuple(_translate_shared(snap, u) for u in snap.upstreams),
+        upstreams=tuple(_translate_shared(snap, u) for u in snap.upstreams)
+        + translate_peer_upstreams(snap),
         intentions=tuple(dict(i) for i in snap.intentions),
         default_allow=snap.allow_by_default,
         roots=snap.roots,
         namespace=snap.namespace,
+        peer_trust=tuple(PeerTrust(p, td, roots) for p, td, roots in snap.peer_trust),
     )
 
 
@@ -307,6 +319,18 @@ def translate_inbound(snap: ProxySnapshot) -> Inbound:
             burst=int(instance.get("RequestsMaxBurst") or 0),
         ),
         limits=Limits(max_connections=int(sd.get("MaxInboundConnections") or 0)),
+        route_rate_limits=tuple(
+            RouteRateLimit(
+                requests_per_second=float(r.get("RequestsPerSecond") or 0),
+                burst=int(r.get("RequestsMaxBurst") or 0),
+                path_exact=r.get("PathExact") or "",
+                path_prefix=r.get("PathPrefix") or "",
+                path_regex=r.get("PathRegex") or "",
+            )
+            for r in instance.get("Routes") or ()
+            if r.get("RequestsPerSecond")
+        ),
+        request_timeout_s=int(sd.get("LocalRequestTimeoutMs") or 0) / 1000.0,
     )
 
 
@@ -390,6 +414,11 @@ def _outlier(settings: Mapping[str, Any]) -> OutlierDetection | None:
         base_ejection_s=pure_entries.duration_seconds(phc.get("BaseEjectionTime"))
         or default.base_ejection_s,
         max_ejection_percent=int(phc.get("MaxEjectionPercent") or default.max_ejection_percent),
+        enforcing_consecutive_5xx=int(
+            phc["EnforcingConsecutive5xx"]
+            if phc.get("EnforcingConsecutive5xx") is not None
+            else default.enforcing_consecutive_5xx
+        ),
     )
 
 
@@ -545,15 +574,75 @@ def _splits(node: Mapping[str, Any], nodes: Mapping[str, Any]) -> tuple[Weighted
     out = []
     for split in node.get("Splits") or ():
         nxt = nodes[split["NextNode"]]
-        out.append(WeightedCluster(nxt["Resolver"]["Target"], float(split["Weight"])))
+        definition = split.get("Definition") or {}
+        req_set, req_remove = _headers(definition.get("RequestHeaders"))
+        resp_set, resp_remove = _headers(definition.get("ResponseHeaders"))
+        out.append(
+            WeightedCluster(
+                nxt["Resolver"]["Target"],
+                float(split["Weight"]),
+                request_headers_set=req_set,
+                request_headers_remove=req_remove,
+                response_headers_set=resp_set,
+                response_headers_remove=resp_remove,
+            )
+        )
     return tuple(out)
 
 
 def _headers(mods: Mapping[str, Any] | None) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
-    """Consul's header modifiers as (set, remove); `Add` is applied as a set."""
+    """Consul's header modifiers as (set, remove); `Add` is applied as a set
+    (see `_header_adds` for the routes, which keep `Add` apart)."""
     mods = mods or {}
     merged = {**(mods.get("Add") or {}), **(mods.get("Set") or {})}
     return tuple(merged.items()), tuple(mods.get("Remove") or ())
+
+
+def _route_headers(mods: Mapping[str, Any] | None) -> tuple[tuple, tuple, tuple]:
+    """A route's header modifiers as (add, set, remove): `Add` appends a value."""
+    mods = mods or {}
+    return (
+        tuple((mods.get("Add") or {}).items()),
+        tuple((mods.get("Set") or {}).items()),
+        tuple(mods.get("Remove") or ()),
+    )
+
+
+def _retry_policy(dest: Mapping[str, Any]) -> RetryPolicy:
+    """A router destination's retry settings, with meshweb's extensions
+    (`PerTryTimeout`, `RetryNonIdempotent`, `RetryBudget`)."""
+    retry_on = tuple(dest.get("RetryOn") or ())
+    budget = dest.get("RetryBudget") or {}
+    default = RetryPolicy()
+    return RetryPolicy(
+        num_retries=int(dest.get("NumRetries") or 0),
+        on_connect_failure=bool(dest.get("RetryOnConnectFailure")) or "connect-failure" in retry_on,
+        on_status_codes=tuple(int(c) for c in dest.get("RetryOnStatusCodes") or ()),
+        retry_on=tuple(r for r in retry_on if r in RETRY_ON),
+        per_try_timeout_s=_duration(dest.get("PerTryTimeout")),
+        retry_non_idempotent=bool(dest.get("RetryNonIdempotent")),
+        budget_percent=float(
+            budget["Percent"] if budget.get("Percent") is not None else default.budget_percent
+        ),
+        budget_min_per_s=float(
+            budget["MinRetriesPerSecond"]
+            if budget.get("MinRetriesPerSecond") is not None
+            else default.budget_min_per_s
+        ),
+    )
+
+
+def _fault(dest: Mapping[str, Any]) -> FaultInjection | None:
+    """meshweb's `Fault` extension of a router destination."""
+    fault = dest.get("Fault")
+    if not fault:
+        return None
+    return FaultInjection(
+        delay_s=_duration(fault.get("Delay")),
+        delay_percent=float(fault.get("DelayPercent") or 0),
+        abort_status=int(fault.get("AbortStatus") or 0),
+        abort_percent=float(fault.get("AbortPercent") or 0),
+    )
 
 
 def _resolver_timeout(node: Mapping[str, Any]) -> float:
@@ -592,24 +681,23 @@ def translate_routes(chain: Mapping[str, Any]) -> tuple[Route, ...]:
             continue
         nxt = nodes[r["NextNode"]]
         dest = definition.get("Destination") or {}
-        req_set, req_remove = _headers(dest.get("RequestHeaders"))
-        resp_set, resp_remove = _headers(dest.get("ResponseHeaders"))
+        req_add, req_set, req_remove = _route_headers(dest.get("RequestHeaders"))
+        resp_add, resp_set, resp_remove = _route_headers(dest.get("ResponseHeaders"))
         routes.append(
             Route(
                 match=_route_match(http),
                 splits=_splits(nxt, nodes),
                 prefix_rewrite=dest.get("PrefixRewrite") or "",
                 timeout_s=_duration(dest.get("RequestTimeout")) or _resolver_timeout(nxt),
-                retry=RetryPolicy(
-                    num_retries=int(dest.get("NumRetries") or 0),
-                    on_connect_failure=bool(dest.get("RetryOnConnectFailure"))
-                    or "connect-failure" in (dest.get("RetryOn") or ()),
-                    on_status_codes=tuple(int(c) for c in dest.get("RetryOnStatusCodes") or ()),
-                ),
+                retry=_retry_policy(dest),
                 request_headers_set=req_set,
                 request_headers_remove=req_remove,
                 response_headers_set=resp_set,
                 response_headers_remove=resp_remove,
+                name=str(len(routes)),
+                fault=_fault(dest),
+                request_headers_add=req_add,
+                response_headers_add=resp_add,
             )
         )
     return tuple(routes)
@@ -654,6 +742,24 @@ def _lb_policy(chain: Mapping[str, Any], target: Mapping[str, Any], entries: Map
     return (lb or {}).get("Policy") or "round_robin"
 
 
+def _hash_policies(
+    chain: Mapping[str, Any], target: Mapping[str, Any], entries: Mapping
+) -> tuple[HashPolicy, ...]:
+    node = chain["Nodes"].get(f"resolver:{target['ID']}")
+    lb = (node or {}).get("LoadBalancer")
+    if lb is None:
+        lb = _entry(entries, "service-resolver", target["Service"]).get("LoadBalancer")
+    return tuple(
+        HashPolicy(
+            field=hp.get("Field") or "",
+            field_value=hp.get("FieldValue") or "",
+            source_ip=bool(hp.get("SourceIP")),
+            terminal=bool(hp.get("Terminal")),
+        )
+        for hp in (lb or {}).get("HashPolicies") or ()
+    )
+
+
 def translate_cluster(
     snap: ProxySnapshot, us: UpstreamSnapshot, target: Mapping[str, Any]
 ) -> Cluster:
@@ -690,6 +796,8 @@ def translate_cluster(
         failover=tuple(failover),
         limits=_limits(us.settings),
         outlier=_outlier(us.settings),
+        hash_policies=_hash_policies(us.chain, target, snap.entries),
+        request_timeout_s=_duration((node.get("Resolver") or {}).get("RequestTimeout")),
     )
 
 
@@ -770,6 +878,7 @@ def dependency_topics(snap: ProxySnapshot) -> set[str]:
             topics.update((topic.service(target["Service"]), topic.connect(target["Service"])))
             if (target.get("Datacenter") or snap.datacenter) != snap.datacenter:
                 cross_dc = True
+    topics.update(peering_topics(snap))
     if cross_dc:
         # A mesh gateway registered later changes the path: any registration
         # touches `services`, a new node `nodes`.
@@ -778,6 +887,161 @@ def dependency_topics(snap: ProxySnapshot) -> set[str]:
             for gw in gws:
                 topics.add(topic.service(gw.entry["Service"]["Service"]))
     return topics
+
+
+# =========================================================================== cluster peering
+
+
+def _peer_upstreams(snap: ProxySnapshot) -> list[Mapping[str, Any]]:
+    upstreams = (snap.proxy.get("Proxy") or {}).get("Upstreams") or ()
+    return [
+        u
+        for u in upstreams
+        if u.get("DestinationPeer")
+        and u.get("DestinationName")
+        and (u.get("DestinationType") or "service") == "service"
+    ]
+
+
+def translate_peer_upstreams(snap: ProxySnapshot) -> tuple[Upstream, ...]:
+    """Upstreams naming a `DestinationPeer` (pure): one TCP cluster each, to
+    the service the peer exports, identified by its SPIFFE ID in the peer's
+    trust domain and sent the exporter's gateway SNI.
+
+    The path: with `MeshGateway.Mode` "local" (the upstream's, else the
+    proxy's, else the service's `service-defaults`, else `proxy-defaults`) through a healthy local mesh gateway, which routes the SNI to
+    the peer's gateways; otherwise straight to the peer's gateways; a peer
+    with no gateway is dialled at its sidecars. A service not (or no longer)
+    imported keeps its listener with no cluster: connections are refused.
+    """
+    out = []
+    upstreams = _peer_upstreams(snap)
+    proxy_mode = ""
+    if upstreams:
+        proxy_mode = (
+            ((snap.proxy.get("Proxy") or {}).get("MeshGateway") or {}).get("Mode")
+            or (
+                _entry(snap.entries, "service-defaults", snap.service).get("MeshGateway") or {}
+            ).get("Mode")
+            or (
+                _entry(snap.entries, "proxy-defaults", pure_entries.PROXY_DEFAULTS_NAME).get(
+                    "MeshGateway"
+                )
+                or {}
+            ).get("Mode")
+            or ""
+        )
+    for u in upstreams:
+        peer, name = u["DestinationPeer"], u["DestinationName"]
+        common = {
+            "destination": name,
+            "local_bind_address": u.get("LocalBindAddress") or LOCAL_BIND_DEFAULT,
+            "local_bind_port": int(u.get("LocalBindPort") or 0),
+            "datacenter": "",
+            "namespace": u.get("DestinationNamespace") or DEFAULT_NAMESPACE,
+            "peer": peer,
+        }
+        target = snap.peered.get((peer, name))
+        if not target:
+            out.append(Upstream(**common))
+            continue
+        mode = (u.get("MeshGateway") or {}).get("Mode") or proxy_mode
+        local = select_endpoints(snap.gateways.get(snap.datacenter, ()), {}, wan=False)
+        remote = tuple(
+            Endpoint(g["Address"], int(g["Port"]))
+            for g in target.get("Gateways") or ()
+            if g.get("Address") and g.get("Port")
+        )
+        direct = tuple(
+            Endpoint(e["Address"], int(e["Port"]))
+            for e in target.get("Endpoints") or ()
+            if e.get("Address") and e.get("Port")
+        )
+        endpoints = local if mode == "local" and local and remote else remote or direct
+        gateway = Gateway(endpoints[0].address, endpoints[0].port) if remote and endpoints else None
+        dc = str(target.get("Datacenter") or "")
+        cluster_name = f"{name}.default.{peer}.peer"
+        cluster = Cluster(
+            name=cluster_name,
+            service=name,
+            datacenter=dc,
+            spiffe_id=str(target.get("SpiffeID") or ""),
+            sni=str(target.get("SNI") or ""),
+            endpoints=endpoints,
+            gateway=gateway,
+            limits=_limits(u.get("Config") or {}),
+            peer=peer,
+        )
+        routes = (Route(RouteMatch(), (WeightedCluster(cluster_name, 100.0),)),)
+        out.append(Upstream(protocol="tcp", routes=routes, clusters=(cluster,), **common))
+    return tuple(out)
+
+
+def peering_topics(snap: ProxySnapshot) -> set[str]:
+    """What the peering parts of a config depend on (pure)."""
+    topics = {topic.PEERINGS, topic.config_entry("exported-services", "default")}
+    for u in _peer_upstreams(snap):
+        topics.add(topic.peered_service(u["DestinationPeer"], u["DestinationName"]))
+        topics.add(topic.peering(u["DestinationPeer"]))
+    return topics
+
+
+def peer_gateway_routes() -> tuple[tuple[GatewayRoute, ...], set[str]]:
+    """A mesh gateway's routes to services imported from peers, and their topics.
+
+    Each imported service's SNI (the exporter's own gateway SNI, in its trust
+    domain) leads to the exporting cluster's gateways; the gateway there
+    routes it to the service's sidecars as one of its own.
+    """
+    from registry.models import ImportedService, Peering
+
+    live = (Peering.ACTIVE, Peering.FAILING)
+    routes = []
+    topics = {topic.PEERINGS}
+    peers = Peering.objects.filter(state__in=live).values_list("name", flat=True)
+    topics.update(topic.peered_services(p) for p in peers)
+    rows = (
+        ImportedService.objects.filter(peering__state__in=live)
+        .order_by("peering__name", "name")
+        .values_list("peering__name", "name", "connect")
+    )
+    for peer, name, connect in rows:
+        gateways = tuple(
+            Endpoint(str(g["Address"]), int(g["Port"]))
+            for g in connect.get("Gateways") or ()
+            if g.get("Address") and g.get("Port")
+        )
+        if connect.get("SNI") and gateways:
+            routes.append(
+                GatewayRoute(
+                    sni=str(connect["SNI"]),
+                    kind="remote",
+                    service=name,
+                    datacenter=str(connect.get("Datacenter") or ""),
+                    peer=peer,
+                    endpoints=gateways,
+                )
+            )
+    return tuple(routes), topics
+
+
+def gather_peering(
+    service: str, proxy: Mapping[str, Any]
+) -> tuple[dict[tuple[str, str], Mapping[str, Any]], tuple]:
+    """Read what the peering parts of a sidecar's config need: the imported
+    services its `DestinationPeer` upstreams name, and the trust of the peers
+    it calls or is exported to."""
+    from registry.domain import peering
+
+    pairs = {
+        (u["DestinationPeer"], u["DestinationName"])
+        for u in proxy.get("Upstreams") or ()
+        if u.get("DestinationPeer") and u.get("DestinationName")
+    }
+    peers = {p for p, _ in pairs} | (peering.peers_exported_to(service) if service else set())
+    if not peers:
+        return {}, ()
+    return peering.imported_connect(pairs), peering.trust_for(peers)
 
 
 # =========================================================================== gather (database)
@@ -1087,7 +1351,14 @@ def gather(
     upstreams = tuple(
         upstream(u)
         for u in p.get("Upstreams") or ()
-        if (u.get("DestinationType") or "service") == "service" and u.get("DestinationName")
+        if (u.get("DestinationType") or "service") == "service"
+        and u.get("DestinationName")
+        and not u.get("DestinationPeer")  # imported services: `gather_peering`
+    )
+    peered, peer_trust = _once(
+        shared,
+        ("peering", service, json.dumps(p.get("Upstreams") or [], sort_keys=True)),
+        lambda: gather_peering(service, p),
     )
 
     gateway_dcs = {
@@ -1096,7 +1367,7 @@ def gather(
         for t in ((us.chain or {}).get("Targets") or {}).values()
         if t["Datacenter"] != local_dc
     }
-    if gateway_dcs:
+    if gateway_dcs or peered:
         gateway_dcs.add(local_dc)
     gateways = {
         dc: _once(shared, ("gateways", dc), lambda dc=dc: _gateway_candidates(dc))
@@ -1115,6 +1386,8 @@ def gather(
         entries=entries,
         upstreams=upstreams,
         gateways=gateways,
+        peered=peered,
+        peer_trust=peer_trust,
     )
 
 
@@ -1401,7 +1674,11 @@ def gather_gateway_config(
 ) -> tuple[GatewayConfig, set[str]]:
     """The gateway's table and its topics, version 0 (the caller stamps it)."""
     snap = gather_gateway(node_name, proxy_id, global_index)
-    return build_gateway_config(snap), gateway_dependency_topics(snap)
+    config, topics = build_gateway_config(snap), gateway_dependency_topics(snap)
+    routes, peer_topics = peer_gateway_routes()
+    if routes:
+        config = dataclasses.replace(config, routes=config.routes + routes)
+    return config, topics | peer_topics
 
 
 def compile_gateway(node_name: str, proxy_id: str) -> tuple[GatewayConfig, set[str]]:
@@ -1447,6 +1724,7 @@ __all__ = [
     "GatewaySnapshot",
     "build_gateway_config",
     "compile_gateway",
+    "readable_proxy_config",
     "ProxySnapshot",
     "UpstreamSnapshot",
     "build_proxy_config",
@@ -1459,3 +1737,30 @@ __all__ = [
     "translate_routes",
     "upstream_settings",
 ]
+
+
+def readable_proxy_config(
+    authz: Authorizer, service: str, *, proxy_id: str = "", node: str = "", accessor: str = ""
+) -> ProxyConfig:
+    """The compiled config of one of `service`'s sidecars, for a caller who may see it:
+    service:read and intentions:read on the service (the config carries its
+    intentions) and service:read on every upstream it names. The one home of
+    this rule (`/api/services/<name>/proxy-config` and the UI's service page)."""
+    from registry.errors import PermissionDenied
+
+    def refuse(permission: str, resource: str) -> None:
+        who = f"token with AccessorID '{accessor}'" if accessor else "token"
+        raise PermissionDenied(
+            f"Permission denied: {who} lacks permission '{permission}' on \"{resource}\""
+        )
+
+    if not authz.service_read(service):
+        refuse("service:read", service)
+    node_name, pid = find_proxy(service, proxy_id=proxy_id, node=node)
+    config, _topics = compile_proxy(node_name, pid)
+    if not authz.intention_read(service):
+        refuse("intentions:read", service)
+    for upstream in config.upstreams:
+        if not authz.service_read(upstream.destination):
+            refuse("service:read", upstream.destination)
+    return config

@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 from django.db import connection, models
 from django.utils.dateparse import parse_datetime
 
+from registry.db import note_statement
+
 M = TypeVar("M", bound=models.Model)
 
 
@@ -38,6 +40,7 @@ def cursor() -> Iterator[Any]:
     that. Errors still come out as Django's database exceptions.
     """
     connection.ensure_connection()
+    note_statement()
     if connection.vendor == "sqlite":
         # sqlite3's own cursor: Django's wrapper rewrites every statement's
         # placeholders with a regular expression.
@@ -301,6 +304,34 @@ def first(model: type[M], **equal: Any) -> M | None:
         cur.execute(f"{t.select} WHERE {where} LIMIT 1", list(equal.values()))
         row = cur.fetchone()
     return None if row is None else _row_to_model(t, row)
+
+
+@functools.lru_cache(maxsize=64)
+def _related_sql(model: type[models.Model], relation: str, keys: tuple[str, ...]) -> str:
+    t = _table(model)
+    related = _table(model._meta.get_field(relation).related_model)
+    q = connection.ops.quote_name
+    cols = [f"a.{q(f.column)}" for f in t.fields] + [f"b.{q(f.column)}" for f in related.fields]
+    fk = q(model._meta.get_field(relation).column)
+    where = " AND ".join(f"a.{q(k)} = %s" for k in keys)
+    return (
+        f"SELECT {', '.join(cols)} FROM {t.table} a JOIN {related.table} b "
+        f"ON b.{q(related.pk.column)} = a.{fk} WHERE {where} LIMIT 1"
+    )
+
+
+def first_related(model: type[M], relation: str, **equal: Any) -> M | None:
+    """Like `first`, with the row its foreign key `relation` points at read in the same statement."""
+    t = _table(model)
+    related = _table(model._meta.get_field(relation).related_model)
+    with cursor() as cur:
+        cur.execute(_related_sql(model, relation, tuple(equal)), list(equal.values()))
+        row = cur.fetchone()
+    if row is None:
+        return None
+    obj = _row_to_model(t, row[: len(t.fields)])
+    setattr(obj, relation, _row_to_model(related, row[len(t.fields) :]))
+    return obj
 
 
 def where(model: type[M], sql: str, params: list[Any]) -> list[M]:

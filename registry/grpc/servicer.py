@@ -23,12 +23,14 @@ from typing import Any, TypeVar
 import grpc
 from django.conf import settings
 
+from meshproto import vivaldi
 from meshproto.proto import mesh_pb2, mesh_pb2_grpc
 from registry import audit, db
-from registry.domain import enrollment, join_tokens, node_sync
+from registry.domain import coordinates, enrollment, golden, join_tokens, node_sync
 from registry.errors import MeshError
 from registry.grpc import status
 from registry.grpc.auth import AuthError, Caller, PeerTable, caller_of, peer_of
+from registry.grpc.events import event_stream
 from registry.grpc.streams import ProxyConfigStream
 from registry.grpc.throttle import JoinThrottle
 
@@ -212,3 +214,74 @@ class AgentControlServicer(mesh_pb2_grpc.AgentControlServicer):
         finally:
             self.streams.discard(stream)
             log.info("node %s closed its config stream", caller.node)
+
+    async def ReportTraffic(self, request: mesh_pb2.TrafficReport, context) -> mesh_pb2.TrafficAck:
+        caller = await self._caller(context)
+        entries = [
+            golden.Reported(
+                c.reporter,
+                c.source,
+                c.destination,
+                c.requests,
+                c.failures,
+                tuple(c.latency_buckets),
+            )
+            for c in request.counts
+        ]
+        accepted = await self._run(
+            context,
+            self._agent(caller),
+            "ReportTraffic",
+            golden.record_report,
+            caller.node,
+            request.start_unix,
+            request.end_unix,
+            entries,
+            write=True,
+            caller=caller,
+        )
+        return mesh_pb2.TrafficAck(accepted=accepted)
+
+    async def StreamEvents(self, request: mesh_pb2.EventSubscribe, context):
+        caller = await self._caller(context)
+        await self._run(context, self._agent(caller), "StreamEvents", lambda: None, caller=caller)
+        log.info("node %s opened its event stream", caller.node)
+        try:
+            async for event in event_stream(caller, request.after_ltime):
+                yield event
+        finally:
+            log.info("node %s closed its event stream", caller.node)
+
+    async def ReportRTT(self, request: mesh_pb2.RTTReport, context) -> mesh_pb2.RTTPeers:
+        caller = await self._caller(context)
+        c = request.coordinate
+        coord = vivaldi.Coordinate(list(c.vec), c.error, c.adjustment, c.height)
+        samples = [(s.node, s.rtt_seconds) for s in request.samples]
+
+        def report() -> list[dict]:
+            # Outside an audit scope on purpose: every agent reports every few
+            # seconds, and a coordinate is measurement, not configuration.
+            enrollment.authenticate(caller.node, caller.serial)
+            return coordinates.report(caller.node, coord, samples, request.probe_port)
+
+        try:
+            peers = await db.run_write(report)
+        except MeshError as exc:
+            await context.abort(_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message)
+            raise
+        return mesh_pb2.RTTPeers(
+            peers=[
+                mesh_pb2.RTTPeer(
+                    node=p["Node"],
+                    address=p["Address"],
+                    port=p["Port"],
+                    coordinate=mesh_pb2.Coordinate(
+                        vec=p["Coord"]["Vec"],
+                        error=p["Coord"]["Error"],
+                        adjustment=p["Coord"]["Adjustment"],
+                        height=p["Coord"]["Height"],
+                    ),
+                )
+                for p in peers
+            ]
+        )

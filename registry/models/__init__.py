@@ -13,8 +13,14 @@ from registry.models.connect import (
     Intention,
     IssuedCert,
 )
+from registry.models.coordinates import NodeCoordinate
+from registry.models.events import UserEvent
 from registry.models.index import MeshIndex, TopicIndex
 from registry.models.kv import KVEntry, Session
+from registry.models.peering import ImportedService, Peering
+from registry.models.queries import PreparedQuery
+from registry.models.servers import ServerProcess
+from registry.models.telemetry import TrafficSample
 
 __all__ = [
     "CAConfig",
@@ -22,6 +28,7 @@ __all__ = [
     "ClusterIdentity",
     "ConfigEntry",
     "Intention",
+    "ImportedService",
     "IssuedCert",
     "JoinToken",
     "ACLPolicy",
@@ -32,9 +39,15 @@ __all__ = [
     "KVEntry",
     "MeshIndex",
     "Node",
+    "Peering",
     "NodeCertificate",
+    "NodeCoordinate",
     "NodeEnrollment",
+    "PreparedQuery",
+    "ServerProcess",
     "ServiceInstance",
     "Session",
     "TopicIndex",
+    "TrafficSample",
+    "UserEvent",
 ]

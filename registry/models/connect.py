@@ -73,6 +73,8 @@ class Intention(Indexed):
     source_ns = models.CharField(max_length=128, default="default")
     source_name = models.CharField(max_length=256)
     source_type = models.CharField(max_length=16, default="consul")
+    # A source in a peered cluster (`SourcePeer`): its name there, "" for ours.
+    source_peer = models.CharField(max_length=63, blank=True, default="")
     destination_ns = models.CharField(max_length=128, default="default")
     destination_name = models.CharField(max_length=256, db_index=True)
     action = models.CharField(max_length=8, blank=True, default="")  # allow | deny | "" (L7)
@@ -87,8 +89,14 @@ class Intention(Indexed):
         ordering = ["-precedence", "source_ns", "source_name", "destination_ns", "destination_name"]
         constraints = [
             models.UniqueConstraint(
-                fields=["source_ns", "source_name", "destination_ns", "destination_name"],
-                name="uniq_intention_pair",
+                fields=[
+                    "source_peer",
+                    "source_ns",
+                    "source_name",
+                    "destination_ns",
+                    "destination_name",
+                ],
+                name="uniq_intention_pair_peer",
             )
         ]
 

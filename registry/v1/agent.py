@@ -17,6 +17,14 @@ def _local_topics(ctx: Ctx, **_):
     return [topic.node(settings.MESH_NODE_NAME)], []
 
 
+def _coord(node: str) -> dict | None:
+    """This server's network coordinate (see `registry.domain.coordinates`), if it has one."""
+    from registry.domain.coordinates import coordinates
+
+    found = coordinates([node]).get(node)
+    return found.to_json() if found is not None else None
+
+
 @endpoint("GET")
 def self_(ctx: Ctx) -> Reply:
     node = catalog.local_node()
@@ -34,7 +42,7 @@ def self_(ctx: Ctx) -> Reply:
                 "Version": shapes.VERSION,
             },
             "DebugConfig": {},
-            "Coord": None,
+            "Coord": _coord(node.name),
             "Member": _member(node),
             "Stats": {},
             "Meta": node.meta,
@@ -92,9 +100,10 @@ def service_register(ctx: Ctx) -> Reply:
     if not name:
         raise BadRequest("Missing service name")
     node = catalog.local_node()
-    ctx.require_all(catalog.agent_register_needs(node, spec))
+    stored = catalog.stored_instance(node, spec)
+    ctx.require_all(catalog.agent_register_needs(node, spec, stored))
     catalog.register_agent_service(
-        node, spec, replace_existing_checks=ctx.flag("replace-existing-checks")
+        node, spec, replace_existing_checks=ctx.flag("replace-existing-checks"), stored=stored
     )
     return Reply(None, raw=b"")
 

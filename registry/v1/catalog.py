@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from registry import decode
 from registry import topics as topic
-from registry.domain import catalog, reads
+from registry.domain import catalog, coordinates, peering, reads
 from registry.errors import BadRequest
 from registry.v1.base import Ctx, Reply, endpoint
 
@@ -23,6 +23,28 @@ def _node_meta(ctx: Ctx) -> dict[str, str]:
     return out
 
 
+def _near(ctx: Ctx, data: list, node_of) -> list:
+    """`?near=<node>|_agent`: sort by estimated round trip from that node (coordinates)."""
+    near = ctx.param("near")
+    return coordinates.sort_near(near, data, node_of) if near else data
+
+
+def _t(ctx: Ctx, *exact: str) -> tuple[list[str], list[str]]:
+    """A read's topics; a `?near=` answer also changes when coordinates do."""
+    return [*exact, *([topic.COORDINATES] if ctx.has("near") else [])], []
+
+
+def _peer(ctx: Ctx) -> str:
+    """`?peer=`: read what that peer exports to us instead of our own catalog."""
+    return ctx.param("peer")
+
+
+def _svc_topics(ctx: Ctx, name: str, connect: bool = False):
+    if _peer(ctx):
+        return [topic.peered_service(_peer(ctx), name), topic.peering(_peer(ctx))], []
+    return _t(ctx, topic.connect(name) if connect else topic.service(name))
+
+
 def _dc(ctx: Ctx) -> str:
     dc = ctx.dc
     reads.check_datacenter(dc)
@@ -38,8 +60,9 @@ def register(ctx: Ctx) -> Reply:
     if "NodeMeta" not in spec and ctx.has("node-meta"):
         # py-consul sends catalog.register(node_meta=...) as ?node-meta=k:v.
         spec["NodeMeta"] = _node_meta(ctx)
-    ctx.require_all(catalog.catalog_register_needs(spec))
-    catalog.catalog_register(spec)
+    stored = catalog.stored_for_catalog(spec)
+    ctx.require_all(catalog.catalog_register_needs(spec, stored))
+    catalog.catalog_register(spec, stored)
     return Reply(True)
 
 
@@ -71,35 +94,49 @@ def datacenters(ctx: Ctx) -> Reply:
 
 
 def _nodes_topics(ctx: Ctx):
-    return [topic.NODES], []
+    return _t(ctx, topic.NODES)
 
 
 @endpoint("GET", topics=_nodes_topics)
 def nodes(ctx: Ctx) -> Reply:
     index, data = reads.catalog_nodes(ctx.authz, _dc(ctx), _node_meta(ctx))
-    return Reply(data, index, filterable=True)
+    return Reply(_near(ctx, data, lambda n: n["Node"]), index, filterable=True)
 
 
-@endpoint("GET", topics=lambda ctx: ([topic.SERVICES], []))
+@endpoint(
+    "GET",
+    topics=lambda ctx: (
+        [topic.peered_services(_peer(ctx)), topic.peering(_peer(ctx))]
+        if _peer(ctx)
+        else [topic.SERVICES],
+        [],
+    ),
+)
 def services(ctx: Ctx) -> Reply:
+    if _peer(ctx):
+        index, data = peering.peer_services(ctx.authz, _peer(ctx))
+        return Reply(data, index)
     index, data = reads.catalog_services(ctx.authz, _dc(ctx))
     return Reply(data, index, filterable=False)
 
 
-@endpoint("GET", topics=lambda ctx, name: ([topic.service(name)], []))
+@endpoint("GET", topics=_svc_topics)
 def service(ctx: Ctx, name: str) -> Reply:
+    if _peer(ctx):
+        index, data = peering.peer_catalog(ctx.authz, _peer(ctx), name, _tags(ctx))
+        return Reply(data, index, filterable=True)
     index, data = reads.catalog_service(
         ctx.authz, name, _dc(ctx), _tags(ctx), node_meta=_node_meta(ctx)
     )
-    return Reply(data, index, filterable=True)
+    return Reply(_near(ctx, data, lambda e: e["Node"]), index, filterable=True)
 
 
-@endpoint("GET", topics=lambda ctx, name: ([topic.connect(name)], []))
+@endpoint("GET", topics=lambda ctx, name: _t(ctx, topic.connect(name)))
 def connect(ctx: Ctx, name: str) -> Reply:
     index, data = reads.catalog_service(
         ctx.authz, name, _dc(ctx), _tags(ctx), connect=True, node_meta=_node_meta(ctx)
     )
-    return Reply(data, index, filterable=True)
+    return Reply(_near(ctx, data, lambda e: e["Node"]), index, filterable=True)
 
 
 @endpoint("GET", topics=lambda ctx, name: ([topic.node(name)], []))
@@ -127,14 +164,19 @@ def health_node(ctx: Ctx, name: str) -> Reply:
     return Reply(data, index, filterable=True)
 
 
-@endpoint("GET", topics=lambda ctx, name: ([topic.service(name)], []))
+@endpoint("GET", topics=lambda ctx, name: _t(ctx, topic.service(name)))
 def health_checks(ctx: Ctx, name: str) -> Reply:
     index, data = reads.health_checks(ctx.authz, name, _dc(ctx))
-    return Reply(data, index, filterable=True)
+    return Reply(_near(ctx, data, lambda c: c["Node"]), index, filterable=True)
 
 
-@endpoint("GET", topics=lambda ctx, name: ([topic.service(name)], []))
+@endpoint("GET", topics=_svc_topics)
 def health_service(ctx: Ctx, name: str) -> Reply:
+    if _peer(ctx):
+        index, data = peering.peer_health(
+            ctx.authz, _peer(ctx), name, tags=_tags(ctx), passing=ctx.flag("passing")
+        )
+        return Reply(data, index, filterable=True)
     index, data = reads.health_service(
         ctx.authz,
         name,
@@ -143,11 +185,16 @@ def health_service(ctx: Ctx, name: str) -> Reply:
         passing=ctx.flag("passing"),
         node_meta=_node_meta(ctx),
     )
-    return Reply(data, index, filterable=True)
+    return Reply(_near(ctx, data, lambda e: e["Node"]["Node"]), index, filterable=True)
 
 
-@endpoint("GET", topics=lambda ctx, name: ([topic.connect(name)], []))
+@endpoint("GET", topics=lambda ctx, name: _svc_topics(ctx, name, connect=True))
 def health_connect(ctx: Ctx, name: str) -> Reply:
+    if _peer(ctx):
+        index, data = peering.peer_health(
+            ctx.authz, _peer(ctx), name, tags=_tags(ctx), passing=ctx.flag("passing")
+        )
+        return Reply(data, index, filterable=True)
     index, data = reads.health_service(
         ctx.authz,
         name,
@@ -157,15 +204,15 @@ def health_connect(ctx: Ctx, name: str) -> Reply:
         connect=True,
         node_meta=_node_meta(ctx),
     )
-    return Reply(data, index, filterable=True)
+    return Reply(_near(ctx, data, lambda e: e["Node"]["Node"]), index, filterable=True)
 
 
 _STATES = {"any", "passing", "warning", "critical"}
 
 
-@endpoint("GET", topics=lambda ctx, state: ([topic.CHECKS], []))
+@endpoint("GET", topics=lambda ctx, state: _t(ctx, topic.CHECKS))
 def health_state(ctx: Ctx, state: str) -> Reply:
     if state not in _STATES:
         raise BadRequest(f"Invalid state: {state!r} (use any, passing, warning or critical)")
     index, data = reads.health_state(ctx.authz, state, _dc(ctx))
-    return Reply(data, index, filterable=True)
+    return Reply(_near(ctx, data, lambda c: c["Node"]), index, filterable=True)

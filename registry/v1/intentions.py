@@ -25,6 +25,7 @@ INTENTION = Struct(
         "DestinationNS": Str,
         "DestinationName": Str,
         "SourceType": Str,
+        "SourcePeer": Str,
         "Action": Str,
         "Permissions": Anything,  # validated field by field in meshproto.intentions
         "Meta": MapOf(Str),

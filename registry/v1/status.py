@@ -1,4 +1,5 @@
-"""`/v1/status/...`: one control plane, always its own leader."""
+"""`/v1/status/leader`: every server process is its own leader (they share one
+database; there is no election). `/v1/status/peers` is `registry.v1.operator`'s."""
 
 from __future__ import annotations
 
@@ -15,8 +16,3 @@ def _addr() -> str:
 @endpoint("GET")
 def leader(ctx: Ctx) -> Reply:
     return Reply(_addr())
-
-
-@endpoint("GET")
-def peers(ctx: Ctx) -> Reply:
-    return Reply([_addr()])

@@ -2,9 +2,25 @@
 
 from django.urls import path
 
-from registry.v1 import acl, agent, catalog, connect_ca, kv, session, status, telemetry
+from registry.v1 import (
+    acl,
+    agent,
+    catalog,
+    connect_ca,
+    coordinate,
+    event,
+    kv,
+    operator,
+    query,
+    session,
+    snapshot,
+    status,
+    telemetry,
+    txn,
+)
 from registry.v1 import config as config_v1
 from registry.v1 import intentions as intentions_v1
+from registry.v1 import peering as peering_v1
 
 urlpatterns = [
     # agent
@@ -44,11 +60,18 @@ urlpatterns = [
     path("health/state/<str:state>", catalog.health_state),
     # status
     path("status/leader", status.leader),
-    path("status/peers", status.peers),
+    path("status/peers", operator.status_peers),
     *kv.urlpatterns,
+    *txn.urlpatterns,
+    *event.urlpatterns,
+    *snapshot.urlpatterns,
+    *query.urlpatterns,
+    *coordinate.urlpatterns,
+    *operator.urlpatterns,
     *session.urlpatterns,
     *acl.urlpatterns,
     *connect_ca.urlpatterns,
     *intentions_v1.urlpatterns,
     *config_v1.urlpatterns,
+    *peering_v1.urlpatterns,
 ]

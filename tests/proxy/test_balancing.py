@@ -101,3 +101,38 @@ def test_unknown_policies_balance_round_robin():
     c = cluster("api", 1, 2, lb_policy="ring_hash")
     plan = UpstreamPlan(Upstream("api", "127.0.0.1", 9191, clusters=(c,)), {})
     assert isinstance(plan.balancer(c), RoundRobin)
+
+
+# --------------------------------------------------------------------------- hashing (HTTP)
+
+
+def test_ring_hash_and_maglev_send_one_key_to_one_endpoint_and_spread_keys():
+    from agents.proxy.balancing import Maglev, RingHash, hash_bytes
+
+    for cls in (RingHash, Maglev):
+        b = cls(endpoints(1, 2, 3, 4), {})
+        keys = [hash_bytes(f"user-{i}".encode()) for i in range(2000)]
+        first = [b.pick((), k).port for k in keys]
+        assert [b.pick((), k).port for k in keys] == first  # sticky
+        shares = collections.Counter(first)
+        assert set(shares) == {1, 2, 3, 4}
+        assert min(shares.values()) > 2000 / 4 * 0.6, (cls.__name__, shares)
+
+
+def test_hashing_moves_few_keys_when_an_endpoint_goes_and_skips_excluded_ones():
+    from agents.proxy.balancing import Maglev, RingHash, hash_bytes
+
+    for cls in (RingHash, Maglev):
+        keys = [hash_bytes(f"k{i}".encode()) for i in range(1000)]
+        before = cls(endpoints(1, 2, 3, 4), {})
+        after = cls(endpoints(1, 2, 3), {})
+        moved = sum(
+            1
+            for k in keys
+            if before.pick((), k).port != 4 and before.pick((), k).port != after.pick((), k).port
+        )
+        assert moved < 1000 * 0.15, (cls.__name__, moved)
+        k = keys[0]
+        chosen = before.pick((), k)
+        assert before.pick({key_of(chosen)}, k) != chosen
+        assert before.pick(set(map(key_of, endpoints(1, 2, 3, 4))), k) is None

@@ -291,3 +291,34 @@ def test_when_the_tls_side_goes_the_caller_gets_its_bytes_then_eof(spliced):
     assert spliced.plain_t.eof_written and not spliced.plain_t.closed
     spliced.plain.data_received(b"dropped")
     assert spliced.plain.eof_received() is False
+
+
+def test_records_waiting_before_the_link_survive_the_callers_early_half_close(contexts):
+    """The answer arrives (with the peer's close_notify) while the TLS half is
+    not linked yet, and the caller has already half-closed: linking sends our
+    close_notify, which must not swallow the records waiting in the BIO."""
+    server_ctx, client_ctx = contexts
+    s = Spliced(contexts)
+    try:
+        if s.pout.pending:  # the session tickets, read while linked
+            s.tls.data_received(s.pout.read())
+        # The TLS half as just handshaken, not yet adopted by a caller...
+        s.tls.linked = False
+        # ... and a caller that sent nothing and half-closed at once.
+        plain = splice.Plain(splice.Conn(Owner(), "outbound"))
+        plain_t = FakeTransport()
+        plain.connection_made(plain_t)
+        assert plain.eof_received() is True
+        assert not s.tls.notify_sent
+        s.peer.write(b"the answer")
+        with contextlib.suppress(ssl.SSLWantReadError):
+            s.peer.unwrap()
+        s.tls.data_received(s.pout.read())  # waits in the BIO
+        s.conn.plain = plain  # adopted (as `_connect_upstream` does)
+        plain.conn = s.conn
+        splice.link(plain, s.tls)
+        assert s.tls.notify_sent
+        splice.start_pumping(s.tls)
+        assert plain_t.take() == b"the answer"
+    finally:
+        s.close()

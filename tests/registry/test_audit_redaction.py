@@ -23,6 +23,8 @@ from registry.models import AuditEntry
 from registry.txn import Change
 
 REGISTRY = Path(audit.__file__).parent
+# Apps beside the registry that record audit entries through it.
+AUDITED_DIRS = (REGISTRY, REGISTRY.parent / "clouds")
 OPERATOR = audit.Actor("9d4a8c2e-0000-4000-8000-000000000001", "operator token", "v1")
 
 
@@ -72,7 +74,7 @@ def _recorded_actions() -> set[str]:
     """Every action named in the code: `<change>.audit("a", ...)`, `audit.scope(actor, "a")`,
     `/api`'s `_audited(request, "a")` and the gRPC servicer's `self._run(ctx, actor, "RPC")`."""
     out = set()
-    for path in REGISTRY.rglob("*.py"):
+    for path in (p for d in AUDITED_DIRS for p in d.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.Call):
                 continue

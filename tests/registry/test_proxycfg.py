@@ -1183,3 +1183,102 @@ def test_mesh_proxy_config_explains_bad_input_and_fails(served, server, unique):
         proc = run_mesh(server, "proxy-config", *args)
         assert proc.returncode != 0
         assert message in proc.stderr, proc.stderr
+
+
+def test_l7_extensions_compile_into_routes_splits_clusters_and_the_inbound():
+    """Retry conditions, per-try timeout, retry budget and fault injection on a
+    route; header changes on a split; hash policies on a cluster; per-route
+    rate limits and the local request timeout on the inbound."""
+    config = entries(
+        HTTP_GLOBAL,
+        {
+            "Kind": "service-resolver",
+            "Name": "api",
+            "Subsets": {"v1": {"Filter": 'Service.Meta.version == "1"'}},
+            "RequestTimeout": "7s",
+            "LoadBalancer": {
+                "Policy": "ring_hash",
+                "HashPolicies": [{"Field": "header", "FieldValue": "x-user", "Terminal": True}],
+            },
+        },
+        {
+            "Kind": "service-splitter",
+            "Name": "api",
+            "Splits": [
+                {
+                    "Weight": 99.99,
+                    "ServiceSubset": "v1",
+                    "ResponseHeaders": {"Set": {"x-split": "v1"}},
+                },
+                {"Weight": 0.01, "RequestHeaders": {"Remove": ["x-debug"]}},
+            ],
+        },  # fmt: skip
+        {
+            "Kind": "service-router",
+            "Name": "api",
+            "Routes": [
+                {
+                    "Match": {"HTTP": {"PathPrefix": "/pay"}},
+                    "Destination": {
+                        "NumRetries": 3,
+                        "RetryOn": ["gateway-error", "unavailable"],
+                        "PerTryTimeout": "250ms",
+                        "RetryNonIdempotent": True,
+                        "RetryBudget": {"Percent": 10, "MinRetriesPerSecond": 2},
+                        "Fault": {
+                            "Delay": "100ms",
+                            "DelayPercent": 5,
+                            "AbortStatus": 503,
+                            "AbortPercent": 1.5,
+                        },
+                        "RequestHeaders": {"Add": {"x-a": "1"}, "Set": {"x-s": "2"}},
+                    },
+                },
+            ],
+        },  # fmt: skip
+        {
+            "Kind": "service-defaults",
+            "Name": "web",
+            "LocalRequestTimeoutMs": 1500,
+            "RateLimits": {
+                "InstanceLevel": {
+                    "RequestsPerSecond": 100,
+                    "Routes": [
+                        {"PathPrefix": "/search", "RequestsPerSecond": 5, "RequestsMaxBurst": 2}
+                    ],
+                }
+            },
+        },  # fmt: skip
+    )
+    snap = snapshot(
+        [{"DestinationName": "api", "LocalBindPort": 9191}],
+        {("api", "dc1"): (sidecar("api", "host-b", "10.0.0.11", meta={"version": "1"}),)},
+        config=config,
+    )
+    cfg = proxycfg.build_proxy_config(snap)
+    (up,) = cfg.upstreams
+    pay, default = up.routes
+    assert pay.retry.retry_on == ("gateway-error", "unavailable")
+    assert (pay.retry.num_retries, pay.retry.per_try_timeout_s) == (3, 0.25)
+    assert pay.retry.retry_non_idempotent
+    assert (pay.retry.budget_percent, pay.retry.budget_min_per_s) == (10.0, 2.0)
+    assert pay.fault is not None
+    assert (pay.fault.delay_s, pay.fault.delay_percent) == (0.1, 5.0)
+    assert (pay.fault.abort_status, pay.fault.abort_percent) == (503, 1.5)
+    assert pay.request_headers_add == (("x-a", "1"),)
+    assert pay.request_headers_set == (("x-s", "2"),)
+    weights = {s.weight: s for s in default.splits}
+    assert set(weights) == {99.99, 0.01}
+    assert weights[99.99].response_headers_set == (("x-split", "v1"),)
+    assert weights[0.01].request_headers_remove == ("x-debug",)
+    by_name = {c.name: c for c in up.clusters}
+    v1 = by_name[weights[99.99].cluster]
+    assert v1.lb_policy == "ring_hash"
+    assert [(h.field, h.field_value, h.terminal) for h in v1.hash_policies] == [
+        ("header", "x-user", True)
+    ]
+    assert v1.request_timeout_s == 7.0
+    (limit,) = cfg.inbound.route_rate_limits
+    assert (limit.path_prefix, limit.requests_per_second, limit.burst) == ("/search", 5.0, 2)
+    assert cfg.inbound.request_timeout_s == 1.5
+    assert ProxyConfig.from_json(cfg.to_json()) == cfg

@@ -71,6 +71,30 @@ def test_an_exception_is_handed_to_its_caller_and_counted(writer):
     assert writer.stats.writes_committed >= 2  # the gate and e/ok
 
 
+def _refuse(key: str) -> None:
+    raise ValueError(f"{key} refused before touching the database")
+
+
+def test_a_batch_runs_without_savepoints_until_a_write_fails_after_writing(writer):
+    # A write refused before it sent a statement is dropped from the batch as it is.
+    ok1, refused, ok2 = _batch(writer, [(_put, "s/ok1"), (_refuse, "s/refused"), (_put, "s/ok2")])
+    assert [ok1.result(10), ok2.result(10)] == ["s/ok1", "s/ok2"]
+    with pytest.raises(ValueError, match="refused before"):
+        refused.result(10)
+    assert writer.stats.batch_redos == 0
+    # One that fails after writing makes the batch run again, each write in a
+    # savepoint: its rows are gone, the others' are kept, once each.
+    ok3, bad, ok4 = _batch(
+        writer, [(_put, "s/ok3"), (_put_then, "s/bad", ValueError("late")), (_put, "s/ok4")]
+    )
+    assert [ok3.result(10), ok4.result(10)] == ["s/ok3", "s/ok4"]
+    with pytest.raises(ValueError, match="late"):
+        bad.result(10)
+    assert writer.stats.batch_redos == 1
+    keys = sorted(KVEntry.objects.filter(key__startswith="s/").values_list("key", flat=True))
+    assert keys == ["s/ok1", "s/ok2", "s/ok3", "s/ok4"]
+
+
 def test_a_write_whose_caller_is_cancelled_still_commits_and_the_next_write_answers(writer):
     async def scenario() -> str:
         gate = threading.Event()

@@ -7,6 +7,9 @@ request the proxy calls `Observer.begin` when the request head is parsed and
 failed). The proxy sends `RequestSpan.upstream_headers()` with every attempt
 it makes upstream, so a trace follows the call to the next hop.
 
+The L4 path reports connections the same way: `tcp_opened` when a connection
+is established and allowed, `tcp_closed` with its byte counts when it ends.
+
 `NULL_OBSERVER` does nothing and costs one call; the sidecar builds the real
 observer from its configuration.
 """
@@ -59,6 +62,12 @@ class Observer(Protocol):
     def begin(self, reporter: str, headers: Headers) -> RequestSpan:
         """A request head has been parsed; `headers` are the incoming ones."""
 
+    def tcp_opened(self, reporter: str, source: str, destination: str) -> object:
+        """An L4 connection was established (and allowed); the handle to close it with."""
+
+    def tcp_closed(self, handle: object, received: int, sent: int) -> None:
+        """The connection `tcp_opened` answered `handle` for is over, with its byte counts."""
+
 
 class _NullSpan:
     __slots__ = ()
@@ -76,6 +85,12 @@ class _NullObserver:
 
     def begin(self, reporter: str, headers: Headers) -> RequestSpan:
         return self._span
+
+    def tcp_opened(self, reporter: str, source: str, destination: str) -> object:
+        return None
+
+    def tcp_closed(self, handle: object, received: int, sent: int) -> None:
+        return None
 
 
 NULL_OBSERVER: Observer = _NullObserver()

@@ -1,0 +1,1 @@
+"""The cloud accounts' domain: accounts, the sync engine, gateway configuration."""

@@ -1,0 +1,130 @@
+"""Services: the filterable list and one service's page."""
+
+from __future__ import annotations
+
+import json
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+
+from frontend import chains, metrics, paging
+from frontend.auth import ui_view
+from frontend.render import page
+from registry.api.filtersets import ServiceInstanceFilterSet
+from registry.domain import config_entries, intentions, inventory, proxycfg
+from registry.errors import MeshError, NotFound
+from registry.models import Datacenter, ServiceInstance
+
+FILTERS = ("q", "datacenter", "tag", "health", "kind", "source")
+
+
+def _instances(request: HttpRequest, query: dict[str, str]):
+    authz = request.viewer.authz
+    qs = inventory.visible_instances(authz, ServiceInstance.objects.all())
+    data = {k: v for k, v in query.items() if k in ("q", "datacenter", "tag", "kind")}
+    qs = ServiceInstanceFilterSet(data, queryset=qs).qs
+    return inventory.filter_source(qs, query.get("source", ""))
+
+
+@ui_view()
+def service_list(request: HttpRequest) -> HttpResponse:
+    query = paging.filters(request, FILTERS)
+    result = inventory.service_page(
+        _instances(request, query),
+        health=query.get("health", ""),
+        offset=paging.offset(request),
+        limit=paging.PER_PAGE,
+    )
+    return page(
+        request,
+        "frontend/services.html",
+        {
+            "page": paging.offset_page(request, result.total, result.services, query),
+            "health_counts": result.health,
+            "query": query,
+            "datacenters": Datacenter.objects.values_list("name", flat=True),
+            "kinds": ServiceInstance.KINDS,
+            "sources": inventory.SOURCES,
+            "healths": inventory.HEALTH_STATES,
+        },
+        section="services",
+    )
+
+
+@ui_view()
+def service_detail(request: HttpRequest, name: str) -> HttpResponse:
+    viewer = request.viewer
+    authz = viewer.authz
+    viewer.require("service_read", name)
+    qs = inventory.visible_instances(
+        authz, ServiceInstance.objects.filter(name=name).select_related("node__datacenter")
+    ).order_by("node__name", "service_id")
+    if not qs.exists():
+        raise NotFound(f'Service "{name}" not found')
+    instances = paging.paginate(request, qs, {})
+    checks = inventory.instance_checks(instances.rows)
+    rows = [
+        {"svc": svc, "checks": checks[svc.pk], "status": inventory.instance_status(checks[svc.pk])}
+        for svc in instances.rows
+    ]
+    summary = inventory.summarize_services(qs)[0]
+    tags = sorted({t for svc in instances.rows for t in (svc.tags or [])})
+    meta = sorted({(k, v) for svc in instances.rows for k, v in (svc.meta or {}).items()})
+    upstreams, downstreams = inventory.dependencies(authz, name)
+    applying = []
+    if authz.intention_read(name):
+        _index, matched = intentions.match(authz, "destination", [name])
+        applying = [intentions.intention_json(r) for r in matched[name]]
+    chain, chain_error = None, ""
+    try:
+        _index, compiled = config_entries.discovery_chain(name)
+        chain = chains.layout(compiled)
+    except MeshError as err:
+        chain_error = err.message
+    config, config_error = None, ""
+    try:
+        config = json.dumps(
+            proxycfg.readable_proxy_config(
+                authz, name, accessor=viewer.identity.accessor_id
+            ).to_json(),
+            indent=2,
+            sort_keys=True,
+        )
+    except MeshError as err:
+        config_error = err.message
+    return page(
+        request,
+        "frontend/service.html",
+        {
+            "name": name,
+            "summary": summary,
+            "instances": instances,
+            "rows": rows,
+            "tags": tags,
+            "meta": meta,
+            "upstreams": upstreams,
+            "downstreams": downstreams,
+            "intentions": applying,
+            "can_write_intentions": authz.intention_write(name),
+            "chain": chain,
+            "chain_error": chain_error,
+            "proxy_config": config,
+            "proxy_config_error": config_error,
+            "metrics_url": f"/ui/metrics/services/{name}",
+            "windows": metrics.WINDOWS,
+        },
+        section="services",
+    )
+
+
+@ui_view()
+def service_metrics(request: HttpRequest, name: str) -> JsonResponse:
+    """The service's golden metrics (JSON for the chart), or an empty answer."""
+    request.viewer.require("service_read", name)
+    status, data = metrics.fetch(request, metrics.service_path(name), {})
+    return JsonResponse({"status": status, "data": data if status == 200 else None})
+
+
+@ui_view()
+def edge_metrics(request: HttpRequest) -> JsonResponse:
+    status, data = metrics.fetch(request, metrics.edges_path(), {})
+    return JsonResponse({"status": status, "data": data if status == 200 else None})
