@@ -162,6 +162,8 @@ class World:
         argv += ["--bind", kw.get("bind", "127.0.0.1")]
         if "upstream" in kw:
             argv += ["--upstream", f"127.0.0.1:{kw['upstream']}"]
+        if role == "api":
+            argv += ["--fail-file", str(self.fail_file(name))]
         self.apps[name] = NsProcess(self.host(label), name, argv, self.tmp / f"{name}.log").start()
 
     def agent(self, label: str, node: str, dc: str, files: dict[str, dict]) -> None:
@@ -195,6 +197,10 @@ class World:
         self.agents[label] = NsProcess(host, node, argv, self.tmp / f"{node}.log").start()
 
     # --- the instance api-dc1 -----------------------------------------------------------
+
+    def fail_file(self, name: str) -> Path:
+        """While it exists, the api instance `name` fails its health check."""
+        return self.tmp / f"{name}.fail"
 
     def api_file(self) -> Path:
         return self.tmp / "host-a" / "config.d" / "api.json"
@@ -455,6 +461,26 @@ def test_stopping_dc1s_api_fails_over_to_dc2_within_3s_and_back(world):
     assert len(failed) <= 0.01 * len(results), failed[:10]
 
 
+def test_a_failing_health_check_moves_calls_to_dc2_and_a_passing_one_back(world):
+    a = world.topo.hosts["A"].address
+    fail = world.fail_file("api-dc1")
+    with httpx.Client(timeout=5, trust_env=False) as client:
+        assert call(client, f"http://{a}:9090/") == (True, "api-dc1")
+        fail.touch()
+        try:
+            moved = wait_for(
+                lambda: call(client, f"http://{a}:9090/") == (True, "api-dc2"), timeout=30
+            )
+            answers = [call(client, f"http://{a}:9090/") for _ in range(10)]
+        finally:
+            fail.unlink()
+        back = wait_for(lambda: call(client, f"http://{a}:9090/") == (True, "api-dc1"), timeout=30)
+    # The instance still answers while its check fails: no call fails meanwhile.
+    assert answers == [(True, "api-dc2")] * 10
+    report("health check failing -> calls in dc2", f"{moved:.2f} s (1 s check interval)")
+    report("health check passing -> calls back in dc1", f"{back:.2f} s")
+
+
 # --------------------------------------------------------------------------- mesh gateway
 
 
@@ -486,3 +512,19 @@ def test_mesh_gateway_register_refuses_an_agent_of_another_datacenter(world):
     )  # fmt: skip
     assert result.returncode == 1
     assert '"dc1", not "dc2"' in result.stderr
+
+
+# --------------------------------------------------------------------------- last: no control plane
+
+
+def test_calls_through_the_gateways_go_on_without_the_control_plane(world):
+    """Last in the module: the control plane stops for good."""
+    a = world.topo.hosts["A"].address
+    world.server.close()  # type: ignore[attr-defined]
+    world.server = None
+    time.sleep(1.0)  # the agents notice; the gateways keep their last table
+    with httpx.Client(timeout=5, trust_env=False) as client:
+        answers = [call(client, f"http://{a}:9093/") for _ in range(20)]
+    assert answers == [(True, "api-dc2")] * 20
+    m = world.gateway_metrics("G1")
+    assert metric(m, "mesh_gateway_control_connected", proxy_id="mesh-gateway") == 1  # its agent
