@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DIST = "meshweb"
-PACKAGES = ("meshweb", "registry", "agents", "gateways", "frontend", "meshproto")
+PACKAGES = ("meshweb", "registry", "agents", "gateways", "frontend", "meshproto", "clouds")
 _SKIP_DIRS = {"__pycache__"}
 _SKIP_SUFFIXES = (".pyc", ".pyo")
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can hold
