@@ -312,7 +312,9 @@ class H2Server(H2Base):
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.TooManyStreamsError:
-            self.flush()
+            # More streams than the MAX_CONCURRENT_STREAMS we announced: a
+            # client that ignores the limit is a flood.
+            self.calm_down()
             return
         except h2.exceptions.ProtocolError:
             self.flush()  # h2 queued a GOAWAY
