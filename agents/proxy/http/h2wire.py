@@ -512,7 +512,12 @@ class H2Client(H2Base):
                             status = int(v)
                         elif n[:1] != b":":
                             hdrs.append((n, v))
-                    framing = "none" if ev.stream_ended else "stream"
+                    if ev.stream_ended:
+                        framing = "none"
+                    elif any(n == b"content-length" for n, _ in hdrs):
+                        framing = "length"  # kept for an HTTP/1.1 caller
+                    else:
+                        framing = "stream"
                     ex.head(status, REASONS.get(status, b""), hdrs, framing)
                     if ev.stream_ended:
                         self._done(ev.stream_id)
