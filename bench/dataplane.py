@@ -349,6 +349,9 @@ http {{
   http2_max_requests 100000000;
   server {{
     listen 127.0.0.1:{h2_port} http2 backlog=4096;
+    # Frames are small writes: no sendfile/cork (they held responses back ~40 ms).
+    sendfile off;
+    tcp_nopush off;
     root {d};
     location = {PATH} {{ }}
   }}
