@@ -349,6 +349,9 @@ http {{
   http2_max_requests 100000000;
   server {{
     listen 127.0.0.1:{h2_port} http2 backlog=4096;
+    # Frames are small writes: no sendfile/cork (they held responses back ~40 ms).
+    sendfile off;
+    tcp_nopush off;
     root {d};
     location = {PATH} {{ }}
   }}
@@ -467,7 +470,12 @@ def start_haproxy(
 
 
 def start_sidecars(
-    stack: Stack, cp: ControlPlane, nginx_port: int, timeout: float, mode: str = "tcp"
+    stack: Stack,
+    cp: ControlPlane,
+    nginx_port: int,
+    timeout: float,
+    mode: str = "tcp",
+    local_port: int | None = None,
 ) -> tuple[int, list[int]]:
     """A real `mesh agent` with `client` and `server`; (upstream port, [client pid, server pid])."""
     from tests.agents.conftest import MeshAgent, join_token
@@ -505,7 +513,14 @@ def start_sidecars(
         "server": {
             "name": "server",
             "port": nginx_port,
-            "connect": {"sidecar_service": {"port": free_port()}},
+            # --mode h2: the service stays registered (and health-checked) on
+            # nginx's HTTP/1.1 port; its sidecar talks h2c to the h2 listener.
+            "connect": {
+                "sidecar_service": {
+                    "port": free_port(),
+                    **({"proxy": {"local_service_port": local_port}} if local_port else {}),
+                }
+            },
         },
     }
     for name, definition in definitions.items():
@@ -993,7 +1008,9 @@ def bench(args: argparse.Namespace, stack: Stack) -> dict:
     sidecar_idle_fresh = None
     if "sidecar" in names:
         progress("starting the agent; it spawns and configures both sidecars")
-        port, pids = start_sidecars(stack, cp, app_port, args.setup_timeout, args.mode)
+        port, pids = start_sidecars(
+            stack, cp, nginx_port, args.setup_timeout, args.mode, nginx_h2 if h2 else None
+        )
         topo["sidecar"] = Topology("sidecar", port, pids)
         progress(f"sidecar pair serving on 127.0.0.1:{port} (pids {pids})")
         time.sleep(1.0)

@@ -450,3 +450,56 @@ def test_a_config_whose_regex_does_not_compile_is_refused_and_the_old_one_serves
                        (v1, v2))  # fmt: skip
     assert "nack" in reply and "does not compile" in reply["error"]
     assert m.client.get("/")[0] == 200
+
+
+def h2_flood(port: int, frames) -> list:
+    """Open an h2c connection, let `frames(conn)` queue frames, send them;
+    return the events the sidecar answered with until it closed (or 5 s)."""
+    import h2.config
+    import h2.connection
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    events = []
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(conn.data_to_send())
+        frames(conn)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(conn.data_to_send())
+        deadline = time.monotonic() + 5
+        with contextlib.suppress(OSError):
+            while time.monotonic() < deadline and (data := s.recv(65536)):
+                with contextlib.suppress(Exception):
+                    events.extend(conn.receive_data(data))
+    return events
+
+
+def test_http2_rapid_reset_and_too_many_streams_are_bounded(m):
+    import h2.errors
+    import h2.events
+
+    headers = [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "a")]
+
+    def rapid_reset(conn) -> None:
+        for i in range(400):
+            sid = 1 + 2 * i
+            conn.send_headers(sid, headers, end_stream=True)
+            conn.reset_stream(sid)
+
+    events = h2_flood(m.up, rapid_reset)
+    goaway = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert goaway and goaway[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    # Far fewer requests reached the app than were started.
+    assert sum(a.count() for a in m.apps.values()) < 400
+    assert m.client.get("/")[0] == 200  # and the listener still serves
+
+    def too_many_streams(conn) -> None:
+        conn.local_settings.max_concurrent_streams = 1000
+        conn.remote_settings.max_concurrent_streams = 1000  # ignore the sidecar's limit
+        conn.update_settings({})
+        for i in range(300):
+            conn.send_headers(1 + 2 * i, headers, end_stream=False)
+
+    events = h2_flood(m.up, too_many_streams)
+    assert [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert m.client.get("/")[0] == 200

@@ -312,7 +312,9 @@ class H2Server(H2Base):
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.TooManyStreamsError:
-            self.flush()
+            # More streams than the MAX_CONCURRENT_STREAMS we announced: a
+            # client that ignores the limit is a flood.
+            self.calm_down()
             return
         except h2.exceptions.ProtocolError:
             self.flush()  # h2 queued a GOAWAY
@@ -510,7 +512,12 @@ class H2Client(H2Base):
                             status = int(v)
                         elif n[:1] != b":":
                             hdrs.append((n, v))
-                    framing = "none" if ev.stream_ended else "stream"
+                    if ev.stream_ended:
+                        framing = "none"
+                    elif any(n == b"content-length" for n, _ in hdrs):
+                        framing = "length"  # kept for an HTTP/1.1 caller
+                    else:
+                        framing = "stream"
                     ex.head(status, REASONS.get(status, b""), hdrs, framing)
                     if ev.stream_ended:
                         self._done(ev.stream_id)

@@ -144,6 +144,8 @@ class ServerConn(asyncio.Protocol):
         self._busy = False
         self._closing = False
         self._timer: asyncio.TimerHandle | None = None
+        self._due = 0.0
+        self._due_fn: Callable[[], None] | None = None
         self._url = b""
         self._headers: Headers = []
         self._head = 0
@@ -171,7 +173,7 @@ class ServerConn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        self._disarm()
+        self._cancel_timer()
         if self._task is not None and not self._task.done() and self._busy:
             pass  # the request's task notices (writes become no-ops) and finishes
         self._queue.clear()
@@ -186,23 +188,49 @@ class ServerConn(asyncio.Protocol):
         if self.on_writable is not None:
             self.on_writable(True)
 
+    # One lazy timer per connection: arming sets a deadline and a callback;
+    # the loop's timer is created only when none is pending at or before the
+    # deadline, and when it fires early (the deadline moved on) it re-arms.
+    # A keep-alive connection thus costs no timer handle per request.
+
     def _arm(self, delay: float, fn: Callable[[], None]) -> None:
-        self._disarm()
-        if delay > 0:
-            self._timer = asyncio.get_running_loop().call_later(delay, fn)
+        if delay <= 0:
+            self._disarm()
+            return
+        loop = asyncio.get_running_loop()
+        at = loop.time() + delay
+        self._due, self._due_fn = at, fn
+        if self._timer is None or self._timer.when() > at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(at, self._fire)
 
     def _disarm(self) -> None:
+        self._due_fn = None
+
+    def _fire(self) -> None:
+        self._timer = None
+        fn = self._due_fn
+        if fn is None or self.lost:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._due:
+            self._timer = loop.call_at(self._due, self._fire)
+            return
+        self._due_fn = None
+        fn()
+
+    def _cancel_timer(self) -> None:
+        self._due_fn = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def _idle(self) -> None:
-        self._timer = None
         if not self._busy and not self._queue:
             self.close()
 
     def _slow(self) -> None:
-        self._timer = None
         self.handler.bad_request(self, 408, "request not received in time")
         self.answer_and_close(408, b"request not received in time\n")
 
@@ -322,8 +350,10 @@ class ServerConn(asyncio.Protocol):
             self.transport.write(data)
 
     def writelines(self, data: list[bytes]) -> None:
+        # Joined first: over TLS each piece would be its own record (its own
+        # encryption, MAC and 22-odd bytes), and its own decryption on the other side.
         if not self.lost and self.transport is not None:
-            self.transport.writelines(data)
+            self.transport.write(b"".join(data))
 
     def answer(
         self, status: int, body: bytes = b"", headers: Headers = (), *, close: bool = False
@@ -346,14 +376,14 @@ class ServerConn(asyncio.Protocol):
         if self._closing or self.lost:
             return
         self._closing = True
-        self._disarm()
+        self._cancel_timer()
         self.answer(status, body, close=False)
         if self.transport is not None:
             self.transport.close()
 
     def close(self) -> None:
         self._closing = True
-        self._disarm()
+        self._cancel_timer()
         if self.transport is not None and not self.lost:
             self.transport.close()
 
@@ -413,7 +443,7 @@ class ClientConn(asyncio.Protocol):
         self._got_head = self._got_bytes = False
         self._headers = []
         self._reason = b""
-        self.transport.writelines(data)  # type: ignore[union-attr]
+        self.transport.write(b"".join(data))  # type: ignore[union-attr]  # one TLS record
 
     def detach(self) -> None:
         """The exchange gives up on this response: the connection cannot be reused."""
