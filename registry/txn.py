@@ -22,10 +22,12 @@ def next_index() -> int:
     with rows.cursor() as cur:
         cur.execute("UPDATE registry_meshindex SET value = value + 1 WHERE id = 1 RETURNING value")
         row = cur.fetchone()
-    if row is None:  # first write ever on a database migrated without the seed row
+    if row is None:  # a database without the seed row: create it (once, whoever races)
         with rows.cursor() as cur:
-            cur.execute("INSERT INTO registry_meshindex (id, value) VALUES (1, 1)")
-        return 1
+            cur.execute(
+                "INSERT INTO registry_meshindex (id, value) VALUES (1, 0) ON CONFLICT (id) DO NOTHING"
+            )
+        return next_index()
     return int(row[0])
 
 
