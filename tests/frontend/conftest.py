@@ -35,8 +35,11 @@ def _ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def playwright_browser():
+    # Module-scoped: Playwright's sync API keeps an event loop running on this
+    # thread while it is started, and a test of another module run next on the
+    # same worker (asyncio.run, an event loop of its own) would find it there.
     if not Path(CHROMIUM).exists():
         reason = f"{CHROMIUM} is missing: apt-get install -y chromium"
         if _ci():
