@@ -67,6 +67,10 @@ urlpatterns += [
 urlpatterns += [
     path("acl", acl.acl_index, name="acl"),
     path("acl/tokens/<str:accessor_id>/delete", acl.token_delete, name="acl-token-delete"),
+    path("acl/tokens/<str:accessor_id>", acl.token_edit, name="acl-token-edit"),
+    path("acl/roles", acl.role_list, name="acl-roles"),
+    path("acl/roles/<str:role_id>/delete", acl.role_delete, name="acl-role-delete"),
+    path("acl/roles/<str:role_id>", acl.role_edit, name="acl-role-edit"),
     path("acl/policies/<str:policy_id>/delete", acl.policy_delete, name="acl-policy-delete"),
 ]
 
