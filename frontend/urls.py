@@ -24,6 +24,7 @@ urlpatterns = [
     path("logout", session.logout, name="logout"),
     path("services", services.service_list, name="services"),
     path("services/<str:name>", services.service_detail, name="service"),
+    path("metrics/services/<str:name>/series", services.service_series, name="service-series"),
     path("metrics/services/<str:name>", services.service_metrics, name="service-metrics"),
     path("metrics/edges", services.edge_metrics, name="edge-metrics"),
 ]

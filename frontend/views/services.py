@@ -110,7 +110,8 @@ def service_detail(request: HttpRequest, name: str) -> HttpResponse:
             "proxy_config": config,
             "proxy_config_error": config_error,
             "metrics_url": f"/ui/metrics/services/{name}",
-            "windows": metrics.WINDOWS,
+            "series_url": f"/ui/metrics/services/{name}/series",
+            "windows": metrics.CHART_WINDOWS,
         },
         section="services",
     )
@@ -125,6 +126,16 @@ def service_metrics(request: HttpRequest, name: str) -> JsonResponse:
 
 
 @ui_view()
+def service_series(request: HttpRequest, name: str) -> JsonResponse:
+    """The points of the service's charts over `?window=` (15m, 1h, 24h)."""
+    request.viewer.require("service_read", name)
+    window = request.GET.get("window", "1h")
+    status, data = metrics.fetch(request, metrics.series_path(name), {"window": window})
+    return JsonResponse({"status": status, "data": data if status == 200 else None})
+
+
+@ui_view()
 def edge_metrics(request: HttpRequest) -> JsonResponse:
-    status, data = metrics.fetch(request, metrics.edges_path(), {})
+    query = {"window": request.GET["window"]} if request.GET.get("window") else {}
+    status, data = metrics.fetch(request, metrics.edges_path(), query)
     return JsonResponse({"status": status, "data": data if status == 200 else None})

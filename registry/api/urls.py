@@ -55,6 +55,11 @@ urlpatterns = [
         name="metrics-services",
     ),
     re_path(
+        r"^metrics/services/(?P<name>[^/]+)/series/?$",
+        metrics_api.ServiceSeriesView.as_view(),
+        name="metrics-service-series",
+    ),
+    re_path(
         r"^metrics/services/(?P<name>[^/]+)/?$",
         metrics_api.ServiceMetricsView.as_view(),
         name="metrics-service",
