@@ -26,6 +26,11 @@ urlpatterns = [
     path("services/<str:name>", services.service_detail, name="service"),
     path("metrics/services/<str:name>/series", services.service_series, name="service-series"),
     path("metrics/services/<str:name>", services.service_metrics, name="service-metrics"),
+    path(
+        "peers/<str:peer>/services/<str:name>",
+        services.imported_service,
+        name="imported-service",
+    ),
     path("metrics/edges", services.edge_metrics, name="edge-metrics"),
 ]
 

@@ -10,11 +10,11 @@ from frontend import chains, metrics, paging
 from frontend.auth import ui_view
 from frontend.render import page
 from registry.api.filtersets import ServiceInstanceFilterSet
-from registry.domain import config_entries, intentions, inventory, proxycfg
+from registry.domain import config_entries, intentions, inventory, peering, proxycfg
 from registry.errors import MeshError, NotFound
 from registry.models import Datacenter, ServiceInstance
 
-FILTERS = ("q", "datacenter", "tag", "health", "kind", "source")
+FILTERS = ("q", "datacenter", "tag", "health", "kind", "source", "peer")
 
 
 def _instances(request: HttpRequest, query: dict[str, str]):
@@ -25,14 +25,28 @@ def _instances(request: HttpRequest, query: dict[str, str]):
     return inventory.filter_source(qs, query.get("source", ""))
 
 
+def _imported(request: HttpRequest, query: dict[str, str]) -> list:
+    """Services imported from peers, unless the filters ask for local ones only."""
+    if query.get("source", "") in inventory.LOCAL_SOURCES:
+        return []
+    return peering.imported_summaries(
+        request.viewer.authz,
+        **{k: query.get(k, "") for k in ("q", "tag", "kind", "datacenter", "peer")},
+    )
+
+
 @ui_view()
 def service_list(request: HttpRequest) -> HttpResponse:
     query = paging.filters(request, FILTERS)
+    instances = _instances(request, query)
+    if query.get("peer"):
+        instances = instances.none()  # a peer's services only
     result = inventory.service_page(
-        _instances(request, query),
+        instances,
         health=query.get("health", ""),
         offset=paging.offset(request),
         limit=paging.PER_PAGE,
+        imported=_imported(request, query),
     )
     return page(
         request,
@@ -44,6 +58,7 @@ def service_list(request: HttpRequest) -> HttpResponse:
             "datacenters": Datacenter.objects.values_list("name", flat=True),
             "kinds": ServiceInstance.KINDS,
             "sources": inventory.SOURCES,
+            "peers": peering.peer_names(),
             "healths": inventory.HEALTH_STATES,
         },
         section="services",
@@ -112,6 +127,23 @@ def service_detail(request: HttpRequest, name: str) -> HttpResponse:
             "metrics_url": f"/ui/metrics/services/{name}",
             "series_url": f"/ui/metrics/services/{name}/series",
             "windows": metrics.CHART_WINDOWS,
+        },
+        section="services",
+    )
+
+
+@ui_view()
+def imported_service(request: HttpRequest, peer: str, name: str) -> HttpResponse:
+    """A service a peer exports to us: its instances and checks as this cluster
+    sees them (what `?peer=` reads and our sidecars use)."""
+    data = peering.imported_service(request.viewer.authz, peer, name)
+    return page(
+        request,
+        "frontend/service_imported.html",
+        {
+            "svc": data,
+            "rows": data["instances"],
+            "connect": json.dumps(data["connect"], indent=2, sort_keys=True),
         },
         section="services",
     )
