@@ -105,9 +105,12 @@ def test_roles_are_made_edited_linked_to_tokens_and_deleted_in_the_roles_tab(bro
     assert "invalid name" in page.locator("#e-r-services").text_content()
     assert c.acl.role.read_by_name(name) is None  # nothing saved
     page.fill("#r-services", f"{web}\n{api} dc9")
+    page.fill("#r-description", XSS)
     page.check(f"#role-form input[name=policy][value='{policy['ID']}']")
     page.click("#role-form button[type=submit]")
     page.wait_for_selector(f'tr[data-role="{name}"]')
+    assert XSS in page.locator(f'tr[data-role="{name}"]').text_content()
+    assert page.evaluate("window.__xss === undefined")
     role = c.acl.role.read_by_name(name)
     assert role["ServiceIdentities"] == [
         {"ServiceName": web},
