@@ -29,3 +29,35 @@ def json_field(text: str, what: str) -> object:
         return parse_json(text, what)
     except DecodeError as err:
         raise BadRequest(f"{what}: {err}") from None
+
+
+def service_identity_lines(text: str) -> list[dict[str, object]]:
+    """Service identities typed one a line, `name [dc1,dc2]`, in Consul's shape.
+
+    Only splits the text: the names and datacenters are checked by the domain."""
+    out: list[dict[str, object]] = []
+    for line in text.splitlines():
+        parts = line.replace(",", " ").split()
+        if parts:
+            out.append({"ServiceName": parts[0], "Datacenters": parts[1:]})
+    return out
+
+
+def node_identity_lines(text: str) -> list[dict[str, str]]:
+    """Node identities typed one a line, `node datacenter`, in Consul's shape."""
+    out: list[dict[str, str]] = []
+    for line in text.splitlines():
+        parts = line.split()
+        if parts:
+            out.append({"NodeName": parts[0], "Datacenter": " ".join(parts[1:])})
+    return out
+
+
+def identity_text(items: Iterable[dict], name_key: str, dc_key: str) -> str:
+    """The inverse of the two above, to fill an edit form."""
+    lines = []
+    for item in items:
+        dcs = item.get(dc_key) or []
+        dcs = [dcs] if isinstance(dcs, str) else dcs
+        lines.append(" ".join([item[name_key], ",".join(dcs)]).strip())
+    return "\n".join(lines)

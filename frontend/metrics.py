@@ -2,7 +2,8 @@
 
 The telemetry store answers `/api/metrics/services/<name>` and
 `/api/metrics/edges` (rolling windows: requests per second, success rate,
-latency percentiles). The UI does not know that store's internals: it calls
+latency percentiles) and `/api/metrics/services/<name>/series` (the points a
+chart draws over 15 minutes, an hour or a day). The UI does not know that store's internals: it calls
 those views in-process with the signed-in token, so their ACL rules and
 shapes stay theirs. Where the routes are not there (or have no data yet)
 the charts show an empty state.
@@ -20,21 +21,25 @@ from django.urls import Resolver404, resolve
 from frontend.auth import SESSION_KEY
 from registry.api.errors import not_found
 
-# The telemetry store's rolling windows (`registry.domain.golden`).
-WINDOWS = ("1m", "5m", "15m", "1h")
+# The windows a service page's charts offer (`registry.domain.golden.SERIES_WINDOWS`).
+CHART_WINDOWS = ("15m", "1h", "24h")
 
 
 def service_path(name: str) -> str:
     return f"/api/metrics/services/{name}"
 
 
+def series_path(name: str) -> str:
+    return f"/api/metrics/services/{name}/series"
+
+
 def edges_path() -> str:
     return "/api/metrics/edges"
 
 
-def edges_url() -> str:
-    """Where the overview and topology fetch edge metrics (through the UI)."""
-    return "/ui/metrics/edges"
+def edges_url(window: str) -> str:
+    """Where the overview and topology fetch edge metrics over `window` (through the UI)."""
+    return f"/ui/metrics/edges?window={window}"
 
 
 def available(path: str) -> bool:

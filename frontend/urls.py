@@ -24,7 +24,13 @@ urlpatterns = [
     path("logout", session.logout, name="logout"),
     path("services", services.service_list, name="services"),
     path("services/<str:name>", services.service_detail, name="service"),
+    path("metrics/services/<str:name>/series", services.service_series, name="service-series"),
     path("metrics/services/<str:name>", services.service_metrics, name="service-metrics"),
+    path(
+        "peers/<str:peer>/services/<str:name>",
+        services.imported_service,
+        name="imported-service",
+    ),
     path("metrics/edges", services.edge_metrics, name="edge-metrics"),
 ]
 
@@ -67,6 +73,10 @@ urlpatterns += [
 urlpatterns += [
     path("acl", acl.acl_index, name="acl"),
     path("acl/tokens/<str:accessor_id>/delete", acl.token_delete, name="acl-token-delete"),
+    path("acl/tokens/<str:accessor_id>", acl.token_edit, name="acl-token-edit"),
+    path("acl/roles", acl.role_list, name="acl-roles"),
+    path("acl/roles/<str:role_id>/delete", acl.role_delete, name="acl-role-delete"),
+    path("acl/roles/<str:role_id>", acl.role_edit, name="acl-role-edit"),
     path("acl/policies/<str:policy_id>/delete", acl.policy_delete, name="acl-policy-delete"),
 ]
 

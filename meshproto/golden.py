@@ -55,7 +55,14 @@ DURATION_BOUNDS_MS: tuple[float, ...] = (
 # Request/response size buckets (bytes), Istio's: powers of ten up to 1 GB.
 BYTES_BOUNDS: tuple[float, ...] = tuple(float(10**i) for i in range(10))
 
-WINDOWS_S: tuple[int, ...] = (60, 300, 900, 3600)  # 1, 5, 15 and 60 minutes
+# Windows read from the fine samples (1, 5, 15 and 60 minutes) and the long one
+# (24 hours) read from them plus the coarse rows older samples are rolled up into.
+FINE_WINDOWS_S: tuple[int, ...] = (60, 300, 900, 3600)
+LONG_WINDOW_S = 86400
+WINDOWS_S: tuple[int, ...] = (*FINE_WINDOWS_S, LONG_WINDOW_S)
+ROLLUP_STEP_S = 300  # fine samples older than the fine windows become 5-minute rows
+# The step of a chart's series over a window: about 30 to 300 points.
+SERIES_STEP_S: dict[int, int] = {900: 30, 3600: 60, LONG_WINDOW_S: ROLLUP_STEP_S}
 QUANTILES: tuple[float, ...] = (0.5, 0.95, 0.99)
 REPORTERS = ("source", "destination")
 
@@ -280,3 +287,45 @@ def summarize(samples: Iterable[Sample], now: float, window_s: int) -> dict:
             for q in QUANTILES
         },
     }
+
+
+def bucket_start(t: float, step_s: int) -> float:
+    """The start of the `step_s`-wide bucket holding time `t` (aligned to the epoch)."""
+    return math.floor(t / step_s) * step_s
+
+
+def series(samples: Iterable[Sample], now: float, window_s: int, step_s: int) -> list[dict]:
+    """A chart's points over the last `window_s`: one per `step_s` bucket that
+    holds samples (by their end), oldest first, each with its requests,
+    failures, requests per second over the step, success rate and latency.
+
+    A rolled-up sample (`start` on a bucket boundary, `end - start == step_s`)
+    lands in the bucket it starts: its samples all ended there."""
+    buckets: dict[float, Counts] = {}
+    for s in samples:
+        if s.end <= now - window_s or s.end > now + 60:
+            continue
+        rolled = s.end - s.start == step_s and s.start == bucket_start(s.start, step_s)
+        t = s.start if rolled else bucket_start(s.end, step_s)
+        buckets.setdefault(t, Counts()).add(s.counts)
+    points = []
+    for t in sorted(buckets):
+        c = buckets[t]
+        points.append(
+            {
+                "t": t,
+                "requests": c.requests,
+                "failures": c.failures,
+                "rps": round(c.requests / step_s, 3),
+                "success_rate": (
+                    round((c.requests - c.failures) / c.requests, 6) if c.requests else None
+                ),
+                "latency_ms": {
+                    f"p{round(q * 100)}": (
+                        None if (v := quantile(q, c.buckets)) is None else round(v, 3)
+                    )
+                    for q in QUANTILES
+                },
+            }
+        )
+    return points

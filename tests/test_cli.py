@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 
+import consul
 import pytest
 
 from tests.support.servers import ROOT, free_port, make_server
@@ -1016,3 +1017,64 @@ def test_an_empty_read_because_of_acls_without_a_token_says_so(acl_server, uniqu
 def test_a_read_without_acls_never_says_results_were_filtered(server):
     with server.client() as c:
         assert "X-Consul-Results-Filtered-By-ACLs" not in c.get("/v1/catalog/services").headers
+
+
+def test_acl_role_create_and_list_and_a_token_holding_the_role(acl_server, unique):
+    web, api, name = unique("web"), unique("api"), unique("deployers")
+    text = ok(
+        run_mesh(
+            "acl",
+            "role",
+            "create",
+            f"-name={name}",
+            "-description=web deployers",
+            f"-service-identity={web}",
+            "-node-identity=host-1:dc1",
+            token=acl_server.token,
+            server=acl_server,
+        )
+    )
+    assert f"Name:         {name}" in text and "Description:  web deployers" in text
+    assert f"Service Identities:\n   {web} (Datacenters: all)" in text
+    assert "Node Identities:\n   host-1 (Datacenter: dc1)" in text
+    listed = json.loads(
+        ok(
+            run_mesh(
+                "acl", "role", "list", "-format=json", token=acl_server.token, server=acl_server
+            )
+        )
+    )
+    assert name in {r["Name"] for r in listed}
+    assert f"{name}:\n   ID:" in ok(
+        run_mesh("acl", "role", "list", token=acl_server.token, server=acl_server)
+    )
+    token = json.loads(
+        ok(
+            run_mesh(
+                "acl",
+                "token",
+                "create",
+                f"-role-name={name}",
+                "-format=json",
+                token=acl_server.token,
+                server=acl_server,
+            )
+        )
+    )
+    assert [r["Name"] for r in token["Roles"]] == [name]
+    c = acl_server.consul(token=token["SecretID"])
+    assert c.agent.service.register(web, port=80) is True
+    with pytest.raises(consul.ACLPermissionDenied):
+        c.agent.service.register(api, port=80)
+    missing = run_mesh("acl", "role", "create", token=acl_server.token, server=acl_server)
+    assert missing.returncode == 1 and "Missing required '-name' flag" in missing.stderr
+    bad = run_mesh(
+        "acl",
+        "role",
+        "create",
+        f"-name={unique('bad')}",
+        "-service-identity=Not_Valid!",
+        token=acl_server.token,
+        server=acl_server,
+    )
+    assert bad.returncode == 1 and "invalid name" in bad.stderr

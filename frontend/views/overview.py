@@ -28,7 +28,7 @@ def overview(request: HttpRequest) -> HttpResponse:
             "refused": dashboard.refused_configs(
                 authz, streams.proxy_streams(), streams.connected_nodes()
             ),
-            "denied_url": metrics.edges_url(),
+            "denied_url": metrics.edges_url("5m"),
         },
         section="overview",
     )

@@ -10,11 +10,11 @@ from frontend import chains, metrics, paging
 from frontend.auth import ui_view
 from frontend.render import page
 from registry.api.filtersets import ServiceInstanceFilterSet
-from registry.domain import config_entries, intentions, inventory, proxycfg
+from registry.domain import config_entries, intentions, inventory, peering, proxycfg
 from registry.errors import MeshError, NotFound
 from registry.models import Datacenter, ServiceInstance
 
-FILTERS = ("q", "datacenter", "tag", "health", "kind", "source")
+FILTERS = ("q", "datacenter", "tag", "health", "kind", "source", "peer")
 
 
 def _instances(request: HttpRequest, query: dict[str, str]):
@@ -25,14 +25,28 @@ def _instances(request: HttpRequest, query: dict[str, str]):
     return inventory.filter_source(qs, query.get("source", ""))
 
 
+def _imported(request: HttpRequest, query: dict[str, str]) -> list:
+    """Services imported from peers, unless the filters ask for local ones only."""
+    if query.get("source", "") in inventory.LOCAL_SOURCES:
+        return []
+    return peering.imported_summaries(
+        request.viewer.authz,
+        **{k: query.get(k, "") for k in ("q", "tag", "kind", "datacenter", "peer")},
+    )
+
+
 @ui_view()
 def service_list(request: HttpRequest) -> HttpResponse:
     query = paging.filters(request, FILTERS)
+    instances = _instances(request, query)
+    if query.get("peer"):
+        instances = instances.none()  # a peer's services only
     result = inventory.service_page(
-        _instances(request, query),
+        instances,
         health=query.get("health", ""),
         offset=paging.offset(request),
         limit=paging.PER_PAGE,
+        imported=_imported(request, query),
     )
     return page(
         request,
@@ -44,6 +58,7 @@ def service_list(request: HttpRequest) -> HttpResponse:
             "datacenters": Datacenter.objects.values_list("name", flat=True),
             "kinds": ServiceInstance.KINDS,
             "sources": inventory.SOURCES,
+            "peers": peering.peer_names(),
             "healths": inventory.HEALTH_STATES,
         },
         section="services",
@@ -110,7 +125,25 @@ def service_detail(request: HttpRequest, name: str) -> HttpResponse:
             "proxy_config": config,
             "proxy_config_error": config_error,
             "metrics_url": f"/ui/metrics/services/{name}",
-            "windows": metrics.WINDOWS,
+            "series_url": f"/ui/metrics/services/{name}/series",
+            "windows": metrics.CHART_WINDOWS,
+        },
+        section="services",
+    )
+
+
+@ui_view()
+def imported_service(request: HttpRequest, peer: str, name: str) -> HttpResponse:
+    """A service a peer exports to us: its instances and checks as this cluster
+    sees them (what `?peer=` reads and our sidecars use)."""
+    data = peering.imported_service(request.viewer.authz, peer, name)
+    return page(
+        request,
+        "frontend/service_imported.html",
+        {
+            "svc": data,
+            "rows": data["instances"],
+            "connect": json.dumps(data["connect"], indent=2, sort_keys=True),
         },
         section="services",
     )
@@ -125,6 +158,16 @@ def service_metrics(request: HttpRequest, name: str) -> JsonResponse:
 
 
 @ui_view()
+def service_series(request: HttpRequest, name: str) -> JsonResponse:
+    """The points of the service's charts over `?window=` (15m, 1h, 24h)."""
+    request.viewer.require("service_read", name)
+    window = request.GET.get("window", "1h")
+    status, data = metrics.fetch(request, metrics.series_path(name), {"window": window})
+    return JsonResponse({"status": status, "data": data if status == 200 else None})
+
+
+@ui_view()
 def edge_metrics(request: HttpRequest) -> JsonResponse:
-    status, data = metrics.fetch(request, metrics.edges_path(), {})
+    query = {"window": request.GET["window"]} if request.GET.get("window") else {}
+    status, data = metrics.fetch(request, metrics.edges_path(), query)
     return JsonResponse({"status": status, "data": data if status == 200 else None})

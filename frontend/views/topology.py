@@ -17,7 +17,7 @@ def topology(request: HttpRequest) -> HttpResponse:
     return page(
         request,
         "frontend/topology.html",
-        {"q": q, "edges_url": metrics.edges_url()},
+        {"q": q, "edges_url": metrics.edges_url("1m")},
         section="topology",
     )
 

@@ -1,4 +1,4 @@
-"""`mesh acl bootstrap|token|policy`: ACL management over /v1/acl/*, as consul prints it."""
+"""`mesh acl bootstrap|token|policy|role`: ACL management over /v1/acl/*, as consul prints it."""
 
 from __future__ import annotations
 
@@ -263,6 +263,61 @@ def cmd_policy_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_role(role: dict, meta: bool = False, indent: str = "") -> str:
+    """A role as `consul acl role read` prints it."""
+    lines = [
+        f"ID:           {role.get('ID', '')}",
+        f"Name:         {role.get('Name', '')}",
+        f"Description:  {role.get('Description', '')}",
+    ]
+    if meta:
+        lines += [
+            f"Hash:         {_hash_hex(role.get('Hash'))}",
+            f"Create Index: {role.get('CreateIndex', 0)}",
+            f"Modify Index: {role.get('ModifyIndex', 0)}",
+        ]
+    lines += _policy_lines(role)
+    return "\n".join(indent + line for line in lines)
+
+
+def cmd_role_create(args: argparse.Namespace) -> int:
+    if not args.name:
+        raise CommandError("Missing required '-name' flag")
+    client = Client.from_args(args)
+    body: dict = {"Name": args.name, "Description": args.description}
+    policies = [{"ID": _resolve_policy_id(client, pid)} for pid in args.policy_id or []]
+    policies += [{"Name": name} for name in args.policy_name or []]
+    if policies:
+        body["Policies"] = policies
+    if args.service_identity:
+        body["ServiceIdentities"] = [_service_identity(s) for s in args.service_identity]
+    if args.node_identity:
+        body["NodeIdentities"] = [_node_identity(n) for n in args.node_identity]
+    try:
+        role = client.put_json("/v1/acl/role", body)
+    except ApiError as exc:
+        raise api_failure("Failed to create new role", exc, client) from None
+    if args.format == "json":
+        out_json(role)
+    else:
+        out(format_role(role, meta=args.meta))
+    return 0
+
+
+def cmd_role_list(args: argparse.Namespace) -> int:
+    client = Client.from_args(args)
+    try:
+        roles = client.get_json("/v1/acl/roles") or []
+    except ApiError as exc:
+        raise api_failure("Failed to retrieve the role list", exc, client) from None
+    if args.format == "json":
+        out_json(roles)
+        return 0
+    for role in roles:
+        out(f"{role.get('Name', '')}:\n" + format_role(role, meta=args.meta, indent="   "))
+    return 0
+
+
 # --------------------------------------------------------------------------- parsers
 
 
@@ -436,4 +491,75 @@ each flag may be given several times.""",
         """,
     )
     _meta_option(p, "policy")
+    add_format_option(p)
+
+    role = add_group(
+        acl,
+        "role",
+        "Create and list ACL roles",
+        """
+        $ mesh acl role create -name=web-deployer -service-identity=web
+        $ mesh acl role list
+        """,
+    )
+    p = add_command(
+        role,
+        "create",
+        cmd_role_create,
+        "Create a role: policies and service or node identities under one name",
+        """
+Link policies by name (-policy-name) or by ID or unique ID prefix (-policy-id).
+A service identity (NAME or NAME:DC1,DC2) may write that service and its sidecar
+and read every service and node; a node identity (NODE:DC) may write that node.""",
+        """
+        $ mesh acl role create -name=web-deployer -service-identity=web
+        $ mesh acl role create -name=ops -policy-name=node-read -node-identity=host-1:dc1
+        """,
+    )
+    p.add_argument("-name", "--name", default="", help="the role's name (required)")
+    p.add_argument("-description", "--description", default="", help="the role's description")
+    p.add_argument(
+        "-policy-id",
+        "--policy-id",
+        dest="policy_id",
+        action="append",
+        help="policy ID (repeatable)",
+    )
+    p.add_argument(
+        "-policy-name",
+        "--policy-name",
+        dest="policy_name",
+        action="append",
+        help="policy name (repeatable)",
+    )
+    p.add_argument(
+        "-service-identity",
+        "--service-identity",
+        dest="service_identity",
+        action="append",
+        metavar="NAME[:DC1,DC2]",
+        help="service identity (repeatable)",
+    )
+    p.add_argument(
+        "-node-identity",
+        "--node-identity",
+        dest="node_identity",
+        action="append",
+        metavar="NODE:DC",
+        help="node identity (repeatable)",
+    )
+    _meta_option(p, "role")
+    add_format_option(p)
+
+    p = add_command(
+        role,
+        "list",
+        cmd_role_list,
+        "List all ACL roles",
+        examples="""
+        $ mesh acl role list
+        $ mesh acl role list -format=json
+        """,
+    )
+    _meta_option(p, "role")
     add_format_option(p)

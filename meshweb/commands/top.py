@@ -30,7 +30,7 @@ from meshweb.commands.base import (
     path_escape,
 )
 
-WINDOWS = ("1m", "5m", "15m", "1h")
+WINDOWS = ("1m", "5m", "15m", "1h", "24h")
 CLEAR = "\x1b[H\x1b[2J"
 
 
@@ -89,15 +89,19 @@ def render_service(data: dict, edges_in: list[dict], edges_out: list[dict], wind
     return "\n".join(lines)
 
 
-def _read(client: Client, service: str) -> tuple[dict, str]:
-    """The JSON of one refresh and its text rendering's inputs."""
+def _read(client: Client, service: str, window: str) -> tuple[dict, str]:
+    """The JSON of one refresh and its text rendering's inputs (lists over `window` only)."""
     if service:
         data = client.get_json(f"/api/metrics/services/{path_escape(service)}")
-        edges_in = client.get_json("/api/metrics/edges", {"destination": service})["edges"]
-        edges_out = client.get_json("/api/metrics/edges", {"source": service})["edges"]
+        edges_in = client.get_json(
+            "/api/metrics/edges", {"destination": service, "window": window}
+        )["edges"]
+        edges_out = client.get_json("/api/metrics/edges", {"source": service, "window": window})[
+            "edges"
+        ]
         return {"service": data, "edges_in": edges_in, "edges_out": edges_out}, "service"
-    services = client.get_json("/api/metrics/services/")["services"]
-    edges = client.get_json("/api/metrics/edges")["edges"]
+    services = client.get_json("/api/metrics/services/", {"window": window})["services"]
+    edges = client.get_json("/api/metrics/edges", {"window": window})["edges"]
     return {"services": services, "edges": edges}, "mesh"
 
 
@@ -117,7 +121,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         while True:
             try:
-                data, kind = _read(client, args.service)
+                data, kind = _read(client, args.service, args.window)
             except ApiError as exc:
                 raise api_failure(
                     "Error reading golden metrics", _api_message(exc), client

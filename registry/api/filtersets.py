@@ -8,7 +8,16 @@ from django.db.models.fields.json import KeyTransform
 from django_filters.widgets import QueryArrayWidget
 from rest_framework.exceptions import ValidationError
 
-from registry.models import ACLPolicy, ACLToken, Check, Datacenter, KVEntry, Node, ServiceInstance
+from registry.models import (
+    ACLPolicy,
+    ACLRole,
+    ACLToken,
+    Check,
+    Datacenter,
+    KVEntry,
+    Node,
+    ServiceInstance,
+)
 
 
 def _meta_pairs(values: list[str], param: str) -> list[tuple[str, str]]:
@@ -133,10 +142,21 @@ class ACLPolicyFilterSet(df.FilterSet):
         fields = ["name", "q"]
 
 
+class ACLRoleFilterSet(df.FilterSet):
+    name = df.CharFilter(field_name="name")
+    q = df.CharFilter(field_name="name", lookup_expr="icontains", label="name contains")
+    policy = df.CharFilter(field_name="policies__name", label="linked to the policy named")
+
+    class Meta:
+        model = ACLRole
+        fields = ["name", "q", "policy"]
+
+
 class ACLTokenFilterSet(df.FilterSet):
     policy = df.CharFilter(field_name="policies__name", label="linked to the policy named")
+    role = df.CharFilter(field_name="roles__name", label="linked to the role named")
     local = df.BooleanFilter(field_name="local")
 
     class Meta:
         model = ACLToken
-        fields = ["policy", "local"]
+        fields = ["policy", "role", "local"]

@@ -20,7 +20,16 @@ from registry import decode
 from registry.domain import datacenters as dc_domain
 from registry.domain import kv
 from registry.errors import MeshError
-from registry.models import ACLPolicy, ACLToken, Check, Datacenter, KVEntry, Node, ServiceInstance
+from registry.models import (
+    ACLPolicy,
+    ACLRole,
+    ACLToken,
+    Check,
+    Datacenter,
+    KVEntry,
+    Node,
+    ServiceInstance,
+)
 
 HEALTH_CHOICES = [Check.PASSING, Check.WARNING, Check.CRITICAL]
 
@@ -538,10 +547,47 @@ class PolicyLinkSerializer(serializers.Serializer):
         return [{"ID": link.get("id", ""), "Name": link.get("name", "")} for link in links]
 
 
+class ServiceIdentitySerializer(serializers.Serializer):
+    """Consul's service identity: write `service_name` (and its sidecar), read the rest."""
+
+    service_name = Text()
+    datacenters = StringList(required=False)
+
+    @staticmethod
+    def consul(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {"ServiceName": i["service_name"], "Datacenters": i.get("datacenters") or []}
+            for i in items
+        ]
+
+    @staticmethod
+    def rest(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {"service_name": i["ServiceName"], "datacenters": list(i.get("Datacenters") or [])}
+            for i in items
+        ]
+
+
+class NodeIdentitySerializer(serializers.Serializer):
+    """Consul's node identity: write `node_name` in `datacenter`, read services."""
+
+    node_name = Text()
+    datacenter = Text()
+
+    @staticmethod
+    def consul(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"NodeName": i["node_name"], "Datacenter": i["datacenter"]} for i in items]
+
+    @staticmethod
+    def rest(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"node_name": i["NodeName"], "datacenter": i["Datacenter"]} for i in items]
+
+
 class ACLTokenSerializer(serializers.ModelSerializer):
     """A token. Its secret is never shown again after it is created."""
 
     policies = serializers.SerializerMethodField()
+    roles = serializers.SerializerMethodField()
 
     class Meta:
         model = ACLToken
@@ -549,6 +595,7 @@ class ACLTokenSerializer(serializers.ModelSerializer):
             "accessor_id",
             "description",
             "policies",
+            "roles",
             "local",
             "expiration_time",
             "create_time",
@@ -561,6 +608,12 @@ class ACLTokenSerializer(serializers.ModelSerializer):
     def get_policies(self, token: ACLToken) -> list[dict[str, str]]:
         return [
             {"id": p.id, "name": p.name} for p in sorted(token.policies.all(), key=lambda p: p.name)
+        ]
+
+    @extend_schema_field(PolicyLinkSerializer(many=True))
+    def get_roles(self, token: ACLToken) -> list[dict[str, str]]:
+        return [
+            {"id": r.id, "name": r.name} for r in sorted(token.roles.all(), key=lambda r: r.name)
         ]
 
 
@@ -578,10 +631,11 @@ class ACLTokenCreatedSerializer(ACLTokenSerializer):
 
 
 class ACLTokenWriteSerializer(serializers.Serializer):
-    """Create a token (all fields) or change one (`description`, `policies`)."""
+    """Create a token (all fields) or change one (`description`, `policies`, `roles`)."""
 
     description = Text(required=False, allow_blank=True)
     policies = PolicyLinkSerializer(many=True, required=False)
+    roles = PolicyLinkSerializer(many=True, required=False, help_text="roles, by id or name")
     local = serializers.BooleanField(required=False)
     expiration_ttl = DurationField(required=False, help_text='e.g. "24h"; only when creating')
     expiration_time = serializers.DateTimeField(required=False, help_text="only when creating")
@@ -593,6 +647,7 @@ class ACLTokenWriteSerializer(serializers.Serializer):
         return {
             "description": d.get("description", ""),
             "policies": PolicyLinkSerializer.consul(d.get("policies", [])),
+            "roles": PolicyLinkSerializer.consul(d.get("roles", [])),
             "local": d.get("local", False),
             "accessor_id": d.get("accessor_id", ""),
             "secret_id": d.get("secret_id", ""),
@@ -611,9 +666,15 @@ class ACLTokenWriteSerializer(serializers.Serializer):
             links = [{"ID": p.id, "Name": ""} for p in current.policies.all()]
         else:
             links = PolicyLinkSerializer.consul(policies)
+        roles = d.get("roles")
+        if roles is None:
+            role_links = [{"ID": r.id, "Name": ""} for r in current.roles.all()]
+        else:
+            role_links = PolicyLinkSerializer.consul(roles)
         return {
             "description": d.get("description", current.description),
             "policies": links,
+            "roles": role_links,
             "local": d.get("local"),
             "secret_id": d.get("secret_id", ""),
         }
@@ -655,4 +716,74 @@ class ACLPolicyWriteSerializer(serializers.Serializer):
             "description": d.get("description", current.description if current else ""),
             "rules": d.get("rules", current.rules if current else ""),
             "datacenters": d.get("datacenters", list(current.datacenters or []) if current else []),
+        }
+
+
+class ACLRoleSerializer(serializers.ModelSerializer):
+    """A role: policies and service/node identities that tokens link to at once."""
+
+    policies = serializers.SerializerMethodField()
+    service_identities = serializers.SerializerMethodField()
+    node_identities = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ACLRole
+        fields = [
+            "id",
+            "name",
+            "description",
+            "policies",
+            "service_identities",
+            "node_identities",
+            "create_index",
+            "modify_index",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(PolicyLinkSerializer(many=True))
+    def get_policies(self, role: ACLRole) -> list[dict[str, str]]:
+        return [
+            {"id": p.id, "name": p.name} for p in sorted(role.policies.all(), key=lambda p: p.name)
+        ]
+
+    @extend_schema_field(ServiceIdentitySerializer(many=True))
+    def get_service_identities(self, role: ACLRole) -> list[dict[str, Any]]:
+        return ServiceIdentitySerializer.rest(role.service_identities or [])
+
+    @extend_schema_field(NodeIdentitySerializer(many=True))
+    def get_node_identities(self, role: ACLRole) -> list[dict[str, Any]]:
+        return NodeIdentitySerializer.rest(role.node_identities or [])
+
+
+class ACLRoleWriteSerializer(serializers.Serializer):
+    """A role's fields; on update, fields not sent keep their current values."""
+
+    name = Text(max_length=256, required=False)
+    description = Text(required=False, allow_blank=True)
+    policies = PolicyLinkSerializer(many=True, required=False)
+    service_identities = ServiceIdentitySerializer(many=True, required=False)
+    node_identities = NodeIdentitySerializer(many=True, required=False)
+
+    def args(self, current: ACLRole | None = None) -> dict[str, Any]:
+        d = self.validated_data
+        if current is None and not d.get("name"):
+            raise serializers.ValidationError({"name": "This field is required."})
+        if "policies" in d:
+            policies = PolicyLinkSerializer.consul(d["policies"])
+        else:
+            policies = [{"ID": p.id} for p in current.policies.all()] if current else []
+        if "service_identities" in d:
+            services = ServiceIdentitySerializer.consul(d["service_identities"])
+        else:
+            services = list(current.service_identities or []) if current else []
+        if "node_identities" in d:
+            nodes = NodeIdentitySerializer.consul(d["node_identities"])
+        else:
+            nodes = list(current.node_identities or []) if current else []
+        return {
+            "name": d.get("name", current.name if current else ""),
+            "description": d.get("description", current.description if current else ""),
+            "policies": policies,
+            "service_identities": services,
+            "node_identities": nodes,
         }

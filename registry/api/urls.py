@@ -24,6 +24,7 @@ router.register("instances", views.InstanceViewSet, basename="instance")
 router.register("checks", views.CheckViewSet, basename="check")
 router.register("acl/tokens", views.ACLTokenViewSet, basename="acltoken")
 router.register("acl/policies", views.ACLPolicyViewSet, basename="aclpolicy")
+router.register("acl/roles", views.ACLRoleViewSet, basename="aclrole")
 router.register("intentions", intentions_api.IntentionViewSet, basename="intention")
 router.register("audit", audit.AuditEntryViewSet, basename="audit")
 router.register("join-tokens", join_tokens_api.JoinTokenViewSet, basename="jointoken")
@@ -52,6 +53,11 @@ urlpatterns = [
         r"^metrics/services/?$",
         metrics_api.ServiceMetricsListView.as_view(),
         name="metrics-services",
+    ),
+    re_path(
+        r"^metrics/services/(?P<name>[^/]+)/series/?$",
+        metrics_api.ServiceSeriesView.as_view(),
+        name="metrics-service-series",
     ),
     re_path(
         r"^metrics/services/(?P<name>[^/]+)/?$",

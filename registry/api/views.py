@@ -38,7 +38,16 @@ from registry.api import serializers as s
 from registry.api.auth import Need, authz_of, identity_of, require
 from registry.domain import acl, catalog, datacenters, inventory, kv
 from registry.errors import Conflict, NotFound, TooLarge
-from registry.models import ACLPolicy, ACLToken, Check, Datacenter, KVEntry, Node, ServiceInstance
+from registry.models import (
+    ACLPolicy,
+    ACLRole,
+    ACLToken,
+    Check,
+    Datacenter,
+    KVEntry,
+    Node,
+    ServiceInstance,
+)
 
 ERROR = OpenApiResponse(
     description='An error: `{"error": "<message>"}` (400s also carry `fields`).'
@@ -142,6 +151,7 @@ class RootView(APIView):
             ("kv", "kv-list"),
             ("acl/tokens", "acltoken-list"),
             ("acl/policies", "aclpolicy-list"),
+            ("acl/roles", "aclrole-list"),
             ("schema", "schema"),
             ("docs", "swagger-ui"),
             ("redoc", "redoc"),
@@ -529,7 +539,7 @@ class ACLTokenViewSet(mixins.ListModelMixin, ACLViewSet):
 
     def visible(self):
         live = [t.accessor_id for t in acl.list_tokens()]
-        return ACLToken.objects.prefetch_related("policies").filter(accessor_id__in=live)
+        return ACLToken.objects.prefetch_related("policies", "roles").filter(accessor_id__in=live)
 
     def retrieve(self, request: Request, accessor_id: str) -> Response:
         return Response(s.ACLTokenSerializer(acl.get_token(accessor_id)).data)
@@ -601,6 +611,56 @@ class ACLPolicyViewSet(mixins.ListModelMixin, ACLViewSet):
     def destroy(self, request: Request, pk: str) -> Response:
         acl.get_policy(pk)
         acl.delete_policy(pk)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+@extend_schema_view(
+    retrieve=extend_schema(responses={200: s.ACLRoleSerializer, 403: ERROR, 404: ERROR}),
+    create=extend_schema(
+        request=s.ACLRoleWriteSerializer, responses={201: s.ACLRoleSerializer, **WRITE_ERRORS}
+    ),
+    update=extend_schema(
+        request=s.ACLRoleWriteSerializer, responses={200: s.ACLRoleSerializer, **WRITE_ERRORS}
+    ),
+    partial_update=extend_schema(
+        request=s.ACLRoleWriteSerializer, responses={200: s.ACLRoleSerializer, **WRITE_ERRORS}
+    ),
+    destroy=extend_schema(responses={204: None, 400: ERROR, 403: ERROR, 404: ERROR}),
+)
+class ACLRoleViewSet(mixins.ListModelMixin, ACLViewSet):
+    """ACL roles: policies and service/node identities that tokens link to."""
+
+    queryset = ACLRole.objects.prefetch_related("policies")
+    serializer_class = s.ACLRoleSerializer
+    write_serializers = {
+        "POST": s.ACLRoleWriteSerializer,
+        "PUT": s.ACLRoleWriteSerializer,
+        "PATCH": s.ACLRoleWriteSerializer,
+    }
+    filterset_class = filtersets.ACLRoleFilterSet
+    ordering_fields = ["name", "create_index", "modify_index"]
+    ordering = ["name"]
+    lookup_value_regex = NAME
+
+    def retrieve(self, request: Request, pk: str) -> Response:
+        return Response(s.ACLRoleSerializer(acl.get_role(pk)).data)
+
+    def create(self, request: Request) -> Response:
+        body = self.valid(s.ACLRoleWriteSerializer)
+        role = acl.create_role(**body.args())
+        return Response(s.ACLRoleSerializer(role).data, status.HTTP_201_CREATED)
+
+    def update(self, request: Request, pk: str) -> Response:
+        body = self.valid(s.ACLRoleWriteSerializer)
+        role = acl.update_role(pk, **body.args(acl.get_role(pk)))
+        return Response(s.ACLRoleSerializer(role).data)
+
+    def partial_update(self, request: Request, pk: str) -> Response:
+        return self.update(request, pk)
+
+    def destroy(self, request: Request, pk: str) -> Response:
+        acl.get_role(pk)
+        acl.delete_role(pk)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 

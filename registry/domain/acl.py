@@ -1,4 +1,4 @@
-"""ACL tokens and policies, and resolving a request's token to an authorizer.
+"""ACL tokens, policies and roles, and resolving a request's token to an authorizer.
 
 Token secrets are stored as SHA-256 digests: a secret is shown once, when
 its token is created, cloned or bootstrapped, and never again (reads answer
@@ -9,8 +9,12 @@ the `acl` topic (or the token expires).
 The functions below are the one home of the ACL rules that Consul's ACL
 endpoints enforce (names, UUIDs, reserved IDs, expiration bounds, the builtin
 policy and the anonymous token); `/v1/acl/...`, the REST API and the CLI call
-them and shape the rows with `token_json` / `policy_json`. Every write is one
-`Change` touching the `acl` topic.
+them and shape the rows with `token_json` / `policy_json` / `role_json`. Every
+write is one `Change` touching the `acl` topic.
+
+A token's effective rules are built in one place, `token_authorizer`: its
+own policies, its roles' policies, and the templated rules of its roles'
+service and node identities (Consul's).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from registry import topics as topic
 from registry.acl_rules import Authorizer, RulesError, parse_rules
 from registry.decode import format_duration
 from registry.errors import BadRequest, MeshError, NotFound, PermissionDenied
-from registry.models import ACLPolicy, ACLToken
+from registry.models import ACLPolicy, ACLRole, ACLToken
 from registry.models.acl import ANONYMOUS_TOKEN_ACCESSOR, GLOBAL_MANAGEMENT_POLICY_ID
 from registry.txn import Change, topic_index
 
@@ -75,6 +79,9 @@ session_prefix "" {
 }
 """
 _POLICY_NAME = re.compile(r"^[A-Za-z0-9\-_]{1,128}$")
+_ROLE_NAME = re.compile(r"^[A-Za-z0-9\-_]{1,256}$")
+# Consul's rule for service and node identity names (lower-case DNS-like labels).
+_IDENTITY_NAME = re.compile(r"^[a-z0-9]([a-z0-9\-_]*[a-z0-9])?$")
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
@@ -150,7 +157,7 @@ def _load_identity(secret: str) -> Identity:
         if token is None:
             return Identity(ANONYMOUS_TOKEN_ACCESSOR, default_authorizer(), "Anonymous Token")
     else:
-        token = ACLToken.objects.filter(secret_hash=hash_secret(secret)).first()
+        token = _tokens().filter(secret_hash=hash_secret(secret)).first()
         if token is None:
             raise PermissionDenied("ACL not found")
     if _expired(token):
@@ -160,13 +167,57 @@ def _load_identity(secret: str) -> Identity:
     )
 
 
+def service_identity_rules(name: str) -> str:
+    """Consul's templated policy for a service identity: write the service and its
+    sidecar, read every service and node (what discovery needs)."""
+    return (
+        f'service "{name}" {{\n  policy = "write"\n}}\n'
+        f'service "{name}-sidecar-proxy" {{\n  policy = "write"\n}}\n'
+        'service_prefix "" {\n  policy = "read"\n}\n'
+        'node_prefix "" {\n  policy = "read"\n}\n'
+    )
+
+
+def node_identity_rules(name: str) -> str:
+    """Consul's templated policy for a node identity: write the node, read every service."""
+    return (
+        f'node "{name}" {{\n  policy = "write"\n}}\nservice_prefix "" {{\n  policy = "read"\n}}\n'
+    )
+
+
+def effective_policies(token: ACLToken) -> list[ACLPolicy]:
+    """The policies a token holds: its own and its roles', de-duplicated by ID."""
+    out: dict[str, ACLPolicy] = {p.id: p for p in token.policies.all()}
+    for role in token.roles.all():
+        for p in role.policies.all():
+            out.setdefault(p.id, p)
+    return list(out.values())
+
+
+def identity_rules(roles: Iterable[ACLRole], here: str) -> list[str]:
+    """The templated rules a token's roles grant in datacenter `here`."""
+    out: list[str] = []
+    for role in roles:
+        for ident in role.service_identities or []:
+            dcs = ident.get("Datacenters") or []
+            if not dcs or here in dcs:
+                out.append(service_identity_rules(ident["ServiceName"]))
+        for ident in role.node_identities or []:
+            if ident.get("Datacenter") == here:
+                out.append(node_identity_rules(ident["NodeName"]))
+    return out
+
+
 def token_authorizer(token: ACLToken) -> Authorizer:
-    policies = list(token.policies.all())
+    """What a token may do: the one place its effective rules are built (policies,
+    roles' policies, roles' service and node identities)."""
+    policies = effective_policies(token)
     if any(p.id == GLOBAL_MANAGEMENT_POLICY_ID for p in policies):
         return Authorizer.management()
     # A policy listing datacenters applies only in those (Consul's policy `Datacenters`).
     here = settings.MESH_DC
     rules = [parse_rules(p.rules) for p in policies if not p.datacenters or here in p.datacenters]
+    rules += [parse_rules(text) for text in identity_rules(token.roles.all(), here)]
     return Authorizer.from_rules(rules, default=default_authorizer())
 
 
@@ -318,7 +369,7 @@ def _expiration(now: datetime, ttl: float, at: datetime | None) -> datetime | No
 
 
 def _tokens():
-    return ACLToken.objects.prefetch_related("policies")
+    return ACLToken.objects.prefetch_related("policies", "roles", "roles__policies")
 
 
 def _is_uuid(value: str) -> bool:
@@ -359,6 +410,25 @@ def _policy_links(links: Iterable[Mapping[str, str]]) -> list[ACLPolicy]:
     return list(out.values())
 
 
+def _role_links(links: Iterable[Mapping[str, str]]) -> list[ACLRole]:
+    """Resolve `{"ID": ...}` / `{"Name": ...}` links to roles, de-duplicated by ID."""
+    out: dict[str, ACLRole] = {}
+    for link in links:
+        role_id, name = link.get("ID") or "", link.get("Name") or ""
+        if not role_id and not name:
+            raise BadRequest("Role links must give the role's ID or Name")
+        if role_id:
+            role = ACLRole.objects.filter(id=role_id).first()
+            if role is None:
+                raise BadRequest(f'No such ACL role with ID "{role_id}"')
+        else:
+            role = ACLRole.objects.filter(name=name).first()
+            if role is None:
+                raise BadRequest(f'No such ACL role with name "{name}"')
+        out.setdefault(role.id, role)
+    return list(out.values())
+
+
 def _reload(accessor_id: str) -> ACLToken:
     return _tokens().get(accessor_id=accessor_id)
 
@@ -367,6 +437,7 @@ def create_token(
     *,
     description: str = "",
     policies: Iterable[Mapping[str, str]] = (),
+    roles: Iterable[Mapping[str, str]] = (),
     local: bool = False,
     accessor_id: str = "",
     secret_id: str = "",
@@ -391,6 +462,7 @@ def create_token(
             secret_id = new_secret()
         expires = _expiration(timezone.now(), expiration_ttl, expiration_time)
         linked = _policy_links(policies)
+        linked_roles = _role_links(roles)
         token = ACLToken.objects.create(
             accessor_id=accessor_id,
             secret_hash=hash_secret(secret_id),
@@ -401,6 +473,7 @@ def create_token(
             modify_index=change.index,
         )
         token.policies.set(linked)
+        token.roles.set(linked_roles)
         change.touch(topic.ACL)
     return _reload(token.accessor_id), secret_id
 
@@ -410,12 +483,13 @@ def update_token(
     *,
     description: str = "",
     policies: Iterable[Mapping[str, str]] = (),
+    roles: Iterable[Mapping[str, str]] = (),
     local: bool | None = None,
     secret_id: str = "",
     expiration_ttl: float = 0.0,
     expiration_time: datetime | None = None,
 ) -> ACLToken:
-    """Replace a token's description and policies (Consul's `PUT /v1/acl/token/:id`).
+    """Replace a token's description, policies and roles (Consul's `PUT /v1/acl/token/:id`).
 
     As in Consul the secret, locality and expiry cannot change: giving them is
     allowed only when they match. `local=None` keeps the token's locality.
@@ -435,10 +509,12 @@ def update_token(
         if expiration_time is not None and expiration_time != token.expiration_time:
             raise BadRequest(f"Cannot change expiration time of {accessor_id}")
         linked = _policy_links(policies)
+        linked_roles = _role_links(roles)
         token.description = description
         token.modify_index = change.index
         token.save(update_fields=["description", "modify_index"])
         token.policies.set(linked)
+        token.roles.set(linked_roles)
         change.touch(topic.ACL)
     return _reload(accessor_id)
 
@@ -479,6 +555,7 @@ def clone_token(accessor_id: str, *, description: str = "") -> tuple[ACLToken, s
             modify_index=change.index,
         )
         token.policies.set(list(source.policies.all()))
+        token.roles.set(list(source.roles.all()))
         change.touch(topic.ACL)
     return _reload(token.accessor_id), secret
 
@@ -500,11 +577,14 @@ def get_token_by_secret(secret: str | None) -> ACLToken:
     return token
 
 
-def list_tokens(policy: str = "") -> list[ACLToken]:
-    """Live tokens by accessor ID (Consul's order), optionally those linking policy ID `policy`."""
+def list_tokens(policy: str = "", role: str = "") -> list[ACLToken]:
+    """Live tokens by accessor ID (Consul's order), optionally those linking policy ID
+    `policy` or role ID `role`."""
     query = _tokens()
     if policy:
         query = query.filter(policies__id=policy)
+    if role:
+        query = query.filter(roles__id=role)
     now = timezone.now()
     return [t for t in query.order_by("accessor_id") if not _expired(t, now)]
 
@@ -622,6 +702,151 @@ def list_policies() -> list[ACLPolicy]:
     return list(ACLPolicy.objects.order_by("id"))
 
 
+# --- roles ---------------------------------------------------------------------------
+
+
+def _service_identities(items: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Check Consul's `ServiceIdentities` and store them in its shape (de-duplicated)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name = (item.get("ServiceName") or "").strip()
+        if not name:
+            raise BadRequest("Invalid Role: Service identity is missing the service name field")
+        if len(name) > 256 or not _IDENTITY_NAME.match(name):
+            raise BadRequest(f"Invalid Role: Service identity has an invalid name: {name!r}")
+        dcs = [str(dc) for dc in item.get("Datacenters") or []]
+        if any(not dc for dc in dcs):
+            raise BadRequest("Invalid Role: Service identity Datacenters must not be empty names")
+        entry = out.setdefault(name, {"ServiceName": name})
+        if dcs:
+            entry["Datacenters"] = sorted({*entry.get("Datacenters", []), *dcs})
+    return list(out.values())
+
+
+def _node_identities(items: Iterable[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """Check Consul's `NodeIdentities` (name and datacenter both required)."""
+    out: dict[tuple[str, str], dict[str, str]] = {}
+    for item in items:
+        name = (item.get("NodeName") or "").strip()
+        dc = (item.get("Datacenter") or "").strip()
+        if not name:
+            raise BadRequest("Invalid Role: Node identity is missing the node name field")
+        if len(name) > 256 or not _IDENTITY_NAME.match(name):
+            raise BadRequest(f"Invalid Role: Node identity has an invalid name: {name!r}")
+        if not dc:
+            raise BadRequest("Invalid Role: Node identity is missing the datacenter field")
+        out.setdefault((name, dc), {"NodeName": name, "Datacenter": dc})
+    return list(out.values())
+
+
+def _validate_role_name(name: str) -> None:
+    if not name:
+        raise BadRequest("Invalid Role: no Name is set")
+    if not _ROLE_NAME.match(name):
+        raise BadRequest(
+            "Invalid Role: invalid Name. Only alphanumeric characters, '-' and '_' are allowed"
+        )
+
+
+def _roles():
+    return ACLRole.objects.prefetch_related("policies")
+
+
+def create_role(
+    *,
+    name: str,
+    description: str = "",
+    policies: Iterable[Mapping[str, str]] = (),
+    service_identities: Iterable[Mapping[str, Any]] = (),
+    node_identities: Iterable[Mapping[str, Any]] = (),
+) -> ACLRole:
+    """Create a role (Consul's `PUT /v1/acl/role`); names are unique."""
+    _validate_role_name(name)
+    services = _service_identities(service_identities)
+    nodes = _node_identities(node_identities)
+    with Change() as change:
+        if ACLRole.objects.filter(name=name).exists():
+            raise BadRequest(f'Invalid Role: A Role with Name "{name}" already exists')
+        linked = _policy_links(policies)
+        role = ACLRole.objects.create(
+            id=str(uuid.uuid4()),
+            name=name,
+            description=description,
+            service_identities=services,
+            node_identities=nodes,
+            create_index=change.index,
+            modify_index=change.index,
+        )
+        role.policies.set(linked)
+        change.touch(topic.ACL)
+    return get_role(role.id)
+
+
+def update_role(
+    role_id: str,
+    *,
+    name: str,
+    description: str = "",
+    policies: Iterable[Mapping[str, str]] = (),
+    service_identities: Iterable[Mapping[str, Any]] = (),
+    node_identities: Iterable[Mapping[str, Any]] = (),
+) -> ACLRole:
+    """Replace a role's fields (Consul's `PUT /v1/acl/role/:id`); its tokens follow at once."""
+    if not _is_uuid(role_id):
+        raise BadRequest("Role ID invalid UUID")
+    _validate_role_name(name)
+    services = _service_identities(service_identities)
+    nodes = _node_identities(node_identities)
+    with Change() as change:
+        role = ACLRole.objects.filter(id=role_id).first()
+        if role is None:
+            raise NotFound(f"Cannot find role {role_id}")
+        if name != role.name and ACLRole.objects.filter(name=name).exists():
+            raise BadRequest(f'Invalid Role: A Role with Name "{name}" already exists')
+        linked = _policy_links(policies)
+        role.name = name
+        role.description = description
+        role.service_identities = services
+        role.node_identities = nodes
+        role.modify_index = change.index
+        role.save()
+        role.policies.set(linked)
+        change.touch(topic.ACL)
+    return get_role(role_id)
+
+
+def delete_role(role_id: str) -> bool:
+    """Delete a role (its links from tokens go with it); a missing one succeeds, as in Consul."""
+    if not ACLRole.objects.filter(id=role_id).exists():
+        return True
+    with Change() as change:
+        ACLRole.objects.filter(id=role_id).delete()
+        change.touch(topic.ACL)
+    return True
+
+
+def get_role(role_id: str) -> ACLRole:
+    role = _roles().filter(id=role_id).first()
+    if role is None:
+        raise NotFound("ACL not found: requested role does not exist")
+    return role
+
+
+def get_role_by_name(name: str) -> ACLRole:
+    role = _roles().filter(name=name).first()
+    if role is None:
+        raise NotFound("ACL not found: requested role does not exist")
+    return role
+
+
+def list_roles(policy: str = "") -> list[ACLRole]:
+    """Every role by ID (Consul's order), optionally those linking policy ID `policy`."""
+    query = _roles()
+    if policy:
+        query = query.filter(policies__id=policy)
+    return list(query.order_by("id"))
+
+
 def acl_index() -> int:
     """The X-Consul-Index of ACL reads."""
     return topic_index(topic.ACL)
@@ -645,6 +870,9 @@ def token_json(token: ACLToken, *, secret: str | None = None) -> dict[str, Any]:
     }
     if policies:
         out["Policies"] = [{"ID": p.id, "Name": p.name} for p in policies]
+    roles = sorted(token.roles.all(), key=lambda r: r.id)
+    if roles:
+        out["Roles"] = [{"ID": r.id, "Name": r.name} for r in roles]
     out["Local"] = token.local
     if token.expiration_time is not None:
         out["ExpirationTime"] = format_time(token.expiration_time)
@@ -653,6 +881,7 @@ def token_json(token: ACLToken, *, secret: str | None = None) -> dict[str, Any]:
         token.secret_hash,
         token.description,
         [p.id for p in policies],
+        [r.id for r in roles],
         token.local,
         out.get("ExpirationTime"),
     )
@@ -677,6 +906,28 @@ def policy_json(policy: ACLPolicy, *, stub: bool = False) -> dict[str, Any]:
     return out
 
 
+def role_json(role: ACLRole) -> dict[str, Any]:
+    """A role as Consul's API shows it (empty lists left out, as Consul's `omitempty`)."""
+    policies = sorted(role.policies.all(), key=lambda p: p.id)
+    out: dict[str, Any] = {"ID": role.id, "Name": role.name, "Description": role.description}
+    if policies:
+        out["Policies"] = [{"ID": p.id, "Name": p.name} for p in policies]
+    if role.service_identities:
+        out["ServiceIdentities"] = [dict(i) for i in role.service_identities]
+    if role.node_identities:
+        out["NodeIdentities"] = [dict(i) for i in role.node_identities]
+    out["Hash"] = _hash(
+        role.name,
+        role.description,
+        [p.id for p in policies],
+        role.service_identities,
+        role.node_identities,
+    )
+    out["CreateIndex"] = role.create_index
+    out["ModifyIndex"] = role.modify_index
+    return out
+
+
 __all__ = [
     "ACLDisabled",
     "Identity",
@@ -685,22 +936,29 @@ __all__ = [
     "bootstrapped",
     "clone_token",
     "create_policy",
+    "create_role",
     "create_token",
     "delete_policy",
+    "delete_role",
     "delete_token",
     "ensure_enabled",
     "ensure_initial_management",
     "get_policy",
     "get_policy_by_name",
+    "get_role",
+    "get_role_by_name",
     "get_token",
     "get_token_by_secret",
     "hash_secret",
     "list_policies",
+    "list_roles",
     "list_tokens",
     "policy_json",
     "resolve_token",
+    "role_json",
     "token_json",
     "update_policy",
+    "update_role",
     "update_token",
 ]
 

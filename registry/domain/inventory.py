@@ -96,6 +96,16 @@ class ServiceSummary:
     health: dict[str, int] = field(default_factory=lambda: dict.fromkeys(HEALTH_STATES, 0))
     checks: dict[str, int] = field(default_factory=lambda: dict.fromkeys(HEALTH_STATES, 0))
     modify_index: int = 0
+    # The peer a service is imported from ("" for our own catalog's services).
+    peer: str = ""
+
+    @property
+    def worst(self) -> str:
+        """The worst health among its instances (passing when it has none)."""
+        for status in (Check.CRITICAL, Check.WARNING):
+            if self.health.get(status):
+                return status
+        return Check.PASSING
 
 
 def summarize_services(instances: QuerySet[ServiceInstance]) -> list[ServiceSummary]:
@@ -191,8 +201,10 @@ def deregister_instance(svc: ServiceInstance) -> None:
 # --- service lists by name (paged before they are summarised) -------------------------
 
 # Where an instance came from: its agent (`agent_local`), a cloud's registry (the
-# importer marks `Meta["external-source"]`, Consul's convention), or a catalog write.
-SOURCES = ("agent", "cloud", "catalog")
+# importer marks `Meta["external-source"]`, Consul's convention), a catalog write,
+# or a peer cluster (imported services: `registry.domain.peering.imported_summaries`).
+SOURCES = ("agent", "cloud", "catalog", "peer")
+LOCAL_SOURCES = ("agent", "cloud", "catalog")
 EXTERNAL_SOURCE = "external-source"
 
 
@@ -203,7 +215,10 @@ def instance_source(svc: ServiceInstance) -> str:
 
 
 def filter_source(qs: QuerySet[ServiceInstance], source: str) -> QuerySet[ServiceInstance]:
-    """Instances from `source` (one of `SOURCES`; anything else: no filter)."""
+    """Instances from `source` (one of `SOURCES`; anything else: no filter). No
+    instance of our catalog comes from a peer: those are `ImportedService` rows."""
+    if source == "peer":
+        return qs.none()
     if source == "cloud":
         return qs.filter(meta__has_key=EXTERNAL_SOURCE)
     if source == "agent":
@@ -272,18 +287,33 @@ class ServicePage:
 
 
 def service_page(
-    instances: QuerySet[ServiceInstance], *, health: str = "", offset: int = 0, limit: int = 50
+    instances: QuerySet[ServiceInstance],
+    *,
+    health: str = "",
+    offset: int = 0,
+    limit: int = 50,
+    imported: list[ServiceSummary] = (),  # type: ignore[assignment]
 ) -> ServicePage:
-    """Page service names (already filtered, ACL-restricted instances) and summarise
-    only that page's instances, so the list stays fast with many instances."""
+    """Page service names (already filtered, ACL-restricted instances, and the
+    services imported from peers, already summarised) and summarise only that
+    page's instances, so the list stays fast with many instances. Rows are by
+    name, a local service before the same name imported from peers."""
     worst = worst_status_by_name(instances)
+    keyed: dict[tuple[str, str], str] = {(n, ""): s for n, s in worst.items()}
+    by_key = {(s.name, s.peer): s for s in imported}
+    keyed.update({key: s.worst for key, s in by_key.items()})
     counts = dict.fromkeys(HEALTH_STATES, 0)
-    for status in worst.values():
+    for status in keyed.values():
         counts[status] += 1
-    names = sorted(n for n, s in worst.items() if not health or s == health)
-    page = names[offset : offset + limit]
-    summaries = summarize_services(instances.filter(name__in=page)) if page else []
-    return ServicePage(summaries, len(names), counts)
+    keys = sorted(k for k, s in keyed.items() if not health or s == health)
+    page = keys[offset : offset + limit]
+    local = [name for name, peer in page if not peer]
+    summaries = {
+        (s.name, ""): s
+        for s in (summarize_services(instances.filter(name__in=local)) if local else [])
+    }
+    summaries.update({k: by_key[k] for k in page if k[1]})
+    return ServicePage([summaries[k] for k in page if k in summaries], len(keys), counts)
 
 
 # --- service dependencies (declared by sidecar registrations) -------------------------

@@ -41,7 +41,9 @@ from registry import topics as topic
 from registry.acl_rules import Authorizer
 from registry.ca.secrets import decrypt, encrypt
 from registry.domain import connect_ca, reads
-from registry.errors import BadRequest, MeshError, PermissionDenied
+from registry.domain.catalog import aggregate_status
+from registry.domain.inventory import ServiceSummary
+from registry.errors import BadRequest, MeshError, NotFound, PermissionDenied
 from registry.models import ConfigEntry, ImportedService, Peering, ServiceInstance
 from registry.txn import Change, topic_index, topics_index
 
@@ -800,6 +802,96 @@ def peer_health(
                 continue
             out.append(_with_peer(e, peer))
     return index, out
+
+
+def peer_names() -> list[str]:
+    """The peers whose imports we serve (ACTIVE or FAILING: kept while failing)."""
+    return list(
+        Peering.objects.filter(state__in=(Peering.ACTIVE, Peering.FAILING))
+        .order_by("name")
+        .values_list("name", flat=True)
+    )
+
+
+def _entry_facts(entry: dict) -> tuple[list[str], str, str, str]:
+    """(tags, kind, datacenter, health) of one imported `/v1/health/service` entry."""
+    svc = entry.get("Service") or {}
+    statuses = [c.get("Status", "") for c in entry.get("Checks") or []]
+    return (
+        list(svc.get("Tags") or []),
+        svc.get("Kind") or "typical",
+        (entry.get("Node") or {}).get("Datacenter", ""),
+        aggregate_status(statuses),
+    )
+
+
+def imported_summaries(
+    authz: Authorizer,
+    *,
+    q: str = "",
+    tag: str = "",
+    kind: str = "",
+    datacenter: str = "",
+    peer: str = "",
+) -> list[ServiceSummary]:
+    """The services peers export to us, one row per (name, peer), summarised as
+    the service list shows local ones (instances by health, tags, kinds, the
+    peer's datacenters) over the instances that pass the filters; only names
+    the token may read (`service:read`, as `?peer=` reads)."""
+    qs = ImportedService.objects.filter(
+        peering__state__in=(Peering.ACTIVE, Peering.FAILING)
+    ).select_related("peering")
+    if peer:
+        qs = qs.filter(peering__name=peer)
+    if q:
+        qs = qs.filter(name__icontains=q)
+    out = []
+    for imp in qs.order_by("name", "peering__name"):
+        if not authz.service_read(imp.name):
+            continue
+        s = ServiceSummary(imp.name, peer=imp.peering.name, modify_index=imp.modify_index)
+        tags: set[str] = set()
+        kinds: set[str] = set()
+        dcs: set[str] = set()
+        for entry in imp.instances:
+            e_tags, e_kind, e_dc, status = _entry_facts(entry)
+            if (tag and tag not in e_tags) or (kind and e_kind != kind):
+                continue
+            if datacenter and e_dc != datacenter:
+                continue
+            s.instance_count += 1
+            s.health[status] += 1
+            tags.update(e_tags)
+            kinds.add(e_kind)
+            dcs.add(e_dc)
+        if (tag or kind or datacenter) and not s.instance_count:
+            continue
+        s.tags, s.kinds, s.datacenters = sorted(tags), sorted(kinds), sorted(d for d in dcs if d)
+        out.append(s)
+    return out
+
+
+def imported_service(authz: Authorizer, peer: str, name: str) -> dict[str, Any]:
+    """One imported service as we see it: its instances (`PeerName` set, with
+    their checks), and how our sidecars reach it. 404 if the peer does not
+    export it to us; 403 without `service:read` on the name."""
+    if not authz.service_read(name):
+        raise PermissionDenied(f"Permission denied: token lacks service:read on {name!r}")
+    imp = _imports(peer, name).first()
+    if imp is None:
+        raise NotFound(f'Peer "{peer}" exports no service "{name}" to this cluster')
+    _index, entries = peer_health(authz, peer, name)
+    return {
+        "name": name,
+        "peer": peer,
+        "state": imp.peering.state,
+        "instances": [
+            {"entry": e, "status": aggregate_status([c.get("Status", "") for c in e["Checks"]])}
+            for e in entries
+        ],
+        "connect": dict(imp.connect or {}),
+        "modify_index": imp.modify_index,
+    }
 
 
 def peer_catalog(

@@ -1,7 +1,7 @@
 """The registry's tables. Every row carries `create_index` / `modify_index`
 taken from the one global index (see `registry.models.index`)."""
 
-from registry.models.acl import ACLPolicy, ACLToken
+from registry.models.acl import ACLPolicy, ACLRole, ACLToken
 from registry.models.agents import JoinToken, NodeCertificate, NodeEnrollment
 from registry.models.audit import AuditEntry
 from registry.models.catalog import Check, Datacenter, Node, ServiceInstance
@@ -32,6 +32,7 @@ __all__ = [
     "IssuedCert",
     "JoinToken",
     "ACLPolicy",
+    "ACLRole",
     "ACLToken",
     "AuditEntry",
     "Check",

@@ -1,4 +1,4 @@
-"""ACL policies and tokens."""
+"""ACL policies, roles and tokens."""
 
 from django.db import models
 
@@ -24,6 +24,28 @@ class ACLPolicy(Indexed):
         return self.name
 
 
+class ACLRole(Indexed):
+    """A named bundle of policies and identities that tokens link to (Consul's roles).
+
+    `service_identities` is Consul's `[{"ServiceName": ..., "Datacenters": [...]}]`,
+    `node_identities` its `[{"NodeName": ..., "Datacenter": ...}]`; each grants the
+    templated rules Consul grants for it (see `registry.domain.acl`).
+    """
+
+    id = models.CharField(max_length=36, primary_key=True)
+    name = models.CharField(max_length=256, unique=True)
+    description = models.TextField(blank=True, default="")
+    policies = models.ManyToManyField(ACLPolicy, related_name="roles", blank=True)
+    service_identities = models.JSONField(default=list)
+    node_identities = models.JSONField(default=list)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
 class ACLToken(Indexed):
     """A token. Only a SHA-256 of its secret is stored: the secret is shown once."""
 
@@ -31,6 +53,7 @@ class ACLToken(Indexed):
     secret_hash = models.CharField(max_length=64, unique=True)
     description = models.TextField(blank=True, default="")
     policies = models.ManyToManyField(ACLPolicy, related_name="tokens", blank=True)
+    roles = models.ManyToManyField(ACLRole, related_name="tokens", blank=True)
     local = models.BooleanField(default=False)
     create_time = models.DateTimeField(auto_now_add=True)
     expiration_time = models.DateTimeField(null=True, blank=True)

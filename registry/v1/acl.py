@@ -1,4 +1,4 @@
-"""`/v1/acl/...`: bootstrap, tokens and policies, as Consul's ACL HTTP API.
+"""`/v1/acl/...`: bootstrap, tokens, policies and roles, as Consul's ACL HTTP API.
 
 Every endpoint answers 401 "ACL support disabled" while ACLs are off. All but
 bootstrap and token/self need acl:read (reads) or acl:write (writes). Reads
@@ -16,6 +16,9 @@ from registry.errors import BadRequest, MeshError
 from registry.v1.base import Ctx, Reply, endpoint
 
 POLICY_LINK = Struct({"ID": Str, "Name": Str})
+ROLE_LINK = Struct({"ID": Str, "Name": Str})
+SERVICE_IDENTITY = Struct({"ServiceName": Str, "Datacenters": ListOf(Str)})
+NODE_IDENTITY = Struct({"NodeName": Str, "Datacenter": Str})
 TOKEN = Struct(
     {
         "AccessorID": Str,
@@ -25,8 +28,8 @@ TOKEN = Struct(
         "Local": Bool,
         "ExpirationTime": Str,
         "ExpirationTTL": Seconds,
+        "Roles": ListOf(ROLE_LINK),
         # Not supported here; refused when non-empty rather than silently dropped.
-        "Roles": ListOf(Anything),
         "ServiceIdentities": ListOf(Anything),
         "NodeIdentities": ListOf(Anything),
         "TemplatedPolicies": ListOf(Anything),
@@ -37,6 +40,18 @@ TOKEN = Struct(
 )
 POLICY = Struct(
     {"ID": Str, "Name": Str, "Description": Str, "Rules": Str, "Datacenters": ListOf(Str)}
+)
+ROLE = Struct(
+    {
+        "ID": Str,
+        "Name": Str,
+        "Description": Str,
+        "Policies": ListOf(POLICY_LINK),
+        "ServiceIdentities": ListOf(SERVICE_IDENTITY),
+        "NodeIdentities": ListOf(NODE_IDENTITY),
+        # Consul's templated policies are not supported; refused when non-empty.
+        "TemplatedPolicies": ListOf(Anything),
+    }
 )
 BOOTSTRAP = Struct({"BootstrapSecret": Str})
 
@@ -65,13 +80,14 @@ def _with_index(exc: MeshError, index: int) -> MeshError:
 def _token_args(spec: dict, *, create: bool) -> dict:
     """Map a decoded token body to `acl.create_token` / `acl.update_token` arguments."""
     for field, what in (
-        ("Roles", "Roles"),
         ("ServiceIdentities", "Service identities"),
         ("NodeIdentities", "Node identities"),
         ("TemplatedPolicies", "Templated policies"),
     ):
         if spec.get(field):
-            raise BadRequest(f"{what} are not supported; link policies to the token instead")
+            raise BadRequest(
+                f"{what} on tokens are not supported; link a role that has them instead"
+            )
     if spec.get("Rules"):
         raise BadRequest("Rules cannot be specified for this token")
     if spec.get("Type"):
@@ -81,6 +97,7 @@ def _token_args(spec: dict, *, create: bool) -> dict:
     args = {
         "description": spec.get("Description", ""),
         "policies": spec.get("Policies", []),
+        "roles": spec.get("Roles", []),
         "secret_id": spec.get("SecretID", ""),
         "expiration_ttl": spec.get("ExpirationTTL", 0.0),
         "expiration_time": (
@@ -151,10 +168,10 @@ def token_self(ctx: Ctx) -> Reply:
 @endpoint("GET", topics=_acl_topics)
 def tokens(ctx: Ctx) -> Reply:
     index = _read(ctx)
-    # Roles, auth methods and service identities do not exist here: no token matches them.
-    if ctx.param("role") or ctx.param("authmethod") or ctx.param("servicename"):
+    # Auth methods and token service identities do not exist here: no token matches them.
+    if ctx.param("authmethod") or ctx.param("servicename"):
         return Reply([], index, filterable=True)
-    rows = acl.list_tokens(policy=ctx.param("policy"))
+    rows = acl.list_tokens(policy=ctx.param("policy"), role=ctx.param("role"))
     return Reply([acl.token_json(t) for t in rows], index, filterable=True)
 
 
@@ -221,6 +238,63 @@ def policies(ctx: Ctx) -> Reply:
     )
 
 
+# -- roles ----------------------------------------------------------------------------
+
+
+def _role_args(spec: dict) -> dict:
+    if spec.get("TemplatedPolicies"):
+        raise BadRequest("Templated policies are not supported; use service identities")
+    return {
+        "name": spec.get("Name", ""),
+        "description": spec.get("Description", ""),
+        "policies": spec.get("Policies", []),
+        "service_identities": spec.get("ServiceIdentities", []),
+        "node_identities": spec.get("NodeIdentities", []),
+    }
+
+
+@endpoint("PUT")
+def role_create(ctx: Ctx) -> Reply:
+    _write(ctx)
+    spec = ctx.json(ROLE)
+    if spec.get("ID"):
+        raise BadRequest("Cannot specify the ID when creating a new role")
+    return Reply(acl.role_json(acl.create_role(**_role_args(spec))))
+
+
+@endpoint("GET", "PUT", "DELETE", topics=_acl_topics)
+def role(ctx: Ctx, role_id: str) -> Reply:
+    if ctx.method == "GET":
+        index = _read(ctx)
+        try:
+            return Reply(acl.role_json(acl.get_role(role_id)), index)
+        except MeshError as exc:
+            raise _with_index(exc, index) from None
+    _write(ctx)
+    if ctx.method == "DELETE":
+        return Reply(acl.delete_role(role_id))
+    spec = ctx.json(ROLE)
+    if spec.get("ID") and spec["ID"] != role_id:
+        raise BadRequest("Role ID in URL and payload do not match")
+    return Reply(acl.role_json(acl.update_role(role_id, **_role_args(spec))))
+
+
+@endpoint("GET", topics=_acl_topics)
+def role_by_name(ctx: Ctx, name: str) -> Reply:
+    index = _read(ctx)
+    try:
+        return Reply(acl.role_json(acl.get_role_by_name(name)), index)
+    except MeshError as exc:
+        raise _with_index(exc, index) from None
+
+
+@endpoint("GET", topics=_acl_topics)
+def roles(ctx: Ctx) -> Reply:
+    index = _read(ctx)
+    rows = acl.list_roles(policy=ctx.param("policy"))
+    return Reply([acl.role_json(r) for r in rows], index, filterable=True)
+
+
 urlpatterns = [
     path("acl/bootstrap", bootstrap),
     path("acl/token", token_create),
@@ -232,4 +306,8 @@ urlpatterns = [
     path("acl/policy/name/<str:name>", policy_by_name),
     path("acl/policy/<str:policy_id>", policy),
     path("acl/policies", policies),
+    path("acl/role", role_create),
+    path("acl/role/name/<str:name>", role_by_name),
+    path("acl/role/<str:role_id>", role),
+    path("acl/roles", roles),
 ]

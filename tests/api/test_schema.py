@@ -28,6 +28,8 @@ RESOURCES = [
     "/api/acl/tokens/{accessor_id}/",
     "/api/acl/policies/",
     "/api/acl/policies/{id}/",
+    "/api/acl/roles/",
+    "/api/acl/roles/{id}/",
 ]
 _ASSET = re.compile(r'<(?:script|link|img)\b[^>]*?\b(?:src|href)="([^"]*)"', re.I)
 
@@ -43,6 +45,7 @@ def test_the_root_lists_every_resource_and_the_docs(server, http):
         "kv",
         "acl/tokens",
         "acl/policies",
+        "acl/roles",
         "schema",
         "docs",
         "redoc",

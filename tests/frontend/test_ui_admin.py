@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import uuid
 
+import consul
 import pytest
 
 from tests.e2e.conftest import wait_for
@@ -89,6 +90,71 @@ def test_a_token_secret_is_shown_once_and_bad_rules_are_refused_inline(browser, 
     assert secret not in page.content()
 
 
+def test_roles_are_made_edited_linked_to_tokens_and_deleted_in_the_roles_tab(browser, ui_server):
+    c = ui_server.consul()
+    web, api = unique("web"), unique("api")
+    policy = c.acl.policy.create(
+        unique("kv"), rules={"key_prefix": {"roles/": {"policy": "write"}}}
+    )
+    browser.sign_in(ui_server.token)
+    page = browser.open("/ui/acl/roles", screenshot="acl-roles")
+    name = unique("deployers")
+    page.fill("#r-name", name)
+    page.fill("#r-services", "Not A Name")
+    page.click("#role-form button[type=submit]")
+    assert "invalid name" in page.locator("#e-r-services").text_content()
+    assert c.acl.role.read_by_name(name) is None  # nothing saved
+    page.fill("#r-services", f"{web}\n{api} dc9")
+    page.fill("#r-description", XSS)
+    page.check(f"#role-form input[name=policy][value='{policy['ID']}']")
+    page.click("#role-form button[type=submit]")
+    page.wait_for_selector(f'tr[data-role="{name}"]')
+    assert XSS in page.locator(f'tr[data-role="{name}"]').text_content()
+    assert page.evaluate("window.__xss === undefined")
+    role = c.acl.role.read_by_name(name)
+    assert role["ServiceIdentities"] == [
+        {"ServiceName": web},
+        {"ServiceName": api, "Datacenters": ["dc9"]},
+    ]
+    assert role["Policies"] == [{"ID": policy["ID"], "Name": policy["Name"]}]
+
+    # A new token linking only the role: the role's service identity is its right.
+    page = browser.open("/ui/acl")
+    page.fill("#t-description", "role holder")
+    page.check(f"input[name=role][value='{role['ID']}']")
+    page.click("form:has(#t-description) button[type=submit]")
+    secret = page.locator("#secret").text_content().strip()
+    holder = ui_server.consul(token=secret)
+    assert holder.agent.service.register(web, port=80) is True
+    with pytest.raises(consul.ACLPermissionDenied):
+        holder.agent.service.register(api, port=80)  # its identity is for dc9 only
+    accessor = holder.acl.token.read_self()["AccessorID"]
+    assert c.acl.token.read(accessor)["Roles"] == [{"ID": role["ID"], "Name": name}]
+
+    # Edit the role: the token's rights follow at once.
+    page = browser.open(f"/ui/acl/roles/{role['ID']}", screenshot="acl-role-edit")
+    assert page.locator("#r-services").input_value() == f"{web}\n{api} dc9"
+    page.fill("#r-services", api)
+    page.click("#role-form button[type=submit]")
+    page.wait_for_selector(f'tr[data-role="{name}"] [data-service-identity="{api}"]')
+    assert holder.agent.service.register(api, port=80) is True
+
+    # Edit the token: drop the role.
+    page = browser.open(f"/ui/acl/tokens/{accessor}")
+    assert page.locator(f"input[name=role][value='{role['ID']}']").is_checked()
+    page.uncheck(f"input[name=role][value='{role['ID']}']")
+    page.click("#token-form button[type=submit]")
+    page.wait_for_url(re.compile(r".*/ui/acl$"))
+    assert "Roles" not in c.acl.token.read(accessor)
+
+    # Delete, confirmed.
+    page = browser.open("/ui/acl/roles")
+    page.once("dialog", lambda d: d.accept())
+    page.click(f'tr[data-role="{name}"] button[type=submit]')
+    page.wait_for_selector(f'tr[data-role="{name}"]', state="detached")
+    assert c.acl.role.read(role["ID"]) is None
+
+
 def test_the_audit_log_filters_and_shows_each_change_as_a_diff(browser, ui_server):
     key = unique("audited")
     browser.sign_in(ui_server.token)
@@ -119,7 +185,15 @@ def test_rotating_the_ca_asks_for_confirmation_and_shows_the_new_active_root(bro
     assert page.locator("#rotation-progress").is_visible()
 
 
-ADMIN_PAGES = ["/ui/kv", "/ui/acl", "/ui/audit", "/ui/security", "/ui/nodes", "/ui/traffic"]
+ADMIN_PAGES = [
+    "/ui/kv",
+    "/ui/acl",
+    "/ui/acl/roles",
+    "/ui/audit",
+    "/ui/security",
+    "/ui/nodes",
+    "/ui/traffic",
+]
 
 
 def test_a_read_only_token_sees_no_write_control_on_the_admin_pages(playwright_browser, ui_server):
@@ -135,11 +209,13 @@ def test_a_read_only_token_sees_no_write_control_on_the_admin_pages(playwright_b
             ("/ui/kv/edit", {"key": "ro/key", "value": "forged", "cas": "0"}),
             ("/ui/kv/delete", {"key": "ro/key"}),
             ("/ui/acl", {"what": "policy", "name": "forged", "rules": ""}),
+            ("/ui/acl/roles", {"name": "forged", "services": "web"}),
             ("/ui/security/rotate", {"confirm": "rotate"}),
             ("/ui/nodes/add", {"ttl": "1h", "uses": "1"}),
         ]:
             r = b.page.request.post(b.url(path), form=form, headers={"X-CSRFToken": b.csrf()})
             assert r.status == 403, path
         assert c.kv.get("ro/key")[1]["Value"] == b"v"
+        assert c.acl.role.read_by_name("forged") is None
     finally:
         b.context.close()

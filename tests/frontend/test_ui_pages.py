@@ -12,7 +12,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from tests.frontend.conftest import XSS, new_browser
+from tests.frontend.conftest import XSS, new_browser, output_dir
 
 pytestmark = pytest.mark.slow
 
@@ -160,6 +160,49 @@ def test_the_service_page_shows_instances_checks_chain_and_an_empty_metrics_stat
     assert "payments" in page.locator("dl.meta").text_content()
     page.wait_for_timeout(300)  # the chart's fetch answers: still the empty state
     assert page.locator(".chart .empty").is_visible()
+
+
+def test_the_service_charts_offer_15m_1h_and_24h_from_reported_traffic(browser, ui_server):
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from meshproto.proto import mesh_pb2
+    from tests.grpc.conftest import join_now
+    from tests.grpc.test_report_traffic import counts
+
+    api, web = unique("api"), unique("web")
+
+    def report_traffic() -> None:
+        # A real agent's join and reports (in a thread: Playwright's loop runs here).
+        host = join_now(ui_server)
+        asyncio.run(host.sync([{"Name": api, "Port": 9000}]))
+        now = time.time()
+        for ago, n in ((10 * 3600, 70), (5000, 30), (5, 100)):  # the first two get rolled up
+            report = mesh_pb2.TrafficReport(
+                start_unix=now - ago - 10,
+                end_unix=now - ago,
+                counts=[counts("destination", web, api, n, 1)],
+            )
+            assert asyncio.run(host.call("ReportTraffic", report)).accepted == 1
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(report_traffic).result(timeout=120)
+    browser.sign_in(ui_server.token)
+    page = browser.open(f"/ui/services/{api}")
+    chart = page.locator(".chart")
+    page.wait_for_selector(".chart[data-state=data][data-step='30']", state="attached")
+    assert chart.get_attribute("data-points") == "1"
+    assert page.locator(".chart .plot").count() == 3
+    day_row = page.locator('.chart table.metrics tr[data-window="24h"] td')
+    assert day_row.last.text_content() == "200"
+    page.click(".chart button[data-window='24h']")
+    page.wait_for_selector(".chart[data-step='300']", state="attached")
+    assert chart.get_attribute("data-points") == "3"
+    assert page.locator(".chart button[data-window='24h']").get_attribute("aria-pressed") == "true"
+    page.screenshot(path=str(output_dir() / "service-metrics-24h.png"), full_page=True)
+    page.click(".chart button[data-window='1h']")
+    page.wait_for_selector(".chart[data-step='60']", state="attached")
+    assert chart.get_attribute("data-points") == "1"
 
 
 # --------------------------------------------------------------------------- intentions

@@ -220,3 +220,56 @@ def test_mesh_top_on_a_terminal_redraws_until_stopped(cp, unique):
     text = output.decode(errors="replace")
     assert text.count("\x1b[H\x1b[2J") == 3  # each table redrawn over the last
     assert text.count("Services (as their sidecars answered)") == 3
+
+
+def test_a_day_of_reports_is_rolled_up_and_served_over_24h(cp, unique):
+    api, web = unique("api"), unique("web")
+    host = join_now(cp)
+    asyncio.run(host.sync([{"Name": api, "Port": 9000}, {"Name": web, "Port": 9001}]))
+    now = time.time()
+
+    def at(ago: float, *entries) -> mesh_pb2.TrafficReport:
+        return mesh_pb2.TrafficReport(
+            start_unix=now - ago - 10, end_unix=now - ago, counts=list(entries)
+        )
+
+    # Reports of earlier hours (older than the fine windows: rolled up at once),
+    # then one from the last minute.
+    for ago, n, failed in ((20 * 3600, 70, 7), (6 * 3600, 20, 0), (5000, 9, 1), (5, 100, 2)):
+        ack = asyncio.run(
+            host.call(
+                "ReportTraffic",
+                at(ago, counts("destination", web, api, n, failed), counts("source", web, api, n)),
+            )
+        )
+        assert ack.accepted == 2
+    with cp.client() as http:
+        day = http.get(f"/api/metrics/services/{api}", params={"window": "24h"}).json()
+        hour = http.get(f"/api/metrics/services/{api}", params={"window": "1h"}).json()
+        every = http.get(f"/api/metrics/services/{api}").json()
+        edges = http.get("/api/metrics/edges", params={"source": web, "window": "24h"}).json()
+        series = http.get(f"/api/metrics/services/{api}/series", params={"window": "24h"}).json()
+        quarter = http.get(f"/api/metrics/services/{api}/series", params={"window": "15m"})
+        bad = http.get(f"/api/metrics/services/{api}", params={"window": "2d"})
+        bad_series = http.get(f"/api/metrics/services/{api}/series", params={"window": "1m"})
+    assert list(day["windows"]) == ["24h"]
+    assert (day["windows"]["24h"]["requests"], day["windows"]["24h"]["failures"]) == (199, 10)
+    assert (hour["windows"]["1h"]["requests"], hour["windows"]["1h"]["failures"]) == (100, 2)
+    assert list(every["windows"]) == ["1m", "5m", "15m", "1h", "24h"]
+    assert every["windows"]["24h"]["requests"] == 199
+    assert [e["windows"]["24h"]["requests"] for e in edges["edges"]] == [199]
+    assert series["step_s"] == 300 and [p["requests"] for p in series["points"]] == [70, 20, 9, 100]
+    assert quarter.status_code == 200 and quarter.json()["step_s"] == 30
+    assert [p["requests"] for p in quarter.json()["points"]] == [100]
+    assert bad.status_code == 400 and "window must be one of" in bad.json()["error"]
+    assert bad_series.status_code == 400
+    top = _mesh(cp, "top", "-once", "-window", "24h")
+    assert top.returncode == 0, top.stderr
+    assert "last 24h" in top.stdout
+    row = next(line.split() for line in top.stdout.splitlines() if line.startswith(api))
+    assert row[-1] == "199"
+    one = _mesh(cp, "top", "-service", api, "-once")
+    assert any(
+        line.split()[:1] == ["24h"] and line.split()[-1] == "199"
+        for line in one.stdout.splitlines()
+    )

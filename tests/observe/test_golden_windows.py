@@ -143,10 +143,88 @@ def test_bad_reports_are_refused_and_store_nothing(hosts, entry, start, end, mes
     assert TrafficSample.objects.count() == 0
 
 
-def test_old_samples_are_deleted_as_reports_arrive(hosts):
-    report("host-a", 5000, 10, inbound(3))
+def test_old_samples_are_rolled_up_and_dropped_after_a_day_as_reports_arrive(hosts):
+    report("host-a", 90_000, 10, inbound(5))  # older than a day: gone
+    report("host-a", 5000, 10, inbound(3))  # older than the fine windows: rolled up
     report("host-a", 5, 10, inbound(1))
-    assert list(TrafficSample.objects.values_list("requests", flat=True)) == [1]
+    rows = TrafficSample.objects.order_by("end").values_list("step", "requests")
+    assert list(rows) == [(300, 3), (0, 1)]
+
+
+def test_the_rollup_keeps_every_count_of_the_24h_window_exact(hosts):
+    ages = [80_000, 50_000, 7200, 4010, 4000, 3000, 600, 10]
+    for i, age in enumerate(ages):
+        # Each sample its own counts: requests 10*(i+1), failures i, half slow.
+        n = 10 * (i + 1)
+        report("host-a", age, 5, inbound(n, i, ms_3=n - n // 2, ms_250=n // 2))
+    total = sum(10 * (i + 1) for i in range(len(ages)))
+    failures = sum(range(len(ages)))
+    # The samples older than the fine windows are now 5-minute rows; the two
+    # that ended in the same 5 minutes (4010 s and 4000 s ago) share one.
+    coarse = TrafficSample.objects.filter(step=300)
+    assert coarse.count() == 4
+    assert sorted(coarse.values_list("requests", flat=True)) == [10, 20, 30, 90]
+    assert TrafficSample.objects.filter(step=0).count() == 3
+    w = golden.service_metrics("api", now=NOW)["windows"]
+    assert (w["24h"]["requests"], w["24h"]["failures"]) == (total, failures)
+    assert (w["1h"]["requests"], w["1h"]["failures"]) == (60 + 70 + 80, 5 + 6 + 7)
+    # The merged histogram: half the requests at 3 ms, half at 250 ms.
+    assert 2 < w["24h"]["latency_ms"]["p50"] <= 250 < w["24h"]["latency_ms"]["p95"] <= 300
+    # Time passes: the next report rolls up what left the fine windows, and the
+    # 24-hour window still counts every request exactly once.
+    later = NOW + 4000
+    golden.record_report("host-a", later - 5, later, [inbound(1)], now=later)
+    assert TrafficSample.objects.filter(step=0).count() == 1
+    w = golden.service_metrics("api", window="24h", now=later)["windows"]
+    assert list(w) == ["24h"]
+    assert (w["24h"]["requests"], w["24h"]["failures"]) == (total + 1, failures)
+    assert golden.service_metrics("api", window="1h", now=later)["windows"]["1h"]["requests"] == 1
+    # Rolling up again finds nothing new: nothing is counted twice.
+    assert golden.roll_up(later) == 0
+    w = golden.service_metrics("api", window="24h", now=later)["windows"]
+    assert w["24h"]["requests"] == total + 1
+
+
+def test_the_series_steps_are_fine_for_short_windows_and_coarse_for_a_day(hosts):
+    report("host-a", 50_000, 5, inbound(40))  # rolled up
+    report("host-a", 4000, 5, inbound(30))  # rolled up
+    report("host-a", 400, 5, inbound(20, 2))
+    report("host-a", 10, 5, inbound(10))
+    report("host-a", 15, 5, inbound(5))
+    day = golden.service_series("api", window="24h", now=NOW)
+    assert day["step_s"] == 300
+    assert [p["requests"] for p in day["points"]] == [40, 30, 20, 15]
+    assert all(p["t"] % 300 == 0 for p in day["points"])
+    assert sum(p["failures"] for p in day["points"]) == 2
+    assert day["points"][-1]["rps"] == pytest.approx(15 / 300, abs=1e-3)
+    quarter = golden.service_series("api", window="15m", now=NOW)
+    assert quarter["step_s"] == 30
+    assert [p["requests"] for p in quarter["points"]] == [20, 15]
+    assert golden.service_series("api", window="1h", now=NOW)["step_s"] == 60
+    with pytest.raises(BadRequest, match="window must be one of 15m, 1h, 24h"):
+        golden.service_series("api", window="1m", now=NOW)
+    with pytest.raises(BadRequest, match="window must be one of"):
+        golden.service_metrics("api", window="2d", now=NOW)
+    with pytest.raises(NotFound):
+        golden.service_series("nobody", window="1h", now=NOW)
+
+
+def test_lists_and_edges_answer_one_window_when_asked(hosts):
+    report("host-a", 5000, 10, inbound(3))
+    golden.record_report(
+        "host-b",
+        NOW - 5010,
+        NOW - 5000,
+        [golden.Reported("source", "web", "api", 4, 1, buckets(ms_1=4))],
+        now=NOW,
+    )
+    listed = golden.services_metrics(lambda _name: True, window="24h", now=NOW)
+    assert [
+        (s["service"], list(s["windows"]), s["windows"]["24h"]["requests"]) for s in listed
+    ] == [("api", ["24h"], 3)]
+    assert golden.services_metrics(lambda _name: True, window="1h", now=NOW) == []
+    edges = golden.edges_metrics(lambda _name: True, window="24h", now=NOW)
+    assert [(e["source"], e["windows"]["24h"]["failures"]) for e in edges] == [("web", 1)]
 
 
 def test_quantile_interpolates_inside_the_bucket():

@@ -1,13 +1,15 @@
 /* Golden-metric charts (uPlot) and edge tables, read from the UI's metrics
    routes, which answer the telemetry store's documents:
-   {"data": {"service", "windows": {"1m"|"5m"|"15m"|"1h": {"rps", "requests",
+   {"data": {"service", "windows": {"1m"|"5m"|"15m"|"1h"|"24h": {"rps", "requests",
    "failures", "success_rate", "latency_ms": {"p50", "p95", "p99"}}}, "sources": [...]}}
-   for a service and {"data": {"edges": [{"source", "destination", "windows"}]}}
-   for edges. No data (no route, no traffic yet): the empty state stays. */
+   for a service (the table), {"data": {"window", "step_s", "points": [{"t", "rps",
+   "success_rate", "latency_ms"}]}} for its series over 15m / 1h / 24h (the charts),
+   and {"data": {"edges": [{"source", "destination", "windows"}]}} for edges.
+   No data (no route, no traffic yet): the empty state stays. */
 (function () {
   "use strict";
 
-  var WINDOW_MINUTES = { "1m": 1, "5m": 5, "15m": 15, "1h": 60 };
+  var WINDOW_MINUTES = { "1m": 1, "5m": 5, "15m": 15, "1h": 60, "24h": 1440 };
 
   function windowsOf(doc) {
     var w = (doc && doc.windows) || {};
@@ -37,42 +39,51 @@
     return t;
   }
 
-  function plot(container, title, rows, series, width) {
+  function plot(container, title, points, series, width) {
     var box = document.createElement("div");
     box.className = "plot";
     var h = document.createElement("h3");
     h.textContent = title;
     box.appendChild(h);
     container.appendChild(box);
-    var data = [rows.map(function (r) { return r.minutes; })];
-    var opts = { width: width, height: 160, series: [{ label: "window (min)" }], axes: [{ label: "window (minutes)" }, {}], scales: { x: { time: false } } };
+    var data = [points.map(function (p) { return p.t; })];
+    var opts = { width: width, height: 160, series: [{ label: "time" }], axes: [{}, {}], scales: { x: { time: true } } };
     series.forEach(function (s) {
-      opts.series.push({ label: s[0], stroke: s[2], points: { show: true } });
-      data.push(rows.map(function (r) { var v = s[1](r.m); return v === undefined ? null : v; }));
+      opts.series.push({ label: s[0], stroke: s[2], points: { show: points.length < 3 } });
+      data.push(points.map(function (p) { var v = s[1](p); return v === undefined ? null : v; }));
     });
     new window.uPlot(opts, data, box);
   }
 
-  function loadChart(chart, windowName) {
-    fetch(chart.dataset.metricsUrl, { credentials: "same-origin", headers: { "Accept": "application/json" } })
+  function getJSON(url) {
+    return fetch(url, { credentials: "same-origin", headers: { "Accept": "application/json" } })
       .then(function (r) { return r.ok ? r.json() : null; })
-      .then(function (payload) {
-        var rows = windowsOf(payload && payload.data);
+      .then(function (payload) { return payload && payload.data; });
+  }
+
+  function loadChart(chart, windowName) {
+    var seriesUrl = chart.dataset.seriesUrl + "?window=" + encodeURIComponent(windowName);
+    Promise.all([getJSON(chart.dataset.metricsUrl), getJSON(seriesUrl)])
+      .then(function (docs) {
+        var rows = windowsOf(docs[0]);
+        var points = (docs[1] && docs[1].points) || [];
         var plots = chart.querySelector(".plots");
         var empty = chart.querySelector(".empty");
         plots.textContent = "";
         if (!rows.length) { empty.hidden = false; chart.dataset.state = "empty"; return; }
         empty.hidden = true;
         chart.dataset.state = "data";
+        chart.dataset.points = String(points.length);
+        chart.dataset.step = docs[1] ? String(docs[1].step_s) : "";
         plots.appendChild(statTable(rows, windowName));
-        if (!window.uPlot || rows.length < 2) { return; }
+        if (!window.uPlot || !points.length) { return; }
         var width = Math.max(280, Math.floor((chart.clientWidth - 48) / 3));
-        plot(plots, "Requests per second", rows, [["rps", function (m) { return m.rps; }, "#2563eb"]], width);
-        plot(plots, "Success rate", rows, [["success", function (m) { return m.success_rate; }, "#15803d"]], width);
-        plot(plots, "Latency (ms)", rows, [
-          ["p50", function (m) { return (m.latency_ms || {}).p50; }, "#0891b2"],
-          ["p95", function (m) { return (m.latency_ms || {}).p95; }, "#ca8a04"],
-          ["p99", function (m) { return (m.latency_ms || {}).p99; }, "#dc2626"]
+        plot(plots, "Requests per second", points, [["rps", function (p) { return p.rps; }, "#2563eb"]], width);
+        plot(plots, "Success rate", points, [["success", function (p) { return p.success_rate; }, "#15803d"]], width);
+        plot(plots, "Latency (ms)", points, [
+          ["p50", function (p) { return (p.latency_ms || {}).p50; }, "#0891b2"],
+          ["p95", function (p) { return (p.latency_ms || {}).p95; }, "#ca8a04"],
+          ["p99", function (p) { return (p.latency_ms || {}).p99; }, "#dc2626"]
         ], width);
       })
       .catch(function () {});
@@ -118,7 +129,7 @@
           loadChart(chart, b.dataset.window);
         });
       });
-      loadChart(chart, "1m");
+      loadChart(chart, "15m");
     });
     document.querySelectorAll("[data-edges-url][data-mode=denied]").forEach(loadEdges);
   });
