@@ -67,6 +67,12 @@ def snapshot() -> list[Metric]:
             "batches run again after losing their database connection",
         ),
         Metric(
+            "mesh.writer.batch_redos",
+            "counter",
+            stats.batch_redos,
+            "batches run again with a savepoint per write after a write failed",
+        ),
+        Metric(
             "mesh.writer.writes_committed",
             "counter",
             stats.writes_committed,
