@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from meshweb.dev import READY_LINE
+from tests.support.files import json_lines
 from tests.support.servers import ROOT, die_with_parent, free_port
 
 pytestmark = pytest.mark.slow
@@ -254,11 +255,7 @@ def _the_demo_shows_golden_metrics_top_and_access_logs(dev: DevProcess, banner: 
     assert any(line.split()[:1] == ["api"] for line in top.stdout.splitlines()), top.stdout
     logs = Path(banner.split("access log: ", 1)[1].split("/<proxy-id>", 1)[0])
     lines = {
-        name: [
-            json.loads(line)
-            for line in (logs / f"{name}-sidecar-proxy.log").read_text().splitlines()
-        ]
-        for name in ("web", "api-v1", "api-v2")
+        name: json_lines(logs / f"{name}-sidecar-proxy.log") for name in ("web", "api-v1", "api-v2")
     }
     assert lines["web"] and all(e["destination"] == "api" for e in lines["web"])
     clusters = {e["cluster"] for e in lines["web"]}

@@ -13,6 +13,7 @@ import consul.exceptions
 import pytest
 
 from tests.agents.conftest import eventually
+from tests.support.files import json_lines
 
 pytestmark = pytest.mark.slow
 
@@ -129,12 +130,6 @@ def _watch_files(out_path, name: str) -> dict[str, str]:
     }
 
 
-def _runs(path) -> list[list[dict]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def test_events_reach_the_agents_they_are_for_and_run_their_handlers(
     control_plane, make_agent, tmp_path, unique
 ):
@@ -152,13 +147,13 @@ def test_events_reach_the_agents_they_are_for_and_run_their_handlers(
     c.event.fire(unique("other"), "unwatched")
 
     def payloads(path) -> list[bytes]:
-        runs = _runs(path)
+        runs = json_lines(path)
         return [base64.b64decode(run[-1]["Payload"]) for run in runs]
 
     eventually(lambda: payloads(out_a) == [b"to-all", b"to-a-only", b"to-canaries"], timeout=60)
     eventually(lambda: payloads(out_b) == [b"to-all", b"to-canaries"], timeout=60)
     # the handler's stdin is the agent's list of that event name, the new one last
-    assert [e["Name"] for e in _runs(out_a)[-1]] == [name] * 3
+    assert [e["Name"] for e in json_lines(out_a)[-1]] == [name] * 3
     local = a.client().get("/v1/event/list", params={"name": name}).json()
     assert [base64.b64decode(e["Payload"]) for e in local] == [
         b"to-all",

@@ -10,7 +10,6 @@ per response code, on both sides; each request is one access-log line."""
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import threading
 import uuid
@@ -31,6 +30,7 @@ from tests.proxy.support import (
     upstream,
     wait_until,
 )
+from tests.support.files import json_lines
 from tests.support.otlp import OtlpReceiver
 
 pytestmark = pytest.mark.slow
@@ -259,9 +259,7 @@ def test_each_request_is_one_access_log_line_with_its_trace(chain):
     tag = uuid.uuid4().hex[:12]
 
     def entries(name: str) -> list[dict]:
-        path = chain["logs"][name]
-        text = path.read_text() if path.exists() else ""
-        return [e for e in map(json.loads, text.splitlines()) if e["request_id"].startswith(tag)]
+        return [e for e in json_lines(chain["logs"][name]) if e["request_id"].startswith(tag)]
 
     for i in range(10):
         chain["client"].get(
