@@ -275,7 +275,9 @@ def test_without_a_worker_a_celery_server_runs_no_checks(tmp_path, unique):
             ["worker", "--beat", "--concurrency", "1"], server.env, tmp_path / "worker.log"
         )
         try:
-            wait_for(_status_is(server, f"service:{name}", "passing"), timeout=15)
+            # The bound covers the worker's start-up (Django and Celery imports, the
+            # broker connection), which takes tens of seconds on a loaded machine.
+            wait_for(_status_is(server, f"service:{name}", "passing"), timeout=60)
         finally:
             worker.stop()
         assert worker.proc.returncode == 0, worker.log()
