@@ -134,6 +134,7 @@ class ServerConn(asyncio.Protocol):
         self.read_timeout = read_timeout
         self.idle_timeout = idle_timeout
         self.transport: asyncio.Transport | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.peer: tuple[str, int] | None = None
         self.tag: Any = None  # the handler's per-connection data
         self.lost = False
@@ -162,6 +163,8 @@ class ServerConn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # Kept: asyncio.get_running_loop() costs a getpid() system call per use.
+        self.loop = asyncio.get_running_loop()
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
         peer = transport.get_extra_info("peername")
         self.peer = (peer[0], peer[1]) if peer else None
@@ -197,7 +200,7 @@ class ServerConn(asyncio.Protocol):
         if delay <= 0:
             self._disarm()
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         at = loop.time() + delay
         self._due, self._due_fn = at, fn
         if self._timer is None or self._timer.when() > at:
@@ -213,7 +216,7 @@ class ServerConn(asyncio.Protocol):
         fn = self._due_fn
         if fn is None or self.lost:
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         if loop.time() < self._due:
             self._timer = loop.call_at(self._due, self._fire)
             return
@@ -259,7 +262,7 @@ class ServerConn(asyncio.Protocol):
         self._head = 0
         self._body = []
         self._blen = 0
-        self._started = asyncio.get_running_loop().time()
+        self._started = self.loop.time()  # type: ignore[union-attr]
         self._reading = True
         if not self._busy:
             self._arm(self.read_timeout, self._slow)
@@ -318,7 +321,7 @@ class ServerConn(asyncio.Protocol):
         req = self._queue.popleft()
         self._busy = True
         self.requests += 1
-        self._task = asyncio.get_running_loop().create_task(self._serve(req))
+        self._task = self.loop.create_task(self._serve(req))  # type: ignore[union-attr]
 
     async def _serve(self, req: Request) -> None:
         try:
