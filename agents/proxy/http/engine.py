@@ -902,9 +902,7 @@ class HttpProxy(Handler):
         while pool:
             conn = pool.pop()
             if not conn.lost:
-                if conn.idle_timer is not None:
-                    conn.idle_timer.cancel()
-                    conn.idle_timer = None
+                conn.idle_since = None
                 return conn
         return None
 
@@ -925,7 +923,26 @@ class HttpProxy(Handler):
             conn.close()
             return
         pool.append(conn)
-        conn.idle_timer = self.loop.call_later(POOL_IDLE_TIMEOUT, conn.close)
+        conn.idle_since = self.loop.time()
+        if conn.idle_timer is None:
+            conn.idle_timer = self.loop.call_later(POOL_IDLE_TIMEOUT, self._idle_check, conn)
+
+    def _idle_check(self, conn: ClientConn) -> None:
+        """Close a pooled connection idle for POOL_IDLE_TIMEOUT. One timer per
+        connection, re-armed while it is in use: a timer per request would
+        cost a timer handle made and cancelled for every request."""
+        conn.idle_timer = None
+        if conn.lost:
+            return
+        since = conn.idle_since
+        if since is None:
+            wait = POOL_IDLE_TIMEOUT
+        else:
+            wait = since + POOL_IDLE_TIMEOUT - self.loop.time()
+            if wait <= 0:
+                conn.close()
+                return
+        conn.idle_timer = self.loop.call_later(wait, self._idle_check, conn)
 
     def close_idle(self) -> None:
         for pool in self.pools.values():
@@ -986,14 +1003,12 @@ class HttpProxy(Handler):
                      remove, set_, add, deadline) -> None:  # fmt: skip
         """Send the response head, then stream the body to the caller."""
         rec.status = att.status
-        headers = strip_hop_by_hop(att.headers)
-        if remove or set_ or add:
-            headers = _apply(headers, remove, set_, add)
-        for n, v in att.trailer_headers or att.headers:
-            if n == b"grpc-status":
-                rec.grpc_status = v.decode("latin-1")
         framing = att.framing
         if isinstance(conn, H2Stream):
+            headers = strip_hop_by_hop(att.headers)
+            if remove or set_ or add:
+                headers = _apply(headers, remove, set_, add)
+            rec.grpc_status = _grpc_status(att.trailer_headers or att.headers, rec.grpc_status)
             if framing == "length":
                 cl = _content_length(att.headers)
                 if cl is not None:
@@ -1004,8 +1019,14 @@ class HttpProxy(Handler):
         if framing == "stream":  # an HTTP/2 upstream: length unknown
             framing = "chunked" if req.version == "1.1" else "close"
         out = [b"HTTP/1.1 %d %s\r\n" % (att.status, att.reason or REASONS.get(att.status, b""))]
-        for n, v in headers:
-            out.append(n + b": " + v + b"\r\n")
+        if remove or set_ or add:
+            headers = _apply(strip_hop_by_hop(att.headers), remove, set_, add)
+            out += [n + b": " + v + b"\r\n" for n, v in headers]
+            rec.grpc_status = _grpc_status(att.headers, rec.grpc_status)
+        else:
+            rec.grpc_status = _head_lines(att.headers, out, rec.grpc_status)
+        if att.trailer_headers:
+            rec.grpc_status = _grpc_status(att.trailer_headers, rec.grpc_status)
         chunked = False
         if framing == "length":
             out.append(b"content-length: " + (_content_length(att.headers) or b"0") + b"\r\n")
@@ -1022,12 +1043,8 @@ class HttpProxy(Handler):
             out.append(b"connection: close\r\n")
         out.append(b"\r\n")
         client = att.conn
-
-        def writable(ok: bool) -> None:
-            if client.transport is not None and not client.lost:
-                (client.transport.resume_reading if ok else client.transport.pause_reading)()
-
-        conn.on_writable = writable
+        if isinstance(client, ClientConn):  # an HTTP/2 stream has its own flow control
+            conn.on_writable = client.reading
         await self._stream_out(conn, att, rec, _Sink(conn, chunked, out), deadline)
 
     async def _stream_out(self, conn: Any, att: Attempt, rec: RequestRecord, sink: Any,
@@ -1090,6 +1107,31 @@ def _cookie(req: Request, name: str) -> bytes | None:
                 if part.startswith(wanted):
                     return part[len(wanted) :]
     return None
+
+
+def _grpc_status(headers: Headers, status: str) -> str:
+    for n, v in headers:
+        if n == b"grpc-status":
+            status = v.decode("latin-1")
+    return status
+
+
+def _head_lines(headers: Headers, out: list[bytes], grpc_status: str) -> str:
+    """Append the header lines to forward (hop-by-hop ones left out) to
+    `out`, in one pass; returns the grpc-status seen (else `grpc_status`)."""
+    start = len(out)
+    named = False
+    for n, v in headers:
+        if n in HOP_BY_HOP:
+            named = named or n == b"connection"
+            continue
+        if n == b"grpc-status":
+            grpc_status = v.decode("latin-1")
+        out.append(n + b": " + v + b"\r\n")
+    if named:  # a Connection header may name more hop-by-hop headers
+        del out[start:]
+        out += [n + b": " + v + b"\r\n" for n, v in strip_hop_by_hop(headers)]
+    return grpc_status
 
 
 def _content_length(headers: Headers) -> bytes | None:

@@ -149,6 +149,7 @@ class ServerConn(asyncio.Protocol):
         self._due_fn: Callable[[], None] | None = None
         self._url = b""
         self._headers: Headers = []
+        self._expect: bytes | None = None  # an Expect header's value
         self._head = 0
         self._body: list[bytes] = []
         self._blen = 0
@@ -259,6 +260,7 @@ class ServerConn(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = []
+        self._expect = None
         self._head = 0
         self._body = []
         self._blen = 0
@@ -279,16 +281,18 @@ class ServerConn(asyncio.Protocol):
         if self._head > MAX_HEAD:
             self._error = (431, "request head over 64 KiB")
             raise ValueError("head too large")
-        self._headers.append((name.lower(), value))
+        name = name.lower()
+        if name == b"expect" and (self._expect is None or self._expect.lower() == b"100-continue"):
+            self._expect = value  # the first that is not 100-continue stays
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        for n, v in self._headers:
-            if n == b"expect":
-                if v.lower() == b"100-continue":
-                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
-                else:
-                    self._error = (417, "unsupported Expect")
-                    raise ValueError("expect")
+        if self._expect is not None:
+            if self._expect.lower() == b"100-continue":
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
+            else:
+                self._error = (417, "unsupported Expect")
+                raise ValueError("expect")
 
     def on_body(self, body: bytes) -> None:
         self._blen += len(body)
@@ -422,7 +426,8 @@ class ClientConn(asyncio.Protocol):
         self.key: Any = None  # the pool's key
         self.cluster: Any = None  # the circuit it counts against
         self.endpoint: tuple[str, int] | None = None
-        self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle_timer: asyncio.TimerHandle | None = None  # the pool's, armed lazily
+        self.idle_since: float | None = None  # loop time it went back to the pool
         self._on_idle = on_idle
         self._exchange: Exchange | None = None
         self._parser = httptools.HttpResponseParser(self)
@@ -438,15 +443,18 @@ class ClientConn(asyncio.Protocol):
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
 
     def send(self, data: list[bytes], exchange: Exchange, head_only: bool) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
+        self.idle_since = None
         self._exchange = exchange
         self._head_only = head_only
         self._got_head = self._got_bytes = False
         self._headers = []
         self._reason = b""
         self.transport.write(b"".join(data))  # type: ignore[union-attr]  # one TLS record
+
+    def reading(self, ok: bool) -> None:
+        """Flow control from the caller's side: read the response on or not."""
+        if self.transport is not None and not self.lost:
+            (self.transport.resume_reading if ok else self.transport.pause_reading)()
 
     def detach(self) -> None:
         """The exchange gives up on this response: the connection cannot be reused."""
