@@ -88,18 +88,13 @@ class SplitPlan:
     __slots__ = ("edits", "resp_mods", "conditions", "max_retries", "grpc_retry")
 
     def __init__(self, route: Route, split: WeightedCluster) -> None:
-        self.edits = tuple(
-            e
-            for e in (
-                _edit(
-                    route.request_headers_remove,
-                    route.request_headers_set,
-                    route.request_headers_add,
-                ),  # fmt: skip
-                _edit(split.request_headers_remove, split.request_headers_set, ()),
-            )
-            if e is not None
+        steps = (
+            _edit(
+                route.request_headers_remove, route.request_headers_set, route.request_headers_add
+            ),
+            _edit(split.request_headers_remove, split.request_headers_set, ()),
         )
+        self.edits = tuple(e for e in steps if e is not None)
         self.resp_mods = (
             tuple(route.response_headers_remove) + tuple(split.response_headers_remove),
             tuple(route.response_headers_set) + tuple(split.response_headers_set),
