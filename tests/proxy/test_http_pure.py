@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import collections
 import time
+import uuid
 
 import pytest
 
+from agents.proxy.http.engine import SplitPlan, request_id
 from agents.proxy.http.guards import Outliers, RetryBudget, TokenBucket
 from agents.proxy.http.routes import RouteError, Router, rewrite_prefix
 from agents.proxy.http.wire import strip_hop_by_hop
@@ -77,6 +79,40 @@ def test_prefix_rewrite_keeps_the_rest_and_the_query():
     assert rewrite_prefix("/api/v1/users?x=1", "/api/v1/", "/") == "/users?x=1"
     assert rewrite_prefix("/old/a", "/old", "/new") == "/new/a"
     assert rewrite_prefix("/old", "/old", "/") == "/"
+
+
+def test_a_split_plan_edits_headers_as_the_route_then_the_split_say():
+    route = Route(
+        RouteMatch(path_prefix="/"),
+        (
+            WeightedCluster(
+                "a",
+                100.0,
+                request_headers_set=(("X-Tier", "canary"),),
+                request_headers_remove=("x-added",),
+            ),
+        ),  # fmt: skip
+        request_headers_set=(("X-Tier", "stable"), ("x-route", "r1")),
+        request_headers_remove=("Cookie",),
+        request_headers_add=(("x-added", "1"),),
+        retry=RetryPolicy(num_retries=3, retry_on=("5xx", "unavailable")),
+    )
+    plan = SplitPlan(route, route.splits[0])
+    got = plan.apply([(b"host", b"api"), (b"cookie", b"c=1"), (b"x-tier", b"old")])
+    # The route's step (remove, set, add), then the split's (remove, set).
+    assert got == [(b"host", b"api"), (b"x-route", b"r1"), (b"x-tier", b"canary")]
+    assert plan.max_retries == 3 and plan.grpc_retry
+    assert plan.conditions == frozenset({"5xx", "unavailable"})
+    bare = Route(RouteMatch(), to("a"))
+    assert SplitPlan(bare, bare.splits[0]).apply([(b"a", b"1")]) == [(b"a", b"1")]
+
+
+def test_request_ids_are_version_4_uuids():
+    ids = {request_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for rid in ids:
+        u = uuid.UUID(rid.decode())
+        assert (u.version, u.variant, str(u).encode()) == (4, uuid.RFC_4122, rid)
 
 
 def test_hop_by_hop_headers_and_those_connection_names_are_stripped():

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import random
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
@@ -39,6 +37,7 @@ from agents.proxy.http.guards import Circuit, Outliers, RetryBudget, TokenBucket
 from agents.proxy.http.h2wire import H2Client, H2Stream
 from agents.proxy.http.routes import Router, rewrite_prefix
 from agents.proxy.http.wire import (
+    HOP_BY_HOP,
     REASONS,
     ClientConn,
     Handler,
@@ -50,7 +49,7 @@ from agents.proxy.http.wire import (
 from agents.proxy.logs import log
 from agents.proxy.observe import NULL_OBSERVER, Observer, RequestRecord
 from agents.proxy.tls import peer_spiffe_id
-from meshproto.proxycfg import Cluster, RetryPolicy, Route, Upstream
+from meshproto.proxycfg import Cluster, RetryPolicy, Route, Upstream, WeightedCluster
 
 if TYPE_CHECKING:
     from agents.proxy.sidecar import Sidecar, Snapshot
@@ -67,6 +66,7 @@ MAX_IDLE_PER_POOL = 64
 POOL_IDLE_TIMEOUT = 60.0
 HTTP_PROTOCOLS = frozenset({"http", "http2", "grpc"})
 H2_PROTOCOLS = frozenset({"http2", "grpc"})
+_COLON = b": "  # header lines are name + _COLON + value, joined by CRLF
 
 
 class Failure(Exception):
@@ -77,6 +77,52 @@ class Failure(Exception):
         super().__init__(detail or kind)
         self.kind = kind
         self.flag = flag
+
+
+class SplitPlan:
+    """What a (route, split) pair does to each request, worked out once per
+    config: the request header edits as bytes (the route's, then the
+    split's), the response header edits and the retry conditions. The
+    per-request path only reads these."""
+
+    __slots__ = ("edits", "resp_mods", "conditions", "max_retries", "grpc_retry")
+
+    def __init__(self, route: Route, split: WeightedCluster) -> None:
+        steps = (
+            _edit(
+                route.request_headers_remove, route.request_headers_set, route.request_headers_add
+            ),
+            _edit(split.request_headers_remove, split.request_headers_set, ()),
+        )
+        self.edits = tuple(e for e in steps if e is not None)
+        self.resp_mods = (
+            tuple(route.response_headers_remove) + tuple(split.response_headers_remove),
+            tuple(route.response_headers_set) + tuple(split.response_headers_set),
+            tuple(route.response_headers_add),
+        )
+        self.conditions = _conditions(route.retry)
+        self.max_retries = route.retry.num_retries or (1 if self.conditions else 0)
+        self.grpc_retry = any(c in GRPC_CODES for c in self.conditions)
+
+    def apply(self, headers: Headers) -> Headers:
+        for drop, set_, add in self.edits:
+            if drop:
+                headers = [(n, v) for n, v in headers if n not in drop]
+            headers.extend(set_)
+            headers.extend(add)
+        return headers
+
+
+def _edit(remove, set_, add) -> tuple[frozenset[bytes], Headers, Headers] | None:
+    """One header edit step as bytes: names to drop, then headers to set and to add."""
+    if not (remove or set_ or add):
+        return None
+    drop = frozenset(n.lower().encode() for n in remove) | {n.lower().encode() for n, _ in set_}
+    return (
+        drop,
+        [(n.lower().encode(), v.encode()) for n, v in set_],
+        [(n.lower().encode(), v.encode()) for n, v in add],
+    )
 
 
 class HttpUpstream:
@@ -90,15 +136,26 @@ class HttpUpstream:
             c.name: HTTP_POLICIES.get(c.lb_policy, RoundRobin)(c.endpoints, active)
             for c in upstream.clusters
         }
+        self.splits: dict[int, SplitPlan] = {
+            id(split): SplitPlan(r.route, split) for r in self.router.routes for split in r.splits
+        }
 
 
 class Attempt:
-    """One try of a request on one upstream connection (an `Exchange`)."""
+    """One try of a request on one upstream connection (an `Exchange`).
+
+    Only the head is always waited for; the futures for the end of the
+    response and its first body byte are made when someone waits for them
+    and the response is not there yet (a small response is usually whole by
+    the time its head is handled)."""
 
     __slots__ = (
         "conn",
+        "loop",
         "head_fut",
-        "done_fut",
+        "_done_fut",
+        "_first_fut",
+        "error",
         "status",
         "reason",
         "headers",
@@ -108,14 +165,15 @@ class Attempt:
         "finished",
         "nbytes",
         "trailer_headers",
-        "first_fut",
     )
 
-    def __init__(self, conn: Any) -> None:
-        loop = asyncio.get_running_loop()
+    def __init__(self, conn: Any, loop: asyncio.AbstractEventLoop) -> None:
         self.conn = conn
+        self.loop = loop
         self.head_fut: asyncio.Future[None] = loop.create_future()
-        self.done_fut: asyncio.Future[None] = loop.create_future()
+        self._done_fut: asyncio.Future[None] | None = None
+        self._first_fut: asyncio.Future[None] | None = None
+        self.error: Failure | None = None
         self.status = 0
         self.reason = b""
         self.headers: Headers = []
@@ -125,7 +183,29 @@ class Attempt:
         self.finished = False
         self.nbytes = 0
         self.trailer_headers: Headers | None = None
-        self.first_fut: asyncio.Future[None] = loop.create_future()  # first body byte or end
+
+    @property
+    def done_fut(self) -> asyncio.Future[None]:
+        """Resolved when the response is over (raises its `Failure`)."""
+        if self._done_fut is None:
+            self._done_fut = self._settled(self.finished)
+        return self._done_fut
+
+    @property
+    def first_fut(self) -> asyncio.Future[None]:
+        """Resolved at the first body byte or the end."""
+        if self._first_fut is None:
+            self._first_fut = self._settled(self.finished or self.nbytes > 0)
+        return self._first_fut
+
+    def _settled(self, ready: bool) -> asyncio.Future[None]:
+        fut = self.loop.create_future()
+        if ready:
+            fut.set_result(None)
+        elif self.error is not None:
+            fut.set_exception(self.error)
+            fut.exception()
+        return fut
 
     def trailers(self, headers: Headers) -> None:
         self.trailer_headers = headers
@@ -136,8 +216,8 @@ class Attempt:
             self.head_fut.set_result(None)
 
     def body(self, data: bytes) -> None:
-        if not self.nbytes and not self.first_fut.done():
-            self.first_fut.set_result(None)
+        if not self.nbytes and self._first_fut is not None and not self._first_fut.done():
+            self._first_fut.set_result(None)
         self.nbytes += len(data)
         if self.sink is not None:
             self.sink.chunk(data)
@@ -146,17 +226,17 @@ class Attempt:
 
     def done(self) -> None:
         self.finished = True
-        if not self.first_fut.done():
-            self.first_fut.set_result(None)
+        if self._first_fut is not None and not self._first_fut.done():
+            self._first_fut.set_result(None)
         if self.sink is not None:
             self.sink.end(self.trailer_headers)
-        if not self.done_fut.done():
-            self.done_fut.set_result(None)
+        if self._done_fut is not None and not self._done_fut.done():
+            self._done_fut.set_result(None)
 
     def failed(self, kind: str) -> None:
-        exc = Failure(kind, "UC" if kind != "protocol" else "UPE")
-        for fut in (self.head_fut, self.done_fut, self.first_fut):
-            if not fut.done():
+        exc = self.error = Failure(kind, "UC" if kind != "protocol" else "UPE")
+        for fut in (self.head_fut, self._done_fut, self._first_fut):
+            if fut is not None and not fut.done():
                 fut.set_exception(exc)
                 fut.exception()  # retrieved: no "never retrieved" warning
 
@@ -210,7 +290,16 @@ class _Sink:
 
 
 def request_id() -> bytes:
-    return str(uuid.UUID(bytes=os.urandom(16), version=4)).encode()
+    """A version-4 UUID for `x-request-id`. Like trace ids it must be unique,
+    not secret: `random.getrandbits`, no system call per request."""
+    n = (_getrandbits(128) & _UUID_CLEAR) | _UUID_V4
+    h = b"%032x" % n
+    return b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
+
+
+_getrandbits = random.getrandbits
+_UUID_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))  # the version and variant bits
+_UUID_V4 = (0x4000 << 64) | (0x8000 << 48)
 
 
 def _text_headers(headers: Headers) -> dict[str, str]:
@@ -247,6 +336,14 @@ class HttpProxy(Handler):
         self.h2pool: dict[Any, H2Client] = {}
         self.h2dialing: dict[Any, asyncio.Future] = {}
         self.read_timeout = 10.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The sidecar's loop, looked up once (each lookup costs a getpid())."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     # ------------------------------------------------------------------ state
 
@@ -255,7 +352,7 @@ class HttpProxy(Handler):
 
     def _circuit(self, cluster: Cluster) -> Circuit:
         c = self.circuits.get(cluster.name)
-        if c is None or c.limits != cluster.limits:
+        if c is None or (c.limits is not cluster.limits and c.limits != cluster.limits):
             fresh = Circuit(cluster.limits)
             if c is not None:
                 fresh.connections, fresh.active = c.connections, c.active
@@ -266,7 +363,7 @@ class HttpProxy(Handler):
         if cluster.outlier is None:
             return None
         o = self.outliers.get(cluster.name)
-        if o is None or o.policy != cluster.outlier:
+        if o is None or (o.policy is not cluster.outlier and o.policy != cluster.outlier):
             o = self.outliers[cluster.name] = Outliers(cluster.outlier, len(cluster.endpoints))
         o.size = len(cluster.endpoints)
         return o
@@ -424,12 +521,15 @@ class HttpProxy(Handler):
         rec.protocol = inbound.protocol
         for stale_retry in (False, True):
             try:
-                client = await self._app_conn(target, use_h2)
+                # A pooled connection without a coroutine; else dial (or h2).
+                client = (None if use_h2 else self._idle(("app", target))) or (
+                    await self._app_conn(target, use_h2)
+                )
             except Failure as f:
                 self.sc.metrics.connect_failures[("local_app", f.kind)] += 1
                 self._local(conn, rec, 503, "cannot reach the local app", "UF")
                 return
-            att = Attempt(client)
+            att = Attempt(client, self.loop)
             _send(client, att, req, req.target, headers)
             try:
                 await _wait(att.head_fut, deadline)
@@ -502,22 +602,16 @@ class HttpProxy(Handler):
         target = req.target
         if route.prefix_rewrite and route.match.path_prefix:
             target = rewrite_prefix(target, route.match.path_prefix, route.prefix_rewrite)
-        headers = self._forward_headers(conn, req, span, "http")
-        headers = _apply(headers, route.request_headers_remove, route.request_headers_set,
-                         route.request_headers_add)  # fmt: skip
-        headers = _apply(headers, split.request_headers_remove, split.request_headers_set, ())
-        resp_mods = (
-            tuple(route.response_headers_remove) + tuple(split.response_headers_remove),
-            tuple(route.response_headers_set) + tuple(split.response_headers_set),
-            tuple(route.response_headers_add),
-        )
+        sp = plan.splits[id(split)]
+        headers = sp.apply(self._forward_headers(conn, req, span, "http"))
+        resp_mods = sp.resp_mods
         policy = route.retry
         timeout = route.timeout_s or cluster.request_timeout_s
         deadline = time.monotonic() + timeout if timeout else None
         budget = self._budget(cluster.name, policy)
         budget.request()
-        conditions = _conditions(policy)
-        max_retries = policy.num_retries or (1 if conditions else 0)
+        conditions = sp.conditions
+        max_retries = sp.max_retries
         may_retry_sent = req.method in IDEMPOTENT or policy.retry_non_idempotent
         balancer = plan.balancers[cluster.name]
         outliers = self._outliers(cluster)
@@ -530,7 +624,7 @@ class HttpProxy(Handler):
         data_cache: dict[str, list[bytes]] = {}
         use_h2 = plan.upstream.protocol in H2_PROTOCOLS
         rec.protocol = plan.upstream.protocol
-        grpc_retry = use_h2 and any(c in GRPC_CODES for c in conditions)
+        grpc_retry = use_h2 and sp.grpc_retry
         circuit.active += 1
         try:
             while True:
@@ -556,8 +650,14 @@ class HttpProxy(Handler):
                 att: Attempt | None = None
                 self.active[ep] = self.active.get(ep, 0) + 1
                 try:
-                    client = await self._peer_conn(snap, cluster, ep, circuit, deadline, use_h2)
-                    att = Attempt(client)
+                    client = (
+                        None
+                        if use_h2
+                        else self._idle(
+                            (cluster.name, ep, cluster.sni, cluster.spiffe_id, id(snap.contexts))
+                        )  # fmt: skip
+                    ) or await self._peer_conn(snap, cluster, ep, circuit, deadline, use_h2)
+                    att = Attempt(client, self.loop)
                     _send(client, att, req, target, headers, data_cache)
                     try:
                         await _wait(att.head_fut, _try_deadline(deadline, policy))
@@ -807,9 +907,7 @@ class HttpProxy(Handler):
         while pool:
             conn = pool.pop()
             if not conn.lost:
-                if conn.idle_timer is not None:
-                    conn.idle_timer.cancel()
-                    conn.idle_timer = None
+                conn.idle_since = None
                 return conn
         return None
 
@@ -830,7 +928,26 @@ class HttpProxy(Handler):
             conn.close()
             return
         pool.append(conn)
-        conn.idle_timer = asyncio.get_running_loop().call_later(POOL_IDLE_TIMEOUT, conn.close)
+        conn.idle_since = self.loop.time()
+        if conn.idle_timer is None:
+            conn.idle_timer = self.loop.call_later(POOL_IDLE_TIMEOUT, self._idle_check, conn)
+
+    def _idle_check(self, conn: ClientConn) -> None:
+        """Close a pooled connection idle for POOL_IDLE_TIMEOUT. One timer per
+        connection, re-armed while it is in use: a timer per request would
+        cost a timer handle made and cancelled for every request."""
+        conn.idle_timer = None
+        if conn.lost:
+            return
+        since = conn.idle_since
+        if since is None:
+            wait = POOL_IDLE_TIMEOUT
+        else:
+            wait = since + POOL_IDLE_TIMEOUT - self.loop.time()
+            if wait <= 0:
+                conn.close()
+                return
+        conn.idle_timer = self.loop.call_later(wait, self._idle_check, conn)
 
     def close_idle(self) -> None:
         for pool in self.pools.values():
@@ -844,27 +961,46 @@ class HttpProxy(Handler):
     # ---------------------------------------------------------------- answers
 
     def _forward_headers(self, conn: ServerConn, req: Request, span, proto: str) -> Headers:
-        headers = strip_hop_by_hop(req.headers)
-        if req.header(b"te") == b"trailers":
-            headers.append((b"te", b"trailers"))  # the one TE value that goes on (gRPC needs it)
-        peer = conn.peer[0].encode() if conn.peer else b"unknown"
-        xff = None
+        """The request's headers for the next hop, in one pass: hop-by-hop ones
+        dropped (`te: trailers` kept, gRPC needs it), `x-forwarded-for`
+        extended, `x-forwarded-proto` set when absent, the span's trace
+        context in place of the caller's."""
+        extra = span.upstream_headers()
+        traced = {n for n, _ in extra} if extra else ()
+        headers: Headers = []
+        xff = -1
         has_proto = False
-        for i, (n, _) in enumerate(headers):
+        te: bytes | None = None
+        named: set[bytes] | None = None  # what a Connection header names
+        for n, v in req.headers:
+            if n in HOP_BY_HOP:
+                if n == b"connection":
+                    named = named or set()
+                    named.update(t.strip().lower() for t in v.split(b","))
+                elif n == b"te" and te is None:
+                    te = v
+                continue
+            if n in traced:
+                continue
             if n == b"x-forwarded-for":
-                xff = i
+                xff = len(headers)
             elif n == b"x-forwarded-proto":
                 has_proto = True
-        if xff is None:
+            headers.append((n, v))
+        if named:
+            headers = [(n, v) for n, v in headers if n not in named]
+            xff = next((i for i, (n, _) in enumerate(headers) if n == b"x-forwarded-for"), -1)
+            has_proto = any(n == b"x-forwarded-proto" for n, _ in headers)
+        if te == b"trailers":
+            headers.append((b"te", b"trailers"))
+        peer = conn.peer[0].encode() if conn.peer else b"unknown"
+        if xff < 0:
             headers.append((b"x-forwarded-for", peer))
         else:
             headers[xff] = (b"x-forwarded-for", headers[xff][1] + b", " + peer)
         if not has_proto:
-            headers.append((b"x-forwarded-proto", proto.encode()))
-        extra = span.upstream_headers()
+            headers.append((b"x-forwarded-proto", b"https" if proto == "https" else proto.encode()))
         if extra:
-            names = {n for n, _ in extra}
-            headers = [(n, v) for n, v in headers if n not in names]
             headers.extend(extra)
         return headers
 
@@ -872,14 +1008,12 @@ class HttpProxy(Handler):
                      remove, set_, add, deadline) -> None:  # fmt: skip
         """Send the response head, then stream the body to the caller."""
         rec.status = att.status
-        headers = strip_hop_by_hop(att.headers)
-        if remove or set_ or add:
-            headers = _apply(headers, remove, set_, add)
-        for n, v in att.trailer_headers or att.headers:
-            if n == b"grpc-status":
-                rec.grpc_status = v.decode("latin-1")
         framing = att.framing
         if isinstance(conn, H2Stream):
+            headers = strip_hop_by_hop(att.headers)
+            if remove or set_ or add:
+                headers = _apply(headers, remove, set_, add)
+            rec.grpc_status = _grpc_status(att.trailer_headers or att.headers, rec.grpc_status)
             if framing == "length":
                 cl = _content_length(att.headers)
                 if cl is not None:
@@ -889,31 +1023,33 @@ class HttpProxy(Handler):
             return
         if framing == "stream":  # an HTTP/2 upstream: length unknown
             framing = "chunked" if req.version == "1.1" else "close"
-        out = [b"HTTP/1.1 %d %s\r\n" % (att.status, att.reason or REASONS.get(att.status, b""))]
-        for n, v in headers:
-            out.append(n + b": " + v + b"\r\n")
+        lines = [b"HTTP/1.1 %d %s" % (att.status, att.reason or REASONS.get(att.status, b""))]
+        if remove or set_ or add:
+            lines += map(_COLON.join, _apply(strip_hop_by_hop(att.headers), remove, set_, add))
+            rec.grpc_status = _grpc_status(att.headers, rec.grpc_status)
+        else:
+            rec.grpc_status = _head_lines(att.headers, lines, rec.grpc_status)
+        if att.trailer_headers:
+            rec.grpc_status = _grpc_status(att.trailer_headers, rec.grpc_status)
         chunked = False
         if framing == "length":
-            out.append(b"content-length: " + (_content_length(att.headers) or b"0") + b"\r\n")
+            lines.append(b"content-length: " + (_content_length(att.headers) or b"0"))
         elif framing == "chunked" or (framing == "close" and req.version == "1.1"):
-            out.append(b"transfer-encoding: chunked\r\n")
+            lines.append(b"transfer-encoding: chunked")
             chunked = True
         elif framing == "close":
             req.keep_alive = False
         elif framing == "none" and req.method == "HEAD":
             cl = _content_length(att.headers)
             if cl is not None:
-                out.append(b"content-length: " + cl + b"\r\n")
+                lines.append(b"content-length: " + cl)
         if not req.keep_alive:
-            out.append(b"connection: close\r\n")
-        out.append(b"\r\n")
+            lines.append(b"connection: close")
+        lines.append(b"\r\n")
+        out = [b"\r\n".join(lines)]
         client = att.conn
-
-        def writable(ok: bool) -> None:
-            if client.transport is not None and not client.lost:
-                (client.transport.resume_reading if ok else client.transport.pause_reading)()
-
-        conn.on_writable = writable
+        if isinstance(client, ClientConn):  # an HTTP/2 stream has its own flow control
+            conn.on_writable = client.reading
         await self._stream_out(conn, att, rec, _Sink(conn, chunked, out), deadline)
 
     async def _stream_out(self, conn: Any, att: Attempt, rec: RequestRecord, sink: Any,
@@ -923,7 +1059,8 @@ class HttpProxy(Handler):
         if isinstance(sink, _Sink):
             sink.flush()  # the head, and what arrived with it, in one write
         try:
-            await _wait(att.done_fut, deadline)
+            if not att.finished:
+                await _wait(att.done_fut, deadline)
         except TimeoutError:
             client.detach()
             rec.response_flags = "UT"
@@ -978,6 +1115,33 @@ def _cookie(req: Request, name: str) -> bytes | None:
     return None
 
 
+def _grpc_status(headers: Headers, status: str) -> str:
+    for n, v in headers:
+        if n == b"grpc-status":
+            status = v.decode("latin-1")
+    return status
+
+
+def _head_lines(headers: Headers, out: list[bytes], grpc_status: str) -> str:
+    """Append the header lines to forward (hop-by-hop ones left out, no CRLF)
+    to `out`, in one pass; returns the grpc-status seen (else `grpc_status`)."""
+    start = len(out)
+    named = False
+    join = _COLON.join
+    for h in headers:
+        n = h[0]
+        if n in HOP_BY_HOP:
+            named = named or n == b"connection"
+            continue
+        if n == b"grpc-status":
+            grpc_status = h[1].decode("latin-1")
+        out.append(join(h))
+    if named:  # a Connection header may name more hop-by-hop headers
+        del out[start:]
+        out += map(join, strip_hop_by_hop(headers))
+    return grpc_status
+
+
 def _content_length(headers: Headers) -> bytes | None:
     for n, v in headers:
         if n == b"content-length":
@@ -999,15 +1163,13 @@ def _send(client: Any, att: Attempt, req: Request, target: str, headers: Headers
 
 
 def _serialize(req: Request, target: str, headers: Headers) -> list[bytes]:
-    out = [b"%s %s HTTP/1.1\r\n" % (req.method.encode(), target.encode("latin-1"))]
-    for n, v in headers:
-        out.append(n + b": " + v + b"\r\n")
+    # Lines joined once with CRLF (cheaper than concatenating each line).
+    lines = [b"%s %s HTTP/1.1" % (req.method.encode(), target.encode("latin-1"))]
+    lines += map(_COLON.join, headers)
     if req.body or req.method in ("POST", "PUT", "PATCH"):
-        out.append(b"content-length: %d\r\n" % len(req.body))
-    out.append(b"\r\n")
-    if req.body:
-        out.append(req.body)
-    return out
+        lines.append(b"content-length: %d" % len(req.body))
+    lines.append(b"\r\n")
+    return [b"\r\n".join(lines), req.body] if req.body else [b"\r\n".join(lines)]
 
 
 def _conditions(policy: RetryPolicy) -> frozenset[str]:
@@ -1061,13 +1223,28 @@ def _try_deadline(deadline: float | None, policy: RetryPolicy) -> float | None:
 
 
 async def _wait(fut: asyncio.Future, deadline: float | None) -> None:
+    """Wait for `fut` until `deadline` (TimeoutError), without suspending when
+    it is already done. The timer sets the timeout on `fut` itself: each
+    attempt's future has this one waiter, which gives the attempt up on it."""
+    if fut.done():
+        fut.result()
+        return
     if deadline is None:
         await fut
         return
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise TimeoutError
-    await asyncio.wait_for(asyncio.shield(fut), remaining)
+    timer = fut.get_loop().call_later(remaining, _expire, fut)
+    try:
+        await fut
+    finally:
+        timer.cancel()
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 async def _backoff(policy: RetryPolicy, n: int, deadline: float | None) -> None:

@@ -134,6 +134,7 @@ class ServerConn(asyncio.Protocol):
         self.read_timeout = read_timeout
         self.idle_timeout = idle_timeout
         self.transport: asyncio.Transport | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.peer: tuple[str, int] | None = None
         self.tag: Any = None  # the handler's per-connection data
         self.lost = False
@@ -148,6 +149,7 @@ class ServerConn(asyncio.Protocol):
         self._due_fn: Callable[[], None] | None = None
         self._url = b""
         self._headers: Headers = []
+        self._expect: bytes | None = None  # an Expect header's value
         self._head = 0
         self._body: list[bytes] = []
         self._blen = 0
@@ -162,6 +164,8 @@ class ServerConn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # Kept: asyncio.get_running_loop() costs a getpid() system call per use.
+        self.loop = asyncio.get_running_loop()
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
         peer = transport.get_extra_info("peername")
         self.peer = (peer[0], peer[1]) if peer else None
@@ -197,7 +201,7 @@ class ServerConn(asyncio.Protocol):
         if delay <= 0:
             self._disarm()
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         at = loop.time() + delay
         self._due, self._due_fn = at, fn
         if self._timer is None or self._timer.when() > at:
@@ -213,7 +217,7 @@ class ServerConn(asyncio.Protocol):
         fn = self._due_fn
         if fn is None or self.lost:
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         if loop.time() < self._due:
             self._timer = loop.call_at(self._due, self._fire)
             return
@@ -256,10 +260,11 @@ class ServerConn(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = []
+        self._expect = None
         self._head = 0
         self._body = []
         self._blen = 0
-        self._started = asyncio.get_running_loop().time()
+        self._started = self.loop.time()  # type: ignore[union-attr]
         self._reading = True
         if not self._busy:
             self._arm(self.read_timeout, self._slow)
@@ -276,16 +281,18 @@ class ServerConn(asyncio.Protocol):
         if self._head > MAX_HEAD:
             self._error = (431, "request head over 64 KiB")
             raise ValueError("head too large")
-        self._headers.append((name.lower(), value))
+        name = name.lower()
+        if name == b"expect" and (self._expect is None or self._expect.lower() == b"100-continue"):
+            self._expect = value  # the first that is not 100-continue stays
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        for n, v in self._headers:
-            if n == b"expect":
-                if v.lower() == b"100-continue":
-                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
-                else:
-                    self._error = (417, "unsupported Expect")
-                    raise ValueError("expect")
+        if self._expect is not None:
+            if self._expect.lower() == b"100-continue":
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
+            else:
+                self._error = (417, "unsupported Expect")
+                raise ValueError("expect")
 
     def on_body(self, body: bytes) -> None:
         self._blen += len(body)
@@ -318,7 +325,7 @@ class ServerConn(asyncio.Protocol):
         req = self._queue.popleft()
         self._busy = True
         self.requests += 1
-        self._task = asyncio.get_running_loop().create_task(self._serve(req))
+        self._task = self.loop.create_task(self._serve(req))  # type: ignore[union-attr]
 
     async def _serve(self, req: Request) -> None:
         try:
@@ -419,7 +426,8 @@ class ClientConn(asyncio.Protocol):
         self.key: Any = None  # the pool's key
         self.cluster: Any = None  # the circuit it counts against
         self.endpoint: tuple[str, int] | None = None
-        self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle_timer: asyncio.TimerHandle | None = None  # the pool's, armed lazily
+        self.idle_since: float | None = None  # loop time it went back to the pool
         self._on_idle = on_idle
         self._exchange: Exchange | None = None
         self._parser = httptools.HttpResponseParser(self)
@@ -435,15 +443,18 @@ class ClientConn(asyncio.Protocol):
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
 
     def send(self, data: list[bytes], exchange: Exchange, head_only: bool) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
+        self.idle_since = None
         self._exchange = exchange
         self._head_only = head_only
         self._got_head = self._got_bytes = False
         self._headers = []
         self._reason = b""
         self.transport.write(b"".join(data))  # type: ignore[union-attr]  # one TLS record
+
+    def reading(self, ok: bool) -> None:
+        """Flow control from the caller's side: read the response on or not."""
+        if self.transport is not None and not self.lost:
+            (self.transport.resume_reading if ok else self.transport.pause_reading)()
 
     def detach(self) -> None:
         """The exchange gives up on this response: the connection cannot be reused."""

@@ -16,13 +16,13 @@ observer from its configuration.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 Headers = list[tuple[bytes, bytes]]  # lower-cased names, as received
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestRecord:
     """One finished HTTP request as the sidecar saw it (either direction)."""
 
@@ -47,7 +47,6 @@ class RequestRecord:
     request_id: str = ""
     mtls: bool = True
     denied_by: str = ""  # intention id when an L7 intention denied it
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 class RequestSpan(Protocol):
