@@ -87,11 +87,22 @@ class H2Base(asyncio.Protocol):
         self.lost = False
         self._out: dict[int, _Out] = {}
         self._flood = _Flood()
+        self._flush_due = False
 
     def flush(self) -> None:
+        """Send what h2 has queued, once per event-loop tick: every stream
+        served or started in this tick shares one write (one TLS record, one
+        syscall) instead of one per HEADERS / DATA frame."""
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        self._flush_due = False
         data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.lost:
-            self.transport.write(data)
+        t = self.transport
+        if data and t is not None and not self.lost and not t.is_closing():
+            t.write(data)
 
     def send_data(self, sid: int, data: bytes, end: bool = False,
                   trailers: Headers | None = None) -> None:  # fmt: skip
@@ -163,7 +174,7 @@ class H2Base(asyncio.Protocol):
         """A flood: GOAWAY ENHANCE_YOUR_CALM and close."""
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self.h2.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
-        self.flush()
+        self.flush_now()
         if self.transport is not None:
             self.transport.close()
 
@@ -317,7 +328,7 @@ class H2Server(H2Base):
             self.calm_down()
             return
         except h2.exceptions.ProtocolError:
-            self.flush()  # h2 queued a GOAWAY
+            self.flush_now()  # h2 queued a GOAWAY
             if self.transport is not None:
                 self.transport.close()
             return
@@ -426,12 +437,13 @@ class H2Server(H2Base):
         self.draining = True
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self.h2.close_connection()
-        self.flush()
+        self.flush_now()
         if not self.streams:
             self.close()
 
     def close(self) -> None:
         if self.transport is not None and not self.lost:
+            self.flush_now()
             self.transport.close()
 
     def abort(self) -> None:
@@ -496,7 +508,7 @@ class H2Client(H2Base):
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError:
-            self.flush()
+            self.flush_now()
             self._fail_all("protocol")
             if self.transport is not None:
                 self.transport.close()
@@ -571,6 +583,7 @@ class H2Client(H2Base):
 
     def close(self) -> None:
         if self.transport is not None and not self.lost:
+            self.flush_now()
             self.transport.close()
 
 
