@@ -49,3 +49,13 @@ def test_repeated_fields_are_sent_as_one_byte_indexes() -> None:
     assert dec.decode(second, raw=True) == headers
     assert second == b"\x82\xbf\xbe"  # GET is static; the other two now in the table
     assert first.count(b"meshweb-test/1") == 1  # literals are not Huffman-coded
+
+
+def test_credentials_and_short_cookies_stay_out_of_the_table() -> None:
+    enc, dec = _Encoder(), hpack.Decoder()
+    headers = [(b"authorization", b"Bearer abc"), (b"cookie", b"sid=1"), (b"cookie", b"x" * 40)]
+    for _ in range(2):
+        got = dec.decode(enc.encode(headers), raw=True)
+        assert [(n, v) for n, v in got] == headers
+        assert [g.indexable for g in got] == [False, False, True]
+    assert enc._count == 1  # only the long cookie was added

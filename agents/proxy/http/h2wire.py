@@ -59,11 +59,15 @@ UNIQUE = frozenset({b"x-request-id", b"traceparent", b"tracestate"})
 def _config(client: bool) -> h2.config.H2Configuration:
     # Outbound header blocks are built here from headers h2 or the HTTP/1.1
     # parser already validated on the way in (names lower-case, no
-    # connection-specific fields, pseudo-headers first), so h2's second pass
-    # of outbound checks is skipped; normalising (lower-casing, never-indexed
-    # cookies and authorization) stays, and inbound validation stays in full.
+    # connection-specific fields: H2_FORBIDDEN is dropped, pseudo-headers
+    # first), so h2's second pass over them is skipped; `_Encoder` keeps
+    # credentials out of the HPACK table as h2's normalising did. Inbound
+    # validation stays in full.
     return h2.config.H2Configuration(
-        client_side=client, header_encoding=None, validate_outbound_headers=False
+        client_side=client,
+        header_encoding=None,
+        validate_outbound_headers=False,
+        normalize_outbound_headers=False,
     )
 
 
@@ -72,6 +76,9 @@ _STATIC_NAME: dict[bytes, int] = {}
 for _i, (_n, _v) in enumerate(HeaderTable.STATIC_TABLE, 1):
     _STATIC_EXACT.setdefault((_n, _v), _i)
     _STATIC_NAME.setdefault(_n, _i)
+
+
+_SECRET = frozenset({b"authorization", b"proxy-authorization"})
 
 
 def _int(i: int, bits: int, flags: int) -> bytes:
@@ -139,6 +146,8 @@ class _Encoder(hpack.Encoder):
             if isinstance(v, str):
                 v = v.encode("utf-8")
             never = (not h.indexable) if isinstance(h, hpack.HeaderTuple) else len(h) > 2 and h[2]
+            if n in _SECRET or (n == b"cookie" and len(v) < 20):
+                never = True  # as h2 does: a short cookie is guessable from the table
             if not never:
                 idx = _STATIC_EXACT.get((n, v))
                 if idx is None:
