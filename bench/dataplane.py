@@ -878,7 +878,9 @@ def profile_sidecars(
                 samplers.append((side, path, proc))
             time.sleep(1.0)  # attached
             progress(f"profiling the sidecars with {kind} at {phase} load")
-            if phase == "max":
+            if phase == "max" and args.mode == "h2":
+                run = run_h2load_max(t.port, args.connections, args.duration, t.proxy_pids, nginx)
+            elif phase == "max":
                 run = run_wrk(t.port, args.connections, args.duration, t.proxy_pids, nginx)
             else:
                 run = run_h2load(

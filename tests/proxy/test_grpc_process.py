@@ -31,6 +31,7 @@ class Echo:
             {
                 "Unary": grpc.unary_unary_rpc_method_handler(self.unary),
                 "Stream": grpc.unary_stream_rpc_method_handler(self.stream),
+                "Meta": grpc.unary_unary_rpc_method_handler(self.meta),
             },
         )
         self.server.add_generic_rpc_handlers((handler,))
@@ -43,6 +44,11 @@ class Echo:
         if self.unavailable:
             context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
         return self.name.encode() + b":" + request
+
+    def meta(self, request: bytes, context) -> bytes:
+        """The request id and traceparent the call arrived with."""
+        md = dict(context.invocation_metadata())
+        return f"{md.get('x-request-id', '')} {md.get('traceparent', '')}".encode()
 
     def stream(self, request: bytes, context):
         for i in range(int(request)):
@@ -116,3 +122,17 @@ def test_an_unavailable_instance_is_retried_on_the_other(grpc_mesh):
         assert web.metric('mesh_sidecar_http_retries_total{cluster="api.default.dc1"}') >= 1
     finally:
         apps[1].unavailable = False
+
+
+def test_per_call_headers_arrive_intact_call_after_call(grpc_mesh):
+    """x-request-id and traceparent, new on every call, are sent without HPACK
+    indexing on both hops: each call's values arrive whole and distinct,
+    also once the header tables are warm."""
+    apps, channel, web, api = grpc_mesh
+    meta = channel.unary_unary("/test.Echo/Meta")
+    seen = [meta(b"", timeout=10).decode().split(" ") for _ in range(40)]
+    ids = [rid for rid, _ in seen]
+    traces = [tp.split("-")[1] for _, tp in seen]
+    assert len(set(ids)) == 40 and all(len(rid) == 36 and rid.count("-") == 4 for rid in ids)
+    assert len(set(traces)) == 40 and all(len(t) == 32 for t in traces)
+    assert all(tp.startswith("00-") and len(tp) == 55 for _, tp in seen)
