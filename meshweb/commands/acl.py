@@ -15,7 +15,9 @@ from meshweb.commands.base import (
     add_command,
     add_format_option,
     add_group,
+    add_name_option,
     api_failure,
+    get_or_fail,
     load_data_source,
     out,
     out_json,
@@ -156,10 +158,7 @@ def _resolve_policy_id(client: Client, partial: str) -> str:
         return partial
     if partial == "anonymous":
         return partial
-    try:
-        policies = client.get_json("/v1/acl/policies") or []
-    except ApiError as exc:
-        raise api_failure("Error resolving policy ID", exc, client) from None
+    policies = get_or_fail(client, "/v1/acl/policies", "Error resolving policy ID") or []
     matches = [p["ID"] for p in policies if p.get("ID", "").startswith(partial)]
     if len(matches) != 1:
         what = "No such policy ID with prefix" if not matches else "Ambiguous policy ID prefix"
@@ -222,10 +221,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 def cmd_token_list(args: argparse.Namespace) -> int:
     client = Client.from_args(args)
-    try:
-        tokens = client.get_json("/v1/acl/tokens") or []
-    except ApiError as exc:
-        raise api_failure("Failed to retrieve the token list", exc, client) from None
+    tokens = get_or_fail(client, "/v1/acl/tokens", "Failed to retrieve the token list") or []
     if args.format == "json":
         out_json(tokens)
         return 0
@@ -251,10 +247,7 @@ def _create(
 def _list(args: argparse.Namespace, plural: str, noun: str, show: Callable[..., str]) -> int:
     """`acl policy|role list`: every one, as `show` prints an entry."""
     client = Client.from_args(args)
-    try:
-        rows = client.get_json(f"/v1/acl/{plural}") or []
-    except ApiError as exc:
-        raise api_failure(f"Failed to retrieve the {noun} list", exc, client) from None
+    rows = get_or_fail(client, f"/v1/acl/{plural}", f"Failed to retrieve the {noun} list") or []
     if args.format == "json":
         out_json(rows)
         return 0
@@ -448,7 +441,7 @@ each flag may be given several times.""",
         $ cat web.hcl | mesh acl policy create -name=web-write -rules=-
         """,
     )
-    p.add_argument("-name", "--name", default="", help="the policy's name (required)")
+    add_name_option(p, "the policy's name (required)", default="")
     p.add_argument("-description", "--description", default="", help="the policy's description")
     p.add_argument("-rules", "--rules", help="rules: inline HCL/JSON, @FILE or - (stdin)")
     p.add_argument(
@@ -497,7 +490,7 @@ and read every service and node; a node identity (NODE:DC) may write that node."
         $ mesh acl role create -name=ops -policy-name=node-read -node-identity=host-1:dc1
         """,
     )
-    p.add_argument("-name", "--name", default="", help="the role's name (required)")
+    add_name_option(p, "the role's name (required)", default="")
     p.add_argument("-description", "--description", default="", help="the role's description")
     _link_options(p, roles=False)
     _meta_option(p, "role")
