@@ -6,6 +6,7 @@ import argparse
 import base64
 import binascii
 import re
+from collections.abc import Callable
 
 from meshweb.commands.base import (
     ApiError,
@@ -14,7 +15,9 @@ from meshweb.commands.base import (
     add_command,
     add_format_option,
     add_group,
+    add_name_option,
     api_failure,
+    get_or_fail,
     load_data_source,
     out,
     out_json,
@@ -155,10 +158,7 @@ def _resolve_policy_id(client: Client, partial: str) -> str:
         return partial
     if partial == "anonymous":
         return partial
-    try:
-        policies = client.get_json("/v1/acl/policies") or []
-    except ApiError as exc:
-        raise api_failure("Error resolving policy ID", exc, client) from None
+    policies = get_or_fail(client, "/v1/acl/policies", "Error resolving policy ID") or []
     matches = [p["ID"] for p in policies if p.get("ID", "").startswith(partial)]
     if len(matches) != 1:
         what = "No such policy ID with prefix" if not matches else "Ambiguous policy ID prefix"
@@ -185,21 +185,26 @@ def _node_identity(text: str) -> dict:
     return {"NodeName": name, "Datacenter": dc}
 
 
-def cmd_token_create(args: argparse.Namespace) -> int:
-    client = Client.from_args(args)
-    body: dict = {"Description": args.description, "Local": args.local}
+def _add_links(client: Client, args: argparse.Namespace, body: dict, roles: list[dict]) -> None:
+    """Put the -policy-*, role and -*-identity flags of `token|role create` into `body`."""
     policies = [{"ID": _resolve_policy_id(client, pid)} for pid in args.policy_id or []]
     policies += [{"Name": name} for name in args.policy_name or []]
     if policies:
         body["Policies"] = policies
-    roles = [{"ID": rid} for rid in args.role_id or []]
-    roles += [{"Name": name} for name in args.role_name or []]
     if roles:
         body["Roles"] = roles
     if args.service_identity:
         body["ServiceIdentities"] = [_service_identity(s) for s in args.service_identity]
     if args.node_identity:
         body["NodeIdentities"] = [_node_identity(n) for n in args.node_identity]
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    client = Client.from_args(args)
+    body: dict = {"Description": args.description, "Local": args.local}
+    roles = [{"ID": rid} for rid in args.role_id or []]
+    roles += [{"Name": name} for name in args.role_name or []]
+    _add_links(client, args, body, roles=roles)
     if args.expires_ttl:
         body["ExpirationTTL"] = args.expires_ttl
     if args.accessor:
@@ -216,10 +221,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 def cmd_token_list(args: argparse.Namespace) -> int:
     client = Client.from_args(args)
-    try:
-        tokens = client.get_json("/v1/acl/tokens") or []
-    except ApiError as exc:
-        raise api_failure("Failed to retrieve the token list", exc, client) from None
+    tokens = get_or_fail(client, "/v1/acl/tokens", "Failed to retrieve the token list") or []
     if args.format == "json":
         out_json(tokens)
         return 0
@@ -227,40 +229,52 @@ def cmd_token_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_policy_create(args: argparse.Namespace) -> int:
+def _create(
+    args: argparse.Namespace, client: Client, noun: str, body: dict, show: Callable[..., str]
+) -> int:
+    """`acl policy|role create`: PUT the body, print what the server made."""
+    try:
+        made = client.put_json(f"/v1/acl/{noun}", body)
+    except ApiError as exc:
+        raise api_failure(f"Failed to create new {noun}", exc, client) from None
+    if args.format == "json":
+        out_json(made)
+    else:
+        out(show(made, meta=args.meta))
+    return 0
+
+
+def _list(args: argparse.Namespace, plural: str, noun: str, show: Callable[..., str]) -> int:
+    """`acl policy|role list`: every one, as `show` prints an entry."""
+    client = Client.from_args(args)
+    rows = get_or_fail(client, f"/v1/acl/{plural}", f"Failed to retrieve the {noun} list") or []
+    if args.format == "json":
+        out_json(rows)
+        return 0
+    for row in rows:
+        out(show(row, meta=args.meta))
+    return 0
+
+
+def _require_name(args: argparse.Namespace) -> None:
     if not args.name:
         raise CommandError("Missing required '-name' flag")
+
+
+def cmd_policy_create(args: argparse.Namespace) -> int:
+    _require_name(args)
     rules = load_data_source(args.rules, "rules") if args.rules else ""
-    client = Client.from_args(args)
     body = {
         "Name": args.name,
         "Description": args.description,
         "Rules": rules,
         "Datacenters": args.valid_datacenter or [],
     }
-    try:
-        policy = client.put_json("/v1/acl/policy", body)
-    except ApiError as exc:
-        raise api_failure("Failed to create new policy", exc, client) from None
-    if args.format == "json":
-        out_json(policy)
-    else:
-        out(format_policy(policy, meta=args.meta))
-    return 0
+    return _create(args, Client.from_args(args), "policy", body, format_policy)
 
 
 def cmd_policy_list(args: argparse.Namespace) -> int:
-    client = Client.from_args(args)
-    try:
-        policies = client.get_json("/v1/acl/policies") or []
-    except ApiError as exc:
-        raise api_failure("Failed to retrieve the policy list", exc, client) from None
-    if args.format == "json":
-        out_json(policies)
-        return 0
-    for policy in policies:
-        out(format_policy_entry(policy, meta=args.meta))
-    return 0
+    return _list(args, "policies", "policy", format_policy_entry)
 
 
 def format_role(role: dict, meta: bool = False, indent: str = "") -> str:
@@ -280,42 +294,21 @@ def format_role(role: dict, meta: bool = False, indent: str = "") -> str:
     return "\n".join(indent + line for line in lines)
 
 
+def format_role_entry(role: dict, meta: bool = False) -> str:
+    """One role of `consul acl role list`: its name, then the role indented."""
+    return f"{role.get('Name', '')}:\n" + format_role(role, meta=meta, indent="   ")
+
+
 def cmd_role_create(args: argparse.Namespace) -> int:
-    if not args.name:
-        raise CommandError("Missing required '-name' flag")
+    _require_name(args)
     client = Client.from_args(args)
     body: dict = {"Name": args.name, "Description": args.description}
-    policies = [{"ID": _resolve_policy_id(client, pid)} for pid in args.policy_id or []]
-    policies += [{"Name": name} for name in args.policy_name or []]
-    if policies:
-        body["Policies"] = policies
-    if args.service_identity:
-        body["ServiceIdentities"] = [_service_identity(s) for s in args.service_identity]
-    if args.node_identity:
-        body["NodeIdentities"] = [_node_identity(n) for n in args.node_identity]
-    try:
-        role = client.put_json("/v1/acl/role", body)
-    except ApiError as exc:
-        raise api_failure("Failed to create new role", exc, client) from None
-    if args.format == "json":
-        out_json(role)
-    else:
-        out(format_role(role, meta=args.meta))
-    return 0
+    _add_links(client, args, body, roles=[])
+    return _create(args, client, "role", body, format_role)
 
 
 def cmd_role_list(args: argparse.Namespace) -> int:
-    client = Client.from_args(args)
-    try:
-        roles = client.get_json("/v1/acl/roles") or []
-    except ApiError as exc:
-        raise api_failure("Failed to retrieve the role list", exc, client) from None
-    if args.format == "json":
-        out_json(roles)
-        return 0
-    for role in roles:
-        out(f"{role.get('Name', '')}:\n" + format_role(role, meta=args.meta, indent="   "))
-    return 0
+    return _list(args, "roles", "role", format_role_entry)
 
 
 # --------------------------------------------------------------------------- parsers
@@ -328,6 +321,26 @@ def _meta_option(p: argparse.ArgumentParser, what: str) -> None:
         action="store_true",
         help=f"also show {what} metadata (hash, create and modify indexes)",
     )
+
+
+def _repeatable(
+    p: argparse.ArgumentParser, flag: str, help: str, metavar: str | None = None
+) -> None:
+    dest = flag.replace("-", "_")
+    p.add_argument(f"-{flag}", f"--{flag}", dest=dest, action="append", metavar=metavar, help=help)
+
+
+def _link_options(p: argparse.ArgumentParser, *, roles: bool) -> None:
+    """The links `token create` and `role create` share (a token may also link roles)."""
+    _repeatable(p, "policy-id", "policy ID or unique ID prefix to link (repeatable)")
+    _repeatable(p, "policy-name", "policy name to link (repeatable)")
+    if roles:
+        _repeatable(p, "role-id", "role ID to link (repeatable)")
+        _repeatable(p, "role-name", "role name to link (repeatable)")
+    _repeatable(
+        p, "service-identity", "service identity to link (repeatable)", metavar="NAME[:DC1,DC2]"
+    )
+    _repeatable(p, "node-identity", "node identity to link (repeatable)", metavar="NODE:DC")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -381,46 +394,7 @@ each flag may be given several times.""",
         """,
     )
     p.add_argument("-description", "--description", default="", help="the token's description")
-    p.add_argument(
-        "-policy-id",
-        "--policy-id",
-        dest="policy_id",
-        action="append",
-        help="policy ID (repeatable)",
-    )
-    p.add_argument(
-        "-policy-name",
-        "--policy-name",
-        dest="policy_name",
-        action="append",
-        help="policy name (repeatable)",
-    )
-    p.add_argument(
-        "-role-id", "--role-id", dest="role_id", action="append", help="role ID (repeatable)"
-    )
-    p.add_argument(
-        "-role-name",
-        "--role-name",
-        dest="role_name",
-        action="append",
-        help="role name (repeatable)",
-    )
-    p.add_argument(
-        "-service-identity",
-        "--service-identity",
-        dest="service_identity",
-        action="append",
-        metavar="NAME[:DC1,DC2]",
-        help="service identity to link (repeatable)",
-    )
-    p.add_argument(
-        "-node-identity",
-        "--node-identity",
-        dest="node_identity",
-        action="append",
-        metavar="NODE:DC",
-        help="node identity to link (repeatable)",
-    )
+    _link_options(p, roles=True)
     p.add_argument(
         "-local", "--local", action="store_true", help="a token local to this datacenter"
     )
@@ -467,7 +441,7 @@ each flag may be given several times.""",
         $ cat web.hcl | mesh acl policy create -name=web-write -rules=-
         """,
     )
-    p.add_argument("-name", "--name", default="", help="the policy's name (required)")
+    add_name_option(p, "the policy's name (required)", default="")
     p.add_argument("-description", "--description", default="", help="the policy's description")
     p.add_argument("-rules", "--rules", help="rules: inline HCL/JSON, @FILE or - (stdin)")
     p.add_argument(
@@ -516,38 +490,9 @@ and read every service and node; a node identity (NODE:DC) may write that node."
         $ mesh acl role create -name=ops -policy-name=node-read -node-identity=host-1:dc1
         """,
     )
-    p.add_argument("-name", "--name", default="", help="the role's name (required)")
+    add_name_option(p, "the role's name (required)", default="")
     p.add_argument("-description", "--description", default="", help="the role's description")
-    p.add_argument(
-        "-policy-id",
-        "--policy-id",
-        dest="policy_id",
-        action="append",
-        help="policy ID (repeatable)",
-    )
-    p.add_argument(
-        "-policy-name",
-        "--policy-name",
-        dest="policy_name",
-        action="append",
-        help="policy name (repeatable)",
-    )
-    p.add_argument(
-        "-service-identity",
-        "--service-identity",
-        dest="service_identity",
-        action="append",
-        metavar="NAME[:DC1,DC2]",
-        help="service identity (repeatable)",
-    )
-    p.add_argument(
-        "-node-identity",
-        "--node-identity",
-        dest="node_identity",
-        action="append",
-        metavar="NODE:DC",
-        help="node identity (repeatable)",
-    )
+    _link_options(p, roles=False)
     _meta_option(p, "role")
     add_format_option(p)
 

@@ -9,6 +9,7 @@ one-line message on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import http.client
 import ipaddress
@@ -142,14 +143,22 @@ class Client:
         self._opener = urllib.request.build_opener(*handlers)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Client:
+    def from_args(cls, args: argparse.Namespace, timeout: float = DEFAULT_TIMEOUT) -> Client:
         return cls(
             parse_http_addr(resolve_http_addr(args)),
             token=resolve_token(args),
             datacenter=getattr(args, "datacenter", None)
             or os.environ.get("MESH_DATACENTER")
             or None,
+            timeout=timeout,
         )
+
+    @classmethod
+    def for_api(cls, args: argparse.Namespace) -> Client:
+        """A client of the `/api` REST API, which takes no `?dc=` (a datacenter goes in bodies)."""
+        client = cls.from_args(args)
+        client.datacenter = None
+        return client
 
     def request(
         self,
@@ -208,6 +217,12 @@ class Client:
     def put_json(self, path: str, payload: Any, params=None) -> Any:
         body = json.dumps(payload).encode() if payload is not None else None
         return self.request("PUT", path, params, body=body).json()
+
+    def post_json(self, path: str, payload: Any, ok: Sequence[int] = (200,)) -> Any:
+        """POST `payload` as JSON (no body for None) and decode the answer."""
+        body = json.dumps(payload).encode() if payload is not None else None
+        content_type = "application/json" if body is not None else None
+        return self.request("POST", path, body=body, ok=ok, content_type=content_type).json()
 
 
 def _reason(reason: object) -> str:
@@ -418,6 +433,22 @@ def api_failure(prefix: str, exc: ApiError, client: Client | None = None) -> Com
     return CommandError(message)
 
 
+def api_message(exc: ApiError) -> ApiError:
+    """/api errors are JSON (`{"error": "..."}`): keep the message only, as /v1's plain text."""
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        return ApiError(exc.status, json.loads(exc.body)["error"])
+    return exc
+
+
+def get_or_fail(client: Client, path: str, prefix: str, params=None, *, api: bool = False) -> Any:
+    """GET `path` as JSON; a failure becomes `<prefix>: ...` (`api`: an /api path,
+    whose JSON error is unwrapped first)."""
+    try:
+        return client.get_json(path, params)
+    except ApiError as exc:
+        raise api_failure(prefix, api_message(exc) if api else exc, client) from None
+
+
 def filtered_by_acls(resp: Response) -> bool:
     """The server left results out because the token may not see them (Consul's header)."""
     wanted = "x-consul-results-filtered-by-acls"
@@ -465,14 +496,42 @@ def key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
-def add_format_option(p: argparse.ArgumentParser) -> None:
+def add_format_option(
+    p: argparse.ArgumentParser,
+    choices: Sequence[str] = ("pretty", "json"),
+    help: str = "output format: pretty or json (default pretty)",
+) -> None:
+    """`-format`: the first choice is the default (consul's `pretty`, or `text` for tables)."""
     p.add_argument(
-        "-format",
-        "--format",
-        dest="format",
-        choices=("pretty", "json"),
-        default="pretty",
-        help="output format: pretty or json (default pretty)",
+        "-format", "--format", dest="format", choices=tuple(choices), default=choices[0], help=help
+    )
+
+
+def add_name_option(
+    p: argparse.ArgumentParser, help: str, *, required: bool = False, default: str | None = None
+) -> None:
+    """`-name NAME`, the object a command acts on."""
+    p.add_argument(
+        "-name",
+        "--name",
+        dest="name",
+        required=required,
+        default=default,
+        metavar="NAME",
+        help=help,
+    )
+
+
+def add_meta_option(p: argparse.ArgumentParser, help: str) -> None:
+    """`-meta KEY=VALUE`, repeatable: metadata to set (a list of pairs)."""
+    p.add_argument(
+        "-meta",
+        "--meta",
+        dest="meta",
+        type=key_value,
+        action="append",
+        metavar="KEY=VALUE",
+        help=help,
     )
 
 
@@ -498,6 +557,18 @@ def error(text: str) -> None:
 def out_json(data: Any) -> None:
     """As Go's json.MarshalIndent(v, "", "    ")."""
     out(json.dumps(data, indent=4, ensure_ascii=False))
+
+
+def out_json_or_none(args: argparse.Namespace, rows: Sequence[Any], none: str) -> bool:
+    """A listing's shared start: the rows as JSON under `-format json`, or the `none`
+    line when there are no rows. True when that said it all."""
+    if args.format == "json":
+        out_json(rows)
+        return True
+    if not rows:
+        out(none)
+        return True
+    return False
 
 
 def columnize(rows: Sequence[Sequence[str]], glue: str = "  ") -> str:

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 
 from meshweb.commands.base import (
@@ -19,7 +18,9 @@ from meshweb.commands.base import (
     add_format_option,
     add_group,
     api_failure,
+    api_message,
     columnize,
+    get_or_fail,
     load_data_source,
     out,
     out_json,
@@ -60,10 +61,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     try:
         data = client.request("POST", "/api/ca/rotate").json()
     except ApiError as exc:
-        # /api errors are JSON ({"error": "..."}): show the message as /v1's plain text.
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            exc = ApiError(exc.status, json.loads(exc.body)["error"])
-        raise api_failure("Error rotating the CA root", exc, client) from None
+        raise api_failure("Error rotating the CA root", api_message(exc), client) from None
     if args.format == "json":
         out_json(data)
         return 0
@@ -76,10 +74,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
 def cmd_get_config(args: argparse.Namespace) -> int:
     client = Client.from_args(args)
-    try:
-        data = client.get_json("/v1/connect/ca/configuration")
-    except ApiError as exc:
-        raise api_failure("Error request CA configuration", exc, client) from None
+    data = get_or_fail(client, "/v1/connect/ca/configuration", "Error request CA configuration")
     out_json(data)
     return 0
 

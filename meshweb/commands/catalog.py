@@ -15,6 +15,7 @@ from meshweb.commands.base import (
     add_group,
     api_failure,
     columnize,
+    get_or_fail,
     key_value,
     out,
     out_json,
@@ -137,10 +138,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 def cmd_datacenters(args: argparse.Namespace) -> int:
     _no_positional(args)
     client = Client.from_args(args)
-    try:
-        dcs = client.get_json("/v1/catalog/datacenters") or []
-    except ApiError as exc:
-        raise api_failure("Error listing datacenters", exc, client) from None
+    dcs = get_or_fail(client, "/v1/catalog/datacenters", "Error listing datacenters") or []
     if args.format == "json":
         out_json(dcs)
         return 0

@@ -10,7 +10,6 @@ AWS_* variables). Needs `operator:write` (`operator:read` to look).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import time
@@ -22,11 +21,15 @@ from meshweb.commands.base import (
     add_command,
     add_format_option,
     add_group,
+    add_name_option,
     api_failure,
+    api_message,
     columnize,
+    get_or_fail,
     load_data_source,
     out,
     out_json,
+    out_json_or_none,
     path_escape,
 )
 
@@ -34,22 +37,11 @@ TERMINAL = ("succeeded", "failed", "skipped", "abandoned")
 
 
 def _failure(prefix: str, exc: ApiError, client: Client) -> CommandError:
-    with contextlib.suppress(ValueError, KeyError, TypeError):
-        exc = ApiError(exc.status, json.loads(exc.body)["error"])
-    return api_failure(prefix, exc, client)
+    return api_failure(prefix, api_message(exc), client)
 
 
-def _client(args: argparse.Namespace) -> Client:
-    client = Client.from_args(args)
-    client.datacenter = None  # /api has no ?dc=
-    return client
-
-
-def _post(client: Client, path: str, body: dict | None, ok=(200, 201, 202)) -> dict:
-    data = json.dumps(body).encode() if body is not None else None
-    return client.request(
-        "POST", path, body=data, ok=ok, content_type="application/json" if data else None
-    ).json()
+def _post(client: Client, path: str, body: dict | None) -> dict:
+    return client.post_json(path, body, ok=(200, 201, 202))
 
 
 def _credentials(args: argparse.Namespace) -> dict | None:
@@ -106,7 +98,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         "interval": args.interval,
         "enabled": not args.disabled,
     }
-    client = _client(args)
+    client = Client.for_api(args)
     try:
         data = _post(client, "/api/clouds/", body)
     except ApiError as exc:
@@ -124,16 +116,12 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    client = _client(args)
-    try:
-        accounts = client.get_json("/api/clouds/", {"limit": 1000}).get("results") or []
-    except ApiError as exc:
-        raise _failure("Error listing cloud accounts", exc, client) from None
-    if args.format == "json":
-        out_json(accounts)
-        return 0
-    if not accounts:
-        out("No cloud accounts")
+    client = Client.for_api(args)
+    page = get_or_fail(
+        client, "/api/clouds/", "Error listing cloud accounts", {"limit": 1000}, api=True
+    )
+    accounts = page.get("results") or []
+    if out_json_or_none(args, accounts, "No cloud accounts"):
         return 0
     rows = [["Name", "Provider", "Datacenter", "Regions", "Credentials", "Last run", "Next sync"]]
     for a in accounts:
@@ -170,7 +158,7 @@ def _run_lines(run: dict) -> list[str]:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    client = _client(args)
+    client = Client.for_api(args)
     name = path_escape(args.name)
     try:
         account = client.get_json(f"/api/clouds/{name}/")
@@ -198,7 +186,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    client = _client(args)
+    client = Client.for_api(args)
     name = path_escape(args.name)
     try:
         run = _post(client, f"/api/clouds/{name}/sync", None)
@@ -222,7 +210,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    client = _client(args)
+    client = Client.for_api(args)
     try:
         client.request("DELETE", f"/api/clouds/{path_escape(args.name)}/")
     except ApiError as exc:
@@ -236,7 +224,7 @@ def _rule(r: dict) -> str:
 
 
 def cmd_gateway_config(args: argparse.Namespace) -> int:
-    client = _client(args)
+    client = Client.for_api(args)
     base = f"/api/datacenters/{path_escape(args.datacenter)}/gateway-config"
     try:
         if not args.apply:
@@ -287,6 +275,10 @@ def cmd_gateway_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _account_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="NAME", help="the cloud account's name")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     group = add_group(
         sub,
@@ -314,16 +306,45 @@ def register(sub: argparse._SubParsersAction) -> None:
         """,
     )
     add_format_option(p)
-    p.add_argument("-name", "--name", dest="name", required=True, metavar="NAME")
-    p.add_argument("-provider", "--provider", dest="provider", default="aws", metavar="NAME")
+    add_name_option(p, "the account's name (unique)", required=True)
+    p.add_argument(
+        "-provider",
+        "--provider",
+        dest="provider",
+        default="aws",
+        metavar="NAME",
+        help="the cloud provider (default aws)",
+    )
     # -datacenter (the global option) names the datacenter the account's imports join.
     p.add_argument(
-        "-region", "--region", dest="regions", action="append", metavar="REGION", default=[]
+        "-region",
+        "--region",
+        dest="regions",
+        action="append",
+        metavar="REGION",
+        default=[],
+        help="region to sync (repeatable; at least one)",
     )
-    p.add_argument("-endpoint-url", "--endpoint-url", dest="endpoint_url", metavar="URL")
-    p.add_argument("-access-key-id", "--access-key-id", dest="access_key_id", metavar="ID")
     p.add_argument(
-        "-secret-access-key", "--secret-access-key", dest="secret_access_key", metavar="VALUE"
+        "-endpoint-url",
+        "--endpoint-url",
+        dest="endpoint_url",
+        metavar="URL",
+        help="the provider's API endpoint, for a local stand-in (default: the provider's own)",
+    )
+    p.add_argument(
+        "-access-key-id",
+        "--access-key-id",
+        dest="access_key_id",
+        metavar="ID",
+        help="access key to store (with -secret-access-key)",
+    )
+    p.add_argument(
+        "-secret-access-key",
+        "--secret-access-key",
+        dest="secret_access_key",
+        metavar="VALUE",
+        help="its secret: a value, @FILE or - (stdin)",
     )
     p.add_argument(
         "-store-env-credentials",
@@ -347,18 +368,40 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="TEMPLATE",
         help="catalog name of a Cloud Map service: {service}, {namespace} (default {service})",
     )
-    p.add_argument("-no-cloud-map", "--no-cloud-map", dest="no_cloud_map", action="store_true")
-    p.add_argument("-no-ec2", "--no-ec2", dest="no_ec2", action="store_true")
+    p.add_argument(
+        "-no-cloud-map",
+        "--no-cloud-map",
+        dest="no_cloud_map",
+        action="store_true",
+        help="do not import Cloud Map services",
+    )
+    p.add_argument(
+        "-no-ec2",
+        "--no-ec2",
+        dest="no_ec2",
+        action="store_true",
+        help="do not import tagged EC2 instances",
+    )
     p.add_argument(
         "-service-tag",
         "--service-tag",
         dest="service_tag",
         metavar="TAG",
-        help="default mesh:service",
+        help="EC2 tag whose value names an instance's service (default mesh:service)",
     )
-    p.add_argument("-export-namespace", "--export-namespace", dest="export_namespace", metavar="NS")
     p.add_argument(
-        "-create-namespace", "--create-namespace", dest="create_namespace", action="store_true"
+        "-export-namespace",
+        "--export-namespace",
+        dest="export_namespace",
+        metavar="NS",
+        help="Cloud Map namespace mesh services are exported to",
+    )
+    p.add_argument(
+        "-create-namespace",
+        "--create-namespace",
+        dest="create_namespace",
+        action="store_true",
+        help="create the export namespace if it does not exist",
     )
     p.add_argument(
         "-export-service",
@@ -368,11 +411,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="mesh service to register in Cloud Map (repeatable)",
     )
-    p.add_argument("-security-group", "--security-group", dest="security_group", metavar="SG")
     p.add_argument(
-        "-interval", "--interval", dest="interval", type=int, default=300, metavar="SECONDS"
+        "-security-group",
+        "--security-group",
+        dest="security_group",
+        metavar="SG",
+        help="security group of the datacenter's mesh gateway (for gateway-config -apply)",
     )
-    p.add_argument("-disabled", "--disabled", dest="disabled", action="store_true")
+    p.add_argument(
+        "-interval",
+        "--interval",
+        dest="interval",
+        type=int,
+        default=300,
+        metavar="SECONDS",
+        help="seconds between syncs (default 300)",
+    )
+    p.add_argument(
+        "-disabled",
+        "--disabled",
+        dest="disabled",
+        action="store_true",
+        help="add the account without syncing it",
+    )
 
     p = add_command(group, "list", cmd_list, "List cloud accounts", examples="$ mesh cloud list")
     add_format_option(p)
@@ -385,8 +446,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         examples="$ mesh cloud show prod",
     )
     add_format_option(p)
-    p.add_argument("-runs", "--runs", dest="runs", type=int, default=5, metavar="N")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument(
+        "-runs",
+        "--runs",
+        dest="runs",
+        type=int,
+        default=5,
+        metavar="N",
+        help="how many recent sync runs to show (default 5)",
+    )
+    _account_arg(p)
 
     p = add_command(
         group,
@@ -406,9 +475,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="wait for the run to finish (default true)",
     )
     p.add_argument(
-        "-timeout", "--timeout", dest="timeout", type=float, default=600, metavar="SECONDS"
+        "-timeout",
+        "--timeout",
+        dest="timeout",
+        type=float,
+        default=600,
+        metavar="SECONDS",
+        help="how long -wait waits (default 600)",
     )
-    p.add_argument("name", metavar="NAME")
+    _account_arg(p)
 
     p = add_command(
         group,
@@ -417,7 +492,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Remove a cloud account and everything it imported into the catalog",
         examples="$ mesh cloud remove prod",
     )
-    p.add_argument("name", metavar="NAME")
+    _account_arg(p)
 
     p = add_command(
         sub,
@@ -433,6 +508,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         """,
     )
     add_format_option(p)
-    p.add_argument("-apply", "--apply", dest="apply", action="store_true")
-    p.add_argument("-dry-run", "--dry-run", dest="dry_run", action="store_true")
-    p.add_argument("datacenter", metavar="DC")
+    p.add_argument(
+        "-apply",
+        "--apply",
+        dest="apply",
+        action="store_true",
+        help="apply the firewall plan through the datacenter's cloud account",
+    )
+    p.add_argument(
+        "-dry-run",
+        "--dry-run",
+        dest="dry_run",
+        action="store_true",
+        help="with -apply: show the plan only",
+    )
+    p.add_argument("datacenter", metavar="DC", help="the datacenter whose gateway to show")

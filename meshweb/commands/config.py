@@ -19,6 +19,7 @@ from meshweb.commands.base import (
     CommandError,
     add_command,
     add_group,
+    add_name_option,
     api_failure,
     out,
     out_json,
@@ -220,7 +221,7 @@ failed -cas prints "Config entry not updated: KIND/NAME" and exits 1.""",
         examples="$ mesh config read -kind service-defaults -name web",
     )
     p.add_argument("-kind", "--kind", dest="kind", help="the entry's kind")
-    p.add_argument("-name", "--name", dest="name", help="the entry's name")
+    add_name_option(p, "the entry's name")
 
     p = add_command(
         group,
@@ -244,7 +245,7 @@ failed -cas prints "Config entry not updated: KIND/NAME" and exits 1.""",
         """,
     )
     p.add_argument("-kind", "--kind", dest="kind", help="the entry's kind")
-    p.add_argument("-name", "--name", dest="name", help="the entry's name")
+    add_name_option(p, "the entry's name")
     p.add_argument(
         "-filename", "--filename", dest="filename", help="take kind and name from this file"
     )

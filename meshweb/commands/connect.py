@@ -9,16 +9,16 @@ pushed and the agent acked; then the CA roots and the intentions count.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 from typing import Any
 
 from meshweb.commands.base import (
     ApiError,
     Client,
     add_command,
+    add_format_option,
     add_group,
     api_failure,
+    api_message,
     columnize,
     out,
     out_json,
@@ -90,19 +90,13 @@ def render_text(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _api_message(exc: ApiError) -> ApiError:
-    with contextlib.suppress(ValueError, KeyError, TypeError):
-        return ApiError(exc.status, json.loads(exc.body)["error"])
-    return exc
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     client = Client.from_args(args)
     params = {"service": args.service} if args.service else None
     try:
         data = client.get_json("/api/connect/status/", params)
     except ApiError as exc:
-        raise api_failure("Error reading the connect status", _api_message(exc), client) from None
+        raise api_failure("Error reading the connect status", api_message(exc), client) from None
     if args.format == "json":
         out_json(data)
     else:
@@ -133,11 +127,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         """,
     )
     p.add_argument("-service", "--service", default="", metavar="NAME", help="only this service")
-    p.add_argument(
-        "-format",
-        "--format",
-        dest="format",
-        choices=("text", "pretty", "json"),
-        default="text",
-        help="output format: text (a summary) or json (default text)",
+    add_format_option(
+        p, ("text", "pretty", "json"), "output format: text (a summary) or json (default text)"
     )

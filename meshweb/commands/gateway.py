@@ -17,8 +17,6 @@ table from a file, without agent or control plane.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import re
 from typing import Any
 
@@ -27,9 +25,12 @@ from meshweb.commands.base import (
     Client,
     CommandError,
     add_command,
+    add_format_option,
     add_group,
+    add_name_option,
     api_failure,
     columnize,
+    get_or_fail,
     out,
     out_json,
     path_escape,
@@ -103,18 +104,9 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
-def _api(client: Client, path: str, what: str) -> Any:
-    try:
-        return client.get_json(path)
-    except ApiError as exc:
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            exc = ApiError(exc.status, json.loads(exc.body)["error"])
-        raise api_failure(what, exc, client) from None
-
-
 def cmd_list(args: argparse.Namespace) -> int:
     client = Client.from_args(args)
-    rows = _api(client, "/api/gateways/", "Error listing mesh gateways")
+    rows = get_or_fail(client, "/api/gateways/", "Error listing mesh gateways", api=True)
     if args.format == "json":
         out_json(rows)
         return 0
@@ -132,7 +124,9 @@ def cmd_routes(args: argparse.Namespace) -> int:
         raise CommandError("Must specify -node (the gateway's node)")
     client = Client.from_args(args)
     path = f"/api/gateways/{path_escape(args.node)}/{path_escape(args.id)}/config"
-    config = _api(client, path, f"Error reading the routing table of {args.id} on {args.node}")
+    config = get_or_fail(
+        client, path, f"Error reading the routing table of {args.id} on {args.node}", api=True
+    )
     if args.format == "json":
         out_json(config)
         return 0
@@ -164,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _definition_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-dc", "--dc", dest="dc", metavar="DC", help="the gateway's datacenter")
-    p.add_argument("-name", "--name", default="mesh-gateway", help="service name (mesh-gateway)")
+    add_name_option(p, "service name (mesh-gateway)", default="mesh-gateway")
     p.add_argument("-id", "--id", default="", help="service ID (default: the name)")
     p.add_argument(
         "-address", "--address", metavar="HOST:PORT", help="LAN address: local sidecars dial it"
@@ -212,7 +206,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ("routes", cmd_routes, "Print the routing table the control plane compiled for a gateway"),
     ):
         p = add_command(group, name, func, synopsis)
-        p.add_argument("-format", "--format", choices=("text", "json"), default="text")
+        add_format_option(p, ("text", "json"), "output format: text or json (default text)")
         if name == "routes":
             p.add_argument("-node", "--node", help="the gateway's node")
             p.add_argument("-id", "--id", default="mesh-gateway", help="its service ID")

@@ -9,8 +9,6 @@ host (`curl -fsS '<control plane>/install.sh?token=...' | sh`) on stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import re
 
@@ -20,6 +18,7 @@ from meshweb.commands.base import (
     CommandError,
     add_command,
     api_failure,
+    api_message,
     error,
     out_bytes,
 )
@@ -41,22 +40,13 @@ def _create_token(client: Client, args: argparse.Namespace) -> dict:
     if args.node:
         body["node"] = args.node
     try:
-        return client.request(
-            "POST",
-            "/api/join-tokens/",
-            body=json.dumps(body).encode(),
-            ok=(201,),
-            content_type="application/json",
-        ).json()
+        return client.post_json("/api/join-tokens/", body, ok=(201,))
     except ApiError as exc:
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            exc = ApiError(exc.status, json.loads(exc.body)["error"])
-        raise api_failure("Error creating the join token", exc, client) from None
+        raise api_failure("Error creating the join token", api_message(exc), client) from None
 
 
 def cmd_install_script(args: argparse.Namespace) -> int:
-    client = Client.from_args(args)
-    client.datacenter = None
+    client = Client.for_api(args)
     created = None
     token = args.join_token
     if not token:

@@ -18,12 +18,14 @@ from meshweb.commands.base import (
     add_command,
     add_format_option,
     add_group,
+    add_meta_option,
     api_failure,
     columnize,
-    key_value,
+    get_or_fail,
     load_data_source,
     out,
     out_json,
+    out_json_or_none,
     path_escape,
 )
 
@@ -187,15 +189,13 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     client = Client.from_args(args)
-    try:
-        listed = client.get_json("/v1/connect/intentions", {"filter": args.filter or None})
-    except ApiError as exc:
-        raise api_failure("Error listing intentions", exc, client) from None
-    if args.format == "json":
-        out_json(listed)
-        return 0
-    if not listed:
-        out("There are no intentions.")
+    listed = get_or_fail(
+        client,
+        "/v1/connect/intentions",
+        "Error listing intentions",
+        {"filter": args.filter or None},
+    )
+    if out_json_or_none(args, listed, "There are no intentions."):
         return 0
     rows = [("ID", "Source", "Action", "Destination", "Precedence")]
     for ixn in listed:
@@ -241,10 +241,12 @@ def cmd_match(args: argparse.Namespace) -> int:
     name = args.args[0]
     by = "source" if args.source else "destination"
     client = Client.from_args(args)
-    try:
-        found = client.get_json("/v1/connect/intentions/match", {"by": by, "name": name})
-    except ApiError as exc:
-        raise api_failure("Error matching intentions", exc, client) from None
+    found = get_or_fail(
+        client,
+        "/v1/connect/intentions/match",
+        "Error matching intentions",
+        {"by": by, "name": name},
+    )
     for ixn in (found or {}).get(name, []):
         out(describe(ixn))
     return 0
@@ -291,14 +293,7 @@ Description, Meta).""",
     p.add_argument(
         "-file", "--file", action="store_true", help="read intentions from FILE arguments"
     )
-    p.add_argument(
-        "-meta",
-        "--meta",
-        type=key_value,
-        action="append",
-        metavar="KEY=VALUE",
-        help="metadata (repeatable)",
-    )
+    add_meta_option(p, "metadata (repeatable)")
     p.add_argument("-description", "--description", default="", help="a description")
     p.add_argument(
         "-replace", "--replace", action="store_true", help="replace an existing intention"

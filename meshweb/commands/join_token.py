@@ -12,8 +12,6 @@ no services. `-node NAME` binds the token to one node name.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 
 from meshweb.commands.base import (
     ApiError,
@@ -23,18 +21,17 @@ from meshweb.commands.base import (
     add_format_option,
     add_group,
     api_failure,
+    api_message,
     columnize,
     out,
     out_json,
+    out_json_or_none,
     path_escape,
 )
 
 
 def _failure(prefix: str, exc: ApiError, client: Client) -> CommandError:
-    # /api errors are JSON ({"error": "..."}): show the message as plain text.
-    with contextlib.suppress(ValueError, KeyError, TypeError):
-        exc = ApiError(exc.status, json.loads(exc.body)["error"])
-    return api_failure(prefix, exc, client)
+    return api_failure(prefix, api_message(exc), client)
 
 
 def _uses(token: dict) -> str:
@@ -52,16 +49,9 @@ def cmd_create(args: argparse.Namespace) -> int:
     body["services"] = list(args.services or [])
     if args.node:
         body["node"] = args.node
-    client = Client.from_args(args)
-    client.datacenter = None  # the token's datacenter is in the body; /api has no ?dc=
+    client = Client.for_api(args)  # the token's datacenter is in the body
     try:
-        data = client.request(
-            "POST",
-            "/api/join-tokens/",
-            body=json.dumps(body).encode(),
-            ok=(200, 201),
-            content_type="application/json",
-        ).json()
+        data = client.post_json("/api/join-tokens/", body, ok=(200, 201))
     except ApiError as exc:
         raise _failure("Error creating the join token", exc, client) from None
     if args.format == "json":
@@ -85,8 +75,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    client = Client.from_args(args)
-    client.datacenter = None
+    client = Client.for_api(args)
     tokens: list[dict] = []
     offset = 0
     try:
@@ -98,11 +87,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             offset += 1000
     except ApiError as exc:
         raise _failure("Error listing join tokens", exc, client) from None
-    if args.format == "json":
-        out_json(tokens)
-        return 0
-    if not tokens:
-        out("No join tokens")
+    if out_json_or_none(args, tokens, "No join tokens"):
         return 0
     rows = [
         ["ID", "State", "Uses", "Expires", "Datacenter", "Services", "Last used by", "Description"]
@@ -126,8 +111,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_revoke(args: argparse.Namespace) -> int:
     token_id = args.id.split(".", 1)[0]  # the whole token works too
-    client = Client.from_args(args)
-    client.datacenter = None
+    client = Client.for_api(args)
     path = f"/api/join-tokens/{path_escape(token_id)}/" + ("?nodes=true" if args.nodes else "")
     try:
         client.request("DELETE", path)

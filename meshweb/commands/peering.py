@@ -17,22 +17,17 @@ from meshweb.commands.base import (
     add_command,
     add_format_option,
     add_group,
+    add_meta_option,
+    add_name_option,
     api_failure,
     columnize,
-    key_value,
+    get_or_fail,
     load_data_source,
     out,
     out_json,
+    out_json_or_none,
     path_escape,
 )
-
-
-def _post(client: Client, path: str, body: dict) -> dict:
-    import json
-
-    return client.request(
-        "POST", path, body=json.dumps(body).encode(), content_type="application/json"
-    ).json()
 
 
 def cmd_generate_token(args: argparse.Namespace) -> int:
@@ -45,7 +40,7 @@ def cmd_generate_token(args: argparse.Namespace) -> int:
         body["ExpiresIn"] = args.expires_in
     client = Client.from_args(args)
     try:
-        data = _post(client, "/v1/peering/token", body)
+        data = client.post_json("/v1/peering/token", body)
     except ApiError as exc:
         raise api_failure("Error generating peering token", exc, client) from None
     if args.format == "json":
@@ -62,7 +57,7 @@ def cmd_establish(args: argparse.Namespace) -> int:
         body["Meta"] = dict(args.meta)
     client = Client.from_args(args)
     try:
-        _post(client, "/v1/peering/establish", body)
+        client.post_json("/v1/peering/establish", body)
     except ApiError as exc:
         raise api_failure("Error establishing peering", exc, client) from None
     out(f'Successfully established peering connection with "{args.name}"')
@@ -71,15 +66,8 @@ def cmd_establish(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     client = Client.from_args(args)
-    try:
-        peerings = client.get_json("/v1/peerings")
-    except ApiError as exc:
-        raise api_failure("Error listing peerings", exc, client) from None
-    if args.format == "json":
-        out_json(peerings)
-        return 0
-    if not peerings:
-        out("There are no peering connections.")
+    peerings = get_or_fail(client, "/v1/peerings", "Error listing peerings")
+    if out_json_or_none(args, peerings, "There are no peering connections."):
         return 0
     rows = [["Name", "State", "Imported Svcs", "Exported Svcs", "Peer Trust Domain"]]
     for p in peerings:
@@ -138,22 +126,6 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
-def _name(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("-name", "--name", dest="name", required=True, metavar="NAME", help=what)
-
-
-def _meta(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "-meta",
-        "--meta",
-        dest="meta",
-        action="append",
-        type=key_value,
-        metavar="KEY=VALUE",
-        help="metadata for the peering (repeatable)",
-    )
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     group = add_group(
         sub,
@@ -178,8 +150,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "$ mesh peering generate-token -name cluster-b -server-external-addresses 10.0.0.5:8500",
     )
     add_format_option(p)
-    _name(p, "the name this cluster gives the peer")
-    _meta(p)
+    add_name_option(p, "the name this cluster gives the peer", required=True)
+    add_meta_option(p, "metadata for the peering (repeatable)")
     p.add_argument(
         "-server-external-addresses",
         "--server-external-addresses",
@@ -205,8 +177,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Establish a peering with the cluster that generated a token",
         examples="$ mesh peering establish -name cluster-a -peering-token @token.txt",
     )
-    _name(p, "the name this cluster gives the peer")
-    _meta(p)
+    add_name_option(p, "the name this cluster gives the peer", required=True)
+    add_meta_option(p, "metadata for the peering (repeatable)")
     p.add_argument(
         "-peering-token",
         "--peering-token",
@@ -223,7 +195,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         group, "read", cmd_read, "Show one peering", examples="$ mesh peering read -name cluster-a"
     )
     add_format_option(p)
-    _name(p, "the peering's name")
+    add_name_option(p, "the peering's name", required=True)
 
     p = add_command(
         group,
@@ -232,4 +204,4 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Delete a peering: imported services and the peer's trust go at once",
         examples="$ mesh peering delete -name cluster-a",
     )
-    _name(p, "the peering's name")
+    add_name_option(p, "the peering's name", required=True)

@@ -10,9 +10,7 @@ up in `/v1/connect/ca/roots`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
-import json
 from typing import Any
 
 from meshweb.commands.base import (
@@ -20,19 +18,14 @@ from meshweb.commands.base import (
     Client,
     CommandError,
     add_command,
+    add_format_option,
     api_failure,
+    api_message,
     columnize,
     out,
     out_json,
     path_escape,
 )
-
-
-def _api_message(exc: ApiError) -> ApiError:
-    """/api errors are JSON ({"error": "..."}): keep the message only."""
-    with contextlib.suppress(ValueError, KeyError, TypeError):
-        return ApiError(exc.status, json.loads(exc.body)["error"])
-    return exc
 
 
 def _seconds(value: float) -> str:
@@ -187,7 +180,7 @@ def cmd_proxy_config(args: argparse.Namespace) -> int:
     try:
         config = client.get_json(f"/api/services/{path_escape(args.service)}/proxy-config", params)
     except ApiError as exc:
-        raise api_failure("Error reading the proxy config", _api_message(exc), client) from None
+        raise api_failure("Error reading the proxy config", api_message(exc), client) from None
     if args.format == "json":
         out_json(config)
         return 0
@@ -213,11 +206,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "-proxy-id", "--proxy-id", dest="proxy_id", metavar="ID", help="the sidecar's service ID"
     )
     p.add_argument("-node", "--node", dest="node", metavar="NODE", help="the sidecar's node")
-    p.add_argument(
-        "-format",
-        "--format",
-        dest="format",
-        choices=("text", "pretty", "json"),
-        default="text",
-        help="output format: text (a summary) or json (default text)",
+    add_format_option(
+        p, ("text", "pretty", "json"), "output format: text (a summary) or json (default text)"
     )

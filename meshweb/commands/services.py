@@ -13,6 +13,8 @@ from meshweb.commands.base import (
     CommandError,
     add_command,
     add_group,
+    add_meta_option,
+    add_name_option,
     api_failure,
     key_value,
     out,
@@ -144,21 +146,14 @@ config files' snake_case ones. Flags fill in what a file leaves out.""",
         """,
     )
     p.add_argument("files", nargs="*", metavar="FILE", help="service definition file(s)")
-    p.add_argument("-name", "--name", help="name of a service registered from flags")
+    add_name_option(p, "name of a service registered from flags")
     p.add_argument("-id", "--id", help="service ID (default: the name)")
     p.add_argument("-address", "--address", help="service address")
     p.add_argument("-port", "--port", type=int, default=0, help="service port")
     p.add_argument("-socket", "--socket", help="unix socket path instead of address and port")
     p.add_argument("-kind", "--kind", help="the service's kind (e.g. connect-proxy)")
     p.add_argument("-tag", "--tag", action="append", help="tag to add (repeatable)")
-    p.add_argument(
-        "-meta",
-        "--meta",
-        type=key_value,
-        action="append",
-        metavar="KEY=VALUE",
-        help="metadata to set (repeatable)",
-    )
+    add_meta_option(p, "metadata to set (repeatable)")
     p.add_argument(
         "-tagged-address",
         "--tagged-address",

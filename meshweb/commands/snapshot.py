@@ -23,8 +23,7 @@ SNAPSHOT_TIMEOUT = 600.0
 
 
 def cmd_save(args: argparse.Namespace) -> int:
-    client = Client.from_args(args)
-    client.timeout = SNAPSHOT_TIMEOUT
+    client = Client.from_args(args, timeout=SNAPSHOT_TIMEOUT)
     params = {"audit": "false"} if args.no_audit else None
     try:
         resp = client.get("/v1/snapshot", params)
@@ -61,8 +60,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         archive.unpack(data)  # refuse a bad file before sending it
     except archive.SnapshotError as exc:
         raise CommandError(f"Error restoring snapshot: {exc}") from None
-    client = Client.from_args(args)
-    client.timeout = SNAPSHOT_TIMEOUT
+    client = Client.from_args(args, timeout=SNAPSHOT_TIMEOUT)
     try:
         client.request("PUT", "/v1/snapshot", body=data, content_type="application/octet-stream")
     except ApiError as exc:
@@ -103,7 +101,7 @@ Catalog, KV, sessions, ACL, intentions, config entries, CA state (private keys
 still encrypted), events and the audit log, read at one point in time. The
 archive is verified before the file is written. Needs a management token.""",
     )
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="the snapshot file to write")
     p.add_argument("-no-audit", "--no-audit", action="store_true", help="leave the audit log out")
     p = add_command(
         group,
@@ -114,11 +112,11 @@ archive is verified before the file is written. Needs a management token.""",
 All or nothing: a truncated or corrupt file, a snapshot from a newer version or
 schema is refused and nothing is changed. Needs a management token.""",
     )
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="the snapshot file to load")
     p = add_command(
         group,
         "inspect",
         cmd_inspect,
         "Verify a snapshot file and show what it holds (no server needed)",
     )
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="the snapshot file to read")

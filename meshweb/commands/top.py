@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 from typing import Any
@@ -23,7 +22,9 @@ from meshweb.commands.base import (
     Client,
     CommandError,
     add_command,
+    add_format_option,
     api_failure,
+    api_message,
     columnize,
     out,
     out_json,
@@ -124,7 +125,7 @@ def cmd_top(args: argparse.Namespace) -> int:
                 data, kind = _read(client, args.service, args.window)
             except ApiError as exc:
                 raise api_failure(
-                    "Error reading golden metrics", _api_message(exc), client
+                    "Error reading golden metrics", api_message(exc), client
                 ) from None
             if args.format == "json":
                 out_json(data)
@@ -143,12 +144,6 @@ def cmd_top(args: argparse.Namespace) -> int:
                 return 0
             time.sleep(interval)
     return 0
-
-
-def _api_message(exc: ApiError) -> ApiError:
-    with contextlib.suppress(ValueError, KeyError, TypeError):
-        return ApiError(exc.status, json.loads(exc.body)["error"])
-    return exc
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -178,11 +173,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-once", "--once", action="store_true", help="print one table and exit")
     p.add_argument("-count", "--count", type=int, default=None, help="stop after N tables")
-    p.add_argument(
-        "-format",
-        "--format",
-        dest="format",
-        choices=("text", "json"),
-        default="text",
-        help="text (tables) or json (the API's documents)",
-    )
+    add_format_option(p, ("text", "json"), "text (tables) or json (the API's documents)")

@@ -26,13 +26,14 @@ import re
 import secrets as _secrets
 import threading
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import unquote_plus
 
 from django.conf import settings
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from registry import topics as topic
@@ -268,14 +269,7 @@ def bootstrap(secret: str | None = None) -> tuple[ACLToken, str]:
             raise PermissionDenied(f"ACL bootstrap no longer allowed (reset index: {change.index})")
         policy = _ensure_builtins(change)
         secret = secret or str(uuid.uuid4())
-        token = ACLToken.objects.create(
-            accessor_id=str(uuid.uuid4()),
-            secret_hash=hash_secret(secret),
-            description="Bootstrap Token (Global Management)",
-            create_index=change.index,
-            modify_index=change.index,
-        )
-        token.policies.add(policy)
+        token = _management_token(change, policy, secret, "Bootstrap Token (Global Management)")
     return token, secret
 
 
@@ -285,15 +279,21 @@ def ensure_initial_management(secret: str) -> bool:
         return False
     with Change() as change:
         policy = _ensure_builtins(change)
-        token = ACLToken.objects.create(
-            accessor_id=str(uuid.uuid4()),
-            secret_hash=hash_secret(secret),
-            description="Initial Management Token",
-            create_index=change.index,
-            modify_index=change.index,
-        )
-        token.policies.add(policy)
+        _management_token(change, policy, secret, "Initial Management Token")
     return True
+
+
+def _management_token(change: Change, policy: ACLPolicy, secret: str, description: str) -> ACLToken:
+    """A new token holding the builtin global-management `policy`, with a chosen secret."""
+    token = ACLToken.objects.create(
+        accessor_id=str(uuid.uuid4()),
+        secret_hash=hash_secret(secret),
+        description=description,
+        create_index=change.index,
+        modify_index=change.index,
+    )
+    token.policies.add(policy)
+    return token
 
 
 def new_secret() -> str:
@@ -393,39 +393,22 @@ def _check_new_id(value: str, field: str) -> None:
         raise BadRequest(f"Invalid Token: {field} is already in use")
 
 
-def _policy_links(links: Iterable[Mapping[str, str]]) -> list[ACLPolicy]:
-    """Resolve `{"ID": ...}` / `{"Name": ...}` links to policies, de-duplicated by ID."""
-    out: dict[str, ACLPolicy] = {}
+def _links(kind: _Kind, links: Iterable[Mapping[str, str]]) -> list:
+    """Resolve `{"ID": ...}` / `{"Name": ...}` links to rows of `kind`, de-duplicated by ID."""
+    out: dict[str, Any] = {}
     for link in links:
-        policy_id, name = link.get("ID") or "", link.get("Name") or ""
-        if policy_id:
-            policy = ACLPolicy.objects.filter(id=policy_id).first()
-            if policy is None:
-                raise BadRequest(f'No such ACL policy with ID "{policy_id}"')
+        obj_id, name = link.get("ID") or "", link.get("Name") or ""
+        if kind.link_needs_id_or_name and not obj_id and not name:
+            raise BadRequest(f"{kind.title} links must give the {kind.noun}'s ID or Name")
+        if obj_id:
+            row = kind.model.objects.filter(id=obj_id).first()
+            if row is None:
+                raise BadRequest(f'No such ACL {kind.noun} with ID "{obj_id}"')
         else:
-            policy = ACLPolicy.objects.filter(name=name).first()
-            if policy is None:
-                raise BadRequest(f'No such ACL policy with name "{name}"')
-        out.setdefault(policy.id, policy)
-    return list(out.values())
-
-
-def _role_links(links: Iterable[Mapping[str, str]]) -> list[ACLRole]:
-    """Resolve `{"ID": ...}` / `{"Name": ...}` links to roles, de-duplicated by ID."""
-    out: dict[str, ACLRole] = {}
-    for link in links:
-        role_id, name = link.get("ID") or "", link.get("Name") or ""
-        if not role_id and not name:
-            raise BadRequest("Role links must give the role's ID or Name")
-        if role_id:
-            role = ACLRole.objects.filter(id=role_id).first()
-            if role is None:
-                raise BadRequest(f'No such ACL role with ID "{role_id}"')
-        else:
-            role = ACLRole.objects.filter(name=name).first()
-            if role is None:
-                raise BadRequest(f'No such ACL role with name "{name}"')
-        out.setdefault(role.id, role)
+            row = kind.model.objects.filter(name=name).first()
+            if row is None:
+                raise BadRequest(f'No such ACL {kind.noun} with name "{name}"')
+        out.setdefault(row.id, row)
     return list(out.values())
 
 
@@ -461,8 +444,8 @@ def create_token(
         else:
             secret_id = new_secret()
         expires = _expiration(timezone.now(), expiration_ttl, expiration_time)
-        linked = _policy_links(policies)
-        linked_roles = _role_links(roles)
+        linked = _links(POLICIES, policies)
+        linked_roles = _links(ROLES, roles)
         token = ACLToken.objects.create(
             accessor_id=accessor_id,
             secret_hash=hash_secret(secret_id),
@@ -508,8 +491,8 @@ def update_token(
             raise BadRequest(f"Cannot change expiration time of {accessor_id}")
         if expiration_time is not None and expiration_time != token.expiration_time:
             raise BadRequest(f"Cannot change expiration time of {accessor_id}")
-        linked = _policy_links(policies)
-        linked_roles = _role_links(roles)
+        linked = _links(POLICIES, policies)
+        linked_roles = _links(ROLES, roles)
         token.description = description
         token.modify_index = change.index
         token.save(update_fields=["description", "modify_index"])
@@ -589,16 +572,137 @@ def list_tokens(policy: str = "", role: str = "") -> list[ACLToken]:
     return [t for t in query.order_by("accessor_id") if not _expired(t, now)]
 
 
+# --- policies and roles: what the two kinds share -------------------------------------
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What tells ACL policies and roles apart in the lookups, checks and writes they share.
+
+    `link_needs_id_or_name` and the two duplicate-name messages keep Consul's
+    own wording, which differs between the kinds.
+    """
+
+    model: type[ACLPolicy] | type[ACLRole]
+    noun: str
+    name_pattern: re.Pattern[str]
+    name_taken: str
+    name_taken_on_update: str
+    link_needs_id_or_name: bool
+    rows: Callable[[], QuerySet]
+
+    @property
+    def title(self) -> str:
+        return self.noun.capitalize()
+
+
+POLICIES = _Kind(
+    model=ACLPolicy,
+    noun="policy",
+    name_pattern=_POLICY_NAME,
+    name_taken='Invalid Policy: A Policy with Name "{name}" already exists',
+    name_taken_on_update='Invalid Policy: A policy with name "{name}" already exists',
+    link_needs_id_or_name=False,
+    rows=lambda: ACLPolicy.objects.all(),
+)
+ROLES = _Kind(
+    model=ACLRole,
+    noun="role",
+    name_pattern=_ROLE_NAME,
+    name_taken='Invalid Role: A Role with Name "{name}" already exists',
+    name_taken_on_update='Invalid Role: A Role with Name "{name}" already exists',
+    link_needs_id_or_name=True,
+    rows=lambda: ACLRole.objects.prefetch_related("policies"),
+)
+
+
+def _validate_name(kind: _Kind, name: str) -> None:
+    if not name:
+        raise BadRequest(f"Invalid {kind.title}: no Name is set")
+    if not kind.name_pattern.match(name):
+        raise BadRequest(
+            f"Invalid {kind.title}: invalid Name. "
+            "Only alphanumeric characters, '-' and '_' are allowed"
+        )
+
+
+def _check_id(kind: _Kind, obj_id: str) -> None:
+    if not _is_uuid(obj_id):
+        raise BadRequest(f"{kind.title} ID invalid UUID")
+
+
+def _create(
+    kind: _Kind, name: str, fields: Mapping[str, Any], policies: Iterable[Mapping[str, str]] | None
+) -> Any:
+    """Create a row of `kind` under a unique name; `policies` (roles only) are its links."""
+    with Change() as change:
+        if kind.model.objects.filter(name=name).exists():
+            raise BadRequest(kind.name_taken.format(name=name))
+        linked = _links(POLICIES, policies) if policies is not None else None
+        row = kind.model.objects.create(
+            id=str(uuid.uuid4()),
+            name=name,
+            create_index=change.index,
+            modify_index=change.index,
+            **fields,
+        )
+        if linked is not None:
+            row.policies.set(linked)
+        change.touch(topic.ACL)
+    return row
+
+
+def _update(
+    kind: _Kind,
+    obj_id: str,
+    name: str,
+    fields: Mapping[str, Any],
+    policies: Iterable[Mapping[str, str]] | None,
+    guard: Callable[[Any], None] | None = None,
+) -> Any:
+    """Replace the fields of an existing row of `kind`; `guard` may refuse the change."""
+    with Change() as change:
+        row = kind.model.objects.filter(id=obj_id).first()
+        if row is None:
+            raise NotFound(f"Cannot find {kind.noun} {obj_id}")
+        if name != row.name and kind.model.objects.filter(name=name).exists():
+            raise BadRequest(kind.name_taken_on_update.format(name=name))
+        if guard is not None:
+            guard(row)
+        linked = _links(POLICIES, policies) if policies is not None else None
+        row.name = name
+        for field_name, value in fields.items():
+            setattr(row, field_name, value)
+        row.modify_index = change.index
+        row.save()
+        if linked is not None:
+            row.policies.set(linked)
+        change.touch(topic.ACL)
+    return row
+
+
+def _delete(kind: _Kind, obj_id: str) -> bool:
+    """Delete a row (its links from tokens go with it); a missing one succeeds, as in Consul."""
+    if not kind.model.objects.filter(id=obj_id).exists():
+        return True
+    with Change() as change:
+        kind.model.objects.filter(id=obj_id).delete()
+        change.touch(topic.ACL)
+    return True
+
+
+def _get(kind: _Kind, **lookup: str) -> Any:
+    row = kind.rows().filter(**lookup).first()
+    if row is None:
+        raise NotFound(f"ACL not found: requested {kind.noun} does not exist")
+    return row
+
+
 # --- policies ------------------------------------------------------------------------
 
 
 def _validate_policy(name: str, rules: str, datacenters: Iterable[str]) -> None:
-    if not name:
-        raise BadRequest("Invalid Policy: no Name is set")
-    if not _POLICY_NAME.match(name):
-        raise BadRequest(
-            "Invalid Policy: invalid Name. Only alphanumeric characters, '-' and '_' are allowed"
-        )
+    _validate_name(POLICIES, name)
     if any(not dc for dc in datacenters):
         raise BadRequest("Invalid Policy: Datacenters must not contain an empty name")
     try:
@@ -613,20 +717,8 @@ def create_policy(
     """Create a policy (Consul's `PUT /v1/acl/policy`); names are unique."""
     datacenters = list(datacenters)
     _validate_policy(name, rules, datacenters)
-    with Change() as change:
-        if ACLPolicy.objects.filter(name=name).exists():
-            raise BadRequest(f'Invalid Policy: A Policy with Name "{name}" already exists')
-        policy = ACLPolicy.objects.create(
-            id=str(uuid.uuid4()),
-            name=name,
-            description=description,
-            rules=rules,
-            datacenters=datacenters,
-            create_index=change.index,
-            modify_index=change.index,
-        )
-        change.touch(topic.ACL)
-    return policy
+    fields = {"description": description, "rules": rules, "datacenters": datacenters}
+    return _create(POLICIES, name, fields, None)
 
 
 def update_policy(
@@ -643,63 +735,43 @@ def update_policy(
     (it may be renamed or described, as in Consul).
     """
     datacenters = list(datacenters)
-    if not _is_uuid(policy_id):
-        raise BadRequest("Policy ID invalid UUID")
+    _check_id(POLICIES, policy_id)
     _validate_policy(name, rules, datacenters)
-    with Change() as change:
-        policy = ACLPolicy.objects.filter(id=policy_id).first()
-        if policy is None:
-            raise NotFound(f"Cannot find policy {policy_id}")
-        if name != policy.name and ACLPolicy.objects.filter(name=name).exists():
-            raise BadRequest(f'Invalid Policy: A policy with name "{name}" already exists')
-        if policy.id == GLOBAL_MANAGEMENT_POLICY_ID:
-            if datacenters:
-                raise BadRequest(
-                    "Changing the Datacenters of the builtin global-management policy is not permitted"
-                )
-            if rules != policy.rules:
-                raise BadRequest(
-                    "Changing the Rules for the builtin global-management policy is not permitted"
-                )
-        policy.name = name
-        policy.description = description
-        policy.rules = rules
-        policy.datacenters = datacenters
-        policy.modify_index = change.index
-        policy.save()
-        change.touch(topic.ACL)
-    return policy
+
+    def keep_builtin(policy: ACLPolicy) -> None:
+        if policy.id != GLOBAL_MANAGEMENT_POLICY_ID:
+            return
+        if datacenters:
+            raise BadRequest(
+                "Changing the Datacenters of the builtin global-management policy is not permitted"
+            )
+        if rules != policy.rules:
+            raise BadRequest(
+                "Changing the Rules for the builtin global-management policy is not permitted"
+            )
+
+    fields = {"description": description, "rules": rules, "datacenters": datacenters}
+    return _update(POLICIES, policy_id, name, fields, None, guard=keep_builtin)
 
 
 def delete_policy(policy_id: str) -> bool:
     """Delete a policy (its links from tokens go with it); a missing one succeeds, as in Consul."""
     if policy_id == GLOBAL_MANAGEMENT_POLICY_ID:
         raise BadRequest("Delete operation not permitted on the builtin global-management policy")
-    if not ACLPolicy.objects.filter(id=policy_id).exists():
-        return True
-    with Change() as change:
-        ACLPolicy.objects.filter(id=policy_id).delete()
-        change.touch(topic.ACL)
-    return True
+    return _delete(POLICIES, policy_id)
 
 
 def get_policy(policy_id: str) -> ACLPolicy:
-    policy = ACLPolicy.objects.filter(id=policy_id).first()
-    if policy is None:
-        raise NotFound("ACL not found: requested policy does not exist")
-    return policy
+    return _get(POLICIES, id=policy_id)
 
 
 def get_policy_by_name(name: str) -> ACLPolicy:
-    policy = ACLPolicy.objects.filter(name=name).first()
-    if policy is None:
-        raise NotFound("ACL not found: requested policy does not exist")
-    return policy
+    return _get(POLICIES, name=name)
 
 
 def list_policies() -> list[ACLPolicy]:
     """Every policy, by ID (Consul's order: the builtin one first)."""
-    return list(ACLPolicy.objects.order_by("id"))
+    return list(POLICIES.rows().order_by("id"))
 
 
 # --- roles ---------------------------------------------------------------------------
@@ -739,17 +811,19 @@ def _node_identities(items: Iterable[Mapping[str, Any]]) -> list[dict[str, str]]
     return list(out.values())
 
 
-def _validate_role_name(name: str) -> None:
-    if not name:
-        raise BadRequest("Invalid Role: no Name is set")
-    if not _ROLE_NAME.match(name):
-        raise BadRequest(
-            "Invalid Role: invalid Name. Only alphanumeric characters, '-' and '_' are allowed"
-        )
-
-
-def _roles():
-    return ACLRole.objects.prefetch_related("policies")
+def _role_fields(
+    name: str,
+    description: str,
+    service_identities: Iterable[Mapping[str, Any]],
+    node_identities: Iterable[Mapping[str, Any]],
+) -> dict[str, Any]:
+    """A role's checked fields (the name is checked, not returned)."""
+    _validate_name(ROLES, name)
+    return {
+        "description": description,
+        "service_identities": _service_identities(service_identities),
+        "node_identities": _node_identities(node_identities),
+    }
 
 
 def create_role(
@@ -761,25 +835,8 @@ def create_role(
     node_identities: Iterable[Mapping[str, Any]] = (),
 ) -> ACLRole:
     """Create a role (Consul's `PUT /v1/acl/role`); names are unique."""
-    _validate_role_name(name)
-    services = _service_identities(service_identities)
-    nodes = _node_identities(node_identities)
-    with Change() as change:
-        if ACLRole.objects.filter(name=name).exists():
-            raise BadRequest(f'Invalid Role: A Role with Name "{name}" already exists')
-        linked = _policy_links(policies)
-        role = ACLRole.objects.create(
-            id=str(uuid.uuid4()),
-            name=name,
-            description=description,
-            service_identities=services,
-            node_identities=nodes,
-            create_index=change.index,
-            modify_index=change.index,
-        )
-        role.policies.set(linked)
-        change.touch(topic.ACL)
-    return get_role(role.id)
+    fields = _role_fields(name, description, service_identities, node_identities)
+    return get_role(_create(ROLES, name, fields, policies).id)
 
 
 def update_role(
@@ -792,56 +849,28 @@ def update_role(
     node_identities: Iterable[Mapping[str, Any]] = (),
 ) -> ACLRole:
     """Replace a role's fields (Consul's `PUT /v1/acl/role/:id`); its tokens follow at once."""
-    if not _is_uuid(role_id):
-        raise BadRequest("Role ID invalid UUID")
-    _validate_role_name(name)
-    services = _service_identities(service_identities)
-    nodes = _node_identities(node_identities)
-    with Change() as change:
-        role = ACLRole.objects.filter(id=role_id).first()
-        if role is None:
-            raise NotFound(f"Cannot find role {role_id}")
-        if name != role.name and ACLRole.objects.filter(name=name).exists():
-            raise BadRequest(f'Invalid Role: A Role with Name "{name}" already exists')
-        linked = _policy_links(policies)
-        role.name = name
-        role.description = description
-        role.service_identities = services
-        role.node_identities = nodes
-        role.modify_index = change.index
-        role.save()
-        role.policies.set(linked)
-        change.touch(topic.ACL)
+    _check_id(ROLES, role_id)
+    fields = _role_fields(name, description, service_identities, node_identities)
+    _update(ROLES, role_id, name, fields, policies)
     return get_role(role_id)
 
 
 def delete_role(role_id: str) -> bool:
     """Delete a role (its links from tokens go with it); a missing one succeeds, as in Consul."""
-    if not ACLRole.objects.filter(id=role_id).exists():
-        return True
-    with Change() as change:
-        ACLRole.objects.filter(id=role_id).delete()
-        change.touch(topic.ACL)
-    return True
+    return _delete(ROLES, role_id)
 
 
 def get_role(role_id: str) -> ACLRole:
-    role = _roles().filter(id=role_id).first()
-    if role is None:
-        raise NotFound("ACL not found: requested role does not exist")
-    return role
+    return _get(ROLES, id=role_id)
 
 
 def get_role_by_name(name: str) -> ACLRole:
-    role = _roles().filter(name=name).first()
-    if role is None:
-        raise NotFound("ACL not found: requested role does not exist")
-    return role
+    return _get(ROLES, name=name)
 
 
 def list_roles(policy: str = "") -> list[ACLRole]:
     """Every role by ID (Consul's order), optionally those linking policy ID `policy`."""
-    query = _roles()
+    query = ROLES.rows()
     if policy:
         query = query.filter(policies__id=policy)
     return list(query.order_by("id"))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,7 @@ KV_VERBS = frozenset(
         "delete-cas",
     }
 )
-CATALOG_VERBS = frozenset({"set", "cas", "get", "delete", "delete-cas"})
+# CATALOG_VERBS (Node, Service, Check) is the table of their handlers' verbs, below.
 KV_READS = frozenset({"get", "get-tree", "check-index", "check-session", "check-not-exists"})
 PERMISSION_DENIED = "Permission denied"
 
@@ -338,31 +339,89 @@ def _cas(index: Any, stored, what: str) -> None:
         raise BadRequest(f"failed to set {what}, index is stale")
 
 
-def _node(op: Op) -> list[dict[str, Any]]:
-    spec = op.spec["Node"]
+@dataclass(frozen=True)
+class _Target:
+    """The catalog row one Node, Service or Check operation names.
+
+    `key` is its name or ID on `node`; `what` names it in error messages ("node 'a'", "service 'web'"); `where`
+    adds its node where the row lives on one ("... on node 'a'").
+    """
+
+    node: str
+    key: str
+    what: str
+    where: str
+    stored: Any
+    deregister: dict[str, str]
+    result: Callable[[], list[dict[str, Any]]]
+
+
+def _node_target(op: Op) -> _Target:
     name = _node_name(op)
     if not name:
         raise BadRequest("Must provide node")
-    stored = Node.objects.select_related("datacenter").filter(name=name).first()
 
     def result() -> list[dict[str, Any]]:
         node = Node.objects.select_related("datacenter").get(name=name)
         return [{"Node": shapes.node_json(node)}]
 
-    if op.verb == "get":
-        if stored is None:
-            raise BadRequest(f"node {name!r} doesn't exist")
-        return result()
-    if op.verb in ("delete", "delete-cas"):
-        if op.verb == "delete-cas" and (
-            stored is None or stored.modify_index != _uint(spec.get("ModifyIndex"), "ModifyIndex")
-        ):
-            raise BadRequest(f"failed to delete node {name!r}, index is stale")
-        catalog.catalog_deregister({"Node": name})
-        return []
-    if op.verb == "cas":
-        _cas(spec.get("ModifyIndex"), stored, f"node {name!r}")
-    register = {"Node": name, "Address": spec.get("Address") or ""}
+    return _Target(
+        node=name,
+        key=name,
+        what=f"node {name!r}",
+        where="",
+        stored=Node.objects.select_related("datacenter").filter(name=name).first(),
+        deregister={"Node": name},
+        result=result,
+    )
+
+
+def _service_target(op: Op) -> _Target:
+    spec = op.spec["Service"]
+    node = _node_name(op)
+    service_id = str(spec.get("ID") or spec.get("Service") or "")
+    if not node or not service_id:
+        raise BadRequest("Must provide a node and a service ID")
+
+    def result() -> list[dict[str, Any]]:
+        svc = _instance(node, service_id)
+        return [{"Service": shapes.agent_service_json(svc, with_index=True)}]
+
+    return _Target(
+        node=node,
+        key=service_id,
+        what=f"service {service_id!r}",
+        where=f" on node {node!r}",
+        stored=_instance(node, service_id),
+        deregister={"Node": node, "ServiceID": service_id},
+        result=result,
+    )
+
+
+def _check_target(op: Op) -> _Target:
+    spec = op.spec["Check"]
+    node = _node_name(op)
+    check_id = str(spec.get("CheckID") or spec.get("Name") or "")
+    if not node or not check_id:
+        raise BadRequest("Must provide a node and a check ID")
+
+    def result() -> list[dict[str, Any]]:
+        check = Check.objects.select_related("node").get(node__name=node, check_id=check_id)
+        return [{"Check": shapes.check_json(check)}]
+
+    return _Target(
+        node=node,
+        key=check_id,
+        what=f"check {check_id!r}",
+        where=f" on node {node!r}",
+        stored=Check.objects.filter(node__name=node, check_id=check_id).first(),
+        deregister={"Node": node, "CheckID": check_id},
+        result=result,
+    )
+
+
+def _node_register(spec: dict[str, Any], target: _Target) -> dict[str, Any]:
+    register = {"Node": target.node, "Address": spec.get("Address") or ""}
     for ours, theirs in (
         ("ID", "ID"),
         ("Datacenter", "Datacenter"),
@@ -371,8 +430,7 @@ def _node(op: Op) -> list[dict[str, Any]]:
     ):
         if spec.get(theirs):
             register[ours] = spec[theirs]
-    catalog.catalog_register(decode.CATALOG_REGISTER(register))
-    return result()
+    return register
 
 
 _SERVICE_FIELDS = (
@@ -391,68 +449,14 @@ _SERVICE_FIELDS = (
 )
 
 
-def _service(op: Op) -> list[dict[str, Any]]:
-    spec = op.spec["Service"]
-    node = _node_name(op)
-    service_id = str(spec.get("ID") or spec.get("Service") or "")
-    if not node or not service_id:
-        raise BadRequest("Must provide a node and a service ID")
-    stored = _instance(node, service_id)
-
-    def result() -> list[dict[str, Any]]:
-        svc = _instance(node, service_id)
-        return [{"Service": shapes.agent_service_json(svc, with_index=True)}]
-
-    if op.verb == "get":
-        if stored is None:
-            raise BadRequest(f"service {service_id!r} on node {node!r} doesn't exist")
-        return result()
-    if op.verb in ("delete", "delete-cas"):
-        if op.verb == "delete-cas" and (
-            stored is None or stored.modify_index != _uint(spec.get("ModifyIndex"), "ModifyIndex")
-        ):
-            raise BadRequest(f"failed to delete service {service_id!r}, index is stale")
-        catalog.catalog_deregister({"Node": node, "ServiceID": service_id})
-        return []
-    if op.verb == "cas":
-        _cas(spec.get("ModifyIndex"), stored, f"service {service_id!r}")
-    if not Node.objects.filter(name=node).exists():
-        raise BadRequest(f"node {node!r} doesn't exist")
+def _service_register(spec: dict[str, Any], target: _Target) -> dict[str, Any]:
     service = {ours: spec[theirs] for ours, theirs in _SERVICE_FIELDS if spec.get(theirs)}
-    service["ID"] = service_id
-    catalog.catalog_register(
-        decode.CATALOG_REGISTER({"Node": node, "SkipNodeUpdate": True, "Service": service})
-    )
-    return result()
+    service["ID"] = target.key
+    return {"Node": target.node, "SkipNodeUpdate": True, "Service": service}
 
 
-def _check(op: Op) -> list[dict[str, Any]]:
-    spec = op.spec["Check"]
-    node = _node_name(op)
-    check_id = str(spec.get("CheckID") or spec.get("Name") or "")
-    if not node or not check_id:
-        raise BadRequest("Must provide a node and a check ID")
-    stored = Check.objects.filter(node__name=node, check_id=check_id).first()
-
-    def result() -> list[dict[str, Any]]:
-        check = Check.objects.select_related("node").get(node__name=node, check_id=check_id)
-        return [{"Check": shapes.check_json(check)}]
-
-    if op.verb == "get":
-        if stored is None:
-            raise BadRequest(f"check {check_id!r} on node {node!r} doesn't exist")
-        return result()
-    if op.verb in ("delete", "delete-cas"):
-        if op.verb == "delete-cas" and (
-            stored is None or stored.modify_index != _uint(spec.get("ModifyIndex"), "ModifyIndex")
-        ):
-            raise BadRequest(f"failed to delete check {check_id!r}, index is stale")
-        catalog.catalog_deregister({"Node": node, "CheckID": check_id})
-        return []
-    if op.verb == "cas":
-        _cas(spec.get("ModifyIndex"), stored, f"check {check_id!r}")
-    if not Node.objects.filter(name=node).exists():
-        raise BadRequest(f"node {node!r} doesn't exist")
+def _check_register(spec: dict[str, Any], target: _Target) -> dict[str, Any]:
+    check_id = target.key
     check = {
         k: spec[k]
         for k in ("CheckID", "Name", "Status", "Notes", "Output", "ServiceID", "Definition")
@@ -460,13 +464,68 @@ def _check(op: Op) -> list[dict[str, Any]]:
     }
     check["CheckID"] = check_id
     check.setdefault("Name", check_id)
-    catalog.catalog_register(
-        decode.CATALOG_REGISTER({"Node": node, "SkipNodeUpdate": True, "Check": check})
-    )
-    return result()
+    return {"Node": target.node, "SkipNodeUpdate": True, "Check": check}
 
 
-_RUN = {"KV": _kv, "Node": _node, "Service": _service, "Check": _check}
+@dataclass(frozen=True)
+class _CatalogKind:
+    """How one catalog kind finds its row and builds its registration."""
+
+    target: Callable[[Op], _Target]
+    register: Callable[[dict[str, Any], _Target], dict[str, Any]]
+    # A service or check lives on a node that must exist; a node op makes its own.
+    needs_node: bool
+
+
+_CATALOG = {
+    "Node": _CatalogKind(_node_target, _node_register, needs_node=False),
+    "Service": _CatalogKind(_service_target, _service_register, needs_node=True),
+    "Check": _CatalogKind(_check_target, _check_register, needs_node=True),
+}
+
+
+def _catalog_get(op: Op, kind: _CatalogKind, target: _Target) -> list[dict[str, Any]]:
+    if target.stored is None:
+        raise BadRequest(f"{target.what}{target.where} doesn't exist")
+    return target.result()
+
+
+def _catalog_delete(op: Op, kind: _CatalogKind, target: _Target) -> list[dict[str, Any]]:
+    stored = target.stored
+    if op.verb == "delete-cas" and (
+        stored is None
+        or stored.modify_index != _uint(op.spec[op.kind].get("ModifyIndex"), "ModifyIndex")
+    ):
+        raise BadRequest(f"failed to delete {target.what}, index is stale")
+    catalog.catalog_deregister(target.deregister)
+    return []
+
+
+def _catalog_set(op: Op, kind: _CatalogKind, target: _Target) -> list[dict[str, Any]]:
+    spec = op.spec[op.kind]
+    if op.verb == "cas":
+        _cas(spec.get("ModifyIndex"), target.stored, target.what)
+    if kind.needs_node and not Node.objects.filter(name=target.node).exists():
+        raise BadRequest(f"node {target.node!r} doesn't exist")
+    catalog.catalog_register(decode.CATALOG_REGISTER(kind.register(spec, target)))
+    return target.result()
+
+
+# The verbs of Node, Service and Check operations, one handler each.
+_CATALOG_HANDLERS = {
+    "get": _catalog_get,
+    "set": _catalog_set,
+    "cas": _catalog_set,
+    "delete": _catalog_delete,
+    "delete-cas": _catalog_delete,
+}
+CATALOG_VERBS = frozenset(_CATALOG_HANDLERS)
+
+
+def _catalog_op(op: Op) -> list[dict[str, Any]]:
+    """Run one Node, Service or Check operation (its verb was checked by `check`)."""
+    kind = _CATALOG[op.kind]
+    return _CATALOG_HANDLERS[op.verb](op, kind, kind.target(op))
 
 
 def _run_ops(authz, ops: list[Op]) -> list[dict[str, Any]]:
@@ -485,7 +544,7 @@ def _run_ops(authz, ops: list[Op]) -> list[dict[str, Any]]:
                 out = _kv(op)
             else:
                 with transaction.atomic():
-                    out = _RUN[op.kind](op)
+                    out = _catalog_op(op)
         except MeshError as exc:
             errors.append(_error(op, exc.message))
             continue

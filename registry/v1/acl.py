@@ -7,6 +7,10 @@ are blocking-capable on the `acl` topic.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 from django.urls import path
 
 from registry import topics as topic
@@ -77,6 +81,15 @@ def _with_index(exc: MeshError, index: int) -> MeshError:
     return exc
 
 
+def _read_one(ctx: Ctx, found: Callable[[], dict]) -> Reply:
+    """An ACL read of one object; a miss (404) still carries the ACL index."""
+    index = _read(ctx)
+    try:
+        return Reply(found(), index)
+    except MeshError as exc:
+        raise _with_index(exc, index) from None
+
+
 def _token_args(spec: dict, *, create: bool) -> dict:
     """Map a decoded token body to `acl.create_token` / `acl.update_token` arguments."""
     for field, what in (
@@ -136,11 +149,7 @@ def token_create(ctx: Ctx) -> Reply:
 @endpoint("GET", "PUT", "DELETE", topics=_acl_topics)
 def token(ctx: Ctx, accessor_id: str) -> Reply:
     if ctx.method == "GET":
-        index = _read(ctx)
-        try:
-            return Reply(acl.token_json(acl.get_token(accessor_id)), index)
-        except MeshError as exc:
-            raise _with_index(exc, index) from None
+        return _read_one(ctx, lambda: acl.token_json(acl.get_token(accessor_id)))
     _write(ctx)
     if ctx.method == "DELETE":
         return Reply(acl.delete_token(accessor_id, caller_accessor=ctx.identity.accessor_id))
@@ -183,6 +192,44 @@ def token_clone(ctx: Ctx, accessor_id: str) -> Reply:
     return Reply(acl.token_json(cloned, secret=secret))
 
 
+# -- policies and roles: one shape of endpoints for both ------------------------------
+
+
+@dataclass(frozen=True)
+class _Objects:
+    """How `/v1/acl/policy...` and `/v1/acl/role...` differ: body, wording, domain calls."""
+
+    noun: str
+    schema: Struct
+    args: Callable[[dict], dict]
+    create: Callable[..., Any]
+    update: Callable[..., Any]
+    delete: Callable[[str], bool]
+    get: Callable[[str], Any]
+    to_json: Callable[[Any], dict]
+
+
+def _create(ctx: Ctx, kind: _Objects) -> Reply:
+    _write(ctx)
+    spec = ctx.json(kind.schema)
+    if spec.get("ID"):
+        raise BadRequest(f"Cannot specify the ID when creating a new {kind.noun}")
+    return Reply(kind.to_json(kind.create(**kind.args(spec))))
+
+
+def _one(ctx: Ctx, kind: _Objects, obj_id: str) -> Reply:
+    """GET, PUT or DELETE one policy or role by ID."""
+    if ctx.method == "GET":
+        return _read_one(ctx, lambda: kind.to_json(kind.get(obj_id)))
+    _write(ctx)
+    if ctx.method == "DELETE":
+        return Reply(kind.delete(obj_id))
+    spec = ctx.json(kind.schema)
+    if spec.get("ID") and spec["ID"] != obj_id:
+        raise BadRequest(f"{kind.noun.capitalize()} ID in URL and payload do not match")
+    return Reply(kind.to_json(kind.update(obj_id, **kind.args(spec))))
+
+
 # -- policies -------------------------------------------------------------------------
 
 
@@ -195,39 +242,31 @@ def _policy_args(spec: dict) -> dict:
     }
 
 
+POLICIES = _Objects(
+    noun="policy",
+    schema=POLICY,
+    args=_policy_args,
+    create=acl.create_policy,
+    update=acl.update_policy,
+    delete=acl.delete_policy,
+    get=acl.get_policy,
+    to_json=acl.policy_json,
+)
+
+
 @endpoint("PUT")
 def policy_create(ctx: Ctx) -> Reply:
-    _write(ctx)
-    spec = ctx.json(POLICY)
-    if spec.get("ID"):
-        raise BadRequest("Cannot specify the ID when creating a new policy")
-    return Reply(acl.policy_json(acl.create_policy(**_policy_args(spec))))
+    return _create(ctx, POLICIES)
 
 
 @endpoint("GET", "PUT", "DELETE", topics=_acl_topics)
 def policy(ctx: Ctx, policy_id: str) -> Reply:
-    if ctx.method == "GET":
-        index = _read(ctx)
-        try:
-            return Reply(acl.policy_json(acl.get_policy(policy_id)), index)
-        except MeshError as exc:
-            raise _with_index(exc, index) from None
-    _write(ctx)
-    if ctx.method == "DELETE":
-        return Reply(acl.delete_policy(policy_id))
-    spec = ctx.json(POLICY)
-    if spec.get("ID") and spec["ID"] != policy_id:
-        raise BadRequest("Policy ID in URL and payload do not match")
-    return Reply(acl.policy_json(acl.update_policy(policy_id, **_policy_args(spec))))
+    return _one(ctx, POLICIES, policy_id)
 
 
 @endpoint("GET", topics=_acl_topics)
 def policy_by_name(ctx: Ctx, name: str) -> Reply:
-    index = _read(ctx)
-    try:
-        return Reply(acl.policy_json(acl.get_policy_by_name(name)), index)
-    except MeshError as exc:
-        raise _with_index(exc, index) from None
+    return _read_one(ctx, lambda: acl.policy_json(acl.get_policy_by_name(name)))
 
 
 @endpoint("GET", topics=_acl_topics)
@@ -253,39 +292,31 @@ def _role_args(spec: dict) -> dict:
     }
 
 
+ROLES = _Objects(
+    noun="role",
+    schema=ROLE,
+    args=_role_args,
+    create=acl.create_role,
+    update=acl.update_role,
+    delete=acl.delete_role,
+    get=acl.get_role,
+    to_json=acl.role_json,
+)
+
+
 @endpoint("PUT")
 def role_create(ctx: Ctx) -> Reply:
-    _write(ctx)
-    spec = ctx.json(ROLE)
-    if spec.get("ID"):
-        raise BadRequest("Cannot specify the ID when creating a new role")
-    return Reply(acl.role_json(acl.create_role(**_role_args(spec))))
+    return _create(ctx, ROLES)
 
 
 @endpoint("GET", "PUT", "DELETE", topics=_acl_topics)
 def role(ctx: Ctx, role_id: str) -> Reply:
-    if ctx.method == "GET":
-        index = _read(ctx)
-        try:
-            return Reply(acl.role_json(acl.get_role(role_id)), index)
-        except MeshError as exc:
-            raise _with_index(exc, index) from None
-    _write(ctx)
-    if ctx.method == "DELETE":
-        return Reply(acl.delete_role(role_id))
-    spec = ctx.json(ROLE)
-    if spec.get("ID") and spec["ID"] != role_id:
-        raise BadRequest("Role ID in URL and payload do not match")
-    return Reply(acl.role_json(acl.update_role(role_id, **_role_args(spec))))
+    return _one(ctx, ROLES, role_id)
 
 
 @endpoint("GET", topics=_acl_topics)
 def role_by_name(ctx: Ctx, name: str) -> Reply:
-    index = _read(ctx)
-    try:
-        return Reply(acl.role_json(acl.get_role_by_name(name)), index)
-    except MeshError as exc:
-        raise _with_index(exc, index) from None
+    return _read_one(ctx, lambda: acl.role_json(acl.get_role_by_name(name)))
 
 
 @endpoint("GET", topics=_acl_topics)

@@ -188,6 +188,82 @@ def test_node_service_and_check_operations(http, consul_client, unique):
     assert consul_client.catalog.node(node)[1] is None
 
 
+def test_catalog_verbs_say_what_is_missing_or_stale(http, unique):
+    """Every Node, Service and Check verb names its row in its error, as Consul's do."""
+    node = f"verbs-{unique}"
+
+    def errors(*ops: dict) -> list[str]:
+        r = http.put("/v1/txn", json=list(ops))
+        assert r.status_code == 409, r.text
+        return [e["What"] for e in r.json()["Errors"]]
+
+    service = {"ID": "s1", "Service": "verbs-svc"}
+    check = {"Node": node, "CheckID": "c1"}
+    assert errors(
+        {"Node": {"Verb": "get", "Node": {"Node": node}}},
+        {"Service": {"Verb": "get", "Node": node, "Service": service}},
+        {"Check": {"Verb": "get", "Check": check}},
+        {"Node": {"Verb": "delete-cas", "Node": {"Node": node, "ModifyIndex": 1}}},
+        {"Service": {"Verb": "set", "Node": node, "Service": service}},
+        {"Check": {"Verb": "cas", "Check": {**check, "ModifyIndex": 5}}},
+        {"Node": {"Verb": "get", "Node": {}}},
+        {"Service": {"Verb": "get", "Node": node, "Service": {}}},
+        {"Check": {"Verb": "get", "Check": {"Node": node}}},
+    ) == [
+        f"node {node!r} doesn't exist",
+        f"service 's1' on node {node!r} doesn't exist",
+        f"check 'c1' on node {node!r} doesn't exist",
+        f"failed to delete node {node!r}, index is stale",
+        f"node {node!r} doesn't exist",
+        "failed to set check 'c1', index is stale",
+        "Must provide node",
+        "Must provide a node and a service ID",
+        "Must provide a node and a check ID",
+    ]
+    r = http.put(
+        "/v1/txn",
+        json=[
+            {"Node": {"Verb": "cas", "Node": {"Node": node, "Address": "10.9.9.9"}}},
+            {"Service": {"Verb": "cas", "Node": node, "Service": service}},
+            {"Check": {"Verb": "set", "Check": {**check, "ServiceID": "s1"}}},
+        ],
+    )
+    assert r.status_code == 200, r.text
+    made = r.json()["Results"]
+    assert made[0]["Node"]["Address"] == "10.9.9.9"
+    assert (made[1]["Service"]["ID"], made[2]["Check"]["Name"]) == ("s1", "c1")
+    index = made[1]["Service"]["ModifyIndex"]
+    assert errors(
+        {
+            "Service": {
+                "Verb": "delete-cas",
+                "Node": node,
+                "Service": {**service, "ModifyIndex": index + 1},
+            }
+        },
+        {"Service": {"Verb": "cas", "Node": node, "Service": {**service, "ModifyIndex": 0}}},
+    ) == [
+        "failed to delete service 's1', index is stale",
+        "failed to set service 's1', index is stale",
+    ]
+    r = http.put(
+        "/v1/txn",
+        json=[
+            {"Check": {"Verb": "get", "Check": check}},
+            {
+                "Service": {
+                    "Verb": "delete-cas",
+                    "Node": node,
+                    "Service": {**service, "ModifyIndex": index},
+                }
+            },
+            {"Node": {"Verb": "delete", "Node": {"Node": node}}},
+        ],
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["Results"][0]["Check"]["ServiceID"] == "s1"
+
+
 def test_two_clients_racing_cas_exactly_one_wins_and_no_partial_state(server, unique):
     """Each client reads both keys' indexes, then cas-writes both in one txn: one wins a round."""
     key = unique("race")

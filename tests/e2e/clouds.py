@@ -18,20 +18,34 @@ only path between the clouds is the WAN link between the gateway hosts.
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass, field
 
-from tests.e2e.netns import Host, _free_subnet, _ip, _kill_all
+from tests.e2e.netns import Namespaces, _free_subnet, _ip
+
+# The gateway hosts' mesh gateways listen here (each namespace has its own ports).
+GW_PORT = 8443
+CHECK = {"interval": "1s", "timeout": "1s"}
+
+
+def api_service() -> dict:
+    """The agent definition of `api` (port 9091, health-checked, sidecar on 21001)."""
+    return {
+        "service": {
+            "name": "api",
+            "port": 9091,
+            "check": {"http": "http://127.0.0.1:9091/healthz", **CHECK},
+            "connect": {"sidecar_service": {"port": 21001}},
+        }
+    }
 
 
 @dataclass
-class Clouds:
-    suffix: str = field(default_factory=lambda: secrets.token_hex(3))
+class Clouds(Namespaces):
+    """Two clouds of two hosts each, joined only by a WAN link between their gateway hosts."""
+
     subnets: dict[str, int] = field(default_factory=dict)  # "c1", "c2", "wan" -> third octet
-    hosts: dict[str, Host] = field(default_factory=dict)
     wan: dict[str, str] = field(default_factory=dict)  # "G1"/"G2" -> WAN address
     wan_ifaces: dict[str, str] = field(default_factory=dict)  # "G1"/"G2" -> interface name
-    _made: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def gateway(self) -> str:
@@ -51,29 +65,12 @@ class Clouds:
                 self.subnets[key] = self._subnet()
             for cloud, labels in (("c1", ("A", "G1")), ("c2", ("B", "G2"))):
                 bridge = f"mw{cloud}-{self.suffix}"
-                _ip("link", "add", bridge, "type", "bridge")
-                self._made.append(("link", bridge))
                 root = f"10.201.{self.subnets[cloud]}.1"
-                _ip("addr", "add", f"{root}/24", "dev", bridge)
-                _ip("link", "set", bridge, "up")
+                self._bridge(bridge, root)
                 for i, label in enumerate(labels):
-                    ns = f"mw{label}-{self.suffix}"
-                    _ip("netns", "add", ns)
-                    self._made.append(("netns", ns))
-                    outer = f"mw{label.lower()}-{self.suffix}"
-                    inner = f"{outer}-p"
-                    _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
-                    self._made.append(("link", outer))
-                    _ip("link", "set", inner, "netns", ns)
-                    _ip("link", "set", outer, "master", bridge)
-                    _ip("link", "set", outer, "up")
-                    address = f"10.201.{self.subnets[cloud]}.{i + 2}"
-                    _ip("-n", ns, "addr", "add", f"{address}/24", "dev", inner)
-                    _ip("-n", ns, "link", "set", inner, "up")
-                    _ip("-n", ns, "link", "set", "lo", "up")
+                    host = self._host(label, bridge, f"10.201.{self.subnets[cloud]}.{i + 2}")
                     if cloud == "c2":  # the control plane's address, answered by the root
-                        _ip("-n", ns, "route", "add", f"{self.gateway}/32", "via", root)
-                    self.hosts[label] = Host(ns, address)
+                        _ip("-n", host.name, "route", "add", f"{self.gateway}/32", "via", root)
             # The WAN link: a veth pair straight between the gateway hosts.
             w1, w2 = f"mwwan-{self.suffix}", f"mwwan-{self.suffix}-p"
             _ip("link", "add", w1, "type", "veth", "peer", "name", w2)
@@ -91,20 +88,20 @@ class Clouds:
             raise
         return self
 
-    def close(self) -> None:
-        for host in self.hosts.values():
-            _kill_all(host)
-        for kind, name in reversed(self._made):
-            if kind == "netns":
-                _ip("netns", "del", name, check=False)
-            else:
-                _ip("link", "del", name, check=False)
-        self._made.clear()
-
-    def leftovers(self) -> list[str]:
-        left = [n for n in _ip("netns", "list").stdout.split() if n.endswith(self.suffix)]
-        links = _ip("-o", "link", "show").stdout
-        left += [
-            w for w in links.replace(":", " ").replace("@", " ").split() if w.endswith(self.suffix)
-        ]
-        return left
+    def gateway_service(self, label: str) -> dict:
+        """The agent definition that starts gateway host `label`'s ("G1", "G2") mesh
+        gateway: LAN address on its cloud's bridge, WAN address on the WAN link."""
+        lan = self.hosts[label].address
+        return {
+            "service": {
+                "kind": "mesh-gateway",
+                "name": "mesh-gateway",
+                "port": GW_PORT,
+                "address": lan,
+                "tagged_addresses": {
+                    "lan": {"address": lan, "port": GW_PORT},
+                    "wan": {"address": self.wan[label], "port": GW_PORT},
+                },
+                "check": {"tcp": f"{lan}:{GW_PORT}", **CHECK},
+            }
+        }

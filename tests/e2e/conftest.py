@@ -30,14 +30,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Self, TypeVar
 
 import httpx
 import pytest
 
-from tests.e2e.netns import Host, Topology, unavailable_reason
+from tests.e2e.netns import Host, Namespaces, Topology, unavailable_reason
 from tests.support.servers import ROOT, MeshServer, die_with_parent, make_server
+
+L = TypeVar("L", bound=Namespaces)
 
 # One INFO line per request would bury the measured times `pytest -s` prints.
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -47,19 +51,30 @@ def _ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
-@pytest.fixture(scope="module")
-def topology():
+@contextlib.contextmanager
+def made(layout: L) -> Iterator[L]:
+    """`layout` created for the block, then removed with all it made (checked).
+
+    Skipped with the reason when this machine cannot make namespaces; under
+    CI=true that is a failure instead.
+    """
     reason = unavailable_reason()
     if reason:
         if _ci():
             pytest.fail(f"end-to-end tests with network namespaces cannot run under CI: {reason}")
         pytest.skip(f"network namespaces unavailable: {reason}")
-    topo = Topology().create()
+    layout.create()
     try:
-        yield topo
+        yield layout
     finally:
-        topo.close()
-        assert topo.leftovers() == [], "namespaces or links left behind"
+        layout.close()
+        assert layout.leftovers() == [], "namespaces or links left behind"
+
+
+@pytest.fixture(scope="module")
+def topology():
+    with made(Topology()) as topo:
+        yield topo
 
 
 # --------------------------------------------------------------------------- processes
@@ -84,13 +99,13 @@ class BridgedServer(MeshServer):
         return super().client(token, **kw)
 
 
-def start_server(topo: Topology, data_dir: Path, leaf_ttl: str = "") -> BridgedServer:
-    extra = {"MESH_CA_LEAF_TTL": leaf_ttl} if leaf_ttl else {}
-    base = make_server(data_dir, acl=True, extra_env=extra, start=False)
+def bridged_server(address: str, data_dir: Path, **options: Any) -> BridgedServer:
+    """A started `mesh server` (ACLs on; `options` as `make_server`'s) bound on `address`."""
+    base = make_server(data_dir, acl=True, start=False, **options)
     server = BridgedServer(**{f.name: getattr(base, f.name) for f in fields(base)})
-    server.host = topo.gateway
-    server.env["MESH_HTTP_ADDR"] = f"{topo.gateway}:{server.http_port}"
-    server.env["MESH_GRPC_ADDR"] = f"{topo.gateway}:{server.grpc_port}"
+    server.host = address
+    server.env["MESH_HTTP_ADDR"] = f"{address}:{server.http_port}"
+    server.env["MESH_GRPC_ADDR"] = f"{address}:{server.grpc_port}"
     server.env["MESH_DNS_ADDR"] = ""
     try:
         server.start()
@@ -98,6 +113,11 @@ def start_server(topo: Topology, data_dir: Path, leaf_ttl: str = "") -> BridgedS
         server.close()
         raise
     return server
+
+
+def start_server(topo: Topology, data_dir: Path, leaf_ttl: str = "") -> BridgedServer:
+    extra = {"MESH_CA_LEAF_TTL": leaf_ttl} if leaf_ttl else {}
+    return bridged_server(topo.gateway, data_dir, extra_env=extra)
 
 
 @dataclass
@@ -151,11 +171,102 @@ def mesh(*args: str) -> list[str]:
     return [sys.executable, "-m", "meshweb.cli", *args]
 
 
+def demo_app(
+    host: Host,
+    tmp: Path,
+    name: str,
+    role: str,
+    port: int,
+    *,
+    bind: str = "127.0.0.1",
+    upstream: int | None = None,
+    fail_file: Path | None = None,
+) -> NsProcess:
+    """A started `mesh demo-app` on `host`; `upstream` is web's local port for api."""
+    argv = mesh("demo-app", role, "--port", str(port), "--bind", bind, "--name", name)
+    if upstream is not None:
+        argv += ["--upstream", f"127.0.0.1:{upstream}"]
+    if fail_file is not None:
+        argv += ["--fail-file", str(fail_file)]
+    return NsProcess(host, name, argv, tmp / f"{name}.log").start()
+
+
+def start_agent(
+    host: Host,
+    tmp: Path,
+    node: str,
+    files: dict[str, dict],
+    *,
+    join: str,
+    join_token: tuple[str, str],
+    http_port: int = 8500,
+    metrics_port: int = 9102,
+    extra: tuple[str, ...] = (),
+) -> NsProcess:
+    """A started `mesh agent` for `node` on `host`, its config dir holding `files`,
+    joining the control plane's gRPC address `join` with (token, CA pin)."""
+    base = tmp / node
+    config_dir = base / "config.d"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    for name, body in files.items():
+        (config_dir / name).write_text(json.dumps(body))
+    token, pin = join_token
+    argv = mesh(
+        "agent",
+        "-data-dir", str(base / "data"),
+        "-config-dir", str(config_dir),
+        "-join", join,
+        "-join-token", token,
+        "-ca-pin", pin,
+        "-node", node,
+        *extra,
+        "-bind", host.address,
+        "-http-addr", f"{host.address}:{http_port}",
+        "-metrics-addr", f"{host.address}:{metrics_port}",
+        "-rpc-timeout", "5s",
+    )  # fmt: skip
+    return NsProcess(host, node, argv, tmp / f"{node}.log").start()
+
+
+def new_join_token(cp: httpx.Client, **body: Any) -> tuple[str, str]:
+    """A single-use join token (and the CA pin) from the control plane `cp`."""
+    r = cp.post("/api/join-tokens/", json={"uses": 1, "ttl": "5m", "services": ["*"], **body})
+    assert r.status_code == 201, r.text
+    return r.json()["token"], r.json()["ca_pin"]
+
+
+def data_logs(tmp: Path, pattern: str = "*/data/*/*.log", chars: int = 2000) -> list[str]:
+    """The tails of the logs the agents keep under their data dirs (sidecars, gateways)."""
+    parts = []
+    for log in sorted(tmp.glob(pattern)):
+        parts.append(f"--- {log.parent.parent.parent.name}/{log.name} ---\n")
+        parts[-1] += log.read_text(errors="replace")[-chars:]
+    return parts
+
+
 # --------------------------------------------------------------------------- the cluster
 
 
+class Started:
+    """Processes started as one whole: a failure part-way stops what had started."""
+
+    def start(self) -> Self:
+        try:
+            self._start()
+        except Exception:
+            self.close()
+            raise
+        return self
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
 @dataclass
-class Cluster:
+class Cluster(Started):
     """Control plane + agents on A and B + the demo apps (see the module docstring)."""
 
     topo: Topology
@@ -195,14 +306,6 @@ class Cluster:
         return httpx.get(url, timeout=5, trust_env=False).text
 
     # --- start and stop ------------------------------------------------------------------
-
-    def start(self) -> Cluster:
-        try:
-            self._start()
-        except Exception:
-            self.close()
-            raise
-        return self
 
     def _start(self) -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
@@ -246,52 +349,33 @@ class Cluster:
         self.allow()
 
     def _app(self, label: str, name: str, role: str, port: int, bind: str = "127.0.0.1") -> None:
-        argv = mesh("demo-app", role, "--port", str(port), "--bind", bind, "--name", name)
-        if role == "web":
-            argv += ["--upstream", f"127.0.0.1:{self.port(9191)}"]
-        else:
-            argv += ["--fail-file", str(self.fail_file(name))]
-        host = self.topo.hosts[label]
-        self.apps[name] = NsProcess(host, name, argv, self.tmp / f"{name}.log").start()
+        web = role == "web"
+        self.apps[name] = demo_app(
+            self.topo.hosts[label],
+            self.tmp,
+            name,
+            role,
+            port,
+            bind=bind,
+            upstream=self.port(9191) if web else None,
+            fail_file=None if web else self.fail_file(name),
+        )
 
     def join_token(self) -> tuple[str, str]:
-        r = self.cp().post("/api/join-tokens/", json={"uses": 1, "ttl": "5m", "services": ["*"]})
-        assert r.status_code == 201, r.text
-        return r.json()["token"], r.json()["ca_pin"]
+        return new_join_token(self.cp())
 
     def _agent(self, label: str, node: str, files: dict[str, dict]) -> None:
-        host = self.topo.hosts[label]
-        base = self.tmp / node
-        config_dir = base / "config.d"
-        config_dir.mkdir(parents=True, exist_ok=True)
-        for name, body in files.items():
-            (config_dir / name).write_text(json.dumps(body))
-        token, pin = self.join_token()
         assert self.server is not None
-        argv = mesh(
-            "agent",
-            "-data-dir",
-            str(base / "data"),
-            "-config-dir",
-            str(config_dir),
-            "-join",
-            f"{self.topo.gateway}:{self.server.grpc_port}",
-            "-join-token",
-            token,
-            "-ca-pin",
-            pin,
-            "-node",
+        self.agents[label] = start_agent(
+            self.topo.hosts[label],
+            self.tmp,
             node,
-            "-bind",
-            host.address,
-            "-http-addr",
-            f"{host.address}:{self.port(8500)}",
-            "-metrics-addr",
-            f"{host.address}:{self.port(9102)}",
-            "-rpc-timeout",
-            "5s",
+            files,
+            join=f"{self.topo.gateway}:{self.server.grpc_port}",
+            join_token=self.join_token(),
+            http_port=self.port(8500),
+            metrics_port=self.port(9102),
         )
-        self.agents[label] = NsProcess(host, node, argv, self.tmp / f"{node}.log").start()
 
     def cp(self) -> httpx.Client:
         assert self.server is not None

@@ -84,53 +84,42 @@ class Host:
 
 
 @dataclass
-class Topology:
-    """A bridge in the root namespace and hosts A and B on it."""
+class Namespaces:
+    """What every namespace layout shares: its random suffix, its hosts, the
+    bridges, namespaces and veths it made (deleted by `close()` in reverse),
+    and the check that none is left behind."""
 
     suffix: str = field(default_factory=lambda: secrets.token_hex(3))
-    subnet: int = 0
-    bridge: str = ""
     hosts: dict[str, Host] = field(default_factory=dict)
     _made: list[tuple[str, str]] = field(default_factory=list)  # ("netns"|"link", name)
 
-    @property
-    def gateway(self) -> str:
-        """The root namespace's address on the bridge (where the control plane listens)."""
-        return f"10.201.{self.subnet}.1"
+    def _bridge(self, bridge: str, address: str) -> None:
+        """A bridge in the root namespace holding `address`/24."""
+        _ip("link", "add", bridge, "type", "bridge")
+        self._made.append(("link", bridge))
+        _ip("addr", "add", f"{address}/24", "dev", bridge)
+        _ip("link", "set", bridge, "up")
 
-    def create(self, names: tuple[str, ...] = ("A", "B")) -> Topology:
-        try:
-            self.subnet = _free_subnet()
-            self.bridge = f"mwbr-{self.suffix}"
-            _ip("link", "add", self.bridge, "type", "bridge")
-            self._made.append(("link", self.bridge))
-            _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
-            _ip("link", "set", self.bridge, "up")
-            for i, label in enumerate(names):
-                ns = f"mw{label}-{self.suffix}"
-                _ip("netns", "add", ns)
-                self._made.append(("netns", ns))
-                outer, inner = (
-                    f"mw{label.lower()}-{self.suffix}",
-                    f"mw{label.lower()}-{self.suffix}-p",
-                )
-                _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
-                self._made.append(("link", outer))
-                _ip("link", "set", inner, "netns", ns)
-                _ip("link", "set", outer, "master", self.bridge)
-                _ip("link", "set", outer, "up")
-                address = f"10.201.{self.subnet}.{i + 2}"
-                _ip("-n", ns, "addr", "add", f"{address}/24", "dev", inner)
-                _ip("-n", ns, "link", "set", inner, "up")
-                _ip("-n", ns, "link", "set", "lo", "up")
-                self.hosts[label] = Host(ns, address)
-        except Exception:
-            self.close()
-            raise
-        return self
+    def _host(self, label: str, bridge: str, address: str) -> Host:
+        """Namespace mw<label>-<suffix>, its veth's outer end on `bridge`, `address`/24 inside."""
+        ns = f"mw{label}-{self.suffix}"
+        _ip("netns", "add", ns)
+        self._made.append(("netns", ns))
+        outer = f"mw{label.lower()}-{self.suffix}"
+        inner = f"{outer}-p"
+        _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+        self._made.append(("link", outer))
+        _ip("link", "set", inner, "netns", ns)
+        _ip("link", "set", outer, "master", bridge)
+        _ip("link", "set", outer, "up")
+        _ip("-n", ns, "addr", "add", f"{address}/24", "dev", inner)
+        _ip("-n", ns, "link", "set", inner, "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        self.hosts[label] = Host(ns, address)
+        return self.hosts[label]
 
     def close(self) -> None:
-        """Kill what runs in the namespaces, delete them, their veths and the bridge."""
+        """Kill what runs in the namespaces, delete them, their veths and the bridges."""
         for host in self.hosts.values():
             _kill_all(host)
         for kind, name in reversed(self._made):
@@ -141,13 +130,38 @@ class Topology:
         self._made.clear()
 
     def leftovers(self) -> list[str]:
-        """Namespaces and links of this topology that still exist (for the test of close)."""
+        """Namespaces and links of this layout that still exist (for the test of close)."""
         left = [n for n in _ip("netns", "list").stdout.split() if n.endswith(self.suffix)]
         links = _ip("-o", "link", "show").stdout
         left += [
             w for w in links.replace(":", " ").replace("@", " ").split() if w.endswith(self.suffix)
         ]
         return left
+
+
+@dataclass
+class Topology(Namespaces):
+    """A bridge in the root namespace and hosts A and B on it."""
+
+    subnet: int = 0
+    bridge: str = ""
+
+    @property
+    def gateway(self) -> str:
+        """The root namespace's address on the bridge (where the control plane listens)."""
+        return f"10.201.{self.subnet}.1"
+
+    def create(self, names: tuple[str, ...] = ("A", "B")) -> Topology:
+        try:
+            self.subnet = _free_subnet()
+            self.bridge = f"mwbr-{self.suffix}"
+            self._bridge(self.bridge, self.gateway)
+            for i, label in enumerate(names):
+                self._host(label, self.bridge, f"10.201.{self.subnet}.{i + 2}")
+        except Exception:
+            self.close()
+            raise
+        return self
 
 
 def _kill_all(host: Host) -> None:

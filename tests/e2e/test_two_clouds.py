@@ -32,35 +32,33 @@ import pytest
 
 from gateways import sni as sni_parser
 from tests.e2e import sniff
-from tests.e2e.clouds import Clouds
-from tests.e2e.conftest import NsProcess, _ci, mesh, metric, start_server, wait_for
-from tests.e2e.netns import unavailable_reason
+from tests.e2e.clouds import GW_PORT, Clouds, api_service
+from tests.e2e.conftest import (
+    NsProcess,
+    Started,
+    data_logs,
+    demo_app,
+    made,
+    metric,
+    new_join_token,
+    start_agent,
+    start_server,
+    wait_for,
+)
 from tests.gateways.support import key_needles, memory_holds
 from tests.support.servers import ROOT
 
 pytestmark = pytest.mark.slow
 
-GW_PORT = 8443
-CHECK = {"interval": "1s", "timeout": "1s"}
-
 
 @pytest.fixture(scope="module")
 def clouds():
-    reason = unavailable_reason()
-    if reason:
-        if _ci():
-            pytest.fail(f"end-to-end tests with network namespaces cannot run under CI: {reason}")
-        pytest.skip(f"network namespaces unavailable: {reason}")
-    topo = Clouds().create()
-    try:
+    with made(Clouds()) as topo:
         yield topo
-    finally:
-        topo.close()
-        assert topo.leftovers() == [], "namespaces or links left behind"
 
 
 @dataclass
-class World:
+class World(Started):
     topo: Clouds
     tmp: Path
     server: object = None
@@ -74,14 +72,6 @@ class World:
         return self.server.client()  # type: ignore[attr-defined]
 
     # --- start ------------------------------------------------------------------------
-
-    def start(self) -> World:
-        try:
-            self._start()
-        except Exception:
-            self.close()
-            raise
-        return self
 
     def _start(self) -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
@@ -136,65 +126,31 @@ class World:
                 }
             },
         }
-        self.agent("A", "host-a", "dc1", {"web.json": {"service": web}, "api.json": api_def()})
-        self.agent("B", "host-b", "dc2", {"api.json": api_def()})
+        self.agent("A", "host-a", "dc1", {"web.json": {"service": web}, "api.json": api_service()})
+        self.agent("B", "host-b", "dc2", {"api.json": api_service()})
         for label, dc in (("G1", "dc1"), ("G2", "dc2")):
-            self.agent(label, f"gw-{dc}", dc, {"gateway.json": self.gateway_def(label)})
+            self.agent(label, f"gw-{dc}", dc, {"gateway.json": self.topo.gateway_service(label)})
 
-    def gateway_def(self, label: str) -> dict:
-        lan = self.host(label).address
-        return {
-            "service": {
-                "kind": "mesh-gateway",
-                "name": "mesh-gateway",
-                "port": GW_PORT,
-                "address": lan,
-                "tagged_addresses": {
-                    "lan": {"address": lan, "port": GW_PORT},
-                    "wan": {"address": self.topo.wan[label], "port": GW_PORT},
-                },
-                "check": {"tcp": f"{lan}:{GW_PORT}", **CHECK},
-            }
-        }
-
-    def app(self, label: str, name: str, role: str, port: int, **kw) -> None:
-        argv = mesh("demo-app", role, "--port", str(port), "--name", name)
-        argv += ["--bind", kw.get("bind", "127.0.0.1")]
-        if "upstream" in kw:
-            argv += ["--upstream", f"127.0.0.1:{kw['upstream']}"]
-        if role == "api":
-            argv += ["--fail-file", str(self.fail_file(name))]
-        self.apps[name] = NsProcess(self.host(label), name, argv, self.tmp / f"{name}.log").start()
+    def app(
+        self, label: str, name: str, role: str, port: int, bind: str = "127.0.0.1", **kw
+    ) -> None:
+        fail_file = self.fail_file(name) if role == "api" else None
+        self.apps[name] = demo_app(
+            self.host(label), self.tmp, name, role, port, bind=bind, fail_file=fail_file, **kw
+        )
 
     def agent(self, label: str, node: str, dc: str, files: dict[str, dict]) -> None:
-        host = self.host(label)
-        base = self.tmp / node
-        config_dir = base / "config.d"
-        config_dir.mkdir(parents=True, exist_ok=True)
-        for name, body in files.items():
-            (config_dir / name).write_text(json.dumps(body))
         with self.cp() as c:
-            r = c.post(
-                "/api/join-tokens/",
-                json={"uses": 1, "ttl": "5m", "services": ["*"], "datacenter": dc},
-            )
-        assert r.status_code == 201, r.text
-        token, pin = r.json()["token"], r.json()["ca_pin"]
-        argv = mesh(
-            "agent",
-            "-data-dir", str(base / "data"),
-            "-config-dir", str(config_dir),
-            "-join", f"{self.topo.gateway}:{self.server.grpc_port}",  # type: ignore[attr-defined]
-            "-join-token", token,
-            "-ca-pin", pin,
-            "-node", node,
-            "-dc", dc,
-            "-bind", host.address,
-            "-http-addr", f"{host.address}:8500",
-            "-metrics-addr", f"{host.address}:9102",
-            "-rpc-timeout", "5s",
-        )  # fmt: skip
-        self.agents[label] = NsProcess(host, node, argv, self.tmp / f"{node}.log").start()
+            join_token = new_join_token(c, datacenter=dc)
+        self.agents[label] = start_agent(
+            self.host(label),
+            self.tmp,
+            node,
+            files,
+            join=f"{self.topo.gateway}:{self.server.grpc_port}",  # type: ignore[attr-defined]
+            join_token=join_token,
+            extra=("-dc", dc),
+        )
 
     # --- the instance api-dc1 -----------------------------------------------------------
 
@@ -215,7 +171,7 @@ class World:
 
     def start_api_dc1(self) -> None:
         self.app("A", "api-dc1", "api", 9091)
-        self.api_file().write_text(json.dumps(api_def()))
+        self.api_file().write_text(json.dumps(api_service()))
         self.agents["A"].proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
 
     # --- looking around -----------------------------------------------------------------
@@ -239,23 +195,10 @@ class World:
         parts = []
         for proc in [*self.agents.values(), *self.apps.values()]:
             parts.append(f"--- {proc.name} ---\n{proc.log(2000)}")
-        for log in sorted(self.tmp.glob("*/data/*/*.log")):
-            parts.append(f"--- {log.parent.parent.parent.name}/{log.name} ---\n")
-            parts[-1] += log.read_text(errors="replace")[-2000:]
+        parts += data_logs(self.tmp)
         if self.server is not None:
             parts.append(f"--- server ---\n{self.server.log()}")  # type: ignore[attr-defined]
         return "\n".join(parts)
-
-
-def api_def() -> dict:
-    return {
-        "service": {
-            "name": "api",
-            "port": 9091,
-            "check": {"http": "http://127.0.0.1:9091/healthz", **CHECK},
-            "connect": {"sidecar_service": {"port": 21001}},
-        }
-    }
 
 
 def call(client: httpx.Client, url: str) -> tuple[bool, str]:

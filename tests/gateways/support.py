@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 from meshproto.gatewaycfg import GatewayConfig, GatewayRoute, RemoteDatacenter
 from meshproto.proxycfg import Endpoint
-from tests.proxy.support import TRUST_DOMAIN, AgentSocket, free_port
+from tests.proxy.support import TRUST_DOMAIN, FedProcess, free_port
 
 GATEWAY = str(Path(sys.executable).with_name("mesh-gateway"))
 
@@ -63,73 +60,18 @@ def gateway_config(
     ).to_json()
 
 
-class GatewayProcess:
+class GatewayProcess(FedProcess):
     """A `mesh-gateway` fed over an `AgentSocket` (the agent's end of the protocol)."""
 
     def __init__(self, tmp: Path, name: str, *extra: str) -> None:
         self.port = free_port()
-        self.agent = AgentSocket(tmp / f"{name}.sock").start()
-        self.metrics_port = free_port()
-        self.log_path = tmp / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [
-                GATEWAY,
-                "--proxy-id",
-                name,
-                "--socket",
-                self.agent.path,
-                "--metrics-addr",
-                f"127.0.0.1:{self.metrics_port}",
-                "--log-level",
-                "debug",
-                *extra,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
-        )
+        super().__init__(GATEWAY, tmp, name, *extra)
 
     def push(self, config: dict, timeout: float = 10.0) -> dict:
         return self.agent.push({"config": config}, timeout)
 
-    def metrics(self) -> dict[str, float]:
-        with socket.create_connection(("127.0.0.1", self.metrics_port), timeout=5) as s:
-            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200"), head
-        out = {}
-        for line in body.decode().splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = float(value)
-        return out
-
     def refused(self, reason: str) -> float:
         return self.metrics().get(f'mesh_gateway_refused_total{{reason="{reason}"}}', 0.0)
-
-    def stop(self, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.agent.stop()
-        self._log.close()
-        return self.proc.returncode
-
-
-@contextlib.contextmanager
-def closing(*procs):
-    try:
-        yield procs
-    finally:
-        for p in procs:
-            p.stop()
 
 
 def key_needles(key_pem: str) -> list[bytes]:

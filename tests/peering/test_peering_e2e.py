@@ -17,61 +17,44 @@ to end between the two clusters' identities; deleting the peering stops them.
 
 from __future__ import annotations
 
-import json
-from dataclasses import fields
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.e2e.clouds import Clouds
-from tests.e2e.conftest import BridgedServer, NsProcess, _ci, mesh, wait_for
-from tests.e2e.netns import unavailable_reason
-from tests.support.servers import make_server
+from tests.e2e.clouds import Clouds, api_service
+from tests.e2e.conftest import (
+    BridgedServer,
+    NsProcess,
+    Started,
+    bridged_server,
+    data_logs,
+    demo_app,
+    made,
+    new_join_token,
+    start_agent,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
-GW_PORT = 8443
-CHECK = {"interval": "1s", "timeout": "1s"}
 
-
-def bridged_server(address: str, data_dir: Path, secret: str) -> BridgedServer:
+def peer_server(address: str, data_dir: Path, secret: str) -> BridgedServer:
     """A control plane of its own (own database, ACLs on) bound on `address`."""
-    base = make_server(
-        data_dir, acl=True, redis=False, start=False, extra_env={"MESH_SECRET_KEY": secret}
-    )
-    server = BridgedServer(**{f.name: getattr(base, f.name) for f in fields(base)})
-    server.host = address
-    server.env["MESH_HTTP_ADDR"] = f"{address}:{server.http_port}"
-    server.env["MESH_GRPC_ADDR"] = f"{address}:{server.grpc_port}"
-    server.env["MESH_DNS_ADDR"] = ""
-    try:
-        server.start()
-    except Exception:
-        server.close()
-        raise
-    return server
+    return bridged_server(address, data_dir, redis=False, extra_env={"MESH_SECRET_KEY": secret})
 
 
-class Peered:
+class Peered(Started):
     def __init__(self, topo: Clouds, tmp: Path) -> None:
         self.topo, self.tmp = topo, tmp
         self.servers: dict[str, BridgedServer] = {}
         self.procs: list[NsProcess] = []
 
-    def start(self) -> Peered:
-        try:
-            self._start()
-        except Exception:
-            self.close()
-            raise
-        return self
-
     def _start(self) -> None:
         c1 = self.topo.gateway
         c2 = f"10.201.{self.topo.subnets['c2']}.1"
-        self.servers["A"] = bridged_server(c1, self.tmp / "cp-a", "cluster-a-secret-key")
-        self.servers["B"] = bridged_server(c2, self.tmp / "cp-b", "cluster-b-secret-key")
+        self.servers["A"] = peer_server(c1, self.tmp / "cp-a", "cluster-a-secret-key")
+        self.servers["B"] = peer_server(c2, self.tmp / "cp-b", "cluster-b-secret-key")
         with self.cp("B") as c:
             r = c.put(
                 "/v1/config",
@@ -80,14 +63,6 @@ class Peered:
             assert r.status_code == 200, r.text
         self.app("A", "api-a", "api", 9091)
         self.app("B", "web-b", "web", 9090, bind=self.topo.hosts["B"].address, upstream=9191)
-        api = {
-            "service": {
-                "name": "api",
-                "port": 9091,
-                "check": {"http": "http://127.0.0.1:9091/healthz", **CHECK},
-                "connect": {"sidecar_service": {"port": 21001}},
-            }
-        }
         web = {
             "service": {
                 "name": "web",
@@ -108,64 +83,30 @@ class Peered:
                 },
             }
         }
-        self.agent("A", "A", "host-a", {"api.json": api})
+        self.agent("A", "A", "host-a", {"api.json": api_service()})
         self.agent("B", "B", "host-b", {"web.json": web})
-        self.agent("A", "G1", "gw-a", {"gateway.json": self.gateway_def("G1")})
-        self.agent("B", "G2", "gw-b", {"gateway.json": self.gateway_def("G2")})
+        self.agent("A", "G1", "gw-a", {"gateway.json": self.topo.gateway_service("G1")})
+        self.agent("B", "G2", "gw-b", {"gateway.json": self.topo.gateway_service("G2")})
 
     def cp(self, cluster: str) -> httpx.Client:
         return self.servers[cluster].client()
 
-    def gateway_def(self, label: str) -> dict:
-        lan = self.topo.hosts[label].address
-        return {
-            "service": {
-                "kind": "mesh-gateway",
-                "name": "mesh-gateway",
-                "port": GW_PORT,
-                "address": lan,
-                "tagged_addresses": {
-                    "lan": {"address": lan, "port": GW_PORT},
-                    "wan": {"address": self.topo.wan[label], "port": GW_PORT},
-                },
-                "check": {"tcp": f"{lan}:{GW_PORT}", **CHECK},
-            }
-        }
-
     def app(self, label: str, name: str, role: str, port: int, **kw) -> None:
-        argv = mesh("demo-app", role, "--port", str(port), "--name", name)
-        argv += ["--bind", kw.get("bind", "127.0.0.1")]
-        if "upstream" in kw:
-            argv += ["--upstream", f"127.0.0.1:{kw['upstream']}"]
-        host = self.topo.hosts[label]
-        self.procs.append(NsProcess(host, name, argv, self.tmp / f"{name}.log").start())
+        self.procs.append(demo_app(self.topo.hosts[label], self.tmp, name, role, port, **kw))
 
     def agent(self, cluster: str, label: str, node: str, files: dict[str, dict]) -> None:
-        host = self.topo.hosts[label]
         server = self.servers[cluster]
-        base = self.tmp / node
-        config_dir = base / "config.d"
-        config_dir.mkdir(parents=True, exist_ok=True)
-        for name, body in files.items():
-            (config_dir / name).write_text(json.dumps(body))
         with self.cp(cluster) as c:
-            r = c.post("/api/join-tokens/", json={"uses": 1, "ttl": "5m", "services": ["*"]})
-        assert r.status_code == 201, r.text
-        token, pin = r.json()["token"], r.json()["ca_pin"]
-        argv = mesh(
-            "agent",
-            "-data-dir", str(base / "data"),
-            "-config-dir", str(config_dir),
-            "-join", f"{server.host}:{server.grpc_port}",
-            "-join-token", token,
-            "-ca-pin", pin,
-            "-node", node,
-            "-bind", host.address,
-            "-http-addr", f"{host.address}:8500",
-            "-metrics-addr", f"{host.address}:9102",
-            "-rpc-timeout", "5s",
-        )  # fmt: skip
-        self.procs.append(NsProcess(host, node, argv, self.tmp / f"{node}.log").start())
+            join_token = new_join_token(c)
+        proc = start_agent(
+            self.topo.hosts[label],
+            self.tmp,
+            node,
+            files,
+            join=f"{server.host}:{server.grpc_port}",
+            join_token=join_token,
+        )
+        self.procs.append(proc)
 
     def call(self) -> tuple[bool, str]:
         url = f"http://{self.topo.hosts['B'].address}:9090/"
@@ -183,9 +124,7 @@ class Peered:
 
     def logs(self) -> str:
         parts = [f"--- {p.name} ---\n{p.log(2000)}" for p in self.procs]
-        for log in sorted(self.tmp.glob("*/data/*/*.log")):
-            parts.append(f"--- {log.parent.parent.parent.name}/{log.name} ---\n")
-            parts[-1] += log.read_text(errors="replace")[-2000:]
+        parts += data_logs(self.tmp)
         for name, s in self.servers.items():
             parts.append(f"--- server {name} ---\n{s.log()}")
         return "\n".join(parts)
@@ -199,21 +138,12 @@ class Peered:
 
 @pytest.fixture(scope="module")
 def peered(tmp_path_factory):
-    reason = unavailable_reason()
-    if reason:
-        if _ci():
-            pytest.fail(f"end-to-end tests with network namespaces cannot run under CI: {reason}")
-        pytest.skip(f"network namespaces unavailable: {reason}")
-    topo = Clouds().create()
-    world = None
-    try:
+    with made(Clouds()) as topo:
         world = Peered(topo, tmp_path_factory.mktemp("peered")).start()
-        yield world
-    finally:
-        if world is not None:
+        try:
+            yield world
+        finally:
             world.close()
-        topo.close()
-        assert topo.leftovers() == [], "namespaces or links left behind"
 
 
 def _step(world: Peered, what: str, fn, timeout: float = 60.0):

@@ -352,20 +352,21 @@ class AgentSocket:
 # --------------------------------------------------------------------------- sidecar processes
 
 
-class SidecarProcess:
-    """A real `mesh-sidecar` process fed by an `AgentSocket`."""
+class FedProcess:
+    """A real data-plane process (`mesh-sidecar`, `mesh-gateway`) fed over an
+    `AgentSocket`, as the agent feeds it, with its /metrics on a loopback port
+    and its log in `tmp/<name>.log`."""
 
-    def __init__(self, tmp: Path, proxy_id: str, *extra: str) -> None:
-        self.proxy_id = proxy_id
-        self.agent = AgentSocket(tmp / f"{proxy_id}.sock").start()
+    def __init__(self, binary: str, tmp: Path, name: str, *extra: str) -> None:
+        self.agent = AgentSocket(tmp / f"{name}.sock").start()
         self.metrics_port = free_port()
-        self.log_path = tmp / f"{proxy_id}.log"
+        self.log_path = tmp / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [
-                SIDECAR,
+                binary,
                 "--proxy-id",
-                proxy_id,
+                name,
                 "--socket",
                 self.agent.path,
                 "--metrics-addr",
@@ -378,11 +379,8 @@ class SidecarProcess:
             stderr=self._log,
         )
 
-    def push(self, msg: dict | bytes, timeout: float = 10.0) -> dict:
-        return self.agent.push(msg, timeout)
-
     def metrics(self) -> dict[str, float]:
-        """The sidecar's /metrics as {'name{labels}': value}."""
+        """The process's /metrics as {'name{labels}': value}."""
         with socket.create_connection(("127.0.0.1", self.metrics_port), timeout=5) as s:
             s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
             data = b""
@@ -397,6 +395,39 @@ class SidecarProcess:
                 out[name] = float(value)
         return out
 
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.agent.stop()
+        self._log.close()
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def closing(*procs: FedProcess) -> Iterator[tuple[FedProcess, ...]]:
+    """Stop every process on the way out, whatever happened."""
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.stop()
+
+
+class SidecarProcess(FedProcess):
+    """A real `mesh-sidecar` process fed by an `AgentSocket`."""
+
+    def __init__(self, tmp: Path, proxy_id: str, *extra: str) -> None:
+        self.proxy_id = proxy_id
+        super().__init__(SIDECAR, tmp, proxy_id, *extra)
+
+    def push(self, msg: dict | bytes, timeout: float = 10.0) -> dict:
+        return self.agent.push(msg, timeout)
+
     def metric(self, name: str) -> float:
         return self.metrics().get(name, 0.0)
 
@@ -410,18 +441,6 @@ class SidecarProcess:
     def rss_kib(self) -> int:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
         return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
-
-    def stop(self, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.agent.stop()
-        self._log.close()
-        return self.proc.returncode
 
 
 # --------------------------------------------------------------------------- apps and clients
@@ -522,8 +541,5 @@ def refused(port: int, payload: bytes = b"ping", timeout: float = 5.0) -> bool:
 @contextlib.contextmanager
 def sidecars(tmp: Path, *names: str) -> Iterator[list[SidecarProcess]]:
     procs = [SidecarProcess(tmp, f"{n}-sidecar-proxy") for n in names]
-    try:
+    with closing(*procs):
         yield procs
-    finally:
-        for p in procs:
-            p.stop()
