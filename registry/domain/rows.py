@@ -342,6 +342,36 @@ def where(model: type[M], sql: str, params: list[Any]) -> list[M]:
         return [_row_to_model(t, r) for r in cur.fetchall()]
 
 
+def where_each(queries: list[tuple[type[models.Model], str, list[Any]]]) -> list[list[Any]]:
+    """Several `where` reads answered in one round trip (PostgreSQL's pipeline mode).
+
+    A write that needs several stored rows before it changes anything sends
+    the reads together instead of waiting for each answer in turn. Elsewhere
+    the reads run one after another, with the same results.
+    """
+    tables = [_table(model) for model, _sql, _params in queries]
+    if connection.vendor != "postgresql" or len(queries) < 2:
+        return [where(model, sql, params) for model, sql, params in queries]
+    import psycopg
+
+    connection.ensure_connection()
+    found: list[list[Any]] = []
+    with connection.wrap_database_errors, connection.connection.pipeline():
+        cursors = []
+        try:
+            for t, (_model, sql, params) in zip(tables, queries, strict=True):
+                note_statement()
+                cur = psycopg.Cursor(connection.connection)
+                cursors.append(cur)
+                cur.execute(f"{t.select} WHERE {sql}", params)
+            for t, cur in zip(tables, cursors, strict=True):
+                found.append([_row_to_model(t, r) for r in cur.fetchall()])
+        finally:
+            for cur in cursors:
+                cur.close()
+    return found
+
+
 def save(obj: models.Model) -> None:
     """Insert (no pk yet) or update every column of `obj` in one statement.
 
@@ -361,6 +391,48 @@ def save(obj: models.Model) -> None:
             cur.execute(t.update, [*values, obj.pk])
     obj._state.adding = False
     obj._state.db = connection.alias
+
+
+def save_each(objs: list[models.Model]) -> None:
+    """`save` every one of `objs`, in order, in one round trip (PostgreSQL's pipeline mode).
+
+    For a write that stores several rows it has already read and whose
+    statements depend on none of each other's answers (an instance and its
+    checks): each `save` waits for the database before the next is sent.
+    """
+    if connection.vendor != "postgresql" or len(objs) < 2:
+        for obj in objs:
+            save(obj)
+        return
+    import psycopg
+
+    connection.ensure_connection()
+    pending = []
+    with connection.wrap_database_errors, connection.connection.pipeline():
+        cursors = []
+        try:
+            for obj in objs:
+                t = _table(type(obj))
+                values = []
+                for f, dump in zip(t.data_fields, t.dump, strict=True):
+                    v = getattr(obj, f.attname)
+                    values.append(v if dump is None else dump(v))
+                note_statement()
+                cur = psycopg.Cursor(connection.connection)
+                cursors.append(cur)
+                if obj.pk is None:
+                    cur.execute(t.insert, values)
+                    pending.append((obj, cur))
+                else:
+                    cur.execute(t.update, [*values, obj.pk])
+            for obj, cur in pending:
+                obj.pk = cur.fetchone()[0]
+        finally:
+            for cur in cursors:
+                cur.close()
+    for obj in objs:
+        obj._state.adding = False
+        obj._state.db = connection.alias
 
 
 def update_where(model: type[models.Model], values: dict[str, Any], **equal: Any) -> int:
