@@ -538,13 +538,21 @@ def save_instance(
     agent_local: bool,
     parent_id: str = "",
     stored: ServiceInstance | None | type[_Unknown] = _Unknown,
+    save: bool = True,
 ) -> ServiceInstance:
     """Write one service instance (validated, `ID` set) in `change`, without its checks.
 
-    `stored`: the row it replaces (None: there is none) when the caller has read it.
+    `stored`: the row it replaces (None: there is none) when the caller has read it;
+    with `save` off the caller stores the returned row (`rows.save_each`).
     """
     return _save_instance(
-        change, node, spec, agent_local=agent_local, parent_id=parent_id, stored=stored
+        change,
+        node,
+        spec,
+        agent_local=agent_local,
+        parent_id=parent_id,
+        stored=stored,
+        save=save,
     )
 
 
@@ -681,10 +689,12 @@ def delete_check(change: Change, check: Check) -> None:
     invalidate_sessions_for_checks(change, check.node, check_ids=[check.check_id])
 
 
-def _touch_check(change: Change, check: Check) -> None:
+def _touch_check(change: Change, check: Check, svc: ServiceInstance | None = None) -> None:
+    """Touch what a change to `check` invalidates; `svc`: its service's row, when known."""
     change.touch(topic.CHECKS, topic.node(check.node.name))
     if check.service_id:
-        svc = rows.first(ServiceInstance, node_id=check.node_id, service_id=check.service_id)
+        if svc is None or svc.service_id != check.service_id:
+            svc = rows.first(ServiceInstance, node_id=check.node_id, service_id=check.service_id)
         if svc is not None:
             svc.node = check.node
             change.touch(*service_topics(svc))
@@ -714,7 +724,20 @@ def update_check_status(node: Node, check_id: str, status: str, output: str | No
         return apply_check_result(change, check, status, output)
 
 
-def apply_check_result(change: Change, check: Check, status: str, output: str | None) -> Check:
+def apply_check_result(
+    change: Change,
+    check: Check,
+    status: str,
+    output: str | None,
+    *,
+    svc: ServiceInstance | None = None,
+    save: bool = True,
+) -> Check:
+    """Set `check`'s status and output (audited, watchers woken when they change).
+
+    `svc`: the check's service row when the caller has it (else it is read if
+    needed); with `save` off the caller stores the check (`rows.save_each`).
+    """
     now = timezone.now()
     if check.type == "ttl" and check.ttl:
         check.ttl_expires_at = now + timedelta(seconds=check.ttl)
@@ -735,8 +758,9 @@ def apply_check_result(change: Change, check: Check, status: str, output: str | 
         if output is not None:
             check.output = output
         check.modify_index = change.index
-        _touch_check(change, check)
-    rows.save(check)
+        _touch_check(change, check, svc)
+    if save:
+        rows.save(check)
     if changed and status == Check.CRITICAL:
         from registry.domain.sessions import invalidate_sessions_for_checks
 

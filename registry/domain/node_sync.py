@@ -302,6 +302,9 @@ def _apply(w: Change, node: Node, plan: _Plan) -> None:
         cid: row for cid, row in plan.stored_checks.items() if row.service_id not in gone
     }
     saved: dict[str, ServiceInstance] = {}
+    # Instances and checks are stored together, in one round trip: their
+    # statements depend on no answer (`rows.save_each`).
+    pending: list[Any] = []
     for sid in plan.upsert_services:
         spec, parent = plan.services[sid]
         saved[sid] = catalog.save_instance(
@@ -311,7 +314,12 @@ def _apply(w: Change, node: Node, plan: _Plan) -> None:
             agent_local=True,
             parent_id=parent,
             stored=plan.stored_services.get(sid) if sid not in gone else None,
+            save=False,
         )
+        pending.append(saved[sid])
+    if plan.delete_checks:
+        db_rows.save_each(pending)  # a deleted check's service is read as stored
+        pending = []
     for cid in plan.delete_checks:
         row = stored_checks.pop(cid, None)
         if row is not None:  # else it went with its service above
@@ -335,16 +343,37 @@ def _apply(w: Change, node: Node, plan: _Plan) -> None:
             svc=svc,
             agent_local=True,
             existing=existing,
+            save=False,
         )
         if want.status is not None:
             check.node = node
-            catalog.apply_check_result(w, check, want.status, want.output)
-    for cid in plan.status_checks:
-        want = plan.checks[cid]
-        check = (
-            Check.objects.select_related("node").select_for_update().get(node=node, check_id=cid)
+            catalog.apply_check_result(w, check, want.status, want.output, svc=svc, save=False)
+        pending.append(check)
+    if plan.status_checks:
+        # Read again, locked: a check's status may have moved since the plan
+        # (a TTL expiry, a check run) without the node's lock.
+        lock = " FOR UPDATE" if connection.vendor == "postgresql" else ""
+        marks = ", ".join(["%s"] * len(plan.status_checks))
+        current = db_rows.where(
+            Check,
+            f"node_id = %s AND check_id IN ({marks}) ORDER BY check_id{lock}",
+            [node.pk, *plan.status_checks],
         )
-        catalog.apply_check_result(w, check, want.status or check.status, want.output)
+        by_id = {c.check_id: c for c in current}
+        for cid in plan.status_checks:
+            check = by_id.get(cid)
+            if check is None:
+                raise Check.DoesNotExist(f"check {cid!r} of node {node.name!r}")
+            want = plan.checks[cid]
+            check.node = node
+            svc = None
+            if check.service_id:
+                svc = saved.get(check.service_id) or plan.stored_services.get(check.service_id)
+            catalog.apply_check_result(
+                w, check, want.status or check.status, want.output, svc=svc, save=False
+            )
+            pending.append(check)
+    db_rows.save_each(pending)
 
 
 # --- check updates ---------------------------------------------------------------------------
