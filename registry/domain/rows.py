@@ -343,33 +343,8 @@ def where(model: type[M], sql: str, params: list[Any]) -> list[M]:
 
 
 def where_each(queries: list[tuple[type[models.Model], str, list[Any]]]) -> list[list[Any]]:
-    """Several `where` reads answered in one round trip (PostgreSQL's pipeline mode).
-
-    A write that needs several stored rows before it changes anything sends
-    the reads together instead of waiting for each answer in turn. Elsewhere
-    the reads run one after another, with the same results.
-    """
-    tables = [_table(model) for model, _sql, _params in queries]
-    if connection.vendor != "postgresql" or len(queries) < 2:
-        return [where(model, sql, params) for model, sql, params in queries]
-    import psycopg
-
-    connection.ensure_connection()
-    found: list[list[Any]] = []
-    with connection.wrap_database_errors, connection.connection.pipeline():
-        cursors = []
-        try:
-            for t, (_model, sql, params) in zip(tables, queries, strict=True):
-                note_statement()
-                cur = psycopg.Cursor(connection.connection)
-                cursors.append(cur)
-                cur.execute(f"{t.select} WHERE {sql}", params)
-            for t, cur in zip(tables, cursors, strict=True):
-                found.append([_row_to_model(t, r) for r in cur.fetchall()])
-        finally:
-            for cur in cursors:
-                cur.close()
-    return found
+    """Several `where` reads, in order (one home for a write's reads of its stored rows)."""
+    return [where(model, sql, params) for model, sql, params in queries]
 
 
 def save(obj: models.Model) -> None:
@@ -393,43 +368,55 @@ def save(obj: models.Model) -> None:
     obj._state.db = connection.alias
 
 
-def save_each(objs: list[models.Model]) -> None:
-    """`save` every one of `objs`, in order, in one round trip (PostgreSQL's pipeline mode).
+def _values(t: _Table, obj: models.Model) -> list[Any]:
+    values = []
+    for f, dump in zip(t.data_fields, t.dump, strict=True):
+        v = getattr(obj, f.attname)
+        values.append(v if dump is None else dump(v))
+    return values
 
-    For a write that stores several rows it has already read and whose
-    statements depend on none of each other's answers (an instance and its
-    checks): each `save` waits for the database before the next is sent.
+
+def save_each(objs: list[models.Model]) -> None:
+    """`save` every one of `objs` in one statement, one round trip, on PostgreSQL.
+
+    For a write that stores several rows it has already read (an instance
+    and its checks, a node's synced instances): one `save` per row waits for
+    the database each time. On PostgreSQL the inserts and updates become the
+    parts of one `WITH` statement (each part changes a different row, so
+    their running on one snapshot changes nothing); elsewhere they run one
+    after another.
     """
     if connection.vendor != "postgresql" or len(objs) < 2:
         for obj in objs:
             save(obj)
         return
-    import psycopg
-
-    connection.ensure_connection()
-    pending = []
-    with connection.wrap_database_errors, connection.connection.pipeline():
-        cursors = []
-        try:
-            for obj in objs:
-                t = _table(type(obj))
-                values = []
-                for f, dump in zip(t.data_fields, t.dump, strict=True):
-                    v = getattr(obj, f.attname)
-                    values.append(v if dump is None else dump(v))
-                note_statement()
-                cur = psycopg.Cursor(connection.connection)
-                cursors.append(cur)
-                if obj.pk is None:
-                    cur.execute(t.insert, values)
-                    pending.append((obj, cur))
-                else:
-                    cur.execute(t.update, [*values, obj.pk])
-            for obj, cur in pending:
-                obj.pk = cur.fetchone()[0]
-        finally:
-            for cur in cursors:
-                cur.close()
+    q = connection.ops.quote_name
+    parts, params, inserted = [], [], []
+    for n, obj in enumerate(objs):
+        t = _table(type(obj))
+        values = _values(t, obj)
+        cols = ", ".join(q(f.column) for f in t.data_fields)
+        marks = ", ".join(["%s"] * len(values))
+        pk = q(t.pk.column)
+        if obj.pk is None:
+            parts.append(
+                f"q{n} AS (INSERT INTO {t.table} ({cols}) VALUES ({marks}) RETURNING {pk})"
+            )
+            params.extend(values)
+            inserted.append((n, obj))
+        else:
+            sets = ", ".join(f"{q(f.column)} = %s" for f in t.data_fields)
+            parts.append(f"q{n} AS (UPDATE {t.table} SET {sets} WHERE {pk} = %s RETURNING {pk})")
+            params.extend([*values, obj.pk])
+    select = " UNION ALL ".join(
+        f"SELECT {n}, {q(_table(type(o)).pk.column)} FROM q{n}" for n, o in inserted
+    )
+    sql = f"WITH {', '.join(parts)} {select or 'SELECT 0, 0'}"
+    with cursor() as cur:
+        cur.execute(sql, params)
+        ids = dict(cur.fetchall())
+    for n, obj in inserted:
+        obj.pk = ids[n]
     for obj in objs:
         obj._state.adding = False
         obj._state.db = connection.alias
