@@ -422,6 +422,30 @@ def save_each(objs: list[models.Model]) -> None:
         obj._state.db = connection.alias
 
 
+def insert_rows(head: str, rows_: list[tuple], tail: str = "", chunk: int = 1000) -> None:
+    """`head VALUES (...), (...) tail` for every tuple of `rows_`: one statement per
+    `chunk` rows on PostgreSQL, `executemany` elsewhere.
+
+    psycopg runs `executemany` in its pipeline mode, which polls the socket
+    for writing as well as reading and so spins on the GIL until the answer
+    comes; one multi-row statement is one plain round trip.
+    """
+    if not rows_:
+        return
+    width = len(rows_[0])
+    one = f"({', '.join(['%s'] * width)})"
+    with cursor() as cur:
+        if connection.vendor != "postgresql":
+            cur.executemany(f"{head} VALUES {one} {tail}", rows_)
+            return
+        for start in range(0, len(rows_), chunk):
+            part = rows_[start : start + chunk]
+            cur.execute(
+                f"{head} VALUES {', '.join([one] * len(part))} {tail}",
+                [v for row in part for v in row],
+            )
+
+
 def update_where(model: type[models.Model], values: dict[str, Any], **equal: Any) -> int:
     """`UPDATE ... SET values WHERE equal` in one statement; returns the rows changed."""
     t = _table(model)
