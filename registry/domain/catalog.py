@@ -338,8 +338,8 @@ def stored_instance(node: Node, spec: dict[str, Any]) -> ServiceInstance | None:
 
 @dataclass(frozen=True)
 class StoredService:
-    """The rows registering a service replaces, read in one round trip before the
-    write: its instance and its inline checks (`checks` None when not read)."""
+    """The rows registering a service replaces, read before the write: its
+    instance and its inline checks (`checks` None when not read)."""
 
     instance: ServiceInstance | None
     checks: dict[str, Check] | None
@@ -349,7 +349,7 @@ def stored_service(node: Node, spec: dict[str, Any]) -> StoredService:
     """`stored_instance` and the stored rows of the service's inline checks, read together.
 
     For `PUT /v1/agent/service/register`: its ACL check needs the instance,
-    its write both; on PostgreSQL the two reads share one round trip. A
+    its write both, and the write needs no read of its own. A
     definition whose checks are invalid reads the instance only (the write
     refuses it later, after the ACL check, as before).
     """
@@ -468,8 +468,7 @@ def _register_service_checks(
     """Upsert a service's inline checks; `stored`: their rows when already read.
 
     `with_rows` (an instance not stored yet) is stored with the checks, all
-    in one round trip; an instance must be stored before its checks' rows
-    are, so it comes first.
+    in one statement (`rows.save_each`); it comes first.
     """
     specs = service_checks(svc.service_id, spec)
     keep = {s.check_id for s in specs} | {rules.maintenance_check_id(svc.service_id)}

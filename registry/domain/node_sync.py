@@ -232,7 +232,7 @@ def _plan(node: Node, state: NodeState) -> _Plan:
 
 
 def _stored(node: Node) -> tuple[dict[str, ServiceInstance], dict[str, Check]]:
-    """The node's stored instances and checks (with `node` set), in one round trip."""
+    """The node's stored instances and checks (with `node` set), one plain-SQL read each."""
     found_services, found_checks = db_rows.where_each(
         [
             (ServiceInstance, "node_id = %s ORDER BY service_id", [node.pk]),
