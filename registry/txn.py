@@ -205,28 +205,26 @@ _AUDIT_COLUMNS = (
 def write_audit_rows(rows_: list[tuple]) -> None:
     """Store audit rows (from `Change._audit_rows`): the one place audit entries are written.
 
-    Plain SQL, one statement for all the rows: it runs on every audited write.
+    Plain SQL, one statement for all the rows (per thousand): it runs on every audited write.
     """
     if not rows_:
         return
     at = connection.ops.adapt_datetimefield_value
-    with rows.cursor() as cur:
-        cur.executemany(
-            f"INSERT INTO registry_auditentry ({_AUDIT_COLUMNS}) VALUES ({', '.join(['%s'] * 12)})",
-            [(at(r[0]), *r[1:]) for r in rows_],
-        )
+    rows.insert_rows(
+        f"INSERT INTO registry_auditentry ({_AUDIT_COLUMNS})",
+        [(at(r[0]), *r[1:]) for r in rows_],
+    )
 
 
 def store_topics(latest: dict[str, int]) -> None:
     """Upsert topics' indexes in one statement (plain SQL: it runs on every write)."""
     if not latest:
         return
-    with rows.cursor() as cur:
-        cur.executemany(
-            'INSERT INTO registry_topicindex (topic, "index") VALUES (%s, %s) '
-            'ON CONFLICT (topic) DO UPDATE SET "index" = EXCLUDED."index"',
-            sorted(latest.items()),  # one lock order for every writer
-        )
+    rows.insert_rows(
+        'INSERT INTO registry_topicindex (topic, "index")',
+        sorted(latest.items()),  # one lock order for every writer
+        'ON CONFLICT (topic) DO UPDATE SET "index" = EXCLUDED."index"',
+    )
 
 
 def topic_index(*topics: str) -> int:

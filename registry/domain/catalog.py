@@ -206,11 +206,13 @@ def _upsert_check(
     status: str | None = None,
     output: str | None = None,
     existing: Check | None | type[_Unknown] = _Unknown,
+    save: bool = True,
 ) -> Check:
     """Insert or update one check (plain SQL: it runs for every registered check).
 
     `existing` is the stored row when the caller already read it (None: there
-    is none); left out, it is read here.
+    is none); left out, it is read here. With `save` off the caller stores
+    the returned row (with others, `rows.save_each`) before it reads again.
     """
     fields = check_fields(
         spec,
@@ -244,7 +246,8 @@ def _upsert_check(
     if kind == "ttl" and existing is None:
         check.ttl_expires_at = now + timedelta(seconds=check.ttl)
     check.modify_index = change.index
-    rows.save(check)
+    if save:
+        rows.save(check)
     change.audit(
         "check.register",
         "check",
@@ -333,6 +336,44 @@ def stored_instance(node: Node, spec: dict[str, Any]) -> ServiceInstance | None:
     return rows.first(ServiceInstance, node_id=node.pk, service_id=rules.service_id(spec))
 
 
+@dataclass(frozen=True)
+class StoredService:
+    """The rows registering a service replaces, read before the write: its
+    instance and its inline checks (`checks` None when not read)."""
+
+    instance: ServiceInstance | None
+    checks: dict[str, Check] | None
+
+
+def stored_service(node: Node, spec: dict[str, Any]) -> StoredService:
+    """`stored_instance` and the stored rows of the service's inline checks, read together.
+
+    For `PUT /v1/agent/service/register`: its ACL check needs the instance,
+    its write both, and the write needs no read of its own. A
+    definition whose checks are invalid reads the instance only (the write
+    refuses it later, after the ACL check, as before).
+    """
+    service_id = rules.service_id(spec)
+    try:
+        check_ids = [c.check_id for c in service_checks(service_id, spec)]
+    except (BadRequest, KeyError, TypeError):
+        check_ids = None
+    if not check_ids:
+        instance = rows.first(ServiceInstance, node_id=node.pk, service_id=service_id)
+        return StoredService(instance, {} if check_ids == [] else None)
+    marks = ", ".join(["%s"] * len(check_ids))
+    found_instances, found_checks = rows.where_each(
+        [
+            (ServiceInstance, "node_id = %s AND service_id = %s", [node.pk, service_id]),
+            (Check, f"node_id = %s AND check_id IN ({marks})", [node.pk, *check_ids]),
+        ]
+    )
+    return StoredService(
+        found_instances[0] if found_instances else None,
+        {c.check_id: c for c in found_checks},
+    )
+
+
 def _save_instance(
     change: Change,
     node: Node,
@@ -341,6 +382,7 @@ def _save_instance(
     agent_local: bool,
     parent_id: str = "",
     stored: ServiceInstance | None | type[_Unknown] = _Unknown,
+    save: bool = True,
 ) -> ServiceInstance:
     _validate_service(spec)
     service_id = spec.get("ID") or spec["Name"]
@@ -356,7 +398,8 @@ def _save_instance(
         setattr(svc, attr, value)
     svc.modify_index = change.index
     svc.node = node
-    rows.save(svc)
+    if save:
+        rows.save(svc)
     change.touch(*service_topics(svc))
     change.audit(
         "service.register",
@@ -381,17 +424,24 @@ def register_agent_service(
     spec: dict[str, Any],
     *,
     replace_existing_checks: bool = False,
-    stored: ServiceInstance | None | type[_Unknown] = _Unknown,
+    stored: ServiceInstance | None | type[_Unknown] | StoredService = _Unknown,
 ) -> ServiceInstance:
     """`PUT /v1/agent/service/register`: the service, its checks and its sidecar, atomically.
 
-    `stored` is `stored_instance(node, spec)` when the caller has read it already.
+    `stored` is `stored_service(node, spec)` (or `stored_instance`) when the
+    caller has read it already. The instance and its checks are stored in
+    one round trip.
     """
     validate_service(spec)
     spec = dict(spec, ID=rules.service_id(spec))
+    stored_checks = None
+    if isinstance(stored, StoredService):
+        stored, stored_checks = stored.instance, stored.checks
     with Change() as change:
-        svc = _save_instance(change, node, spec, agent_local=True, stored=stored)
-        _register_service_checks(change, node, svc, spec, replace_existing_checks)
+        svc = _save_instance(change, node, spec, agent_local=True, stored=stored, save=False)
+        _register_service_checks(
+            change, node, svc, spec, replace_existing_checks, stored=stored_checks, with_rows=[svc]
+        )
         if rules.sidecar_id(spec) is not None:
             sc = expand_sidecar(node, spec)
             sidecar = _save_instance(change, node, sc, agent_local=True, parent_id=svc.service_id)
@@ -406,22 +456,40 @@ def service_checks(service_id: str, spec: dict[str, Any]) -> list[rules.InlineCh
 
 
 def _register_service_checks(
-    change: Change, node: Node, svc: ServiceInstance, spec: dict[str, Any], replace: bool
+    change: Change,
+    node: Node,
+    svc: ServiceInstance,
+    spec: dict[str, Any],
+    replace: bool,
+    *,
+    stored: dict[str, Check] | None = None,
+    with_rows: list[ServiceInstance] | None = None,
 ) -> None:
+    """Upsert a service's inline checks; `stored`: their rows when already read.
+
+    `with_rows` (an instance not stored yet) is stored with the checks, all
+    in one statement (`rows.save_each`); it comes first.
+    """
     specs = service_checks(svc.service_id, spec)
     keep = {s.check_id for s in specs} | {rules.maintenance_check_id(svc.service_id)}
-    stored = _stored_checks(node, [s.check_id for s in specs])
+    if stored is None:
+        stored = _stored_checks(node, [s.check_id for s in specs])
+    pending: list[Any] = list(with_rows or [])
     for s in specs:
-        _upsert_check(
-            change,
-            node,
-            s.spec,
-            check_id=s.check_id,
-            name=s.name,
-            svc=svc,
-            agent_local=True,
-            existing=stored.get(s.check_id),
+        pending.append(
+            _upsert_check(
+                change,
+                node,
+                s.spec,
+                check_id=s.check_id,
+                name=s.name,
+                svc=svc,
+                agent_local=True,
+                existing=stored.get(s.check_id),
+                save=False,
+            )
         )
+    rows.save_each(pending)
     if replace:
         stale = Check.objects.filter(node=node, service_id=svc.service_id).exclude(
             check_id__in=keep
@@ -462,10 +530,29 @@ def _delete_instance(change: Change, svc: ServiceInstance) -> None:
 
 
 def save_instance(
-    change: Change, node: Node, spec: dict[str, Any], *, agent_local: bool, parent_id: str = ""
+    change: Change,
+    node: Node,
+    spec: dict[str, Any],
+    *,
+    agent_local: bool,
+    parent_id: str = "",
+    stored: ServiceInstance | None | type[_Unknown] = _Unknown,
+    save: bool = True,
 ) -> ServiceInstance:
-    """Write one service instance (validated, `ID` set) in `change`, without its checks."""
-    return _save_instance(change, node, spec, agent_local=agent_local, parent_id=parent_id)
+    """Write one service instance (validated, `ID` set) in `change`, without its checks.
+
+    `stored`: the row it replaces (None: there is none) when the caller has read it;
+    with `save` off the caller stores the returned row (`rows.save_each`).
+    """
+    return _save_instance(
+        change,
+        node,
+        spec,
+        agent_local=agent_local,
+        parent_id=parent_id,
+        stored=stored,
+        save=save,
+    )
 
 
 def delete_instance(change: Change, svc: ServiceInstance) -> None:
@@ -601,10 +688,12 @@ def delete_check(change: Change, check: Check) -> None:
     invalidate_sessions_for_checks(change, check.node, check_ids=[check.check_id])
 
 
-def _touch_check(change: Change, check: Check) -> None:
+def _touch_check(change: Change, check: Check, svc: ServiceInstance | None = None) -> None:
+    """Touch what a change to `check` invalidates; `svc`: its service's row, when known."""
     change.touch(topic.CHECKS, topic.node(check.node.name))
     if check.service_id:
-        svc = rows.first(ServiceInstance, node_id=check.node_id, service_id=check.service_id)
+        if svc is None or svc.service_id != check.service_id:
+            svc = rows.first(ServiceInstance, node_id=check.node_id, service_id=check.service_id)
         if svc is not None:
             svc.node = check.node
             change.touch(*service_topics(svc))
@@ -634,7 +723,20 @@ def update_check_status(node: Node, check_id: str, status: str, output: str | No
         return apply_check_result(change, check, status, output)
 
 
-def apply_check_result(change: Change, check: Check, status: str, output: str | None) -> Check:
+def apply_check_result(
+    change: Change,
+    check: Check,
+    status: str,
+    output: str | None,
+    *,
+    svc: ServiceInstance | None = None,
+    save: bool = True,
+) -> Check:
+    """Set `check`'s status and output (audited, watchers woken when they change).
+
+    `svc`: the check's service row when the caller has it (else it is read if
+    needed); with `save` off the caller stores the check (`rows.save_each`).
+    """
     now = timezone.now()
     if check.type == "ttl" and check.ttl:
         check.ttl_expires_at = now + timedelta(seconds=check.ttl)
@@ -655,8 +757,9 @@ def apply_check_result(change: Change, check: Check, status: str, output: str | 
         if output is not None:
             check.output = output
         check.modify_index = change.index
-        _touch_check(change, check)
-    rows.save(check)
+        _touch_check(change, check, svc)
+    if save:
+        rows.save(check)
     if changed and status == Check.CRITICAL:
         from registry.domain.sessions import invalidate_sessions_for_checks
 

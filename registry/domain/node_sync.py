@@ -21,11 +21,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.db import connection
+
 from meshproto.registration import decode as pure_decode
 from meshproto.registration import rules
 from registry import decode
 from registry import topics as topic
 from registry.domain import catalog, enrollment, shapes
+from registry.domain import rows as db_rows
 from registry.errors import BadRequest, rule_errors
 from registry.models import Check, Node, ServiceInstance
 from registry.txn import Change, topic_index
@@ -98,6 +101,8 @@ class _Plan:
     upsert_checks: list[str]  # definition changed or new
     status_checks: list[str]  # only the status/output changed
     delete_checks: list[str]
+    stored_services: dict[str, ServiceInstance] = field(default_factory=dict)  # by service ID
+    stored_checks: dict[str, Check] = field(default_factory=dict)  # by check ID
 
     @property
     def empty(self) -> bool:
@@ -189,8 +194,7 @@ def _differs(row: Any, fields: dict[str, Any]) -> bool:
 def _plan(node: Node, state: NodeState) -> _Plan:
 
     services, checks = _desired(node, state)
-    rows = {s.service_id: s for s in node.services.all()}
-    check_rows = {c.check_id: c for c in node.checks.all()}
+    rows, check_rows = _stored(node)
     meta = enrollment.check_meta(state.meta)
     node_fields: dict[str, Any] = {}
     if state.address and state.address != node.address:
@@ -222,6 +226,24 @@ def _plan(node: Node, state: NodeState) -> _Plan:
         upsert_checks=upsert_checks,
         status_checks=status_checks,
         delete_checks=[cid for cid in check_rows if cid not in checks],
+        stored_services=rows,
+        stored_checks=check_rows,
+    )
+
+
+def _stored(node: Node) -> tuple[dict[str, ServiceInstance], dict[str, Check]]:
+    """The node's stored instances and checks (with `node` set), one plain-SQL read each."""
+    found_services, found_checks = db_rows.where_each(
+        [
+            (ServiceInstance, "node_id = %s ORDER BY service_id", [node.pk]),
+            (Check, "node_id = %s ORDER BY check_id", [node.pk]),
+        ]
+    )
+    for row in (*found_services, *found_checks):
+        row.node = node
+    return (
+        {s.service_id: s for s in found_services},
+        {c.check_id: c for c in found_checks},
     )
 
 
@@ -238,23 +260,24 @@ def sync_node(node_name: str, dc: str, state: NodeState) -> int:
     Returns the index of the node's state after the sync.
     """
     enrollment.check_scope(node_name, state.services)
-    node = Node.objects.select_related("datacenter").filter(name=node_name).first()
-    if node is not None and _plan(node, state).empty:
+    found = Node.objects.select_related("datacenter").filter(name=node_name)
+    # Inside a transaction already (the writer's batch), the node is locked at
+    # once and planned once; otherwise the plan is made again under the lock.
+    locked = connection.in_atomic_block
+    node = (found.select_for_update(of=("self",)) if locked else found).first()
+    plan = _plan(node, state) if node is not None else None
+    if plan is not None and plan.empty:
         return topic_index(topic.node(node_name))
     with Change() as w:
-        node = (
-            Node.objects.select_related("datacenter")
-            .select_for_update()
-            .filter(name=node_name)
-            .first()
-        )
-        if node is None:
-            if not state.address:
-                raise BadRequest("address is required to register the node again")
-            node = enrollment.register_node(
-                w, node_name, state.address, enrollment.check_meta(state.meta), dc
-            )
-        plan = _plan(node, state)  # again, inside the transaction: this one is authoritative
+        if plan is None or not locked:
+            node = found.select_for_update(of=("self",)).first()
+            if node is None:
+                if not state.address:
+                    raise BadRequest("address is required to register the node again")
+                node = enrollment.register_node(
+                    w, node_name, state.address, enrollment.check_meta(state.meta), dc
+                )
+            plan = _plan(node, state)  # inside the transaction: this one is authoritative
         _apply(w, node, plan)
     return w.index
 
@@ -271,37 +294,86 @@ def _apply(w: Change, node: Node, plan: _Plan) -> None:
     for sid in plan.delete_services:
         for row in ServiceInstance.objects.select_related("node").filter(node=node, service_id=sid):
             catalog.delete_instance(w, row)
+    # The plan's rows were read in this transaction with the node locked: what
+    # the steps below still find stored is known without reading it again.
+    # Deleting an instance deletes its checks with it.
+    gone = set(plan.delete_services)
+    stored_checks = {
+        cid: row for cid, row in plan.stored_checks.items() if row.service_id not in gone
+    }
     saved: dict[str, ServiceInstance] = {}
+    # Instances and checks are stored together, in one round trip: their
+    # statements depend on no answer (`rows.save_each`).
+    pending: list[Any] = []
     for sid in plan.upsert_services:
         spec, parent = plan.services[sid]
-        saved[sid] = catalog.save_instance(w, node, spec, agent_local=True, parent_id=parent)
+        saved[sid] = catalog.save_instance(
+            w,
+            node,
+            spec,
+            agent_local=True,
+            parent_id=parent,
+            stored=plan.stored_services.get(sid) if sid not in gone else None,
+            save=False,
+        )
+        pending.append(saved[sid])
+    if plan.delete_checks:
+        db_rows.save_each(pending)  # a deleted check's service is read as stored
+        pending = []
     for cid in plan.delete_checks:
-        row = Check.objects.select_related("node").filter(node=node, check_id=cid).first()
+        row = stored_checks.pop(cid, None)
         if row is not None:  # else it went with its service above
             catalog.delete_check(w, row)
     for cid in plan.upsert_checks:
         want = plan.checks[cid]
         svc = None
         if want.service_id:
-            svc = saved.get(want.service_id) or ServiceInstance.objects.select_related("node").get(
-                node=node, service_id=want.service_id
-            )
+            svc = saved.get(want.service_id) or plan.stored_services[want.service_id]
         spec = dict(want.spec)
-        if Check.objects.filter(node=node, check_id=cid).exists():
+        existing = stored_checks.get(cid)
+        if existing is not None:
             # An update keeps the stored status; the agent's report (below) moves it.
             spec.pop("Status", None)
         check = catalog.upsert_check(
-            w, node, spec, check_id=cid, name=want.name, svc=svc, agent_local=True
+            w,
+            node,
+            spec,
+            check_id=cid,
+            name=want.name,
+            svc=svc,
+            agent_local=True,
+            existing=existing,
+            save=False,
         )
         if want.status is not None:
             check.node = node
-            catalog.apply_check_result(w, check, want.status, want.output)
-    for cid in plan.status_checks:
-        want = plan.checks[cid]
-        check = (
-            Check.objects.select_related("node").select_for_update().get(node=node, check_id=cid)
+            catalog.apply_check_result(w, check, want.status, want.output, svc=svc, save=False)
+        pending.append(check)
+    if plan.status_checks:
+        # Read again, locked: a check's status may have moved since the plan
+        # (a TTL expiry, a check run) without the node's lock.
+        lock = " FOR UPDATE" if connection.vendor == "postgresql" else ""
+        marks = ", ".join(["%s"] * len(plan.status_checks))
+        current = db_rows.where(
+            Check,
+            f"node_id = %s AND check_id IN ({marks}) ORDER BY check_id{lock}",
+            [node.pk, *plan.status_checks],
         )
-        catalog.apply_check_result(w, check, want.status or check.status, want.output)
+        by_id = {c.check_id: c for c in current}
+        for cid in plan.status_checks:
+            check = by_id.get(cid)
+            if check is None:
+                raise Check.DoesNotExist(f"check {cid!r} of node {node.name!r}")
+            want = plan.checks[cid]
+            check.node = node
+            svc = None
+            if check.service_id:
+                svc = saved.get(check.service_id) or plan.stored_services.get(check.service_id)
+            catalog.apply_check_result(
+                w, check, want.status or check.status, want.output, svc=svc, save=False
+            )
+            pending.append(check)
+    db_rows.save_each(pending)
 
 
 # --- check updates ---------------------------------------------------------------------------

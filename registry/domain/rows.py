@@ -342,6 +342,11 @@ def where(model: type[M], sql: str, params: list[Any]) -> list[M]:
         return [_row_to_model(t, r) for r in cur.fetchall()]
 
 
+def where_each(queries: list[tuple[type[models.Model], str, list[Any]]]) -> list[list[Any]]:
+    """Several `where` reads, in order (one home for a write's reads of its stored rows)."""
+    return [where(model, sql, params) for model, sql, params in queries]
+
+
 def save(obj: models.Model) -> None:
     """Insert (no pk yet) or update every column of `obj` in one statement.
 
@@ -361,6 +366,84 @@ def save(obj: models.Model) -> None:
             cur.execute(t.update, [*values, obj.pk])
     obj._state.adding = False
     obj._state.db = connection.alias
+
+
+def _values(t: _Table, obj: models.Model) -> list[Any]:
+    values = []
+    for f, dump in zip(t.data_fields, t.dump, strict=True):
+        v = getattr(obj, f.attname)
+        values.append(v if dump is None else dump(v))
+    return values
+
+
+def save_each(objs: list[models.Model]) -> None:
+    """`save` every one of `objs` in one statement, one round trip, on PostgreSQL.
+
+    For a write that stores several rows it has already read (an instance
+    and its checks, a node's synced instances): one `save` per row waits for
+    the database each time. On PostgreSQL the inserts and updates become the
+    parts of one `WITH` statement (each part changes a different row, so
+    their running on one snapshot changes nothing); elsewhere they run one
+    after another.
+    """
+    if connection.vendor != "postgresql" or len(objs) < 2:
+        for obj in objs:
+            save(obj)
+        return
+    q = connection.ops.quote_name
+    parts, params, inserted = [], [], []
+    for n, obj in enumerate(objs):
+        t = _table(type(obj))
+        values = _values(t, obj)
+        cols = ", ".join(q(f.column) for f in t.data_fields)
+        marks = ", ".join(["%s"] * len(values))
+        pk = q(t.pk.column)
+        if obj.pk is None:
+            parts.append(
+                f"q{n} AS (INSERT INTO {t.table} ({cols}) VALUES ({marks}) RETURNING {pk})"
+            )
+            params.extend(values)
+            inserted.append((n, obj))
+        else:
+            sets = ", ".join(f"{q(f.column)} = %s" for f in t.data_fields)
+            parts.append(f"q{n} AS (UPDATE {t.table} SET {sets} WHERE {pk} = %s RETURNING {pk})")
+            params.extend([*values, obj.pk])
+    select = " UNION ALL ".join(
+        f"SELECT {n}, {q(_table(type(o)).pk.column)} FROM q{n}" for n, o in inserted
+    )
+    sql = f"WITH {', '.join(parts)} {select or 'SELECT 0, 0'}"
+    with cursor() as cur:
+        cur.execute(sql, params)
+        ids = dict(cur.fetchall())
+    for n, obj in inserted:
+        obj.pk = ids[n]
+    for obj in objs:
+        obj._state.adding = False
+        obj._state.db = connection.alias
+
+
+def insert_rows(head: str, rows_: list[tuple], tail: str = "", chunk: int = 1000) -> None:
+    """`head VALUES (...), (...) tail` for every tuple of `rows_`: one statement per
+    `chunk` rows on PostgreSQL, `executemany` elsewhere.
+
+    psycopg runs `executemany` in its pipeline mode, which polls the socket
+    for writing as well as reading and so spins on the GIL until the answer
+    comes; one multi-row statement is one plain round trip.
+    """
+    if not rows_:
+        return
+    width = len(rows_[0])
+    one = f"({', '.join(['%s'] * width)})"
+    with cursor() as cur:
+        if connection.vendor != "postgresql":
+            cur.executemany(f"{head} VALUES {one} {tail}", rows_)
+            return
+        for start in range(0, len(rows_), chunk):
+            part = rows_[start : start + chunk]
+            cur.execute(
+                f"{head} VALUES {', '.join([one] * len(part))} {tail}",
+                [v for row in part for v in row],
+            )
 
 
 def update_where(model: type[models.Model], values: dict[str, Any], **equal: Any) -> int:

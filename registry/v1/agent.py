@@ -100,8 +100,8 @@ def service_register(ctx: Ctx) -> Reply:
     if not name:
         raise BadRequest("Missing service name")
     node = catalog.local_node()
-    stored = catalog.stored_instance(node, spec)
-    ctx.require_all(catalog.agent_register_needs(node, spec, stored))
+    stored = catalog.stored_service(node, spec)
+    ctx.require_all(catalog.agent_register_needs(node, spec, stored.instance))
     catalog.register_agent_service(
         node, spec, replace_existing_checks=ctx.flag("replace-existing-checks"), stored=stored
     )

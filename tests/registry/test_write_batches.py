@@ -87,3 +87,29 @@ def test_a_batch_wakes_a_blocking_query_on_a_service_it_changed(server, unique):
     assert r.status_code == 200
     assert int(r.headers["X-Consul-Index"]) > index
     assert sorted(row["Service"]["ID"] for row in json.loads(r.content)) == [name, f"{name}-2"]
+
+
+def test_a_batch_re_registering_one_service_leaves_its_check_in_step_with_it(server, unique):
+    """Writes of one batch see each other's rows: the instance and its check are
+    stored together, and the last registration wins for both."""
+    name = unique("rereg")
+    bodies = [
+        {"ID": name, "Name": name, "Port": 9100 + i, "Tags": [f"t{i}"], "Check": {"TTL": "30m"}}
+        for i in range(12)
+    ]
+    answers = asyncio.run(_register_all(server, bodies))
+    assert [r.status_code for r in answers] == [200] * 12
+    with server.client() as c:
+        r = c.get(f"/v1/health/service/{name}")
+        assert r.status_code == 200
+        [entry] = r.json()
+        service = entry["Service"]
+        [check] = [ch for ch in entry["Checks"] if ch["ServiceID"] == name]
+        assert check["CheckID"] == f"service:{name}"
+        assert check["ServiceTags"] == service["Tags"]
+        assert service["Port"] == 9100 + int(service["Tags"][0][1:])
+        assert check["ModifyIndex"] == service["ModifyIndex"]
+        assert check["CreateIndex"] == service["CreateIndex"]
+        assert check["Status"] == "critical"
+        registered = _audit(c, f"{r.json()[0]['Node']['Node']}/{name}")
+        assert len([e for e in registered if e["action"] == "service.register"]) == 12
