@@ -25,7 +25,7 @@ import boto3
 import httpx
 from botocore.config import Config
 
-from tests.support.servers import die_with_parent, free_port
+from tests.support.servers import die_with_parent, free_port, listens_on
 
 REGION = "us-east-1"
 KEY_ID = "AKIAMESHTESTKEY00001"
@@ -43,8 +43,19 @@ class MotoServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, log_dir: Path) -> MotoServer:
-        self.port = self.port or free_port()
+        """Start moto on `port`, or on a free port (another one if a parallel run takes it first)."""
+        chosen = self.port
         self.log_path = log_dir / "moto.log"
+        for _ in range(3):
+            self.port = chosen or free_port()
+            if self._start_on_port():
+                return self
+            if chosen:
+                break
+        raise RuntimeError(f"port {self.port} is taken by another process")
+
+    def _start_on_port(self) -> bool:
+        """True once our moto answers; False when another process holds the port."""
         exe = Path(sys.executable).with_name("moto_server")
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child process owns it
         self.proc = subprocess.Popen(
@@ -57,10 +68,16 @@ class MotoServer:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"moto_server exited: {self.log_path.read_text()[-2000:]}")
+                text = self.log_path.read_text()[-2000:]
+                if "Address already in use" in text:
+                    return False
+                raise RuntimeError(f"moto_server exited: {text}")
             try:
                 if httpx.get(self.url + "/moto-api/", timeout=1).status_code < 500:
-                    return self
+                    if listens_on(self.proc.pid, self.port):
+                        return True
+                    self.stop()  # another process answered on our port
+                    return False
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)

@@ -77,6 +77,33 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
     raise RuntimeError("no free port")
 
 
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid` holds the TCP listener on 127.0.0.1:`port` (Linux).
+
+    A ready check that only connects could be answered by another run's server
+    that took the port first; this tells our own process from it.
+    """
+    inodes = set()
+    with open("/proc/net/tcp") as table:
+        for row in table.readlines()[1:]:
+            fields = row.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and local == f"0100007F:{port:04X}":  # LISTEN on 127.0.0.1
+                inodes.add(f"socket:[{inode}]")
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except FileNotFoundError:
+        return False
+    for name in names:
+        try:
+            if os.readlink(f"{fd_dir}/{name}") in inodes:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def postgres_url() -> str | None:
     url = os.environ.get("DATABASE_URL", "")
     return url if url.startswith(("postgres://", "postgresql://")) else None
