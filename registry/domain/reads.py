@@ -120,16 +120,13 @@ def health_service(
 ) -> tuple[int, list[dict[str, Any]]]:
     """`/v1/health/service/:name`: instances with their node and checks."""
     index = topic_index(topic.connect(name) if connect else topic.service(name))
-    instances = [
-        s
-        for s in rows.instances(name, dc, connect=connect)
-        if _tag_match(s, list(tags)) and _visible(authz, s) and meta_match(s.node.meta, node_meta)
-    ]
-    checks = rows.checks(instances)
+    tags = list(tags)
     out = []
     nodes_json: dict[int, dict] = {}
-    for s in instances:
-        cs = checks[s.pk]
+    for s in rows.health(name, dc, connect=connect):
+        if not (_tag_match(s, tags) and _visible(authz, s) and meta_match(s.node.meta, node_meta)):
+            continue
+        cs = s.checks
         if passing and any(c.status != Check.PASSING for c in cs):
             continue
         node_json = nodes_json.get(s.node_id)
