@@ -99,11 +99,15 @@ def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
+# One statement reads a health answer: the topic's index (the same snapshot
+# as the rows, so the index never runs ahead of or behind them), each
+# instance with its node and datacenter, and every check that concerns it.
 # JSON columns are read as text (`CAST`: PostgreSQL's jsonb too) and decoded
 # here, so that the many equal values of a catalog (the same tags, meta and
 # weights on every instance of a service) are decoded once, not per row.
 _HEALTH_SQL = """
-SELECT s.id, s.service_id, s.name, s.kind, CAST(s.tags AS TEXT), s.address, s.port,
+SELECT (SELECT MAX(t."index") FROM registry_topicindex t WHERE t.topic = %s),
+       s.id, s.service_id, s.name, s.kind, CAST(s.tags AS TEXT), s.address, s.port,
        CAST(s.meta AS TEXT), CAST(s.tagged_addresses AS TEXT), CAST(s.weights AS TEXT),
        s.enable_tag_override, CAST(s.proxy AS TEXT), CAST(s.connect AS TEXT), s.namespace,
        s.destination_name, s.create_index, s.modify_index,
@@ -149,58 +153,72 @@ def _json_text(text: str | None) -> Any:
     return value
 
 
-def health(name: str, dc: str, *, connect: bool = False) -> list[SimpleNamespace]:
-    """Instances of `name` (or, with `connect`, the proxies for it) in `dc`, each
-    with its `node` and its `checks` (the node's own first, then the
-    instance's, each by check ID), read in one statement.
+def _node(r: tuple) -> SimpleNamespace:
+    decode = _json_text
+    return SimpleNamespace(
+        pk=r[18], node_id=r[19], name=r[20], address=r[21],
+        tagged_addresses=decode(r[22]), meta=decode(r[23]),
+        create_index=r[24], modify_index=r[25], datacenter=SimpleNamespace(name=r[26]),
+    )  # fmt: skip
+
+
+def _instance(r: tuple, node: SimpleNamespace) -> SimpleNamespace:
+    decode = _json_text
+    return SimpleNamespace(
+        pk=r[1], service_id=r[2], name=r[3], kind=r[4], tags=decode(r[5]), address=r[6],
+        port=r[7], meta=decode(r[8]), tagged_addresses=decode(r[9]), weights=decode(r[10]),
+        enable_tag_override=bool(r[11]), proxy=decode(r[12]), connect=decode(r[13]),
+        namespace=r[14], destination_name=r[15], create_index=r[16], modify_index=r[17],
+        node=node, node_id=node.pk, checks=[],
+    )  # fmt: skip
+
+
+def _check(r: tuple) -> SimpleNamespace:
+    decode = _json_text
+    return SimpleNamespace(
+        check_id=r[27], name=r[28], status=r[29], notes=r[30], output=r[31],
+        service_id=r[32], service_name=r[33], service_tags=decode(r[34]), type=r[35],
+        definition=decode(r[36]), create_index=r[37], modify_index=r[38],
+    )  # fmt: skip
+
+
+def health(
+    name: str, dc: str, topic: str, *, connect: bool = False
+) -> tuple[int | None, list[SimpleNamespace]]:
+    """`topic`'s index and the instances of `name` (or, with `connect`, the
+    proxies for it) in `dc`, each with its `node` and its `checks` (the
+    node's own first, then the instance's, each by check ID), read in one
+    statement. The index is None when no instance is in `dc` (nor, maybe,
+    `dc` itself): the caller then asks for both apart.
 
     The objects carry the models' attribute names, so the shape functions
     take them as they take model rows.
     """
     if connect:  # proxies for the service, and the service itself if Connect-native
-        where, params = "(s.destination_name = %s OR s.name = %s)", [name, name, dc]
+        where, params = "(s.destination_name = %s OR s.name = %s)", [topic, name, name, dc]
     else:
-        where, params = "s.name = %s", [name, dc]
+        where, params = "s.name = %s", [topic, name, dc]
     with cursor() as cur:
         cur.execute(_HEALTH_SQL.format(where=where), params)
         rows = cur.fetchall()
-    decode = _json_text
+    if not rows:
+        return None, []
     nodes: dict[int, SimpleNamespace] = {}
     out: list[SimpleNamespace] = []
     svc = None
     for r in rows:
-        if svc is None or svc.pk != r[0]:
-            if connect and r[14] != name and not (decode(r[12]) or {}).get("Native"):
-                svc = SimpleNamespace(pk=r[0], checks=[])  # not listed; its check rows skipped
+        if svc is None or svc.pk != r[1]:
+            if connect and r[15] != name and not (_json_text(r[13]) or {}).get("Native"):
+                svc = SimpleNamespace(pk=r[1], checks=[])  # not listed; its check rows skipped
             else:
-                node = nodes.get(r[17])
+                node = nodes.get(r[18])
                 if node is None:
-                    node = nodes[r[17]] = SimpleNamespace(
-                        pk=r[17], node_id=r[18], name=r[19], address=r[20],
-                        tagged_addresses=decode(r[21]), meta=decode(r[22]),
-                        create_index=r[23], modify_index=r[24],
-                        datacenter=SimpleNamespace(name=r[25]),
-                    )  # fmt: skip
-                svc = SimpleNamespace(
-                    pk=r[0], service_id=r[1], name=r[2], kind=r[3], tags=decode(r[4]),
-                    address=r[5], port=r[6], meta=decode(r[7]),
-                    tagged_addresses=decode(r[8]), weights=decode(r[9]),
-                    enable_tag_override=bool(r[10]), proxy=decode(r[11]),
-                    connect=decode(r[12]), namespace=r[13], destination_name=r[14],
-                    create_index=r[15], modify_index=r[16], node=node, node_id=node.pk,
-                    checks=[],
-                )  # fmt: skip
+                    node = nodes[r[18]] = _node(r)
+                svc = _instance(r, node)
                 out.append(svc)
-        if r[26] is not None:
-            svc.checks.append(
-                SimpleNamespace(
-                    check_id=r[26], name=r[27], status=r[28], notes=r[29], output=r[30],
-                    service_id=r[31], service_name=r[32], service_tags=decode(r[33]),
-                    type=r[34], definition=decode(r[35]), create_index=r[36],
-                    modify_index=r[37],
-                )  # fmt: skip
-            )
-    return out
+        if r[27] is not None:
+            svc.checks.append(_check(r))
+    return int(rows[0][0] or 0), out
 
 
 # --- model rows by key, without the ORM's compiler -------------------------------------------
