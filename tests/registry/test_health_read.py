@@ -66,7 +66,9 @@ def _populate() -> None:
                     "Address": f"10.1.0.{n}" if n else "",
                     "Tags": ["api", f"v{n}"] if n != 1 else [],
                     "Meta": {"version": str(n)},
-                    "TaggedAddresses": {"lan": {"Address": "10.9.9.9", "Port": 1}} if n == 0 else {},
+                    "TaggedAddresses": {"lan": {"Address": "10.9.9.9", "Port": 1}}
+                    if n == 0
+                    else {},
                     "EnableTagOverride": n == 1,
                 },
                 "Checks": [
@@ -86,9 +88,9 @@ def _populate() -> None:
 def _full_shapes(name: str, *, connect: bool = False) -> list[dict]:
     """The answer built from model instances, one query per relation."""
     if connect:
-        found = ServiceInstance.objects.filter(destination_name=name) | ServiceInstance.objects.filter(
-            name=name, connect__Native=True
-        )
+        found = ServiceInstance.objects.filter(
+            destination_name=name
+        ) | ServiceInstance.objects.filter(name=name, connect__Native=True)
     else:
         found = ServiceInstance.objects.filter(name=name)
     out = []
