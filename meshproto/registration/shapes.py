@@ -8,6 +8,7 @@ Pure functions of plain values: the control plane calls them with its rows
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -110,8 +111,22 @@ def agent_service_from_definition(definition: Mapping[str, Any], datacenter: str
 
 def _go(value: Any) -> str:
     # Rows stored before durations were kept as Go strings hold seconds.
+    if not value:
+        return ""
+    try:
+        return _go_cached(value)
+    except TypeError:  # unhashable: not a duration a definition holds, computed as is
+        return _go_text(value)
+
+
+def _go_text(value: Any) -> str:
     secs = durations.seconds(value) if value else 0.0
     return durations.format_duration(secs) if secs else ""
+
+
+# A check's durations repeat across every check of a catalog ("10s", "30s"):
+# every health read shows them, so each distinct one is formatted once.
+_go_cached = functools.lru_cache(maxsize=1024, typed=True)(_go_text)
 
 
 def check(
@@ -132,8 +147,15 @@ def check(
 ) -> dict[str, Any]:
     """A check as `/v1/agent/checks`, `/v1/health/...` and `/v1/catalog/...` show it."""
     d = definition or {}
-    shown: dict[str, Any] = {k: d[k] for k in SHOWN_DEFINITION if d.get(k)}
-    shown.update({k: _go(d[k]) for k in SHOWN_DURATIONS if _go(d.get(k))})
+    shown: dict[str, Any] = {}
+    interval = timeout = ""
+    if d:
+        shown = {k: d[k] for k in SHOWN_DEFINITION if d.get(k)}
+        for k in SHOWN_DURATIONS:
+            go = _go(d.get(k))
+            if go:
+                shown[k] = go
+        interval, timeout = _go(d.get("Interval")), _go(d.get("Timeout"))
     return {
         "Node": node,
         "CheckID": check_id,
@@ -145,8 +167,8 @@ def check(
         "ServiceName": service_name,
         "ServiceTags": list(service_tags or []),
         "Type": check_type,
-        "Interval": _go(d.get("Interval")),
-        "Timeout": _go(d.get("Timeout")),
+        "Interval": interval,
+        "Timeout": timeout,
         "ExposedPort": 0,
         "Definition": shown,
         "Namespace": "default",

@@ -117,19 +117,27 @@ def health_service(
     passing: bool = False,
     connect: bool = False,
     node_meta: dict | None = None,
+    require_dc: bool = False,
 ) -> tuple[int, list[dict[str, Any]]]:
-    """`/v1/health/service/:name`: instances with their node and checks."""
-    index = topic_index(topic.connect(name) if connect else topic.service(name))
-    instances = [
-        s
-        for s in rows.instances(name, dc, connect=connect)
-        if _tag_match(s, list(tags)) and _visible(authz, s) and meta_match(s.node.meta, node_meta)
-    ]
-    checks = rows.checks(instances)
+    """`/v1/health/service/:name`: instances with their node and checks.
+
+    One statement reads the index and the rows (`rows.health`); only an empty
+    answer asks apart for the index and, with `require_dc` (the `/v1`
+    endpoints), whether `dc` exists (404 if not).
+    """
+    service_topic = topic.connect(name) if connect else topic.service(name)
+    index, instances = rows.health(name, dc, service_topic, connect=connect)
+    if index is None:
+        if require_dc:
+            check_datacenter(dc)
+        index = topic_index(service_topic)
+    tags = list(tags)
     out = []
     nodes_json: dict[int, dict] = {}
     for s in instances:
-        cs = checks[s.pk]
+        if not (_tag_match(s, tags) and _visible(authz, s) and meta_match(s.node.meta, node_meta)):
+            continue
+        cs = s.checks
         if passing and any(c.status != Check.PASSING for c in cs):
             continue
         node_json = nodes_json.get(s.node_id)

@@ -99,104 +99,126 @@ def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
-_INSTANCE_SQL = """
-SELECT s.id, s.service_id, s.name, s.kind, s.tags, s.address, s.port, s.meta,
-       s.tagged_addresses, s.weights, s.enable_tag_override, s.proxy, s.connect,
-       s.namespace, s.destination_name, s.create_index, s.modify_index,
-       n.id, n.node_id, n.name, n.address, n.tagged_addresses, n.meta,
-       n.create_index, n.modify_index, d.name
+# One statement reads a health answer: the topic's index (the same snapshot
+# as the rows, so the index never runs ahead of or behind them), each
+# instance with its node and datacenter, and every check that concerns it.
+# JSON columns are read as text (`CAST`: PostgreSQL's jsonb too) and decoded
+# here, so that the many equal values of a catalog (the same tags, meta and
+# weights on every instance of a service) are decoded once, not per row.
+_HEALTH_SQL = """
+SELECT (SELECT MAX(t."index") FROM registry_topicindex t WHERE t.topic = %s),
+       s.id, s.service_id, s.name, s.kind, CAST(s.tags AS TEXT), s.address, s.port,
+       CAST(s.meta AS TEXT), CAST(s.tagged_addresses AS TEXT), CAST(s.weights AS TEXT),
+       s.enable_tag_override, CAST(s.proxy AS TEXT), CAST(s.connect AS TEXT), s.namespace,
+       s.destination_name, s.create_index, s.modify_index,
+       n.id, n.node_id, n.name, n.address, CAST(n.tagged_addresses AS TEXT),
+       CAST(n.meta AS TEXT), n.create_index, n.modify_index, d.name,
+       c.check_id, c.name, c.status, c.notes, c.output, c.service_id, c.service_name,
+       CAST(c.service_tags AS TEXT), c.type, CAST(c.definition AS TEXT), c.create_index,
+       c.modify_index
 FROM registry_serviceinstance s
 JOIN registry_node n ON n.id = s.node_id
 JOIN registry_datacenter d ON d.id = n.datacenter_id
+LEFT JOIN registry_check c
+  ON c.node_id = s.node_id AND (c.service_id = '' OR c.service_id = s.service_id)
 WHERE {where} AND d.name = %s
-ORDER BY n.name, s.service_id
+ORDER BY n.name, s.service_id, c.service_id <> '', c.check_id
 """
 
-_CHECK_SQL = """
-SELECT node_id, service_id, check_id, name, status, notes, output, service_name,
-       service_tags, type, definition, interval, timeout, create_index, modify_index
-FROM registry_check
-WHERE node_id IN ({nodes}) AND (service_id = '' OR service_id IN ({services}))
-ORDER BY check_id
-"""
+_FLAT = (str, int, float, bool, type(None))
+_decoded: dict[str, Any] = {}
+_DECODED_MAX = 8192
 
 
-def instances(name: str, dc: str, *, connect: bool = False) -> list[SimpleNamespace]:
-    """Instances of `name` (or, with `connect`, the proxies for it) in `dc`, with nodes."""
+def _json_text(text: str | None) -> Any:
+    """A JSON column's value from its text, decoded once per distinct flat value.
+
+    A flat list or object (strings and numbers only: tags, meta, weights) is
+    kept and handed out again, shared: its readers copy it (the shapes build
+    new top-level containers) and never change it. Nested values are decoded
+    anew every time, so no reader can reach into another's.
+    """
+    if text is None:
+        return None
+    value = _decoded.get(text)
+    if value is not None:
+        return value
+    value = json.loads(text)
+    if (isinstance(value, list) and all(isinstance(v, _FLAT) for v in value)) or (
+        isinstance(value, dict) and all(isinstance(v, _FLAT) for v in value.values())
+    ):
+        if len(_decoded) >= _DECODED_MAX:
+            _decoded.clear()
+        _decoded[text] = value
+    return value
+
+
+def _node(r: tuple) -> SimpleNamespace:
+    decode = _json_text
+    return SimpleNamespace(
+        pk=r[18], node_id=r[19], name=r[20], address=r[21],
+        tagged_addresses=decode(r[22]), meta=decode(r[23]),
+        create_index=r[24], modify_index=r[25], datacenter=SimpleNamespace(name=r[26]),
+    )  # fmt: skip
+
+
+def _instance(r: tuple, node: SimpleNamespace) -> SimpleNamespace:
+    decode = _json_text
+    return SimpleNamespace(
+        pk=r[1], service_id=r[2], name=r[3], kind=r[4], tags=decode(r[5]), address=r[6],
+        port=r[7], meta=decode(r[8]), tagged_addresses=decode(r[9]), weights=decode(r[10]),
+        enable_tag_override=bool(r[11]), proxy=decode(r[12]), connect=decode(r[13]),
+        namespace=r[14], destination_name=r[15], create_index=r[16], modify_index=r[17],
+        node=node, node_id=node.pk, checks=[],
+    )  # fmt: skip
+
+
+def _check(r: tuple) -> SimpleNamespace:
+    decode = _json_text
+    return SimpleNamespace(
+        check_id=r[27], name=r[28], status=r[29], notes=r[30], output=r[31],
+        service_id=r[32], service_name=r[33], service_tags=decode(r[34]), type=r[35],
+        definition=decode(r[36]), create_index=r[37], modify_index=r[38],
+    )  # fmt: skip
+
+
+def health(
+    name: str, dc: str, topic: str, *, connect: bool = False
+) -> tuple[int | None, list[SimpleNamespace]]:
+    """`topic`'s index and the instances of `name` (or, with `connect`, the
+    proxies for it) in `dc`, each with its `node` and its `checks` (the
+    node's own first, then the instance's, each by check ID), read in one
+    statement. The index is None when no instance is in `dc` (nor, maybe,
+    `dc` itself): the caller then asks for both apart.
+
+    The objects carry the models' attribute names, so the shape functions
+    take them as they take model rows.
+    """
     if connect:  # proxies for the service, and the service itself if Connect-native
-        where, params = "(s.destination_name = %s OR s.name = %s)", [name, name, dc]
+        where, params = "(s.destination_name = %s OR s.name = %s)", [topic, name, name, dc]
     else:
-        where, params = "s.name = %s", [name, dc]
+        where, params = "s.name = %s", [topic, name, dc]
     with cursor() as cur:
-        cur.execute(_INSTANCE_SQL.format(where=where), params)
+        cur.execute(_HEALTH_SQL.format(where=where), params)
         rows = cur.fetchall()
+    if not rows:
+        return None, []
     nodes: dict[int, SimpleNamespace] = {}
-    out = []
+    out: list[SimpleNamespace] = []
+    svc = None
     for r in rows:
-        node = nodes.get(r[17])
-        if node is None:
-            node = nodes[r[17]] = SimpleNamespace(
-                pk=r[17], node_id=r[18], name=r[19], address=r[20],
-                tagged_addresses=_json(r[21]), meta=_json(r[22]),
-                create_index=r[23], modify_index=r[24], datacenter=SimpleNamespace(name=r[25]),
-            )  # fmt: skip
-        if connect and r[14] != name and not (_json(r[12]) or {}).get("Native"):
-            continue
-        out.append(
-            SimpleNamespace(
-                pk=r[0],
-                service_id=r[1],
-                name=r[2],
-                kind=r[3],
-                tags=_json(r[4]),
-                address=r[5],
-                port=r[6],
-                meta=_json(r[7]),
-                tagged_addresses=_json(r[8]),
-                weights=_json(r[9]),
-                enable_tag_override=bool(r[10]),
-                proxy=_json(r[11]),
-                connect=_json(r[12]),
-                namespace=r[13],
-                destination_name=r[14],
-                create_index=r[15],
-                modify_index=r[16],
-                node=node,
-                node_id=node.pk,
-            )  # fmt: skip
-        )
-    return out
-
-
-def checks(instances: list[SimpleNamespace]) -> dict[int, list[SimpleNamespace]]:
-    """Node-level and service checks of each instance (keyed by instance pk), one query."""
-    if not instances:
-        return {}
-    node_ids = sorted({s.node_id for s in instances})
-    service_ids = sorted({s.service_id for s in instances})
-    sql = _CHECK_SQL.format(
-        nodes=", ".join(["%s"] * len(node_ids)), services=", ".join(["%s"] * len(service_ids))
-    )
-    with cursor() as cur:
-        cur.execute(sql, [*node_ids, *service_ids])
-        rows = cur.fetchall()
-    by_node: dict[int, list[SimpleNamespace]] = {}
-    by_service: dict[tuple[int, str], list[SimpleNamespace]] = {}
-    for r in rows:
-        c = SimpleNamespace(
-            node_id=r[0], service_id=r[1], check_id=r[2], name=r[3], status=r[4], notes=r[5],
-            output=r[6], service_name=r[7], service_tags=_json(r[8]), type=r[9],
-            definition=_json(r[10]), interval=r[11], timeout=r[12],
-            create_index=r[13], modify_index=r[14],
-        )  # fmt: skip
-        if c.service_id:
-            by_service.setdefault((c.node_id, c.service_id), []).append(c)
-        else:
-            by_node.setdefault(c.node_id, []).append(c)
-    return {
-        s.pk: by_node.get(s.node_id, []) + by_service.get((s.node_id, s.service_id), [])
-        for s in instances
-    }
+        if svc is None or svc.pk != r[1]:
+            if connect and r[15] != name and not (_json_text(r[13]) or {}).get("Native"):
+                svc = SimpleNamespace(pk=r[1], checks=[])  # not listed; its check rows skipped
+            else:
+                node = nodes.get(r[18])
+                if node is None:
+                    node = nodes[r[18]] = _node(r)
+                svc = _instance(r, node)
+                out.append(svc)
+        if r[27] is not None:
+            svc.checks.append(_check(r))
+    return int(rows[0][0] or 0), out
 
 
 # --- model rows by key, without the ORM's compiler -------------------------------------------

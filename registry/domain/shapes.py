@@ -28,7 +28,7 @@ def node_json(node: Node) -> dict[str, Any]:
         "Address": node.address,
         "Datacenter": node.datacenter.name,
         "TaggedAddresses": tagged,
-        "Meta": node.meta or {},
+        "Meta": dict(node.meta or {}),
         "CreateIndex": node.create_index,
         "ModifyIndex": node.modify_index,
     }

@@ -170,6 +170,17 @@ def health_checks(ctx: Ctx, name: str) -> Reply:
     return Reply(_near(ctx, data, lambda c: c["Node"]), index, filterable=True)
 
 
+def _health_filters(ctx: Ctx) -> dict:
+    """`?tag=`, `?passing` and `?node-meta=` of a health read. A datacenter that
+    does not exist answers 404 before any of them is refused (the read itself
+    checks it only when it finds nothing, saving a statement per read)."""
+    try:
+        return {"tags": _tags(ctx), "passing": ctx.flag("passing"), "node_meta": _node_meta(ctx)}
+    except BadRequest:
+        reads.check_datacenter(ctx.dc)
+        raise
+
+
 @endpoint("GET", topics=_svc_topics)
 def health_service(ctx: Ctx, name: str) -> Reply:
     if _peer(ctx):
@@ -178,12 +189,7 @@ def health_service(ctx: Ctx, name: str) -> Reply:
         )
         return Reply(data, index, filterable=True)
     index, data = reads.health_service(
-        ctx.authz,
-        name,
-        _dc(ctx),
-        tags=_tags(ctx),
-        passing=ctx.flag("passing"),
-        node_meta=_node_meta(ctx),
+        ctx.authz, name, ctx.dc, require_dc=True, **_health_filters(ctx)
     )
     return Reply(_near(ctx, data, lambda e: e["Node"]["Node"]), index, filterable=True)
 
@@ -196,13 +202,7 @@ def health_connect(ctx: Ctx, name: str) -> Reply:
         )
         return Reply(data, index, filterable=True)
     index, data = reads.health_service(
-        ctx.authz,
-        name,
-        _dc(ctx),
-        tags=_tags(ctx),
-        passing=ctx.flag("passing"),
-        connect=True,
-        node_meta=_node_meta(ctx),
+        ctx.authz, name, ctx.dc, connect=True, require_dc=True, **_health_filters(ctx)
     )
     return Reply(_near(ctx, data, lambda e: e["Node"]["Node"]), index, filterable=True)
 

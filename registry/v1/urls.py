@@ -23,6 +23,9 @@ from registry.v1 import intentions as intentions_v1
 from registry.v1 import peering as peering_v1
 
 urlpatterns = [
+    # The most frequent reads first: every request tries the patterns in order.
+    path("health/service/<path:name>", catalog.health_service),
+    path("health/connect/<path:name>", catalog.health_connect),
     # agent
     path("agent/self", agent.self_),
     path("agent/metrics", telemetry.metrics),
@@ -55,8 +58,6 @@ urlpatterns = [
     # health
     path("health/node/<path:name>", catalog.health_node),
     path("health/checks/<path:name>", catalog.health_checks),
-    path("health/service/<path:name>", catalog.health_service),
-    path("health/connect/<path:name>", catalog.health_connect),
     path("health/state/<str:state>", catalog.health_state),
     # status
     path("status/leader", status.leader),
