@@ -7,8 +7,10 @@ venv:
 run: venv          ## the mesh on this machine (control plane, agent, demo web + api with sidecars); make run ARGS="--http-addr 127.0.0.1:8600"
 	.venv/bin/mesh dev $(ARGS)
 
+# Each test file runs whole on one worker: its module fixtures (servers, clouds)
+# start once, and tests that build on the file's earlier ones keep their order.
 test: venv         ## run the whole test suite
-	.venv/bin/pytest -n 2 $(PYTEST_ARGS)
+	.venv/bin/pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 test-fast: venv    ## unit tests only (no server processes)
 	.venv/bin/pytest -m "not slow" $(PYTEST_ARGS)
