@@ -587,7 +587,9 @@ class HttpProxy(Handler):
                 self._local(conn, rec, fault.abort_status, "fault injected", "FI")
                 return
         split = croute.pick()
-        cluster = self._usable(plan, plan.clusters[split.cluster])
+        chosen = plan.clusters[split.cluster]
+        rec.cluster = chosen.name  # logged even when it has no healthy endpoint, as Envoy does
+        cluster = self._usable(plan, chosen)
         if cluster is None:
             self._local(conn, rec, 503, "no healthy upstream", "UH")
             return
